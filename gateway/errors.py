@@ -1,0 +1,186 @@
+"""The one place where tokenwire errors are defined and mapped.
+
+Domain code raises :class:`ApiError` (through the constructors below). The gRPC
+servers turn it into a status with a ``google.rpc.ErrorInfo`` whose ``reason``
+is the OpenAI error code; the REST bridge turns such a status back into
+OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}`` with the
+canonical HTTP status. A worker's error passes through the gateway unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+DOMAIN = "tokenwire"
+_DETAILS_KEY = "grpc-status-details-bin"
+
+# gRPC status -> (HTTP status, OpenAI error type).
+_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "invalid_request_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "invalid_request_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),
+    grpc.StatusCode.UNIMPLEMENTED: (501, "server_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "server_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
+}
+
+
+class ApiError(Exception):
+    """An error a client sees: a gRPC status plus OpenAI's type/param/code."""
+
+    def __init__(
+        self,
+        status: grpc.StatusCode,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        type: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type or _HTTP.get(status, (500, "server_error"))[1]
+        self.retry_after = retry_after
+
+    def __repr__(self) -> str:
+        return f"ApiError({self.status.name}, {self.message!r}, code={self.code!r}, param={self.param!r})"
+
+    # -- gRPC ---------------------------------------------------------------
+
+    def to_rpc_status(self) -> status_pb2.Status:
+        metadata = {"type": self.type}
+        if self.code is not None:
+            metadata["code"] = self.code
+        if self.param is not None:
+            metadata["param"] = self.param
+        if self.retry_after is not None:
+            metadata["retry_after"] = str(self.retry_after)
+        info = error_details_pb2.ErrorInfo(reason=self.code or self.type, domain=DOMAIN, metadata=metadata)
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        details = [detail]
+        if self.retry_after is not None:
+            retry = error_details_pb2.RetryInfo()
+            retry.retry_delay.seconds = self.retry_after
+            retry_any = any_pb2.Any()
+            retry_any.Pack(retry)
+            details.append(retry_any)
+        return status_pb2.Status(code=self.status.value[0], message=self.message, details=details)
+
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return ((_DETAILS_KEY, self.to_rpc_status().SerializeToString()),)
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> ApiError:
+        """Rebuild the error a peer sent (or describe a transport failure)."""
+        code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
+        message: str = error.details() or code.name.lower()  # type: ignore[attr-defined]
+        trailing = error.trailing_metadata() or ()  # type: ignore[attr-defined]
+        for key, value in trailing:
+            if key != _DETAILS_KEY:
+                continue
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Is(info.DESCRIPTOR) and detail.Unpack(info) and info.domain == DOMAIN:
+                    meta = info.metadata
+                    retry = meta.get("retry_after")
+                    return cls(
+                        code,
+                        status.message or message,
+                        code=meta.get("code"),
+                        param=meta.get("param"),
+                        type=meta.get("type"),
+                        retry_after=int(retry) if retry else None,
+                    )
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return unavailable(f"A model worker is unavailable: {message}")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return deadline_exceeded()
+        return cls(code, message)
+
+    # -- HTTP ---------------------------------------------------------------
+
+    @property
+    def http_status(self) -> int:
+        return _HTTP.get(self.status, (500, "server_error"))[0]
+
+    def envelope(self) -> dict[str, Any]:
+        """OpenAI's error body: all four keys, null where empty."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# -- Constructors: the errors tokenwire raises ------------------------------
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message, param=param, code=code)
+
+
+def invalid_api_key() -> ApiError:
+    return ApiError(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
+        code="invalid_api_key",
+        type="invalid_request_error",
+    )
+
+
+def model_not_found(model: str) -> ApiError:
+    return ApiError(
+        grpc.StatusCode.NOT_FOUND,
+        f"The model `{model}` does not exist or you do not have access to it.",
+        code="model_not_found",
+        param="model",
+    )
+
+
+def wrong_model_kind(model: str, wanted: str) -> ApiError:
+    return invalid_request(f"The model `{model}` does not support {wanted}.", param="model", code="model_not_supported")
+
+
+def context_length_exceeded(context_length: int, prompt_tokens: int, max_tokens: int, param: str) -> ApiError:
+    return invalid_request(
+        f"This model's maximum context length is {context_length} tokens. However, you requested "
+        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {param}, {max_tokens} for the "
+        f"completion). Please reduce the length of the {param} or the completion.",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
+def rate_limited(message: str, retry_after: int = 1) -> ApiError:
+    return ApiError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, message, code="rate_limit_exceeded", retry_after=max(1, retry_after)
+    )
+
+
+def unavailable(message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.UNAVAILABLE, message, code="service_unavailable")
+
+
+def no_worker(model: str) -> ApiError:
+    return unavailable(f"No live worker serves the model `{model}` right now. Retry shortly.")
+
+
+def deadline_exceeded() -> ApiError:
+    return ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, "The request timed out.", code="timeout")
+
+
+def internal(message: str = "The server had an error while processing your request.") -> ApiError:
+    return ApiError(grpc.StatusCode.INTERNAL, message, code="internal_error")
+

@@ -1,0 +1,160 @@
+"""The gateway's live view of the workers, and dispatch.
+
+The view follows the registry's watch stream (in-process, or over gRPC from a
+standalone registry); each worker gets one long-lived channel, opened when it
+appears and closed when it goes. A request picks the least-loaded live worker
+of its model without asking anyone: no control round trip per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from gateway import errors
+from gateway.grpc_server import CHANNEL_OPTIONS
+from tokenwire.v1 import common_pb2, registry_pb2, registry_pb2_grpc, worker_pb2_grpc
+
+log = logging.getLogger("tokenwire.gateway")
+
+WatchSource = Callable[[], AsyncIterator[list[registry_pb2.WorkerStatus]]]
+
+
+class WorkerHandle:
+    """One live worker: its last status, its channel, and the calls we have on it."""
+
+    def __init__(self, status: registry_pb2.WorkerStatus) -> None:
+        self.status = status
+        self.channel = grpc.aio.insecure_channel(status.address, options=CHANNEL_OPTIONS)
+        self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
+        self.in_flight = 0
+
+    @property
+    def worker_id(self) -> str:
+        return self.status.worker_id
+
+    @property
+    def model(self) -> common_pb2.ModelInfo:
+        return self.status.model
+
+    def load(self) -> float:
+        # Our own in-flight count is exact; the heartbeat's queue length adds
+        # what other gateways put there.
+        return (self.in_flight + self.status.queue_length) / max(self.status.capacity, 1)
+
+
+class WorkerPool:
+    def __init__(self, source: WatchSource) -> None:
+        self._source = source
+        self._workers: dict[str, WorkerHandle] = {}
+        # Models ever served, so that "no live worker" (503) differs from
+        # "no such model" (404).
+        self._known_models: dict[str, tuple[common_pb2.ModelInfo, int]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.changed = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._follow(), name="worker-view")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for handle in self._workers.values():
+            await handle.channel.close()
+        self._workers.clear()
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                async for snapshot in self._source():
+                    self._apply(snapshot)
+            except grpc.aio.AioRpcError as error:
+                # Keep serving from the current view while the registry is away.
+                log.warning("registry watch failed (%s); keeping %d workers", error.code().name, len(self._workers))
+            await asyncio.sleep(1.0)
+
+    def _apply(self, snapshot: list[registry_pb2.WorkerStatus]) -> None:
+        live = {status.worker_id: status for status in snapshot}
+        for worker_id in list(self._workers):
+            if worker_id not in live:
+                handle = self._workers.pop(worker_id)
+                log.info("worker %s left the pool", worker_id)
+                asyncio.get_running_loop().create_task(handle.channel.close(grace=30))
+        for worker_id, status in live.items():
+            handle = self._workers.get(worker_id)
+            if handle is None or handle.status.address != status.address:
+                self._workers[worker_id] = WorkerHandle(status)
+                log.info("worker %s joined the pool (%s at %s)", worker_id, status.model.name, status.address)
+            else:
+                handle.status = status
+            if status.model.name not in self._known_models:
+                self._known_models[status.model.name] = (status.model, int(time.time()))
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def remove(self, worker_id: str) -> None:
+        """Drop a worker we found dead; the registry will drop it too."""
+        handle = self._workers.pop(worker_id, None)
+        if handle is not None:
+            log.warning("worker %s is unreachable; removed from the pool", worker_id)
+            asyncio.get_running_loop().create_task(handle.channel.close())
+
+    # -- queries --------------------------------------------------------------
+
+    def workers(self, model: str = "") -> list[WorkerHandle]:
+        return [w for w in self._workers.values() if not model or w.model.name == model]
+
+    def models(self) -> dict[str, tuple[common_pb2.ModelInfo, int, int]]:
+        """name -> (info, created, live workers) for every model ever served."""
+        out = {}
+        for name, (info, created) in self._known_models.items():
+            out[name] = (info, created, len(self.workers(name)))
+        return {name: v for name, v in out.items() if v[2] > 0 or name in self._known_models}
+
+    def model_info(self, model: str) -> common_pb2.ModelInfo:
+        known = self._known_models.get(model)
+        if known is None:
+            raise errors.model_not_found(model)
+        return known[0]
+
+    def pick(self, model: str, exclude: frozenset[str] = frozenset()) -> WorkerHandle:
+        candidates = [w for w in self.workers(model) if w.worker_id not in exclude]
+        if not candidates:
+            if model not in self._known_models:
+                raise errors.model_not_found(model)
+            raise errors.no_worker(model)
+        best = min(w.load() for w in candidates)
+        return random.choice([w for w in candidates if w.load() == best])
+
+    @contextlib.contextmanager
+    def lease(self, handle: WorkerHandle) -> contextlib.AbstractContextManager[WorkerHandle]:  # type: ignore[misc]
+        handle.in_flight += 1
+        try:
+            yield handle
+        finally:
+            handle.in_flight -= 1
+
+
+def local_source(registry: object) -> WatchSource:
+    """Watch an in-process registry."""
+    return registry.watch  # type: ignore[attr-defined,no-any-return]
+
+
+def remote_source(address: str) -> WatchSource:
+    """Watch a standalone registry over gRPC."""
+
+    async def watch() -> AsyncIterator[list[registry_pb2.WorkerStatus]]:
+        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            stub = registry_pb2_grpc.RegistryServiceStub(channel)
+            async for response in stub.WatchWorkers(registry_pb2.WatchWorkersRequest()):
+                yield list(response.workers)
+
+    return watch

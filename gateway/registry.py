@@ -1,0 +1,121 @@
+"""The registry (FastChat's controller): which workers are alive, and their load.
+
+Workers register and heartbeat; a worker whose heartbeats stop for
+``expiry`` seconds is dropped. Gateways watch it and keep their own view, so
+the registry is never on a request's path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from tokenwire.v1 import registry_pb2, registry_pb2_grpc
+
+log = logging.getLogger("tokenwire.registry")
+
+
+class Registry:
+    def __init__(self, expiry: float = 15.0) -> None:
+        self.expiry = expiry
+        self._workers: dict[str, registry_pb2.WorkerStatus] = {}
+        self._last_seen: dict[str, float] = {}
+        self._watchers: set[asyncio.Event] = set()
+
+    def snapshot(self, model: str = "") -> list[registry_pb2.WorkerStatus]:
+        return [w for w in self._workers.values() if not model or w.model.name == model]
+
+    def _changed(self) -> None:
+        for event in self._watchers:
+            event.set()
+
+    def _touch(self, worker_id: str) -> None:
+        self._last_seen[worker_id] = time.monotonic()
+        self._workers[worker_id].last_heartbeat_unix_ms = int(time.time() * 1000)
+
+    def register(self, status: registry_pb2.WorkerStatus) -> None:
+        if status.worker_id not in self._workers:
+            log.info("worker %s registered (%s at %s)", status.worker_id, status.model.name, status.address)
+        self._workers[status.worker_id] = status
+        self._touch(status.worker_id)
+        self._changed()
+
+    def heartbeat(self, worker_id: str, in_flight: int, queue_length: int) -> bool:
+        """Record a heartbeat; False when the worker is unknown (it must register)."""
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return False
+        worker.in_flight = in_flight
+        worker.queue_length = queue_length
+        self._touch(worker_id)
+        self._changed()
+        return True
+
+    def deregister(self, worker_id: str) -> None:
+        if self._workers.pop(worker_id, None) is not None:
+            self._last_seen.pop(worker_id, None)
+            log.info("worker %s deregistered", worker_id)
+            self._changed()
+
+    def expire(self) -> None:
+        deadline = time.monotonic() - self.expiry
+        for worker_id in [w for w, seen in self._last_seen.items() if seen < deadline]:
+            log.warning("worker %s missed its heartbeats for %.1f s; dropped", worker_id, self.expiry)
+            self._workers.pop(worker_id, None)
+            self._last_seen.pop(worker_id, None)
+            self._changed()
+
+    async def run_expiry(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.expiry / 4, 0.05))
+            self.expire()
+
+    async def watch(self) -> AsyncIterator[list[registry_pb2.WorkerStatus]]:
+        """The live set now, then after every change (changes coalesce)."""
+        event = asyncio.Event()
+        self._watchers.add(event)
+        try:
+            while True:
+                event.clear()
+                yield self.snapshot()
+                await event.wait()
+        finally:
+            self._watchers.discard(event)
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    async def Register(
+        self, request: registry_pb2.RegisterRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.RegisterResponse:
+        self.registry.register(request.worker)
+        return registry_pb2.RegisterResponse(expiry_seconds=self.registry.expiry)
+
+    async def Heartbeat(
+        self, request: registry_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.HeartbeatResponse:
+        known = self.registry.heartbeat(request.worker_id, request.in_flight, request.queue_length)
+        return registry_pb2.HeartbeatResponse(known=known)
+
+    async def Deregister(
+        self, request: registry_pb2.DeregisterRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.DeregisterResponse:
+        self.registry.deregister(request.worker_id)
+        return registry_pb2.DeregisterResponse()
+
+    async def ListWorkers(
+        self, request: registry_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
+    ) -> registry_pb2.ListWorkersResponse:
+        return registry_pb2.ListWorkersResponse(workers=self.registry.snapshot(request.model))
+
+    async def WatchWorkers(
+        self, request: registry_pb2.WatchWorkersRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[registry_pb2.WatchWorkersResponse]:
+        async for workers in self.registry.watch():
+            yield registry_pb2.WatchWorkersResponse(workers=workers)

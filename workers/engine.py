@@ -1,0 +1,185 @@
+"""The engine interface a worker hosts, and the helpers engines share.
+
+A worker serves one model through one :class:`Engine`. The worker owns
+admission, the context-length check, cancellation accounting and the gRPC
+plumbing; an engine only knows its model:
+
+* :meth:`Engine.prepare` renders chat messages with the model's own template
+  and tokenizes the prompt (the worker then checks prompt + max_tokens against
+  ``info.context_length``);
+* :meth:`Engine.generate` yields :class:`Delta` objects for one choice;
+* :meth:`Engine.embed` and :meth:`Engine.tokenize` do what they say.
+
+Blocking engines (llama.cpp, torch) must keep the event loop free: run the
+blocking part with :func:`iterate_in_thread` / :func:`run_blocking`, which stop
+the engine within one token once the call is cancelled.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from tokenwire.v1 import common_pb2, worker_pb2
+
+T = TypeVar("T")
+
+
+@dataclass
+class Delta:
+    """One step of a generation: new text, the tokens behind it, and the end."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
+    # "", "stop", "length" or "tool_calls".
+    finish_reason: str = ""
+    tool_calls: list[common_pb2.ToolCall] = field(default_factory=list)
+    # Completion tokens this delta accounts for (defaults to len(token_ids),
+    # or 1 for an engine that does not expose ids).
+    tokens: int | None = None
+
+    @property
+    def token_count(self) -> int:
+        if self.tokens is not None:
+            return self.tokens
+        return len(self.token_ids) if self.token_ids else (1 if self.text else 0)
+
+
+@dataclass
+class Prepared:
+    """A request accepted by the engine: its prompt, tokenized."""
+
+    prompt_tokens: int
+    # The parameter named in a context-length error: "messages" or "prompt".
+    param: str = "messages"
+    # Engine-specific state carried from prepare() to generate().
+    state: Any = None
+
+
+class Generation:
+    """Per-call state shared between the worker and the engine.
+
+    The worker sets :attr:`cancelled` when the caller goes away; the engine
+    calls :meth:`produced` for every token it makes, so the worker can report
+    how many tokens were made after the cancel (the goal is at most one).
+    """
+
+    __slots__ = ("cancelled", "tokens", "tokens_after_cancel")
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+        self.tokens = 0
+        self.tokens_after_cancel = 0
+
+    def produced(self, n: int = 1) -> None:
+        self.tokens += n
+        if self.cancelled.is_set():
+            self.tokens_after_cancel += n
+
+
+class Engine(abc.ABC):
+    """One model. Subclasses set :attr:`info` (name, kind, context length)."""
+
+    info: common_pb2.ModelInfo
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Load the model. Runs before the worker registers."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the model and any clients."""
+
+    @abc.abstractmethod
+    async def prepare(self, request: worker_pb2.GenerateRequest) -> Prepared:
+        """Render and tokenize the request's prompt; raise ApiError on bad input."""
+
+    @abc.abstractmethod
+    def generate(
+        self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int, generation: Generation
+    ) -> AsyncIterator[Delta]:
+        """Yield the deltas of one choice; the last one carries finish_reason.
+
+        ``max_tokens`` is already resolved by the worker (the request's value,
+        or what is left of the context).
+        """
+
+    async def embed(
+        self, inputs: Sequence[common_pb2.TextOrTokens], dimensions: int | None
+    ) -> tuple[list[list[float]], int]:
+        """Return one vector per input and the number of prompt tokens."""
+        from gateway.errors import wrong_model_kind
+
+        raise wrong_model_kind(self.info.name, "embeddings")
+
+    @abc.abstractmethod
+    async def tokenize(self, prompt: str | None, messages: Sequence[common_pb2.ChatMessage]) -> list[int]:
+        """Token ids of a prompt, or of messages rendered with the chat template."""
+
+
+# -- Running blocking engines off the event loop ----------------------------
+
+_executor: ThreadPoolExecutor | None = None
+
+
+def executor() -> ThreadPoolExecutor:
+    """The worker's thread pool for blocking engine calls."""
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="engine")
+    return _executor
+
+
+async def run_blocking(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)`` on the engine thread pool."""
+    return await asyncio.get_running_loop().run_in_executor(executor(), fn, *args)
+
+
+_DONE = object()
+
+
+async def iterate_in_thread(make_iterator: Callable[[], Iterator[T]], generation: Generation) -> AsyncIterator[T]:
+    """Drive a blocking iterator on a thread and yield its items here.
+
+    The thread checks ``generation.cancelled`` before asking for each item, so
+    a cancelled call stops the engine within one token. When the consumer
+    stops (cancel, error or close), this waits for the thread to finish before
+    returning, so the caller's slot is freed only once the engine is idle.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def pump() -> None:
+        try:
+            iterator = make_iterator()
+            try:
+                while not generation.cancelled.is_set():
+                    item = next(iterator, _DONE)
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                    if item is _DONE:
+                        return
+            finally:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    close()
+        except BaseException as exc:  # handed to the consumer
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
+        loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+    thread_done = loop.run_in_executor(executor(), pump)
+    try:
+        while True:
+            item = await queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        generation.cancelled.set()
+        # Wait for the engine to go idle even if we are being cancelled.
+        await asyncio.shield(thread_done)

@@ -1,0 +1,136 @@
+"""The echo engine: a deterministic, instant test double. Never the product.
+
+Its output is derived from the request so that tests can predict it: the
+words of the last message (or prompt) repeated, starting at an offset given by
+the choice index, one word per token, as many as ``--echo-tokens`` (or fewer
+when max_tokens says so). Tokens are whitespace-separated words. A per-token
+delay makes streams slow enough to cancel mid-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import zlib
+from collections.abc import AsyncIterator, Sequence
+
+from gateway import errors
+from tokenwire.v1 import common_pb2, worker_pb2
+from workers.engine import Delta, Engine, Generation, Prepared
+
+
+def message_text(message: common_pb2.ChatMessage) -> str:
+    if message.HasField("content_parts"):
+        return " ".join(part.text for part in message.content_parts.parts if part.type == "text")
+    return message.content
+
+
+def token_id(word: str) -> int:
+    return zlib.crc32(word.encode()) % 32000
+
+
+class EchoEngine(Engine):
+    def __init__(
+        self,
+        model: str,
+        *,
+        kind: int = common_pb2.MODEL_KIND_CHAT,
+        tokens: int = 16,
+        delay: float = 0.0,
+        context_length: int = 2048,
+        dimensions: int = 16,
+    ) -> None:
+        self.info = common_pb2.ModelInfo(
+            name=model,
+            kind=kind,  # type: ignore[arg-type]
+            context_length=context_length,
+            engine="echo",
+            dimensions=dimensions if kind == common_pb2.MODEL_KIND_EMBEDDING else 0,
+        )
+        self.tokens = tokens
+        self.delay = delay
+
+    # The "template": one line per message.
+    def render(self, messages: Sequence[common_pb2.ChatMessage]) -> str:
+        return "\n".join(f"{m.role}: {message_text(m)}" for m in messages)
+
+    def _words(self, prompt: str | None, messages: Sequence[common_pb2.ChatMessage]) -> list[str]:
+        return (prompt if prompt is not None else self.render(messages)).split()
+
+    async def prepare(self, request: worker_pb2.GenerateRequest) -> Prepared:
+        if request.messages:
+            words = self._words(None, request.messages)
+            source = message_text(request.messages[-1]).split()
+            return Prepared(prompt_tokens=len(words), param="messages", state=(source, []))
+        if request.prompt.HasField("tokens"):
+            ids = list(request.prompt.tokens.ids)
+            return Prepared(prompt_tokens=len(ids), param="prompt", state=([str(i) for i in ids], ids))
+        words = request.prompt.text.split()
+        return Prepared(prompt_tokens=len(words), param="prompt", state=(words, words))
+
+    async def generate(
+        self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int, generation: Generation
+    ) -> AsyncIterator[Delta]:
+        source, echoed = prepared.state
+        source = source or ["echo"]
+        if request.echo and echoed:
+            text = " ".join(str(w) for w in echoed)
+            yield Delta(text=text, logprobs=self._logprobs(echoed, request, first_is_prompt=True), tokens=0)
+        count = min(self.tokens, max_tokens)
+        stops = list(request.sampling.stop)
+        text = ""
+        for i in range(count):
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            word = source[(i + request.index) % len(source)]
+            piece = word if i == 0 and not (request.echo and echoed) else " " + word
+            generation.produced()
+            candidate = text + piece
+            hit = next((s for s in stops if s and s in candidate), None)
+            if hit is not None:
+                tail = candidate[: candidate.index(hit)][len(text) :]
+                yield Delta(text=tail, token_ids=[token_id(word)], finish_reason="stop")
+                return
+            text = candidate
+            logprobs = self._logprobs([word], request) if request.logprobs else []
+            yield Delta(text=piece, token_ids=[token_id(word)], logprobs=logprobs)
+        yield Delta(finish_reason="length" if count == max_tokens else "stop", tokens=0)
+
+    def _logprobs(
+        self, words: Sequence[str], request: worker_pb2.GenerateRequest, first_is_prompt: bool = False
+    ) -> list[common_pb2.TokenLogprob]:
+        if not request.logprobs:
+            return []
+        out = []
+        for i, word in enumerate(words):
+            entry = common_pb2.TokenLogprob(token=str(word), bytes=str(word).encode())
+            if not (first_is_prompt and i == 0):
+                entry.logprob = -0.5
+            for k in range(request.top_logprobs):
+                entry.top_logprobs.add(token=f"{word}#{k}", logprob=-0.5 - k, bytes=f"{word}#{k}".encode())
+            out.append(entry)
+        return out
+
+    async def embed(
+        self, inputs: Sequence[common_pb2.TextOrTokens], dimensions: int | None
+    ) -> tuple[list[list[float]], int]:
+        if self.info.kind != common_pb2.MODEL_KIND_EMBEDDING:
+            raise errors.wrong_model_kind(self.info.name, "embeddings")
+        size = dimensions or self.info.dimensions
+        if size > self.info.dimensions:
+            raise errors.invalid_request(
+                f"dimensions must be at most {self.info.dimensions} for this model.", param="dimensions"
+            )
+        vectors, tokens = [], 0
+        for item in inputs:
+            text = item.text if item.HasField("text") else " ".join(map(str, item.tokens.ids))
+            tokens += len(text.split()) if item.HasField("text") else len(item.tokens.ids)
+            digest = hashlib.sha256(text.encode()).digest()
+            raw = [(digest[i % len(digest)] - 127.5) / 127.5 for i in range(size)]
+            norm = math.sqrt(sum(v * v for v in raw)) or 1.0
+            vectors.append([v / norm for v in raw])
+        return vectors, tokens
+
+    async def tokenize(self, prompt: str | None, messages: Sequence[common_pb2.ChatMessage]) -> list[int]:
+        return [token_id(w) for w in self._words(prompt, messages)]

@@ -1,0 +1,80 @@
+"""A worker's link to the registry: register, heartbeat, register again when
+forgotten (registry restart or expiry), deregister on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import grpc
+
+from gateway.grpc_server import CHANNEL_OPTIONS
+from tokenwire.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+from workers.slots import Slots
+
+log = logging.getLogger("tokenwire.worker")
+
+
+class RegistryLink:
+    def __init__(
+        self, controller_address: str, address: str, model: common_pb2.ModelInfo, slots: Slots, *, interval: float
+    ) -> None:
+        self.worker_id = f"{model.name}@{address}#{uuid.uuid4().hex[:8]}"
+        self.address = address
+        self.model = model
+        self.slots = slots
+        self.interval = interval
+        self.channel = grpc.aio.insecure_channel(controller_address, options=CHANNEL_OPTIONS)
+        self.stub = registry_pb2_grpc.RegistryServiceStub(self.channel)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="registry-link")
+
+    def _status(self) -> registry_pb2.WorkerStatus:
+        return registry_pb2.WorkerStatus(
+            worker_id=self.worker_id,
+            address=self.address,
+            model=self.model,
+            capacity=self.slots.capacity,
+            in_flight=self.slots.in_flight,
+            queue_length=self.slots.waiting,
+        )
+
+    async def _run(self) -> None:
+        registered = False
+        while True:
+            try:
+                if not registered:
+                    await self.stub.Register(registry_pb2.RegisterRequest(worker=self._status()), timeout=5)
+                    registered = True
+                    log.info("registered %s", self.worker_id)
+                else:
+                    reply = await self.stub.Heartbeat(
+                        registry_pb2.HeartbeatRequest(
+                            worker_id=self.worker_id, in_flight=self.slots.in_flight, queue_length=self.slots.waiting
+                        ),
+                        timeout=5,
+                    )
+                    if not reply.known:
+                        log.warning("the registry forgot %s; registering again", self.worker_id)
+                        registered = False
+                        continue
+            except grpc.aio.AioRpcError as error:
+                registered = False
+                log.warning("registry unreachable (%s); retrying", error.code().name)
+            await asyncio.sleep(self.interval)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        try:
+            await self.stub.Deregister(registry_pb2.DeregisterRequest(worker_id=self.worker_id), timeout=2)
+        except grpc.aio.AioRpcError as error:
+            log.warning("could not deregister %s: %s", self.worker_id, error.code().name)
+        await self.channel.close()

@@ -1,0 +1,173 @@
+"""The model worker: one engine behind WorkerService, registered with a registry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from gateway import errors
+from gateway.grpc_server import GrpcServer
+from tokenwire.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from workers.engine import Engine, Generation
+from workers.registration import RegistryLink
+from workers.slots import Slots
+
+log = logging.getLogger("tokenwire.worker")
+
+
+class WorkerStats:
+    def __init__(self) -> None:
+        self.requests_total = 0
+        self.cancelled_total = 0
+        self.tokens_after_cancel_total = 0
+        self.tokens_after_cancel_max = 0
+
+    def record_cancel(self, generation: Generation) -> None:
+        self.cancelled_total += 1
+        self.tokens_after_cancel_total += generation.tokens_after_cancel
+        self.tokens_after_cancel_max = max(self.tokens_after_cancel_max, generation.tokens_after_cancel)
+
+
+def resolve_max_tokens(engine: Engine, request: worker_pb2.GenerateRequest, prompt_tokens: int, param: str) -> int:
+    """The request's max_tokens, or what is left of the context; refuse overflow."""
+    context = engine.info.context_length
+    if request.sampling.HasField("max_tokens"):
+        max_tokens = request.sampling.max_tokens
+        if context and prompt_tokens + max_tokens > context:
+            raise errors.context_length_exceeded(context, prompt_tokens, max_tokens, param)
+        return max_tokens
+    if not context:
+        return 1 << 30
+    if prompt_tokens >= context:
+        raise errors.context_length_exceeded(context, prompt_tokens, 1, param)
+    return context - prompt_tokens
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, engine: Engine, slots: Slots) -> None:
+        self.engine = engine
+        self.slots = slots
+        self.stats = WorkerStats()
+
+    async def Generate(
+        self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        if self.engine.info.kind == common_pb2.MODEL_KIND_EMBEDDING:
+            raise errors.wrong_model_kind(self.engine.info.name, "text generation")
+        self.stats.requests_total += 1
+        async with self.slots.acquire():
+            prepared = await self.engine.prepare(request)
+            max_tokens = resolve_max_tokens(self.engine, request, prepared.prompt_tokens, prepared.param)
+            usage = common_pb2.Usage(prompt_tokens=prepared.prompt_tokens, total_tokens=prepared.prompt_tokens)
+            # The first message says "accepted": the gateway only commits a
+            # response (HTTP 200) once it has seen it.
+            yield worker_pb2.GenerateResponse(index=request.index, usage=usage)
+            generation = Generation()
+            completion_tokens = 0
+            try:
+                async for delta in self.engine.generate(request, prepared, max_tokens, generation):
+                    completion_tokens += delta.token_count
+                    usage = common_pb2.Usage(
+                        prompt_tokens=prepared.prompt_tokens,
+                        completion_tokens=completion_tokens,
+                        total_tokens=prepared.prompt_tokens + completion_tokens,
+                    )
+                    yield worker_pb2.GenerateResponse(
+                        index=request.index,
+                        text=delta.text,
+                        token_ids=delta.token_ids,
+                        logprobs=delta.logprobs,
+                        finish_reason=delta.finish_reason,
+                        usage=usage,
+                        tool_calls=delta.tool_calls,
+                    )
+            except (asyncio.CancelledError, GeneratorExit):
+                generation.cancelled.set()
+                self.stats.record_cancel(generation)
+                log.info(
+                    "request %s cancelled after %d tokens (%d after the cancel)",
+                    request.request_id,
+                    generation.tokens,
+                    generation.tokens_after_cancel,
+                )
+                raise
+
+    async def Embed(self, request: worker_pb2.EmbedRequest, context: grpc.aio.ServicerContext) -> worker_pb2.EmbedResponse:
+        self.stats.requests_total += 1
+        async with self.slots.acquire():
+            dimensions = request.dimensions if request.HasField("dimensions") else None
+            vectors, tokens = await self.engine.embed(request.input, dimensions)
+        return worker_pb2.EmbedResponse(
+            embeddings=[worker_pb2.EmbeddingVector(values=v) for v in vectors], prompt_tokens=tokens
+        )
+
+    async def CountTokens(
+        self, request: worker_pb2.WorkerServiceCountTokensRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.WorkerServiceCountTokensResponse:
+        ids = await self.engine.tokenize(request.prompt if not request.messages else None, request.messages)
+        return worker_pb2.WorkerServiceCountTokensResponse(count=len(ids), token_ids=ids)
+
+    async def GetModelInfo(
+        self, request: worker_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.GetModelInfoResponse:
+        return worker_pb2.GetModelInfoResponse(model=self.engine.info)
+
+    async def GetStats(self, request: worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext) -> worker_pb2.GetStatsResponse:
+        s = self.stats
+        return worker_pb2.GetStatsResponse(
+            in_flight=self.slots.in_flight,
+            queue_length=self.slots.waiting,
+            capacity=self.slots.capacity,
+            requests_total=s.requests_total,
+            cancelled_total=s.cancelled_total,
+            tokens_after_cancel_total=s.tokens_after_cancel_total,
+            tokens_after_cancel_max=s.tokens_after_cancel_max,
+        )
+
+
+async def run_worker(
+    engine: Engine,
+    *,
+    host: str,
+    port: int,
+    controller_address: str,
+    worker_address: str | None = None,
+    limit_worker_concurrency: int = 5,
+    max_queue: int = 128,
+    heartbeat_interval: float = 5.0,
+    shutdown_grace: float = 10.0,
+    stop: asyncio.Event,
+    on_ready: Callable[[int], None] | None = None,
+) -> None:
+    """Load the model, serve WorkerService, register, and run until ``stop``."""
+    slots = Slots(limit_worker_concurrency, max_queue)
+    servicer = WorkerServicer(engine, slots)
+    server = GrpcServer([(worker_pb2_grpc.add_WorkerServiceServicer_to_server, servicer, "tokenwire.v1.WorkerService")])
+    bound = server.bind(f"{host}:{port}")
+    await server.start()
+    # NOT_SERVING while the model loads.
+    await server.set_serving(False)
+    started = time.monotonic()
+    log.info("loading model %s (%s engine)", engine.info.name, engine.info.engine)
+    await engine.start()
+    log.info("model %s loaded in %.1f s", engine.info.name, time.monotonic() - started)
+    await server.set_serving(True)
+    address = worker_address or f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{bound}"
+    link = RegistryLink(controller_address, address, engine.info, slots, interval=heartbeat_interval)
+    link.start()
+    log.info("worker for %s serving on %s, registering with %s", engine.info.name, address, controller_address)
+    if on_ready is not None:
+        on_ready(bound)
+    try:
+        await stop.wait()
+    finally:
+        log.info("worker %s shutting down", address)
+        # Leave the registry first so no new request is routed here.
+        await link.stop()
+        await server.stop(shutdown_grace)
+        await engine.close()
+
