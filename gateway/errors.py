@@ -47,8 +47,10 @@ class ApiError(Exception):
         param: str | None = None,
         type: str | None = None,
         retry_after: int | None = None,
+        http_status: int | None = None,
     ) -> None:
         super().__init__(message)
+        self._http_status = http_status
         self.status = status
         self.message = message
         self.code = code
@@ -117,7 +119,7 @@ class ApiError(Exception):
 
     @property
     def http_status(self) -> int:
-        return _HTTP.get(self.status, (500, "server_error"))[0]
+        return self._http_status or _HTTP.get(self.status, (500, "server_error"))[0]
 
     def envelope(self) -> dict[str, Any]:
         """OpenAI's error body: all four keys, null where empty."""
@@ -129,6 +131,15 @@ class ApiError(Exception):
 
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message, param=param, code=code)
+
+
+def request_too_large(limit: int) -> ApiError:
+    return ApiError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"The request body is larger than the limit of {limit} bytes.",
+        code="request_too_large",
+        http_status=413,
+    )
 
 
 def invalid_api_key() -> ApiError:

@@ -112,12 +112,9 @@ class WorkerPool:
     def workers(self, model: str = "") -> list[WorkerHandle]:
         return [w for w in self._workers.values() if not model or w.model.name == model]
 
-    def models(self) -> dict[str, tuple[common_pb2.ModelInfo, int, int]]:
-        """name -> (info, created, live workers) for every model ever served."""
-        out = {}
-        for name, (info, created) in self._known_models.items():
-            out[name] = (info, created, len(self.workers(name)))
-        return {name: v for name, v in out.items() if v[2] > 0 or name in self._known_models}
+    def known_models(self) -> dict[str, tuple[common_pb2.ModelInfo, int]]:
+        """name -> (info, first seen unix time) for every model ever served."""
+        return self._known_models
 
     def model_info(self, model: str) -> common_pb2.ModelInfo:
         known = self._known_models.get(model)

@@ -9,6 +9,7 @@ delay makes streams slow enough to cancel mid-way.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import math
@@ -134,3 +135,23 @@ class EchoEngine(Engine):
 
     async def tokenize(self, prompt: str | None, messages: Sequence[common_pb2.ChatMessage]) -> list[int]:
         return [token_id(w) for w in self._words(prompt, messages)]
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--echo-tokens", type=int, default=16, help="tokens per choice (fewer if max_tokens says so)")
+    group.add_argument("--echo-delay", type=float, default=0.0, help="seconds per token")
+    group.add_argument("--echo-context-length", type=int, default=2048)
+    group.add_argument("--echo-kind", choices=("chat", "embedding"), default="chat")
+    group.add_argument("--echo-dimensions", type=int, default=16, help="embedding size")
+
+
+def build(args: argparse.Namespace) -> EchoEngine:
+    kind = common_pb2.MODEL_KIND_EMBEDDING if args.echo_kind == "embedding" else common_pb2.MODEL_KIND_CHAT
+    return EchoEngine(
+        args.model_name or f"echo-{args.echo_kind}",
+        kind=kind,
+        tokens=args.echo_tokens,
+        delay=args.echo_delay,
+        context_length=args.echo_context_length,
+        dimensions=args.echo_dimensions,
+    )

@@ -1,0 +1,94 @@
+"""Running the gateway and the standalone registry."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+
+from gateway.auth import ApiKeys, AuthInterceptor
+from gateway.grpc_server import GrpcServer
+from gateway.inference import Inference
+from gateway.pool import WorkerPool, local_source, remote_source
+from gateway.registry import Registry, RegistryServicer
+from gateway.service import InferenceServicer
+from gateway.validation import Limits
+from tokenwire.v1 import api_pb2_grpc, registry_pb2_grpc
+
+log = logging.getLogger("tokenwire.gateway")
+
+INFERENCE_SERVICE = "tokenwire.v1.InferenceService"
+REGISTRY_SERVICE = "tokenwire.v1.RegistryService"
+
+
+async def run_gateway(
+    *,
+    host: str,
+    port: int,
+    controller_address: str | None,
+    api_keys: Iterable[str] = (),
+    heartbeat_expiry: float = 15.0,
+    limits: Limits | None = None,
+    shutdown_grace: float = 10.0,
+    stop: asyncio.Event,
+    on_ready: Callable[[int], None] | None = None,
+) -> None:
+    """Serve InferenceService (and the registry, unless one is given) until ``stop``."""
+    services = []
+    registry: Registry | None = None
+    if controller_address:
+        source = remote_source(controller_address)
+    else:
+        registry = Registry(expiry=heartbeat_expiry)
+        source = local_source(registry)
+        services.append((registry_pb2_grpc.add_RegistryServiceServicer_to_server, RegistryServicer(registry), REGISTRY_SERVICE))
+    pool = WorkerPool(source)
+    inference = Inference(pool, limits)
+    services.insert(0, (api_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(inference), INFERENCE_SERVICE))
+    server = GrpcServer(services, interceptors=[AuthInterceptor(ApiKeys(api_keys))])
+    bound = server.bind(f"{host}:{port}")
+    pool.start()
+    expiry_task = asyncio.create_task(registry.run_expiry()) if registry is not None else None
+    await server.start()
+    log.info(
+        "gateway serving on %s:%d (registry: %s)", host, bound, controller_address or "in-process, same port"
+    )
+    if on_ready is not None:
+        on_ready(bound)
+    try:
+        await stop.wait()
+    finally:
+        log.info("gateway shutting down (grace %.0f s)", shutdown_grace)
+        await server.stop(shutdown_grace)
+        if expiry_task is not None:
+            expiry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expiry_task
+        await pool.close()
+
+
+async def run_registry(
+    *,
+    host: str,
+    port: int,
+    heartbeat_expiry: float = 15.0,
+    stop: asyncio.Event,
+    on_ready: Callable[[int], None] | None = None,
+) -> None:
+    """A standalone registry, for several gateways sharing one set of workers."""
+    registry = Registry(expiry=heartbeat_expiry)
+    server = GrpcServer([(registry_pb2_grpc.add_RegistryServiceServicer_to_server, RegistryServicer(registry), REGISTRY_SERVICE)])
+    bound = server.bind(f"{host}:{port}")
+    expiry_task = asyncio.create_task(registry.run_expiry())
+    await server.start()
+    log.info("registry serving on %s:%d", host, bound)
+    if on_ready is not None:
+        on_ready(bound)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop(1.0)
+        expiry_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await expiry_task

@@ -1,0 +1,309 @@
+"""The ``tokenwire`` command.
+
+    tokenwire serve      everything on loopback: gateway, bridge, one worker per default model
+    tokenwire gateway    the gRPC gateway (hosts the registry unless --controller-address is given)
+    tokenwire registry   a standalone registry (FastChat's controller)
+    tokenwire worker     one model worker (--engine llama_cpp | embeddings | openai | echo)
+    tokenwire bridge     the OpenAI REST + SSE bridge in front of a gateway
+
+Every flag can also come from the environment: ``--api-keys`` is
+``TOKENWIRE_API_KEYS``, ``--controller-address`` is
+``TOKENWIRE_CONTROLLER_ADDRESS``, and so on (flags win over the environment).
+Each server prints ``READY <part> <host>:<port>`` on stdout once it serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+ENV_PREFIX = "TOKENWIRE_"
+DEFAULT_GRPC_PORT = 50051
+DEFAULT_HTTP_PORT = 8000
+
+# engine name -> module providing add_arguments(group) and build(args).
+ENGINES = {
+    "llama_cpp": "workers.engines.llama_cpp",
+    "embeddings": "workers.engines.embeddings",
+    "openai": "workers.engines.openai_upstream",
+    "echo": "workers.engines.echo",
+}
+
+
+def _ready(part: str, host: str, port: int) -> None:
+    print(f"READY {part} {host}:{port}", flush=True)
+
+
+def _split(value: str | None) -> list[str]:
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    """Keys from --api-keys (comma-separated) and --api-keys-file (one per line)."""
+    keys = _split(args.api_keys)
+    if args.api_keys_file:
+        with open(args.api_keys_file, encoding="utf-8") as handle:
+            keys += [line.strip() for line in handle if line.strip() and not line.startswith("#")]
+    return keys
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run(main: Callable[[asyncio.Event], Any]) -> None:
+    """Run a server coroutine until SIGTERM/SIGINT, with uvloop when present."""
+    from gateway.grpc_server import stop_event_on_signals
+
+    async def runner() -> None:
+        await main(stop_event_on_signals())
+
+    try:
+        import uvloop
+
+        uvloop.run(runner())
+    except ImportError:
+        asyncio.run(runner())
+
+
+# -- subcommands --------------------------------------------------------------
+
+
+def cmd_gateway(args: argparse.Namespace) -> None:
+    from gateway.app import run_gateway
+    from gateway.validation import Limits
+
+    _run(
+        lambda stop: run_gateway(
+            host=args.host,
+            port=args.port,
+            controller_address=args.controller_address,
+            api_keys=api_keys(args),
+            heartbeat_expiry=args.heartbeat_expiry,
+            limits=Limits(max_n=args.max_n, max_tokens=args.max_tokens_limit),
+            shutdown_grace=args.shutdown_grace,
+            stop=stop,
+            on_ready=lambda port: _ready("gateway", args.host, port),
+        )
+    )
+
+
+def cmd_registry(args: argparse.Namespace) -> None:
+    from gateway.app import run_registry
+
+    _run(
+        lambda stop: run_registry(
+            host=args.host,
+            port=args.port,
+            heartbeat_expiry=args.heartbeat_expiry,
+            stop=stop,
+            on_ready=lambda port: _ready("registry", args.host, port),
+        )
+    )
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from workers.server import run_worker
+
+    engine = importlib.import_module(ENGINES[args.engine]).build(args)
+    _run(
+        lambda stop: run_worker(
+            engine,
+            host=args.host,
+            port=args.port,
+            controller_address=args.controller_address,
+            worker_address=args.worker_address,
+            limit_worker_concurrency=args.limit_worker_concurrency,
+            max_queue=args.max_queue,
+            heartbeat_interval=args.heartbeat_interval,
+            shutdown_grace=args.shutdown_grace,
+            stop=stop,
+            on_ready=lambda port: _ready("worker", args.host, port),
+        )
+    )
+
+
+def cmd_bridge(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from rest_bridge.app import BridgeSettings, create_app
+
+    settings = BridgeSettings(
+        gateway_address=args.gateway_address,
+        allow_credentials=args.allow_credentials,
+        allowed_origins=_split(args.allowed_origins),
+        allowed_methods=_split(args.allowed_methods),
+        allowed_headers=_split(args.allowed_headers),
+        max_body_bytes=args.max_body_bytes,
+    )
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(settings),
+        loop="uvloop",
+        http="httptools",
+        log_level=args.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=int(args.shutdown_grace),
+    )
+    server = uvicorn.Server(config)
+
+    async def serve() -> None:
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn exposes no event
+            await asyncio.sleep(0.02)
+        if server.started:
+            _ready("bridge", args.host, port)
+        await task
+
+    asyncio.run(serve())
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from gateway.supervisor import serve
+
+    serve(args)
+
+
+# -- the parser -------------------------------------------------------------------
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+
+
+def _gateway_flags(parser: argparse.ArgumentParser, *, with_address: bool = True) -> None:
+    parser.add_argument("--api-keys", default=None, help="comma-separated API keys; none = open API")
+    parser.add_argument("--api-keys-file", default=None, help="a file with one API key per line (keeps keys out of ps)")
+    parser.add_argument("--heartbeat-expiry", type=float, default=15.0, help="drop a worker after this many seconds without heartbeat")
+    parser.add_argument("--max-n", type=int, default=128, help="largest n (choices per request) accepted")
+    parser.add_argument("--max-tokens-limit", type=int, default=1 << 20, help="largest max_tokens accepted")
+
+
+def _bridge_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    parser.add_argument("--allowed-origins", default="*", help="CORS: comma-separated origins")
+    parser.add_argument("--allowed-methods", default="*", help="CORS: comma-separated methods")
+    parser.add_argument("--allowed-headers", default="*", help="CORS: comma-separated headers")
+    parser.add_argument("--max-body-bytes", type=int, default=10 * 1024 * 1024, help="larger request bodies get 413")
+
+
+def _worker_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=sorted(ENGINES), default="llama_cpp")
+    parser.add_argument("--model-name", default="", help="the name clients use (default: from the model)")
+    parser.add_argument("--model-path", default="", help="GGUF file or model directory (default: the embedded model)")
+    parser.add_argument("--worker-address", default=None, help="host:port the gateway should dial (default: host:bound port)")
+    parser.add_argument("--limit-worker-concurrency", type=int, default=5, help="requests running at once")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 429")
+    parser.add_argument("--heartbeat-interval", type=float, default=5.0)
+    for name in ENGINES:
+        if importlib.util.find_spec(ENGINES[name]) is None:  # TEMP until all engines land
+            continue
+        group = parser.add_argument_group(f"{name} engine")
+        module = importlib.import_module(ENGINES[name])
+        module.add_arguments(group)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenwire", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run everything on loopback with the embedded models")
+    serve.add_argument("--host", default="127.0.0.1", help="address of the REST bridge and gateway (0.0.0.0 to serve a network)")
+    serve.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT, help="REST bridge port")
+    serve.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT, help="gateway gRPC port")
+    serve.add_argument("--controller-address", default=None, help="use this standalone registry instead of the gateway's own")
+    serve.add_argument("--echo", action="store_true", help="serve echo test models instead of the real ones (tests, benchmarks)")
+    serve.add_argument("--no-embeddings", action="store_true", help="do not start the embedding worker")
+    serve.add_argument("--chat-model-path", default="", help="GGUF file for the chat worker (default: SmolLM2-135M-Instruct)")
+    serve.add_argument("--embedding-model-path", default="", help="model directory for the embedding worker (default: all-MiniLM-L6-v2)")
+    serve.add_argument("--shutdown-grace", type=float, default=10.0)
+    _gateway_flags(serve)
+    _bridge_flags(serve)
+    _common(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    gateway = sub.add_parser("gateway", help="the gRPC gateway")
+    gateway.add_argument("--host", default="127.0.0.1")
+    gateway.add_argument("--port", type=int, default=DEFAULT_GRPC_PORT)
+    gateway.add_argument("--controller-address", default=None, help="a standalone registry (default: host one in-process)")
+    gateway.add_argument("--shutdown-grace", type=float, default=10.0)
+    _gateway_flags(gateway)
+    _common(gateway)
+    gateway.set_defaults(func=cmd_gateway)
+
+    registry = sub.add_parser("registry", help="a standalone registry (FastChat's controller)")
+    registry.add_argument("--host", default="127.0.0.1")
+    registry.add_argument("--port", type=int, default=21001)
+    registry.add_argument("--heartbeat-expiry", type=float, default=15.0)
+    _common(registry)
+    registry.set_defaults(func=cmd_registry)
+
+    worker = sub.add_parser("worker", help="one model worker")
+    worker.add_argument("--host", default="127.0.0.1")
+    worker.add_argument("--port", type=int, default=0, help="0 = any free port")
+    worker.add_argument(
+        "--controller-address", default=f"127.0.0.1:{DEFAULT_GRPC_PORT}", help="the registry: a gateway or a standalone registry"
+    )
+    worker.add_argument("--shutdown-grace", type=float, default=10.0)
+    _worker_flags(worker)
+    _common(worker)
+    worker.set_defaults(func=cmd_worker)
+
+    bridge = sub.add_parser("bridge", help="the OpenAI REST + SSE bridge")
+    bridge.add_argument("--host", default="127.0.0.1")
+    bridge.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT)
+    bridge.add_argument(
+        "--gateway-address",
+        "--controller-address",
+        default=f"127.0.0.1:{DEFAULT_GRPC_PORT}",
+        help="the gateway's gRPC address (--controller-address is FastChat's name for it)",
+    )
+    bridge.add_argument("--shutdown-grace", type=float, default=10.0)
+    _bridge_flags(bridge)
+    _common(bridge)
+    bridge.set_defaults(func=cmd_bridge)
+
+    for subparser in sub.choices.values():
+        _defaults_from_env(subparser)
+    return parser
+
+
+def _defaults_from_env(parser: argparse.ArgumentParser) -> None:
+    """TOKENWIRE_<FLAG> sets the default of --flag."""
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = os.environ.get(ENV_PREFIX + action.dest.upper())
+        if value is None:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            action.default = value.strip().lower() in ("1", "true", "yes", "on")
+        elif action.type is not None:
+            action.default = action.type(value)  # type: ignore[operator]
+        else:
+            action.default = value
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _logging(args.log_level)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

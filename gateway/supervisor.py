@@ -1,0 +1,227 @@
+"""``tokenwire serve``: the whole system on one machine, as child processes.
+
+Starts the gateway (with its registry), one worker per default model and the
+REST bridge, each as its own process (so they use separate cores), waits
+until the models answer, prints how to reach them, and stops everything
+cleanly on Ctrl-C / SIGTERM. API keys reach the children through the
+environment, never their command lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+READY_TIMEOUT = 600.0
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen[str] | None = None
+    address: str = ""
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    def start(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", *self.argv],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith("READY "):
+                self.address = line.split()[-1]
+                self.ready.set()
+            else:
+                sys.stdout.write(line)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float) -> None:
+        if not self.alive():
+            return
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _say(message: str) -> None:
+    print(f"[tokenwire] {message}", flush=True)
+
+
+def _wait_ready(children: list[Child], deadline: float) -> None:
+    for child in children:
+        while not child.ready.wait(0.2):
+            if not child.alive():
+                raise SystemExit(f"{child.name} exited before it was ready (see its log above)")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{child.name} was not ready within {READY_TIMEOUT:.0f} s")
+
+
+def _wait_models(url: str, models: list[str], key: str | None, deadline: float) -> None:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    while time.monotonic() < deadline:
+        try:
+            served = {m["id"] for m in httpx.get(f"{url}/v1/models", headers=headers, timeout=2).json()["data"]}
+            if set(models) <= served:
+                return
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the models {models} did not register in time")
+
+
+def _banner(http: str, grpc_address: str, chat_model: str, embed_model: str | None, keys: bool) -> str:
+    url = f"http://{http}"
+    auth = ' -H "Authorization: Bearer $TOKENWIRE_API_KEY"' if keys else ""
+    grpc_auth = ' -H "authorization: Bearer $TOKENWIRE_API_KEY"' if keys else ""
+    lines = [
+        "",
+        "tokenwire is ready.",
+        f"  OpenAI REST API  {url}/v1   (docs: {url}/docs)",
+        f"  gRPC gateway     {grpc_address}  (reflection on; service tokenwire.v1.InferenceService)",
+        f"  models           {chat_model}" + (f", {embed_model}" if embed_model else ""),
+        "",
+        "Try it:",
+        f"  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' \\",
+        f"    -d '{{\"model\": \"{chat_model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France? Answer in one sentence.\"}}]}}'",
+        "",
+        "  python -c 'from openai import OpenAI; import os",
+        f'  c = OpenAI(base_url="{url}/v1", api_key=os.environ.get("TOKENWIRE_API_KEY", "none"))',
+        f'  print(c.chat.completions.create(model="{chat_model}", messages=[{{"role": "user", "content": "Hi!"}}]).choices[0].message.content)\'',
+        "",
+        f"  grpcurl -plaintext{grpc_auth} -d '{{\"model\": \"{chat_model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi!\"}}]}}' \\",
+        f"    {grpc_address} tokenwire.v1.InferenceService/CreateChatCompletion",
+        "",
+        "Press Ctrl-C to stop.",
+    ]
+    return "\n".join(lines)
+
+
+def serve(args: argparse.Namespace) -> None:
+    from gateway.cli import api_keys
+
+    keys = api_keys(args)
+    env = dict(os.environ)
+    env.pop("TOKENWIRE_API_KEYS_FILE", None)
+    env["TOKENWIRE_API_KEYS"] = ",".join(keys)
+    env["PYTHONUNBUFFERED"] = "1"
+    grpc_address = f"{args.host}:{args.grpc_port}"
+    local_grpc = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.grpc_port}"
+    common = ["--log-level", args.log_level]
+
+    gateway_argv = ["gateway", "--host", args.host, "--port", str(args.grpc_port), "--shutdown-grace", str(args.shutdown_grace), *common]
+    if args.controller_address:
+        gateway_argv += ["--controller-address", args.controller_address]
+    registry = args.controller_address or local_grpc
+    worker_common = ["--host", "127.0.0.1", "--port", "0", "--controller-address", registry, *common]
+
+    if args.echo:
+        chat_model, embed_model = "echo-chat", "echo-embedding"
+        workers = [
+            Child("chat worker", ["worker", "--engine", "echo", "--model-name", chat_model, *worker_common]),
+            Child(
+                "embedding worker",
+                ["worker", "--engine", "echo", "--echo-kind", "embedding", "--model-name", embed_model, *worker_common],
+            ),
+        ]
+    else:
+        chat_model, embed_model = "smollm2-135m-instruct", "all-minilm-l6-v2"
+        chat_argv = ["worker", "--engine", "llama_cpp", *worker_common]
+        if args.chat_model_path:
+            chat_argv += ["--model-path", args.chat_model_path]
+            chat_model = os.path.splitext(os.path.basename(args.chat_model_path))[0].lower()
+            chat_argv += ["--model-name", chat_model]
+        embed_argv = ["worker", "--engine", "embeddings", *worker_common]
+        if args.embedding_model_path:
+            embed_argv += ["--model-path", args.embedding_model_path]
+            embed_model = os.path.basename(os.path.normpath(args.embedding_model_path)).lower()
+            embed_argv += ["--model-name", embed_model]
+        workers = [Child("chat worker", chat_argv), Child("embedding worker", embed_argv)]
+    if args.no_embeddings:
+        workers = workers[:1]
+        embed_model = None
+
+    bridge = Child(
+        "bridge",
+        [
+            "bridge",
+            "--host", args.host,
+            "--port", str(args.port),
+            "--gateway-address", local_grpc,
+            "--allowed-origins", args.allowed_origins,
+            "--allowed-methods", args.allowed_methods,
+            "--allowed-headers", args.allowed_headers,
+            "--max-body-bytes", str(args.max_body_bytes),
+            *(["--allow-credentials"] if args.allow_credentials else []),
+            *common,
+        ],
+    )  # fmt: skip
+    gateway = Child("gateway", gateway_argv)
+    children = [gateway, *workers, bridge]
+
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    deadline = time.monotonic() + READY_TIMEOUT
+    exit_code = 0
+    try:
+        _say(f"starting the gateway on {grpc_address}")
+        gateway.start(env)
+        _wait_ready([gateway], deadline)
+        _say("starting the workers (loading " + ", ".join(w.name for w in workers) + ")")
+        for worker in workers:
+            worker.start(env)
+        _say(f"starting the REST bridge on {args.host}:{args.port}")
+        bridge.start(env)
+        _wait_ready([*workers, bridge], deadline)
+        http = bridge.address
+        _wait_models(
+            f"http://{http.replace('0.0.0.0', '127.0.0.1')}",
+            [chat_model] + ([embed_model] if embed_model else []),
+            keys[0] if keys else None,
+            deadline,
+        )
+        print(_banner(http, grpc_address, chat_model, embed_model, bool(keys)), flush=True)
+        while not stopping.wait(0.5):
+            dead = [c.name for c in children if not c.alive()]
+            if dead:
+                _say(f"{', '.join(dead)} stopped unexpectedly; shutting down")
+                exit_code = 1
+                break
+    except SystemExit as error:
+        _say(str(error))
+        exit_code = 1
+    finally:
+        _say("stopping")
+        # Front to back: no new requests, workers leave the registry, then the gateway.
+        bridge.stop(args.shutdown_grace + 5)
+        for worker in workers:
+            worker.stop(args.shutdown_grace + 5)
+        gateway.stop(args.shutdown_grace + 5)
+        _say("stopped")
+    sys.exit(exit_code)

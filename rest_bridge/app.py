@@ -1,0 +1,262 @@
+"""The REST bridge: OpenAI's REST + SSE API mapped onto the gateway's gRPC.
+
+One channel to the gateway for the app's lifetime. ``Authorization`` goes
+through as gRPC metadata: the gateway checks keys, so both fronts are
+protected alike. Errors come back as gRPC statuses and leave here as OpenAI's
+error envelope with the canonical HTTP status. A client that disconnects
+cancels its gRPC call, which cancels the worker's generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway import errors
+from gateway.errors import ApiError
+from gateway.grpc_server import CHANNEL_OPTIONS
+from rest_bridge import convert, render
+from tokenwire.v1 import api_pb2, api_pb2_grpc
+
+log = logging.getLogger("tokenwire.bridge")
+T = TypeVar("T")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class BridgeSettings:
+    gateway_address: str = "127.0.0.1:50051"
+    allow_credentials: bool = False
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    max_body_bytes: int = 10 * 1024 * 1024
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(error: ApiError) -> Response:
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+    return json_response(error.envelope(), error.http_status, headers)
+
+
+def sse(payload: Any) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise errors.request_too_large(max_bytes)
+    body = await request.body()
+    if len(body) > max_bytes:
+        raise errors.request_too_large(max_bytes)
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise errors.invalid_request(f"We could not parse the JSON body of your request: {error}") from None
+    if not isinstance(data, dict):
+        raise errors.invalid_request("The request body must be a JSON object.")
+    return data
+
+
+def _metadata(request: Request) -> tuple[tuple[str, str], ...]:
+    authorization = request.headers.get("authorization")
+    return (("authorization", authorization),) if authorization else ()
+
+
+def _stream_flag(body: dict[str, Any]) -> bool:
+    stream = body.get("stream")
+    if stream is None:
+        return False
+    if not isinstance(stream, bool):
+        raise errors.invalid_request("'stream' must be a boolean.", "stream")
+    return stream
+
+
+async def _until_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work`` unless the client hangs up first (then cancel it)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ClientGone
+    return task.result()
+
+
+async def open_stream(
+    call: grpc.aio.UnaryStreamCall, render_chunk: Callable[[Any], dict[str, Any]]
+) -> StreamingResponse:
+    """Start an SSE response once the first message arrived.
+
+    Errors before the first message become a normal HTTP error (raised from
+    here); after it, they go out in-band as ``data: {"error": ...}``, and
+    every stream ends with ``data: [DONE]``.
+    """
+    iterator = call.__aiter__()
+    try:
+        first = await iterator.__anext__()
+    except StopAsyncIteration:
+        first = None
+    except grpc.aio.AioRpcError as error:
+        raise ApiError.from_rpc_error(error) from None
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            if first is not None:
+                yield sse(render_chunk(first))
+                async for message in iterator:
+                    yield sse(render_chunk(message))
+        except grpc.aio.AioRpcError as error:
+            yield sse(ApiError.from_rpc_error(error).envelope())
+        finally:
+            call.cancel()
+        yield SSE_DONE
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def create_app(settings: BridgeSettings | None = None) -> FastAPI:
+    settings = settings or BridgeSettings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with grpc.aio.insecure_channel(settings.gateway_address, options=CHANNEL_OPTIONS) as channel:
+            app.state.stub = api_pb2_grpc.InferenceServiceStub(channel)
+            yield
+
+    app = FastAPI(title="tokenwire", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.allowed_origins,
+        allow_credentials=settings.allow_credentials,
+        allow_methods=settings.allowed_methods,
+        allow_headers=settings.allowed_headers,
+    )
+
+    def stub(request: Request) -> api_pb2_grpc.InferenceServiceStub:
+        return request.app.state.stub  # type: ignore[no-any-return]
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> Response:
+        return error_response(error)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, error: ClientGone) -> Response:
+        # Nobody reads this; 499 is what proxies log for it.
+        return Response(status_code=499)
+
+    @app.exception_handler(grpc.aio.AioRpcError)
+    async def rpc_error(request: Request, error: grpc.aio.AioRpcError) -> Response:
+        return error_response(ApiError.from_rpc_error(error))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        kind = "not_found" if error.status_code == 404 else None
+        body = {"error": {"message": str(error.detail), "type": "invalid_request_error", "param": None, "code": kind}}
+        return json_response(body, error.status_code, dict(error.headers or {}))
+
+    @app.get("/health", tags=["operations"])
+    async def health() -> Response:
+        return json_response({"status": "ok"})
+
+    @app.get("/v1/models", tags=["models"])
+    async def list_models(request: Request) -> Response:
+        reply = await stub(request).ListModels(api_pb2.ListModelsRequest(), metadata=_metadata(request))
+        return json_response(render.models(reply))
+
+    @app.get("/v1/models/{model:path}", tags=["models"])
+    async def get_model(model: str, request: Request) -> Response:
+        reply = await stub(request).GetModel(api_pb2.GetModelRequest(model=model), metadata=_metadata(request))
+        return json_response(render.model(reply.model))
+
+    async def chat(request: Request) -> Response:
+        body = await read_json(request, settings.max_body_bytes)
+        message = convert.chat_request(body)
+        want_logprobs = message.logprobs
+        if _stream_flag(body):
+            options = convert.stream_options(body)
+            call = stub(request).StreamChatCompletion(
+                api_pb2.StreamChatCompletionRequest(request=message, stream_options=options), metadata=_metadata(request)
+            )
+            include_usage = options.include_usage
+            return await open_stream(call, lambda c: render.chat_chunk(c, want_logprobs, include_usage))
+        reply = await cancel_on_disconnect(
+            request, stub(request).CreateChatCompletion(message, metadata=_metadata(request))
+        )
+        return json_response(render.chat_completion(reply, want_logprobs))
+
+    app.post("/v1/chat/completions", tags=["chat"])(chat)
+    # FastChat's path for the same API (it added repetition_penalty, which we accept everywhere).
+    app.post("/api/v1/chat/completions", tags=["chat"])(chat)
+
+    @app.post("/v1/completions", tags=["completions"])
+    async def completions(request: Request) -> Response:
+        body = await read_json(request, settings.max_body_bytes)
+        message = convert.completion_request(body)
+        want_logprobs = message.HasField("logprobs")
+        if _stream_flag(body):
+            options = convert.stream_options(body)
+            call = stub(request).StreamCompletion(
+                api_pb2.StreamCompletionRequest(request=message, stream_options=options), metadata=_metadata(request)
+            )
+            include_usage = options.include_usage
+            return await open_stream(call, lambda c: render.completion_chunk(c, want_logprobs, include_usage))
+        reply = await cancel_on_disconnect(request, stub(request).CreateCompletion(message, metadata=_metadata(request)))
+        return json_response(render.completion(reply, want_logprobs))
+
+    async def _embeddings(request: Request, model: str | None) -> Response:
+        body = await read_json(request, settings.max_body_bytes)
+        message = convert.embedding_request(body, model)
+        reply = await cancel_on_disconnect(request, stub(request).CreateEmbedding(message, metadata=_metadata(request)))
+        return json_response(render.embeddings(reply, message.encoding_format))
+
+    @app.post("/v1/embeddings", tags=["embeddings"])
+    async def embeddings(request: Request) -> Response:
+        return await _embeddings(request, None)
+
+    @app.post("/v1/engines/{model}/embeddings", tags=["embeddings"])
+    async def engine_embeddings(model: str, request: Request) -> Response:
+        return await _embeddings(request, model)
+
+    @app.post("/api/v1/token_check", tags=["tokens"])
+    async def token_check(request: Request) -> Response:
+        body = await read_json(request, settings.max_body_bytes)
+        reply = await stub(request).CheckTokens(convert.token_check_request(body), metadata=_metadata(request))
+        return json_response(render.token_check(reply))
+
+    return app

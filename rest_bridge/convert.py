@@ -1,0 +1,148 @@
+"""OpenAI JSON bodies -> tokenwire.v1 requests.
+
+The messages mirror OpenAI's field names, so conversion is ``ParseDict`` after
+normalising OpenAI's polymorphic fields (``stop``, ``prompt``/``input``,
+message ``content``, ``tool_choice``) into their protobuf form. Range checks
+live in the gateway, shared with gRPC callers; here only shapes are checked.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeVar
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from gateway import errors
+from tokenwire.v1 import api_pb2
+
+M = TypeVar("M", bound=Message)
+
+# Fields the bridge consumes itself.
+_BRIDGE_FIELDS = ("stream", "stream_options")
+_PARAM_PATTERNS = (re.compile(r" at \w+\.([\w.\[\]]+)\.?$"), re.compile(r"Failed to parse (\w+) field"))
+
+
+def _param_of(message: str) -> str | None:
+    for pattern in _PARAM_PATTERNS:
+        match = pattern.search(message)
+        if match:
+            return match.group(1)
+    return None
+
+
+def parse(body: dict[str, Any], message: M) -> M:
+    try:
+        return json_format.ParseDict(body, message, ignore_unknown_fields=True)
+    except json_format.ParseError as error:
+        text = str(error)
+        raise errors.invalid_request(f"Invalid request: {text}", _param_of(text)) from None
+
+
+def _require_object(value: Any, param: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise errors.invalid_request(f"'{param}' must be an object.", param)
+    return value
+
+
+def _stop(body: dict[str, Any]) -> None:
+    stop = body.get("stop")
+    if stop is None:
+        body.pop("stop", None)
+    elif isinstance(stop, str):
+        body["stop"] = [stop]
+    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise errors.invalid_request("'stop' must be a string or a list of strings.", "stop")
+
+
+def _text_or_tokens(value: Any, param: str) -> list[dict[str, Any]]:
+    """OpenAI's prompt/input: a string, strings, token ids, or lists of token ids."""
+
+    def is_ids(item: Any) -> bool:
+        return isinstance(item, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in item)
+
+    if isinstance(value, str):
+        return [{"text": value}]
+    if isinstance(value, list):
+        if value and is_ids(value):
+            return [{"tokens": {"ids": value}}]
+        items = []
+        for item in value:
+            if isinstance(item, str):
+                items.append({"text": item})
+            elif is_ids(item):
+                items.append({"tokens": {"ids": item}})
+            else:
+                raise errors.invalid_request(
+                    f"'{param}' must be a string, a list of strings, a list of token ids or a list of lists of token ids.",
+                    param,
+                )
+        return items
+    raise errors.invalid_request(
+        f"'{param}' must be a string, a list of strings, a list of token ids or a list of lists of token ids.", param
+    )
+
+
+def _message(message: Any, i: int) -> dict[str, Any]:
+    message = dict(_require_object(message, f"messages[{i}]"))
+    content = message.pop("content", None)
+    if isinstance(content, str):
+        message["content"] = content
+    elif isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            part = _require_object(part, f"messages[{i}].content[{j}]")
+            parts.append({k: part[k] for k in ("type", "text", "image_url") if k in part})
+        message["content_parts"] = {"parts": parts}
+    elif content is not None:
+        raise errors.invalid_request(
+            f"'messages[{i}].content' must be a string or a list of content parts.", f"messages[{i}].content"
+        )
+    return message
+
+
+def chat_request(body: dict[str, Any]) -> api_pb2.CreateChatCompletionRequest:
+    body = {k: v for k, v in body.items() if k not in _BRIDGE_FIELDS}
+    messages = body.get("messages")
+    if messages is not None:
+        if not isinstance(messages, list):
+            raise errors.invalid_request("'messages' must be a list of messages.", "messages")
+        body["messages"] = [_message(m, i) for i, m in enumerate(messages)]
+    _stop(body)
+    choice = body.get("tool_choice")
+    if isinstance(choice, str):
+        body["tool_choice"] = {"mode": choice}
+    elif isinstance(choice, dict):
+        body["tool_choice"] = {"function": choice}
+    return parse(body, api_pb2.CreateChatCompletionRequest())
+
+
+def completion_request(body: dict[str, Any]) -> api_pb2.CreateCompletionRequest:
+    body = {k: v for k, v in body.items() if k not in _BRIDGE_FIELDS}
+    if "prompt" in body:
+        body["prompt"] = _text_or_tokens(body["prompt"], "prompt")
+    _stop(body)
+    return parse(body, api_pb2.CreateCompletionRequest())
+
+
+def embedding_request(body: dict[str, Any], model: str | None = None) -> api_pb2.CreateEmbeddingRequest:
+    body = dict(body)
+    if model and not body.get("model"):
+        body["model"] = model
+    if "input" in body:
+        body["input"] = _text_or_tokens(body["input"], "input")
+    if body.get("encoding_format") is None:
+        body.pop("encoding_format", None)
+    return parse(body, api_pb2.CreateEmbeddingRequest())
+
+
+def token_check_request(body: dict[str, Any]) -> api_pb2.CheckTokensRequest:
+    return parse(body, api_pb2.CheckTokensRequest())
+
+
+def stream_options(body: dict[str, Any]) -> api_pb2.StreamOptions:
+    options = body.get("stream_options")
+    if options is None:
+        return api_pb2.StreamOptions()
+    return parse(_require_object(options, "stream_options"), api_pb2.StreamOptions())

@@ -1,0 +1,198 @@
+"""tokenwire.v1 responses -> OpenAI JSON objects, field for field.
+
+Written out by hand rather than with ``MessageToDict``: OpenAI wants explicit
+``null``s, integers (not int64 strings) and a few legacy shapes.
+"""
+
+from __future__ import annotations
+
+import base64
+import sys
+from array import array
+from collections.abc import Iterable
+from typing import Any
+
+from tokenwire.v1 import api_pb2, common_pb2
+
+
+def usage(u: common_pb2.Usage) -> dict[str, int]:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}
+
+
+def _top(t: common_pb2.TopLogprob) -> dict[str, Any]:
+    return {"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)}
+
+
+def token_logprobs(entries: Iterable[common_pb2.TokenLogprob]) -> list[dict[str, Any]]:
+    return [
+        {
+            "token": e.token,
+            "logprob": e.logprob if e.HasField("logprob") else None,
+            "bytes": list(e.bytes),
+            "top_logprobs": [_top(t) for t in e.top_logprobs],
+        }
+        for e in entries
+    ]
+
+
+def legacy_logprobs(entries: Iterable[common_pb2.TokenLogprob]) -> dict[str, Any]:
+    """Completions' logprobs: parallel arrays, top alternatives as {token: logprob}."""
+    entries = list(entries)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob if e.HasField("logprob") else None for e in entries],
+        "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} if e.top_logprobs else None for e in entries],
+        "text_offset": [e.text_offset for e in entries],
+    }
+
+
+def _tool_call(call: common_pb2.ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": call.type or "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}
+
+
+def model(m: api_pb2.Model) -> dict[str, Any]:
+    kind = common_pb2.ModelKind.Name(m.kind).removeprefix("MODEL_KIND_").lower()
+    return {
+        "id": m.id,
+        "object": "model",
+        "created": m.created,
+        "owned_by": m.owned_by,
+        "kind": kind,
+        "context_length": m.context_length,
+        "max_model_len": m.context_length,
+    }
+
+
+def models(response: api_pb2.ListModelsResponse) -> dict[str, Any]:
+    return {"object": "list", "data": [model(m) for m in response.data]}
+
+
+def chat_completion(r: api_pb2.CreateChatCompletionResponse, want_logprobs: bool) -> dict[str, Any]:
+    choices = []
+    for c in r.choices:
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": c.message.content if c.message.HasField("content") else None,
+            "refusal": None,
+        }
+        if c.message.tool_calls:
+            message["tool_calls"] = [_tool_call(t) for t in c.message.tool_calls]
+        choices.append(
+            {
+                "index": c.index,
+                "message": message,
+                "logprobs": {"content": token_logprobs(c.logprobs.content), "refusal": None} if want_logprobs else None,
+                "finish_reason": c.finish_reason,
+            }
+        )
+    return {
+        "id": r.id,
+        "object": "chat.completion",
+        "created": r.created,
+        "model": r.model,
+        "system_fingerprint": None,
+        "choices": choices,
+        "usage": usage(r.usage),
+    }
+
+
+def chat_chunk(r: api_pb2.StreamChatCompletionResponse, want_logprobs: bool, include_usage: bool) -> dict[str, Any]:
+    choices = []
+    for c in r.choices:
+        delta: dict[str, Any] = {}
+        if c.delta.HasField("role"):
+            delta["role"] = c.delta.role
+        if c.delta.HasField("content"):
+            delta["content"] = c.delta.content
+        if c.delta.tool_calls:
+            delta["tool_calls"] = [
+                {
+                    "index": t.index,
+                    "id": t.id,
+                    "type": t.type or "function",
+                    "function": {"name": t.function.name, "arguments": t.function.arguments},
+                }
+                for t in c.delta.tool_calls
+            ]
+        logprobs = None
+        if want_logprobs and c.logprobs.content:
+            logprobs = {"content": token_logprobs(c.logprobs.content), "refusal": None}
+        choices.append(
+            {
+                "index": c.index,
+                "delta": delta,
+                "logprobs": logprobs,
+                "finish_reason": c.finish_reason if c.HasField("finish_reason") else None,
+            }
+        )
+    out: dict[str, Any] = {
+        "id": r.id,
+        "object": "chat.completion.chunk",
+        "created": r.created,
+        "model": r.model,
+        "system_fingerprint": None,
+        "choices": choices,
+    }
+    if include_usage:
+        out["usage"] = usage(r.usage) if r.HasField("usage") else None
+    return out
+
+
+def _completion_choice(c: api_pb2.CompletionChoice, want_logprobs: bool) -> dict[str, Any]:
+    return {
+        "index": c.index,
+        "text": c.text,
+        "logprobs": legacy_logprobs(c.logprobs.content) if want_logprobs else None,
+        "finish_reason": c.finish_reason if c.HasField("finish_reason") else None,
+    }
+
+
+def completion(r: api_pb2.CreateCompletionResponse, want_logprobs: bool) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "object": "text_completion",
+        "created": r.created,
+        "model": r.model,
+        "system_fingerprint": None,
+        "choices": [_completion_choice(c, want_logprobs) for c in r.choices],
+        "usage": usage(r.usage),
+    }
+
+
+def completion_chunk(r: api_pb2.StreamCompletionResponse, want_logprobs: bool, include_usage: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": r.id,
+        "object": "text_completion",
+        "created": r.created,
+        "model": r.model,
+        "system_fingerprint": None,
+        "choices": [_completion_choice(c, want_logprobs) for c in r.choices],
+    }
+    if include_usage:
+        out["usage"] = usage(r.usage) if r.HasField("usage") else None
+    return out
+
+
+def _base64(values: Iterable[float]) -> str:
+    packed = array("f", values)
+    if sys.byteorder != "little":  # OpenAI sends little-endian float32
+        packed.byteswap()
+    return base64.b64encode(packed.tobytes()).decode()
+
+
+def embeddings(r: api_pb2.CreateEmbeddingResponse, encoding_format: str) -> dict[str, Any]:
+    as_base64 = encoding_format == "base64"
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": e.index, "embedding": _base64(e.embedding) if as_base64 else list(e.embedding)}
+            for e in r.data
+        ],
+        "model": r.model,
+        "usage": {"prompt_tokens": r.usage.prompt_tokens, "total_tokens": r.usage.total_tokens},
+    }
+
+
+def token_check(r: api_pb2.CheckTokensResponse) -> dict[str, Any]:
+    # FastChat's camelCase keys, kept for its clients.
+    return {"prompts": [{"fits": p.fits, "tokenCount": p.token_count, "contextLength": p.context_length} for p in r.prompts]}
