@@ -60,6 +60,7 @@ def model(m: api_pb2.Model) -> dict[str, Any]:
         "kind": kind,
         "context_length": m.context_length,
         "max_model_len": m.context_length,
+        "workers": m.workers,
     }
 
 

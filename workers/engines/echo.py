@@ -76,8 +76,8 @@ class EchoEngine(Engine):
         source, echoed = prepared.state
         source = source or ["echo"]
         if request.echo and echoed:
-            text = " ".join(str(w) for w in echoed)
-            yield Delta(text=text, logprobs=self._logprobs(echoed, request, first_is_prompt=True), tokens=0)
+            pieces = [str(w) if i == 0 else f" {w}" for i, w in enumerate(echoed)]
+            yield Delta(text="".join(pieces), logprobs=self._logprobs(pieces, request, first_is_prompt=True), tokens=0)
         count = min(self.tokens, max_tokens)
         stops = list(request.sampling.stop)
         text = ""
@@ -94,22 +94,22 @@ class EchoEngine(Engine):
                 yield Delta(text=tail, token_ids=[token_id(word)], finish_reason="stop")
                 return
             text = candidate
-            logprobs = self._logprobs([word], request) if request.logprobs else []
+            logprobs = self._logprobs([piece], request) if request.logprobs else []
             yield Delta(text=piece, token_ids=[token_id(word)], logprobs=logprobs)
         yield Delta(finish_reason="length" if count == max_tokens else "stop", tokens=0)
 
     def _logprobs(
-        self, words: Sequence[str], request: worker_pb2.GenerateRequest, first_is_prompt: bool = False
+        self, pieces: Sequence[str], request: worker_pb2.GenerateRequest, first_is_prompt: bool = False
     ) -> list[common_pb2.TokenLogprob]:
         if not request.logprobs:
             return []
         out = []
-        for i, word in enumerate(words):
-            entry = common_pb2.TokenLogprob(token=str(word), bytes=str(word).encode())
+        for i, piece in enumerate(pieces):
+            entry = common_pb2.TokenLogprob(token=piece, bytes=piece.encode())
             if not (first_is_prompt and i == 0):
                 entry.logprob = -0.5
             for k in range(request.top_logprobs):
-                entry.top_logprobs.add(token=f"{word}#{k}", logprob=-0.5 - k, bytes=f"{word}#{k}".encode())
+                entry.top_logprobs.add(token=f"{piece}#{k}", logprob=-0.5 - k, bytes=f"{piece}#{k}".encode())
             out.append(entry)
         return out
 

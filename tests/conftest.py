@@ -1,0 +1,68 @@
+"""Shared systems for the tests: real tokenwire processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests import harness
+
+API_KEY = "test-key-1"
+CHAT_MODEL = "echo-chat"
+EMBED_MODEL = "echo-embedding"
+ECHO_CONTEXT = 64
+
+
+@dataclass
+class EchoSystem:
+    gateway: harness.Proc
+    chat_workers: list[harness.Proc]
+    embed_worker: harness.Proc
+    bridge: harness.Proc
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.bridge.address}"
+
+    @property
+    def grpc_address(self) -> str:
+        return self.gateway.address
+
+    def all(self) -> list[harness.Proc]:
+        return [self.bridge, *self.chat_workers, self.embed_worker, self.gateway]
+
+
+def start_echo_system(*, delay: float = 0.0, tokens: int = 16, keys: str = API_KEY) -> EchoSystem:
+    """A gateway (keys from TOKENWIRE_API_KEYS), two echo chat workers for one
+    model, one echo embedding worker, and the bridge."""
+    gateway = harness.gateway("--heartbeat-expiry", "3", env={"TOKENWIRE_API_KEYS": keys})
+    echo = ["--echo-context-length", str(ECHO_CONTEXT), "--echo-tokens", str(tokens), "--echo-delay", str(delay)]
+    chat = [harness.echo_worker(gateway.address, CHAT_MODEL, *echo) for _ in range(2)]
+    embed = harness.echo_worker(gateway.address, EMBED_MODEL, "--echo-kind", "embedding")
+    bridge = harness.bridge(gateway.address)
+    system = EchoSystem(gateway, chat, embed, bridge)
+    harness.wait_for_workers(system.url, CHAT_MODEL, 2, key=API_KEY)
+    harness.wait_for_workers(system.url, EMBED_MODEL, 1, key=API_KEY)
+    return system
+
+
+def stop_system(system: EchoSystem) -> None:
+    for proc in system.all():
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def echo_system() -> Iterator[EchoSystem]:
+    system = start_echo_system()
+    yield system
+    stop_system(system)
+
+
+@pytest.fixture(scope="session")
+def slow_system() -> Iterator[EchoSystem]:
+    """Echo workers that take 20 ms per token, 200 tokens: streams to cancel."""
+    system = start_echo_system(delay=0.02, tokens=200)
+    yield system
+    stop_system(system)

@@ -1,0 +1,156 @@
+"""Real processes on 127.0.0.1 for the tests: ``tokenwire`` parts started as a
+user would start them, on port 0, read back from their ``READY`` line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import httpx
+
+from tokenwire.v1 import worker_pb2, worker_pb2_grpc
+
+READY_TIMEOUT = 120.0
+
+
+@dataclass
+class Proc:
+    """One ``tokenwire <part>`` process; stderr (its log) goes to a file."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[str] | None = None
+    address: str = ""
+    log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(prefix="tokenwire-", suffix=".log")[1]))
+    _ready: threading.Event = field(default_factory=threading.Event)
+    stdout_lines: list[str] = field(default_factory=list)
+
+    def start(self, wait: bool = True) -> Proc:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", *self.argv],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self.stdout_lines.append(line)
+            if line.startswith("READY "):
+                self.address = line.split()[-1]
+                self._ready.set()
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.1):
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"tokenwire {self.argv[0]} exited with {self.process.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tokenwire {self.argv[0]} not ready:\n{self.log()}")
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+
+def gateway(*extra: str, env: dict[str, str] | None = None) -> Proc:
+    return Proc(["gateway", "--port", "0", *extra], env=env or {}).start()
+
+
+def worker(controller: str, *extra: str, env: dict[str, str] | None = None, wait: bool = True) -> Proc:
+    argv = ["worker", "--port", "0", "--controller-address", controller, "--heartbeat-interval", "0.5", *extra]
+    return Proc(argv, env=env or {}).start(wait=wait)
+
+
+def echo_worker(controller: str, model: str, *extra: str) -> Proc:
+    return worker(controller, "--engine", "echo", "--model-name", model, *extra)
+
+
+def bridge(gateway_address: str, *extra: str, env: dict[str, str] | None = None) -> Proc:
+    return Proc(["bridge", "--port", "0", "--gateway-address", gateway_address, *extra], env=env or {}).start()
+
+
+def wait_for_models(url: str, models: Iterable[str], key: str | None = None, timeout: float = 30.0) -> None:
+    """Until the bridge lists every model (the workers registered)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    wanted = set(models)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reply = httpx.get(f"{url}/v1/models", headers=headers, timeout=5)
+        if reply.status_code == 200 and wanted <= {m["id"] for m in reply.json()["data"]}:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"models {wanted} never listed")
+
+
+def wait_for_workers(url: str, model: str, count: int, key: str | None = None, timeout: float = 30.0) -> None:
+    """Until the bridge reports ``count`` live workers for ``model``."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    def live() -> bool:
+        reply = httpx.get(f"{url}/v1/models/{model}", headers=headers, timeout=5)
+        return reply.status_code == 200 and reply.json().get("workers") == count
+
+    wait_until(live, timeout)
+
+
+def worker_stats(address: str) -> worker_pb2.GetStatsResponse:
+    with grpc.insecure_channel(address) as channel:
+        return worker_pb2_grpc.WorkerServiceStub(channel).GetStats(worker_pb2.GetStatsRequest(), timeout=5)
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(interval)
