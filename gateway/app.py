@@ -42,18 +42,20 @@ async def run_gateway(
     else:
         registry = Registry(expiry=heartbeat_expiry)
         source = local_source(registry)
-        services.append((registry_pb2_grpc.add_RegistryServiceServicer_to_server, RegistryServicer(registry), REGISTRY_SERVICE))
+        services.append(
+            (registry_pb2_grpc.add_RegistryServiceServicer_to_server, RegistryServicer(registry), REGISTRY_SERVICE)
+        )
     pool = WorkerPool(source)
     inference = Inference(pool, limits)
-    services.insert(0, (api_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(inference), INFERENCE_SERVICE))
+    services.insert(
+        0, (api_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(inference), INFERENCE_SERVICE)
+    )
     server = GrpcServer(services, interceptors=[AuthInterceptor(ApiKeys(api_keys))])
     bound = server.bind(f"{host}:{port}")
     pool.start()
     expiry_task = asyncio.create_task(registry.run_expiry()) if registry is not None else None
     await server.start()
-    log.info(
-        "gateway serving on %s:%d (registry: %s)", host, bound, controller_address or "in-process, same port"
-    )
+    log.info("gateway serving on %s:%d (registry: %s)", host, bound, controller_address or "in-process, same port")
     if on_ready is not None:
         on_ready(bound)
     try:
@@ -78,7 +80,9 @@ async def run_registry(
 ) -> None:
     """A standalone registry, for several gateways sharing one set of workers."""
     registry = Registry(expiry=heartbeat_expiry)
-    server = GrpcServer([(registry_pb2_grpc.add_RegistryServiceServicer_to_server, RegistryServicer(registry), REGISTRY_SERVICE)])
+    server = GrpcServer(
+        [(registry_pb2_grpc.add_RegistryServiceServicer_to_server, RegistryServicer(registry), REGISTRY_SERVICE)]
+    )
     bound = server.bind(f"{host}:{port}")
     expiry_task = asyncio.create_task(registry.run_expiry())
     await server.start()

@@ -189,7 +189,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _gateway_flags(parser: argparse.ArgumentParser, *, with_address: bool = True) -> None:
     parser.add_argument("--api-keys", default=None, help="comma-separated API keys; none = open API")
     parser.add_argument("--api-keys-file", default=None, help="a file with one API key per line (keeps keys out of ps)")
-    parser.add_argument("--heartbeat-expiry", type=float, default=15.0, help="drop a worker after this many seconds without heartbeat")
+    parser.add_argument(
+        "--heartbeat-expiry", type=float, default=15.0, help="drop a worker after this many seconds without heartbeat"
+    )
     parser.add_argument("--max-n", type=int, default=128, help="largest n (choices per request) accepted")
     parser.add_argument("--max-tokens-limit", type=int, default=1 << 20, help="largest max_tokens accepted")
 
@@ -206,7 +208,9 @@ def _worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=sorted(ENGINES), default="llama_cpp")
     parser.add_argument("--model-name", default="", help="the name clients use (default: from the model)")
     parser.add_argument("--model-path", default="", help="GGUF file or model directory (default: the embedded model)")
-    parser.add_argument("--worker-address", default=None, help="host:port the gateway should dial (default: host:bound port)")
+    parser.add_argument(
+        "--worker-address", default=None, help="host:port the gateway should dial (default: host:bound port)"
+    )
     parser.add_argument("--limit-worker-concurrency", type=int, default=5, help="requests running at once")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 429")
     parser.add_argument("--heartbeat-interval", type=float, default=5.0)
@@ -219,18 +223,32 @@ def _worker_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenwire", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tokenwire", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run everything on loopback with the embedded models")
-    serve.add_argument("--host", default="127.0.0.1", help="address of the REST bridge and gateway (0.0.0.0 to serve a network)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address of the REST bridge and gateway (0.0.0.0 to serve a network)"
+    )
     serve.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT, help="REST bridge port")
     serve.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT, help="gateway gRPC port")
-    serve.add_argument("--controller-address", default=None, help="use this standalone registry instead of the gateway's own")
-    serve.add_argument("--echo", action="store_true", help="serve echo test models instead of the real ones (tests, benchmarks)")
+    serve.add_argument(
+        "--controller-address", default=None, help="use this standalone registry instead of the gateway's own"
+    )
+    serve.add_argument(
+        "--echo", action="store_true", help="serve echo test models instead of the real ones (tests, benchmarks)"
+    )
     serve.add_argument("--no-embeddings", action="store_true", help="do not start the embedding worker")
-    serve.add_argument("--chat-model-path", default="", help="GGUF file for the chat worker (default: SmolLM2-135M-Instruct)")
-    serve.add_argument("--embedding-model-path", default="", help="model directory for the embedding worker (default: all-MiniLM-L6-v2)")
+    serve.add_argument(
+        "--chat-model-path", default="", help="GGUF file for the chat worker (default: SmolLM2-135M-Instruct)"
+    )
+    serve.add_argument(
+        "--embedding-model-path",
+        default="",
+        help="model directory for the embedding worker (default: all-MiniLM-L6-v2)",
+    )
     serve.add_argument("--shutdown-grace", type=float, default=10.0)
     _gateway_flags(serve)
     _bridge_flags(serve)
@@ -240,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     gateway = sub.add_parser("gateway", help="the gRPC gateway")
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=DEFAULT_GRPC_PORT)
-    gateway.add_argument("--controller-address", default=None, help="a standalone registry (default: host one in-process)")
+    gateway.add_argument(
+        "--controller-address", default=None, help="a standalone registry (default: host one in-process)"
+    )
     gateway.add_argument("--shutdown-grace", type=float, default=10.0)
     _gateway_flags(gateway)
     _common(gateway)
@@ -257,7 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--host", default="127.0.0.1")
     worker.add_argument("--port", type=int, default=0, help="0 = any free port")
     worker.add_argument(
-        "--controller-address", default=f"127.0.0.1:{DEFAULT_GRPC_PORT}", help="the registry: a gateway or a standalone registry"
+        "--controller-address",
+        default=f"127.0.0.1:{DEFAULT_GRPC_PORT}",
+        help="the registry: a gateway or a standalone registry",
     )
     worker.add_argument("--shutdown-grace", type=float, default=10.0)
     _worker_flags(worker)

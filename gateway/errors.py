@@ -194,4 +194,3 @@ def deadline_exceeded() -> ApiError:
 
 def internal(message: str = "The server had an error while processing your request.") -> ApiError:
     return ApiError(grpc.StatusCode.INTERNAL, message, code="internal_error")
-

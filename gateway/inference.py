@@ -76,9 +76,7 @@ class Inference:
                 finally:
                     call.cancel()
 
-    async def _unary(
-        self, model: str, call: Callable[[WorkerHandle], Awaitable[T]]
-    ) -> T:
+    async def _unary(self, model: str, call: Callable[[WorkerHandle], Awaitable[T]]) -> T:
         """A unary worker call with the same failover as generation."""
         tried: frozenset[str] = frozenset()
         for attempt in range(1, _MAX_ATTEMPTS + 1):
@@ -212,7 +210,11 @@ class Inference:
                 )
         if include_usage:
             total = sum(completion_tokens)
-            yield chunk(usage=common_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=total, total_tokens=prompt_tokens + total))
+            yield chunk(
+                usage=common_pb2.Usage(
+                    prompt_tokens=prompt_tokens, completion_tokens=total, total_tokens=prompt_tokens + total
+                )
+            )
 
     async def chat(
         self, request: api_pb2.CreateChatCompletionRequest, timeout: float | None
@@ -249,7 +251,9 @@ class Inference:
             created=int(time.time()),
             model=request.model,
             choices=choices,
-            usage=common_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=total, total_tokens=prompt_tokens + total),
+            usage=common_pb2.Usage(
+                prompt_tokens=prompt_tokens, completion_tokens=total, total_tokens=prompt_tokens + total
+            ),
         )
 
     # -- completions --------------------------------------------------------------
@@ -367,7 +371,9 @@ class Inference:
 
     # -- embeddings, models, tokens -------------------------------------------------
 
-    async def embed(self, request: api_pb2.CreateEmbeddingRequest, timeout: float | None) -> api_pb2.CreateEmbeddingResponse:
+    async def embed(
+        self, request: api_pb2.CreateEmbeddingRequest, timeout: float | None
+    ) -> api_pb2.CreateEmbeddingResponse:
         check_embedding(request, self.limits)
         self._require_kind(request.model, generation=False)
         worker_request = worker_pb2.EmbedRequest(input=request.input)
@@ -409,7 +415,9 @@ class Inference:
             raise errors.model_not_found(name)
         return api_pb2.GetModelResponse(model=self._model(name, *known))
 
-    async def count_tokens(self, request: api_pb2.CountTokensRequest, timeout: float | None) -> api_pb2.CountTokensResponse:
+    async def count_tokens(
+        self, request: api_pb2.CountTokensRequest, timeout: float | None
+    ) -> api_pb2.CountTokensResponse:
         if not request.model:
             raise errors.invalid_request("you must provide a model parameter", "model")
         if bool(request.prompt) == bool(request.messages):
@@ -419,7 +427,9 @@ class Inference:
         reply = await self._unary(request.model, lambda h: h.stub.CountTokens(worker_request, timeout=timeout))
         return api_pb2.CountTokensResponse(count=reply.count, context_length=info.context_length)
 
-    async def check_tokens(self, request: api_pb2.CheckTokensRequest, timeout: float | None) -> api_pb2.CheckTokensResponse:
+    async def check_tokens(
+        self, request: api_pb2.CheckTokensRequest, timeout: float | None
+    ) -> api_pb2.CheckTokensResponse:
         results = []
         for i, item in enumerate(request.prompts):
             if not item.model:
@@ -428,11 +438,15 @@ class Inference:
             worker_request = worker_pb2.WorkerServiceCountTokensRequest(prompt=item.prompt)
             reply = await self._unary(item.model, lambda h, r=worker_request: h.stub.CountTokens(r, timeout=timeout))
             fits = reply.count + item.max_tokens <= info.context_length
-            results.append(api_pb2.TokenCheckResult(fits=fits, token_count=reply.count, context_length=info.context_length))
+            results.append(
+                api_pb2.TokenCheckResult(fits=fits, token_count=reply.count, context_length=info.context_length)
+            )
         return api_pb2.CheckTokensResponse(prompts=results)
 
 
-def _sampling(request: api_pb2.CreateChatCompletionRequest | api_pb2.CreateCompletionRequest) -> worker_pb2.SamplingParams:
+def _sampling(
+    request: api_pb2.CreateChatCompletionRequest | api_pb2.CreateCompletionRequest,
+) -> worker_pb2.SamplingParams:
     sampling = worker_pb2.SamplingParams(stop=request.stop, logit_bias=request.logit_bias)
     for name in (
         "temperature",
@@ -458,4 +472,3 @@ def _seeded(sampling: worker_pb2.SamplingParams, index: int) -> worker_pb2.Sampl
     out.CopyFrom(sampling)
     out.seed = sampling.seed + index
     return out
-

@@ -19,7 +19,9 @@ class InferenceServicer(api_pb2_grpc.InferenceServiceServicer):
     ) -> api_pb2.ListModelsResponse:
         return self.inference.list_models()
 
-    async def GetModel(self, request: api_pb2.GetModelRequest, context: grpc.aio.ServicerContext) -> api_pb2.GetModelResponse:
+    async def GetModel(
+        self, request: api_pb2.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.GetModelResponse:
         return self.inference.get_model(request.model)
 
     async def CreateChatCompletion(

@@ -103,13 +103,13 @@ def _banner(http: str, grpc_address: str, chat_model: str, embed_model: str | No
         "",
         "Try it:",
         f"  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' \\",
-        f"    -d '{{\"model\": \"{chat_model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France? Answer in one sentence.\"}}]}}'",
+        f'    -d \'{{"model": "{chat_model}", "messages": [{{"role": "user", "content": "What is the capital of France? Answer in one sentence."}}]}}\'',
         "",
         "  python -c 'from openai import OpenAI; import os",
         f'  c = OpenAI(base_url="{url}/v1", api_key=os.environ.get("TOKENWIRE_API_KEY", "none"))',
         f'  print(c.chat.completions.create(model="{chat_model}", messages=[{{"role": "user", "content": "Hi!"}}]).choices[0].message.content)\'',
         "",
-        f"  grpcurl -plaintext{grpc_auth} -d '{{\"model\": \"{chat_model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi!\"}}]}}' \\",
+        f'  grpcurl -plaintext{grpc_auth} -d \'{{"model": "{chat_model}", "messages": [{{"role": "user", "content": "Hi!"}}]}}\' \\',
         f"    {grpc_address} tokenwire.v1.InferenceService/CreateChatCompletion",
         "",
         "Press Ctrl-C to stop.",
@@ -129,7 +129,16 @@ def serve(args: argparse.Namespace) -> None:
     local_grpc = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.grpc_port}"
     common = ["--log-level", args.log_level]
 
-    gateway_argv = ["gateway", "--host", args.host, "--port", str(args.grpc_port), "--shutdown-grace", str(args.shutdown_grace), *common]
+    gateway_argv = [
+        "gateway",
+        "--host",
+        args.host,
+        "--port",
+        str(args.grpc_port),
+        "--shutdown-grace",
+        str(args.shutdown_grace),
+        *common,
+    ]
     if args.controller_address:
         gateway_argv += ["--controller-address", args.controller_address]
     registry = args.controller_address or local_grpc

@@ -27,7 +27,9 @@ class Limits:
 
 def _range(value: float, low: float, high: float, param: str) -> None:
     if not low <= value <= high:
-        raise errors.invalid_request(f"{value} is out of range for '{param}': it must be between {low} and {high}.", param)
+        raise errors.invalid_request(
+            f"{value} is out of range for '{param}': it must be between {low} and {high}.", param
+        )
 
 
 def _at_least(value: int, low: int, param: str) -> None:
@@ -80,7 +82,9 @@ def _response_format(response_format: common_pb2.ResponseFormat) -> None:
             "response_format.type",
         )
     if response_format.type == "json_schema" and not response_format.json_schema.name:
-        raise errors.invalid_request("response_format.json_schema.name is required.", "response_format.json_schema.name")
+        raise errors.invalid_request(
+            "response_format.json_schema.name is required.", "response_format.json_schema.name"
+        )
 
 
 def _message(message: common_pb2.ChatMessage, i: int) -> None:

@@ -211,7 +211,8 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
         if _stream_flag(body):
             options = convert.stream_options(body)
             call = stub(request).StreamChatCompletion(
-                api_pb2.StreamChatCompletionRequest(request=message, stream_options=options), metadata=_metadata(request)
+                api_pb2.StreamChatCompletionRequest(request=message, stream_options=options),
+                metadata=_metadata(request),
             )
             include_usage = options.include_usage
             return await open_stream(call, lambda c: render.chat_chunk(c, want_logprobs, include_usage))
@@ -236,7 +237,9 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
             )
             include_usage = options.include_usage
             return await open_stream(call, lambda c: render.completion_chunk(c, want_logprobs, include_usage))
-        reply = await cancel_on_disconnect(request, stub(request).CreateCompletion(message, metadata=_metadata(request)))
+        reply = await cancel_on_disconnect(
+            request, stub(request).CreateCompletion(message, metadata=_metadata(request))
+        )
         return json_response(render.completion(reply, want_logprobs))
 
     async def _embeddings(request: Request, model: str | None) -> Response:

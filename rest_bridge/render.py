@@ -47,7 +47,11 @@ def legacy_logprobs(entries: Iterable[common_pb2.TokenLogprob]) -> dict[str, Any
 
 
 def _tool_call(call: common_pb2.ToolCall) -> dict[str, Any]:
-    return {"id": call.id, "type": call.type or "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}
+    return {
+        "id": call.id,
+        "type": call.type or "function",
+        "function": {"name": call.function.name, "arguments": call.function.arguments},
+    }
 
 
 def model(m: api_pb2.Model) -> dict[str, Any]:
@@ -186,7 +190,11 @@ def embeddings(r: api_pb2.CreateEmbeddingResponse, encoding_format: str) -> dict
     return {
         "object": "list",
         "data": [
-            {"object": "embedding", "index": e.index, "embedding": _base64(e.embedding) if as_base64 else list(e.embedding)}
+            {
+                "object": "embedding",
+                "index": e.index,
+                "embedding": _base64(e.embedding) if as_base64 else list(e.embedding),
+            }
             for e in r.data
         ],
         "model": r.model,
@@ -196,4 +204,6 @@ def embeddings(r: api_pb2.CreateEmbeddingResponse, encoding_format: str) -> dict
 
 def token_check(r: api_pb2.CheckTokensResponse) -> dict[str, Any]:
     # FastChat's camelCase keys, kept for its clients.
-    return {"prompts": [{"fits": p.fits, "tokenCount": p.token_count, "contextLength": p.context_length} for p in r.prompts]}
+    return {
+        "prompts": [{"fits": p.fits, "tokenCount": p.token_count, "contextLength": p.context_length} for p in r.prompts]
+    }

@@ -36,7 +36,7 @@ class Proc:
 
     def start(self, wait: bool = True) -> Proc:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", *self.argv],
             stdout=subprocess.PIPE,

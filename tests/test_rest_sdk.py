@@ -212,7 +212,9 @@ def test_context_length_exceeded(client: openai.OpenAI) -> None:
     assert caught.value.code == "context_length_exceeded"
     assert caught.value.param == "messages"
     # The same prompt with room to spare is served.
-    reply = client.chat.completions.create(model=CHAT_MODEL, messages=[{"role": "user", "content": words}], max_tokens=5)
+    reply = client.chat.completions.create(
+        model=CHAT_MODEL, messages=[{"role": "user", "content": words}], max_tokens=5
+    )
     assert reply.choices[0].finish_reason == "length"
 
 
@@ -232,7 +234,12 @@ def test_embedding_model_refuses_chat(client: openai.OpenAI) -> None:
 def test_token_check(echo_system: EchoSystem) -> None:
     reply = httpx.post(
         f"{echo_system.url}/api/v1/token_check",
-        json={"prompts": [{"model": CHAT_MODEL, "prompt": "a b c", "max_tokens": 10}, {"model": CHAT_MODEL, "prompt": "a", "max_tokens": 100}]},
+        json={
+            "prompts": [
+                {"model": CHAT_MODEL, "prompt": "a b c", "max_tokens": 10},
+                {"model": CHAT_MODEL, "prompt": "a", "max_tokens": 100},
+            ]
+        },
         headers={"Authorization": f"Bearer {API_KEY}"},
     )
     assert reply.status_code == 200
@@ -247,7 +254,10 @@ def test_token_check(echo_system: EchoSystem) -> None:
 def test_fastchat_chat_path(echo_system: EchoSystem) -> None:
     client = openai.OpenAI(base_url=f"{echo_system.url}/api/v1", api_key=API_KEY, max_retries=0)
     reply = client.chat.completions.create(
-        model=CHAT_MODEL, messages=[{"role": "user", "content": "p q"}], max_tokens=2, extra_body={"repetition_penalty": 1.1}
+        model=CHAT_MODEL,
+        messages=[{"role": "user", "content": "p q"}],
+        max_tokens=2,
+        extra_body={"repetition_penalty": 1.1},
     )
     assert reply.choices[0].message.content == "p q"
 

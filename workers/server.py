@@ -96,7 +96,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 )
                 raise
 
-    async def Embed(self, request: worker_pb2.EmbedRequest, context: grpc.aio.ServicerContext) -> worker_pb2.EmbedResponse:
+    async def Embed(
+        self, request: worker_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.EmbedResponse:
         self.stats.requests_total += 1
         async with self.slots.acquire():
             dimensions = request.dimensions if request.HasField("dimensions") else None
@@ -116,7 +118,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ) -> worker_pb2.GetModelInfoResponse:
         return worker_pb2.GetModelInfoResponse(model=self.engine.info)
 
-    async def GetStats(self, request: worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext) -> worker_pb2.GetStatsResponse:
+    async def GetStats(
+        self, request: worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.GetStatsResponse:
         s = self.stats
         return worker_pb2.GetStatsResponse(
             in_flight=self.slots.in_flight,
@@ -170,4 +174,3 @@ async def run_worker(
         await link.stop()
         await server.stop(shutdown_grace)
         await engine.close()
-
