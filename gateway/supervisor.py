@@ -117,6 +117,26 @@ def _banner(http: str, grpc_address: str, chat_model: str, embed_model: str | No
     return "\n".join(lines)
 
 
+def _models(args: argparse.Namespace) -> tuple[str, list[str], str | None, list[str]]:
+    """(chat model, chat worker flags, embedding model, embedding worker flags)."""
+    if args.echo:
+        return (
+            "echo-chat",
+            ["--engine", "echo", "--model-name", "echo-chat"],
+            "echo-embedding",
+            ["--engine", "echo", "--echo-kind", "embedding", "--model-name", "echo-embedding"],
+        )
+    chat_model, chat = "smollm2-135m-instruct", ["--engine", "llama_cpp"]
+    if args.chat_model_path:
+        chat_model = os.path.splitext(os.path.basename(args.chat_model_path))[0].lower()
+        chat += ["--model-path", args.chat_model_path, "--model-name", chat_model]
+    embed_model, embed = "all-minilm-l6-v2", ["--engine", "embeddings"]
+    if args.embedding_model_path:
+        embed_model = os.path.basename(os.path.normpath(args.embedding_model_path)).lower()
+        embed += ["--model-path", args.embedding_model_path, "--model-name", embed_model]
+    return chat_model, chat, embed_model, embed
+
+
 def serve(args: argparse.Namespace) -> None:
     from gateway.cli import api_keys
 
@@ -125,97 +145,63 @@ def serve(args: argparse.Namespace) -> None:
     env.pop("TOKENWIRE_API_KEYS_FILE", None)
     env["TOKENWIRE_API_KEYS"] = ",".join(keys)
     env["PYTHONUNBUFFERED"] = "1"
-    grpc_address = f"{args.host}:{args.grpc_port}"
-    local_grpc = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.grpc_port}"
-    common = ["--log-level", args.log_level]
-
-    gateway_argv = [
-        "gateway",
-        "--host",
-        args.host,
-        "--port",
-        str(args.grpc_port),
-        "--shutdown-grace",
-        str(args.shutdown_grace),
-        *common,
-    ]
-    if args.controller_address:
-        gateway_argv += ["--controller-address", args.controller_address]
-    registry = args.controller_address or local_grpc
-    worker_common = ["--host", "127.0.0.1", "--port", "0", "--controller-address", registry, *common]
-
-    if args.echo:
-        chat_model, embed_model = "echo-chat", "echo-embedding"
-        workers = [
-            Child("chat worker", ["worker", "--engine", "echo", "--model-name", chat_model, *worker_common]),
-            Child(
-                "embedding worker",
-                ["worker", "--engine", "echo", "--echo-kind", "embedding", "--model-name", embed_model, *worker_common],
-            ),
-        ]
-    else:
-        chat_model, embed_model = "smollm2-135m-instruct", "all-minilm-l6-v2"
-        chat_argv = ["worker", "--engine", "llama_cpp", *worker_common]
-        if args.chat_model_path:
-            chat_argv += ["--model-path", args.chat_model_path]
-            chat_model = os.path.splitext(os.path.basename(args.chat_model_path))[0].lower()
-            chat_argv += ["--model-name", chat_model]
-        embed_argv = ["worker", "--engine", "embeddings", *worker_common]
-        if args.embedding_model_path:
-            embed_argv += ["--model-path", args.embedding_model_path]
-            embed_model = os.path.basename(os.path.normpath(args.embedding_model_path)).lower()
-            embed_argv += ["--model-name", embed_model]
-        workers = [Child("chat worker", chat_argv), Child("embedding worker", embed_argv)]
+    common = ["--log-level", args.log_level, "--shutdown-grace", str(args.shutdown_grace)]
+    chat_model, chat_flags, embed_model, embed_flags = _models(args)
     if args.no_embeddings:
-        workers = workers[:1]
         embed_model = None
 
-    bridge = Child(
-        "bridge",
-        [
-            "bridge",
-            "--host", args.host,
-            "--port", str(args.port),
-            "--gateway-address", local_grpc,
-            "--allowed-origins", args.allowed_origins,
-            "--allowed-methods", args.allowed_methods,
-            "--allowed-headers", args.allowed_headers,
-            "--max-body-bytes", str(args.max_body_bytes),
-            *(["--allow-credentials"] if args.allow_credentials else []),
-            *common,
-        ],
-    )  # fmt: skip
+    gateway_argv = ["gateway", "--host", args.host, "--port", str(args.grpc_port), *common]
+    if args.controller_address:
+        gateway_argv += ["--controller-address", args.controller_address]
     gateway = Child("gateway", gateway_argv)
-    children = [gateway, *workers, bridge]
+    workers: list[Child] = []
+    bridge: Child | None = None
 
     stopping = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, lambda signum, frame: stopping.set())
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
 
     deadline = time.monotonic() + READY_TIMEOUT
     exit_code = 0
     try:
-        _say(f"starting the gateway on {grpc_address}")
+        _say(f"starting the gateway on {args.host}:{args.grpc_port}")
         gateway.start(env)
         _wait_ready([gateway], deadline)
-        _say("starting the workers (loading " + ", ".join(w.name for w in workers) + ")")
+        grpc_address = gateway.address
+        local_grpc = "127.0.0.1:" + grpc_address.rsplit(":", 1)[1] if args.host in ("0.0.0.0", "::") else grpc_address
+        registry = args.controller_address or local_grpc
+        worker_common = ["worker", "--host", "127.0.0.1", "--port", "0", "--controller-address", registry, *common]
+        workers = [Child("chat worker", [*worker_common, *chat_flags])]
+        if embed_model:
+            workers.append(Child("embedding worker", [*worker_common, *embed_flags]))
+        bridge = Child(
+            "bridge",
+            [
+                "bridge",
+                "--host", args.host,
+                "--port", str(args.port),
+                "--gateway-address", local_grpc,
+                "--allowed-origins", args.allowed_origins,
+                "--allowed-methods", args.allowed_methods,
+                "--allowed-headers", args.allowed_headers,
+                "--max-body-bytes", str(args.max_body_bytes),
+                *(["--allow-credentials"] if args.allow_credentials else []),
+                *common,
+            ],
+        )  # fmt: skip
+        _say("starting the workers: loading " + ", ".join(m for m in (chat_model, embed_model) if m))
         for worker in workers:
             worker.start(env)
         _say(f"starting the REST bridge on {args.host}:{args.port}")
         bridge.start(env)
         _wait_ready([*workers, bridge], deadline)
         http = bridge.address
+        local_http = "127.0.0.1:" + http.rsplit(":", 1)[1] if args.host in ("0.0.0.0", "::") else http
         _wait_models(
-            f"http://{http.replace('0.0.0.0', '127.0.0.1')}",
-            [chat_model] + ([embed_model] if embed_model else []),
-            keys[0] if keys else None,
-            deadline,
+            f"http://{local_http}", [m for m in (chat_model, embed_model) if m], keys[0] if keys else None, deadline
         )
         print(_banner(http, grpc_address, chat_model, embed_model, bool(keys)), flush=True)
+        children = [gateway, *workers, bridge]
         while not stopping.wait(0.5):
             dead = [c.name for c in children if not c.alive()]
             if dead:
@@ -228,9 +214,8 @@ def serve(args: argparse.Namespace) -> None:
     finally:
         _say("stopping")
         # Front to back: no new requests, workers leave the registry, then the gateway.
-        bridge.stop(args.shutdown_grace + 5)
-        for worker in workers:
-            worker.stop(args.shutdown_grace + 5)
-        gateway.stop(args.shutdown_grace + 5)
+        for child in [bridge, *workers, gateway]:
+            if child is not None:
+                child.stop(args.shutdown_grace + 5)
         _say("stopped")
     sys.exit(exit_code)

@@ -1,0 +1,95 @@
+"""The command line as a user runs it: serve, environment settings, shutdown,
+a standalone registry that restarts."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import openai
+
+from tests import harness
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_echo_with_keys_from_env() -> None:
+    """`tokenwire serve` starts everything, prints how to use it, and stops on Ctrl-C."""
+    env = {**os.environ, "TOKENWIRE_API_KEYS": "k1,k2", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--echo", "--port", "0", "--grpc-port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    output = []
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 60
+        for line in process.stdout:
+            output.append(line)
+            if "Press Ctrl-C to stop." in line or time.monotonic() > deadline:
+                break
+        text = "".join(output)
+        url = re.search(r"OpenAI REST API\s+(http://\S+/v1)", text).group(1)  # type: ignore[union-attr]
+        assert "grpcurl -plaintext" in text and "curl " in text
+        client = openai.OpenAI(base_url=url, api_key="k2", max_retries=0)
+        reply = client.chat.completions.create(model="echo-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+        assert reply.choices[0].message.content == "hi"
+        try:
+            openai.OpenAI(base_url=url, api_key="k3", max_retries=0).models.list()
+            raise AssertionError("a key outside TOKENWIRE_API_KEYS was accepted")
+        except openai.AuthenticationError:
+            pass
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, text + rest
+        assert "[tokenwire] stopped" in rest
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_gateway_sigterm_exits_zero() -> None:
+    gateway = harness.gateway()
+    assert gateway.stop() == 0
+
+
+def test_standalone_registry_restart_workers_come_back() -> None:
+    """Workers register again when the registry forgets them; the gateway keeps
+    serving from its view meanwhile."""
+    port = free_port()
+    registry = harness.Proc(["registry", "--port", str(port), "--heartbeat-expiry", "3"]).start()
+    gateway = harness.gateway("--controller-address", registry.address)
+    worker = harness.echo_worker(registry.address, "echo-chat")
+    bridge = harness.bridge(gateway.address)
+    url = f"http://{bridge.address}"
+    try:
+        harness.wait_for_workers(url, "echo-chat", 1)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        registry.stop()
+        # The registry is gone: requests are still served from the gateway's view.
+        reply = client.chat.completions.create(model="echo-chat", messages=[{"role": "user", "content": "a"}], max_tokens=1)
+        assert reply.choices[0].message.content == "a"
+        registry = harness.Proc(["registry", "--port", str(port), "--heartbeat-expiry", "3"]).start()
+        # The restarted registry knows nothing; the worker's next heartbeat brings it back.
+        harness.wait_until(lambda: worker.log().count("INFO tokenwire.worker: registered ") >= 2, timeout=10)
+        harness.wait_for_workers(url, "echo-chat", 1)
+        reply = client.chat.completions.create(model="echo-chat", messages=[{"role": "user", "content": "b"}], max_tokens=1)
+        assert reply.choices[0].message.content == "b"
+    finally:
+        for proc in (bridge, worker, gateway, registry):
+            proc.stop()
