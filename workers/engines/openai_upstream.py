@@ -1,0 +1,630 @@
+"""The ``openai`` engine: one model of an upstream OpenAI-compatible server.
+
+This is how tokenwire fronts vLLM, TGI, SGLang or llama.cpp server fleets: the
+worker registers the model with the gateway as usual and forwards each request
+to the upstream over one pooled :class:`httpx.AsyncClient`, streaming always.
+
+What the upstream does not tell us is filled in conservatively:
+
+* the context length comes from ``GET /models`` (vLLM's ``max_model_len``,
+  llama.cpp's ``meta.n_ctx_train``), else ``--context-length``, else 0 (the
+  worker then skips its context check and the upstream enforces its own);
+* prompt tokens come from the upstream's tokenize endpoint (probed once at
+  start) and fall back to an estimate when it has none.
+
+Cancellation: the stream is read inside ``async with client.stream(...)``; when
+the worker cancels or closes the generator, leaving that block closes the
+connection, which is how an upstream learns that the client went away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import httpx
+from google.protobuf import json_format
+
+from gateway import errors
+from tokenwire.v1 import common_pb2, worker_pb2
+from workers.engine import Delta, Engine, Generation, Prepared
+
+log = logging.getLogger("tokenwire.worker.openai")
+
+KINDS = {
+    "chat": common_pb2.MODEL_KIND_CHAT,
+    "completion": common_pb2.MODEL_KIND_COMPLETION,
+    "embedding": common_pb2.MODEL_KIND_EMBEDDING,
+}
+
+# The worker's "no limit" max_tokens (context unknown): do not forward it.
+_UNBOUNDED = 1 << 30
+
+
+# -- The CLI -----------------------------------------------------------------
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--upstream-url", help="Base URL of the upstream OpenAI API, including /v1.")
+    group.add_argument("--upstream-model", help="The upstream's model id (default: --model-name).")
+    group.add_argument("--upstream-api-key", help="Bearer key for the upstream (or TOKENWIRE_UPSTREAM_API_KEY).")
+    group.add_argument("--upstream-timeout", type=float, default=600.0, help="Seconds to wait on the upstream.")
+    group.add_argument(
+        "--context-length", type=int, default=0, help="Context length, when the upstream does not report one."
+    )
+    group.add_argument("--upstream-kind", choices=sorted(KINDS), default="chat", help="What the model is for.")
+
+
+def build(args: argparse.Namespace) -> Engine:
+    if not args.upstream_url:
+        raise SystemExit("--upstream-url is required with --engine openai")
+    return OpenAIUpstreamEngine(
+        args.model_name,
+        url=args.upstream_url,
+        upstream_model=args.upstream_model or args.model_name,
+        api_key=args.upstream_api_key,
+        timeout=args.upstream_timeout,
+        context_length=args.context_length,
+        kind=args.upstream_kind,
+    )
+
+
+# -- Translation helpers -----------------------------------------------------
+
+
+def message_to_json(message: common_pb2.ChatMessage) -> dict[str, Any]:
+    """A proto ChatMessage back to OpenAI's JSON message."""
+    out: dict[str, Any] = {"role": message.role}
+    which = message.WhichOneof("content_kind")
+    if which == "content":
+        out["content"] = message.content
+    elif which == "content_parts":
+        parts: list[dict[str, Any]] = []
+        for part in message.content_parts.parts:
+            if part.type == "image_url":
+                image: dict[str, Any] = {"url": part.image_url.url}
+                if part.image_url.detail:
+                    image["detail"] = part.image_url.detail
+                parts.append({"type": "image_url", "image_url": image})
+            else:
+                parts.append({"type": part.type, "text": part.text})
+        out["content"] = parts
+    else:
+        out["content"] = None  # an assistant turn that only calls tools
+    if message.name:
+        out["name"] = message.name
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": call.type or "function",
+                "function": {"name": call.function.name, "arguments": call.function.arguments},
+            }
+            for call in message.tool_calls
+        ]
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def _message_text(message: common_pb2.ChatMessage) -> str:
+    if message.HasField("content_parts"):
+        return " ".join(p.text for p in message.content_parts.parts if p.type == "text")
+    return message.content
+
+
+def _struct(message: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(message)
+
+
+def _tool_to_json(tool: common_pb2.Tool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.function.name}
+    if tool.function.description:
+        function["description"] = tool.function.description
+    if tool.function.HasField("parameters"):
+        function["parameters"] = _struct(tool.function.parameters)
+    if tool.function.HasField("strict"):
+        function["strict"] = tool.function.strict
+    return {"type": tool.type or "function", "function": function}
+
+
+def _response_format(fmt: common_pb2.ResponseFormat) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": fmt.type}
+    if fmt.type == "json_schema":
+        schema: dict[str, Any] = {"name": fmt.json_schema.name}
+        if fmt.json_schema.description:
+            schema["description"] = fmt.json_schema.description
+        if fmt.json_schema.HasField("schema"):
+            schema["schema"] = _struct(fmt.json_schema.schema)
+        if fmt.json_schema.HasField("strict"):
+            schema["strict"] = fmt.json_schema.strict
+        out["json_schema"] = schema
+    return out
+
+
+def sampling_to_json(sampling: worker_pb2.SamplingParams) -> dict[str, Any]:
+    """Only the fields the caller set: the upstream applies its own defaults to the rest."""
+    body: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "seed"):
+        if sampling.HasField(name):
+            body[name] = getattr(sampling, name)
+    if sampling.HasField("repetition_penalty"):
+        # vLLM/SGLang/TGI say repetition_penalty, llama.cpp says repeat_penalty;
+        # each ignores the other's name.
+        body["repetition_penalty"] = body["repeat_penalty"] = sampling.repetition_penalty
+    if sampling.stop:
+        body["stop"] = list(sampling.stop)
+    if sampling.logit_bias:
+        body["logit_bias"] = {str(k): v for k, v in sampling.logit_bias.items()}
+    return body
+
+
+def _chat_logprobs(data: Any) -> list[common_pb2.TokenLogprob]:
+    """Chat format: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}."""
+    out = []
+    for item in (data or {}).get("content") or []:
+        entry = common_pb2.TokenLogprob(token=item.get("token", ""), bytes=_bytes(item))
+        if item.get("logprob") is not None:
+            entry.logprob = item["logprob"]
+        for top in item.get("top_logprobs") or []:
+            entry.top_logprobs.add(token=top.get("token", ""), logprob=top.get("logprob") or 0.0, bytes=_bytes(top))
+        out.append(entry)
+    return out
+
+
+def _completion_logprobs(data: Any) -> list[common_pb2.TokenLogprob]:
+    """Legacy completions format: parallel lists tokens/token_logprobs/top_logprobs/text_offset."""
+    if not data:
+        return []
+    tokens = data.get("tokens") or []
+    values = data.get("token_logprobs") or []
+    tops = data.get("top_logprobs") or []
+    offsets = data.get("text_offset") or []
+    out = []
+    for i, token in enumerate(tokens):
+        entry = common_pb2.TokenLogprob(token=token, bytes=token.encode())
+        if i < len(values) and values[i] is not None:
+            entry.logprob = values[i]
+        if i < len(offsets) and offsets[i] is not None:
+            entry.text_offset = offsets[i]
+        for alt, value in ((tops[i] if i < len(tops) else None) or {}).items():
+            entry.top_logprobs.add(token=alt, logprob=value, bytes=alt.encode())
+        out.append(entry)
+    return out
+
+
+def _bytes(item: dict[str, Any]) -> bytes:
+    raw = item.get("bytes")
+    return bytes(raw) if raw else str(item.get("token", "")).encode()
+
+
+# -- Error mapping -------------------------------------------------------------
+
+
+def _error_fields(body: Any) -> tuple[str, str | None, Any]:
+    """(message, param, code) from the error shapes upstreams use."""
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict):
+            param = error.get("param")
+            return str(error.get("message") or error), param if isinstance(param, str) else None, error.get("code")
+        if isinstance(error, str):  # TGI: {"error": "...", "error_type": "..."}
+            return error, None, None
+        detail = body.get("detail")  # FastAPI: {"detail": "..."} or a validation list
+        if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+            loc = detail[0].get("loc") or []
+            return str(detail[0].get("msg") or detail), str(loc[-1]) if loc else None, None
+        if detail is not None:
+            return str(detail), None, None
+    return str(body)[:500] or "no error message", None, None
+
+
+def upstream_error(status: int, body: Any, model: str, headers: httpx.Headers | None = None) -> errors.ApiError:
+    """One upstream HTTP error as the ApiError a client should see."""
+    message, param, code = _error_fields(body)
+    # Upstreams such as vLLM and llama.cpp put the HTTP status in `code`;
+    # only OpenAI-style string codes mean something to clients.
+    code = code if isinstance(code, str) else None
+    if status in (401, 403):
+        # Our key, not the client's: the operator must fix it.
+        return errors.unavailable("upstream rejected our credentials")
+    if status == 404:
+        if code == "model_not_found" or "model" in message.lower():
+            return errors.model_not_found(model)
+        return errors.unavailable(f"upstream returned 404: {message}")
+    if status == 429:
+        retry = (headers or {}).get("retry-after", "")
+        try:
+            seconds = int(float(retry))
+        except ValueError:
+            seconds = 1
+        return errors.rate_limited(f"The upstream is rate limiting: {message}", retry_after=seconds)
+    if 400 <= status < 500:
+        return errors.invalid_request(message, param=param, code=code)
+    return errors.unavailable(f"upstream error {status}: {message}")
+
+
+def _transport_error(exc: httpx.HTTPError) -> errors.ApiError:
+    if isinstance(exc, httpx.TimeoutException):
+        return errors.unavailable(f"upstream timed out ({type(exc).__name__})")
+    return errors.unavailable(f"upstream unreachable: {type(exc).__name__}: {exc}")
+
+
+# -- The engine ----------------------------------------------------------------
+
+
+@dataclass
+class _ToolCallAcc:
+    id: str = ""
+    type: str = "function"
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+
+class OpenAIUpstreamEngine(Engine):
+    def __init__(
+        self,
+        model: str,
+        *,
+        url: str,
+        upstream_model: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 600.0,
+        context_length: int = 0,
+        kind: str = "chat",
+        transport: httpx.AsyncBaseTransport | None = None,  # tests: httpx.MockTransport
+    ) -> None:
+        self.info = common_pb2.ModelInfo(name=model, kind=KINDS[kind], engine="openai")  # type: ignore[arg-type]
+        self.url = url.rstrip("/")
+        # vLLM's /tokenize and llama.cpp's native endpoints live at the server root.
+        self.root = self.url.removesuffix("/v1")
+        self.upstream_model = upstream_model or model
+        self.api_key = api_key
+        self.timeout = timeout
+        self.context_length_flag = context_length
+        self.transport = transport
+        self._client: httpx.AsyncClient | None = None
+        # Which tokenizer the upstream has: "vllm", "llama.cpp", "llama-cpp-python" or None.
+        self.tokenizer: str | None = None
+        self._discovered = False
+
+    # -- Lifetime -----------------------------------------------------------
+
+    async def start(self) -> None:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=60.0),
+            transport=self.transport,
+        )
+        self.info.context_length = self.context_length_flag
+        await self._discover()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise errors.unavailable("the upstream engine is not started")
+        return self._client
+
+    async def _discover(self) -> None:
+        """Context length, dimensions and tokenizer, once the upstream answers.
+
+        An upstream that is down or still loading is not fatal (it may come up
+        later): discovery is retried before the next request until it succeeds.
+        """
+        try:
+            response = await self.client.get(f"{self.url}/models")
+            models = response.json() if response.is_success else None
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("upstream %s: GET /models failed (%s); will retry", self.url, exc)
+            return
+        if models is None:
+            log.warning("upstream %s: GET /models answered %d; will retry", self.url, response.status_code)
+            return
+        self._discovered = True
+        context = self._context_from_models(models)
+        if context:
+            self.info.context_length = context
+        if self.info.kind == common_pb2.MODEL_KIND_EMBEDDING:
+            try:
+                vectors, _ = await self.embed([common_pb2.TextOrTokens(text="hello")], None)
+                self.info.dimensions = len(vectors[0])
+            except errors.ApiError as exc:
+                log.warning("could not learn the embedding dimensions: %s", exc.message)
+        else:
+            self.tokenizer = await self._probe_tokenizer()
+        log.info(
+            "upstream %s model %s: context length %d, tokenizer %s",
+            self.url,
+            self.upstream_model,
+            self.info.context_length,
+            self.tokenizer or "none (estimates)",
+        )
+
+    def _context_from_models(self, body: Any) -> int:
+        entries = (body.get("data") or []) if isinstance(body, dict) else []
+        entry = next((e for e in entries if e.get("id") == self.upstream_model), entries[0] if entries else None)
+        if not isinstance(entry, dict):
+            return 0
+        meta = entry.get("meta") or {}
+        for value in (
+            entry.get("max_model_len"),  # vLLM
+            entry.get("context_length"),  # SGLang and others
+            meta.get("n_ctx"),  # llama.cpp server variants
+            meta.get("n_ctx_train"),
+        ):
+            if isinstance(value, int) and value > 0:
+                return value
+        return 0
+
+    async def _probe_tokenizer(self) -> str | None:
+        for name in ("vllm", "llama.cpp", "llama-cpp-python"):
+            try:
+                if await self._tokenize_with(name, "hello", None):
+                    return name
+            except (httpx.HTTPError, errors.ApiError, ValueError, KeyError, TypeError):
+                continue
+        return None
+
+    async def _tokenize_with(
+        self, name: str, text: str | None, messages: Sequence[common_pb2.ChatMessage] | None
+    ) -> list[int]:
+        if name == "vllm":
+            body: dict[str, Any] = {"model": self.upstream_model}
+            if messages is not None:
+                body.update(messages=[message_to_json(m) for m in messages], add_generation_prompt=True)
+            else:
+                body["prompt"] = text
+            url = f"{self.root}/tokenize"
+        elif name == "llama.cpp":
+            url, body = f"{self.root}/tokenize", {"content": text, "add_special": True}
+        else:
+            url, body = f"{self.root}/extras/tokenize", {"model": self.upstream_model, "input": text}
+        response = await self.client.post(url, json=body)
+        if not response.is_success:
+            raise upstream_error(response.status_code, _json_or_text(response), self.info.name, response.headers)
+        tokens = response.json()["tokens"]
+        return [int(t) for t in tokens]
+
+    # -- Token counting -----------------------------------------------------
+
+    async def _count(self, text: str | None, messages: Sequence[common_pb2.ChatMessage] | None) -> tuple[int, bool]:
+        """(prompt tokens, exact?)."""
+        if not self._discovered:
+            await self._discover()
+        if self.tokenizer is not None:
+            try:
+                if messages is None:
+                    return len(await self._tokenize_with(self.tokenizer, text, None)), True
+                if self.tokenizer == "vllm":  # renders the chat template itself
+                    return len(await self._tokenize_with("vllm", None, messages)), True
+                # Estimate: the message contents without the chat template's own tokens.
+                joined = "\n".join(_message_text(m) for m in messages)
+                return len(await self._tokenize_with(self.tokenizer, joined, None)), False
+            except httpx.HTTPError as exc:
+                raise _transport_error(exc) from exc
+        # Estimate without a tokenizer: about four characters per token for English text.
+        joined = text if messages is None else "\n".join(_message_text(m) for m in messages)
+        return len(joined or "") // 4, False
+
+    async def prepare(self, request: worker_pb2.GenerateRequest) -> Prepared:
+        if request.messages:
+            if self.info.kind == common_pb2.MODEL_KIND_COMPLETION:
+                raise errors.wrong_model_kind(self.info.name, "chat completions")
+            count, exact = await self._count(None, request.messages)
+            return Prepared(prompt_tokens=count, param="messages", state=exact)
+        if request.prompt.HasField("tokens"):
+            return Prepared(prompt_tokens=len(request.prompt.tokens.ids), param="prompt", state=True)
+        count, exact = await self._count(request.prompt.text, None)
+        return Prepared(prompt_tokens=count, param="prompt", state=exact)
+
+    async def tokenize(self, prompt: str | None, messages: Sequence[common_pb2.ChatMessage]) -> list[int]:
+        if not self._discovered:
+            await self._discover()
+            if not self._discovered:
+                raise errors.unavailable(f"The upstream of `{self.info.name}` is unreachable.")
+        use_messages = prompt is None
+        # Ids must be the upstream's own: no estimate here.
+        if self.tokenizer is None or (use_messages and self.tokenizer != "vllm"):
+            what = "chat messages" if use_messages and self.tokenizer else "text"
+            raise errors.ApiError(
+                grpc.StatusCode.UNIMPLEMENTED, f"The upstream of `{self.info.name}` cannot tokenize {what}."
+            )
+        try:
+            return await self._tokenize_with(self.tokenizer, prompt, messages if use_messages else None)
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc) from exc
+
+    # -- Generation -----------------------------------------------------------
+
+    def _request_body(
+        self, request: worker_pb2.GenerateRequest, max_tokens: int, exact: bool
+    ) -> tuple[str, dict[str, Any]]:
+        body: dict[str, Any] = {"model": self.upstream_model, "stream": True}
+        # vLLM and OpenAI send a final usage chunk; llama-cpp-python ignores the field.
+        body["stream_options"] = {"include_usage": True}
+        body.update(sampling_to_json(request.sampling))
+        # max_tokens: the caller's, or what the worker computed from the context
+        # when our prompt count is exact (an estimate could overshoot the
+        # upstream's own check); otherwise the upstream's default.
+        if request.sampling.HasField("max_tokens") or (exact and max_tokens < _UNBOUNDED):
+            body["max_tokens"] = max_tokens
+        if request.messages:
+            body["messages"] = [message_to_json(m) for m in request.messages]
+            if request.logprobs:
+                body["logprobs"] = True
+                body["top_logprobs"] = request.top_logprobs
+            if request.tools:
+                body["tools"] = [_tool_to_json(t) for t in request.tools]
+            which = request.tool_choice.WhichOneof("kind")
+            if which == "mode":
+                body["tool_choice"] = request.tool_choice.mode
+            elif which == "function":
+                body["tool_choice"] = {
+                    "type": "function",
+                    "function": {"name": request.tool_choice.function.function.name},
+                }
+            if request.HasField("response_format") and request.response_format.type:
+                body["response_format"] = _response_format(request.response_format)
+            return f"{self.url}/chat/completions", body
+        if request.prompt.HasField("tokens"):
+            body["prompt"] = list(request.prompt.tokens.ids)
+        else:
+            body["prompt"] = request.prompt.text
+        if request.logprobs:
+            body["logprobs"] = request.top_logprobs
+        if request.echo:
+            body["echo"] = True
+        if request.HasField("response_format") and request.response_format.type:
+            body["response_format"] = _response_format(request.response_format)
+        return f"{self.url}/completions", body
+
+    async def generate(
+        self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int, generation: Generation
+    ) -> AsyncIterator[Delta]:
+        url, body = self._request_body(request, max_tokens, bool(prepared.state))
+        chat = bool(request.messages)
+        try:
+            # Leaving this block for any reason (end, error, cancel, aclose)
+            # closes the response, so the upstream sees the disconnect.
+            async with self.client.stream("POST", url, json=body) as response:
+                if not response.is_success:
+                    await response.aread()
+                    raise upstream_error(
+                        response.status_code, _json_or_text(response), self.info.name, response.headers
+                    )
+                async for delta in self._read_stream(response, chat, generation):
+                    yield delta
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc) from exc
+
+    async def _read_stream(self, response: httpx.Response, chat: bool, generation: Generation) -> AsyncIterator[Delta]:
+        finish = ""
+        counted = 0  # tokens carried by the deltas yielded so far
+        unyielded = 0  # chunks that only carried tool-call fragments
+        usage_tokens: int | None = None
+        calls: dict[int, _ToolCallAcc] = {}
+        done = False
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # blank separators, ": ping" comments, event: lines
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = True
+                break
+            try:
+                chunk = json.loads(data)
+            except ValueError as exc:
+                raise errors.unavailable(f"upstream sent a malformed event: {data[:200]!r}") from exc
+            if "error" in chunk:  # a mid-stream error
+                raise _inband_error(chunk, self.info.name)
+            if isinstance(chunk.get("usage"), dict) and chunk["usage"].get("completion_tokens") is not None:
+                usage_tokens = int(chunk["usage"]["completion_tokens"])
+            for choice in chunk.get("choices") or []:
+                if choice.get("index", 0) != 0:
+                    continue
+                if chat:
+                    message = choice.get("delta") or {}
+                    text = message.get("content") or ""
+                    logprobs = _chat_logprobs(choice.get("logprobs"))
+                    for call in message.get("tool_calls") or []:
+                        _accumulate(calls, call)
+                    if message.get("tool_calls") and not text:
+                        generation.produced()
+                        unyielded += 1
+                else:
+                    text = choice.get("text") or ""
+                    logprobs = _completion_logprobs(choice.get("logprobs"))
+                if text or logprobs:
+                    # Upstreams stream about one token per chunk.
+                    generation.produced()
+                    counted += 1
+                    yield Delta(text=text, logprobs=logprobs, tokens=1)
+                if choice.get("finish_reason"):
+                    finish = choice["finish_reason"]
+        if not finish:
+            if done:  # llama-cpp-python does this when another request interrupts the stream
+                raise errors.unavailable("upstream ended the stream without a finish_reason (interrupted?)")
+            raise errors.unavailable("upstream closed the stream before it finished")
+        last = Delta(finish_reason=finish, tokens=unyielded)
+        if calls:
+            last.finish_reason = "tool_calls"
+            last.tool_calls = [
+                common_pb2.ToolCall(
+                    id=acc.id,
+                    type=acc.type,
+                    function=common_pb2.FunctionCall(name=acc.name, arguments="".join(acc.arguments)),
+                )
+                for _, acc in sorted(calls.items())
+            ]
+        if usage_tokens is not None:
+            # Make the worker's sum equal the upstream's own count (the worker
+            # adds up Delta.tokens; this may be negative if chunks were partial tokens).
+            last.tokens = usage_tokens - counted
+        yield last
+
+    # -- Embeddings -----------------------------------------------------------
+
+    async def embed(
+        self, inputs: Sequence[common_pb2.TextOrTokens], dimensions: int | None
+    ) -> tuple[list[list[float]], int]:
+        if self.info.kind != common_pb2.MODEL_KIND_EMBEDDING:
+            raise errors.wrong_model_kind(self.info.name, "embeddings")
+        body: dict[str, Any] = {
+            "model": self.upstream_model,
+            "input": [i.text if i.HasField("text") else list(i.tokens.ids) for i in inputs],
+        }
+        if dimensions is not None:
+            body["dimensions"] = dimensions
+        try:
+            response = await self.client.post(f"{self.url}/embeddings", json=body)
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc) from exc
+        if not response.is_success:
+            raise upstream_error(response.status_code, _json_or_text(response), self.info.name, response.headers)
+        payload = response.json()
+        items = sorted(payload.get("data") or [], key=lambda d: d.get("index", 0))
+        vectors = [[float(v) for v in item["embedding"]] for item in items]
+        tokens = int((payload.get("usage") or {}).get("prompt_tokens") or 0)
+        return vectors, tokens
+
+
+def _accumulate(calls: dict[int, _ToolCallAcc], delta: dict[str, Any]) -> None:
+    """Merge one streamed tool-call fragment (OpenAI sends id and name once, arguments in pieces)."""
+    acc = calls.setdefault(int(delta.get("index", len(calls))), _ToolCallAcc())
+    acc.id = delta.get("id") or acc.id
+    acc.type = delta.get("type") or acc.type
+    function = delta.get("function") or {}
+    acc.name += function.get("name") or ""
+    if function.get("arguments"):
+        acc.arguments.append(function["arguments"])
+
+
+def _inband_error(chunk: dict[str, Any], model: str) -> errors.ApiError:
+    error = chunk["error"]
+    code = error.get("code") if isinstance(error, dict) else None
+    if isinstance(code, int) and 400 <= code < 600:
+        status = code
+    elif isinstance(error, dict) and error.get("type") == "invalid_request_error":
+        status = 400
+    else:
+        status = 500
+    return upstream_error(status, chunk, model)
+
+
+def _json_or_text(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
