@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from gateway.auth import ApiKeys, AuthInterceptor
 from gateway.grpc_server import GrpcServer
 from gateway.inference import Inference
+from gateway.observability import serve_metrics
 from gateway.pool import WorkerPool, local_source, remote_source
 from gateway.registry import Registry, RegistryServicer
 from gateway.service import InferenceServicer
@@ -31,10 +32,17 @@ async def run_gateway(
     heartbeat_expiry: float = 15.0,
     limits: Limits | None = None,
     shutdown_grace: float = 10.0,
+    expect_models: list[str] | None = None,
+    metrics_port: int | None = None,
     stop: asyncio.Event,
     on_ready: Callable[[int], None] | None = None,
 ) -> None:
-    """Serve InferenceService (and the registry, unless one is given) until ``stop``."""
+    """Serve InferenceService (and the registry, unless one is given) until ``stop``.
+
+    Health: the process ("") is SERVING while it runs; InferenceService is
+    SERVING only while each expected model (default: each model seen) has a
+    live worker, which is what the bridge's /ready reports.
+    """
     services = []
     registry: Registry | None = None
     if controller_address:
@@ -55,6 +63,9 @@ async def run_gateway(
     pool.start()
     expiry_task = asyncio.create_task(registry.run_expiry()) if registry is not None else None
     await server.start()
+    readiness = asyncio.create_task(_follow_readiness(server, pool, expect_models or []))
+    if metrics_port is not None:
+        serve_metrics(host, metrics_port)
     log.info("gateway serving on %s:%d (registry: %s)", host, bound, controller_address or "in-process, same port")
     if on_ready is not None:
         on_ready(bound)
@@ -62,12 +73,20 @@ async def run_gateway(
         await stop.wait()
     finally:
         log.info("gateway shutting down (grace %.0f s)", shutdown_grace)
+        readiness.cancel()
         await server.stop(shutdown_grace)
         if expiry_task is not None:
             expiry_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await expiry_task
         await pool.close()
+
+
+async def _follow_readiness(server: GrpcServer, pool: WorkerPool, expected: list[str]) -> None:
+    while True:
+        changed = pool.changed
+        await server.set_status(INFERENCE_SERVICE, pool.ready(expected))
+        await changed.wait()
 
 
 async def run_registry(

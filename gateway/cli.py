@@ -18,10 +18,8 @@ import argparse
 import asyncio
 import importlib
 import importlib.util
-import logging
 import os
 import socket
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,14 +53,6 @@ def api_keys(args: argparse.Namespace) -> list[str]:
     return keys
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def _run(main: Callable[[asyncio.Event], Any]) -> None:
     """Run a server coroutine until SIGTERM/SIGINT, with uvloop when present."""
     from gateway.grpc_server import stop_event_on_signals
@@ -94,6 +84,8 @@ def cmd_gateway(args: argparse.Namespace) -> None:
             heartbeat_expiry=args.heartbeat_expiry,
             limits=Limits(max_n=args.max_n, max_tokens=args.max_tokens_limit),
             shutdown_grace=args.shutdown_grace,
+            expect_models=_split(args.expect_models),
+            metrics_port=args.metrics_port,
             stop=stop,
             on_ready=lambda port: _ready("gateway", args.host, port),
         )
@@ -129,6 +121,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
             max_queue=args.max_queue,
             heartbeat_interval=args.heartbeat_interval,
             shutdown_grace=args.shutdown_grace,
+            metrics_port=args.metrics_port,
             stop=stop,
             on_ready=lambda port: _ready("worker", args.host, port),
         )
@@ -184,6 +177,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="text for people, json for machines"
+    )
+
+
+def _metrics_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (0 = any free port)"
+    )
 
 
 def _gateway_flags(parser: argparse.ArgumentParser, *, with_address: bool = True) -> None:
@@ -194,6 +196,11 @@ def _gateway_flags(parser: argparse.ArgumentParser, *, with_address: bool = True
     )
     parser.add_argument("--max-n", type=int, default=128, help="largest n (choices per request) accepted")
     parser.add_argument("--max-tokens-limit", type=int, default=1 << 20, help="largest max_tokens accepted")
+    parser.add_argument(
+        "--expect-models",
+        default="",
+        help="comma-separated models that must have a live worker for readiness (default: every model seen)",
+    )
 
 
 def _bridge_flags(parser: argparse.ArgumentParser) -> None:
@@ -263,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gateway.add_argument("--shutdown-grace", type=float, default=10.0)
     _gateway_flags(gateway)
+    _metrics_flag(gateway)
     _common(gateway)
     gateway.set_defaults(func=cmd_gateway)
 
@@ -283,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--shutdown-grace", type=float, default=10.0)
     _worker_flags(worker)
+    _metrics_flag(worker)
     _common(worker)
     worker.set_defaults(func=cmd_worker)
 
@@ -323,7 +332,9 @@ def _defaults_from_env(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    _logging(args.log_level)
+    from gateway.observability import setup_logging
+
+    setup_logging(args.log_level, args.log_format)
     args.func(args)
 
 

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway.errors import ApiError, internal
+from gateway.observability import REQUEST_ID_HEADER, clean_request_id, request_id
 
 log = logging.getLogger("tokenwire")
 
@@ -94,6 +95,44 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Ca
     return stream
 
 
+class RequestIdInterceptor(grpc.aio.ServerInterceptor):
+    """Takes the caller's ``x-request-id`` (or makes one) for logs and onward calls."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith("/grpc."):
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        rid = clean_request_id(metadata.get(REQUEST_ID_HEADER))  # type: ignore[arg-type]
+        if handler.unary_unary is not None:
+            behavior = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                request_id.set(rid)
+                return await behavior(request, context)
+
+            return handler._replace(unary_unary=unary)  # type: ignore[attr-defined]
+        if handler.unary_stream is not None:
+            stream_behavior = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                request_id.set(rid)
+                async for response in stream_behavior(request, context):
+                    yield response
+
+            return handler._replace(unary_stream=stream)  # type: ignore[attr-defined]
+        return handler
+
+
+def outgoing_metadata() -> tuple[tuple[str, str], ...]:
+    """Metadata for a call made on behalf of the current request."""
+    return ((REQUEST_ID_HEADER, request_id.get()),)
+
+
 class GrpcServer:
     """A grpc.aio server with health and reflection, started and stopped as one."""
 
@@ -104,7 +143,7 @@ class GrpcServer:
         interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.server = grpc.aio.server(
-            interceptors=[*interceptors, ErrorInterceptor()],
+            interceptors=[RequestIdInterceptor(), *interceptors, ErrorInterceptor()],
             options=SERVER_OPTIONS,
         )
         self.health = health.aio.HealthServicer()
@@ -131,9 +170,12 @@ class GrpcServer:
         await self.set_serving(True)
 
     async def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.service_names]:
-            await self.health.set(name, status)
+            await self.set_status(name, serving)
+
+    async def set_status(self, service: str, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(service, status)
 
     async def stop(self, grace: float) -> None:
         """Health turns NOT_SERVING, new calls are refused, running ones get ``grace`` seconds."""

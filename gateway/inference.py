@@ -18,6 +18,8 @@ import grpc
 import shortuuid
 
 from gateway import errors
+from gateway.grpc_server import outgoing_metadata
+from gateway.observability import current_watch
 from gateway.pool import WorkerHandle, WorkerPool
 from gateway.validation import Limits, check_chat, check_completion, check_embedding
 from tokenwire.v1 import api_pb2, common_pb2, worker_pb2
@@ -59,7 +61,7 @@ class Inference:
             handle = self.pool.pick(model, tried)
             accepted = False
             with self.pool.lease(handle):
-                call = handle.stub.Generate(request, timeout=timeout)
+                call = handle.stub.Generate(request, timeout=timeout, metadata=outgoing_metadata())
                 try:
                     async for response in call:
                         accepted = True
@@ -98,8 +100,11 @@ class Inference:
         self, model: str, requests: list[worker_pb2.GenerateRequest], timeout: float | None
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         """All choices, merged as they come; nothing before every choice is accepted."""
+        watch = current_watch.get()
         if len(requests) == 1:
             async for response in self._generate(model, requests[0], timeout):
+                if watch is not None and response.text:
+                    watch.token()
                 yield response
             return
 
@@ -134,6 +139,8 @@ class Inference:
                             yield response
                         held.clear()
                     continue
+                if watch is not None and item.text:
+                    watch.token()
                 yield item
         finally:
             for task in tasks:
@@ -167,8 +174,9 @@ class Inference:
         return out
 
     async def chat_stream(
-        self, request: api_pb2.CreateChatCompletionRequest, include_usage: bool, timeout: float | None
+        self, request: api_pb2.CreateChatCompletionRequest, timeout: float | None
     ) -> AsyncIterator[api_pb2.StreamChatCompletionResponse]:
+        """Chunks as OpenAI streams them; the last one has ``choices: []`` and the usage."""
         requests = self._chat_requests(request)
         chunk_id, created, model = completion_id("chatcmpl"), int(time.time()), request.model
         for r in requests:
@@ -208,13 +216,12 @@ class Inference:
                         )
                     ]
                 )
-        if include_usage:
-            total = sum(completion_tokens)
-            yield chunk(
-                usage=common_pb2.Usage(
-                    prompt_tokens=prompt_tokens, completion_tokens=total, total_tokens=prompt_tokens + total
-                )
+        total = sum(completion_tokens)
+        yield chunk(
+            usage=common_pb2.Usage(
+                prompt_tokens=prompt_tokens, completion_tokens=total, total_tokens=prompt_tokens + total
             )
+        )
 
     async def chat(
         self, request: api_pb2.CreateChatCompletionRequest, timeout: float | None
@@ -308,8 +315,9 @@ class Inference:
         return common_pb2.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     async def completion_stream(
-        self, request: api_pb2.CreateCompletionRequest, include_usage: bool, timeout: float | None
+        self, request: api_pb2.CreateCompletionRequest, timeout: float | None
     ) -> AsyncIterator[api_pb2.StreamCompletionResponse]:
+        """Chunks as OpenAI streams them; the last one has ``choices: []`` and the usage."""
         response_id, created = completion_id("cmpl"), int(time.time())
         n = request.n if request.HasField("n") else 1
         prompt_tokens: dict[int, int] = {}
@@ -327,14 +335,13 @@ class Inference:
             yield api_pb2.StreamCompletionResponse(
                 id=response_id, object="text_completion", created=created, model=request.model, choices=[choice]
             )
-        if include_usage:
-            yield api_pb2.StreamCompletionResponse(
-                id=response_id,
-                object="text_completion",
-                created=created,
-                model=request.model,
-                usage=self._completion_usage(prompt_tokens, completion_tokens, n),
-            )
+        yield api_pb2.StreamCompletionResponse(
+            id=response_id,
+            object="text_completion",
+            created=created,
+            model=request.model,
+            usage=self._completion_usage(prompt_tokens, completion_tokens, n),
+        )
 
     async def completion(
         self, request: api_pb2.CreateCompletionRequest, timeout: float | None
@@ -379,7 +386,9 @@ class Inference:
         worker_request = worker_pb2.EmbedRequest(input=request.input)
         if request.HasField("dimensions"):
             worker_request.dimensions = request.dimensions
-        reply = await self._unary(request.model, lambda h: h.stub.Embed(worker_request, timeout=timeout))
+        reply = await self._unary(
+            request.model, lambda h: h.stub.Embed(worker_request, timeout=timeout, metadata=outgoing_metadata())
+        )
         return api_pb2.CreateEmbeddingResponse(
             object="list",
             model=request.model,
@@ -424,7 +433,9 @@ class Inference:
             raise errors.invalid_request("Give exactly one of 'prompt' and 'messages'.", "prompt")
         info = self.pool.model_info(request.model)
         worker_request = worker_pb2.WorkerServiceCountTokensRequest(prompt=request.prompt, messages=request.messages)
-        reply = await self._unary(request.model, lambda h: h.stub.CountTokens(worker_request, timeout=timeout))
+        reply = await self._unary(
+            request.model, lambda h: h.stub.CountTokens(worker_request, timeout=timeout, metadata=outgoing_metadata())
+        )
         return api_pb2.CountTokensResponse(count=reply.count, context_length=info.context_length)
 
     async def check_tokens(
@@ -436,7 +447,10 @@ class Inference:
                 raise errors.invalid_request("you must provide a model parameter", f"prompts[{i}].model")
             info = self.pool.model_info(item.model)
             worker_request = worker_pb2.WorkerServiceCountTokensRequest(prompt=item.prompt)
-            reply = await self._unary(item.model, lambda h, r=worker_request: h.stub.CountTokens(r, timeout=timeout))
+            reply = await self._unary(
+                item.model,
+                lambda h, r=worker_request: h.stub.CountTokens(r, timeout=timeout, metadata=outgoing_metadata()),
+            )
             fits = reply.count + item.max_tokens <= info.context_length
             results.append(
                 api_pb2.TokenCheckResult(fits=fits, token_count=reply.count, context_length=info.context_length)

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from gateway import errors
+from gateway import observability as obs
 from gateway.grpc_server import CHANNEL_OPTIONS
 from tokenwire.v1 import common_pb2, registry_pb2, registry_pb2_grpc, worker_pb2_grpc
 
@@ -97,20 +98,37 @@ class WorkerPool:
                 handle.status = status
             if status.model.name not in self._known_models:
                 self._known_models[status.model.name] = (status.model, int(time.time()))
+        self._export(live)
         self.changed.set()
         self.changed = asyncio.Event()
+
+    def _export(self, live: dict[str, registry_pb2.WorkerStatus]) -> None:
+        """Gauges of the live set, as the heartbeats report it."""
+        obs.WORKER_IN_FLIGHT.clear()
+        obs.WORKER_QUEUE.clear()
+        for status in live.values():
+            obs.WORKER_IN_FLIGHT.labels(status.model.name, status.address).set(status.in_flight)
+            obs.WORKER_QUEUE.labels(status.model.name, status.address).set(status.queue_length)
+        for model in self._known_models:
+            obs.LIVE_WORKERS.labels(model).set(sum(1 for s in live.values() if s.model.name == model))
 
     def remove(self, worker_id: str) -> None:
         """Drop a worker we found dead; the registry will drop it too."""
         handle = self._workers.pop(worker_id, None)
         if handle is not None:
             log.warning("worker %s is unreachable; removed from the pool", worker_id)
+            obs.LIVE_WORKERS.labels(handle.model.name).set(len(self.workers(handle.model.name)))
             asyncio.get_running_loop().create_task(handle.channel.close())
 
     # -- queries --------------------------------------------------------------
 
     def workers(self, model: str = "") -> list[WorkerHandle]:
         return [w for w in self._workers.values() if not model or w.model.name == model]
+
+    def ready(self, expected: list[str]) -> bool:
+        """A live worker for each expected model (default: each model seen)."""
+        models = expected or list(self._known_models)
+        return bool(models) and all(self.workers(m) for m in models)
 
     def known_models(self) -> dict[str, tuple[common_pb2.ModelInfo, int]]:
         """name -> (info, first seen unix time) for every model ever served."""

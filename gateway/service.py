@@ -1,18 +1,73 @@
-"""InferenceService: thin gRPC handlers over :class:`gateway.inference.Inference`."""
+"""InferenceService: thin gRPC handlers over :class:`gateway.inference.Inference`.
+
+Each handler runs inside :func:`Observed`, which times the request, counts
+it by model and status, and writes its one log line.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
+from types import TracebackType
 
 import grpc
 
+from gateway import observability as obs
+from gateway.errors import ApiError
 from gateway.inference import Inference
-from tokenwire.v1 import api_pb2, api_pb2_grpc
+from tokenwire.v1 import api_pb2, api_pb2_grpc, common_pb2
+
+log = logging.getLogger("tokenwire.gateway")
+
+
+class Observed:
+    """Metrics and the log line of one API request."""
+
+    def __init__(self, inference: Inference, kind: str, model: str) -> None:
+        # Only served model names become label values (bounded cardinality).
+        self.kind = kind
+        self.model = model if model in inference.pool.known_models() else "unknown"
+        self.requested = model
+        self.usage: common_pb2.Usage | None = None
+        self.watch = obs.Stopwatch(self.model)
+
+    def __enter__(self) -> Observed:
+        obs.current_watch.set(self.watch)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        status = "ok"
+        if isinstance(error, ApiError):
+            status = error.code or error.type
+            obs.ERRORS.labels(self.model, status).inc()
+        elif isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+            status = "cancelled"
+            obs.CANCELLED.labels(self.model).inc()
+        elif error is not None:
+            status = "internal_error"
+            obs.ERRORS.labels(self.model, status).inc()
+        elapsed = self.watch.elapsed()
+        obs.REQUESTS.labels(self.kind, self.model, status).inc()
+        obs.E2E.labels(self.kind, self.model).observe(elapsed)
+        fields: dict[str, object] = {"kind": self.kind, "model": self.requested, "status": status}
+        if self.usage is not None:
+            obs.PROMPT_TOKENS.labels(self.model).inc(self.usage.prompt_tokens)
+            obs.COMPLETION_TOKENS.labels(self.model).inc(self.usage.completion_tokens)
+            fields["prompt_tokens"] = self.usage.prompt_tokens
+            fields["completion_tokens"] = self.usage.completion_tokens
+        if self.watch.first is not None:
+            fields["ttft_ms"] = round((self.watch.first - self.watch.start) * 1000, 1)
+        fields["latency_ms"] = round(elapsed * 1000, 1)
+        obs.log_request(log, "request", **fields)
 
 
 class InferenceServicer(api_pb2_grpc.InferenceServiceServicer):
     def __init__(self, inference: Inference) -> None:
         self.inference = inference
+
+    def _observed(self, kind: str, model: str) -> Observed:
+        return Observed(self.inference, kind, model)
 
     async def ListModels(
         self, request: api_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -27,35 +82,48 @@ class InferenceServicer(api_pb2_grpc.InferenceServiceServicer):
     async def CreateChatCompletion(
         self, request: api_pb2.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.CreateChatCompletionResponse:
-        return await self.inference.chat(request, context.time_remaining())
+        with self._observed("chat", request.model) as observed:
+            reply = await self.inference.chat(request, context.time_remaining())
+            observed.usage = reply.usage
+            return reply
 
     async def StreamChatCompletion(
         self, request: api_pb2.StreamChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[api_pb2.StreamChatCompletionResponse]:
-        stream = self.inference.chat_stream(
-            request.request, request.stream_options.include_usage, context.time_remaining()
-        )
-        async for chunk in stream:
-            yield chunk
+        with self._observed("chat_stream", request.request.model) as observed:
+            async for chunk in self.inference.chat_stream(request.request, context.time_remaining()):
+                if chunk.HasField("usage"):  # the last chunk
+                    observed.usage = chunk.usage
+                    if not request.stream_options.include_usage:
+                        continue
+                yield chunk
 
     async def CreateCompletion(
         self, request: api_pb2.CreateCompletionRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.CreateCompletionResponse:
-        return await self.inference.completion(request, context.time_remaining())
+        with self._observed("completion", request.model) as observed:
+            reply = await self.inference.completion(request, context.time_remaining())
+            observed.usage = reply.usage
+            return reply
 
     async def StreamCompletion(
         self, request: api_pb2.StreamCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[api_pb2.StreamCompletionResponse]:
-        stream = self.inference.completion_stream(
-            request.request, request.stream_options.include_usage, context.time_remaining()
-        )
-        async for chunk in stream:
-            yield chunk
+        with self._observed("completion_stream", request.request.model) as observed:
+            async for chunk in self.inference.completion_stream(request.request, context.time_remaining()):
+                if chunk.HasField("usage"):  # the last chunk
+                    observed.usage = chunk.usage
+                    if not request.stream_options.include_usage:
+                        continue
+                yield chunk
 
     async def CreateEmbedding(
         self, request: api_pb2.CreateEmbeddingRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.CreateEmbeddingResponse:
-        return await self.inference.embed(request, context.time_remaining())
+        with self._observed("embedding", request.model) as observed:
+            reply = await self.inference.embed(request, context.time_remaining())
+            observed.usage = reply.usage
+            return reply
 
     async def CheckTokens(
         self, request: api_pb2.CheckTokensRequest, context: grpc.aio.ServicerContext

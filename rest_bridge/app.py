@@ -21,12 +21,16 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response, StreamingResponse
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import errors
 from gateway.errors import ApiError
 from gateway.grpc_server import CHANNEL_OPTIONS
+from gateway.observability import REQUEST_ID_HEADER, request_id
 from rest_bridge import convert, render
+from rest_bridge.middleware import RequestMiddleware
 from tokenwire.v1 import api_pb2, api_pb2_grpc
 
 log = logging.getLogger("tokenwire.bridge")
@@ -78,8 +82,10 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
 
 
 def _metadata(request: Request) -> tuple[tuple[str, str], ...]:
+    """What the gateway needs from the HTTP request: the key and the request id."""
     authorization = request.headers.get("authorization")
-    return (("authorization", authorization),) if authorization else ()
+    rid = (REQUEST_ID_HEADER, request_id.get())
+    return (("authorization", authorization), rid) if authorization else (rid,)
 
 
 def _stream_flag(body: dict[str, Any]) -> bool:
@@ -157,6 +163,7 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with grpc.aio.insecure_channel(settings.gateway_address, options=CHANNEL_OPTIONS) as channel:
             app.state.stub = api_pb2_grpc.InferenceServiceStub(channel)
+            app.state.health = health_pb2_grpc.HealthStub(channel)
             yield
 
     app = FastAPI(title="tokenwire", version="0.1.0", lifespan=lifespan)
@@ -166,7 +173,9 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
         allow_credentials=settings.allow_credentials,
         allow_methods=settings.allowed_methods,
         allow_headers=settings.allowed_headers,
+        expose_headers=["X-Request-Id"],
     )
+    app.add_middleware(RequestMiddleware)
 
     def stub(request: Request) -> api_pb2_grpc.InferenceServiceStub:
         return request.app.state.stub  # type: ignore[no-any-return]
@@ -192,7 +201,24 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
 
     @app.get("/health", tags=["operations"])
     async def health() -> Response:
+        """Alive: the bridge answers."""
         return json_response({"status": "ok"})
+
+    @app.get("/ready", tags=["operations"])
+    async def ready(request: Request) -> Response:
+        """Ready: the gateway serves, with a live worker for each of its models."""
+        try:
+            reply = await request.app.state.health.Check(
+                health_pb2.HealthCheckRequest(service="tokenwire.v1.InferenceService"), timeout=2
+            )
+            serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError:
+            serving = False
+        return json_response({"status": "ready" if serving else "not ready"}, 200 if serving else 503)
+
+    @app.get("/metrics", tags=["operations"])
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", tags=["models"])
     async def list_models(request: Request) -> Response:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from gateway import errors
+from gateway import observability as obs
 from gateway.grpc_server import GrpcServer
 from tokenwire.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from workers.engine import Engine, Generation
@@ -52,6 +53,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.engine = engine
         self.slots = slots
         self.stats = WorkerStats()
+        self.model = engine.info.name
+        obs.ENGINE_IN_FLIGHT.labels(self.model).set_function(lambda: slots.in_flight)
+        obs.ENGINE_QUEUE.labels(self.model).set_function(lambda: slots.waiting)
 
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -59,22 +63,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if self.engine.info.kind == common_pb2.MODEL_KIND_EMBEDDING:
             raise errors.wrong_model_kind(self.engine.info.name, "text generation")
         self.stats.requests_total += 1
-        async with self.slots.acquire():
-            prepared = await self.engine.prepare(request)
-            max_tokens = resolve_max_tokens(self.engine, request, prepared.prompt_tokens, prepared.param)
-            usage = common_pb2.Usage(prompt_tokens=prepared.prompt_tokens, total_tokens=prepared.prompt_tokens)
-            # The first message says "accepted": the gateway only commits a
-            # response (HTTP 200) once it has seen it.
-            yield worker_pb2.GenerateResponse(index=request.index, usage=usage)
-            generation = Generation()
-            completion_tokens = 0
-            try:
+        started = time.perf_counter()
+        status, finish, generation = "ok", "", Generation()
+        prompt_tokens = completion_tokens = 0
+        try:
+            async with self.slots.acquire():
+                prepared = await self.engine.prepare(request)
+                prompt_tokens = prepared.prompt_tokens
+                max_tokens = resolve_max_tokens(self.engine, request, prompt_tokens, prepared.param)
+                usage = common_pb2.Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
+                # The first message says "accepted": the gateway only commits a
+                # response (HTTP 200) once it has seen it.
+                yield worker_pb2.GenerateResponse(index=request.index, usage=usage)
                 async for delta in self.engine.generate(request, prepared, max_tokens, generation):
                     completion_tokens += delta.token_count
+                    finish = delta.finish_reason or finish
                     usage = common_pb2.Usage(
-                        prompt_tokens=prepared.prompt_tokens,
+                        prompt_tokens=prompt_tokens,
                         completion_tokens=completion_tokens,
-                        total_tokens=prepared.prompt_tokens + completion_tokens,
+                        total_tokens=prompt_tokens + completion_tokens,
                     )
                     yield worker_pb2.GenerateResponse(
                         index=request.index,
@@ -85,24 +92,50 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                         usage=usage,
                         tool_calls=delta.tool_calls,
                     )
-            except (asyncio.CancelledError, GeneratorExit):
-                generation.cancelled.set()
-                self.stats.record_cancel(generation)
-                log.info(
-                    "request %s cancelled after %d tokens (%d after the cancel)",
-                    request.request_id,
-                    generation.tokens,
-                    generation.tokens_after_cancel,
-                )
-                raise
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "cancelled"
+            generation.cancelled.set()
+            self.stats.record_cancel(generation)
+            obs.ENGINE_CANCELLED.labels(self.model).inc()
+            obs.ENGINE_AFTER_CANCEL.labels(self.model).inc(generation.tokens_after_cancel)
+            raise
+        except errors.ApiError as error:
+            status = error.code or error.type
+            raise
+        except Exception:
+            status = "internal_error"
+            raise
+        finally:
+            obs.ENGINE_REQUESTS.labels(self.model, "generate", status).inc()
+            obs.ENGINE_TOKENS.labels(self.model).inc(completion_tokens)
+            obs.log_request(
+                log,
+                "generate",
+                status=status,
+                finish_reason=finish or "-",
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                after_cancel=generation.tokens_after_cancel,
+                latency_ms=round((time.perf_counter() - started) * 1000, 1),
+            )
 
     async def Embed(
         self, request: worker_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.EmbedResponse:
         self.stats.requests_total += 1
-        async with self.slots.acquire():
-            dimensions = request.dimensions if request.HasField("dimensions") else None
-            vectors, tokens = await self.engine.embed(request.input, dimensions)
+        status = "ok"
+        try:
+            async with self.slots.acquire():
+                dimensions = request.dimensions if request.HasField("dimensions") else None
+                vectors, tokens = await self.engine.embed(request.input, dimensions)
+        except errors.ApiError as error:
+            status = error.code or error.type
+            raise
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        finally:
+            obs.ENGINE_REQUESTS.labels(self.model, "embed", status).inc()
         return worker_pb2.EmbedResponse(
             embeddings=[worker_pb2.EmbeddingVector(values=v) for v in vectors], prompt_tokens=tokens
         )
@@ -144,6 +177,7 @@ async def run_worker(
     max_queue: int = 128,
     heartbeat_interval: float = 5.0,
     shutdown_grace: float = 10.0,
+    metrics_port: int | None = None,
     stop: asyncio.Event,
     on_ready: Callable[[int], None] | None = None,
 ) -> None:
@@ -155,6 +189,8 @@ async def run_worker(
     await server.start()
     # NOT_SERVING while the model loads.
     await server.set_serving(False)
+    if metrics_port is not None:
+        obs.serve_metrics(host, metrics_port)
     started = time.monotonic()
     log.info("loading model %s (%s engine)", engine.info.name, engine.info.engine)
     await engine.start()
