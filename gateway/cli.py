@@ -5,6 +5,7 @@
     tokenwire registry   a standalone registry (FastChat's controller)
     tokenwire worker     one model worker (--engine llama_cpp | embeddings | openai | echo)
     tokenwire bridge     the OpenAI REST + SSE bridge in front of a gateway
+    tokenwire status     the live workers, their models, load and health
 
 Every flag can also come from the environment: ``--api-keys`` is
 ``TOKENWIRE_API_KEYS``, ``--controller-address`` is
@@ -166,6 +167,17 @@ def cmd_bridge(args: argparse.Namespace) -> None:
     asyncio.run(serve())
 
 
+def cmd_status(args: argparse.Namespace) -> None:
+    import grpc
+
+    from gateway.status import status
+
+    try:
+        print(status(args.controller_address, args.model))
+    except grpc.RpcError as error:
+        raise SystemExit(f"cannot reach the registry at {args.controller_address}: {error.code().name}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from gateway.supervisor import serve
 
@@ -308,6 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     _bridge_flags(bridge)
     _common(bridge)
     bridge.set_defaults(func=cmd_bridge)
+
+    status = sub.add_parser("status", help="the live workers: models, load and health")
+    status.add_argument(
+        "--controller-address",
+        default=f"127.0.0.1:{DEFAULT_GRPC_PORT}",
+        help="the registry: a gateway or a standalone registry",
+    )
+    status.add_argument("--model", default="", help="only this model's workers")
+    _common(status)
+    status.set_defaults(func=cmd_status)
 
     for subparser in sub.choices.values():
         _defaults_from_env(subparser)

@@ -30,6 +30,7 @@ class Proc:
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[str] | None = None
     address: str = ""
+    metrics_address: str = ""
     log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(prefix="tokenwire-", suffix=".log")[1]))
     _ready: threading.Event = field(default_factory=threading.Event)
     stdout_lines: list[str] = field(default_factory=list)
@@ -54,6 +55,8 @@ class Proc:
         assert self.process is not None and self.process.stdout is not None
         for line in self.process.stdout:
             self.stdout_lines.append(line)
+            if line.startswith("METRICS "):
+                self.metrics_address = line.split()[-1]
             if line.startswith("READY "):
                 self.address = line.split()[-1]
                 self._ready.set()
@@ -143,6 +146,16 @@ def wait_for_workers(url: str, model: str, count: int, key: str | None = None, t
 def worker_stats(address: str) -> worker_pb2.GetStatsResponse:
     with grpc.insecure_channel(address) as channel:
         return worker_pb2_grpc.WorkerServiceStub(channel).GetStats(worker_pb2.GetStatsRequest(), timeout=5)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """A Prometheus text page as {'name{labels}': value}."""
+    samples = {}
+    for line in httpx.get(url, timeout=5).text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]

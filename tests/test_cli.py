@@ -47,7 +47,9 @@ def test_serve_echo_with_keys_from_env() -> None:
         url = re.search(r"OpenAI REST API\s+(http://\S+/v1)", text).group(1)  # type: ignore[union-attr]
         assert "grpcurl -plaintext" in text and "curl " in text
         client = openai.OpenAI(base_url=url, api_key="k2", max_retries=0)
-        reply = client.chat.completions.create(model="echo-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+        reply = client.chat.completions.create(
+            model="echo-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=1
+        )
         assert reply.choices[0].message.content == "hi"
         try:
             openai.OpenAI(base_url=url, api_key="k3", max_retries=0).models.list()
@@ -82,13 +84,17 @@ def test_standalone_registry_restart_workers_come_back() -> None:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         registry.stop()
         # The registry is gone: requests are still served from the gateway's view.
-        reply = client.chat.completions.create(model="echo-chat", messages=[{"role": "user", "content": "a"}], max_tokens=1)
+        reply = client.chat.completions.create(
+            model="echo-chat", messages=[{"role": "user", "content": "a"}], max_tokens=1
+        )
         assert reply.choices[0].message.content == "a"
         registry = harness.Proc(["registry", "--port", str(port), "--heartbeat-expiry", "3"]).start()
         # The restarted registry knows nothing; the worker's next heartbeat brings it back.
         harness.wait_until(lambda: worker.log().count(" registered echo-chat@") >= 2, timeout=10)
         harness.wait_for_workers(url, "echo-chat", 1)
-        reply = client.chat.completions.create(model="echo-chat", messages=[{"role": "user", "content": "b"}], max_tokens=1)
+        reply = client.chat.completions.create(
+            model="echo-chat", messages=[{"role": "user", "content": "b"}], max_tokens=1
+        )
         assert reply.choices[0].message.content == "b"
     finally:
         for proc in (bridge, worker, gateway, registry):

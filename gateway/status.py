@@ -1,0 +1,55 @@
+"""``tokenwire status``: the live workers, their models, load and health."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.grpc_server import CHANNEL_OPTIONS
+from tokenwire.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+
+
+def _health(address: str) -> str:
+    try:
+        with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    except grpc.RpcError as error:
+        return error.code().name  # type: ignore[no-any-return]
+
+
+def render(workers: list[registry_pb2.WorkerStatus], health: dict[str, str], now_ms: int) -> str:
+    header = ("MODEL", "KIND", "ADDRESS", "IN FLIGHT", "QUEUE", "HEARTBEAT", "HEALTH", "WORKER")
+    rows = [header]
+    for w in sorted(workers, key=lambda w: (w.model.name, w.address)):
+        kind = common_pb2.ModelKind.Name(w.model.kind).removeprefix("MODEL_KIND_").lower()
+        age = max(0.0, (now_ms - w.last_heartbeat_unix_ms) / 1000)
+        rows.append(
+            (
+                w.model.name,
+                kind,
+                w.address,
+                f"{w.in_flight}/{w.capacity}",
+                str(w.queue_length),
+                f"{age:.1f}s ago",
+                health.get(w.worker_id, "?"),
+                w.worker_id,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    if not workers:
+        lines.append("(no live workers)")
+    return "\n".join(lines)
+
+
+def status(registry_address: str, model: str = "") -> str:
+    with grpc.insecure_channel(registry_address, options=CHANNEL_OPTIONS) as channel:
+        reply = registry_pb2_grpc.RegistryServiceStub(channel).ListWorkers(
+            registry_pb2.ListWorkersRequest(model=model), timeout=5
+        )
+    workers = list(reply.workers)
+    health = {w.worker_id: _health(w.address) for w in workers}
+    return render(workers, health, int(time.time() * 1000))
