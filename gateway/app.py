@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable
 
-from gateway.auth import ApiKeys, AuthInterceptor
+from gateway.auth import ApiKeys, AuthInterceptor, KeyLimits, KeySpec
 from gateway.grpc_server import GrpcServer
 from gateway.inference import Inference
 from gateway.observability import serve_metrics
@@ -28,7 +28,8 @@ async def run_gateway(
     host: str,
     port: int,
     controller_address: str | None,
-    api_keys: Iterable[str] = (),
+    api_keys: Iterable[KeySpec] = (),
+    default_limits: KeyLimits | None = None,
     heartbeat_expiry: float = 15.0,
     limits: Limits | None = None,
     shutdown_grace: float = 10.0,
@@ -58,7 +59,7 @@ async def run_gateway(
     services.insert(
         0, (api_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(inference), INFERENCE_SERVICE)
     )
-    server = GrpcServer(services, interceptors=[AuthInterceptor(ApiKeys(api_keys))])
+    server = GrpcServer(services, interceptors=[AuthInterceptor(ApiKeys(api_keys, default_limits))])
     bound = server.bind(f"{host}:{port}")
     pool.start()
     expiry_task = asyncio.create_task(registry.run_expiry()) if registry is not None else None

@@ -24,6 +24,8 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from gateway.auth import KeyLimits, KeySpec, parse_key_line
+
 ENV_PREFIX = "TOKENWIRE_"
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
@@ -45,13 +47,20 @@ def _split(value: str | None) -> list[str]:
     return [item.strip() for item in (value or "").split(",") if item.strip()]
 
 
-def api_keys(args: argparse.Namespace) -> list[str]:
-    """Keys from --api-keys (comma-separated) and --api-keys-file (one per line)."""
-    keys = _split(args.api_keys)
+def api_keys(args: argparse.Namespace) -> list[KeySpec]:
+    """Keys from --api-keys (comma-separated) and --api-keys-file (one per
+    line: ``<key> [rpm=N] [tpm=N]``), with the --rate-limit-* defaults."""
+    default = KeyLimits(args.rate_limit_rpm, args.rate_limit_tpm)
+    specs = [KeySpec(key, default) for key in _split(args.api_keys)]
     if args.api_keys_file:
         with open(args.api_keys_file, encoding="utf-8") as handle:
-            keys += [line.strip() for line in handle if line.strip() and not line.startswith("#")]
-    return keys
+            lines = [line.strip() for line in handle]
+        specs += [parse_key_line(line, default) for line in lines if line and not line.startswith("#")]
+    return specs
+
+
+def key_limits(args: argparse.Namespace) -> KeyLimits:
+    return KeyLimits(args.rate_limit_rpm, args.rate_limit_tpm)
 
 
 def _run(main: Callable[[asyncio.Event], Any]) -> None:
@@ -82,6 +91,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
             port=args.port,
             controller_address=args.controller_address,
             api_keys=api_keys(args),
+            default_limits=key_limits(args),
             heartbeat_expiry=args.heartbeat_expiry,
             limits=Limits(max_n=args.max_n, max_tokens=args.max_tokens_limit),
             shutdown_grace=args.shutdown_grace,
@@ -202,7 +212,13 @@ def _metrics_flag(parser: argparse.ArgumentParser) -> None:
 
 def _gateway_flags(parser: argparse.ArgumentParser, *, with_address: bool = True) -> None:
     parser.add_argument("--api-keys", default=None, help="comma-separated API keys; none = open API")
-    parser.add_argument("--api-keys-file", default=None, help="a file with one API key per line (keeps keys out of ps)")
+    parser.add_argument(
+        "--api-keys-file",
+        default=None,
+        help="one key per line, optionally 'rpm=N tpm=N' after it (keeps keys out of ps)",
+    )
+    parser.add_argument("--rate-limit-rpm", type=int, default=None, help="requests per minute per key (default: none)")
+    parser.add_argument("--rate-limit-tpm", type=int, default=None, help="tokens per minute per key (default: none)")
     parser.add_argument(
         "--heartbeat-expiry", type=float, default=15.0, help="drop a worker after this many seconds without heartbeat"
     )

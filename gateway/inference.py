@@ -51,30 +51,49 @@ class Inference:
             raise errors.wrong_model_kind(model, "embeddings")
         return info
 
+    def _failover(
+        self, error: grpc.aio.AioRpcError, handle: WorkerHandle, tried: frozenset[str], attempt: int, model: str
+    ) -> frozenset[str]:
+        """The workers to skip on the next attempt, or raise ``error`` as ours."""
+        if error.code() not in _RETRYABLE or attempt == _MAX_ATTEMPTS:
+            raise errors.ApiError.from_rpc_error(error) from None
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            self.pool.remove(handle.worker_id)
+        tried |= {handle.worker_id}
+        if not any(w.worker_id not in tried for w in self.pool.workers(model)):
+            raise errors.ApiError.from_rpc_error(error) from None
+        return tried
+
     async def _generate(
         self, model: str, request: worker_pb2.GenerateRequest, timeout: float | None
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        """One choice on one worker; moved to another worker if the first
-        refuses or is unreachable before accepting it."""
+        """One choice on one worker. A worker that refuses the call (full), or
+        fails before the first token (unreachable, killed), is replaced by
+        another one; the caller sees one uninterrupted stream."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         tried: frozenset[str] = frozenset()
+        accepted = produced = False
         for attempt in range(1, _MAX_ATTEMPTS + 1):
             handle = self.pool.pick(model, tried)
-            accepted = False
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
             with self.pool.lease(handle):
-                call = handle.stub.Generate(request, timeout=timeout, metadata=outgoing_metadata())
+                call = handle.stub.Generate(request, timeout=remaining, metadata=outgoing_metadata())
+                first = True
                 try:
                     async for response in call:
-                        accepted = True
+                        if first:
+                            first = False
+                            if accepted:  # a replacement worker: its acceptance is not news
+                                continue
+                            accepted = True
+                        else:
+                            produced = True
                         yield response
                     return
                 except grpc.aio.AioRpcError as error:
-                    if accepted or error.code() not in _RETRYABLE or attempt == _MAX_ATTEMPTS:
+                    if produced:
                         raise errors.ApiError.from_rpc_error(error) from None
-                    if error.code() == grpc.StatusCode.UNAVAILABLE:
-                        self.pool.remove(handle.worker_id)
-                    tried |= {handle.worker_id}
-                    if not self.pool.workers(model):
-                        raise errors.ApiError.from_rpc_error(error) from None
+                    tried = self._failover(error, handle, tried, attempt, model)
                 finally:
                     call.cancel()
 
@@ -87,13 +106,7 @@ class Inference:
                 try:
                     return await call(handle)
                 except grpc.aio.AioRpcError as error:
-                    if error.code() not in _RETRYABLE or attempt == _MAX_ATTEMPTS:
-                        raise errors.ApiError.from_rpc_error(error) from None
-                    if error.code() == grpc.StatusCode.UNAVAILABLE:
-                        self.pool.remove(handle.worker_id)
-                    tried |= {handle.worker_id}
-                    if not self.pool.workers(model):
-                        raise errors.ApiError.from_rpc_error(error) from None
+                    tried = self._failover(error, handle, tried, attempt, model)
         raise AssertionError("unreachable")
 
     async def _choices(

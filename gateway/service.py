@@ -14,6 +14,7 @@ from types import TracebackType
 import grpc
 
 from gateway import observability as obs
+from gateway.auth import current_key
 from gateway.errors import ApiError
 from gateway.inference import Inference
 from tokenwire.v1 import api_pb2, api_pb2_grpc, common_pb2
@@ -52,6 +53,9 @@ class Observed:
         obs.E2E.labels(self.kind, self.model).observe(elapsed)
         fields: dict[str, object] = {"kind": self.kind, "model": self.requested, "status": status}
         if self.usage is not None:
+            key = current_key.get()
+            if key is not None:
+                key.record(self.usage.total_tokens)
             obs.PROMPT_TOKENS.labels(self.model).inc(self.usage.prompt_tokens)
             obs.COMPLETION_TOKENS.labels(self.model).inc(self.usage.completion_tokens)
             fields["prompt_tokens"] = self.usage.prompt_tokens

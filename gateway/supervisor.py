@@ -140,10 +140,16 @@ def _models(args: argparse.Namespace) -> tuple[str, list[str], str | None, list[
 def serve(args: argparse.Namespace) -> None:
     from gateway.cli import api_keys
 
-    keys = api_keys(args)
+    keys = [spec.key for spec in api_keys(args)]
     env = dict(os.environ)
-    env.pop("TOKENWIRE_API_KEYS_FILE", None)
-    env["TOKENWIRE_API_KEYS"] = ",".join(keys)
+    # The children read the same settings from the environment, never argv (ps shows argv).
+    env["TOKENWIRE_API_KEYS"] = args.api_keys or ""
+    env["TOKENWIRE_API_KEYS_FILE"] = os.path.abspath(args.api_keys_file) if args.api_keys_file else ""
+    for name in ("rate_limit_rpm", "rate_limit_tpm"):
+        value = getattr(args, name)
+        env.pop(f"TOKENWIRE_{name.upper()}", None)
+        if value is not None:
+            env[f"TOKENWIRE_{name.upper()}"] = str(value)
     env["PYTHONUNBUFFERED"] = "1"
     common = ["--log-level", args.log_level, "--shutdown-grace", str(args.shutdown_grace)]
     chat_model, chat_flags, embed_model, embed_flags = _models(args)

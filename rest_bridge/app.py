@@ -88,6 +88,28 @@ def _metadata(request: Request) -> tuple[tuple[str, str], ...]:
     return (("authorization", authorization), rid) if authorization else (rid,)
 
 
+def request_timeout(request: Request, stream: bool) -> float | None:
+    """The request's deadline in seconds, passed on as the gRPC deadline.
+
+    ``X-Request-Timeout`` sets it explicitly. The OpenAI SDK sends its read
+    timeout as ``X-Stainless-Read-Timeout``: for a non-streamed request that is
+    how long the client will wait for the answer, so it is the deadline too.
+    """
+    explicit = request.headers.get("x-request-timeout")
+    value = explicit if explicit is not None else (None if stream else request.headers.get("x-stainless-read-timeout"))
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 1e7:
+        if explicit is None:
+            return None  # a malformed SDK header is not the caller's mistake to answer
+        raise errors.invalid_request("X-Request-Timeout must be a positive number of seconds.", "X-Request-Timeout")
+    return seconds
+
+
 def _stream_flag(body: dict[str, Any]) -> bool:
     stream = body.get("stream")
     if stream is None:
@@ -234,16 +256,19 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
         body = await read_json(request, settings.max_body_bytes)
         message = convert.chat_request(body)
         want_logprobs = message.logprobs
-        if _stream_flag(body):
+        streaming = _stream_flag(body)
+        timeout = request_timeout(request, streaming)
+        if streaming:
             options = convert.stream_options(body)
             call = stub(request).StreamChatCompletion(
                 api_pb2.StreamChatCompletionRequest(request=message, stream_options=options),
                 metadata=_metadata(request),
+                timeout=timeout,
             )
             include_usage = options.include_usage
             return await open_stream(call, lambda c: render.chat_chunk(c, want_logprobs, include_usage))
         reply = await cancel_on_disconnect(
-            request, stub(request).CreateChatCompletion(message, metadata=_metadata(request))
+            request, stub(request).CreateChatCompletion(message, metadata=_metadata(request), timeout=timeout)
         )
         return json_response(render.chat_completion(reply, want_logprobs))
 
@@ -256,22 +281,31 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
         body = await read_json(request, settings.max_body_bytes)
         message = convert.completion_request(body)
         want_logprobs = message.HasField("logprobs")
-        if _stream_flag(body):
+        streaming = _stream_flag(body)
+        timeout = request_timeout(request, streaming)
+        if streaming:
             options = convert.stream_options(body)
             call = stub(request).StreamCompletion(
-                api_pb2.StreamCompletionRequest(request=message, stream_options=options), metadata=_metadata(request)
+                api_pb2.StreamCompletionRequest(request=message, stream_options=options),
+                metadata=_metadata(request),
+                timeout=timeout,
             )
             include_usage = options.include_usage
             return await open_stream(call, lambda c: render.completion_chunk(c, want_logprobs, include_usage))
         reply = await cancel_on_disconnect(
-            request, stub(request).CreateCompletion(message, metadata=_metadata(request))
+            request, stub(request).CreateCompletion(message, metadata=_metadata(request), timeout=timeout)
         )
         return json_response(render.completion(reply, want_logprobs))
 
     async def _embeddings(request: Request, model: str | None) -> Response:
         body = await read_json(request, settings.max_body_bytes)
         message = convert.embedding_request(body, model)
-        reply = await cancel_on_disconnect(request, stub(request).CreateEmbedding(message, metadata=_metadata(request)))
+        reply = await cancel_on_disconnect(
+            request,
+            stub(request).CreateEmbedding(
+                message, metadata=_metadata(request), timeout=request_timeout(request, False)
+            ),
+        )
         return json_response(render.embeddings(reply, message.encoding_format))
 
     @app.post("/v1/embeddings", tags=["embeddings"])
