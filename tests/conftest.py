@@ -34,16 +34,25 @@ class EchoSystem:
         return [self.bridge, *self.chat_workers, self.embed_worker, self.gateway]
 
 
-def start_echo_system(*, delay: float = 0.0, tokens: int = 16, keys: str = API_KEY) -> EchoSystem:
-    """A gateway (keys from TOKENWIRE_API_KEYS), two echo chat workers for one
-    model, one echo embedding worker, and the bridge."""
-    gateway = harness.gateway("--heartbeat-expiry", "3", env={"TOKENWIRE_API_KEYS": keys})
+def start_echo_system(
+    *,
+    delay: float = 0.0,
+    tokens: int = 16,
+    keys: str = API_KEY,
+    chat_workers: int = 2,
+    gateway_args: tuple[str, ...] = (),
+    worker_args: tuple[str, ...] = (),
+    bridge_args: tuple[str, ...] = (),
+) -> EchoSystem:
+    """A gateway (keys from TOKENWIRE_API_KEYS), echo chat workers for one
+    model (two by default), one echo embedding worker, and the bridge."""
+    gateway = harness.gateway("--heartbeat-expiry", "3", *gateway_args, env={"TOKENWIRE_API_KEYS": keys})
     echo = ["--echo-context-length", str(ECHO_CONTEXT), "--echo-tokens", str(tokens), "--echo-delay", str(delay)]
-    chat = [harness.echo_worker(gateway.address, CHAT_MODEL, *echo) for _ in range(2)]
+    chat = [harness.echo_worker(gateway.address, CHAT_MODEL, *echo, *worker_args) for _ in range(chat_workers)]
     embed = harness.echo_worker(gateway.address, EMBED_MODEL, "--echo-kind", "embedding")
-    bridge = harness.bridge(gateway.address)
+    bridge = harness.bridge(gateway.address, *bridge_args)
     system = EchoSystem(gateway, chat, embed, bridge)
-    harness.wait_for_workers(system.url, CHAT_MODEL, 2, key=API_KEY)
+    harness.wait_for_workers(system.url, CHAT_MODEL, chat_workers, key=API_KEY)
     harness.wait_for_workers(system.url, EMBED_MODEL, 1, key=API_KEY)
     return system
 
