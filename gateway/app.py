@@ -7,6 +7,8 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable
 
+import grpc
+
 from gateway.auth import ApiKeys, AuthInterceptor, KeyLimits, KeySpec
 from gateway.grpc_server import GrpcServer
 from gateway.inference import Inference
@@ -35,6 +37,7 @@ async def run_gateway(
     shutdown_grace: float = 10.0,
     expect_models: list[str] | None = None,
     metrics_port: int | None = None,
+    tls: grpc.ServerCredentials | None = None,
     stop: asyncio.Event,
     on_ready: Callable[[int], None] | None = None,
 ) -> None:
@@ -60,7 +63,7 @@ async def run_gateway(
         0, (api_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(inference), INFERENCE_SERVICE)
     )
     server = GrpcServer(services, interceptors=[AuthInterceptor(ApiKeys(api_keys, default_limits))])
-    bound = server.bind(f"{host}:{port}")
+    bound = server.bind(f"{host}:{port}", tls)
     pool.start()
     expiry_task = asyncio.create_task(registry.run_expiry()) if registry is not None else None
     await server.start()
@@ -95,6 +98,7 @@ async def run_registry(
     host: str,
     port: int,
     heartbeat_expiry: float = 15.0,
+    tls: grpc.ServerCredentials | None = None,
     stop: asyncio.Event,
     on_ready: Callable[[int], None] | None = None,
 ) -> None:
@@ -103,7 +107,7 @@ async def run_registry(
     server = GrpcServer(
         [(registry_pb2_grpc.add_RegistryServiceServicer_to_server, RegistryServicer(registry), REGISTRY_SERVICE)]
     )
-    bound = server.bind(f"{host}:{port}")
+    bound = server.bind(f"{host}:{port}", tls)
     expiry_task = asyncio.create_task(registry.run_expiry())
     await server.start()
     log.info("registry serving on %s:%d", host, bound)

@@ -83,6 +83,7 @@ def _run(main: Callable[[asyncio.Event], Any]) -> None:
 
 def cmd_gateway(args: argparse.Namespace) -> None:
     from gateway.app import run_gateway
+    from gateway.grpc_server import server_credentials
     from gateway.validation import Limits
 
     _run(
@@ -97,6 +98,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
             shutdown_grace=args.shutdown_grace,
             expect_models=_split(args.expect_models),
             metrics_port=args.metrics_port,
+            tls=server_credentials(args.tls_cert, args.tls_key),
             stop=stop,
             on_ready=lambda port: _ready("gateway", args.host, port),
         )
@@ -105,12 +107,14 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
 def cmd_registry(args: argparse.Namespace) -> None:
     from gateway.app import run_registry
+    from gateway.grpc_server import server_credentials
 
     _run(
         lambda stop: run_registry(
             host=args.host,
             port=args.port,
             heartbeat_expiry=args.heartbeat_expiry,
+            tls=server_credentials(args.tls_cert, args.tls_key),
             stop=stop,
             on_ready=lambda port: _ready("registry", args.host, port),
         )
@@ -118,6 +122,7 @@ def cmd_registry(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
+    from gateway.grpc_server import server_credentials
     from workers.server import run_worker
 
     engine = importlib.import_module(ENGINES[args.engine]).build(args)
@@ -133,6 +138,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
             heartbeat_interval=args.heartbeat_interval,
             shutdown_grace=args.shutdown_grace,
             metrics_port=args.metrics_port,
+            tls=server_credentials(args.tls_cert, args.tls_key),
             stop=stop,
             on_ready=lambda port: _ready("worker", args.host, port),
         )
@@ -202,6 +208,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="text for people, json for machines"
     )
+
+
+def _tls_server_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-cert", default=None, help="serve gRPC over TLS with this certificate (PEM)")
+    parser.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
+
+
+def _tls_client_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-ca", default=None, help="dial tokenwire peers over TLS, trusting this CA (PEM)")
 
 
 def _metrics_flag(parser: argparse.ArgumentParser) -> None:
@@ -299,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--shutdown-grace", type=float, default=10.0)
     _gateway_flags(gateway)
     _metrics_flag(gateway)
+    _tls_server_flags(gateway)
+    _tls_client_flag(gateway)
     _common(gateway)
     gateway.set_defaults(func=cmd_gateway)
 
@@ -306,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry.add_argument("--host", default="127.0.0.1")
     registry.add_argument("--port", type=int, default=21001)
     registry.add_argument("--heartbeat-expiry", type=float, default=15.0)
+    _tls_server_flags(registry)
     _common(registry)
     registry.set_defaults(func=cmd_registry)
 
@@ -320,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--shutdown-grace", type=float, default=10.0)
     _worker_flags(worker)
     _metrics_flag(worker)
+    _tls_server_flags(worker)
+    _tls_client_flag(worker)
     _common(worker)
     worker.set_defaults(func=cmd_worker)
 
@@ -334,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bridge.add_argument("--shutdown-grace", type=float, default=10.0)
     _bridge_flags(bridge)
+    _tls_client_flag(bridge)
     _common(bridge)
     bridge.set_defaults(func=cmd_bridge)
 
@@ -344,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the registry: a gateway or a standalone registry",
     )
     status.add_argument("--model", default="", help="only this model's workers")
+    _tls_client_flag(status)
     _common(status)
     status.set_defaults(func=cmd_status)
 
@@ -370,9 +392,11 @@ def _defaults_from_env(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    from gateway.grpc_server import configure_client_tls
     from gateway.observability import setup_logging
 
     setup_logging(args.log_level, args.log_format)
+    configure_client_tls(getattr(args, "tls_ca", None))
     args.func(args)
 
 

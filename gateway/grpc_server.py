@@ -37,6 +37,46 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
+# -- channels and TLS -------------------------------------------------------------
+#
+# TLS is a per-process setting: a process that trusts a CA (--tls-ca) dials
+# every tokenwire peer (gateway -> workers, worker -> registry, bridge ->
+# gateway) over TLS; a process with --tls-cert/--tls-key serves TLS.
+
+_client_credentials: grpc.ChannelCredentials | None = None
+
+
+def configure_client_tls(ca_path: str | None) -> None:
+    global _client_credentials
+    if ca_path:
+        with open(ca_path, "rb") as handle:
+            _client_credentials = grpc.ssl_channel_credentials(root_certificates=handle.read())
+    else:
+        _client_credentials = None
+
+
+def server_credentials(cert_path: str | None, key_path: str | None) -> grpc.ServerCredentials | None:
+    if not cert_path and not key_path:
+        return None
+    if not (cert_path and key_path):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    with open(cert_path, "rb") as cert, open(key_path, "rb") as key:
+        return grpc.ssl_server_credentials([(key.read(), cert.read())])
+
+
+def open_channel(address: str) -> grpc.aio.Channel:
+    """An aio channel to a tokenwire peer, with TLS when the process trusts a CA."""
+    if _client_credentials is not None:
+        return grpc.aio.secure_channel(address, _client_credentials, options=CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def open_sync_channel(address: str) -> grpc.Channel:
+    if _client_credentials is not None:
+        return grpc.secure_channel(address, _client_credentials, options=CHANNEL_OPTIONS)
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
 async def abort_with(context: grpc.aio.ServicerContext, error: ApiError) -> None:
     await context.abort(error.status, error.message, error.trailing_metadata())
 

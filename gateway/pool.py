@@ -19,7 +19,7 @@ import grpc
 
 from gateway import errors
 from gateway import observability as obs
-from gateway.grpc_server import CHANNEL_OPTIONS
+from gateway.grpc_server import open_channel
 from tokenwire.v1 import common_pb2, registry_pb2, registry_pb2_grpc, worker_pb2_grpc
 
 log = logging.getLogger("tokenwire.gateway")
@@ -32,7 +32,7 @@ class WorkerHandle:
 
     def __init__(self, status: registry_pb2.WorkerStatus) -> None:
         self.status = status
-        self.channel = grpc.aio.insecure_channel(status.address, options=CHANNEL_OPTIONS)
+        self.channel = open_channel(status.address)
         self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
         self.in_flight = 0
 
@@ -167,7 +167,7 @@ def remote_source(address: str) -> WatchSource:
     """Watch a standalone registry over gRPC."""
 
     async def watch() -> AsyncIterator[list[registry_pb2.WorkerStatus]]:
-        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        async with open_channel(address) as channel:
             stub = registry_pb2_grpc.RegistryServiceStub(channel)
             async for response in stub.WatchWorkers(registry_pb2.WatchWorkersRequest()):
                 yield list(response.workers)

@@ -7,13 +7,13 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.grpc_server import CHANNEL_OPTIONS
+from gateway.grpc_server import open_sync_channel
 from tokenwire.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
 
 def _health(address: str) -> str:
     try:
-        with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        with open_sync_channel(address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
             return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     except grpc.RpcError as error:
@@ -46,7 +46,7 @@ def render(workers: list[registry_pb2.WorkerStatus], health: dict[str, str], now
 
 
 def status(registry_address: str, model: str = "") -> str:
-    with grpc.insecure_channel(registry_address, options=CHANNEL_OPTIONS) as channel:
+    with open_sync_channel(registry_address) as channel:
         reply = registry_pb2_grpc.RegistryServiceStub(channel).ListWorkers(
             registry_pb2.ListWorkersRequest(model=model), timeout=5
         )

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import errors
 from gateway.errors import ApiError
-from gateway.grpc_server import CHANNEL_OPTIONS
+from gateway.grpc_server import open_channel
 from gateway.observability import REQUEST_ID_HEADER, request_id
 from rest_bridge import convert, render
 from rest_bridge.middleware import RequestMiddleware
@@ -183,7 +183,7 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with grpc.aio.insecure_channel(settings.gateway_address, options=CHANNEL_OPTIONS) as channel:
+        async with open_channel(settings.gateway_address) as channel:
             app.state.stub = api_pb2_grpc.InferenceServiceStub(channel)
             app.state.health = health_pb2_grpc.HealthStub(channel)
             yield

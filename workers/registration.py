@@ -9,7 +9,7 @@ import uuid
 
 import grpc
 
-from gateway.grpc_server import CHANNEL_OPTIONS
+from gateway.grpc_server import open_channel
 from tokenwire.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from workers.slots import Slots
 
@@ -25,7 +25,7 @@ class RegistryLink:
         self.model = model
         self.slots = slots
         self.interval = interval
-        self.channel = grpc.aio.insecure_channel(controller_address, options=CHANNEL_OPTIONS)
+        self.channel = open_channel(controller_address)
         self.stub = registry_pb2_grpc.RegistryServiceStub(self.channel)
         self._task: asyncio.Task[None] | None = None
 

@@ -178,6 +178,7 @@ async def run_worker(
     heartbeat_interval: float = 5.0,
     shutdown_grace: float = 10.0,
     metrics_port: int | None = None,
+    tls: grpc.ServerCredentials | None = None,
     stop: asyncio.Event,
     on_ready: Callable[[int], None] | None = None,
 ) -> None:
@@ -185,7 +186,7 @@ async def run_worker(
     slots = Slots(limit_worker_concurrency, max_queue)
     servicer = WorkerServicer(engine, slots)
     server = GrpcServer([(worker_pb2_grpc.add_WorkerServiceServicer_to_server, servicer, "tokenwire.v1.WorkerService")])
-    bound = server.bind(f"{host}:{port}")
+    bound = server.bind(f"{host}:{port}", tls)
     await server.start()
     # NOT_SERVING while the model loads.
     await server.set_serving(False)
