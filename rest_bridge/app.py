@@ -29,7 +29,7 @@ from gateway import errors
 from gateway.errors import ApiError
 from gateway.grpc_server import open_channel
 from gateway.observability import REQUEST_ID_HEADER, request_id
-from rest_bridge import convert, render
+from rest_bridge import convert, openapi, render
 from rest_bridge.middleware import RequestMiddleware
 from tokenwire.v1 import api_pb2, api_pb2_grpc
 
@@ -272,11 +272,17 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
         )
         return json_response(render.chat_completion(reply, want_logprobs))
 
-    app.post("/v1/chat/completions", tags=["chat"])(chat)
+    chat_doc = {"openapi_extra": openapi.body(openapi.CHAT), "responses": openapi.ERROR_RESPONSES}
+    app.post("/v1/chat/completions", tags=["chat"], **chat_doc)(chat)
     # FastChat's path for the same API (it added repetition_penalty, which we accept everywhere).
-    app.post("/api/v1/chat/completions", tags=["chat"])(chat)
+    app.post("/api/v1/chat/completions", tags=["chat"], **chat_doc)(chat)
 
-    @app.post("/v1/completions", tags=["completions"])
+    @app.post(
+        "/v1/completions",
+        tags=["completions"],
+        openapi_extra=openapi.body(openapi.COMPLETION),
+        responses=openapi.ERROR_RESPONSES,
+    )
     async def completions(request: Request) -> Response:
         body = await read_json(request, settings.max_body_bytes)
         message = convert.completion_request(body)
@@ -308,15 +314,22 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
         )
         return json_response(render.embeddings(reply, message.encoding_format))
 
-    @app.post("/v1/embeddings", tags=["embeddings"])
+    embedding_doc = {"openapi_extra": openapi.body(openapi.EMBEDDING), "responses": openapi.ERROR_RESPONSES}
+
+    @app.post("/v1/embeddings", tags=["embeddings"], **embedding_doc)
     async def embeddings(request: Request) -> Response:
         return await _embeddings(request, None)
 
-    @app.post("/v1/engines/{model}/embeddings", tags=["embeddings"])
+    @app.post("/v1/engines/{model}/embeddings", tags=["embeddings"], **embedding_doc)
     async def engine_embeddings(model: str, request: Request) -> Response:
         return await _embeddings(request, model)
 
-    @app.post("/api/v1/token_check", tags=["tokens"])
+    @app.post(
+        "/api/v1/token_check",
+        tags=["tokens"],
+        openapi_extra=openapi.body(openapi.TOKEN_CHECK),
+        responses=openapi.ERROR_RESPONSES,
+    )
     async def token_check(request: Request) -> Response:
         body = await read_json(request, settings.max_body_bytes)
         reply = await stub(request).CheckTokens(convert.token_check_request(body), metadata=_metadata(request))

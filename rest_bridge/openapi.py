@@ -1,0 +1,172 @@
+"""Request and error schemas for the bridge's /openapi.json.
+
+The handlers parse bodies themselves (into protobuf, with OpenAI-style
+errors), so FastAPI cannot infer these; they are written out here from
+OpenAI's spec (the subset tokenwire serves). Clients, docs and the fuzz test
+read them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_STOP = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}, {"type": "null"}]}
+_TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+_TEXT_OR_TOKENS = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}},
+        _TOKENS,
+        {"type": "array", "items": _TOKENS},
+    ]
+}
+_SAMPLING: dict[str, Any] = {
+    "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+    "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+    "top_k": {"type": ["integer", "null"], "minimum": -1},
+    "min_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+    "n": {"type": ["integer", "null"], "minimum": 1, "maximum": 128},
+    "max_tokens": {"type": ["integer", "null"], "minimum": 1},
+    "stop": _STOP,
+    "presence_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+    "frequency_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+    "repetition_penalty": {"type": ["number", "null"], "exclusiveMinimum": 0},
+    "seed": {"type": ["integer", "null"]},
+    "logit_bias": {
+        "type": ["object", "null"],
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+    },
+    "stream": {"type": ["boolean", "null"]},
+    "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}},
+    "user": {"type": "string"},
+}
+_MODEL = {"type": "string", "examples": ["echo-chat", "smollm2-135m-instruct"]}
+_MESSAGE = {
+    "type": "object",
+    "required": ["role"],
+    "properties": {
+        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
+        "content": {
+            "anyOf": [
+                {"type": "string"},
+                {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["type"],
+                        "properties": {
+                            "type": {"type": "string", "enum": ["text", "image_url"]},
+                            "text": {"type": "string"},
+                        },
+                    },
+                },
+                {"type": "null"},
+            ]
+        },
+        "name": {"type": "string"},
+        "tool_call_id": {"type": "string"},
+        "tool_calls": {"type": "array", "items": {"type": "object"}},
+    },
+}
+_RESPONSE_FORMAT = {
+    "type": "object",
+    "required": ["type"],
+    "properties": {
+        "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+        "json_schema": {"type": "object", "properties": {"name": {"type": "string"}, "schema": {"type": "object"}}},
+    },
+}
+
+CHAT = {
+    "type": "object",
+    "required": ["model", "messages"],
+    "properties": {
+        "model": _MODEL,
+        "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
+        **_SAMPLING,
+        "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
+        "logprobs": {"type": ["boolean", "null"]},
+        "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
+        "response_format": _RESPONSE_FORMAT,
+        "tools": {"type": "array", "items": {"type": "object"}},
+        "tool_choice": {"anyOf": [{"type": "string", "enum": ["none", "auto", "required"]}, {"type": "object"}]},
+        "parallel_tool_calls": {"type": "boolean"},
+    },
+}
+COMPLETION = {
+    "type": "object",
+    "required": ["model", "prompt"],
+    "properties": {
+        "model": _MODEL,
+        "prompt": _TEXT_OR_TOKENS,
+        **_SAMPLING,
+        "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 5},
+        "echo": {"type": ["boolean", "null"]},
+        "best_of": {"type": ["integer", "null"], "minimum": 1, "maximum": 20},
+        "suffix": {"type": ["string", "null"]},
+    },
+}
+EMBEDDING = {
+    "type": "object",
+    "required": ["input"],
+    "properties": {
+        "model": {"type": "string", "examples": ["echo-embedding", "all-minilm-l6-v2"]},
+        "input": _TEXT_OR_TOKENS,
+        "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+        "dimensions": {"type": "integer", "minimum": 1},
+        "user": {"type": "string"},
+    },
+}
+TOKEN_CHECK = {
+    "type": "object",
+    "required": ["prompts"],
+    "properties": {
+        "prompts": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["model", "prompt", "max_tokens"],
+                "properties": {
+                    "model": _MODEL,
+                    "prompt": {"type": "string"},
+                    "max_tokens": {"type": "integer", "minimum": 0},
+                },
+            },
+        }
+    },
+}
+ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def body(schema: dict[str, Any]) -> dict[str, Any]:
+    """``openapi_extra`` for a route whose JSON body follows ``schema``."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"description": description, "content": {"application/json": {"schema": ERROR}}}
+    for status, description in (
+        (400, "Bad request"),
+        (401, "Invalid API key"),
+        (404, "Model not found"),
+        (413, "Body too large"),
+        (429, "Rate limited (see Retry-After)"),
+        (503, "No live worker"),
+        (504, "Deadline exceeded"),
+    )
+}
