@@ -151,12 +151,20 @@ def serve(args: argparse.Namespace) -> None:
         if value is not None:
             env[f"TOKENWIRE_{name.upper()}"] = str(value)
     env["PYTHONUNBUFFERED"] = "1"
-    common = ["--log-level", args.log_level, "--shutdown-grace", str(args.shutdown_grace)]
+    common = [
+        "--log-level",
+        args.log_level,
+        "--log-format",
+        args.log_format,
+        "--shutdown-grace",
+        str(args.shutdown_grace),
+    ]
     chat_model, chat_flags, embed_model, embed_flags = _models(args)
     if args.no_embeddings:
         embed_model = None
 
-    gateway_argv = ["gateway", "--host", args.host, "--port", str(args.grpc_port), *common]
+    expected = ",".join(m for m in (chat_model, embed_model) if m)
+    gateway_argv = ["gateway", "--host", args.host, "--port", str(args.grpc_port), "--expect-models", expected, *common]
     if args.controller_address:
         gateway_argv += ["--controller-address", args.controller_address]
     gateway = Child("gateway", gateway_argv)

@@ -167,3 +167,61 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):  # typ
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         time.sleep(interval)
+
+
+@dataclass
+class Serve:
+    """``tokenwire serve`` as a user runs it; its banner tells where to go."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[str] | None = None
+    url: str = ""
+    grpc_address: str = ""
+    output: list[str] = field(default_factory=list)
+
+    def start(self, timeout: float = 600.0) -> Serve:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--port", "0", "--grpc-port", "0", *self.argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        ready = threading.Event()
+
+        def read() -> None:
+            assert self.process is not None and self.process.stdout is not None
+            for line in self.process.stdout:
+                self.output.append(line)
+                if line.strip().startswith("OpenAI REST API"):
+                    self.url = line.split()[3].removesuffix("/v1")
+                elif line.strip().startswith("gRPC gateway"):
+                    self.grpc_address = line.split()[2]
+                elif "Press Ctrl-C to stop." in line:
+                    ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("tokenwire serve did not get ready:\n" + "".join(self.output[-60:]))
+        return self
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode
+
+    def log(self) -> str:
+        return "".join(self.output)

@@ -1,0 +1,209 @@
+"""The embedded default, end to end: `tokenwire serve` (what `make serve`
+runs) with SmolLM2-135M-Instruct on llama.cpp and all-MiniLM-L6-v2, driven by
+the official openai SDK.
+
+Reliability of prompts: this Q4_1 135M model is weak at greedy decoding on
+open questions ("What is the capital of France?" at temperature 0 gives
+nonsense), but "... Answer in one sentence." at temperature 0 answers "The
+capital of France is Paris." every time, and counting "1, 2, 3, 4," continues
+the sequence. Every generation here is greedy or seeded, so results repeat.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import struct
+import time
+from collections.abc import Iterator
+
+import grpc
+import jsonschema
+import openai
+import pytest
+
+from tests import harness
+from tokenwire.v1 import registry_pb2, registry_pb2_grpc
+
+pytestmark = pytest.mark.models
+
+CHAT = "smollm2-135m-instruct"
+EMBED = "all-minilm-l6-v2"
+FRANCE = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[harness.Serve]:
+    serve = harness.Serve(["--log-level", "warning"]).start()
+    yield serve
+    assert serve.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(served: harness.Serve) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{served.url}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def test_models_listed(client: openai.OpenAI) -> None:
+    assert {m.id for m in client.models.list()} == {CHAT, EMBED}
+
+
+def test_chat_answers_paris(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model=CHAT, messages=FRANCE, temperature=0, max_tokens=30)
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.usage.prompt_tokens > 10  # the template's system prompt is counted too
+    assert reply.usage.completion_tokens <= 30
+
+
+def test_stream_with_usage(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model=CHAT, messages=FRANCE, temperature=0, max_tokens=30, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert {c.id for c in chunks} == {chunks[0].id}
+
+
+def test_stop_strings(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model=CHAT, prompt="1, 2, 3, 4,", temperature=0, max_tokens=20, stop=[" 7"])
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop"
+    assert " 7" not in choice.text
+    assert "5" in choice.text
+
+
+def test_max_tokens_is_length(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model=CHAT, messages=FRANCE, temperature=0, max_completion_tokens=3)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 3
+
+
+def test_seed_repeats(client: openai.OpenAI) -> None:
+    def run(seed: int) -> str:
+        messages = [{"role": "user", "content": "Write a short poem about the sea."}]
+        reply = client.chat.completions.create(model=CHAT, messages=messages, temperature=1.0, seed=seed, max_tokens=16)
+        return reply.choices[0].message.content
+
+    first = run(1234)
+    assert run(1234) == first
+    assert run(99) != first
+
+
+def test_chat_logprobs(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=CHAT, messages=FRANCE, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3
+    )
+    entries = reply.choices[0].logprobs.content
+    assert len(entries) == reply.usage.completion_tokens
+    for entry in entries:
+        assert entry.logprob <= 0
+        assert len(entry.top_logprobs) == 3
+        # Greedy: the chosen token is the most likely one.
+        assert entry.logprob == pytest.approx(max(t.logprob for t in entry.top_logprobs), abs=1e-4)
+    assert "".join(e.token for e in entries) == reply.choices[0].message.content
+
+
+def test_completion_echo_and_logprobs(client: openai.OpenAI) -> None:
+    prompt = "The capital of France is"
+    reply = client.completions.create(model=CHAT, prompt=prompt, temperature=0, max_tokens=4, echo=True, logprobs=2)
+    choice = reply.choices[0]
+    assert choice.text.startswith(prompt)
+    logprobs = choice.logprobs
+    assert "".join(logprobs.tokens) == choice.text
+    assert logprobs.token_logprobs[0] is None
+    assert all(lp <= 0 for lp in logprobs.token_logprobs[1:])
+    assert logprobs.text_offset == sorted(logprobs.text_offset)
+    assert reply.usage.completion_tokens == 4
+
+
+def test_json_object(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=CHAT,
+        messages=[{"role": "user", "content": "Describe the city of Paris as a JSON object with a name and a country."}],
+        response_format={"type": "json_object"},
+        temperature=0,
+        max_tokens=200,
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+
+
+def test_json_schema(client: openai.OpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    }
+    reply = client.chat.completions.create(
+        model=CHAT,
+        messages=[{"role": "user", "content": "What is the capital of France? Reply in JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "capital", "schema": schema}},
+        temperature=0,
+        max_tokens=100,
+    )
+    data = json.loads(reply.choices[0].message.content)
+    jsonschema.validate(data, schema)
+
+
+def test_context_length_exceeded_by_the_real_tokenizer(client: openai.OpenAI) -> None:
+    context = client.models.retrieve(CHAT).model_extra["context_length"]
+    words = "hello " * context  # one token each, plus the template
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": words}], max_tokens=1)
+    assert caught.value.code == "context_length_exceeded"
+
+
+def test_embeddings_similarity_and_base64(client: openai.OpenAI) -> None:
+    texts = ["A cat sits on the mat.", "A kitten is sitting on a rug.", "Quarterly revenue grew by 4 percent."]
+    reply = client.embeddings.create(model=EMBED, input=texts)
+    cat, kitten, revenue = (d.embedding for d in reply.data)
+    assert len(cat) == 384
+    assert cosine(cat, kitten) > cosine(cat, revenue)
+    assert reply.usage.prompt_tokens > len(texts)
+    raw = client.with_raw_response.embeddings.create(model=EMBED, input=texts[0], encoding_format="base64")
+    encoded = raw.http_response.json()["data"][0]["embedding"]
+    assert struct.unpack("<384f", base64.b64decode(encoded)) == pytest.approx(cat, abs=1e-6)
+
+
+def worker_address(served: harness.Serve, model: str) -> str:
+    with grpc.insecure_channel(served.grpc_address) as channel:
+        workers = registry_pb2_grpc.RegistryServiceStub(channel).ListWorkers(registry_pb2.ListWorkersRequest(model=model))
+    return workers.workers[0].address
+
+
+def test_cancelled_stream_stops_llama(client: openai.OpenAI, served: harness.Serve) -> None:
+    address = worker_address(served, CHAT)
+    before = harness.worker_stats(address)
+    stream = client.chat.completions.create(
+        model=CHAT,
+        messages=[{"role": "user", "content": "Write a long story about a dragon."}],
+        max_tokens=400,
+        temperature=0.7,
+        seed=1,
+        stream=True,
+    )
+    for i, _ in enumerate(stream):
+        if i == 5:
+            break
+    stream.close()  # the HTTP connection goes away mid-stream
+    after = harness.wait_until(
+        lambda: (s := harness.worker_stats(address)).cancelled_total == before.cancelled_total + 1 and s.in_flight == 0 and s,
+        timeout=30,
+    )
+    assert after.tokens_after_cancel_max <= 1
+    # The model is free at once: the next request does not wait for the story.
+    started = time.monotonic()
+    client.chat.completions.create(model=CHAT, messages=FRANCE, temperature=0, max_tokens=2)
+    assert time.monotonic() - started < 2
