@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
+from typing import Any
 
 import grpc
 
@@ -70,8 +71,22 @@ class InferenceServicer(api_pb2_grpc.InferenceServiceServicer):
     def __init__(self, inference: Inference) -> None:
         self.inference = inference
 
-    def _observed(self, kind: str, model: str) -> Observed:
-        return Observed(self.inference, kind, model)
+    async def _unary(self, kind: str, request: Any, serve: Callable[..., Awaitable[Any]], context: Any) -> Any:
+        with Observed(self.inference, kind, request.model) as observed:
+            reply = await serve(request, context.time_remaining())
+            observed.usage = reply.usage
+            return reply
+
+    async def _stream(
+        self, kind: str, request: Any, serve: Callable[..., AsyncIterator[Any]], context: Any
+    ) -> AsyncIterator[Any]:
+        with Observed(self.inference, kind, request.request.model) as observed:
+            async for chunk in serve(request.request, context.time_remaining()):
+                if chunk.HasField("usage"):  # the last chunk
+                    observed.usage = chunk.usage
+                    if not request.stream_options.include_usage:
+                        continue
+                yield chunk
 
     async def ListModels(
         self, request: api_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -86,48 +101,27 @@ class InferenceServicer(api_pb2_grpc.InferenceServiceServicer):
     async def CreateChatCompletion(
         self, request: api_pb2.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.CreateChatCompletionResponse:
-        with self._observed("chat", request.model) as observed:
-            reply = await self.inference.chat(request, context.time_remaining())
-            observed.usage = reply.usage
-            return reply
+        return await self._unary("chat", request, self.inference.chat, context)  # type: ignore[no-any-return]
 
-    async def StreamChatCompletion(
+    def StreamChatCompletion(
         self, request: api_pb2.StreamChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[api_pb2.StreamChatCompletionResponse]:
-        with self._observed("chat_stream", request.request.model) as observed:
-            async for chunk in self.inference.chat_stream(request.request, context.time_remaining()):
-                if chunk.HasField("usage"):  # the last chunk
-                    observed.usage = chunk.usage
-                    if not request.stream_options.include_usage:
-                        continue
-                yield chunk
+        return self._stream("chat_stream", request, self.inference.chat_stream, context)
 
     async def CreateCompletion(
         self, request: api_pb2.CreateCompletionRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.CreateCompletionResponse:
-        with self._observed("completion", request.model) as observed:
-            reply = await self.inference.completion(request, context.time_remaining())
-            observed.usage = reply.usage
-            return reply
+        return await self._unary("completion", request, self.inference.completion, context)  # type: ignore[no-any-return]
 
-    async def StreamCompletion(
+    def StreamCompletion(
         self, request: api_pb2.StreamCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[api_pb2.StreamCompletionResponse]:
-        with self._observed("completion_stream", request.request.model) as observed:
-            async for chunk in self.inference.completion_stream(request.request, context.time_remaining()):
-                if chunk.HasField("usage"):  # the last chunk
-                    observed.usage = chunk.usage
-                    if not request.stream_options.include_usage:
-                        continue
-                yield chunk
+        return self._stream("completion_stream", request, self.inference.completion_stream, context)
 
     async def CreateEmbedding(
         self, request: api_pb2.CreateEmbeddingRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.CreateEmbeddingResponse:
-        with self._observed("embedding", request.model) as observed:
-            reply = await self.inference.embed(request, context.time_remaining())
-            observed.usage = reply.usage
-            return reply
+        return await self._unary("embedding", request, self.inference.embed, context)  # type: ignore[no-any-return]
 
     async def CheckTokens(
         self, request: api_pb2.CheckTokensRequest, context: grpc.aio.ServicerContext

