@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import importlib.util
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -265,8 +264,6 @@ def _worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 429")
     parser.add_argument("--heartbeat-interval", type=float, default=5.0)
     for name in ENGINES:
-        if importlib.util.find_spec(ENGINES[name]) is None:  # TEMP until all engines land
-            continue
         group = parser.add_argument_group(f"{name} engine")
         module = importlib.import_module(ENGINES[name])
         module.add_arguments(group)
