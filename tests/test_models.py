@@ -64,7 +64,12 @@ def test_chat_answers_paris(client: openai.OpenAI) -> None:
 def test_stream_with_usage(client: openai.OpenAI) -> None:
     chunks = list(
         client.chat.completions.create(
-            model=CHAT, messages=FRANCE, temperature=0, max_tokens=30, stream=True, stream_options={"include_usage": True}
+            model=CHAT,
+            messages=FRANCE,
+            temperature=0,
+            max_tokens=30,
+            stream=True,
+            stream_options={"include_usage": True},
         )
     )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -130,7 +135,9 @@ def test_completion_echo_and_logprobs(client: openai.OpenAI) -> None:
 def test_json_object(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model=CHAT,
-        messages=[{"role": "user", "content": "Describe the city of Paris as a JSON object with a name and a country."}],
+        messages=[
+            {"role": "user", "content": "Describe the city of Paris as a JSON object with a name and a country."}
+        ],
         response_format={"type": "json_object"},
         temperature=0,
         max_tokens=200,
@@ -179,7 +186,9 @@ def test_embeddings_similarity_and_base64(client: openai.OpenAI) -> None:
 
 def worker_address(served: harness.Serve, model: str) -> str:
     with grpc.insecure_channel(served.grpc_address) as channel:
-        workers = registry_pb2_grpc.RegistryServiceStub(channel).ListWorkers(registry_pb2.ListWorkersRequest(model=model))
+        workers = registry_pb2_grpc.RegistryServiceStub(channel).ListWorkers(
+            registry_pb2.ListWorkersRequest(model=model)
+        )
     return workers.workers[0].address
 
 
@@ -199,7 +208,11 @@ def test_cancelled_stream_stops_llama(client: openai.OpenAI, served: harness.Ser
             break
     stream.close()  # the HTTP connection goes away mid-stream
     after = harness.wait_until(
-        lambda: (s := harness.worker_stats(address)).cancelled_total == before.cancelled_total + 1 and s.in_flight == 0 and s,
+        lambda: (
+            (s := harness.worker_stats(address)).cancelled_total == before.cancelled_total + 1
+            and s.in_flight == 0
+            and s
+        ),
         timeout=30,
     )
     assert after.tokens_after_cancel_max <= 1
