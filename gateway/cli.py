@@ -166,6 +166,7 @@ def cmd_bridge(args: argparse.Namespace) -> None:
         loop="uvloop",
         http="httptools",
         log_level=args.log_level.lower(),
+        log_config=None,  # our handlers (setup_logging), not uvicorn's
         access_log=False,
         timeout_graceful_shutdown=int(args.shutdown_grace),
     )

@@ -103,7 +103,7 @@ def _banner(http: str, grpc_address: str, chat_model: str, embed_model: str | No
         "",
         "Try it:",
         f"  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' \\",
-        f'    -d \'{{"model": "{chat_model}", "messages": [{{"role": "user", "content": "What is the capital of France? Answer in one sentence."}}]}}\'',
+        f'    -d \'{{"model": "{chat_model}", "messages": [{{"role": "user", "content": "What is the capital of France? Answer in one sentence."}}], "temperature": 0}}\'',
         "",
         "  python -c 'from openai import OpenAI; import os",
         f'  c = OpenAI(base_url="{url}/v1", api_key=os.environ.get("TOKENWIRE_API_KEY", "none"))',
@@ -130,7 +130,8 @@ def _models(args: argparse.Namespace) -> tuple[str, list[str], str | None, list[
     if args.chat_model_path:
         chat_model = os.path.splitext(os.path.basename(args.chat_model_path))[0].lower()
         chat += ["--model-path", args.chat_model_path, "--model-name", chat_model]
-    embed_model, embed = "all-minilm-l6-v2", ["--engine", "embeddings"]
+    # Concurrent embedding requests share forward passes: let them in together.
+    embed_model, embed = "all-minilm-l6-v2", ["--engine", "embeddings", "--limit-worker-concurrency", "32"]
     if args.embedding_model_path:
         embed_model = os.path.basename(os.path.normpath(args.embedding_model_path)).lower()
         embed += ["--model-path", args.embedding_model_path, "--model-name", embed_model]
