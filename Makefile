@@ -16,7 +16,7 @@ help:
 	@echo "make serve   install what is missing, start gateway + workers + REST bridge with the embedded models"
 	@echo "make test    install what is missing, run every test"
 	@echo "make proto   regenerate generated/ from proto/"
-	@echo "make lint    ruff, buf lint, buf format, generated/ drift"
+	@echo "make lint    ruff, buf lint, buf format, buf breaking, generated/ drift"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,7 +52,9 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/buf lint
 	$(BIN)/buf format -d --exit-code
-	$(BIN)/python -m pytest -q tests/test_generated.py
+	@# Uncommitted proto changes must not break the contract on main.
+	$(BIN)/buf breaking --against '.git#branch=main'
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_generated.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(ARGS)

@@ -40,6 +40,7 @@ def start_echo_system(
     tokens: int = 16,
     keys: str = API_KEY,
     chat_workers: int = 2,
+    context: int = ECHO_CONTEXT,
     gateway_args: tuple[str, ...] = (),
     worker_args: tuple[str, ...] = (),
     bridge_args: tuple[str, ...] = (),
@@ -47,7 +48,7 @@ def start_echo_system(
     """A gateway (keys from TOKENWIRE_API_KEYS), echo chat workers for one
     model (two by default), one echo embedding worker, and the bridge."""
     gateway = harness.gateway("--heartbeat-expiry", "3", *gateway_args, env={"TOKENWIRE_API_KEYS": keys})
-    echo = ["--echo-context-length", str(ECHO_CONTEXT), "--echo-tokens", str(tokens), "--echo-delay", str(delay)]
+    echo = ["--echo-context-length", str(context), "--echo-tokens", str(tokens), "--echo-delay", str(delay)]
     chat = [harness.echo_worker(gateway.address, CHAT_MODEL, *echo, *worker_args) for _ in range(chat_workers)]
     embed = harness.echo_worker(gateway.address, EMBED_MODEL, "--echo-kind", "embedding")
     bridge = harness.bridge(gateway.address, *bridge_args)

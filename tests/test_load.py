@@ -31,7 +31,7 @@ def peak_rss_mb(proc: harness.Proc) -> float:
 @pytest.fixture(scope="module")
 def load_system() -> Iterator[EchoSystem]:
     system = start_echo_system(
-        delay=0.01, tokens=TOKENS, worker_args=("--limit-worker-concurrency", "300", "--max-queue", "300")
+        delay=0.01, tokens=TOKENS, context=1000, worker_args=("--limit-worker-concurrency", "300", "--max-queue", "300")
     )
     yield system
     stop_system(system)
@@ -71,9 +71,13 @@ async def test_500_concurrent_streams(load_system: EchoSystem) -> None:
 
 @pytest.fixture(scope="module")
 def long_system() -> Iterator[EchoSystem]:
-    # 500 tokens x 20 ms: every stream is still generating when its client leaves.
+    # 3000 tokens x 20 ms = 60 s: every stream is still generating when its
+    # client leaves, however slow a loaded machine makes the client.
     system = start_echo_system(
-        delay=0.02, tokens=500, worker_args=("--limit-worker-concurrency", "300", "--max-queue", "300")
+        delay=0.02,
+        tokens=3000,
+        context=100_000,
+        worker_args=("--limit-worker-concurrency", "300", "--max-queue", "300"),
     )
     yield system
     stop_system(system)

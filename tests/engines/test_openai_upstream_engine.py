@@ -212,18 +212,18 @@ async def test_cancel_stops_the_upstream(engine: OpenAIUpstreamEngine) -> None:
     """Cancelling the consumer closes the HTTP stream and the upstream stops generating.
 
     llama-cpp-python's server runs one request at a time (a lock around the
-    model; interruption is off in the fixture). If the cancelled 200-token
+    model; interruption is off in the fixture). If the cancelled 1000-token
     generation kept running upstream, the follow-up request would wait for the
-    ~197 tokens left. So the follow-up finishing in well under the time those
+    ~997 tokens left. So the follow-up finishing in well under the time those
     tokens take (measured from this very stream) proves the upstream stopped.
     """
-    request = completion_request("A long list of numbers: 1, 2, 3, 4, 5,", temperature=0.0, max_tokens=200)
+    request = completion_request("A long list of numbers: 1, 2, 3, 4, 5,", temperature=0.0, max_tokens=1000)
     prepared = await engine.prepare(request)
     times: list[float] = []
     three = asyncio.Event()
 
     async def consume() -> None:
-        async for delta in engine.generate(request, prepared, 200, Generation()):
+        async for delta in engine.generate(request, prepared, 1000, Generation()):
             if delta.text:
                 times.append(time.monotonic())
                 if len(times) == 3:
@@ -235,7 +235,7 @@ async def test_cancel_stops_the_upstream(engine: OpenAIUpstreamEngine) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     per_token = (times[2] - times[0]) / 2
-    remaining = (200 - len(times)) * per_token
+    remaining = (1000 - len(times)) * per_token
 
     started = time.monotonic()
     deltas = await run(engine, completion_request("1, 2, 3,", temperature=0.0, max_tokens=5))
