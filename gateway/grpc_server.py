@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway.errors import ApiError, internal
+from gateway.errors import ApiError, internal, unavailable
 from gateway.observability import REQUEST_ID_HEADER, clean_request_id, request_id
 
 log = logging.getLogger("tokenwire")
@@ -104,12 +104,24 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+async def _unless_really_cancelled(context: grpc.aio.ServicerContext, method: str) -> None:
+    """Re-raise a real cancellation; answer a stray one (an inner call's
+    channel closed) with a status, so the caller is never left waiting."""
+    task = asyncio.current_task()
+    if context.cancelled() or task is None or task.cancelling() > 0:
+        raise asyncio.CancelledError
+    log.warning("a call inside %s was cut short; answering UNAVAILABLE", method)
+    await abort_with(context, unavailable("A model worker went away during the request. Retry it."))
+
+
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await behavior(request, context)
         except ApiError as error:
             await abort_with(context, error)
+        except asyncio.CancelledError:
+            await _unless_really_cancelled(context, method)
         except grpc.aio.AbortError:
             raise
         except Exception:
@@ -126,6 +138,8 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Ca
                 yield response
         except ApiError as error:
             await abort_with(context, error)
+        except asyncio.CancelledError:
+            await _unless_really_cancelled(context, method)
         except grpc.aio.AbortError:
             raise
         except Exception:

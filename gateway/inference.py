@@ -31,6 +31,23 @@ _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _MAX_ATTEMPTS = 3
 
 
+class _ChannelClosed(grpc.aio.AioRpcError):
+    """A worker call cut short by its channel closing (the worker left the pool)."""
+
+    def __init__(self) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "worker channel closed")
+
+
+def _really_cancelled() -> bool:
+    """Whether this task was asked to stop (client gone, deadline, shutdown).
+
+    A grpc.aio call also raises CancelledError when its channel is closed under
+    it; that is a worker failure, not a cancellation of ours.
+    """
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 def completion_id(prefix: str) -> str:
     return f"{prefix}-{shortuuid.random(length=24)}"
 
@@ -94,6 +111,10 @@ class Inference:
                     if produced:
                         raise errors.ApiError.from_rpc_error(error) from None
                     tried = self._failover(error, handle, tried, attempt, model)
+                except asyncio.CancelledError:
+                    if _really_cancelled() or produced:
+                        raise
+                    tried = self._failover(_ChannelClosed(), handle, tried, attempt, model)
                 finally:
                     call.cancel()
 
@@ -107,6 +128,10 @@ class Inference:
                     return await call(handle)
                 except grpc.aio.AioRpcError as error:
                     tried = self._failover(error, handle, tried, attempt, model)
+                except asyncio.CancelledError:
+                    if _really_cancelled():
+                        raise
+                    tried = self._failover(_ChannelClosed(), handle, tried, attempt, model)
         raise AssertionError("unreachable")
 
     async def _choices(

@@ -118,7 +118,9 @@ class WorkerPool:
         if handle is not None:
             log.warning("worker %s is unreachable; removed from the pool", worker_id)
             obs.LIVE_WORKERS.labels(handle.model.name).set(len(self.workers(handle.model.name)))
-            asyncio.get_running_loop().create_task(handle.channel.close())
+            # With a grace period: closing a channel cancels the calls still on
+            # it, and those belong to other requests that fail over by themselves.
+            asyncio.get_running_loop().create_task(handle.channel.close(grace=30))
 
     # -- queries --------------------------------------------------------------
 

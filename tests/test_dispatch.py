@@ -34,7 +34,10 @@ async def chat_many(system: EchoSystem, count: int) -> list[api_pb2.CreateChatCo
         request = api_pb2.CreateChatCompletionRequest(
             model=CHAT_MODEL, messages=[common_pb2.ChatMessage(role="user", content="spread me")], max_tokens=8
         )
-        return await asyncio.gather(*(stub.CreateChatCompletion(request, metadata=AUTH) for _ in range(count)))
+        # A deadline so that a request left hanging fails here, not at the suite's timeout.
+        return await asyncio.gather(
+            *(stub.CreateChatCompletion(request, metadata=AUTH, timeout=15) for _ in range(count))
+        )
 
 
 async def test_concurrent_requests_spread_over_both_workers(system: EchoSystem) -> None:
@@ -54,10 +57,13 @@ async def test_one_worker_stopped_requests_go_to_the_other(system: EchoSystem) -
 
 
 async def test_killed_worker_is_failed_over(system: EchoSystem) -> None:
-    # SIGKILL: no deregistration; the gateway finds out on its first call.
+    # SIGKILL: no deregistration; the gateway finds out on its first calls, and
+    # the other requests in flight to that worker move over too (a regression:
+    # they once waited forever when the dead worker's channel was closed).
     system.chat_workers[0].signal(signal.SIGKILL)
-    replies = await chat_many(system, 10)
-    assert len(replies) == 10
+    replies = await chat_many(system, 30)
+    assert len(replies) == 30
+    assert all(r.choices[0].finish_reason == "length" for r in replies)
 
 
 def test_no_worker_is_503(system: EchoSystem) -> None:

@@ -175,5 +175,34 @@ def test_grpcurl_reflection_and_calls(echo_system: EchoSystem) -> None:
         "-d", json.dumps({"request": json.loads(body)}),
         address, "tokenwire.v1.InferenceService/StreamChatCompletion",
     )  # fmt: skip
-    assert stream.count('"chat.completion.chunk"') == 4  # role, 2 deltas, finish
+    chunks, decoder, rest = [], json.JSONDecoder(), stream.strip()
+    while rest:
+        chunk, end = decoder.raw_decode(rest)
+        chunks.append(chunk)
+        rest = rest[end:].strip()
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c.get("choices"))
+    assert text == "hi there"
+    last = chunks[-1]["choices"][0]
+    assert last.get("finish_reason", last.get("finishReason")) == "length"
     assert json.loads(run("-d", "{}", address, "grpc.health.v1.Health/Check")) == {"status": "SERVING"}
+
+
+async def test_fast_engine_deltas_are_grouped(echo_system: EchoSystem) -> None:
+    """An engine faster than the wire (echo without delay) costs fewer messages
+    than tokens, and nothing is lost in the grouping."""
+    from tokenwire.v1 import worker_pb2, worker_pb2_grpc
+
+    async with grpc.aio.insecure_channel(echo_system.chat_workers[0].address) as channel:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        request = worker_pb2.GenerateRequest(
+            messages=[user("a b c d")], sampling=worker_pb2.SamplingParams(max_tokens=16)
+        )
+        responses = [r async for r in stub.Generate(request)]
+    assert responses[0].usage.prompt_tokens == 5 and not responses[0].text  # "accepted"
+    text = "".join(r.text for r in responses)
+    assert text.split() == ["a", "b", "c", "d"] * 4
+    assert sum(len(r.token_ids) for r in responses) == 16
+    assert responses[-1].finish_reason == "length" and responses[-1].usage.completion_tokens == 16
+    assert len(responses) < 1 + 16

@@ -23,7 +23,11 @@ def system():
     # Not ready before any worker registers.
     assert httpx.get(f"{url}/ready").status_code == 503
     assert httpx.get(f"{url}/health").status_code == 200
-    worker = harness.echo_worker(gateway.address, MODEL, "--metrics-port", "0", "--echo-tokens", "5")
+    # 10 ms per token: one delta per token, as from a real engine (faster
+    # engines get tokens grouped per message).
+    worker = harness.echo_worker(
+        gateway.address, MODEL, "--metrics-port", "0", "--echo-tokens", "5", "--echo-delay", "0.01"
+    )
     harness.wait_for_workers(url, MODEL, 1)
     harness.wait_until(lambda: httpx.get(f"{url}/ready").status_code == 200)
     yield gateway, worker, bridge, url

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 
@@ -13,7 +14,7 @@ from gateway import errors
 from gateway import observability as obs
 from gateway.grpc_server import GrpcServer
 from tokenwire.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from workers.engine import Engine, Generation
+from workers.engine import Delta, Engine, Generation
 from workers.registration import RegistryLink
 from workers.slots import Slots
 
@@ -48,6 +49,48 @@ def resolve_max_tokens(engine: Engine, request: worker_pb2.GenerateRequest, prom
     return context - prompt_tokens
 
 
+_END = object()
+
+
+async def batched(deltas: AsyncIterator[Delta]) -> AsyncIterator[list[Delta]]:
+    """The engine's deltas, with those made while the previous message was
+    being sent grouped together.
+
+    An engine faster than the wire (the echo engine, a fast upstream) then costs
+    one message per write instead of one per token; a real-time engine (one
+    token every few ms) still gets one message per token.
+    """
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for delta in deltas:
+                queue.put_nowait(delta)
+        except Exception as error:
+            queue.put_nowait(error)
+        queue.put_nowait(_END)
+
+    task = asyncio.create_task(pump())
+    try:
+        item = await queue.get()
+        while item is not _END:
+            batch: list[Delta] = []
+            while item is not _END:
+                if isinstance(item, Exception):
+                    raise item
+                batch.append(item)
+                if queue.empty():
+                    item = None
+                    break
+                item = queue.get_nowait()
+            yield batch
+            if item is None:
+                item = await queue.get()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, engine: Engine, slots: Slots) -> None:
         self.engine = engine
@@ -75,23 +118,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 # The first message says "accepted": the gateway only commits a
                 # response (HTTP 200) once it has seen it.
                 yield worker_pb2.GenerateResponse(index=request.index, usage=usage)
-                async for delta in self.engine.generate(request, prepared, max_tokens, generation):
-                    completion_tokens += delta.token_count
-                    finish = delta.finish_reason or finish
-                    usage = common_pb2.Usage(
-                        prompt_tokens=prompt_tokens,
-                        completion_tokens=completion_tokens,
-                        total_tokens=prompt_tokens + completion_tokens,
-                    )
-                    yield worker_pb2.GenerateResponse(
-                        index=request.index,
-                        text=delta.text,
-                        token_ids=delta.token_ids,
-                        logprobs=delta.logprobs,
-                        finish_reason=delta.finish_reason,
-                        usage=usage,
-                        tool_calls=delta.tool_calls,
-                    )
+                deltas = self.engine.generate(request, prepared, max_tokens, generation)
+                async for batch in batched(deltas):
+                    response = worker_pb2.GenerateResponse(index=request.index)
+                    for delta in batch:
+                        completion_tokens += delta.token_count
+                        finish = delta.finish_reason or finish
+                        response.text += delta.text
+                        response.token_ids.extend(delta.token_ids)
+                        response.logprobs.extend(delta.logprobs)
+                        response.tool_calls.extend(delta.tool_calls)
+                    response.finish_reason = finish
+                    response.usage.prompt_tokens = prompt_tokens
+                    response.usage.completion_tokens = completion_tokens
+                    response.usage.total_tokens = prompt_tokens + completion_tokens
+                    yield response
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
             generation.cancelled.set()
