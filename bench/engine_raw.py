@@ -1,0 +1,226 @@
+"""The engines without tokenwire: llama-cpp-python and transformers in-process.
+
+Run by ``bench/run.py`` on the project's Python (it has llama-cpp-python and torch);
+prints one JSON object on stdout.
+
+    python bench/engine_raw.py llama --model-path X.gguf --threads 2 --n-ctx 2048 --max-tokens 128 --runs 3
+    python bench/engine_raw.py embed --model-path DIR --threads 2 --inputs 8 --clients 1 --duration 8
+
+``llama`` measures, from the same GGUF with the same threads, context and sampling
+(greedy; every end-of-generation token banned where the ban is native, so that every
+run makes exactly ``--max-tokens`` tokens):
+
+- ``high_level``: ``Llama.create_chat_completion(stream=True)``, what a user of
+  llama-cpp-python writes. Without ``logit_bias``: llama-cpp-python applies it as a
+  Python logits processor over the whole vocabulary (19 instead of 105 tok/s here),
+  and greedy decoding of this prompt reaches ``--max-tokens`` without an
+  end-of-generation token anyway (``tokens`` in the output shows it);
+- ``low_level``: the prompt rendered with the GGUF's chat template, ``Llama.eval`` and
+  a native ``LlamaSampler`` (logit bias + greedy), token by token: the floor any
+  server on llama-cpp-python can reach, and what tokenwire's engine does inside.
+
+Run k asks ``prompt(k)`` (warm-up 0, then 1..runs), the same prompts tokenwire gets, and
+the KV cache is reset before every run, so each one evaluates its whole prompt.
+
+``embed`` encodes ``--inputs`` sentences per call (tokenizer, forward, masked mean
+pooling, L2 normalisation, ``tolist``) from ``--clients`` threads for
+``--duration`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from typing import Any
+
+PROMPT = "Write a long story about a robot who learns to paint."
+
+
+def prompt(k: int) -> str:
+    """Run k's prompt: a different first line each run, so no run reuses another's KV cache."""
+    return f"Request {k}. {PROMPT}"
+
+
+SENTENCE = "The quick brown fox number {i} jumps over the lazy dog near the river bank."
+
+
+def eog_tokens(llm: Any) -> list[int]:
+    from llama_cpp import llama_cpp as C
+
+    vocab = llm._model.vocab
+    return [t for t in range(llm.n_vocab()) if C.llama_vocab_is_eog(vocab, t)]
+
+
+def llama(args: argparse.Namespace) -> dict[str, Any]:
+    from llama_cpp import Llama, _internals
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    t0 = time.perf_counter()
+    llm = Llama(
+        model_path=args.model_path,
+        n_ctx=args.n_ctx,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        logits_all=False,
+        verbose=False,
+    )
+    load_s = time.perf_counter() - t0
+    banned = eog_tokens(llm)
+    bias = dict.fromkeys(banned, -100.0)
+
+    def high_level(k: int) -> dict[str, float]:
+        messages = [{"role": "user", "content": prompt(k)}]
+        llm.reset()
+        start = time.perf_counter()
+        first = last = None
+        pieces = 0
+        for chunk in llm.create_chat_completion(
+            messages=messages, temperature=0.0, max_tokens=args.max_tokens, stream=True
+        ):
+            delta = chunk["choices"][0]["delta"]
+            if delta.get("content"):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                pieces += 1
+        end = time.perf_counter()
+        # The stream has no usage: one content chunk per token.
+        return _timing(start, first, last, end, pieces, pieces)
+
+    template = llm.metadata["tokenizer.chat_template"]
+    formatter = Jinja2ChatFormatter(
+        template=template,
+        eos_token=llm._model.token_get_text(llm.token_eos()),
+        bos_token=llm._model.token_get_text(llm.token_bos()),
+        add_generation_prompt=True,
+    )
+
+    def tokens_of(k: int) -> list[int]:
+        rendered = formatter(messages=[{"role": "user", "content": prompt(k)}]).prompt
+        return llm.tokenize(rendered.encode(), add_bos=False, special=True)
+
+    def low_level(k: int) -> dict[str, float]:
+        prompt_tokens = tokens_of(k)
+        llm.reset()
+        sampler = _internals.LlamaSampler()
+        sampler.add_logit_bias(llm.n_vocab(), bias)
+        sampler.add_greedy()
+        start = time.perf_counter()
+        llm.eval(prompt_tokens)
+        first = last = None
+        text = b""
+        token = -1
+        for step in range(args.max_tokens):
+            if step:
+                llm.eval([token])
+            token = sampler.sample(llm._ctx, -1)
+            text += llm.detokenize([token])
+            now = time.perf_counter()
+            first = first or now
+            last = now
+        end = time.perf_counter()
+        return _timing(start, first, last, end, args.max_tokens, args.max_tokens)
+
+    out: dict[str, Any] = {
+        "load_s": load_s,
+        "eog_tokens": banned,
+        "prompt_tokens": len(tokens_of(1)),
+        "threads": args.threads,
+        "n_ctx": args.n_ctx,
+    }
+    for name, fn in (("high_level", high_level), ("low_level", low_level)):
+        fn(0)  # warm-up
+        out[name] = [fn(k) for k in range(1, args.runs + 1)]
+    return out
+
+
+def _timing(start: float, first: float | None, last: float | None, end: float, tokens: int, pieces: int) -> dict:
+    first = first or end
+    last = last or end
+    return {
+        "ttft_s": first - start,
+        "total_s": end - start,
+        "tokens": tokens,
+        "pieces": pieces,
+        "decode_tok_s": (tokens - 1) / (last - first) if last > first else 0.0,
+        "e2e_tok_s": tokens / (end - start),
+    }
+
+
+def embed(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_path, local_files_only=True)
+    model = AutoModel.from_pretrained(args.model_path, local_files_only=True).eval()
+    load_s = time.perf_counter() - t0
+    batch = [SENTENCE.format(i=i) for i in range(args.inputs)]
+
+    def encode() -> list[list[float]]:
+        encoded = tokenizer(batch, padding=True, truncation=True, return_tensors="pt")
+        with torch.inference_mode():
+            hidden = model(**encoded).last_hidden_state
+            weights = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2, dim=1).tolist()
+
+    encode()  # warm-up
+    out: dict[str, Any] = {"load_s": load_s, "threads": args.threads, "inputs": args.inputs}
+    for clients in args.clients:
+        counts = [0] * clients
+        latencies: list[float] = []
+        deadline = time.perf_counter() + args.duration
+
+        def loop(
+            k: int, deadline: float = deadline, counts: list[int] = counts, latencies: list[float] = latencies
+        ) -> None:
+            while time.perf_counter() < deadline:
+                t = time.perf_counter()
+                encode()
+                latencies.append(time.perf_counter() - t)
+                counts[k] += 1
+
+        start = time.perf_counter()
+        threads = [threading.Thread(target=loop, args=(k,)) for k in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - start
+        calls = sum(counts)
+        latencies.sort()
+        out[f"clients_{clients}"] = {
+            "calls": calls,
+            "elapsed_s": elapsed,
+            "embeddings_per_s": calls * args.inputs / elapsed,
+            "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("llama")
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--n-ctx", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=3)
+    e = sub.add_parser("embed")
+    e.add_argument("--model-path", required=True)
+    e.add_argument("--threads", type=int, required=True)
+    e.add_argument("--inputs", type=int, default=8)
+    e.add_argument("--clients", type=int, nargs="+", default=[1, 8])
+    e.add_argument("--duration", type=float, default=8.0)
+    args = parser.parse_args()
+    result = llama(args) if args.what == "llama" else embed(args)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Server processes for the benchmark: start, wait until ready, read their CPU and memory.
+
+tokenwire parts run on the project's Python (``.venv``) and print ``READY <part>
+<host>:<port>``; FastChat's controller and API server run on the bench venv and are
+polled over HTTP until they answer. CPU time comes from ``/proc/<pid>/stat``
+(utime + stime, all threads), memory from ``/proc/<pid>/status`` (VmRSS, VmHWM).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+PROJECT_PYTHON = Path(os.environ.get("TOKENWIRE_PYTHON", ROOT / ".venv" / "bin" / "python"))
+TICKS = os.sysconf("SC_CLK_TCK")
+LOG_DIR = Path(tempfile.mkdtemp(prefix="tokenwire-bench-"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    # After "pid (comm)": state is field 3, utime 14, stime 15 (1-based).
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                name, value = line.split(":", 1)
+                out[name] = int(value.split()[0])
+    return out
+
+
+@dataclass
+class Server:
+    """One server process; ``name`` is how the report calls it."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    ready_http: str | None = None  # poll this URL instead of reading a READY line
+    ready_check: Callable[[bytes], bool] | None = None
+    process: subprocess.Popen[str] | None = None
+    address: str = ""
+    log_path: Path = field(init=False)
+    _ready: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.log_path = LOG_DIR / f"{self.name}.log"
+
+    def start(self, timeout: float = 180.0) -> Server:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env=env,
+            cwd=self.cwd,
+            start_new_session=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+            if self.ready_http is not None and self._http_ready():
+                break
+            if self.ready_http is None and self._ready.wait(0.05):
+                break
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"{self.name} not ready after {timeout} s:\n{self.log()[-4000:]}")
+            time.sleep(0.05)
+        return self
+
+    def _http_ready(self) -> bool:
+        assert self.ready_http is not None
+        try:
+            with urllib.request.urlopen(self.ready_http, timeout=2) as reply:
+                body = reply.read()
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+        return self.ready_check(body) if self.ready_check else True
+
+    def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith("READY "):
+                self.address = line.split()[-1]
+                self._ready.set()
+            else:
+                self._log.write(line)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def memory(self) -> dict[str, int]:
+        return memory_kb(self.pid)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is None:
+            return
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+class Group:
+    """Servers started together and stopped in reverse order."""
+
+    def __init__(self) -> None:
+        self.servers: list[Server] = []
+
+    def start(self, server: Server, timeout: float = 180.0) -> Server:
+        self.servers.append(server)
+        return server.start(timeout)
+
+    def by_name(self, name: str) -> Server:
+        return next(s for s in self.servers if s.name == name)
+
+    def cpu(self) -> dict[str, float]:
+        return {s.name: s.cpu() for s in self.servers}
+
+    def stop(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()
+        self.servers.clear()
+
+    def __enter__(self) -> Group:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -- tokenwire ------------------------------------------------------------------------
+
+
+def tokenwire(name: str, *argv: str, env: dict[str, str] | None = None) -> Server:
+    return Server(name, [str(PROJECT_PYTHON), "-m", "gateway.cli", *argv], env=env or {})
+
+
+# -- FastChat (bench venv) -------------------------------------------------------------
+
+
+def fastchat_controller(port: int) -> Server:
+    return Server(
+        "fastchat-controller",
+        [sys.executable, "-m", "fastchat.serve.controller", "--host", "127.0.0.1", "--port", str(port)],
+        env={"LOGDIR": str(LOG_DIR)},
+        cwd=str(LOG_DIR),
+        ready_http=f"http://127.0.0.1:{port}/test_connection",
+    )
+
+
+def fastchat_api_server(port: int, controller_port: int, models: list[str]) -> Server:
+    import json
+
+    def listed(body: bytes) -> bool:
+        return set(models) <= {m["id"] for m in json.loads(body)["data"]}
+
+    return Server(
+        "fastchat-api-server",
+        [
+            sys.executable,
+            "-m",
+            "fastchat.serve.openai_api_server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--controller-address",
+            f"http://127.0.0.1:{controller_port}",
+        ],
+        env={"LOGDIR": str(LOG_DIR)},
+        cwd=str(LOG_DIR),
+        ready_http=f"http://127.0.0.1:{port}/v1/models",
+        ready_check=listed,
+    )
+
+
+def fake_fastchat_worker(name: str, controller_port: int, *argv: str) -> Server:
+    return Server(
+        name,
+        [
+            sys.executable,
+            str(BENCH / "fake_fastchat_worker.py"),
+            "--controller-address",
+            f"http://127.0.0.1:{controller_port}",
+            *argv,
+        ],
+    )
