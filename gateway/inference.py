@@ -187,7 +187,9 @@ class Inference:
 
     # -- chat -------------------------------------------------------------------
 
-    def _chat_requests(self, request: api_pb2.CreateChatCompletionRequest) -> list[worker_pb2.GenerateRequest]:
+    def _chat_requests(
+        self, request: api_pb2.CreateChatCompletionRequest, buffered: bool
+    ) -> list[worker_pb2.GenerateRequest]:
         check_chat(request, self.limits)
         self._require_kind(request.model, generation=True)
         sampling = _sampling(request)
@@ -207,6 +209,7 @@ class Inference:
                     response_format=request.response_format,
                     tools=request.tools,
                     tool_choice=request.tool_choice,
+                    buffered=buffered,
                 )
             )
         return out
@@ -215,7 +218,7 @@ class Inference:
         self, request: api_pb2.CreateChatCompletionRequest, timeout: float | None
     ) -> AsyncIterator[api_pb2.StreamChatCompletionResponse]:
         """Chunks as OpenAI streams them; the last one has ``choices: []`` and the usage."""
-        requests = self._chat_requests(request)
+        requests = self._chat_requests(request, buffered=False)
         chunk_id, created, model = completion_id("chatcmpl"), int(time.time()), request.model
         for r in requests:
             r.request_id = chunk_id
@@ -264,7 +267,7 @@ class Inference:
     async def chat(
         self, request: api_pb2.CreateChatCompletionRequest, timeout: float | None
     ) -> api_pb2.CreateChatCompletionResponse:
-        requests = self._chat_requests(request)
+        requests = self._chat_requests(request, buffered=True)
         response_id = completion_id("chatcmpl")
         for r in requests:
             r.request_id = response_id
@@ -303,7 +306,9 @@ class Inference:
 
     # -- completions --------------------------------------------------------------
 
-    def _completion_requests(self, request: api_pb2.CreateCompletionRequest) -> list[worker_pb2.GenerateRequest]:
+    def _completion_requests(
+        self, request: api_pb2.CreateCompletionRequest, buffered: bool
+    ) -> list[worker_pb2.GenerateRequest]:
         check_completion(request, self.limits)
         self._require_kind(request.model, generation=True)
         sampling = _sampling(request)
@@ -322,28 +327,24 @@ class Inference:
                         top_logprobs=request.logprobs,
                         echo=request.echo,
                         response_format=request.response_format,
+                        buffered=buffered,
                     )
                 )
         return out
 
     async def _completion_choices(
-        self, request: api_pb2.CreateCompletionRequest, timeout: float | None, response_id: str
-    ) -> AsyncIterator[tuple[worker_pb2.GenerateResponse, bool]]:
-        """Worker responses with text_offset filled in; the flag marks acceptance."""
-        requests = self._completion_requests(request)
+        self, request: api_pb2.CreateCompletionRequest, timeout: float | None, response_id: str, buffered: bool
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """Worker responses of every choice, with text_offset filled in."""
+        requests = self._completion_requests(request, buffered)
         for r in requests:
             r.request_id = response_id
         offsets = [0] * len(requests)
-        started: set[int] = set()
         async for response in self._choices(request.model, requests, timeout):
-            if response.index not in started:
-                started.add(response.index)
-                yield response, True
-                continue
             for entry in response.logprobs:
                 entry.text_offset = offsets[response.index]
                 offsets[response.index] += len(entry.token)
-            yield response, False
+            yield response
 
     @staticmethod
     def _completion_usage(prompt_tokens: dict[int, int], completion_tokens: dict[int, int], n: int) -> common_pb2.Usage:
@@ -360,8 +361,8 @@ class Inference:
         n = request.n if request.HasField("n") else 1
         prompt_tokens: dict[int, int] = {}
         completion_tokens: dict[int, int] = {}
-        async for response, accepted in self._completion_choices(request, timeout, response_id):
-            if accepted:
+        async for response in self._completion_choices(request, timeout, response_id, buffered=False):
+            if response.index not in prompt_tokens:  # the "accepted" message
                 prompt_tokens[response.index] = response.usage.prompt_tokens
                 continue
             completion_tokens[response.index] = response.usage.completion_tokens
@@ -390,13 +391,12 @@ class Inference:
         texts: dict[int, list[str]] = {}
         prompt_tokens: dict[int, int] = {}
         completion_tokens: dict[int, int] = {}
-        async for response, accepted in self._completion_choices(request, timeout, response_id):
+        async for response in self._completion_choices(request, timeout, response_id, buffered=True):
             i = response.index
-            if accepted:
-                prompt_tokens[i] = response.usage.prompt_tokens
+            if i not in choices:
                 choices[i] = api_pb2.CompletionChoice(index=i)
                 texts[i] = []
-                continue
+            prompt_tokens[i] = response.usage.prompt_tokens
             completion_tokens[i] = response.usage.completion_tokens
             texts[i].append(response.text)
             if request.HasField("logprobs"):

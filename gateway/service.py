@@ -35,7 +35,9 @@ class Observed:
         self.watch = obs.Stopwatch(self.model)
 
     def __enter__(self) -> Observed:
-        obs.current_watch.set(self.watch)
+        # Token timing exists only where tokens are streamed: a non-streamed
+        # choice comes from its worker in one message.
+        obs.current_watch.set(self.watch if self.kind.endswith("_stream") else None)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:

@@ -66,9 +66,11 @@ def test_metrics_move_by_the_right_amounts(system) -> None:
     # "user: a b" is 3 echo tokens; 4 requests x 4 completion tokens.
     assert gw(f'tokenwire_prompt_tokens_total{{model="{MODEL}"}}') == 12
     assert gw(f'tokenwire_completion_tokens_total{{model="{MODEL}"}}') == 16
-    assert gw(f'tokenwire_time_to_first_token_seconds_count{{model="{MODEL}"}}') == 4
-    assert gw(f'tokenwire_inter_token_latency_seconds_count{{model="{MODEL}"}}') == 12
+    # Token timing comes from the streamed request: 1 first token, 3 gaps.
+    assert gw(f'tokenwire_time_to_first_token_seconds_count{{model="{MODEL}"}}') == 1
+    assert gw(f'tokenwire_inter_token_latency_seconds_count{{model="{MODEL}"}}') == 3
     assert gw(f'tokenwire_request_duration_seconds_count{{kind="chat",model="{MODEL}"}}') == 4
+    assert gw(f'tokenwire_request_duration_seconds_count{{kind="chat_stream",model="{MODEL}"}}') == 1
     assert after["gw"][f'tokenwire_live_workers{{model="{MODEL}"}}'] == 1
 
     wk = lambda key: delta(before["wk"], after["wk"], key)  # noqa: E731

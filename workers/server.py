@@ -91,6 +91,32 @@ async def batched(deltas: AsyncIterator[Delta]) -> AsyncIterator[list[Delta]]:
         await asyncio.gather(task, return_exceptions=True)
 
 
+class _Totals:
+    """Running usage and finish reason of one choice, and its messages."""
+
+    def __init__(self, index: int, prompt_tokens: int) -> None:
+        self.index = index
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.finish = ""
+
+    def message(self, deltas: list[Delta]) -> worker_pb2.GenerateResponse:
+        """One message for these deltas (none: the "accepted" message)."""
+        response = worker_pb2.GenerateResponse(index=self.index)
+        for delta in deltas:
+            self.completion_tokens += delta.token_count
+            self.finish = delta.finish_reason or self.finish
+            response.token_ids.extend(delta.token_ids)
+            response.logprobs.extend(delta.logprobs)
+            response.tool_calls.extend(delta.tool_calls)
+        response.text = "".join(delta.text for delta in deltas)
+        response.finish_reason = self.finish
+        response.usage.prompt_tokens = self.prompt_tokens
+        response.usage.completion_tokens = self.completion_tokens
+        response.usage.total_tokens = self.prompt_tokens + self.completion_tokens
+        return response
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, engine: Engine, slots: Slots) -> None:
         self.engine = engine
@@ -107,32 +133,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             raise errors.wrong_model_kind(self.engine.info.name, "text generation")
         self.stats.requests_total += 1
         started = time.perf_counter()
-        status, finish, generation = "ok", "", Generation()
-        prompt_tokens = completion_tokens = 0
+        status, generation = "ok", Generation()
+        totals = _Totals(request.index, 0)
         try:
             async with self.slots.acquire():
                 prepared = await self.engine.prepare(request)
-                prompt_tokens = prepared.prompt_tokens
-                max_tokens = resolve_max_tokens(self.engine, request, prompt_tokens, prepared.param)
-                usage = common_pb2.Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
-                # The first message says "accepted": the gateway only commits a
-                # response (HTTP 200) once it has seen it.
-                yield worker_pb2.GenerateResponse(index=request.index, usage=usage)
+                totals.prompt_tokens = prepared.prompt_tokens
+                max_tokens = resolve_max_tokens(self.engine, request, prepared.prompt_tokens, prepared.param)
                 deltas = self.engine.generate(request, prepared, max_tokens, generation)
-                async for batch in batched(deltas):
-                    response = worker_pb2.GenerateResponse(index=request.index)
-                    for delta in batch:
-                        completion_tokens += delta.token_count
-                        finish = delta.finish_reason or finish
-                        response.text += delta.text
-                        response.token_ids.extend(delta.token_ids)
-                        response.logprobs.extend(delta.logprobs)
-                        response.tool_calls.extend(delta.tool_calls)
-                    response.finish_reason = finish
-                    response.usage.prompt_tokens = prompt_tokens
-                    response.usage.completion_tokens = completion_tokens
-                    response.usage.total_tokens = prompt_tokens + completion_tokens
-                    yield response
+                if request.buffered:
+                    # Not streamed to anyone: the whole choice in one message.
+                    yield totals.message([delta async for delta in deltas])
+                else:
+                    # The first message says "accepted": the gateway only
+                    # commits a response (HTTP 200) once it has seen it.
+                    yield totals.message([])
+                    async for batch in batched(deltas):
+                        yield totals.message(batch)
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
             generation.cancelled.set()
@@ -148,14 +165,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             raise
         finally:
             obs.ENGINE_REQUESTS.labels(self.model, "generate", status).inc()
-            obs.ENGINE_TOKENS.labels(self.model).inc(completion_tokens)
+            obs.ENGINE_TOKENS.labels(self.model).inc(generation.tokens)
             obs.log_request(
                 log,
                 "generate",
                 status=status,
-                finish_reason=finish or "-",
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
+                finish_reason=totals.finish or "-",
+                prompt_tokens=totals.prompt_tokens,
+                completion_tokens=totals.completion_tokens,
+                generated=generation.tokens,
                 after_cancel=generation.tokens_after_cancel,
                 latency_ms=round((time.perf_counter() - started) * 1000, 1),
             )

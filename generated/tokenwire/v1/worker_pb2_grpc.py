@@ -73,8 +73,10 @@ class WorkerServiceServicer:
     def Generate(self, request, context):
         """Generate one choice. The first response carries usage.prompt_tokens and
         no text: it means the prompt was accepted (context length checked) and
-        generation started. Then text deltas; the last response carries
-        finish_reason. Cancelling the call stops generation within one token.
+        generation started. Then text deltas (a delta may carry several tokens
+        when the engine outpaces the wire); the last response carries
+        finish_reason. With `buffered`, one response carries the whole choice.
+        Cancelling the call stops generation within one token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

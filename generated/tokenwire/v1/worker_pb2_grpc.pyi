@@ -39,8 +39,10 @@ class WorkerServiceStub:
     Generate: _grpc.UnaryStreamMultiCallable[_worker_pb2.GenerateRequest, _worker_pb2.GenerateResponse]
     """Generate one choice. The first response carries usage.prompt_tokens and
     no text: it means the prompt was accepted (context length checked) and
-    generation started. Then text deltas; the last response carries
-    finish_reason. Cancelling the call stops generation within one token.
+    generation started. Then text deltas (a delta may carry several tokens
+    when the engine outpaces the wire); the last response carries
+    finish_reason. With `buffered`, one response carries the whole choice.
+    Cancelling the call stops generation within one token.
     """
     Embed: _grpc.UnaryUnaryMultiCallable[_worker_pb2.EmbedRequest, _worker_pb2.EmbedResponse]
     CountTokens: _grpc.UnaryUnaryMultiCallable[_worker_pb2.WorkerServiceCountTokensRequest, _worker_pb2.WorkerServiceCountTokensResponse]
@@ -59,8 +61,10 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     Generate: _aio.UnaryStreamMultiCallable[_worker_pb2.GenerateRequest, _worker_pb2.GenerateResponse]  # type: ignore[assignment]
     """Generate one choice. The first response carries usage.prompt_tokens and
     no text: it means the prompt was accepted (context length checked) and
-    generation started. Then text deltas; the last response carries
-    finish_reason. Cancelling the call stops generation within one token.
+    generation started. Then text deltas (a delta may carry several tokens
+    when the engine outpaces the wire); the last response carries
+    finish_reason. With `buffered`, one response carries the whole choice.
+    Cancelling the call stops generation within one token.
     """
     Embed: _aio.UnaryUnaryMultiCallable[_worker_pb2.EmbedRequest, _worker_pb2.EmbedResponse]  # type: ignore[assignment]
     CountTokens: _aio.UnaryUnaryMultiCallable[_worker_pb2.WorkerServiceCountTokensRequest, _worker_pb2.WorkerServiceCountTokensResponse]  # type: ignore[assignment]
@@ -82,8 +86,10 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_worker_pb2.GenerateResponse], _abc.AsyncIterator[_worker_pb2.GenerateResponse]]:
         """Generate one choice. The first response carries usage.prompt_tokens and
         no text: it means the prompt was accepted (context length checked) and
-        generation started. Then text deltas; the last response carries
-        finish_reason. Cancelling the call stops generation within one token.
+        generation started. Then text deltas (a delta may carry several tokens
+        when the engine outpaces the wire); the last response carries
+        finish_reason. With `buffered`, one response carries the whole choice.
+        Cancelling the call stops generation within one token.
         """
 
     @_abc_1.abstractmethod
