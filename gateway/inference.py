@@ -49,7 +49,7 @@ def _really_cancelled() -> bool:
 
 
 def completion_id(prefix: str) -> str:
-    return f"{prefix}-{shortuuid.random(length=24)}"
+    return f"{prefix}-{shortuuid.uuid()}"
 
 
 class Inference:

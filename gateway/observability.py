@@ -25,7 +25,7 @@ current_watch: contextvars.ContextVar[Stopwatch | None] = contextvars.ContextVar
 
 
 def new_request_id() -> str:
-    return shortuuid.random(length=22)
+    return shortuuid.uuid()
 
 
 def clean_request_id(value: str | None) -> str:
@@ -148,23 +148,31 @@ def serve_metrics(host: str, port: int) -> int:
     return bound
 
 
+_timing_children: dict[str, tuple[Histogram, Histogram]] = {}
+
+
 class Stopwatch:
     """Request timing: time to first token and between deltas."""
 
-    __slots__ = ("first", "last", "model", "start")
+    __slots__ = ("first", "itl", "last", "model", "start", "ttft")
 
     def __init__(self, model: str) -> None:
         self.model = model
         self.start = self.last = time.perf_counter()
         self.first: float | None = None
+        # .labels() takes a lock and a lookup: once per model, not per token.
+        children = _timing_children.get(model)
+        if children is None:
+            children = _timing_children[model] = (TTFT.labels(model), ITL.labels(model))
+        self.ttft, self.itl = children
 
     def token(self) -> None:
         now = time.perf_counter()
         if self.first is None:
             self.first = now
-            TTFT.labels(self.model).observe(now - self.start)
+            self.ttft.observe(now - self.start)
         else:
-            ITL.labels(self.model).observe(now - self.last)
+            self.itl.observe(now - self.last)
         self.last = now
 
     def elapsed(self) -> float:
