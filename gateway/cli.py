@@ -21,6 +21,7 @@ import gc
 import importlib
 import os
 import socket
+import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -268,7 +269,7 @@ def _bridge_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=10 * 1024 * 1024, help="larger request bodies get 413")
 
 
-def _worker_flags(parser: argparse.ArgumentParser) -> None:
+def _worker_flags(parser: argparse.ArgumentParser, with_engines: bool) -> None:
     parser.add_argument("--engine", choices=sorted(ENGINES), default="llama_cpp")
     parser.add_argument("--model-name", default="", help="the name clients use (default: from the model)")
     parser.add_argument("--model-path", default="", help="GGUF file or model directory (default: the embedded model)")
@@ -278,13 +279,17 @@ def _worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit-worker-concurrency", type=int, default=5, help="requests running at once")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 429")
     parser.add_argument("--heartbeat-interval", type=float, default=5.0)
+    if not with_engines:
+        return
     for name in ENGINES:
         group = parser.add_argument_group(f"{name} engine")
         module = importlib.import_module(ENGINES[name])
         module.add_arguments(group)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_engines: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; ``with_engines=False`` leaves out the engines'
+    own worker flags (and their imports: numpy, httpx), for the other parts."""
     parser = argparse.ArgumentParser(
         prog="tokenwire", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -348,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the registry: a gateway or a standalone registry",
     )
     worker.add_argument("--shutdown-grace", type=float, default=10.0)
-    _worker_flags(worker)
+    _worker_flags(worker, with_engines)
     _metrics_flag(worker)
     _tls_server_flags(worker)
     _tls_client_flag(worker)
@@ -403,7 +408,8 @@ def _defaults_from_env(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(with_engines=bool(argv) and argv[0] == "worker").parse_args(argv)
     from gateway.grpc_server import configure_client_tls
     from gateway.observability import setup_logging
 

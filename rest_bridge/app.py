@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -131,20 +131,21 @@ class ClientGone(Exception):
     """The HTTP client disconnected before its answer was ready."""
 
 
-async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run ``work`` unless the client hangs up first (then cancel it)."""
-    task = asyncio.ensure_future(work)
+async def cancel_on_disconnect(request: Request, call: grpc.aio.UnaryUnaryCall) -> Any:
+    """Await a gRPC call, cancelling it if the client hangs up first.
+
+    The call runs in this task; only the watcher is a task of its own.
+    """
     watcher = asyncio.ensure_future(_until_disconnect(request))
+    watcher.add_done_callback(lambda done: done.cancelled() or call.cancel())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await call
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            raise ClientGone from None
+        raise
     finally:
         watcher.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        raise ClientGone
-    return task.result()
 
 
 async def open_stream(
