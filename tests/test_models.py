@@ -222,3 +222,40 @@ def test_cancelled_stream_stops_llama(client: openai.OpenAI, served: harness.Ser
     started = time.monotonic()
     client.chat.completions.create(model=CHAT, messages=FRANCE, temperature=0, max_tokens=2)
     assert time.monotonic() - started < 5
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather of a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_forced_tool_call(client: openai.OpenAI, stream: bool) -> None:
+    """tool_choice naming a function: the arguments follow its schema (grammar)."""
+    request = {
+        "model": CHAT,
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": [WEATHER_TOOL],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "temperature": 0,
+        "max_tokens": 60,
+    }
+    if stream:
+        chunks = list(client.chat.completions.create(**request, stream=True))
+        calls = [
+            t for c in chunks if c.choices and c.choices[0].delta.tool_calls for t in c.choices[0].delta.tool_calls
+        ]
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        name, arguments = calls[0].function.name, "".join(t.function.arguments or "" for t in calls)
+        assert calls[0].id and finish == ["tool_calls"]
+    else:
+        choice = client.chat.completions.create(**request).choices[0]
+        assert choice.finish_reason == "tool_calls"
+        name, arguments = choice.message.tool_calls[0].function.name, choice.message.tool_calls[0].function.arguments
+    assert name == "get_weather"
+    jsonschema.validate(json.loads(arguments), WEATHER_TOOL["function"]["parameters"])
