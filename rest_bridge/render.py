@@ -72,6 +72,18 @@ def models(response: api_pb2.ListModelsResponse) -> dict[str, Any]:
     return {"object": "list", "data": [model(m) for m in response.data]}
 
 
+def _header(r: Any, object_name: str) -> dict[str, Any]:
+    """The fields every completion object and chunk starts with."""
+    return {"id": r.id, "object": object_name, "created": r.created, "model": r.model, "system_fingerprint": None}
+
+
+def _chunk(out: dict[str, Any], r: Any, include_usage: bool) -> dict[str, Any]:
+    # With include_usage every chunk has "usage": null but the last, which has it.
+    if include_usage:
+        out["usage"] = usage(r.usage) if r.HasField("usage") else None
+    return out
+
+
 def chat_completion(r: api_pb2.CreateChatCompletionResponse, want_logprobs: bool) -> dict[str, Any]:
     choices = []
     for c in r.choices:
@@ -90,15 +102,7 @@ def chat_completion(r: api_pb2.CreateChatCompletionResponse, want_logprobs: bool
                 "finish_reason": c.finish_reason,
             }
         )
-    return {
-        "id": r.id,
-        "object": "chat.completion",
-        "created": r.created,
-        "model": r.model,
-        "system_fingerprint": None,
-        "choices": choices,
-        "usage": usage(r.usage),
-    }
+    return {**_header(r, "chat.completion"), "choices": choices, "usage": usage(r.usage)}
 
 
 def chat_chunk(r: api_pb2.StreamChatCompletionResponse, want_logprobs: bool, include_usage: bool) -> dict[str, Any]:
@@ -110,15 +114,7 @@ def chat_chunk(r: api_pb2.StreamChatCompletionResponse, want_logprobs: bool, inc
         if c.delta.HasField("content"):
             delta["content"] = c.delta.content
         if c.delta.tool_calls:
-            delta["tool_calls"] = [
-                {
-                    "index": t.index,
-                    "id": t.id,
-                    "type": t.type or "function",
-                    "function": {"name": t.function.name, "arguments": t.function.arguments},
-                }
-                for t in c.delta.tool_calls
-            ]
+            delta["tool_calls"] = [{"index": t.index, **_tool_call(t)} for t in c.delta.tool_calls]
         logprobs = None
         if want_logprobs and c.logprobs.content:
             logprobs = {"content": token_logprobs(c.logprobs.content), "refusal": None}
@@ -130,17 +126,7 @@ def chat_chunk(r: api_pb2.StreamChatCompletionResponse, want_logprobs: bool, inc
                 "finish_reason": c.finish_reason if c.HasField("finish_reason") else None,
             }
         )
-    out: dict[str, Any] = {
-        "id": r.id,
-        "object": "chat.completion.chunk",
-        "created": r.created,
-        "model": r.model,
-        "system_fingerprint": None,
-        "choices": choices,
-    }
-    if include_usage:
-        out["usage"] = usage(r.usage) if r.HasField("usage") else None
-    return out
+    return _chunk({**_header(r, "chat.completion.chunk"), "choices": choices}, r, include_usage)
 
 
 def _completion_choice(c: api_pb2.CompletionChoice, want_logprobs: bool) -> dict[str, Any]:
@@ -153,29 +139,13 @@ def _completion_choice(c: api_pb2.CompletionChoice, want_logprobs: bool) -> dict
 
 
 def completion(r: api_pb2.CreateCompletionResponse, want_logprobs: bool) -> dict[str, Any]:
-    return {
-        "id": r.id,
-        "object": "text_completion",
-        "created": r.created,
-        "model": r.model,
-        "system_fingerprint": None,
-        "choices": [_completion_choice(c, want_logprobs) for c in r.choices],
-        "usage": usage(r.usage),
-    }
+    choices = [_completion_choice(c, want_logprobs) for c in r.choices]
+    return {**_header(r, "text_completion"), "choices": choices, "usage": usage(r.usage)}
 
 
 def completion_chunk(r: api_pb2.StreamCompletionResponse, want_logprobs: bool, include_usage: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "id": r.id,
-        "object": "text_completion",
-        "created": r.created,
-        "model": r.model,
-        "system_fingerprint": None,
-        "choices": [_completion_choice(c, want_logprobs) for c in r.choices],
-    }
-    if include_usage:
-        out["usage"] = usage(r.usage) if r.HasField("usage") else None
-    return out
+    choices = [_completion_choice(c, want_logprobs) for c in r.choices]
+    return _chunk({**_header(r, "text_completion"), "choices": choices}, r, include_usage)
 
 
 def _vector(values: Iterable[float], as_base64: bool) -> str | np.ndarray:
