@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from gateway import errors
 from tokenwire.v1 import common_pb2, worker_pb2
 
 T = TypeVar("T")
@@ -112,9 +113,7 @@ class Engine(abc.ABC):
         self, inputs: Sequence[common_pb2.TextOrTokens], dimensions: int | None
     ) -> tuple[list[list[float]], int]:
         """Return one vector per input and the number of prompt tokens."""
-        from gateway.errors import wrong_model_kind
-
-        raise wrong_model_kind(self.info.name, "embeddings")
+        raise errors.wrong_model_kind(self.info.name, "embeddings")
 
     @abc.abstractmethod
     async def tokenize(self, prompt: str | None, messages: Sequence[common_pb2.ChatMessage]) -> list[int]:

@@ -64,6 +64,9 @@ class RegistryLink:
             except grpc.aio.AioRpcError as error:
                 registered = False
                 log.warning("registry unreachable (%s); retrying", error.code().name)
+                # Soon: the registry may just be starting (or restarting).
+                await asyncio.sleep(min(self.interval, 1.0))
+                continue
             await asyncio.sleep(self.interval)
 
     async def stop(self) -> None:
