@@ -20,6 +20,7 @@ import asyncio
 import gc
 import importlib
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -195,7 +196,13 @@ def cmd_bridge(args: argparse.Namespace) -> None:
             _ready("bridge", args.host, port)
         await task
 
-    _run_loop(serve())  # uvicorn handles the signals itself
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the
+    # signal: let that end the process quietly, with status 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    try:
+        _run_loop(serve())
+    except KeyboardInterrupt:
+        pass
 
 
 def cmd_status(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ environment, never their command lines.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import subprocess
@@ -32,11 +33,15 @@ class Child:
     ready: threading.Event = field(default_factory=threading.Event)
 
     def start(self, env: dict[str, str]) -> None:
+        # A session of its own: Ctrl-C in the terminal reaches only the
+        # supervisor, which stops the parts in order; and a part dies with it.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", *self.argv],
             stdout=subprocess.PIPE,
             text=True,
             env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -64,6 +69,26 @@ class Child:
             self.process.wait()
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this child when the supervisor dies, even by SIGKILL."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class _Stop:
+    """Set by SIGINT/SIGTERM. A plain flag: a signal handler must not take the
+    lock that a threading.Event.wait in the same thread may hold."""
+
+    requested = False
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    _Stop.requested = True
+
+
 def _say(message: str) -> None:
     print(f"[tokenwire] {message}", flush=True)
 
@@ -71,6 +96,8 @@ def _say(message: str) -> None:
 def _wait_ready(children: list[Child], deadline: float) -> None:
     for child in children:
         while not child.ready.wait(0.2):
+            if _Stop.requested:
+                raise SystemExit("stopped while starting")
             if not child.alive():
                 raise SystemExit(f"{child.name} exited before it was ready (see its log above)")
             if time.monotonic() > deadline:
@@ -79,7 +106,7 @@ def _wait_ready(children: list[Child], deadline: float) -> None:
 
 def _wait_models(url: str, models: list[str], key: str | None, deadline: float) -> None:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not _Stop.requested:
         try:
             served = {m["id"] for m in httpx.get(f"{url}/v1/models", headers=headers, timeout=2).json()["data"]}
             if set(models) <= served:
@@ -87,7 +114,7 @@ def _wait_models(url: str, models: list[str], key: str | None, deadline: float) 
         except (httpx.HTTPError, KeyError, ValueError):
             pass
         time.sleep(0.2)
-    raise SystemExit(f"the models {models} did not register in time")
+    raise SystemExit("stopped while starting" if _Stop.requested else f"the models {models} did not register in time")
 
 
 def _banner(http: str, grpc_address: str, chat_model: str, embed_model: str | None, keys: bool) -> str:
@@ -172,9 +199,8 @@ def serve(args: argparse.Namespace) -> None:
     workers: list[Child] = []
     bridge: Child | None = None
 
-    stopping = threading.Event()
-    signal.signal(signal.SIGINT, lambda signum, frame: stopping.set())
-    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
 
     deadline = time.monotonic() + READY_TIMEOUT
     exit_code = 0
@@ -217,7 +243,8 @@ def serve(args: argparse.Namespace) -> None:
         )
         print(_banner(http, grpc_address, chat_model, embed_model, bool(keys)), flush=True)
         children = [gateway, *workers, bridge]
-        while not stopping.wait(0.5):
+        while not _Stop.requested:
+            time.sleep(0.2)
             dead = [c.name for c in children if not c.alive()]
             if dead:
                 _say(f"{', '.join(dead)} stopped unexpectedly; shutting down")
@@ -225,7 +252,7 @@ def serve(args: argparse.Namespace) -> None:
                 break
     except SystemExit as error:
         _say(str(error))
-        exit_code = 1
+        exit_code = 0 if _Stop.requested else 1
     finally:
         _say("stopping")
         # Front to back: no new requests, workers leave the registry, then the gateway.

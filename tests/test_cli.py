@@ -56,18 +56,28 @@ def test_serve_echo_with_keys_from_env() -> None:
             raise AssertionError("a key outside TOKENWIRE_API_KEYS was accepted")
         except openai.AuthenticationError:
             pass
+        # Ctrl-C, twice in a row as impatient people (and make) do.
+        process.send_signal(signal.SIGINT)
         process.send_signal(signal.SIGINT)
         rest, _ = process.communicate(timeout=60)
         assert process.returncode == 0, text + rest
         assert "[tokenwire] stopped" in rest
+        assert "Traceback" not in text + rest
+        # Nothing is left behind: the bridge's port is closed.
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0
     finally:
         if process.poll() is None:
             process.kill()
 
 
-def test_gateway_sigterm_exits_zero() -> None:
+def test_sigterm_exits_zero() -> None:
     gateway = harness.gateway()
-    assert gateway.stop() == 0
+    worker = harness.echo_worker(gateway.address, "echo-chat")
+    bridge = harness.bridge(gateway.address)
+    assert [bridge.stop(), worker.stop(), gateway.stop()] == [0, 0, 0]
+    assert "Traceback" not in bridge.log()
 
 
 def test_standalone_registry_restart_workers_come_back() -> None:
