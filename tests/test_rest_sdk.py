@@ -266,3 +266,24 @@ def test_unknown_route_is_enveloped(echo_system: EchoSystem) -> None:
     reply = httpx.get(f"{echo_system.url}/v1/nothing-here")
     assert reply.status_code == 404
     assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_chat_stream_n2(client: openai.OpenAI) -> None:
+    """Two choices stream side by side: each starts with its role delta and ends
+    with its own finish chunk; usage counts the prompt once."""
+    chunks = list(
+        client.chat.completions.create(
+            model=CHAT_MODEL,
+            messages=[{"role": "user", "content": "x y z"}],
+            n=2,
+            max_tokens=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    for index, expected in ((0, "x y z"), (1, "y z x")):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert mine[0].delta.role == "assistant"
+        assert "".join(c.delta.content or "" for c in mine) == expected
+        assert [c.finish_reason for c in mine if c.finish_reason] == ["length"]
+    assert chunks[-1].usage.prompt_tokens == 4 and chunks[-1].usage.completion_tokens == 6
