@@ -397,3 +397,46 @@ async def test_embeddings() -> None:
     finally:
         await eng.close()
     assert vectors == [[0.0, 0.5, 0.25], [1.0, 0.5, 0.25]] and tokens == 4
+
+
+# -- Through the whole system: a worker fronting the upstream ------------------
+
+
+def test_worker_fronting_the_upstream_end_to_end(upstream: str) -> None:
+    """`tokenwire worker --engine openai` behind the gateway and the bridge,
+    driven with the official SDK (the key reaches the worker from the environment)."""
+    import openai
+
+    from tests import harness
+
+    gateway = harness.gateway()
+    worker = harness.worker(
+        gateway.address,
+        "--engine", "openai",
+        "--upstream-url", upstream,
+        "--model-name", "smol-upstream",
+        "--context-length", "2048",
+        env={"TOKENWIRE_UPSTREAM_API_KEY": API_KEY},
+    )  # fmt: skip
+    bridge = harness.bridge(gateway.address)
+    url = f"http://{bridge.address}"
+    try:
+        harness.wait_for_workers(url, "smol-upstream", 1)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+        reply = client.chat.completions.create(model="smol-upstream", messages=messages, temperature=0, max_tokens=30)
+        assert "Paris" in reply.choices[0].message.content
+        assert reply.usage.completion_tokens > 0
+        chunks = list(
+            client.chat.completions.create(
+                model="smol-upstream", messages=messages, temperature=0, max_tokens=30, stream=True
+            )
+        )
+        assert "Paris" in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        # The context check uses the upstream's own tokenizer count.
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="smol-upstream", prompt="hello " * 2100, max_tokens=1)
+        assert caught.value.code == "context_length_exceeded"
+    finally:
+        for proc in (bridge, worker, gateway):
+            proc.stop()
