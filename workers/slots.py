@@ -21,10 +21,6 @@ class Slots:
         self.waiting = 0
         self._semaphore = asyncio.Semaphore(capacity)
 
-    @property
-    def full(self) -> bool:
-        return self.in_flight >= self.capacity and self.waiting >= self.max_queue
-
     @contextlib.asynccontextmanager
     async def acquire(self) -> AsyncIterator[None]:
         if self.in_flight >= self.capacity and self.waiting >= self.max_queue:
