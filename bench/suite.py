@@ -544,6 +544,21 @@ def engine_raw(*argv: str, timeout: float = 900) -> dict[str, Any]:
     return json.loads(reply.stdout.strip().splitlines()[-1])
 
 
+def timing_record(
+    start: float, first: float | None, last: float | None, end: float, tokens: int, pieces: int
+) -> dict[str, float]:
+    """TTFT, decode and end-to-end speed of one stream from its timestamps."""
+    first, last = first or end, last or end
+    return {
+        "ttft_s": first - start,
+        "total_s": end - start,
+        "tokens": tokens,
+        "pieces": pieces,
+        "decode_tok_s": (tokens - 1) / (last - first) if last > first else 0.0,
+        "e2e_tok_s": tokens / (end - start),
+    }
+
+
 def stream_timing(base: str, body: dict[str, Any]) -> dict[str, float]:
     request = urllib.request.Request(
         base + "/v1/chat/completions", data=orjson.dumps(body), headers={"Content-Type": "application/json"}
@@ -566,15 +581,7 @@ def stream_timing(base: str, body: dict[str, Any]) -> dict[str, float]:
                 last = now
                 pieces += 1
     end = time.perf_counter()
-    first, last = first or end, last or end
-    return {
-        "ttft_s": first - start,
-        "total_s": end - start,
-        "tokens": tokens,
-        "pieces": pieces,
-        "decode_tok_s": (tokens - 1) / (last - first) if last > first else 0.0,
-        "e2e_tok_s": tokens / (end - start),
-    }
+    return timing_record(start, first, last, end, tokens, pieces)
 
 
 async def grpc_stream_timing(
@@ -606,15 +613,7 @@ async def grpc_stream_timing(
                 last = now
                 pieces += 1
         end = time.perf_counter()
-    first, last = first or end, last or end
-    return {
-        "ttft_s": first - start,
-        "total_s": end - start,
-        "tokens": tokens,
-        "pieces": pieces,
-        "decode_tok_s": (tokens - 1) / (last - first) if last > first else 0.0,
-        "e2e_tok_s": tokens / (end - start),
-    }
+    return timing_record(start, first, last, end, tokens, pieces)
 
 
 def section_engines(args: argparse.Namespace, results: dict[str, Any]) -> None:
