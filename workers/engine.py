@@ -84,6 +84,13 @@ class Generation:
             self.tokens_after_cancel += n
 
 
+def message_text(message: common_pb2.ChatMessage) -> str:
+    """A message's text: its content, or its text parts joined by spaces."""
+    if message.HasField("content_parts"):
+        return " ".join(part.text for part in message.content_parts.parts if part.type == "text")
+    return message.content
+
+
 class Engine(abc.ABC):
     """One model. Subclasses set :attr:`info` (name, kind, context length)."""
 

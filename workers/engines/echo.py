@@ -18,13 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from gateway import errors
 from tokenwire.v1 import common_pb2, worker_pb2
-from workers.engine import Delta, Engine, Generation, Prepared
-
-
-def message_text(message: common_pb2.ChatMessage) -> str:
-    if message.HasField("content_parts"):
-        return " ".join(part.text for part in message.content_parts.parts if part.type == "text")
-    return message.content
+from workers.engine import Delta, Engine, Generation, Prepared, message_text
 
 
 def token_id(word: str) -> int:

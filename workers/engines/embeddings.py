@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import errors
 from tokenwire.v1 import common_pb2, worker_pb2
-from workers.engine import Delta, Engine, Generation, Prepared, run_blocking
+from workers.engine import Delta, Engine, Generation, Prepared, message_text, run_blocking
 
 if TYPE_CHECKING:
     import torch
@@ -49,12 +49,6 @@ def default_model_path() -> str:
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _message_text(message: common_pb2.ChatMessage) -> str:
-    if message.HasField("content_parts"):
-        return " ".join(part.text for part in message.content_parts.parts if part.type == "text")
-    return message.content
 
 
 class EmbeddingsEngine(Engine):
@@ -281,7 +275,7 @@ class EmbeddingsEngine(Engine):
     # -- Tokens -------------------------------------------------------------
 
     async def tokenize(self, prompt: str | None, messages: Sequence[common_pb2.ChatMessage]) -> list[int]:
-        text = prompt if prompt is not None else "\n".join(_message_text(m) for m in messages)
+        text = prompt if prompt is not None else "\n".join(message_text(m) for m in messages)
         return await run_blocking(lambda: list(self.tokenizer(text, verbose=False)["input_ids"]))
 
     # -- No generation ------------------------------------------------------

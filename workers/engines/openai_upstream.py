@@ -32,7 +32,7 @@ from google.protobuf import json_format
 
 from gateway import errors
 from tokenwire.v1 import common_pb2, worker_pb2
-from workers.engine import Delta, Engine, Generation, Prepared
+from workers.engine import Delta, Engine, Generation, Prepared, message_text
 
 log = logging.getLogger("tokenwire.worker.openai")
 
@@ -110,12 +110,6 @@ def message_to_json(message: common_pb2.ChatMessage) -> dict[str, Any]:
     if message.tool_call_id:
         out["tool_call_id"] = message.tool_call_id
     return out
-
-
-def _message_text(message: common_pb2.ChatMessage) -> str:
-    if message.HasField("content_parts"):
-        return " ".join(p.text for p in message.content_parts.parts if p.type == "text")
-    return message.content
 
 
 def _struct(message: Any) -> dict[str, Any]:
@@ -410,12 +404,12 @@ class OpenAIUpstreamEngine(Engine):
                 if self.tokenizer == "vllm":  # renders the chat template itself
                     return len(await self._tokenize_with("vllm", None, messages)), True
                 # Estimate: the message contents without the chat template's own tokens.
-                joined = "\n".join(_message_text(m) for m in messages)
+                joined = "\n".join(message_text(m) for m in messages)
                 return len(await self._tokenize_with(self.tokenizer, joined, None)), False
             except httpx.HTTPError as exc:
                 raise _transport_error(exc) from exc
         # Estimate without a tokenizer: about four characters per token for English text.
-        joined = text if messages is None else "\n".join(_message_text(m) for m in messages)
+        joined = text if messages is None else "\n".join(message_text(m) for m in messages)
         return len(joined or "") // 4, False
 
     async def prepare(self, request: worker_pb2.GenerateRequest) -> Prepared:
