@@ -4,6 +4,7 @@ Run by ``bench/run.py`` on the project's Python (it has llama-cpp-python and tor
 prints one JSON object on stdout.
 
     python bench/engine_raw.py llama --model-path X.gguf --threads 2 --n-ctx 2048 --max-tokens 128 --runs 3
+    python bench/engine_raw.py llama --model-path X.gguf --threads 2 --serve   # one run per stdin line
     python bench/engine_raw.py embed --model-path DIR --threads 2 --inputs 8 --clients 1 --duration 8
 
 ``llama`` measures, from the same GGUF with the same threads, context and sampling
@@ -22,6 +23,11 @@ run makes exactly ``--max-tokens`` tokens):
 Run k asks ``prompt(k)`` (warm-up 0, then 1..runs), the same prompts tokenwire gets, and
 the KV cache is reset before every run, so each one evaluates its whole prompt.
 
+With ``--serve`` the model stays loaded: the first stdout line describes it, then each
+stdin line ``{"path": "low_level", "k": 3}`` is answered by one line with that run's
+timing. The suite uses it to interleave in-process runs with runs through tokenwire,
+so that both sides see the same machine, run after run.
+
 ``embed`` encodes ``--inputs`` sentences per call (tokenizer, forward, masked mean
 pooling, L2 normalisation, ``tolist``) from ``--clients`` threads for
 ``--duration`` seconds.
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 import time
 from typing import Any
@@ -130,8 +137,16 @@ def llama(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads,
         "n_ctx": args.n_ctx,
     }
-    for name, fn in (("high_level", high_level), ("low_level", low_level)):
+    paths = {"high_level": high_level, "low_level": low_level}
+    for fn in paths.values():
         fn(0)  # warm-up
+    if args.serve:
+        print(json.dumps(out), flush=True)
+        for line in sys.stdin:
+            ask = json.loads(line)
+            print(json.dumps(paths[ask["path"]](int(ask["k"]))), flush=True)
+        return out
+    for name, fn in paths.items():
         out[name] = [fn(k) for k in range(1, args.runs + 1)]
     return out
 
@@ -211,6 +226,7 @@ def main() -> None:
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--serve", action="store_true", help="keep the model loaded; one run per stdin line")
     e = sub.add_parser("embed")
     e.add_argument("--model-path", required=True)
     e.add_argument("--threads", type=int, required=True)
@@ -218,6 +234,9 @@ def main() -> None:
     e.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     e.add_argument("--duration", type=float, default=8.0)
     args = parser.parse_args()
+    if args.what == "llama" and args.serve:
+        llama(args)
+        return
     result = llama(args) if args.what == "llama" else embed(args)
     print(json.dumps(result), flush=True)
 

@@ -69,7 +69,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="overhead,fastchat,profile,engines",
         help="comma-separated: overhead, fastchat, profile, engines (default: all)",
     )
-    parser.add_argument("--engine-runs", type=int, default=None, help="generations per engine figure (3; quick 1)")
+    parser.add_argument(
+        "--engine-runs", type=int, default=None, help="interleaved rounds of generations per engine figure (5; quick 1)"
+    )
     parser.add_argument("--out", type=Path, default=BENCH / "out", help="where results.json, RESULTS.md and the PNG go")
     parser.add_argument(
         "--no-record", action="store_true", help="do not copy RESULTS.md and results.png into bench/ (a full run does)"
@@ -83,7 +85,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 2.0)
     args.duration = args.duration if args.duration is not None else (2.0 if args.quick else 8.0)
-    args.engine_runs = args.engine_runs or (1 if args.quick else 3)
+    args.engine_runs = args.engine_runs or (1 if args.quick else 5)
     args.sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     return args
 

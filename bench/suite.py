@@ -70,28 +70,30 @@ def log(message: str) -> None:
 # -- noise: other sessions may share this machine ------------------------------------------
 
 
-def own_cpu(group: Group | None = None) -> float:
-    """CPU of this process, its reaped children and the group's live servers."""
+def own_cpu(group: Group | None = None, pids: tuple[int, ...] = ()) -> float:
+    """CPU of this process, its reaped children, the group's live servers and ``pids`` (live children)."""
     me = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     live = sum(s.cpu() for s in group.servers if s.alive()) if group else 0.0
+    live += sum(servers.cpu_seconds(pid) for pid in pids)
     return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime + live
 
 
 class NoiseMeter:
     """The share of the machine's CPU that other processes used while the block ran."""
 
-    def __init__(self, group: Group | None = None) -> None:
+    def __init__(self, group: Group | None = None, pids: tuple[int, ...] = ()) -> None:
         self.group = group
+        self.pids = pids
         self.share = 0.0
 
     def __enter__(self) -> NoiseMeter:
-        self.t0, self.m0, self.o0 = time.perf_counter(), loadgen.machine_busy(), own_cpu(self.group)
+        self.t0, self.m0, self.o0 = time.perf_counter(), loadgen.machine_busy(), own_cpu(self.group, self.pids)
         return self
 
     def __exit__(self, *exc: object) -> None:
         elapsed = time.perf_counter() - self.t0
-        other = (loadgen.machine_busy() - self.m0) - (own_cpu(self.group) - self.o0)
+        other = (loadgen.machine_busy() - self.m0) - (own_cpu(self.group, self.pids) - self.o0)
         self.share = max(0.0, other) / (elapsed * len(os.sched_getaffinity(0)))
 
 
@@ -109,12 +111,14 @@ def wait_quiet(limit: float = NOISE_LIMIT, max_wait: float = 120.0) -> float:
             said = True
 
 
-def guarded(what: str, fn: Callable[[], Any], group: Group | None = None) -> tuple[Any, float, int]:
+def guarded(
+    what: str, fn: Callable[[], Any], group: Group | None = None, pids: tuple[int, ...] = ()
+) -> tuple[Any, float, int]:
     """Run ``fn``, again (up to NOISE_ATTEMPTS) while other processes were noisy; keep the quietest."""
     best: tuple[Any, float] | None = None
     attempts = 0
     for attempts in range(1, NOISE_ATTEMPTS + 1):  # noqa: B007 - returned
-        with NoiseMeter(group) as meter:
+        with NoiseMeter(group, pids) as meter:
             value = fn()
         if best is None or meter.share < best[1]:
             best = (value, meter.share)
@@ -616,6 +620,78 @@ async def grpc_stream_timing(
     return timing_record(start, first, last, end, tokens, pieces)
 
 
+class RawLlama:
+    """``engine_raw.py llama --serve``: the same GGUF in-process, kept loaded, one run per call."""
+
+    def __init__(self, gguf: str, threads: int, n_ctx: int, max_tokens: int) -> None:
+        self.proc = subprocess.Popen(
+            [
+                str(PROJECT_PYTHON),
+                str(servers.BENCH / "engine_raw.py"),
+                "llama",
+                "--model-path",
+                gguf,
+                "--threads",
+                str(threads),
+                "--n-ctx",
+                str(n_ctx),
+                "--max-tokens",
+                str(max_tokens),
+                "--serve",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        self.info: dict[str, Any] = self._reply()
+
+    def _reply(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"engine_raw llama --serve exited ({self.proc.wait()})")
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def run(self, path: str, k: int) -> dict[str, float]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"path": path, "k": k}) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def worker_stream_timing(address: str, text: str, max_tokens: int, bias: dict[int, float]) -> dict[str, float]:
+    """One generation straight from the worker's ``Generate`` stream (no gateway, no bridge)."""
+    from tokenwire.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+    request = worker_pb2.GenerateRequest(
+        messages=[common_pb2.ChatMessage(role="user", content=text)],
+        sampling=worker_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, logit_bias=bias),
+    )
+    async with loadgen.grpc_channel(address) as channel:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        start = time.perf_counter()
+        first = last = None
+        tokens = pieces = 0
+        async for message in stub.Generate(request):
+            tokens = message.usage.completion_tokens
+            if message.text:
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                pieces += 1
+        end = time.perf_counter()
+    return timing_record(start, first, last, end, tokens, pieces)
+
+
 def section_engines(args: argparse.Namespace, results: dict[str, Any]) -> None:
     ok, why = engines_available()
     if not ok:
@@ -631,89 +707,90 @@ def section_engines(args: argparse.Namespace, results: dict[str, Any]) -> None:
     engines["setup"] = {"threads": threads, "gguf": Path(gguf).name, "n_ctx": n_ctx, "max_tokens": max_tokens}
 
     try:
-        log(f"engines: raw llama-cpp-python in-process, {threads} threads, {args.engine_runs} runs")
-        wait_quiet()
-        raw, share, attempts = guarded(
-            "raw llama-cpp-python",
-            lambda: engine_raw(
-                "llama",
-                "--model-path",
-                gguf,
-                "--threads",
-                str(threads),
-                "--n-ctx",
-                str(n_ctx),
-                "--max-tokens",
-                str(max_tokens),
-                "--runs",
-                str(args.engine_runs),
-            ),
-        )
-        raw["other_share"], raw["attempts"] = share, attempts
-        engines["llama_raw"] = raw
-        bias = {int(t): -100.0 for t in raw["eog_tokens"]}
-        with Group() as group:
-            gateway = group.start(servers.tokenwire("tw-gateway", "gateway", "--port", "0", "--log-level", "warning"))
-            group.start(
-                servers.tokenwire(
-                    "tw-worker-llama",
-                    "worker",
-                    "--port",
-                    "0",
-                    "--controller-address",
-                    gateway.address,
-                    "--engine",
-                    "llama_cpp",
-                    "--model-name",
-                    "smollm2",
-                    "--n-ctx",
-                    str(n_ctx),
-                    "--n-threads",
-                    str(threads),
-                    "--n-threads-batch",
-                    str(threads),
-                    "--log-level",
-                    "warning",
-                ),
-                timeout=300,
-            )
-            bridge = group.start(
-                servers.tokenwire("tw-bridge", "bridge", "--port", "0", "--gateway-address", gateway.address)
-            )
-            base = f"http://{bridge.address}"
-            wait_models(base, ["smollm2"])
+        raw_proc = RawLlama(gguf, threads, n_ctx, max_tokens)
+        try:
+            raw = raw_proc.info
+            engines["llama_raw"] = raw
+            bias = {int(t): -100.0 for t in raw["eog_tokens"]}
+            with Group() as group:
+                gateway = group.start(
+                    servers.tokenwire("tw-gateway", "gateway", "--port", "0", "--log-level", "warning")
+                )
+                worker = group.start(
+                    servers.tokenwire(
+                        "tw-worker-llama",
+                        "worker",
+                        "--port",
+                        "0",
+                        "--controller-address",
+                        gateway.address,
+                        "--engine",
+                        "llama_cpp",
+                        "--model-name",
+                        "smollm2",
+                        "--n-ctx",
+                        str(n_ctx),
+                        "--n-threads",
+                        str(threads),
+                        "--n-threads-batch",
+                        str(threads),
+                        "--log-level",
+                        "warning",
+                    ),
+                    timeout=300,
+                )
+                bridge = group.start(
+                    servers.tokenwire("tw-bridge", "bridge", "--port", "0", "--gateway-address", gateway.address)
+                )
+                base = f"http://{bridge.address}"
+                wait_models(base, ["smollm2"])
 
-            def body(k: int) -> dict[str, Any]:
-                return {
-                    "model": "smollm2",
-                    "messages": [{"role": "user", "content": prompt(k)}],
-                    "temperature": 0,
-                    "max_tokens": max_tokens,
-                    "logit_bias": {str(t): v for t, v in bias.items()},
-                    "stream": True,
-                    "stream_options": {"include_usage": True},
+                def body(k: int) -> dict[str, Any]:
+                    return {
+                        "model": "smollm2",
+                        "messages": [{"role": "user", "content": prompt(k)}],
+                        "temperature": 0,
+                        "max_tokens": max_tokens,
+                        "logit_bias": {str(t): v for t, v in bias.items()},
+                        "stream": True,
+                        "stream_options": {"include_usage": True},
+                    }
+
+                paths: dict[str, Callable[[int], dict[str, float]]] = {
+                    "llama_raw/low_level": lambda k: raw_proc.run("low_level", k),
+                    "llama_raw/high_level": lambda k: raw_proc.run("high_level", k),
+                    "llama_tokenwire_worker": lambda k: uvloop.run(
+                        worker_stream_timing(worker.address, prompt(k), max_tokens, bias)
+                    ),
+                    "llama_tokenwire_grpc": lambda k: uvloop.run(
+                        grpc_stream_timing(gateway.address, "smollm2", prompt(k), max_tokens, bias)
+                    ),
+                    "llama_tokenwire_rest": lambda k: stream_timing(base, body(k)),
                 }
-
-            log(f"engines: SmolLM2 through tokenwire (REST and gRPC), {args.engine_runs} runs each")
-            stream_timing(base, body(0))  # warm-up
-            wait_quiet()
-            # Every attempt gets a prompt of its own (run k asks prompt(k), as the in-process runs
-            # do): the engine reuses cached 32-token prompt chunks, and a repeated prompt would
-            # skip part of its prompt evaluation.
-            counter = iter(range(1, 1000))
-
-            def runs(fn: Callable[[int], dict[str, float]], what: str) -> list[dict[str, float]]:
-                out = []
+                for fn in paths.values():
+                    fn(0)  # warm-up
+                log(
+                    f"engines: SmolLM2 in-process and through tokenwire (worker, gRPC, REST), {threads} threads, "
+                    f"{args.engine_runs} interleaved rounds"
+                )
+                wait_quiet()
+                # Interleaved rounds: every path sees the same machine, and run k asks
+                # prompt(k) everywhere. Prompts are never repeated, since the engine reuses
+                # cached 32-token prompt chunks and a repeated prompt would skip part of
+                # its prompt evaluation.
+                counter = iter(range(1, 10_000))
+                measured: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
                 for _ in range(args.engine_runs):
-                    run, share, attempts = guarded(what, lambda: fn(next(counter)), group)
-                    out.append({**run, "other_share": share, "attempts": attempts})
-                return out
-
-            engines["llama_tokenwire_rest"] = runs(lambda k: stream_timing(base, body(k)), "tokenwire REST SmolLM2")
-            engines["llama_tokenwire_grpc"] = runs(
-                lambda k: uvloop.run(grpc_stream_timing(gateway.address, "smollm2", prompt(k), max_tokens, bias)),
-                "tokenwire gRPC SmolLM2",
-            )
+                    for name, fn in paths.items():
+                        run, share, attempts = guarded(
+                            name, lambda fn=fn: fn(next(counter)), group, (raw_proc.proc.pid,)
+                        )
+                        measured[name].append({**run, "other_share": share, "attempts": attempts})
+                raw["low_level"] = measured.pop("llama_raw/low_level")
+                raw["high_level"] = measured.pop("llama_raw/high_level")
+                engines.update(measured)
+        finally:
+            raw_proc.close()
     except Exception as error:
         engines["llama_error"] = f"{type(error).__name__}: {error}"[:2000]
         log(f"engines: llama failed: {engines['llama_error'][:500]}")

@@ -1,7 +1,8 @@
 """The llama_cpp engine: a GGUF chat model run by llama-cpp-python.
 
-One ``Llama`` runs one sequence at a time, so generations are serialised by a
-lock held for the whole generation (the worker's slot limit only bounds how
+One ``Llama`` runs one sequence at a time: generations queue for the
+engine's one compute thread, which makes every call into llama.cpp (see
+:func:`workers.engine.compute_thread`; the worker's slot limit bounds how
 many wait). The engine drives llama.cpp token by token itself rather than
 through ``create_completion``: that lets it feed exactly the tokens prepare()
 counted, stop within one token of a cancel, read logprobs without opening the
@@ -46,7 +47,6 @@ import importlib.util
 import json
 import logging
 import os
-import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -58,7 +58,7 @@ from google.protobuf.json_format import MessageToDict
 
 from gateway import errors
 from tokenwire.v1 import common_pb2, worker_pb2
-from workers.engine import Delta, Engine, Generation, Prepared, iterate_in_thread, run_blocking
+from workers.engine import Delta, Engine, Generation, Prepared, compute_thread, iterate_in_thread, run_blocking
 
 log = logging.getLogger("tokenwire.engine.llama_cpp")
 
@@ -230,7 +230,8 @@ class LlamaCppEngine(Engine):
             name=model_name or model_name_for(model_path), kind=common_pb2.MODEL_KIND_CHAT, engine="llama_cpp"
         )
         self._llm: Any = None
-        self._lock = threading.Lock()
+        # Loads, generates and closes the model: llama.cpp is only ever called from here.
+        self._compute = compute_thread("llama")
         # Prompt tokens whose KV entries came from whole aligned chunks.
         self._cached: list[int] = []
         self._grammars: dict[str, Any] = {}
@@ -239,7 +240,7 @@ class LlamaCppEngine(Engine):
 
     async def start(self) -> None:
         if self._llm is None:
-            await run_blocking(self._load)
+            await run_blocking(self._load, pool=self._compute)
 
     def _load(self) -> None:
         from llama_cpp import Llama
@@ -287,14 +288,13 @@ class LlamaCppEngine(Engine):
 
     async def close(self) -> None:
         if self._llm is not None:
-            # Off the loop: waits for a running generation to let go of the model.
-            await run_blocking(self._close)
+            # Queued behind any running generation on the compute thread.
+            await run_blocking(self._close, pool=self._compute)
 
     def _close(self) -> None:
-        with self._lock:
-            if self._llm is not None:
-                self._llm.close()
-                self._llm = None
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
 
     # -- prompts --
 
@@ -467,8 +467,10 @@ class LlamaCppEngine(Engine):
     ) -> AsyncIterator[Delta]:
         plan: _Plan = prepared.state
         # aclosing: when our consumer stops, the thread must be stopped and
-        # awaited (lock released) before we return, not at garbage collection.
-        deltas = iterate_in_thread(lambda: self._run(request, plan, max_tokens, generation), generation)
+        # awaited (the compute thread free) before we return, not at garbage collection.
+        deltas = iterate_in_thread(
+            lambda: self._run(request, plan, max_tokens, generation), generation, pool=self._compute
+        )
         async with contextlib.aclosing(deltas) as stream:
             async for delta in stream:
                 yield delta
@@ -478,10 +480,6 @@ class LlamaCppEngine(Engine):
     def _run(
         self, request: worker_pb2.GenerateRequest, plan: _Plan, max_tokens: int, generation: Generation
     ) -> Iterator[Delta]:
-        # Poll so that a request cancelled while queued behind another gives up.
-        while not self._lock.acquire(timeout=0.05):
-            if generation.cancelled.is_set():
-                return
         sampler = None
         try:
             if self._llm is None:
@@ -505,7 +503,6 @@ class LlamaCppEngine(Engine):
         finally:
             if sampler is not None:
                 sampler.close()
-            self._lock.release()
 
     def _eval_prompt(self, tokens: list[int], generation: Generation, all_logits: bool) -> list[np.ndarray] | None:
         """Feed the prompt, reusing whole cached chunks; with all_logits, return every row's logits."""
