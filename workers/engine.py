@@ -161,9 +161,16 @@ _DONE = object()
 
 
 async def iterate_in_thread(
-    make_iterator: Callable[[], Iterator[T]], generation: Generation, pool: Executor | None = None
+    make_iterator: Callable[[], Iterator[T]],
+    generation: Generation,
+    pool: Executor | None = None,
+    at_once: bool = False,
 ) -> AsyncIterator[T]:
     """Drive a blocking iterator on a thread of ``pool`` and yield its items here.
+
+    ``at_once`` hands the items over together when the iterator is done, for a
+    caller that wants the whole result anyway (a non-streamed choice): waking
+    the event loop for every token competes with the engine for the cores.
 
     The thread checks ``generation.cancelled`` before asking for each item, so
     a cancelled call stops the engine within one token. When the consumer
@@ -175,13 +182,21 @@ async def iterate_in_thread(
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
+    def hand_over(*items: Any) -> None:
+        for item in items:
+            queue.put_nowait(item)
+
     def pump() -> None:
+        held: list[Any] = []
         try:
             iterator = make_iterator()
             try:
                 while not generation.cancelled.is_set():
                     item = next(iterator, _DONE)
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                    if at_once and item is not _DONE:
+                        held.append(item)
+                        continue
+                    loop.call_soon_threadsafe(hand_over, *held, item)
                     if item is _DONE:
                         return
             finally:
@@ -189,8 +204,9 @@ async def iterate_in_thread(
                 if close is not None:
                     close()
         except BaseException as exc:  # handed to the consumer
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
-        loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+            loop.call_soon_threadsafe(hand_over, *held, exc)
+            return
+        loop.call_soon_threadsafe(hand_over, _DONE)
 
     job = (pool or executor()).submit(pump)
     try:

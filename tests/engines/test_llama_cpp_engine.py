@@ -507,6 +507,53 @@ async def test_waiting_request_gives_up_when_cancelled(engine: LlamaCppEngine) -
     await _next_starts_at_once(engine)
 
 
+async def test_buffered_choice_is_handed_over_when_done(engine: LlamaCppEngine) -> None:
+    # A non-streamed choice crosses from the compute thread to the event loop
+    # once, not once per token; its deltas are the streamed ones.
+    request = chat(("user", "Name three colours."), sampling=worker_pb2.SamplingParams(temperature=0))
+    streamed, _ = await run(engine, request)
+    request.buffered = True
+    prepared = await engine.prepare(request)
+    generation = Generation()
+    made_before_first: int | None = None
+    buffered = []
+    async for delta in engine.generate(request, prepared, 32, generation):
+        if made_before_first is None:
+            made_before_first = generation.tokens
+        buffered.append(delta)
+    assert made_before_first == generation.tokens == completion_tokens(streamed)
+    assert text_of(buffered) == text_of(streamed)
+    assert buffered[-1].finish_reason == streamed[-1].finish_reason
+
+
+async def test_cancelled_buffered_choice_stops_within_a_token(engine: LlamaCppEngine) -> None:
+    request = long_request()
+    request.buffered = True
+    prepared = await engine.prepare(request)
+    loop = asyncio.get_running_loop()
+    three = asyncio.Event()
+
+    class Watched(Generation):
+        def produced(self, n: int = 1) -> None:  # on the compute thread
+            super().produced(n)
+            if self.tokens == 3:
+                loop.call_soon_threadsafe(three.set)
+
+    generation = Watched()
+
+    async def consume() -> None:
+        async for _ in engine.generate(request, prepared, 200, generation):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(three.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert generation.tokens_after_cancel <= 1 and 3 <= generation.tokens < 200
+    await _next_starts_at_once(engine)
+
+
 async def test_llama_cpp_is_called_from_one_thread(engine: LlamaCppEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     # llama.cpp's OpenMP keeps a thread team per calling thread; calls from
     # several threads made every later generation ~20% slower.

@@ -469,7 +469,10 @@ class LlamaCppEngine(Engine):
         # aclosing: when our consumer stops, the thread must be stopped and
         # awaited (the compute thread free) before we return, not at garbage collection.
         deltas = iterate_in_thread(
-            lambda: self._run(request, plan, max_tokens, generation), generation, pool=self._compute
+            lambda: self._run(request, plan, max_tokens, generation),
+            generation,
+            pool=self._compute,
+            at_once=request.buffered,
         )
         async with contextlib.aclosing(deltas) as stream:
             async for delta in stream:
