@@ -416,9 +416,35 @@ def render(results: dict[str, Any]) -> str:
     else:
         md.append(engine_markdown(engines))
 
+    if results.get("floor"):
+        md.append(floor_markdown(results["floor"]))
     if results.get("profiles"):
         md.append(profile_markdown(results["profiles"]))
     return "\n".join(md) + "\n"
+
+
+def floor_markdown(floor: dict[str, Any]) -> str:
+    md = ["## The floor: an empty grpc.aio server on this machine\n"]
+    if "error" in floor:
+        return "\n".join([*md, f"**failed**: `{floor['error'][:1000]}`\n"])
+    md.append(
+        f"`bench/grpc_floor.py`: a uvloop grpc.aio server whose handlers do nothing, driven by "
+        f"{floor.get('concurrency')} concurrent grpc.aio clients in another process; CPU per call from "
+        "`/proc` (server) and `getrusage` (client). Every tokenwire hop pays at least this: a non-streamed "
+        "REST request is a unary call (bridge client, gateway server) plus a one-message stream (gateway "
+        "client, worker server), before any HTTP, JSON or application work. Three pass-through interceptors "
+        "stand for tokenwire's three (request id, auth, errors).\n"
+    )
+    md.append("| call | interceptors | calls/s | server CPU us/call | client CPU us/call |")
+    md.append("|---|---:|---:|---:|---:|")
+    labels = {"unary": "unary", "stream_1": "stream of 1 message", "stream_2": "stream of 2 messages"}
+    for row in floor.get("shapes", {}).values():
+        md.append(
+            f"| {labels.get(row['shape'], row['shape'])} | {row['interceptors']} | {fmt(row['calls_per_s'])} | "
+            f"{fmt(row['server_us_per_call'])} | {fmt(row['client_us_per_call'])} |"
+        )
+    md.append("")
+    return "\n".join(md)
 
 
 def engine_markdown(engines: dict[str, Any]) -> str:

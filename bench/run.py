@@ -3,11 +3,11 @@
     make bench                                 # the full run, records bench/RESULTS.md and bench/results.png
     .venv/bin/python bench/run.py --quick      # a short smoke run, writes bench/out/ only
     .venv/bin/python bench/run.py --sections fastchat --merge   # measure one section again, keep the rest
+    .venv/bin/python bench/run.py --help       # sections, durations, output
 
 On a quiet machine the full run takes about 7 minutes and --quick about 2 (plus about 20 s
 to build bench/.venv the first time); while other processes keep the machine busy it waits
 for quiet and measures noisy windows again (up to 2 minutes each), so it can take longer.
-    .venv/bin/python bench/run.py --help       # sections, durations, output
 
 It runs on the project's ``.venv`` for the tokenwire servers and builds its own venv,
 ``bench/.venv``, for everything else: FastChat 0.2.36 (``fschat`` needs pydantic 1 and
@@ -22,7 +22,9 @@ sending its next request when the last one is answered):
 2. FastChat's ``openai_api_server`` + ``controller`` over a zero-cost fake worker
    (``fake_fastchat_worker.py``) with the same REST loads, and the ratios;
 3. the engine path: SmolLM2 (llama.cpp) and all-MiniLM-L6-v2 through tokenwire
-   against the same libraries in-process.
+   against the same libraries in-process (interleaved runs);
+4. the floor: what an empty grpc.aio server and client cost per call here
+   (``grpc_floor.py``), the part of every hop no application code can remove.
 
 Every figure comes with the server CPU it cost, from ``/proc/<pid>/stat`` before and
 after the measurement window. Results: ``bench/out/results.json``, a table on stdout,
@@ -66,8 +68,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=None, help="seconds per measurement window (8; quick 2)")
     parser.add_argument(
         "--sections",
-        default="overhead,fastchat,profile,engines",
-        help="comma-separated: overhead, fastchat, profile, engines (default: all)",
+        default="overhead,fastchat,profile,engines,floor",
+        help="comma-separated: overhead, fastchat, profile, engines, floor (default: all)",
     )
     parser.add_argument(
         "--engine-runs", type=int, default=None, help="interleaved rounds of generations per engine figure (5; quick 1)"

@@ -928,6 +928,24 @@ def environment() -> dict[str, Any]:
     }
 
 
+def section_floor(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """An empty grpc.aio server's CPU per call (bench/grpc_floor.py), on this machine, now."""
+    log("floor: an empty grpc.aio server, 32 clients, unary and streamed calls")
+    wait_quiet()
+    try:
+        reply = subprocess.run(
+            [sys.executable, str(servers.BENCH / "grpc_floor.py"), "--duration", str(max(2.0, args.duration / 2))],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+        results["floor"] = json.loads(reply.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError) as error:
+        results["floor"] = {"error": f"{type(error).__name__}: {error}"[:2000]}
+        log(f"floor: failed: {results['floor']['error'][:500]}")
+
+
 # -- entry -------------------------------------------------------------------------------------------
 
 
@@ -953,8 +971,9 @@ def run_suite(args: argparse.Namespace, started: float) -> None:
         old = json.loads(previous.read_text())
         for key in ("scenarios", "validation", "memory", "profiles"):
             results[key] = {**old.get(key, {}), **results[key]}
-        if "engines" in old and "engines" not in args.sections:
-            results["engines"] = old["engines"]
+        for section in ("engines", "floor"):
+            if section in old and section not in args.sections:
+                results[section] = old[section]
         results["settings"]["merged_from"] = old.get("environment", {}).get("date")
         results["settings"]["sections"] = sorted(set(old["settings"]["sections"]) | args.sections)
         log(f"merging into {previous} (measured {results['settings']['merged_from']})")
@@ -966,6 +985,8 @@ def run_suite(args: argparse.Namespace, started: float) -> None:
             section_fastchat(args, results)
         if "engines" in args.sections:
             section_engines(args, results)
+        if "floor" in args.sections:
+            section_floor(args, results)
     finally:
         results["total_s"] = time.monotonic() - started
         if args.merge and previous.is_file():
