@@ -88,6 +88,18 @@ class Inference:
         fails before the first token (unreachable, killed), is replaced by
         another one; the caller sees one uninterrupted stream."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if request.buffered:
+            # Nobody streams it: one unary call, cheaper than a stream of one message.
+            def whole(handle: WorkerHandle) -> Awaitable[worker_pb2.GenerateChoiceResponse]:
+                remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+                return handle.stub.GenerateChoice(  # type: ignore[no-any-return]
+                    worker_pb2.GenerateChoiceRequest(request=request),
+                    timeout=remaining,
+                    metadata=outgoing_metadata(),
+                )
+
+            yield (await self._unary(model, whole)).choice
+            return
         tried: frozenset[str] = frozenset()
         accepted = produced = False
         for attempt in range(1, _MAX_ATTEMPTS + 1):

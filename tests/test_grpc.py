@@ -213,3 +213,9 @@ async def test_fast_engine_deltas_are_grouped(echo_system: EchoSystem) -> None:
         whole = [r async for r in stub.Generate(request)]
     assert len(whole) == 1
     assert whole[0].text == text and whole[0].usage == responses[-1].usage
+    # The unary form the gateway uses for non-streamed requests: the same choice.
+    async with grpc.aio.insecure_channel(echo_system.chat_workers[0].address) as channel:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        request.buffered = False
+        reply = await stub.GenerateChoice(worker_pb2.GenerateChoiceRequest(request=request))
+    assert reply.choice == whole[0]

@@ -126,9 +126,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         obs.ENGINE_IN_FLIGHT.labels(self.model).set_function(lambda: slots.in_flight)
         obs.ENGINE_QUEUE.labels(self.model).set_function(lambda: slots.waiting)
 
-    async def Generate(
+    def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        return self._generate(request)
+
+    async def GenerateChoice(
+        self, request: worker_pb2.GenerateChoiceRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.GenerateChoiceResponse:
+        request.request.buffered = True
+        # Run to the end (not closed after the message), so it counts as finished.
+        (choice,) = [message async for message in self._generate(request.request)]
+        return worker_pb2.GenerateChoiceResponse(choice=choice)
+
+    async def _generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
         if self.engine.info.kind == common_pb2.MODEL_KIND_EMBEDDING:
             raise errors.wrong_model_kind(self.engine.info.name, "text generation")
         self.stats.requests_total += 1

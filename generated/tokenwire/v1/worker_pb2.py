@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tokenwire.v1 import common_pb2 as tokenwire_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tokenwire/v1/worker.proto\x12\x0ctokenwire.v1\x1a\x19tokenwire/v1/common.proto\"\xfb\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\x08\x88\x01\x01\x12?\n\nlogit_bias\x18\x0b \x03(\x0b\x32+.tokenwire.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\r\n\x0b_max_tokensB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x8e\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.tokenwire.v1.ChatMessage\x12*\n\x06prompt\x18\x03 \x01(\x0b\x32\x1a.tokenwire.v1.TextOrTokens\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.tokenwire.v1.SamplingParams\x12\r\n\x05index\x18\x05 \x01(\x05\x12\x10\n\x08logprobs\x18\x06 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x07 \x01(\x05\x12\x0c\n\x04\x65\x63ho\x18\x08 \x01(\x08\x12\x35\n\x0fresponse_format\x18\t \x01(\x0b\x32\x1c.tokenwire.v1.ResponseFormat\x12!\n\x05tools\x18\n \x03(\x0b\x32\x12.tokenwire.v1.Tool\x12-\n\x0btool_choice\x18\x0b \x01(\x0b\x32\x18.tokenwire.v1.ToolChoice\x12\x10\n\x08\x62uffered\x18\x0c \x01(\x08\"\xd7\x01\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.tokenwire.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.tokenwire.v1.Usage\x12*\n\ntool_calls\x18\x07 \x03(\x0b\x32\x16.tokenwire.v1.ToolCall\"u\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x05input\x18\x02 \x03(\x0b\x32\x1a.tokenwire.v1.TextOrTokens\x12\x17\n\ndimensions\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\r\n\x0b_dimensions\"!\n\x0f\x45mbeddingVector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"Y\n\rEmbedResponse\x12\x31\n\nembeddings\x18\x01 \x03(\x0b\x32\x1d.tokenwire.v1.EmbeddingVector\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\"^\n\x1fWorkerServiceCountTokensRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.tokenwire.v1.ChatMessage\"D\n WorkerServiceCountTokensResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\x15\n\x13GetModelInfoRequest\">\n\x14GetModelInfoResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.tokenwire.v1.ModelInfo\"\x11\n\x0fGetStatsRequest\"\xc2\x01\n\x10GetStatsResponse\x12\x11\n\tin_flight\x18\x01 \x01(\x05\x12\x14\n\x0cqueue_length\x18\x02 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x05\x12\x16\n\x0erequests_total\x18\x04 \x01(\x03\x12\x17\n\x0f\x63\x61ncelled_total\x18\x05 \x01(\x03\x12!\n\x19tokens_after_cancel_total\x18\x06 \x01(\x03\x12\x1f\n\x17tokens_after_cancel_max\x18\x07 \x01(\x05\x32\xae\x03\n\rWorkerService\x12K\n\x08Generate\x12\x1d.tokenwire.v1.GenerateRequest\x1a\x1e.tokenwire.v1.GenerateResponse0\x01\x12@\n\x05\x45mbed\x12\x1a.tokenwire.v1.EmbedRequest\x1a\x1b.tokenwire.v1.EmbedResponse\x12l\n\x0b\x43ountTokens\x12-.tokenwire.v1.WorkerServiceCountTokensRequest\x1a..tokenwire.v1.WorkerServiceCountTokensResponse\x12U\n\x0cGetModelInfo\x12!.tokenwire.v1.GetModelInfoRequest\x1a\".tokenwire.v1.GetModelInfoResponse\x12I\n\x08GetStats\x12\x1d.tokenwire.v1.GetStatsRequest\x1a\x1e.tokenwire.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tokenwire/v1/worker.proto\x12\x0ctokenwire.v1\x1a\x19tokenwire/v1/common.proto\"\xfb\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\x08\x88\x01\x01\x12?\n\nlogit_bias\x18\x0b \x03(\x0b\x32+.tokenwire.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\r\n\x0b_max_tokensB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x8e\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.tokenwire.v1.ChatMessage\x12*\n\x06prompt\x18\x03 \x01(\x0b\x32\x1a.tokenwire.v1.TextOrTokens\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.tokenwire.v1.SamplingParams\x12\r\n\x05index\x18\x05 \x01(\x05\x12\x10\n\x08logprobs\x18\x06 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x07 \x01(\x05\x12\x0c\n\x04\x65\x63ho\x18\x08 \x01(\x08\x12\x35\n\x0fresponse_format\x18\t \x01(\x0b\x32\x1c.tokenwire.v1.ResponseFormat\x12!\n\x05tools\x18\n \x03(\x0b\x32\x12.tokenwire.v1.Tool\x12-\n\x0btool_choice\x18\x0b \x01(\x0b\x32\x18.tokenwire.v1.ToolChoice\x12\x10\n\x08\x62uffered\x18\x0c \x01(\x08\"\xd7\x01\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.tokenwire.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.tokenwire.v1.Usage\x12*\n\ntool_calls\x18\x07 \x03(\x0b\x32\x16.tokenwire.v1.ToolCall\"G\n\x15GenerateChoiceRequest\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.tokenwire.v1.GenerateRequest\"H\n\x16GenerateChoiceResponse\x12.\n\x06\x63hoice\x18\x01 \x01(\x0b\x32\x1e.tokenwire.v1.GenerateResponse\"u\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x05input\x18\x02 \x03(\x0b\x32\x1a.tokenwire.v1.TextOrTokens\x12\x17\n\ndimensions\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\r\n\x0b_dimensions\"!\n\x0f\x45mbeddingVector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"Y\n\rEmbedResponse\x12\x31\n\nembeddings\x18\x01 \x03(\x0b\x32\x1d.tokenwire.v1.EmbeddingVector\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\"^\n\x1fWorkerServiceCountTokensRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.tokenwire.v1.ChatMessage\"D\n WorkerServiceCountTokensResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\x15\n\x13GetModelInfoRequest\">\n\x14GetModelInfoResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.tokenwire.v1.ModelInfo\"\x11\n\x0fGetStatsRequest\"\xc2\x01\n\x10GetStatsResponse\x12\x11\n\tin_flight\x18\x01 \x01(\x05\x12\x14\n\x0cqueue_length\x18\x02 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x05\x12\x16\n\x0erequests_total\x18\x04 \x01(\x03\x12\x17\n\x0f\x63\x61ncelled_total\x18\x05 \x01(\x03\x12!\n\x19tokens_after_cancel_total\x18\x06 \x01(\x03\x12\x1f\n\x17tokens_after_cancel_max\x18\x07 \x01(\x05\x32\x8b\x04\n\rWorkerService\x12K\n\x08Generate\x12\x1d.tokenwire.v1.GenerateRequest\x1a\x1e.tokenwire.v1.GenerateResponse0\x01\x12[\n\x0eGenerateChoice\x12#.tokenwire.v1.GenerateChoiceRequest\x1a$.tokenwire.v1.GenerateChoiceResponse\x12@\n\x05\x45mbed\x12\x1a.tokenwire.v1.EmbedRequest\x1a\x1b.tokenwire.v1.EmbedResponse\x12l\n\x0b\x43ountTokens\x12-.tokenwire.v1.WorkerServiceCountTokensRequest\x1a..tokenwire.v1.WorkerServiceCountTokensResponse\x12U\n\x0cGetModelInfo\x12!.tokenwire.v1.GetModelInfoRequest\x1a\".tokenwire.v1.GetModelInfoResponse\x12I\n\x08GetStats\x12\x1d.tokenwire.v1.GetStatsRequest\x1a\x1e.tokenwire.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,24 +42,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_end=979
   _globals['_GENERATERESPONSE']._serialized_start=982
   _globals['_GENERATERESPONSE']._serialized_end=1197
-  _globals['_EMBEDREQUEST']._serialized_start=1199
-  _globals['_EMBEDREQUEST']._serialized_end=1316
-  _globals['_EMBEDDINGVECTOR']._serialized_start=1318
-  _globals['_EMBEDDINGVECTOR']._serialized_end=1351
-  _globals['_EMBEDRESPONSE']._serialized_start=1353
-  _globals['_EMBEDRESPONSE']._serialized_end=1442
-  _globals['_WORKERSERVICECOUNTTOKENSREQUEST']._serialized_start=1444
-  _globals['_WORKERSERVICECOUNTTOKENSREQUEST']._serialized_end=1538
-  _globals['_WORKERSERVICECOUNTTOKENSRESPONSE']._serialized_start=1540
-  _globals['_WORKERSERVICECOUNTTOKENSRESPONSE']._serialized_end=1608
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1610
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1631
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1633
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1695
-  _globals['_GETSTATSREQUEST']._serialized_start=1697
-  _globals['_GETSTATSREQUEST']._serialized_end=1714
-  _globals['_GETSTATSRESPONSE']._serialized_start=1717
-  _globals['_GETSTATSRESPONSE']._serialized_end=1911
-  _globals['_WORKERSERVICE']._serialized_start=1914
-  _globals['_WORKERSERVICE']._serialized_end=2344
+  _globals['_GENERATECHOICEREQUEST']._serialized_start=1199
+  _globals['_GENERATECHOICEREQUEST']._serialized_end=1270
+  _globals['_GENERATECHOICERESPONSE']._serialized_start=1272
+  _globals['_GENERATECHOICERESPONSE']._serialized_end=1344
+  _globals['_EMBEDREQUEST']._serialized_start=1346
+  _globals['_EMBEDREQUEST']._serialized_end=1463
+  _globals['_EMBEDDINGVECTOR']._serialized_start=1465
+  _globals['_EMBEDDINGVECTOR']._serialized_end=1498
+  _globals['_EMBEDRESPONSE']._serialized_start=1500
+  _globals['_EMBEDRESPONSE']._serialized_end=1589
+  _globals['_WORKERSERVICECOUNTTOKENSREQUEST']._serialized_start=1591
+  _globals['_WORKERSERVICECOUNTTOKENSREQUEST']._serialized_end=1685
+  _globals['_WORKERSERVICECOUNTTOKENSRESPONSE']._serialized_start=1687
+  _globals['_WORKERSERVICECOUNTTOKENSRESPONSE']._serialized_end=1755
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1757
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1778
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1780
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1842
+  _globals['_GETSTATSREQUEST']._serialized_start=1844
+  _globals['_GETSTATSREQUEST']._serialized_end=1861
+  _globals['_GETSTATSRESPONSE']._serialized_start=1864
+  _globals['_GETSTATSRESPONSE']._serialized_end=2058
+  _globals['_WORKERSERVICE']._serialized_start=2061
+  _globals['_WORKERSERVICE']._serialized_end=2584
 # @@protoc_insertion_point(module_scope)

@@ -42,6 +42,11 @@ class WorkerServiceStub:
                 request_serializer=tokenwire_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=tokenwire_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateChoice = channel.unary_unary(
+                '/tokenwire.v1.WorkerService/GenerateChoice',
+                request_serializer=tokenwire_dot_v1_dot_worker__pb2.GenerateChoiceRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_worker__pb2.GenerateChoiceResponse.FromString,
+                _registered_method=True)
         self.Embed = channel.unary_unary(
                 '/tokenwire.v1.WorkerService/Embed',
                 request_serializer=tokenwire_dot_v1_dot_worker__pb2.EmbedRequest.SerializeToString,
@@ -82,6 +87,16 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateChoice(self, request, context):
+        """Generate one whole choice and return it in one response: what a
+        non-streamed request needs, as a unary call (cheaper than a stream of one
+        message for both sides). Cancelling the call stops generation within one
+        token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Embed(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -114,6 +129,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=tokenwire_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
                     response_serializer=tokenwire_dot_v1_dot_worker__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateChoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateChoice,
+                    request_deserializer=tokenwire_dot_v1_dot_worker__pb2.GenerateChoiceRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_worker__pb2.GenerateChoiceResponse.SerializeToString,
             ),
             'Embed': grpc.unary_unary_rpc_method_handler(
                     servicer.Embed,
@@ -166,6 +186,33 @@ class WorkerService:
             '/tokenwire.v1.WorkerService/Generate',
             tokenwire_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
             tokenwire_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateChoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.WorkerService/GenerateChoice',
+            tokenwire_dot_v1_dot_worker__pb2.GenerateChoiceRequest.SerializeToString,
+            tokenwire_dot_v1_dot_worker__pb2.GenerateChoiceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,12 @@ class WorkerServiceStub:
     finish_reason. With `buffered`, one response carries the whole choice.
     Cancelling the call stops generation within one token.
     """
+    GenerateChoice: _grpc.UnaryUnaryMultiCallable[_worker_pb2.GenerateChoiceRequest, _worker_pb2.GenerateChoiceResponse]
+    """Generate one whole choice and return it in one response: what a
+    non-streamed request needs, as a unary call (cheaper than a stream of one
+    message for both sides). Cancelling the call stops generation within one
+    token.
+    """
     Embed: _grpc.UnaryUnaryMultiCallable[_worker_pb2.EmbedRequest, _worker_pb2.EmbedResponse]
     CountTokens: _grpc.UnaryUnaryMultiCallable[_worker_pb2.WorkerServiceCountTokensRequest, _worker_pb2.WorkerServiceCountTokensResponse]
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_worker_pb2.GetModelInfoRequest, _worker_pb2.GetModelInfoResponse]
@@ -65,6 +71,12 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     when the engine outpaces the wire); the last response carries
     finish_reason. With `buffered`, one response carries the whole choice.
     Cancelling the call stops generation within one token.
+    """
+    GenerateChoice: _aio.UnaryUnaryMultiCallable[_worker_pb2.GenerateChoiceRequest, _worker_pb2.GenerateChoiceResponse]  # type: ignore[assignment]
+    """Generate one whole choice and return it in one response: what a
+    non-streamed request needs, as a unary call (cheaper than a stream of one
+    message for both sides). Cancelling the call stops generation within one
+    token.
     """
     Embed: _aio.UnaryUnaryMultiCallable[_worker_pb2.EmbedRequest, _worker_pb2.EmbedResponse]  # type: ignore[assignment]
     CountTokens: _aio.UnaryUnaryMultiCallable[_worker_pb2.WorkerServiceCountTokensRequest, _worker_pb2.WorkerServiceCountTokensResponse]  # type: ignore[assignment]
@@ -90,6 +102,18 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         when the engine outpaces the wire); the last response carries
         finish_reason. With `buffered`, one response carries the whole choice.
         Cancelling the call stops generation within one token.
+        """
+
+    @_abc_1.abstractmethod
+    def GenerateChoice(
+        self,
+        request: _worker_pb2.GenerateChoiceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_pb2.GenerateChoiceResponse, _abc.Awaitable[_worker_pb2.GenerateChoiceResponse]]:
+        """Generate one whole choice and return it in one response: what a
+        non-streamed request needs, as a unary call (cheaper than a stream of one
+        message for both sides). Cancelling the call stops generation within one
+        token.
         """
 
     @_abc_1.abstractmethod
