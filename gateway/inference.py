@@ -86,7 +86,8 @@ class Inference:
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         """One choice on one worker. A worker that refuses the call (full), or
         fails before the first token (unreachable, killed), is replaced by
-        another one; the caller sees one uninterrupted stream."""
+        another one; the caller sees one uninterrupted stream. A buffered
+        (non-streamed) choice is one unary GenerateChoice call."""
         deadline = None if timeout is None else time.monotonic() + timeout
         if request.buffered:
             # Nobody streams it: one unary call, cheaper than a stream of one message.

@@ -143,11 +143,12 @@ def executor() -> ThreadPoolExecutor:
 def compute_thread(name: str) -> ThreadPoolExecutor:
     """One thread for every call into a model's compute backend.
 
-    llama.cpp and torch parallelise with OpenMP, which keeps a team of
+    llama.cpp's CPU backend parallelises with OpenMP, which keeps a team of
     threads per calling thread: once a second thread of the shared pool
-    called in, the teams competed for the cores and llama.cpp decoded 20%
-    slower from then on (112 -> 87-92 tok/s, SmolLM2 on 2 cores). One
-    caller keeps one team.
+    called in, the teams competed for the cores and decoding ran 20% slower
+    from then on (112 -> 87-92 tok/s, SmolLM2 on 2 cores). One caller keeps
+    one team. (torch showed no such effect: its forward passes ran as fast
+    from a pool of threads as from one.)
     """
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
