@@ -273,14 +273,3 @@ def grpc_stream(method: Callable[..., Any], request: Any, has_content: Callable[
         return chunks, ttft, first
 
     return op
-
-
-def grpc_drain(method: Callable[..., Any], request: Any) -> Op:
-    """A server-streaming call read to its end, counted as one request."""
-
-    async def op() -> Sample:
-        async for _ in method(request):
-            pass
-        return 1, None, None
-
-    return op

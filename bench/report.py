@@ -381,6 +381,10 @@ def render(results: dict[str, Any]) -> str:
         md.append(f"| {figure} | {unit} | " + " | ".join(fmt(values[p], 2) for p, _ in PATHS) + f" | {fmt(r, 3)} |")
     md.append("")
 
+    interval = sc.get("tokenwire/rest/stream_paced_interval_c8")
+    every = sc.get("tokenwire/rest/stream_paced_c8")
+    if interval and every:
+        md.append(interval_markdown(every, interval))
     md.append("### Detail per scenario\n")
     md.append(
         "| scenario | clients | requests | errors | req/s | chunks/s | front CPU s | worker CPU s | "
@@ -442,6 +446,31 @@ def floor_markdown(floor: dict[str, Any]) -> str:
         md.append(
             f"| {labels.get(row['shape'], row['shape'])} | {row['interceptors']} | {fmt(row['calls_per_s'])} | "
             f"{fmt(row['server_us_per_call'])} | {fmt(row['client_us_per_call'])} |"
+        )
+    md.append("")
+    return "\n".join(md)
+
+
+def interval_markdown(every: dict[str, Any], interval: dict[str, Any]) -> str:
+    n = interval.get("stream_interval")
+    md = [f"### Worker `--stream-interval {n}`: the paced stream through the bridge\n"]
+    md.append(
+        f"The paced load (8 clients, one token per ms) from a worker run with `--stream-interval {n}`: after "
+        f"the first token, each message carries at least {n} tokens, so the gateway and the bridge handle "
+        f"fewer messages per token; the stream is less smooth (tokens arrive {n} at a time).\n"
+    )
+    md.append(
+        "| worker | SSE chunks/s | tokens/s | chunks per stream | TTFT p50 ms | server CPU us/token | "
+        "worker CPU us/token |"
+    )
+    md.append("|---|---:|---:|---:|---:|---:|---:|")
+    for label, s in (("`--stream-interval 1` (default)", every), (f"`--stream-interval {n}`", interval)):
+        tokens = s["requests"] * s.get("tokens_per_stream", 0)
+        worker_us = 1e6 * s["worker_cpu_s"] / tokens if tokens else None
+        chunks = s["chunks"] / s["requests"] if s["requests"] else None
+        md.append(
+            f"| {label} | {fmt(s['chunks_per_s'])} | {fmt(tokens_per_s(s))} | {fmt(chunks)} | "
+            f"{fmt(s['ttft_p50_ms'])} | {fmt(cpu_per_token_us(s))} | {fmt(worker_us)} |"
         )
     md.append("")
     return "\n".join(md)

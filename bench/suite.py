@@ -33,6 +33,8 @@ CHAT_MODEL, EMBED_MODEL = "echo-chat", "echo-embed"
 # A second chat model whose engine makes one token per PACE seconds (about 1000 tokens/s per
 # stream, like a fast real engine), so that every token is its own message and SSE chunk.
 PACED_MODEL, PACE = "echo-chat-paced", 0.001
+# The same paced engine behind a worker run with --stream-interval INTERVAL (REST only).
+INTERVAL_MODEL, INTERVAL = "echo-chat-paced-interval", 4
 STREAM_TOKENS, CHAT_TOKENS, DIMENSIONS = 256, 16, 384
 # Loads: name -> (kind, concurrency).
 LOADS = {
@@ -230,6 +232,21 @@ def start_tokenwire(group: Group) -> dict[str, str]:
             str(PACE),
         )
     )
+    group.start(
+        servers.tokenwire(
+            "tw-worker-interval",
+            "worker",
+            *common,
+            "--model-name",
+            INTERVAL_MODEL,
+            "--echo-tokens",
+            str(STREAM_TOKENS),
+            "--echo-delay",
+            str(PACE),
+            "--stream-interval",
+            str(INTERVAL),
+        )
+    )
     embed = group.start(
         servers.tokenwire(
             "tw-worker-embed",
@@ -249,7 +266,7 @@ def start_tokenwire(group: Group) -> dict[str, str]:
         )
     )
     base = f"http://{bridge.address}"
-    wait_models(base, [CHAT_MODEL, PACED_MODEL, EMBED_MODEL])
+    wait_models(base, [CHAT_MODEL, PACED_MODEL, INTERVAL_MODEL, EMBED_MODEL])
     return {
         "rest": base,
         "gateway": gateway.address,
@@ -311,8 +328,10 @@ def tokenwire_ops(
             "embed": loadgen.grpc_unary(api.CreateEmbedding, embed),
         },
         "tokenwire/worker": {
-            # Generate is server-streaming only: a "non-streamed" request reads the stream to its end.
-            "chat": loadgen.grpc_drain(chat_worker.Generate, generate(CHAT_TOKENS)),
+            # What the gateway asks for a non-streamed choice.
+            "chat": loadgen.grpc_unary(
+                chat_worker.GenerateChoice, worker_pb2.GenerateChoiceRequest(request=generate(CHAT_TOKENS))
+            ),
             "stream": loadgen.grpc_stream(chat_worker.Generate, generate(STREAM_TOKENS), lambda m: m.text != ""),
             "stream_paced": loadgen.grpc_stream(paced_worker.Generate, generate(STREAM_TOKENS), lambda m: m.text != ""),
             "embed": loadgen.grpc_unary(embed_worker.Embed, worker_pb2.EmbedRequest(request_id="bench", input=inputs)),
@@ -382,6 +401,25 @@ async def run_loads(
             log("  " + report.one_line(summary))
 
 
+async def run_interval_load(base: str, group: Group, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """The paced stream again, through the bridge, from a worker run with --stream-interval."""
+    name = "tokenwire/rest/stream_paced_interval_c8"
+    log(f"{name}: worker --stream-interval {INTERVAL}, 8 clients, {args.warmup:g} s warm-up + {args.duration:g} s")
+    http = loadgen.HttpClient(base)
+    try:
+        op = http.stream("/v1/chat/completions", chat_body(STREAM_TOKENS, stream=True, model=INTERVAL_MODEL))
+        summary = await quiet_run(name, op, 8, group, args)
+    finally:
+        await http.close()
+    summary.update(kind="stream_paced", tokens_per_stream=STREAM_TOKENS, stream_interval=INTERVAL)
+    summary["front"] = FRONT["tokenwire/rest"]
+    cpu = summary["server_cpu_s"]
+    summary["front_cpu_s"] = sum(cpu.get(n, 0.0) for n in summary["front"])
+    summary["worker_cpu_s"] = cpu.get("tw-worker-interval", 0.0)
+    results["scenarios"][name] = summary
+    log("  " + report.one_line(summary))
+
+
 def memory(group: Group) -> dict[str, dict[str, int]]:
     return {s.name: s.memory() for s in group.servers}
 
@@ -397,6 +435,7 @@ def section_tokenwire(args: argparse.Namespace, results: dict[str, Any]) -> None
             ops, close = tokenwire_ops(addresses)
             try:
                 await run_loads(list(ops), ops, group, args, results)
+                await run_interval_load(addresses["rest"], group, args, results)
                 results["memory"]["tokenwire"] = memory(group)
                 if "profile" in args.sections:
                     await profile_tokenwire(ops, group, args, results)

@@ -45,6 +45,13 @@ def _ready(part: str, host: str, port: int) -> None:
     print(f"READY {part} {host}:{port}", flush=True)
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return number
+
+
 def _split(value: str | None) -> list[str]:
     return [item.strip() for item in (value or "").split(",") if item.strip()]
 
@@ -147,6 +154,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
             worker_address=args.worker_address,
             limit_worker_concurrency=args.limit_worker_concurrency,
             max_queue=args.max_queue,
+            stream_interval=args.stream_interval,
             heartbeat_interval=args.heartbeat_interval,
             shutdown_grace=args.shutdown_grace,
             metrics_port=args.metrics_port,
@@ -285,6 +293,13 @@ def _worker_flags(parser: argparse.ArgumentParser, with_engines: bool) -> None:
     )
     parser.add_argument("--limit-worker-concurrency", type=int, default=5, help="requests running at once")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 429")
+    parser.add_argument(
+        "--stream-interval",
+        type=_positive_int,
+        default=1,
+        help="tokens per streamed message (the first excepted): more means less CPU per token, "
+        "less smooth streams (default 1: every token as it comes)",
+    )
     parser.add_argument("--heartbeat-interval", type=float, default=5.0)
     if not with_engines:
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests import harness
 from tests.conftest import API_KEY, CHAT_MODEL, ECHO_CONTEXT, EMBED_MODEL, EchoSystem
 from tokenwire.v1 import api_pb2, api_pb2_grpc, common_pb2
 
@@ -219,3 +221,35 @@ async def test_fast_engine_deltas_are_grouped(echo_system: EchoSystem) -> None:
         request.buffered = False
         reply = await stub.GenerateChoice(worker_pb2.GenerateChoiceRequest(request=request))
     assert reply.choice == whole[0]
+
+
+async def test_stream_interval_holds_messages_for_tokens() -> None:
+    # --stream-interval 4 on a worker making one token every 5 ms: after the
+    # first token (sent at once, for the time to first token), every message
+    # but the last carries at least 4 tokens, and the text is unchanged.
+    gateway = harness.gateway()
+    worker = harness.echo_worker(
+        gateway.address, CHAT_MODEL, "--echo-delay", "0.005", "--echo-tokens", "64", "--stream-interval", "4"
+    )
+    try:
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = api_pb2_grpc.InferenceServiceStub(channel)
+            request = api_pb2.StreamChatCompletionRequest(
+                request=api_pb2.CreateChatCompletionRequest(model=CHAT_MODEL, messages=[user("a b c d")], max_tokens=22)
+            )
+            for _ in range(50):  # until the gateway has seen the worker register
+                try:
+                    chunks = [c async for c in stub.StreamChatCompletion(request)]
+                    break
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() == grpc.StatusCode.NOT_FOUND
+                    await asyncio.sleep(0.1)
+        words = [len(c.choices[0].delta.content.split()) for c in chunks if c.choices and c.choices[0].delta.content]
+        assert sum(words) == 22
+        assert words[0] == 1
+        assert all(n >= 4 for n in words[1:-1]) and len(words) <= 2 + 21 // 4
+        text = "".join(c.choices[0].delta.content for c in chunks if c.choices)
+        assert text.split() == (["a", "b", "c", "d"] * 6)[:22]
+    finally:
+        worker.stop()
+        gateway.stop()

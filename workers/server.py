@@ -52,13 +52,15 @@ def resolve_max_tokens(engine: Engine, request: worker_pb2.GenerateRequest, prom
 _END = object()
 
 
-async def batched(deltas: AsyncIterator[Delta]) -> AsyncIterator[list[Delta]]:
+async def batched(deltas: AsyncIterator[Delta], min_tokens: int = 1) -> AsyncIterator[list[Delta]]:
     """The engine's deltas, with those made while the previous message was
     being sent grouped together.
 
     An engine faster than the wire (the echo engine, a fast upstream) then costs
     one message per write instead of one per token; a real-time engine (one
-    token every few ms) still gets one message per token.
+    token every few ms) still gets one message per token, unless ``min_tokens``
+    (``--stream-interval``) asks to hold each message, but the first and the
+    last, until it carries that many tokens.
     """
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -72,18 +74,25 @@ async def batched(deltas: AsyncIterator[Delta]) -> AsyncIterator[list[Delta]]:
 
     task = asyncio.create_task(pump())
     try:
+        first = True
         item = await queue.get()
         while item is not _END:
             batch: list[Delta] = []
+            tokens = 0
             while item is not _END:
                 if isinstance(item, Exception):
                     raise item
                 batch.append(item)
-                if queue.empty():
+                tokens += item.token_count
+                if not queue.empty():
+                    item = queue.get_nowait()
+                elif first or tokens >= min_tokens or item.finish_reason:
                     item = None
                     break
-                item = queue.get_nowait()
+                else:
+                    item = await queue.get()  # hold this message for more tokens
             yield batch
+            first = False
             if item is None:
                 item = await queue.get()
     finally:
@@ -118,9 +127,10 @@ class _Totals:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, engine: Engine, slots: Slots) -> None:
+    def __init__(self, engine: Engine, slots: Slots, stream_interval: int = 1) -> None:
         self.engine = engine
         self.slots = slots
+        self.stream_interval = stream_interval
         self.stats = WorkerStats()
         self.model = engine.info.name
         obs.ENGINE_IN_FLIGHT.labels(self.model).set_function(lambda: slots.in_flight)
@@ -159,7 +169,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     # The first message says "accepted": the gateway only
                     # commits a response (HTTP 200) once it has seen it.
                     yield totals.message([])
-                    async for batch in batched(deltas):
+                    async for batch in batched(deltas, self.stream_interval):
                         yield totals.message(batch)
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
@@ -245,6 +255,7 @@ async def run_worker(
     worker_address: str | None = None,
     limit_worker_concurrency: int = 5,
     max_queue: int = 128,
+    stream_interval: int = 1,
     heartbeat_interval: float = 5.0,
     shutdown_grace: float = 10.0,
     metrics_port: int | None = None,
@@ -254,7 +265,7 @@ async def run_worker(
 ) -> None:
     """Load the model, serve WorkerService, register, and run until ``stop``."""
     slots = Slots(limit_worker_concurrency, max_queue)
-    servicer = WorkerServicer(engine, slots)
+    servicer = WorkerServicer(engine, slots, stream_interval)
     server = GrpcServer([(worker_pb2_grpc.add_WorkerServiceServicer_to_server, servicer, "tokenwire.v1.WorkerService")])
     bound = server.bind(f"{host}:{port}", tls)
     await server.start()
