@@ -25,7 +25,7 @@ import profiling
 import report
 import servers
 import uvloop
-from servers import PROJECT_PYTHON, ROOT, Group
+from servers import PROJECT_PYTHON, ROOT, Group, Server
 
 WORDS = "Hello from the benchmark, how are you today?"
 SENTENCES = [f"Sentence number {i} of the embedding benchmark, about ten words long." for i in range(32)]
@@ -659,6 +659,33 @@ async def grpc_stream_timing(
     return timing_record(start, first, last, end, tokens, pieces)
 
 
+def start_engine_stack(group: Group, model: str, engine: str, *engine_args: str) -> tuple[Server, Server, str]:
+    """A gateway, one worker running a real engine, and a bridge: (gateway, worker, REST base URL)."""
+    gateway = group.start(servers.tokenwire("tw-gateway", "gateway", "--port", "0", "--log-level", "warning"))
+    worker = group.start(
+        servers.tokenwire(
+            f"tw-worker-{model}",
+            "worker",
+            "--port",
+            "0",
+            "--controller-address",
+            gateway.address,
+            "--engine",
+            engine,
+            "--model-name",
+            model,
+            "--log-level",
+            "warning",
+            *engine_args,
+        ),
+        timeout=300,
+    )
+    bridge = group.start(servers.tokenwire("tw-bridge", "bridge", "--port", "0", "--gateway-address", gateway.address))
+    base = f"http://{bridge.address}"
+    wait_models(base, [model])
+    return gateway, worker, base
+
+
 class RawLlama:
     """``engine_raw.py llama --serve``: the same GGUF in-process, kept loaded, one run per call."""
 
@@ -752,37 +779,17 @@ def section_engines(args: argparse.Namespace, results: dict[str, Any]) -> None:
             engines["llama_raw"] = raw
             bias = {int(t): -100.0 for t in raw["eog_tokens"]}
             with Group() as group:
-                gateway = group.start(
-                    servers.tokenwire("tw-gateway", "gateway", "--port", "0", "--log-level", "warning")
+                gateway, worker, base = start_engine_stack(
+                    group,
+                    "smollm2",
+                    "llama_cpp",
+                    "--n-ctx",
+                    str(n_ctx),
+                    "--n-threads",
+                    str(threads),
+                    "--n-threads-batch",
+                    str(threads),
                 )
-                worker = group.start(
-                    servers.tokenwire(
-                        "tw-worker-llama",
-                        "worker",
-                        "--port",
-                        "0",
-                        "--controller-address",
-                        gateway.address,
-                        "--engine",
-                        "llama_cpp",
-                        "--model-name",
-                        "smollm2",
-                        "--n-ctx",
-                        str(n_ctx),
-                        "--n-threads",
-                        str(threads),
-                        "--n-threads-batch",
-                        str(threads),
-                        "--log-level",
-                        "warning",
-                    ),
-                    timeout=300,
-                )
-                bridge = group.start(
-                    servers.tokenwire("tw-bridge", "bridge", "--port", "0", "--gateway-address", gateway.address)
-                )
-                base = f"http://{bridge.address}"
-                wait_models(base, ["smollm2"])
 
                 def body(k: int) -> dict[str, Any]:
                     return {
@@ -857,29 +864,7 @@ def section_engines(args: argparse.Namespace, results: dict[str, Any]) -> None:
         )
         engines["embed_raw"] = {**embed_raw, "other_share": share, "attempts": attempts}
         with Group() as group:
-            gateway = group.start(servers.tokenwire("tw-gateway", "gateway", "--port", "0", "--log-level", "warning"))
-            group.start(
-                servers.tokenwire(
-                    "tw-worker-minilm",
-                    "worker",
-                    "--port",
-                    "0",
-                    "--controller-address",
-                    gateway.address,
-                    "--engine",
-                    "embeddings",
-                    "--model-name",
-                    "minilm",
-                    "--log-level",
-                    "warning",
-                ),
-                timeout=300,
-            )
-            bridge = group.start(
-                servers.tokenwire("tw-bridge", "bridge", "--port", "0", "--gateway-address", gateway.address)
-            )
-            base = f"http://{bridge.address}"
-            wait_models(base, ["minilm"])
+            _, _, base = start_engine_stack(group, "minilm", "embeddings")
             body = {"model": "minilm", "input": ENGINE_SENTENCES}
             reply = http_json(base + "/v1/embeddings", body, timeout=120)
             assert len(reply["data"]) == len(ENGINE_SENTENCES)
