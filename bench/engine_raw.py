@@ -80,21 +80,14 @@ def llama(args: argparse.Namespace) -> dict[str, Any]:
     def high_level(k: int) -> dict[str, float]:
         messages = [{"role": "user", "content": prompt(k)}]
         llm.reset()
-        start = time.perf_counter()
-        first = last = None
-        pieces = 0
+        clock = StreamClock()
         for chunk in llm.create_chat_completion(
             messages=messages, temperature=0.0, max_tokens=args.max_tokens, stream=True
         ):
-            delta = chunk["choices"][0]["delta"]
-            if delta.get("content"):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                pieces += 1
-        end = time.perf_counter()
+            if chunk["choices"][0]["delta"].get("content"):
+                clock.content()
         # The stream has no usage: one content chunk per token.
-        return _timing(start, first, last, end, pieces, pieces)
+        return clock.record(clock.pieces)
 
     template = llm.metadata["tokenizer.chat_template"]
     formatter = Jinja2ChatFormatter(
@@ -114,9 +107,8 @@ def llama(args: argparse.Namespace) -> dict[str, Any]:
         sampler = _internals.LlamaSampler()
         sampler.add_logit_bias(llm.n_vocab(), bias)
         sampler.add_greedy()
-        start = time.perf_counter()
+        clock = StreamClock()
         llm.eval(prompt_tokens)
-        first = last = None
         text = b""
         token = -1
         for step in range(args.max_tokens):
@@ -124,11 +116,8 @@ def llama(args: argparse.Namespace) -> dict[str, Any]:
                 llm.eval([token])
             token = sampler.sample(llm._ctx, -1)
             text += llm.detokenize([token])
-            now = time.perf_counter()
-            first = first or now
-            last = now
-        end = time.perf_counter()
-        return _timing(start, first, last, end, args.max_tokens, args.max_tokens)
+            clock.content()
+        return clock.record(args.max_tokens)
 
     out: dict[str, Any] = {
         "load_s": load_s,
@@ -151,17 +140,36 @@ def llama(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _timing(start: float, first: float | None, last: float | None, end: float, tokens: int, pieces: int) -> dict:
-    first = first or end
-    last = last or end
-    return {
-        "ttft_s": first - start,
-        "total_s": end - start,
-        "tokens": tokens,
-        "pieces": pieces,
-        "decode_tok_s": (tokens - 1) / (last - first) if last > first else 0.0,
-        "e2e_tok_s": tokens / (end - start),
-    }
+class StreamClock:
+    """The timestamps of one stream, and its TTFT, decode and end-to-end speed.
+
+    Made when the request is sent; :meth:`content` for every piece of content
+    that arrives; :meth:`record` when the stream has ended.
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.last: float | None = None
+        self.pieces = 0
+
+    def content(self) -> None:
+        now = time.perf_counter()
+        self.first = self.first or now
+        self.last = now
+        self.pieces += 1
+
+    def record(self, tokens: int) -> dict[str, float]:
+        end = time.perf_counter()
+        first, last = self.first or end, self.last or end
+        return {
+            "ttft_s": first - self.start,
+            "total_s": end - self.start,
+            "tokens": tokens,
+            "pieces": self.pieces,
+            "decode_tok_s": (tokens - 1) / (last - first) if last > first else 0.0,
+            "e2e_tok_s": tokens / (end - self.start),
+        }
 
 
 def embed(args: argparse.Namespace) -> dict[str, Any]:

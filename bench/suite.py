@@ -25,6 +25,7 @@ import profiling
 import report
 import servers
 import uvloop
+from engine_raw import StreamClock, prompt
 from servers import PROJECT_PYTHON, ROOT, Group, Server
 
 WORDS = "Hello from the benchmark, how are you today?"
@@ -548,14 +549,6 @@ def section_fastchat(args: argparse.Namespace, results: dict[str, Any]) -> None:
 # -- section 3: engines -------------------------------------------------------------------------
 
 
-PROMPT = "Write a long story about a robot who learns to paint."
-
-
-def prompt(k: int) -> str:
-    """The k-th SmolLM2 prompt, as engine_raw.py asks it."""
-    return f"Request {k}. {PROMPT}"
-
-
 ENGINE_SENTENCES = [f"The quick brown fox number {i} jumps over the lazy dog near the river bank." for i in range(8)]
 
 
@@ -587,28 +580,12 @@ def engine_raw(*argv: str, timeout: float = 900) -> dict[str, Any]:
     return json.loads(reply.stdout.strip().splitlines()[-1])
 
 
-def timing_record(
-    start: float, first: float | None, last: float | None, end: float, tokens: int, pieces: int
-) -> dict[str, float]:
-    """TTFT, decode and end-to-end speed of one stream from its timestamps."""
-    first, last = first or end, last or end
-    return {
-        "ttft_s": first - start,
-        "total_s": end - start,
-        "tokens": tokens,
-        "pieces": pieces,
-        "decode_tok_s": (tokens - 1) / (last - first) if last > first else 0.0,
-        "e2e_tok_s": tokens / (end - start),
-    }
-
-
 def stream_timing(base: str, body: dict[str, Any]) -> dict[str, float]:
     request = urllib.request.Request(
         base + "/v1/chat/completions", data=orjson.dumps(body), headers={"Content-Type": "application/json"}
     )
-    start = time.perf_counter()
-    first = last = None
-    tokens = pieces = 0
+    clock = StreamClock()
+    tokens = 0
     with urllib.request.urlopen(request, timeout=300) as reply:
         for line in reply:
             if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
@@ -619,12 +596,8 @@ def stream_timing(base: str, body: dict[str, Any]) -> dict[str, float]:
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
             if any((c.get("delta") or {}).get("content") for c in event.get("choices") or ()):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                pieces += 1
-    end = time.perf_counter()
-    return timing_record(start, first, last, end, tokens, pieces)
+                clock.content()
+    return clock.record(tokens)
 
 
 async def grpc_stream_timing(
@@ -644,19 +617,14 @@ async def grpc_stream_timing(
     )
     async with loadgen.grpc_channel(address) as channel:
         stub = api_pb2_grpc.InferenceServiceStub(channel)
-        start = time.perf_counter()
-        first = last = None
-        tokens = pieces = 0
+        clock = StreamClock()
+        tokens = 0
         async for message in stub.StreamChatCompletion(request):
             if message.HasField("usage"):
                 tokens = message.usage.completion_tokens
             if message.choices and message.choices[0].delta.content:
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                pieces += 1
-        end = time.perf_counter()
-    return timing_record(start, first, last, end, tokens, pieces)
+                clock.content()
+        return clock.record(tokens)
 
 
 def start_engine_stack(group: Group, model: str, engine: str, *engine_args: str) -> tuple[Server, Server, str]:
@@ -744,18 +712,13 @@ async def worker_stream_timing(address: str, text: str, max_tokens: int, bias: d
     )
     async with loadgen.grpc_channel(address) as channel:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
-        start = time.perf_counter()
-        first = last = None
-        tokens = pieces = 0
+        clock = StreamClock()
+        tokens = 0
         async for message in stub.Generate(request):
             tokens = message.usage.completion_tokens
             if message.text:
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                pieces += 1
-        end = time.perf_counter()
-    return timing_record(start, first, last, end, tokens, pieces)
+                clock.content()
+        return clock.record(tokens)
 
 
 def section_engines(args: argparse.Namespace, results: dict[str, Any]) -> None:
