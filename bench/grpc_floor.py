@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import os
 import resource
 import time
 from typing import Any
@@ -28,12 +27,12 @@ from typing import Any
 import grpc
 import uvloop
 from google.protobuf import wrappers_pb2
+from servers import cpu_seconds
 
 # Any small generated message will do: protobuf's own wrappers.
 Request = wrappers_pb2.Int32Value
 Response = wrappers_pb2.Int32Value
 SHAPES = ("unary", "stream_1", "stream_2")
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def serialize(message: Any) -> bytes:
@@ -89,12 +88,6 @@ def serve(ports: Any, interceptors: int) -> None:
         await server.wait_for_termination()
 
     uvloop.run(main())
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def own_cpu() -> float:

@@ -391,15 +391,22 @@ async def run_loads(
             name = f"{path}/{load}"
             log(f"{name}: {concurrency} clients, {args.warmup:g} s warm-up + {args.duration:g} s")
             summary = await quiet_run(name, ops[path][kind], concurrency, group, args)
-            summary["kind"] = kind
-            if kind.startswith("stream"):
-                summary["tokens_per_stream"] = STREAM_TOKENS  # checked by validate_rest
-            summary["front"] = front_names(path, kind)
-            cpu = summary["server_cpu_s"]
-            summary["front_cpu_s"] = sum(cpu.get(n, 0.0) for n in summary["front"])
-            summary["worker_cpu_s"] = sum(cpu.get(n, 0.0) for n in worker_cpu_names(path, kind))
-            results["scenarios"][name] = summary
-            log("  " + report.one_line(summary))
+            record(results, name, summary, kind, front_names(path, kind), worker_cpu_names(path, kind))
+
+
+def record(
+    results: dict[str, Any], name: str, summary: dict[str, Any], kind: str, front: list[str], workers: list[str]
+) -> None:
+    """Add a scenario's CPU split (front end, workers) to its summary, and keep it."""
+    summary["kind"] = kind
+    if kind.startswith("stream"):
+        summary["tokens_per_stream"] = STREAM_TOKENS  # checked by validate_rest
+    summary["front"] = front
+    cpu = summary["server_cpu_s"]
+    summary["front_cpu_s"] = sum(cpu.get(n, 0.0) for n in front)
+    summary["worker_cpu_s"] = sum(cpu.get(n, 0.0) for n in workers)
+    results["scenarios"][name] = summary
+    log("  " + report.one_line(summary))
 
 
 async def run_interval_load(base: str, group: Group, args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -412,13 +419,8 @@ async def run_interval_load(base: str, group: Group, args: argparse.Namespace, r
         summary = await quiet_run(name, op, 8, group, args)
     finally:
         await http.close()
-    summary.update(kind="stream_paced", tokens_per_stream=STREAM_TOKENS, stream_interval=INTERVAL)
-    summary["front"] = FRONT["tokenwire/rest"]
-    cpu = summary["server_cpu_s"]
-    summary["front_cpu_s"] = sum(cpu.get(n, 0.0) for n in summary["front"])
-    summary["worker_cpu_s"] = cpu.get("tw-worker-interval", 0.0)
-    results["scenarios"][name] = summary
-    log("  " + report.one_line(summary))
+    summary["stream_interval"] = INTERVAL
+    record(results, name, summary, "stream_paced", FRONT["tokenwire/rest"], ["tw-worker-interval"])
 
 
 def memory(group: Group) -> dict[str, dict[str, int]]:
