@@ -152,7 +152,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
             port=args.port,
             controller_address=args.controller_address,
             worker_address=args.worker_address,
-            limit_worker_concurrency=args.limit_worker_concurrency,
+            limit_worker_concurrency=args.limit_worker_concurrency or getattr(engine, "parallel", 5),
             max_queue=args.max_queue,
             stream_interval=args.stream_interval,
             heartbeat_interval=args.heartbeat_interval,
@@ -291,7 +291,12 @@ def _worker_flags(parser: argparse.ArgumentParser, with_engines: bool) -> None:
     parser.add_argument(
         "--worker-address", default=None, help="host:port the gateway should dial (default: host:bound port)"
     )
-    parser.add_argument("--limit-worker-concurrency", type=int, default=5, help="requests running at once")
+    parser.add_argument(
+        "--limit-worker-concurrency",
+        type=int,
+        default=None,
+        help="requests running at once (default: the llama_cpp engine's --parallel, else 5)",
+    )
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 429")
     parser.add_argument(
         "--stream-interval",

@@ -138,6 +138,31 @@ ENGINE_AFTER_CANCEL = Counter(
     "Tokens generated after a cancel was seen (goal: <= 1 per cancel)",
     ["model"],
 )
+# continuous batching (the llama_cpp engine)
+ENGINE_RUNNING = Gauge("tokenwire_engine_running_sequences", "Sequences decoding or prefilling in the batch", ["model"])
+ENGINE_WAITING = Gauge(
+    "tokenwire_engine_waiting_sequences", "Admitted calls waiting for a free sequence of the batch", ["model"]
+)
+ENGINE_STEP_TOKENS = Histogram(
+    "tokenwire_engine_step_tokens",
+    "Tokens carried by one decode step (one per decoding sequence plus prompt tokens)",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+ENGINE_STEP_SEQUENCES = Histogram(
+    "tokenwire_engine_step_sequences",
+    "Sequences in one decode step (the batch size)",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32),
+)
+ENGINE_PROMPT_EVALUATED = Gauge(
+    "tokenwire_engine_prompt_tokens_evaluated", "Prompt tokens run through the model since start", ["model"]
+)
+ENGINE_PROMPT_REUSED = Gauge(
+    "tokenwire_engine_prompt_tokens_reused", "Prompt tokens whose KV was reused since start", ["model"]
+)
+ENGINE_KV_IN_USE = Gauge("tokenwire_engine_kv_cells_in_use", "KV cells held by running sequences", ["model"])
+ENGINE_KV_CACHED = Gauge("tokenwire_engine_kv_cells_cached", "KV cells held by cached prefixes", ["model"])
 
 
 def serve_metrics(host: str, port: int) -> int:

@@ -84,6 +84,27 @@ class Generation:
             self.tokens_after_cancel += n
 
 
+@dataclass
+class BatchStats:
+    """Counters of an engine that batches sequences, read by GetStats and the metrics."""
+
+    parallel: int = 0
+    running: int = 0
+    waiting: int = 0
+    steps: int = 0
+    step_tokens_total: int = 0
+    # The most sequences and tokens one decode step carried.
+    max_sequences_per_step: int = 0
+    max_tokens_per_step: int = 0
+    prompt_tokens_evaluated: int = 0
+    prompt_tokens_reused: int = 0
+    kv_cells_in_use: int = 0
+    kv_cells_cached: int = 0
+    kv_exhausted_total: int = 0
+    # Called with (sequences, tokens) after every decode step, on the engine's thread.
+    on_step: list[Callable[[int, int], None]] = field(default_factory=list)
+
+
 def message_text(message: common_pb2.ChatMessage) -> str:
     """A message's text: its content, or its text parts joined by spaces."""
     if message.HasField("content_parts"):
@@ -121,6 +142,10 @@ class Engine(abc.ABC):
     ) -> tuple[list[list[float]], int]:
         """Return one vector per input and the number of prompt tokens."""
         raise errors.wrong_model_kind(self.info.name, "embeddings")
+
+    def batch_stats(self) -> BatchStats | None:
+        """The batching counters of an engine that batches sequences (None: it does not)."""
+        return None
 
     @abc.abstractmethod
     async def tokenize(self, prompt: str | None, messages: Sequence[common_pb2.ChatMessage]) -> list[int]:

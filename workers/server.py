@@ -14,7 +14,7 @@ from gateway import errors
 from gateway import observability as obs
 from gateway.grpc_server import GrpcServer
 from tokenwire.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from workers.engine import Delta, Engine, Generation
+from workers.engine import BatchStats, Delta, Engine, Generation
 from workers.registration import RegistryLink
 from workers.slots import Slots
 
@@ -135,6 +135,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.model = engine.info.name
         obs.ENGINE_IN_FLIGHT.labels(self.model).set_function(lambda: slots.in_flight)
         obs.ENGINE_QUEUE.labels(self.model).set_function(lambda: slots.waiting)
+        batch = engine.batch_stats()
+        if batch is not None:
+            _batch_metrics(self.model, batch)
 
     def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -243,7 +246,44 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             cancelled_total=s.cancelled_total,
             tokens_after_cancel_total=s.tokens_after_cancel_total,
             tokens_after_cancel_max=s.tokens_after_cancel_max,
+            **_batch_fields(self.engine.batch_stats()),
         )
+
+
+def _batch_fields(batch: BatchStats | None) -> dict[str, int]:
+    if batch is None:
+        return {}
+    return {
+        "running_sequences": batch.running,
+        "parallel": batch.parallel,
+        "waiting_sequences": batch.waiting,
+        "decode_steps": batch.steps,
+        "step_tokens_total": batch.step_tokens_total,
+        "max_sequences_per_step": batch.max_sequences_per_step,
+        "max_tokens_per_step": batch.max_tokens_per_step,
+        "prompt_tokens_evaluated": batch.prompt_tokens_evaluated,
+        "prompt_tokens_reused": batch.prompt_tokens_reused,
+        "kv_cells_in_use": batch.kv_cells_in_use,
+        "kv_cells_cached": batch.kv_cells_cached,
+        "kv_exhausted_total": batch.kv_exhausted_total,
+    }
+
+
+def _batch_metrics(model: str, batch: BatchStats) -> None:
+    obs.ENGINE_RUNNING.labels(model).set_function(lambda: batch.running)
+    obs.ENGINE_WAITING.labels(model).set_function(lambda: batch.waiting)
+    obs.ENGINE_PROMPT_EVALUATED.labels(model).set_function(lambda: batch.prompt_tokens_evaluated)
+    obs.ENGINE_PROMPT_REUSED.labels(model).set_function(lambda: batch.prompt_tokens_reused)
+    obs.ENGINE_KV_IN_USE.labels(model).set_function(lambda: batch.kv_cells_in_use)
+    obs.ENGINE_KV_CACHED.labels(model).set_function(lambda: batch.kv_cells_cached)
+    tokens = obs.ENGINE_STEP_TOKENS.labels(model)
+    sequences = obs.ENGINE_STEP_SEQUENCES.labels(model)
+
+    def observe(n_sequences: int, n_tokens: int) -> None:
+        tokens.observe(n_tokens)
+        sequences.observe(n_sequences)
+
+    batch.on_step.append(observe)
 
 
 async def run_worker(

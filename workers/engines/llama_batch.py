@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.engine import Delta, Generation
+from workers.engine import BatchStats, Delta, Generation
 
 log = logging.getLogger("tokenwire.engine.llama_cpp")
 
@@ -105,27 +105,6 @@ class Seq:
     chunk: tuple[int, int] = (0, 0)
 
 
-@dataclass
-class BatchStats:
-    """Counters of the scheduler, read by GetStats and the metrics."""
-
-    parallel: int = 0
-    running: int = 0
-    waiting: int = 0
-    steps: int = 0
-    step_tokens_total: int = 0
-    # The most sequences and tokens one decode carried.
-    max_sequences_per_step: int = 0
-    max_tokens_per_step: int = 0
-    prompt_tokens_evaluated: int = 0
-    prompt_tokens_reused: int = 0
-    kv_cells_in_use: int = 0
-    kv_cells_cached: int = 0
-    kv_exhausted_total: int = 0
-    # Called with (sequences, tokens) after every decode, on the compute thread.
-    on_step: list[Callable[[int, int], None]] = field(default_factory=list)
-
-
 class Scheduler:
     def __init__(
         self,
@@ -136,6 +115,7 @@ class Scheduler:
         cache_slots: int,
         prefill_budget: int,
         pool: Executor,
+        stats: BatchStats | None = None,
     ) -> None:
         from llama_cpp import llama_cpp as C
 
@@ -158,7 +138,7 @@ class Scheduler:
         # Finished sequences whose KV is kept for prefix reuse: seq_id -> tokens, oldest first.
         self._cache: OrderedDict[int, list[int]] = OrderedDict()
         self._out: dict[asyncio.AbstractEventLoop, list[tuple[Seq, list[Any]]]] = {}
-        self.stats = BatchStats(parallel=parallel)
+        self.stats = stats or BatchStats(parallel=parallel)
 
     @property
     def n_ctx(self) -> int:

@@ -58,8 +58,8 @@ from google.protobuf.json_format import MessageToDict
 
 from gateway import errors
 from tokenwire.v1 import common_pb2, worker_pb2
-from workers.engine import Delta, Engine, Generation, Prepared, compute_thread, run_blocking
-from workers.engines.llama_batch import CHUNK, BatchStats, Handler, Scheduler, Seq, stream
+from workers.engine import BatchStats, Delta, Engine, Generation, Prepared, compute_thread, run_blocking
+from workers.engines.llama_batch import CHUNK, Handler, Scheduler, Seq, stream
 
 log = logging.getLogger("tokenwire.engine.llama_cpp")
 
@@ -239,6 +239,8 @@ class LlamaCppEngine(Engine):
         self._model: Any = None  # _internals.LlamaModel
         self._ctx: Any = None  # _internals.LlamaContext
         self._scheduler: Scheduler | None = None
+        # Made here, filled by the scheduler: the worker reads it before the model loads.
+        self._stats = BatchStats(parallel=parallel)
         # Loads, generates and closes the model: llama.cpp is only ever called from here.
         self._compute = compute_thread("llama")
         self._grammars: dict[str, Any] = {}
@@ -298,6 +300,7 @@ class LlamaCppEngine(Engine):
             cache_slots=params.n_seq_max - self.parallel,
             prefill_budget=self.prefill_budget,
             pool=self._compute,
+            stats=self._stats,
         )
         self.info.context_length = ctx.n_ctx()
         log.info(
@@ -518,7 +521,7 @@ class LlamaCppEngine(Engine):
                 yield delta
 
     def batch_stats(self) -> BatchStats | None:
-        return self._scheduler.stats if self._scheduler is not None else None
+        return self._stats
 
     # -- sampling (compute thread) --
 

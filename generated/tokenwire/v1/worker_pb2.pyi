@@ -462,6 +462,18 @@ class GetStatsResponse(_message.Message):
     CANCELLED_TOTAL_FIELD_NUMBER: _builtins.int
     TOKENS_AFTER_CANCEL_TOTAL_FIELD_NUMBER: _builtins.int
     TOKENS_AFTER_CANCEL_MAX_FIELD_NUMBER: _builtins.int
+    RUNNING_SEQUENCES_FIELD_NUMBER: _builtins.int
+    PARALLEL_FIELD_NUMBER: _builtins.int
+    WAITING_SEQUENCES_FIELD_NUMBER: _builtins.int
+    DECODE_STEPS_FIELD_NUMBER: _builtins.int
+    STEP_TOKENS_TOTAL_FIELD_NUMBER: _builtins.int
+    MAX_SEQUENCES_PER_STEP_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_PER_STEP_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_EVALUATED_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_REUSED_FIELD_NUMBER: _builtins.int
+    KV_CELLS_IN_USE_FIELD_NUMBER: _builtins.int
+    KV_CELLS_CACHED_FIELD_NUMBER: _builtins.int
+    KV_EXHAUSTED_TOTAL_FIELD_NUMBER: _builtins.int
     in_flight: _builtins.int
     queue_length: _builtins.int
     capacity: _builtins.int
@@ -472,6 +484,29 @@ class GetStatsResponse(_message.Message):
     cancelled calls, and the largest such count for one call.
     """
     tokens_after_cancel_max: _builtins.int
+    running_sequences: _builtins.int
+    """Continuous batching (engines that batch sequences; zero elsewhere).
+    Sequences decoding or being prefilled now, and the most that may.
+    """
+    parallel: _builtins.int
+    waiting_sequences: _builtins.int
+    """Requests admitted by the worker but waiting for a free sequence."""
+    decode_steps: _builtins.int
+    """Decode steps run, and the tokens they carried (prompt and generated)."""
+    step_tokens_total: _builtins.int
+    max_sequences_per_step: _builtins.int
+    """The most sequences and tokens one decode step carried."""
+    max_tokens_per_step: _builtins.int
+    prompt_tokens_evaluated: _builtins.int
+    """Prompt tokens run through the model, and those whose KV was reused
+    (a cached prefix, or another choice of the same prompt).
+    """
+    prompt_tokens_reused: _builtins.int
+    kv_cells_in_use: _builtins.int
+    """KV cells held by running sequences, and by cached prefixes."""
+    kv_cells_cached: _builtins.int
+    kv_exhausted_total: _builtins.int
+    """Steps that found no free KV cells (a cached prefix evicted, or a sequence ended)."""
     def __init__(
         self,
         *,
@@ -482,10 +517,22 @@ class GetStatsResponse(_message.Message):
         cancelled_total: _builtins.int = ...,
         tokens_after_cancel_total: _builtins.int = ...,
         tokens_after_cancel_max: _builtins.int = ...,
+        running_sequences: _builtins.int = ...,
+        parallel: _builtins.int = ...,
+        waiting_sequences: _builtins.int = ...,
+        decode_steps: _builtins.int = ...,
+        step_tokens_total: _builtins.int = ...,
+        max_sequences_per_step: _builtins.int = ...,
+        max_tokens_per_step: _builtins.int = ...,
+        prompt_tokens_evaluated: _builtins.int = ...,
+        prompt_tokens_reused: _builtins.int = ...,
+        kv_cells_in_use: _builtins.int = ...,
+        kv_cells_cached: _builtins.int = ...,
+        kv_exhausted_total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled_total", b"cancelled_total", "capacity", b"capacity", "in_flight", b"in_flight", "queue_length", b"queue_length", "requests_total", b"requests_total", "tokens_after_cancel_max", b"tokens_after_cancel_max", "tokens_after_cancel_total", b"tokens_after_cancel_total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled_total", b"cancelled_total", "capacity", b"capacity", "decode_steps", b"decode_steps", "in_flight", b"in_flight", "kv_cells_cached", b"kv_cells_cached", "kv_cells_in_use", b"kv_cells_in_use", "kv_exhausted_total", b"kv_exhausted_total", "max_sequences_per_step", b"max_sequences_per_step", "max_tokens_per_step", b"max_tokens_per_step", "parallel", b"parallel", "prompt_tokens_evaluated", b"prompt_tokens_evaluated", "prompt_tokens_reused", b"prompt_tokens_reused", "queue_length", b"queue_length", "requests_total", b"requests_total", "running_sequences", b"running_sequences", "step_tokens_total", b"step_tokens_total", "tokens_after_cancel_max", b"tokens_after_cancel_max", "tokens_after_cancel_total", b"tokens_after_cancel_total", "waiting_sequences", b"waiting_sequences"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
