@@ -240,8 +240,10 @@ class Scheduler:
             common = _common_prefix(toks, seq.prompt)
             if common > best:
                 best, source = common, sid
-        # At least the last prompt token is evaluated: its logits give the first token.
-        best = min(best, len(seq.prompt) - 1)
+        # Whole chunks only, and at least the last prompt token is evaluated (its
+        # logits give the first token): what is left is evaluated in the same
+        # chunks as with nothing cached, so the same request gives the same text.
+        best = min(best, len(seq.prompt) - 1) // CHUNK * CHUNK
         if best <= 0:
             return
         self._C.llama_memory_seq_cp(self._memory, source, seq.seq_id, 0, best)

