@@ -24,7 +24,10 @@ sending its next request when the last one is answered):
 3. the engine path: SmolLM2 (llama.cpp) and all-MiniLM-L6-v2 through tokenwire
    against the same libraries in-process (interleaved runs);
 4. the floor: what an empty grpc.aio server and client cost per call here
-   (``grpc_floor.py``), the part of every hop no application code can remove.
+   (``grpc_floor.py``), the part of every hop no application code can remove;
+5. engine concurrency: the batching llama_cpp worker beside llama.cpp's own
+   ``llama-server`` (built once into ``bench/.cache``) at 1, 4, 8 and 16 streams
+   (``concurrency.py``).
 
 Every figure comes with the server CPU it cost, from ``/proc/<pid>/stat`` before and
 after the measurement window. Results: ``bench/out/results.json``, a table on stdout,
@@ -68,8 +71,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=None, help="seconds per measurement window (8; quick 2)")
     parser.add_argument(
         "--sections",
-        default="overhead,fastchat,profile,engines,floor",
-        help="comma-separated: overhead, fastchat, profile, engines, floor (default: all)",
+        default="overhead,fastchat,profile,engines,floor,concurrency",
+        help="comma-separated: overhead, fastchat, profile, engines, floor, concurrency (default: all)",
+    )
+    parser.add_argument(
+        "--parallel", type=int, default=8, help="concurrency section: parallel sequences of both servers (8)"
     )
     parser.add_argument(
         "--engine-runs", type=int, default=None, help="interleaved rounds of generations per engine figure (5; quick 1)"

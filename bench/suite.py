@@ -960,7 +960,7 @@ def run_suite(args: argparse.Namespace, started: float) -> None:
         old = json.loads(previous.read_text())
         for key in ("scenarios", "validation", "memory", "profiles"):
             results[key] = {**old.get(key, {}), **results[key]}
-        for section in ("engines", "floor"):
+        for section in ("engines", "floor", "concurrency"):
             if section in old and section not in args.sections:
                 results[section] = old[section]
         results["settings"]["merged_from"] = old.get("environment", {}).get("date")
@@ -976,12 +976,20 @@ def run_suite(args: argparse.Namespace, started: float) -> None:
             section_engines(args, results)
         if "floor" in args.sections:
             section_floor(args, results)
+        if "concurrency" in args.sections:
+            from concurrency import section_concurrency
+
+            section_concurrency(args, results)
     finally:
         results["total_s"] = time.monotonic() - started
         if args.merge and previous.is_file():
             results["total_s_merged_run"] = results["total_s"]
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     text = report.render(results)
+    if "concurrency" in results:
+        from concurrency import render
+
+        text = text.rstrip("\n") + "\n\n" + render(results["concurrency"])
     print(report.table(results), flush=True)
     (out / "RESULTS.md").write_text(text)
     png = report.chart(results, out / "results.png")
