@@ -1,34 +1,29 @@
 """The llama_cpp engine: a GGUF chat model run by llama-cpp-python.
 
-One ``Llama`` runs one sequence at a time: generations queue for the
-engine's one compute thread, which makes every call into llama.cpp (see
-:func:`workers.engine.compute_thread`; the worker's slot limit bounds how
-many wait). The engine drives llama.cpp token by token itself rather than
-through ``create_completion``: that lets it feed exactly the tokens prepare()
-counted, stop within one token of a cancel, read logprobs without opening the
-model with ``logits_all=True``, and keep seeded sampling repeatable.
+Every admitted generation runs in one llama context, batched with the others
+(continuous batching, :mod:`workers.engines.llama_batch`): one ``llama_decode``
+per step carries a token of every decoding sequence and prompt chunks of the
+sequences being admitted. Each sequence has its own sampler chain (temperature,
+top_p/top_k/min_p, penalties, logit_bias, seed, grammar), stop strings,
+logprobs and max_tokens; this module turns a request into that sequence and its
+tokens into deltas (:class:`_Output`). All calls into llama.cpp happen on the
+engine's one compute thread (see :func:`workers.engine.compute_thread`).
 
-Decisions, measured on the 2-core machine this runs on (idle, SmolLM2-135M
-Q4_1, 200-token greedy generations; engines.md section 1 has the method):
+Decisions, measured on the 2-core machine this runs on (SmolLM2-135M Q4_1;
+engines.md sections 1 and 6 have the method):
 
 * threads: ``n_threads = n_threads_batch = cores``: 100-130 tok/s here, against
   64-68 with llama-cpp-python's default of ``cores // 2`` for generation;
-* ``logits_all=False``: ``logits_all=True`` cut prompt eval from 258-263 to
-  213-227 tok/s, generation from 114-122 to 100-120 tok/s, and raised peak
-  RSS from 359 to 644 MB (its score buffer is ``n_ctx * n_vocab`` floats,
-  1.6 GB at 8192, filled as the context fills). Logprobs read the last
-  token's logits straight from the context instead (about 5% slower with
-  top_logprobs=5), and echo+logprobs asks llama.cpp for every prompt row of
-  that one request;
-* one ``Llama`` behind a lock: two 1-thread contexts side by side gave more
-  aggregate throughput (120-142 against 102-116 tok/s) but each request ran
-  at half speed and each context needs its own KV cache;
-* prompts are evaluated in fixed 32-token chunks aligned to position 0
-  (as fast as 512-token batches here), and only whole cached chunks are
-  reused: the logits of a token evaluated alone differ from the same token
-  evaluated inside a batch (by up to 0.58 here), so reusing an arbitrary
-  cached prefix would make "same seed, same request, same text" depend on
-  what ran before.
+* logits only where needed: the last prompt token of each sequence and every
+  decoding token; echo with logprobs asks for every prompt row of that one
+  sequence. (``logits_all=True`` cost 10-20% of speed and 1.6 GB at 8192.)
+* one context for all sequences with a unified KV cache (``--parallel`` sequences,
+  default 8; see the README and bench/RESULTS.md for the measurements);
+* prompts are evaluated in chunks ending on multiples of 32 positions (as fast as
+  512-token batches here), and a cached prefix is reused in whole chunks: the
+  logits of a token evaluated alone differ from the same token evaluated inside a
+  batch (by up to 0.58 here), so reusing an arbitrary cached prefix would make
+  "same seed, same request, alone, same text" depend on what ran before.
 
 Tools: with ``tool_choice`` naming a function (or "required"), the output is
 constrained by a grammar built from the function's parameters schema (or,
