@@ -185,6 +185,7 @@ class Scheduler:
     def _step(self) -> None:
         self._reap()
         self._admit()
+        self._update_counts()
         n = self._fill()
         if n == 0:
             return
