@@ -185,16 +185,16 @@ def test_embeddings_similarity_and_base64(client: openai.OpenAI) -> None:
 
 
 def worker_address(served: harness.Serve, model: str) -> str:
-    with grpc.insecure_channel(served.grpc_address) as channel:
+    with grpc.insecure_channel(served.registry_address) as channel:
         workers = registry_pb2_grpc.RegistryServiceStub(channel).ListWorkers(
-            registry_pb2.ListWorkersRequest(model=model)
+            registry_pb2.ListWorkersRequest(model=model), metadata=harness.cluster_metadata(served.token)
         )
     return workers.workers[0].address
 
 
 def test_cancelled_stream_stops_llama(client: openai.OpenAI, served: harness.Serve) -> None:
     address = worker_address(served, CHAT)
-    before = harness.worker_stats(address)
+    before = harness.worker_stats(address, served.token)
     stream = client.chat.completions.create(
         model=CHAT,
         messages=[{"role": "user", "content": "Write a long story about a dragon."}],
@@ -209,7 +209,7 @@ def test_cancelled_stream_stops_llama(client: openai.OpenAI, served: harness.Ser
     stream.close()  # the HTTP connection goes away mid-stream
     after = harness.wait_until(
         lambda: (
-            (s := harness.worker_stats(address)).cancelled_total == before.cancelled_total + 1
+            (s := harness.worker_stats(address, served.token)).cancelled_total == before.cancelled_total + 1
             and s.in_flight == 0
             and s
         ),
