@@ -243,6 +243,11 @@ def cmd_status(args: argparse.Namespace) -> None:
     try:
         print(status(args.controller_address, args.model))
     except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise SystemExit(
+                f"the registry at {args.controller_address} refused this command: give the cluster's credentials "
+                "(--cluster-token-file, TOKENWIRE_CLUSTER_TOKEN, or --tls-cert/--tls-key with --tls-ca)"
+            ) from None
         raise SystemExit(f"cannot reach the registry at {args.controller_address}: {error.code().name}") from None
 
 

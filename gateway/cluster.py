@@ -136,11 +136,16 @@ def _token_matches(metadata: tuple[tuple[str, str | bytes], ...] | None, digest:
 
 
 def _peer_identity(context: grpc.aio.ServicerContext) -> str | None:
-    """The verified client certificate's identity (SANs or CN), if any."""
-    identities = context.peer_identities()
-    if not identities:
-        return None
-    return ",".join(sorted(i.decode(errors="replace") for i in identities))
+    """The verified client certificate's subject, if the caller presented one.
+
+    The subject, not the SANs: members' certificates may well share an IP SAN.
+    """
+    auth = context.auth_context()
+    for key in ("x509_subject", "x509_common_name"):
+        values = auth.get(key)
+        if values:
+            return values[0].decode(errors="replace")  # type: ignore[no-any-return]
+    return None
 
 
 def identity(context: grpc.aio.ServicerContext) -> str:
