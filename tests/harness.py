@@ -158,6 +158,32 @@ def worker_stats(address: str, token: str | None = None) -> worker_pb2.GetStatsR
         )
 
 
+def cmdlines() -> dict[int, str]:
+    """Every process's command line, as `ps` shows it."""
+    lines = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                lines[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                pass
+    return lines
+
+
+def children(parent: int) -> dict[int, str]:
+    """The live child processes of ``parent``, with their command lines."""
+    found = {}
+    for pid, line in cmdlines().items():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == parent and fields[0] != "Z":
+            found[pid] = line
+    return found
+
+
 def scrape(url: str) -> dict[str, float]:
     """A Prometheus text page as {'name{labels}': value}."""
     samples = {}

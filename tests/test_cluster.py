@@ -167,7 +167,11 @@ def test_token_public_port_probes_and_status(token_cluster: dict[str, harness.Pr
         with grpc.insecure_channel(address) as channel:
             assert health(channel) == health_pb2.HealthCheckResponse.SERVING
         listed = subprocess.run(
-            [str(Path(sys.executable).parent / "grpcurl"), "-plaintext", address, "list"], capture_output=True, text=True, timeout=30, check=True
+            [str(Path(sys.executable).parent / "grpcurl"), "-plaintext", address, "list"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         )
         assert "grpc.health.v1.Health" in listed.stdout
     # `tokenwire status` is a member with the token, and refused without it.
@@ -328,35 +332,9 @@ def test_mtls_cluster(tmp_path: Path) -> None:
 # -- serve: closed by default, restarts crashed parts -----------------------------------
 
 
-def cmdlines() -> dict[int, str]:
-    """Every process's command line, as `ps` shows it."""
-    lines = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                lines[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                pass
-    return lines
-
-
-def children(parent: int) -> dict[int, str]:
-    """The live child processes of ``parent``, with their command lines."""
-    found = {}
-    for pid, line in cmdlines().items():
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == parent and fields[0] != "Z":
-            found[pid] = line
-    return found
-
-
 def chat_worker_pid(serve: harness.Serve, not_these: set[int] = frozenset()) -> int | None:  # type: ignore[assignment]
     assert serve.process is not None
-    for pid, line in children(serve.process.pid).items():
+    for pid, line in harness.children(serve.process.pid).items():
         if " worker " in line and CHAT in line and pid not in not_these:
             return pid
     return None
@@ -369,8 +347,8 @@ def test_serve_is_closed_by_default_and_keeps_its_token_secret() -> None:
         assert len(token) >= 32
         assert os.stat(serve.token_file).st_mode & 0o777 == 0o600
         # No secret on any command line.
-        assert serve.process is not None and len(children(serve.process.pid)) == 4
-        assert not [line for line in cmdlines().values() if token in line]
+        assert serve.process is not None and len(harness.children(serve.process.pid)) == 4
+        assert not [line for line in harness.cmdlines().values() if token in line]
         with grpc.insecure_channel(serve.registry_address) as channel:
             stub = registry_pb2_grpc.RegistryServiceStub(channel)
             error = refused(lambda md: stub.ListWorkers(registry_pb2.ListWorkersRequest(), metadata=md), ())
@@ -475,7 +453,7 @@ def test_serve_restarts_a_chat_worker_killed_mid_stream() -> None:
 def test_serve_stops_on_a_crash_loop() -> None:
     serve = harness.Serve(["--echo"], env=no_cluster_env()).start(timeout=120)
     assert serve.process is not None
-    others = {pid for pid, line in children(serve.process.pid).items() if CHAT not in line}
+    others = {pid for pid, line in harness.children(serve.process.pid).items() if CHAT not in line}
     killed: set[int] = set()
     try:
         for _ in range(supervisor.CRASH_LIMIT):
@@ -490,7 +468,7 @@ def test_serve_stops_on_a_crash_loop() -> None:
     assert "the chat worker stopped unexpectedly (killed by SIGKILL): 5 crashes within 60 s" in log
     assert "[tokenwire] stopped" in log
     # Every other part was stopped too.
-    assert not (others & set(cmdlines()))
+    assert not (others & set(harness.cmdlines()))
 
 
 def test_restart_backoff_doubles_to_30_s_and_five_crashes_a_minute_give_up() -> None:

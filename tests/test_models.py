@@ -184,6 +184,24 @@ def test_embeddings_similarity_and_base64(client: openai.OpenAI) -> None:
     assert struct.unpack("<384f", base64.b64decode(encoded)) == pytest.approx(cat, abs=1e-6)
 
 
+def test_zero_config_serve_is_a_closed_cluster(served: harness.Serve) -> None:
+    """`tokenwire serve` with no settings: its parts share a token nobody else
+    has, that no command line and no log line shows."""
+    token = served.token
+    assert token and not [line for line in harness.cmdlines().values() if token in line]
+    assert served.process is not None and len(harness.children(served.process.pid)) == 4
+    with grpc.insecure_channel(served.registry_address) as channel:
+        stub = registry_pb2_grpc.RegistryServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ListWorkers(registry_pb2.ListWorkersRequest(), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        members = stub.ListWorkers(
+            registry_pb2.ListWorkersRequest(), timeout=5, metadata=harness.cluster_metadata(token)
+        )
+    assert {w.model.name for w in members.workers} == {CHAT, EMBED}
+    assert token not in served.log()
+
+
 def worker_address(served: harness.Serve, model: str) -> str:
     with grpc.insecure_channel(served.registry_address) as channel:
         workers = registry_pb2_grpc.RegistryServiceStub(channel).ListWorkers(
