@@ -190,6 +190,27 @@ def test_token_public_port_probes_and_status(token_cluster: dict[str, harness.Pr
         assert TOKEN not in proc.log()
 
 
+def test_token_standalone_registry() -> None:
+    """A standalone registry: the gateway watches it and the worker joins it with the token."""
+    env = {"TOKENWIRE_CLUSTER_TOKEN": TOKEN}
+    registry = harness.Proc(["registry", "--port", "0"], env=env).start()
+    gateway = harness.gateway("--controller-address", registry.address, env=env)
+    worker = harness.worker(registry.address, "--engine", "echo", "--model-name", CHAT, env=env)
+    bridge = harness.bridge(gateway.address)
+    try:
+        harness.wait_for_workers(f"http://{bridge.address}", CHAT, 1)
+        client = openai.OpenAI(base_url=f"http://{bridge.address}/v1", api_key="none", max_retries=0)
+        reply = client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+        assert reply.choices[0].message.content == "hi"
+        with grpc.insecure_channel(registry.address) as channel:
+            stub = registry_pb2_grpc.RegistryServiceStub(channel)
+            for name, call in registry_calls(stub, next(iter(listed_ids(stub)))).items():
+                assert refused(call, ()).code() == grpc.StatusCode.UNAUTHENTICATED, name
+    finally:
+        for proc in (bridge, worker, gateway, registry):
+            proc.stop()
+
+
 # -- refusing to listen beyond loopback --------------------------------------------------
 
 
@@ -448,6 +469,35 @@ def test_serve_restarts_a_chat_worker_killed_mid_stream() -> None:
     assert readiness[-1][1] == 200
     assert code == 0  # Ctrl-C after a restart still stops everything in order
     assert "[tokenwire] stopped" in log
+
+
+def test_serve_restarts_its_gateway_and_bridge() -> None:
+    """The gateway and the bridge come back on the same ports; the workers join the new registry."""
+    serve = harness.Serve(["--echo"], env=no_cluster_env()).start(timeout=120)
+    assert serve.process is not None
+    client = openai.OpenAI(base_url=f"{serve.url}/v1", api_key="none", max_retries=0, timeout=10)
+
+    def chat_works() -> bool:
+        try:
+            return (
+                client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "back"}], max_tokens=1)
+                .choices[0]
+                .message.content
+                == "back"
+            )
+        except openai.APIError:
+            return False
+
+    try:
+        for part in ("gateway", "bridge"):
+            (pid,) = [p for p, line in harness.children(serve.process.pid).items() if f"gateway.cli {part} " in line]
+            os.kill(pid, signal.SIGKILL)
+            killed = time.monotonic()
+            harness.wait_until(lambda: chat_works() and time.monotonic(), timeout=30, interval=0.2)
+            assert time.monotonic() - killed < 30
+            assert f"the {part} stopped unexpectedly (killed by SIGKILL); restarting it in 1 s" in serve.log()
+    finally:
+        assert serve.stop() == 0
 
 
 def test_serve_stops_on_a_crash_loop() -> None:
