@@ -514,6 +514,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "--cluster-token on the command line is visible to every user of this machine (ps); "
                 "use --cluster-token-file or TOKENWIRE_CLUSTER_TOKEN"
             )
+        if getattr(args, "tls_client_ca", None) and hasattr(args, "tls_ca") and not args.tls_ca:
+            raise SystemExit(
+                "--tls-client-ca needs --tls-ca too: this part dials other members, over mTLS, "
+                "and must know the CA of their server certificates"
+            )
         args.cluster_token = cluster.read_token(args.cluster_token, args.cluster_token_file)
         cluster.configure(args.cluster_token, mtls=bool(getattr(args, "tls_client_ca", None)))
     args.func(args)
