@@ -37,7 +37,6 @@ log = logging.getLogger("tokenwire")
 TOKEN_METADATA = "x-tokenwire-cluster-token"
 PROTECTED_PREFIXES = ("/tokenwire.v1.RegistryService/", "/tokenwire.v1.WorkerService/")
 MIN_TOKEN_LENGTH = 16
-ENV_TOKEN = "TOKENWIRE_CLUSTER_TOKEN"
 
 FIX_HINT = "every member needs the same cluster token, or a client certificate from the CA the servers trust"
 FLAGS_HINT = (
@@ -72,10 +71,6 @@ def configure(token: str | None, *, mtls: bool = False) -> None:
         _settings = _Settings(_digest(token), ((TOKEN_METADATA, token),), mtls)
     else:
         _settings = _Settings(mtls=mtls)
-
-
-def closed() -> bool:
-    return _settings.closed
 
 
 def call_metadata() -> tuple[tuple[str, str], ...]:

@@ -335,12 +335,13 @@ def serve(args: argparse.Namespace) -> None:
         local_grpc = "127.0.0.1:" + grpc_address.rsplit(":", 1)[1] if args.host in ("0.0.0.0", "::") else grpc_address
         # A restarted gateway comes back on the same ports.
         gateway.argv = _pin(gateway.argv, "--port", grpc_address.rsplit(":", 1)[1])
-        registry_address = args.controller_address or gateway.registry_address
-        registry = args.controller_address
+        # The registry: the standalone one given, or the gateway's own port (pinned too).
+        registry_address = registry = args.controller_address or gateway.registry_address
         if not args.controller_address:
             registry_port = gateway.registry_address.rsplit(":", 1)[1]
             gateway.argv = _pin(gateway.argv, "--registry-port", registry_port)
-            registry = "127.0.0.1:" + registry_port if args.host in ("0.0.0.0", "::") else registry_address
+            if args.host in ("0.0.0.0", "::"):
+                registry = "127.0.0.1:" + registry_port  # how the local parts reach it
         worker_common = ["worker", "--host", "127.0.0.1", "--port", "0", "--controller-address", registry, *common]
         workers = [Child("chat worker", [*worker_common, *chat_flags])]
         if embed_model:
