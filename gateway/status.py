@@ -7,6 +7,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway import cluster
 from gateway.grpc_server import open_sync_channel
 from tokenwire.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
@@ -48,7 +49,7 @@ def render(workers: list[registry_pb2.WorkerStatus], health: dict[str, str], now
 def status(registry_address: str, model: str = "") -> str:
     with open_sync_channel(registry_address) as channel:
         reply = registry_pb2_grpc.RegistryServiceStub(channel).ListWorkers(
-            registry_pb2.ListWorkersRequest(model=model), timeout=5
+            registry_pb2.ListWorkersRequest(model=model), timeout=5, metadata=cluster.call_metadata()
         )
     workers = list(reply.workers)
     health = {w.worker_id: _health(w.address) for w in workers}

@@ -184,17 +184,35 @@ def test_embeddings_similarity_and_base64(client: openai.OpenAI) -> None:
     assert struct.unpack("<384f", base64.b64decode(encoded)) == pytest.approx(cat, abs=1e-6)
 
 
+def test_zero_config_serve_is_a_closed_cluster(served: harness.Serve) -> None:
+    """`tokenwire serve` with no settings: its parts share a token nobody else
+    has, that no command line and no log line shows."""
+    token = served.token
+    assert token and not [line for line in harness.cmdlines().values() if token in line]
+    assert served.process is not None and len(harness.children(served.process.pid)) == 4
+    with grpc.insecure_channel(served.registry_address) as channel:
+        stub = registry_pb2_grpc.RegistryServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ListWorkers(registry_pb2.ListWorkersRequest(), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        members = stub.ListWorkers(
+            registry_pb2.ListWorkersRequest(), timeout=5, metadata=harness.cluster_metadata(token)
+        )
+    assert {w.model.name for w in members.workers} == {CHAT, EMBED}
+    assert token not in served.log()
+
+
 def worker_address(served: harness.Serve, model: str) -> str:
-    with grpc.insecure_channel(served.grpc_address) as channel:
+    with grpc.insecure_channel(served.registry_address) as channel:
         workers = registry_pb2_grpc.RegistryServiceStub(channel).ListWorkers(
-            registry_pb2.ListWorkersRequest(model=model)
+            registry_pb2.ListWorkersRequest(model=model), metadata=harness.cluster_metadata(served.token)
         )
     return workers.workers[0].address
 
 
 def test_cancelled_stream_stops_llama(client: openai.OpenAI, served: harness.Serve) -> None:
     address = worker_address(served, CHAT)
-    before = harness.worker_stats(address)
+    before = harness.worker_stats(address, served.token)
     stream = client.chat.completions.create(
         model=CHAT,
         messages=[{"role": "user", "content": "Write a long story about a dragon."}],
@@ -209,7 +227,7 @@ def test_cancelled_stream_stops_llama(client: openai.OpenAI, served: harness.Ser
     stream.close()  # the HTTP connection goes away mid-stream
     after = harness.wait_until(
         lambda: (
-            (s := harness.worker_stats(address)).cancelled_total == before.cancelled_total + 1
+            (s := harness.worker_stats(address, served.token)).cancelled_total == before.cancelled_total + 1
             and s.in_flight == 0
             and s
         ),
