@@ -313,7 +313,7 @@
     }
     if (failure) view.setError(failure);
     const tokens = usage ? usage.completion_tokens : pieces;
-    const fields = [servedBy, `${tokens} tokens`];
+    const fields = answer || !failure ? [servedBy, `${tokens} tokens`] : [servedBy];
     if (firstAt !== null) {
       fields.push(`TTFT ${Math.round(firstAt - started)} ms`);
       const seconds = (ended - firstAt) / 1000;
@@ -321,6 +321,7 @@
     }
     if (stopped) fields.push("stopped");
     view.setMeta(fields, answer);
+    if (usage) view.box.dataset.promptTokens = String(usage.prompt_tokens);
     view.box.dataset.state = failure ? "error" : stopped ? "stopped" : "done";
   }
 
