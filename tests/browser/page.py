@@ -91,7 +91,9 @@ class Page:
         return self.js("return document.querySelector(arguments[0]).textContent", css)  # type: ignore[no-any-return]
 
     def wait(self, condition: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-        return WebDriverWait(self.driver, timeout, poll_frequency=0.05).until(lambda _: condition(), f"waiting for {what}")
+        return WebDriverWait(self.driver, timeout, poll_frequency=0.05).until(
+            lambda _: condition(), f"waiting for {what}"
+        )
 
     def shot(self, label: str) -> Path:
         path = self.screenshots / f"{self.name}-{label}.png"
@@ -137,6 +139,13 @@ class Page:
             "const part = a.length && a[a.length - 1].querySelector(arguments[0]);"
             "return part ? part.textContent : ''",
             css,
+        )
+
+    def answer_data(self, name: str) -> str:
+        """A data- attribute of the last answer."""
+        return self.js(  # type: ignore[no-any-return]
+            "const a = document.querySelectorAll('#messages .message.assistant'); return a[a.length - 1].dataset[arguments[0]]",
+            name,
         )
 
     def wait_answer(self, timeout: float = 120.0) -> str:

@@ -118,7 +118,7 @@ def test_history_system_prompt_and_new_chat(system: PageSystem, page: Page) -> N
     page.choose_model(FAST_MODEL)
 
     def prompt_tokens() -> int:
-        return int(page.js("const a = document.querySelectorAll('.message.assistant'); return a[a.length-1].dataset.promptTokens"))
+        return int(page.answer_data("promptTokens"))
 
     page.ask("alpha beta")
     page.wait_answer()
@@ -215,7 +215,9 @@ def test_cluster_view_lists_workers(system: PageSystem, page: Page) -> None:
     page.el("#tab-cluster").click()
     page.wait(lambda: "1/5" in page.el(f"#cluster tr[data-model='{CHAT_MODEL}']").text, "in flight 1/5", timeout=10)
     page.shot("cluster")
-    page.wait(lambda: "0/5" in page.el(f"#cluster tr[data-model='{CHAT_MODEL}']").text, "in flight back to 0", timeout=20)
+    page.wait(
+        lambda: "0/5" in page.el(f"#cluster tr[data-model='{CHAT_MODEL}']").text, "in flight back to 0", timeout=20
+    )
 
 
 def test_status_endpoint_hides_workers_and_needs_a_key(system: PageSystem) -> None:
@@ -250,4 +252,3 @@ def test_mid_stream_error_then_503(system: PageSystem, page: Page) -> None:
     assert page.wait_answer(timeout=30) == "error"
     assert "503 Service unavailable" in page.answer_part(".error")
     page.shot("503")
-
