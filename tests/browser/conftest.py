@@ -1,6 +1,7 @@
 """A real headless browser for the chat page's tests. Every test gets a fresh
-chromium profile; its screenshots go to <pytest basetemp>/screenshots, and a
-failing test leaves one of the moment it failed there."""
+chromium profile. Screenshots go to tests/browser/screenshots/ (gitignored):
+the tests save the moments worth seeing, and a failing test leaves
+``<test>-FAILED.png`` there, kept until that test passes again."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 @pytest.fixture(scope="session")
-def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.getbasetemp() / "screenshots"
+def screenshots() -> Path:
+    folder = Path(__file__).parent / "screenshots"
     folder.mkdir(exist_ok=True)
     return folder
 
@@ -42,4 +43,6 @@ def page(request: pytest.FixtureRequest, screenshots: Path, tmp_path: Path) -> I
     finally:
         if request.node.stash.get(FAILED, False):
             print(f"\nscreenshot of the failure: {browser.shot('FAILED')}")
+        else:
+            (screenshots / f"{request.node.name}-FAILED.png").unlink(missing_ok=True)
         driver.quit()
