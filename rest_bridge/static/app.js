@@ -258,7 +258,9 @@
     }
     $("prompt").value = "";
     addMessage("user", text);
-    state.history.push({ role: "user", content: text });
+    // This conversation's history: "New chat" mid-answer starts another one.
+    const history = state.history;
+    history.push({ role: "user", content: text });
     const view = addMessage("assistant", "");
     view.box.dataset.state = "streaming";
     const controller = new AbortController();
@@ -305,10 +307,10 @@
     state.controller = null;
     setBusy(false);
 
-    if (answer) state.history.push({ role: "assistant", content: answer });
+    if (answer) history.push({ role: "assistant", content: answer });
     else if (failure) {
       // Nothing came back: take the question out of the history and give it back.
-      state.history.pop();
+      history.pop();
       if (!$("prompt").value) $("prompt").value = text;
     }
     if (failure) view.setError(failure);
