@@ -206,18 +206,21 @@ def test_cluster_view_lists_workers(system: PageSystem, page: Page) -> None:
     rows = {r.get_attribute("data-model"): r.text for r in page.els("#cluster tbody tr.worker")}
     assert set(rows) == {CHAT_MODEL, FAST_MODEL, DOOMED_MODEL, EMBED_MODEL}
     assert "SERVING" in rows[CHAT_MODEL] and "0/5" in rows[CHAT_MODEL]
-    # Refreshed every few seconds: the load of a running answer shows up.
+    # Refreshed every few seconds: the load of a running answer (20 s long) shows up, and goes.
     page.el("#tab-chat").click()
-    page.choose_model(CHAT_MODEL)
-    page.set_field("#max-tokens", "150")
+    page.choose_model(DOOMED_MODEL)
+    page.set_field("#max-tokens", "1000")
     page.ask("a story to watch")
     page.wait(lambda: page.answer_text(), "the answer to start")
     page.el("#tab-cluster").click()
-    page.wait(lambda: "1/5" in page.el(f"#cluster tr[data-model='{CHAT_MODEL}']").text, "in flight 1/5", timeout=10)
+    row = f"#cluster tr[data-model='{DOOMED_MODEL}']"
+    page.wait(lambda: "1/5" in page.el(row).text, "in flight 1/5", timeout=15)
     page.shot("cluster")
-    page.wait(
-        lambda: "0/5" in page.el(f"#cluster tr[data-model='{CHAT_MODEL}']").text, "in flight back to 0", timeout=20
-    )
+    page.el("#tab-chat").click()
+    page.el("#stop").click()
+    assert page.wait_answer() == "stopped"
+    page.el("#tab-cluster").click()
+    page.wait(lambda: "0/5" in page.el(row).text, "in flight back to 0", timeout=15)
 
 
 def test_status_endpoint_hides_workers_and_needs_a_key(system: PageSystem) -> None:
