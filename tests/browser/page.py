@@ -154,5 +154,14 @@ class Page:
             lambda: (state := self.answer_state()) in ("done", "stopped", "error") and state, "the answer", timeout
         )
 
+    def cluster_rows(self) -> dict[str, str]:
+        """The cluster table's worker rows, model -> text, read at once (it re-renders every few seconds)."""
+        return self.js(  # type: ignore[no-any-return]
+            "const rows = {};"
+            "for (const r of document.querySelectorAll('#cluster tbody tr.worker'))"
+            " rows[r.dataset.model] = r.innerText;"
+            "return rows"
+        )
+
     def renders(self) -> list[tuple[float, int]]:
         return [tuple(r) for r in self.js("return window.__renders || []")]  # type: ignore[misc]

@@ -202,8 +202,8 @@ def test_embeddings_tab(system: PageSystem, page: Page) -> None:
 def test_cluster_view_lists_workers(system: PageSystem, page: Page) -> None:
     page.open(system.url, key=API_KEY)
     page.el("#tab-cluster").click()
-    page.wait(lambda: page.els("#cluster tbody tr.worker"), "the workers")
-    rows = {r.get_attribute("data-model"): r.text for r in page.els("#cluster tbody tr.worker")}
+    page.wait(lambda: len(page.cluster_rows()) == 4, "the workers")
+    rows = page.cluster_rows()
     assert set(rows) == {CHAT_MODEL, FAST_MODEL, DOOMED_MODEL, EMBED_MODEL}
     assert "SERVING" in rows[CHAT_MODEL] and "0/5" in rows[CHAT_MODEL]
     # Refreshed every few seconds: the load of a running answer (20 s long) shows up, and goes.
@@ -213,14 +213,13 @@ def test_cluster_view_lists_workers(system: PageSystem, page: Page) -> None:
     page.ask("a story to watch")
     page.wait(lambda: page.answer_text(), "the answer to start")
     page.el("#tab-cluster").click()
-    row = f"#cluster tr[data-model='{DOOMED_MODEL}']"
-    page.wait(lambda: "1/5" in page.el(row).text, "in flight 1/5", timeout=15)
+    page.wait(lambda: "1/5" in page.cluster_rows().get(DOOMED_MODEL, ""), "in flight 1/5", timeout=15)
     page.shot("cluster")
     page.el("#tab-chat").click()
     page.el("#stop").click()
     assert page.wait_answer() == "stopped"
     page.el("#tab-cluster").click()
-    page.wait(lambda: "0/5" in page.el(row).text, "in flight back to 0", timeout=15)
+    page.wait(lambda: "0/5" in page.cluster_rows().get(DOOMED_MODEL, ""), "in flight back to 0", timeout=15)
 
 
 def test_status_endpoint_hides_workers_and_needs_a_key(system: PageSystem) -> None:

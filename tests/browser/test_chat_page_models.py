@@ -85,8 +85,8 @@ def test_embeddings_tab_shows_a_similarity(served: harness.Serve, page: Page) ->
 def test_cluster_view_lists_the_workers(served: harness.Serve, page: Page) -> None:
     page.open(served.url)
     page.el("#tab-cluster").click()
-    page.wait(lambda: len(page.els("#cluster tbody tr.worker")) == 2, "both workers")
-    rows = {r.get_attribute("data-model"): r.text for r in page.els("#cluster tbody tr.worker")}
+    page.wait(lambda: len(page.cluster_rows()) == 2, "both workers")
+    rows = page.cluster_rows()
     assert set(rows) == {CHAT, EMBED}
     assert all("SERVING" in row for row in rows.values())
     # The same figures as `tokenwire status`, without the addresses.
