@@ -64,9 +64,12 @@ def test_page_is_static_and_locked_down(system: PageSystem) -> None:
     assert reply.headers["content-type"].startswith("text/html")
     csp = reply.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "connect-src 'self'" in csp
-    assert "http" not in reply.text.replace("http-equiv", "")  # nothing from a CDN
     for asset in ("/static/app.js", "/static/style.css"):
-        assert httpx.get(f"{system.url}{asset}").status_code == 200
+        body = httpx.get(f"{system.url}{asset}")
+        assert body.status_code == 200
+        # Nothing from another origin (no CDN): the page works offline.
+        assert "http://" not in body.text and "https://" not in body.text
+    assert "http://" not in reply.text and "https://" not in reply.text
 
 
 def test_answer_streams_then_stop_frees_the_worker(system: PageSystem, page: Page) -> None:
@@ -108,6 +111,14 @@ def test_switch_model(system: PageSystem, page: Page) -> None:
     assert page.answer_part(".meta").startswith(FAST_MODEL)
     assert page.answer_text().split()[:3] == ["hello", "from", "the"]
     assert requests_served(system.fast) == served + 1
+    copy = page.el("#messages .message.assistant .copy")
+    copy.click()
+    page.wait(lambda: copy.text == "Copied", "the copy to be confirmed")
+    page.driver.execute_cdp_cmd(
+        "Browser.grantPermissions", {"origin": system.url, "permissions": ["clipboardReadWrite"]}
+    )
+    clipboard = page.driver.execute_async_script("navigator.clipboard.readText().then(arguments[0])")
+    assert clipboard == page.answer_text()
     # The choice is remembered.
     page.driver.refresh()
     page.wait(lambda: page.js("return document.getElementById('model').value") == FAST_MODEL, "the remembered model")
