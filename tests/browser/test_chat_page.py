@@ -264,4 +264,7 @@ def test_mid_stream_error_then_503(system: PageSystem, page: Page) -> None:
     page.ask("anyone there?")
     assert page.wait_answer(timeout=30) == "error"
     assert "503 Service unavailable" in page.answer_part(".error")
+    # Neither message tells where the worker was (cluster-internal).
+    port = system.doomed.address.rsplit(":", 1)[1]
+    assert port not in page.text("#messages")
     page.shot("503")
