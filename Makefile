@@ -48,7 +48,16 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/tokenwire serve $(ARGS)
 
-test: $(STAMP)
+# The chat page's tests drive Debian's chromium through chromedriver; never a
+# browser downloaded from the internet. Installed (as root, as CI runs) when missing.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		echo "[tokenwire] installing Debian's chromium and chromium-driver for the browser tests"; \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	fi
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest $(ARGS)
 
 proto: | $(BIN)/python
@@ -72,4 +81,4 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-.PHONY: help install serve test proto lint bench clean
+.PHONY: help install browser serve test proto lint bench clean

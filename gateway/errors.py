@@ -113,7 +113,8 @@ class ApiError(Exception):
                         retry_after=int(retry) if retry else None,
                     )
         if code == grpc.StatusCode.UNAVAILABLE:
-            return unavailable(f"A model worker is unavailable: {message}")
+            # gRPC's own text names the peer's address, which is cluster-internal: not for clients.
+            return unavailable("A model worker is unavailable. Retry shortly.")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return deadline_exceeded()
         return cls(code, message)
