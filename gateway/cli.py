@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import gc
 import importlib
+import logging
 import os
 import signal
 import socket
@@ -101,9 +102,21 @@ def _run(main: Callable[[asyncio.Event], Any]) -> None:
 
 
 def cmd_gateway(args: argparse.Namespace) -> None:
+    from gateway import cluster
     from gateway.app import run_gateway
     from gateway.grpc_server import server_credentials
     from gateway.validation import Limits
+
+    registry_host = args.registry_host or args.host
+    cluster.check_listen("gateway", [args.host, registry_host], insecure=args.insecure_cluster)
+    if args.tls_client_ca and args.registry_port is None and not args.controller_address:
+        raise SystemExit(
+            "--tls-client-ca on a gateway needs --registry-port: client certificates are required on the "
+            "registry's own port, so that API clients still reach the public port without one"
+        )
+
+    def registry_ready(host: str, port: int) -> None:
+        print(f"REGISTRY {host}:{port}", flush=True)
 
     _run(
         lambda stop: run_gateway(
@@ -118,22 +131,28 @@ def cmd_gateway(args: argparse.Namespace) -> None:
             expect_models=_split(args.expect_models),
             metrics_port=args.metrics_port,
             tls=server_credentials(args.tls_cert, args.tls_key),
+            registry_port=args.registry_port,
+            registry_host=registry_host,
+            registry_tls=server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca),
             stop=stop,
             on_ready=lambda port: _ready("gateway", args.host, port),
+            on_registry_ready=registry_ready,
         )
     )
 
 
 def cmd_registry(args: argparse.Namespace) -> None:
+    from gateway import cluster
     from gateway.app import run_registry
     from gateway.grpc_server import server_credentials
 
+    cluster.check_listen("registry", [args.host], insecure=args.insecure_cluster)
     _run(
         lambda stop: run_registry(
             host=args.host,
             port=args.port,
             heartbeat_expiry=args.heartbeat_expiry,
-            tls=server_credentials(args.tls_cert, args.tls_key),
+            tls=server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca),
             stop=stop,
             on_ready=lambda port: _ready("registry", args.host, port),
         )
@@ -141,9 +160,12 @@ def cmd_registry(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
+    from gateway import cluster
     from gateway.grpc_server import server_credentials
     from workers.server import run_worker
 
+    cluster.check_listen("worker", [args.host], insecure=args.insecure_cluster)
+    tls = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
     engine = importlib.import_module(ENGINES[args.engine]).build(args)
     _run(
         lambda stop: run_worker(
@@ -158,7 +180,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
             heartbeat_interval=args.heartbeat_interval,
             shutdown_grace=args.shutdown_grace,
             metrics_port=args.metrics_port,
-            tls=server_credentials(args.tls_cert, args.tls_key),
+            tls=tls,
             stop=stop,
             on_ready=lambda port: _ready("worker", args.host, port),
         )
@@ -221,6 +243,11 @@ def cmd_status(args: argparse.Namespace) -> None:
     try:
         print(status(args.controller_address, args.model))
     except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise SystemExit(
+                f"the registry at {args.controller_address} refused this command: give the cluster's credentials "
+                "(--cluster-token-file, TOKENWIRE_CLUSTER_TOKEN, or --tls-cert/--tls-key with --tls-ca)"
+            ) from None
         raise SystemExit(f"cannot reach the registry at {args.controller_address}: {error.code().name}") from None
 
 
@@ -247,6 +274,32 @@ def _tls_server_flags(parser: argparse.ArgumentParser) -> None:
 
 def _tls_client_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", default=None, help="dial tokenwire peers over TLS, trusting this CA (PEM)")
+
+
+def _cluster_flags(parser: argparse.ArgumentParser, *, serving: bool) -> None:
+    """Cluster credentials: what members show each other (never users' API keys)."""
+    group = parser.add_argument_group("cluster credentials")
+    group.add_argument(
+        "--cluster-token-file", default=None, help="file holding the cluster's shared token (the way to pass it)"
+    )
+    group.add_argument(
+        "--cluster-token",
+        default=None,
+        help="the cluster's shared token; better TOKENWIRE_CLUSTER_TOKEN or --cluster-token-file (ps shows flags)",
+    )
+    if not serving:
+        return
+    group.add_argument(
+        "--tls-client-ca",
+        default=None,
+        help="mTLS: require client certificates signed by this CA (PEM); needs --tls-cert/--tls-key, "
+        "which are also this part's client certificate when it dials",
+    )
+    group.add_argument(
+        "--insecure-cluster",
+        action="store_true",
+        help="listen beyond loopback without cluster credentials: anyone who reaches it joins the cluster",
+    )
 
 
 def _metrics_flag(parser: argparse.ArgumentParser) -> None:
@@ -329,6 +382,9 @@ def build_parser(with_engines: bool = True) -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT, help="REST bridge port")
     serve.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT, help="gateway gRPC port")
     serve.add_argument(
+        "--registry-port", type=int, default=0, help="the registry's own port, on --host (default: any free port)"
+    )
+    serve.add_argument(
         "--controller-address", default=None, help="use this standalone registry instead of the gateway's own"
     )
     serve.add_argument(
@@ -344,6 +400,7 @@ def build_parser(with_engines: bool = True) -> argparse.ArgumentParser:
         help="model directory for the embedding worker (default: all-MiniLM-L6-v2)",
     )
     serve.add_argument("--shutdown-grace", type=float, default=10.0)
+    _cluster_flags(serve, serving=False)
     _gateway_flags(serve)
     _bridge_flags(serve)
     _common(serve)
@@ -357,9 +414,17 @@ def build_parser(with_engines: bool = True) -> argparse.ArgumentParser:
     )
     gateway.add_argument("--shutdown-grace", type=float, default=10.0)
     _gateway_flags(gateway)
+    gateway.add_argument(
+        "--registry-port",
+        type=int,
+        default=None,
+        help="serve the registry on this internal port instead of the public one (0 = any free port)",
+    )
+    gateway.add_argument("--registry-host", default=None, help="address of --registry-port (default: --host)")
     _metrics_flag(gateway)
     _tls_server_flags(gateway)
     _tls_client_flag(gateway)
+    _cluster_flags(gateway, serving=True)
     _common(gateway)
     gateway.set_defaults(func=cmd_gateway)
 
@@ -368,6 +433,7 @@ def build_parser(with_engines: bool = True) -> argparse.ArgumentParser:
     registry.add_argument("--port", type=int, default=21001)
     registry.add_argument("--heartbeat-expiry", type=float, default=15.0)
     _tls_server_flags(registry)
+    _cluster_flags(registry, serving=True)
     _common(registry)
     registry.set_defaults(func=cmd_registry)
 
@@ -384,6 +450,7 @@ def build_parser(with_engines: bool = True) -> argparse.ArgumentParser:
     _metrics_flag(worker)
     _tls_server_flags(worker)
     _tls_client_flag(worker)
+    _cluster_flags(worker, serving=True)
     _common(worker)
     worker.set_defaults(func=cmd_worker)
 
@@ -410,6 +477,9 @@ def build_parser(with_engines: bool = True) -> argparse.ArgumentParser:
     )
     status.add_argument("--model", default="", help="only this model's workers")
     _tls_client_flag(status)
+    status.add_argument("--tls-cert", default=None, help="mTLS: the client certificate to present (PEM)")
+    status.add_argument("--tls-key", default=None, help="mTLS: its private key (PEM)")
+    _cluster_flags(status, serving=False)
     _common(status)
     status.set_defaults(func=cmd_status)
 
@@ -437,11 +507,25 @@ def _defaults_from_env(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(with_engines=bool(argv) and argv[0] == "worker").parse_args(argv)
+    from gateway import cluster
     from gateway.grpc_server import configure_client_tls
     from gateway.observability import setup_logging
 
     setup_logging(args.log_level, args.log_format)
-    configure_client_tls(getattr(args, "tls_ca", None))
+    configure_client_tls(getattr(args, "tls_ca", None), getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
+    if hasattr(args, "cluster_token"):
+        if any(arg.split("=", 1)[0] == "--cluster-token" for arg in argv):
+            logging.getLogger("tokenwire").warning(
+                "--cluster-token on the command line is visible to every user of this machine (ps); "
+                "use --cluster-token-file or TOKENWIRE_CLUSTER_TOKEN"
+            )
+        if getattr(args, "tls_client_ca", None) and hasattr(args, "tls_ca") and not args.tls_ca:
+            raise SystemExit(
+                "--tls-client-ca needs --tls-ca too: this part dials other members, over mTLS, "
+                "and must know the CA of their server certificates"
+            )
+        args.cluster_token = cluster.read_token(args.cluster_token, args.cluster_token_file)
+        cluster.configure(args.cluster_token, mtls=bool(getattr(args, "tls_client_ca", None)))
     args.func(args)
 
 

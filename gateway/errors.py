@@ -100,6 +100,9 @@ class ApiError(Exception):
                 info = error_details_pb2.ErrorInfo()
                 if detail.Is(info.DESCRIPTOR) and detail.Unpack(info) and info.domain == DOMAIN:
                     meta = info.metadata
+                    if meta.get("code") == "cluster_unauthenticated":
+                        # Our own misconfiguration, not the client's: never a 401 to a user.
+                        return unavailable("A model worker refused this gateway's cluster credentials.")
                     retry = meta.get("retry_after")
                     return cls(
                         code,
@@ -110,7 +113,8 @@ class ApiError(Exception):
                         retry_after=int(retry) if retry else None,
                     )
         if code == grpc.StatusCode.UNAVAILABLE:
-            return unavailable(f"A model worker is unavailable: {message}")
+            # gRPC's own text names the peer's address, which is cluster-internal: not for clients.
+            return unavailable("A model worker is unavailable. Retry shortly.")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return deadline_exceeded()
         return cls(code, message)
@@ -148,6 +152,20 @@ def invalid_api_key() -> ApiError:
         "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
         code="invalid_api_key",
         type="invalid_request_error",
+    )
+
+
+def cluster_unauthenticated() -> ApiError:
+    """A registry or worker call without the cluster's credentials: no detail that helps guessing."""
+    return ApiError(grpc.StatusCode.UNAUTHENTICATED, "Cluster credentials required.", code="cluster_unauthenticated")
+
+
+def not_owner(worker_id: str) -> ApiError:
+    """A member acting on a worker that another credential registered."""
+    return ApiError(
+        grpc.StatusCode.PERMISSION_DENIED,
+        f"The worker `{worker_id}` was registered with other credentials.",
+        code="permission_denied",
     )
 
 

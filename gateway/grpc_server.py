@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gateway import cluster
 from gateway.errors import ApiError, internal, unavailable
 from gateway.observability import REQUEST_ID_HEADER, clean_request_id, request_id
 
@@ -41,27 +42,42 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 #
 # TLS is a per-process setting: a process that trusts a CA (--tls-ca) dials
 # every tokenwire peer (gateway -> workers, worker -> registry, bridge ->
-# gateway) over TLS; a process with --tls-cert/--tls-key serves TLS.
+# gateway) over TLS; a process with --tls-cert/--tls-key serves TLS, and
+# presents that certificate as its client certificate when it dials (mTLS).
 
 _client_credentials: grpc.ChannelCredentials | None = None
 
 
-def configure_client_tls(ca_path: str | None) -> None:
+def configure_client_tls(ca_path: str | None, cert_path: str | None = None, key_path: str | None = None) -> None:
     global _client_credentials
     if ca_path:
         with open(ca_path, "rb") as handle:
-            _client_credentials = grpc.ssl_channel_credentials(root_certificates=handle.read())
+            root = handle.read()
+        chain = key = None
+        if cert_path and key_path:
+            with open(cert_path, "rb") as cert_file, open(key_path, "rb") as key_file:
+                chain, key = cert_file.read(), key_file.read()
+        _client_credentials = grpc.ssl_channel_credentials(root, private_key=key, certificate_chain=chain)
     else:
         _client_credentials = None
 
 
-def server_credentials(cert_path: str | None, key_path: str | None) -> grpc.ServerCredentials | None:
+def server_credentials(
+    cert_path: str | None, key_path: str | None, client_ca_path: str | None = None
+) -> grpc.ServerCredentials | None:
+    """TLS for a server; with ``client_ca_path``, only clients with a certificate from that CA get in."""
     if not cert_path and not key_path:
+        if client_ca_path:
+            raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key: mTLS is TLS with client certificates")
         return None
     if not (cert_path and key_path):
         raise SystemExit("--tls-cert and --tls-key go together")
     with open(cert_path, "rb") as cert, open(key_path, "rb") as key:
-        return grpc.ssl_server_credentials([(key.read(), cert.read())])
+        pair = (key.read(), cert.read())
+    if not client_ca_path:
+        return grpc.ssl_server_credentials([pair])
+    with open(client_ca_path, "rb") as ca:
+        return grpc.ssl_server_credentials([pair], root_certificates=ca.read(), require_client_auth=True)
 
 
 def open_channel(address: str) -> grpc.aio.Channel:
@@ -183,8 +199,8 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
 
 
 def outgoing_metadata() -> tuple[tuple[str, str], ...]:
-    """Metadata for a call made on behalf of the current request."""
-    return ((REQUEST_ID_HEADER, request_id.get()),)
+    """Metadata for a call to a worker made on behalf of the current request."""
+    return ((REQUEST_ID_HEADER, request_id.get()), *cluster.call_metadata())
 
 
 class GrpcServer:
@@ -197,7 +213,7 @@ class GrpcServer:
         interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.server = grpc.aio.server(
-            interceptors=[RequestIdInterceptor(), *interceptors, ErrorInterceptor()],
+            interceptors=[cluster.ClusterAuthInterceptor(), RequestIdInterceptor(), *interceptors, ErrorInterceptor()],
             options=SERVER_OPTIONS,
         )
         self.health = health.aio.HealthServicer()

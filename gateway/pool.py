@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from gateway import errors
+from gateway import cluster, errors
 from gateway import observability as obs
 from gateway.grpc_server import open_channel
 from tokenwire.v1 import common_pb2, registry_pb2, registry_pb2_grpc, worker_pb2_grpc
@@ -80,6 +80,8 @@ class WorkerPool:
             except grpc.aio.AioRpcError as error:
                 # Keep serving from the current view while the registry is away.
                 log.warning("registry watch failed (%s); keeping %d workers", error.code().name, len(self._workers))
+                if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    log.error("the registry refused this gateway: %s", cluster.FIX_HINT)
             await asyncio.sleep(1.0)
 
     def _apply(self, snapshot: list[registry_pb2.WorkerStatus]) -> None:
@@ -171,7 +173,9 @@ def remote_source(address: str) -> WatchSource:
     async def watch() -> AsyncIterator[list[registry_pb2.WorkerStatus]]:
         async with open_channel(address) as channel:
             stub = registry_pb2_grpc.RegistryServiceStub(channel)
-            async for response in stub.WatchWorkers(registry_pb2.WatchWorkersRequest()):
+            async for response in stub.WatchWorkers(
+                registry_pb2.WatchWorkersRequest(), metadata=cluster.call_metadata()
+            ):
                 yield list(response.workers)
 
     return watch

@@ -3,6 +3,10 @@
 Workers register and heartbeat; a worker whose heartbeats stop for
 ``expiry`` seconds is dropped. Gateways watch it and keep their own view, so
 the registry is never on a request's path.
+
+A worker's address is only dialled, never trusted for identity: each worker
+belongs to the cluster credential that registered it (``cluster.identity``),
+and only that credential may heartbeat or deregister it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from gateway import cluster, errors
 from tokenwire.v1 import registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger("tokenwire.registry")
@@ -24,6 +29,7 @@ class Registry:
         self.expiry = expiry
         self._workers: dict[str, registry_pb2.WorkerStatus] = {}
         self._last_seen: dict[str, float] = {}
+        self._owners: dict[str, str] = {}  # worker id -> the credential that registered it
         self._watchers: set[asyncio.Event] = set()
 
     def snapshot(self, model: str = "") -> list[registry_pb2.WorkerStatus]:
@@ -37,27 +43,40 @@ class Registry:
         self._last_seen[worker_id] = time.monotonic()
         self._workers[worker_id].last_heartbeat_unix_ms = int(time.time() * 1000)
 
-    def register(self, status: registry_pb2.WorkerStatus) -> None:
+    def _check_owner(self, worker_id: str, owner: str) -> None:
+        if self._owners.get(worker_id, owner) != owner:
+            log.warning("refused a call about worker %s from another credential", worker_id)
+            raise errors.not_owner(worker_id)
+
+    def _forget(self, worker_id: str) -> bool:
+        self._last_seen.pop(worker_id, None)
+        self._owners.pop(worker_id, None)
+        return self._workers.pop(worker_id, None) is not None
+
+    def register(self, status: registry_pb2.WorkerStatus, owner: str = "") -> None:
+        self._check_owner(status.worker_id, owner)
+        self._owners[status.worker_id] = owner
         if status.worker_id not in self._workers:
             log.info("worker %s registered (%s at %s)", status.worker_id, status.model.name, status.address)
         self._workers[status.worker_id] = status
         self._touch(status.worker_id)
         self._changed()
 
-    def heartbeat(self, worker_id: str, in_flight: int, queue_length: int) -> bool:
+    def heartbeat(self, worker_id: str, in_flight: int, queue_length: int, owner: str = "") -> bool:
         """Record a heartbeat; False when the worker is unknown (it must register)."""
         worker = self._workers.get(worker_id)
         if worker is None:
             return False
+        self._check_owner(worker_id, owner)
         worker.in_flight = in_flight
         worker.queue_length = queue_length
         self._touch(worker_id)
         self._changed()
         return True
 
-    def deregister(self, worker_id: str) -> None:
-        if self._workers.pop(worker_id, None) is not None:
-            self._last_seen.pop(worker_id, None)
+    def deregister(self, worker_id: str, owner: str = "") -> None:
+        self._check_owner(worker_id, owner)
+        if self._forget(worker_id):
             log.info("worker %s deregistered", worker_id)
             self._changed()
 
@@ -65,8 +84,7 @@ class Registry:
         deadline = time.monotonic() - self.expiry
         for worker_id in [w for w, seen in self._last_seen.items() if seen < deadline]:
             log.warning("worker %s missed its heartbeats for %.1f s; dropped", worker_id, self.expiry)
-            self._workers.pop(worker_id, None)
-            self._last_seen.pop(worker_id, None)
+            self._forget(worker_id)
             self._changed()
 
     async def run_expiry(self) -> None:
@@ -94,19 +112,21 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def Register(
         self, request: registry_pb2.RegisterRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.RegisterResponse:
-        self.registry.register(request.worker)
+        self.registry.register(request.worker, cluster.identity(context))
         return registry_pb2.RegisterResponse(expiry_seconds=self.registry.expiry)
 
     async def Heartbeat(
         self, request: registry_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.HeartbeatResponse:
-        known = self.registry.heartbeat(request.worker_id, request.in_flight, request.queue_length)
+        known = self.registry.heartbeat(
+            request.worker_id, request.in_flight, request.queue_length, cluster.identity(context)
+        )
         return registry_pb2.HeartbeatResponse(known=known)
 
     async def Deregister(
         self, request: registry_pb2.DeregisterRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.DeregisterResponse:
-        self.registry.deregister(request.worker_id)
+        self.registry.deregister(request.worker_id, cluster.identity(context))
         return registry_pb2.DeregisterResponse()
 
     async def ListWorkers(

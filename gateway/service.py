@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from gateway import cluster_status
 from gateway import observability as obs
 from gateway.auth import current_key
 from gateway.errors import ApiError
@@ -134,3 +135,8 @@ class InferenceServicer(api_pb2_grpc.InferenceServiceServicer):
         self, request: api_pb2.CountTokensRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.CountTokensResponse:
         return await self.inference.count_tokens(request, context.time_remaining())
+
+    async def GetStatus(
+        self, request: api_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.GetStatusResponse:
+        return await cluster_status.pool_status(self.inference.pool)

@@ -7,6 +7,8 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway import cluster
+from gateway.cluster_status import health_name, sorted_workers, worker_load
 from gateway.grpc_server import open_sync_channel
 from tokenwire.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
@@ -15,7 +17,7 @@ def _health(address: str) -> str:
     try:
         with open_sync_channel(address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-            return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            return health_name(reply.status)
     except grpc.RpcError as error:
         return error.code().name  # type: ignore[no-any-return]
 
@@ -23,18 +25,19 @@ def _health(address: str) -> str:
 def render(workers: list[registry_pb2.WorkerStatus], health: dict[str, str], now_ms: int) -> str:
     header = ("MODEL", "KIND", "ADDRESS", "IN FLIGHT", "QUEUE", "HEARTBEAT", "HEALTH", "WORKER")
     rows = [header]
-    for w in sorted(workers, key=lambda w: (w.model.name, w.address)):
+    for w in sorted_workers(workers):
+        # The same figures as GET /v1/status, plus where the worker is.
+        load = worker_load(w, health.get(w.worker_id, "UNKNOWN"), now_ms)
         kind = common_pb2.ModelKind.Name(w.model.kind).removeprefix("MODEL_KIND_").lower()
-        age = max(0.0, (now_ms - w.last_heartbeat_unix_ms) / 1000)
         rows.append(
             (
                 w.model.name,
                 kind,
                 w.address,
-                f"{w.in_flight}/{w.capacity}",
-                str(w.queue_length),
-                f"{age:.1f}s ago",
-                health.get(w.worker_id, "?"),
+                f"{load.in_flight}/{load.capacity}",
+                str(load.queue_length),
+                f"{load.heartbeat_age_seconds:.1f}s ago",
+                load.health,
                 w.worker_id,
             )
         )
@@ -48,7 +51,7 @@ def render(workers: list[registry_pb2.WorkerStatus], health: dict[str, str], now
 def status(registry_address: str, model: str = "") -> str:
     with open_sync_channel(registry_address) as channel:
         reply = registry_pb2_grpc.RegistryServiceStub(channel).ListWorkers(
-            registry_pb2.ListWorkersRequest(model=model), timeout=5
+            registry_pb2.ListWorkersRequest(model=model), timeout=5, metadata=cluster.call_metadata()
         )
     workers = list(reply.workers)
     health = {w.worker_id: _health(w.address) for w in workers}

@@ -3,25 +3,42 @@
 Starts the gateway (with its registry), one worker per default model and the
 REST bridge, each as its own process (so they use separate cores), waits
 until the models answer, prints how to reach them, and stops everything
-cleanly on Ctrl-C / SIGTERM. API keys reach the children through the
-environment, never their command lines.
+cleanly on Ctrl-C / SIGTERM. API keys and the cluster token (made here,
+random, unless one is given) reach the children through the environment,
+never their command lines.
+
+A part that crashes is started again after a back-off (1 s, doubling, at most
+30 s); a crashed worker is first taken out of the registry, so the gateway
+stops routing to it and reports not ready until it is back. Five crashes
+within a minute stop everything.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 
+import grpc
 import httpx
 
+from gateway import cluster
+from gateway.grpc_server import open_sync_channel
+from tokenwire.v1 import registry_pb2, registry_pb2_grpc
+
 READY_TIMEOUT = 600.0
+BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0
+CRASH_LIMIT, CRASH_WINDOW = 5, 60.0
 
 
 @dataclass
@@ -30,9 +47,15 @@ class Child:
     argv: list[str]
     process: subprocess.Popen[str] | None = None
     address: str = ""
+    registry_address: str = ""  # the gateway's registry port, from its REGISTRY line
     ready: threading.Event = field(default_factory=threading.Event)
+    started_at: float = 0.0
+    backoff: float = BACKOFF_FIRST
+    restart_at: float | None = None  # crashed: start again at this time
 
     def start(self, env: dict[str, str]) -> None:
+        self.ready.clear()
+        self.started_at = time.monotonic()
         # A session of its own: Ctrl-C in the terminal reaches only the
         # supervisor, which stops the parts in order; and a part dies with it.
         self.process = subprocess.Popen(
@@ -51,6 +74,8 @@ class Child:
             if line.startswith("READY "):
                 self.address = line.split()[-1]
                 self.ready.set()
+            elif line.startswith("REGISTRY "):
+                self.registry_address = line.split()[-1]
             else:
                 sys.stdout.write(line)
 
@@ -117,7 +142,9 @@ def _wait_models(url: str, models: list[str], key: str | None, deadline: float) 
     raise SystemExit("stopped while starting" if _Stop.requested else f"the models {models} did not register in time")
 
 
-def _banner(http: str, grpc_address: str, chat_model: str, embed_model: str | None, keys: bool) -> str:
+def _banner(
+    http: str, grpc_address: str, chat_model: str, embed_model: str | None, keys: bool, registry: str, token_file: str
+) -> str:
     url = f"http://{http}"
     auth = ' -H "Authorization: Bearer $TOKENWIRE_API_KEY"' if keys else ""
     grpc_auth = ' -H "authorization: Bearer $TOKENWIRE_API_KEY"' if keys else ""
@@ -127,6 +154,7 @@ def _banner(http: str, grpc_address: str, chat_model: str, embed_model: str | No
         f"  OpenAI REST API  {url}/v1   (docs: {url}/docs)",
         f"  gRPC gateway     {grpc_address}  (reflection on; service tokenwire.v1.InferenceService)",
         f"  models           {chat_model}" + (f", {embed_model}" if embed_model else ""),
+        f"  cluster          registry {registry}  (token: {token_file})",
         "",
         "Try it:",
         f"  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' \\",
@@ -138,6 +166,8 @@ def _banner(http: str, grpc_address: str, chat_model: str, embed_model: str | No
         "",
         f'  grpcurl -plaintext{grpc_auth} -d \'{{"model": "{chat_model}", "messages": [{{"role": "user", "content": "Hi!"}}]}}\' \\',
         f"    {grpc_address} tokenwire.v1.InferenceService/CreateChatCompletion",
+        "",
+        f"  tokenwire status --controller-address {registry} --cluster-token-file {token_file}",
         "",
         "Press Ctrl-C to stop.",
     ]
@@ -165,11 +195,101 @@ def _models(args: argparse.Namespace) -> tuple[str, list[str], str | None, list[
     return chat_model, chat, embed_model, embed
 
 
+def _pin(argv: list[str], flag: str, value: str) -> list[str]:
+    """``argv`` with ``flag``'s value replaced: a restarted part keeps its port."""
+    argv = list(argv)
+    argv[argv.index(flag) + 1] = value
+    return argv
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit status {code}"
+
+
+def _forget_worker(registry: str, address: str) -> None:
+    """Take a dead worker out of the registry at once, rather than at its heartbeat expiry."""
+    try:
+        with open_sync_channel(registry) as channel:
+            stub = registry_pb2_grpc.RegistryServiceStub(channel)
+            metadata = cluster.call_metadata()
+            for worker in stub.ListWorkers(registry_pb2.ListWorkersRequest(), timeout=2, metadata=metadata).workers:
+                if worker.address == address:
+                    stub.Deregister(
+                        registry_pb2.DeregisterRequest(worker_id=worker.worker_id), timeout=2, metadata=metadata
+                    )
+    except grpc.RpcError as error:
+        _say(f"could not take the dead worker out of the registry ({error.code().name}); it expires by itself")
+
+
+class Crashes:
+    """The restart policy: back-off per part, and a limit on crashes per minute."""
+
+    def __init__(self) -> None:
+        self.times: collections.deque[float] = collections.deque()
+
+    def delay(self, child: Child, now: float) -> float | None:
+        """Seconds until ``child`` starts again, or None: too many crashes, give up."""
+        self.times.append(now)
+        while self.times and self.times[0] <= now - CRASH_WINDOW:
+            self.times.popleft()
+        if len(self.times) >= CRASH_LIMIT:
+            return None
+        if now - child.started_at > CRASH_WINDOW:
+            child.backoff = BACKOFF_FIRST  # it ran fine for a while: start over
+        delay = child.backoff
+        child.backoff = min(child.backoff * 2, BACKOFF_MAX)
+        return delay
+
+
+def _supervise(children: list[Child], workers: list[Child], registry: str, env: dict[str, str]) -> int:
+    """Restart crashed parts until Ctrl-C / SIGTERM (0) or a crash loop (1)."""
+    crashes = Crashes()
+    while not _Stop.requested:
+        time.sleep(0.2)
+        now = time.monotonic()
+        for child in children:
+            if child.restart_at is not None:
+                if now >= child.restart_at:
+                    child.restart_at = None
+                    _say(f"restarting the {child.name}")
+                    child.start(env)
+                continue
+            if child.alive():
+                continue
+            assert child.process is not None
+            reason = _exit_reason(child.process.returncode)
+            delay = crashes.delay(child, now)
+            if delay is None:
+                _say(
+                    f"the {child.name} stopped unexpectedly ({reason}): {CRASH_LIMIT} crashes within "
+                    f"{CRASH_WINDOW:.0f} s, so tokenwire is stopping (see the log above)"
+                )
+                return 1
+            _say(f"the {child.name} stopped unexpectedly ({reason}); restarting it in {delay:.0f} s")
+            if child in workers and child.address:
+                _forget_worker(registry, child.address)
+            child.restart_at = now + delay
+    return 0
+
+
 def serve(args: argparse.Namespace) -> None:
     from gateway.cli import api_keys
 
     keys = [spec.key for spec in api_keys(args)]
+    # The parts prove to each other that they belong together: a random token
+    # unless one is given (to join a registry elsewhere). The operator's copy,
+    # for `tokenwire status`, is a file only this user can read.
+    token = args.cluster_token or secrets.token_urlsafe(32)
+    cluster.configure(token)
+    private = tempfile.mkdtemp(prefix="tokenwire-")
+    token_file = os.path.join(private, "cluster-token")
+    with open(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+        handle.write(token + "\n")
     env = dict(os.environ)
+    env["TOKENWIRE_CLUSTER_TOKEN"] = token
+    env.pop("TOKENWIRE_CLUSTER_TOKEN_FILE", None)
     # The children read the same settings from the environment, never argv (ps shows argv).
     env["TOKENWIRE_API_KEYS"] = args.api_keys or ""
     env["TOKENWIRE_API_KEYS_FILE"] = os.path.abspath(args.api_keys_file) if args.api_keys_file else ""
@@ -195,6 +315,9 @@ def serve(args: argparse.Namespace) -> None:
     gateway_argv = ["gateway", "--host", args.host, "--port", str(args.grpc_port), "--expect-models", expected, *common]
     if args.controller_address:
         gateway_argv += ["--controller-address", args.controller_address]
+    else:
+        # The registry on a port of its own: the public port carries only the public API.
+        gateway_argv += ["--registry-port", str(args.registry_port)]
     gateway = Child("gateway", gateway_argv)
     workers: list[Child] = []
     bridge: Child | None = None
@@ -210,7 +333,15 @@ def serve(args: argparse.Namespace) -> None:
         _wait_ready([gateway], deadline)
         grpc_address = gateway.address
         local_grpc = "127.0.0.1:" + grpc_address.rsplit(":", 1)[1] if args.host in ("0.0.0.0", "::") else grpc_address
-        registry = args.controller_address or local_grpc
+        # A restarted gateway comes back on the same ports.
+        gateway.argv = _pin(gateway.argv, "--port", grpc_address.rsplit(":", 1)[1])
+        # The registry: the standalone one given, or the gateway's own port (pinned too).
+        registry_address = registry = args.controller_address or gateway.registry_address
+        if not args.controller_address:
+            registry_port = gateway.registry_address.rsplit(":", 1)[1]
+            gateway.argv = _pin(gateway.argv, "--registry-port", registry_port)
+            if args.host in ("0.0.0.0", "::"):
+                registry = "127.0.0.1:" + registry_port  # how the local parts reach it
         worker_common = ["worker", "--host", "127.0.0.1", "--port", "0", "--controller-address", registry, *common]
         workers = [Child("chat worker", [*worker_common, *chat_flags])]
         if embed_model:
@@ -237,19 +368,15 @@ def serve(args: argparse.Namespace) -> None:
         bridge.start(env)
         _wait_ready([*workers, bridge], deadline)
         http = bridge.address
+        bridge.argv = _pin(bridge.argv, "--port", http.rsplit(":", 1)[1])
         local_http = "127.0.0.1:" + http.rsplit(":", 1)[1] if args.host in ("0.0.0.0", "::") else http
         _wait_models(
             f"http://{local_http}", [m for m in (chat_model, embed_model) if m], keys[0] if keys else None, deadline
         )
-        print(_banner(http, grpc_address, chat_model, embed_model, bool(keys)), flush=True)
-        children = [gateway, *workers, bridge]
-        while not _Stop.requested:
-            time.sleep(0.2)
-            dead = [c.name for c in children if not c.alive()]
-            if dead:
-                _say(f"{', '.join(dead)} stopped unexpectedly; shutting down")
-                exit_code = 1
-                break
+        print(
+            _banner(http, grpc_address, chat_model, embed_model, bool(keys), registry_address, token_file), flush=True
+        )
+        exit_code = _supervise([gateway, *workers, bridge], workers, registry, env)
     except SystemExit as error:
         _say(str(error))
         exit_code = 0 if _Stop.requested else 1
@@ -259,5 +386,6 @@ def serve(args: argparse.Namespace) -> None:
         for child in [bridge, *workers, gateway]:
             if child is not None:
                 child.stop(args.shutdown_grace + 5)
+        shutil.rmtree(private, ignore_errors=True)
         _say("stopped")
     sys.exit(exit_code)

@@ -29,7 +29,7 @@ from gateway import errors
 from gateway.errors import ApiError
 from gateway.grpc_server import open_channel
 from gateway.observability import REQUEST_ID_HEADER, request_id
-from rest_bridge import convert, openapi, render
+from rest_bridge import convert, openapi, page, render, status
 from rest_bridge.middleware import RequestMiddleware
 from tokenwire.v1 import api_pb2, api_pb2_grpc
 
@@ -355,4 +355,11 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
         reply = await stub(request).CheckTokens(convert.token_check_request(body), metadata=_metadata(request))
         return json_response(render.token_check(reply))
 
+    @app.get("/v1/status", tags=["operations"], responses=openapi.ERROR_RESPONSES)
+    async def cluster_status(request: Request) -> Response:
+        """Each model and its live workers' load and health (no worker addresses or ids)."""
+        reply = await stub(request).GetStatus(api_pb2.GetStatusRequest(), metadata=_metadata(request), timeout=10)
+        return json_response(status.status(reply))
+
+    page.add_page(app)
     return app

@@ -31,6 +31,7 @@ class Proc:
     process: subprocess.Popen[str] | None = None
     address: str = ""
     metrics_address: str = ""
+    registry_address: str = ""  # a gateway's --registry-port
     log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(prefix="tokenwire-", suffix=".log")[1]))
     _ready: threading.Event = field(default_factory=threading.Event)
     stdout_lines: list[str] = field(default_factory=list)
@@ -57,6 +58,8 @@ class Proc:
             self.stdout_lines.append(line)
             if line.startswith("METRICS "):
                 self.metrics_address = line.split()[-1]
+            if line.startswith("REGISTRY "):
+                self.registry_address = line.split()[-1]
             if line.startswith("READY "):
                 self.address = line.split()[-1]
                 self._ready.set()
@@ -143,9 +146,42 @@ def wait_for_workers(url: str, model: str, count: int, key: str | None = None, t
     wait_until(live, timeout)
 
 
-def worker_stats(address: str) -> worker_pb2.GetStatsResponse:
+def cluster_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """What a member sends: the cluster token (None: an open cluster)."""
+    return (("x-tokenwire-cluster-token", token),) if token else ()
+
+
+def worker_stats(address: str, token: str | None = None) -> worker_pb2.GetStatsResponse:
     with grpc.insecure_channel(address) as channel:
-        return worker_pb2_grpc.WorkerServiceStub(channel).GetStats(worker_pb2.GetStatsRequest(), timeout=5)
+        return worker_pb2_grpc.WorkerServiceStub(channel).GetStats(
+            worker_pb2.GetStatsRequest(), timeout=5, metadata=cluster_metadata(token)
+        )
+
+
+def cmdlines() -> dict[int, str]:
+    """Every process's command line, as `ps` shows it."""
+    lines = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                lines[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                pass
+    return lines
+
+
+def children(parent: int) -> dict[int, str]:
+    """The live child processes of ``parent``, with their command lines."""
+    found = {}
+    for pid, line in cmdlines().items():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == parent and fields[0] != "Z":
+            found[pid] = line
+    return found
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -178,6 +214,8 @@ class Serve:
     process: subprocess.Popen[str] | None = None
     url: str = ""
     grpc_address: str = ""
+    registry_address: str = ""
+    token_file: str = ""
     output: list[str] = field(default_factory=list)
 
     def start(self, timeout: float = 600.0) -> Serve:
@@ -200,6 +238,10 @@ class Serve:
                     self.url = line.split()[3].removesuffix("/v1")
                 elif line.strip().startswith("gRPC gateway"):
                     self.grpc_address = line.split()[2]
+                elif line.strip().startswith("cluster "):
+                    # "cluster  registry <host:port>  (token: <file>)"
+                    self.registry_address = line.split()[2]
+                    self.token_file = line.split("(token: ", 1)[1].rstrip().removesuffix(")")
                 elif "Press Ctrl-C to stop." in line:
                     ready.set()
 
@@ -222,6 +264,11 @@ class Serve:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         return self.process.returncode
+
+    @property
+    def token(self) -> str:
+        """The cluster token serve made, from the file only its user can read."""
+        return Path(self.token_file).read_text().strip()
 
     def log(self) -> str:
         return "".join(self.output)

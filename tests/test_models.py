@@ -184,17 +184,35 @@ def test_embeddings_similarity_and_base64(client: openai.OpenAI) -> None:
     assert struct.unpack("<384f", base64.b64decode(encoded)) == pytest.approx(cat, abs=1e-6)
 
 
+def test_zero_config_serve_is_a_closed_cluster(served: harness.Serve) -> None:
+    """`tokenwire serve` with no settings: its parts share a token nobody else
+    has, that no command line and no log line shows."""
+    token = served.token
+    assert token and not [line for line in harness.cmdlines().values() if token in line]
+    assert served.process is not None and len(harness.children(served.process.pid)) == 4
+    with grpc.insecure_channel(served.registry_address) as channel:
+        stub = registry_pb2_grpc.RegistryServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ListWorkers(registry_pb2.ListWorkersRequest(), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        members = stub.ListWorkers(
+            registry_pb2.ListWorkersRequest(), timeout=5, metadata=harness.cluster_metadata(token)
+        )
+    assert {w.model.name for w in members.workers} == {CHAT, EMBED}
+    assert token not in served.log()
+
+
 def worker_address(served: harness.Serve, model: str) -> str:
-    with grpc.insecure_channel(served.grpc_address) as channel:
+    with grpc.insecure_channel(served.registry_address) as channel:
         workers = registry_pb2_grpc.RegistryServiceStub(channel).ListWorkers(
-            registry_pb2.ListWorkersRequest(model=model)
+            registry_pb2.ListWorkersRequest(model=model), metadata=harness.cluster_metadata(served.token)
         )
     return workers.workers[0].address
 
 
 def test_cancelled_stream_stops_llama(client: openai.OpenAI, served: harness.Serve) -> None:
     address = worker_address(served, CHAT)
-    before = harness.worker_stats(address)
+    before = harness.worker_stats(address, served.token)
     stream = client.chat.completions.create(
         model=CHAT,
         messages=[{"role": "user", "content": "Write a long story about a dragon."}],
@@ -209,7 +227,7 @@ def test_cancelled_stream_stops_llama(client: openai.OpenAI, served: harness.Ser
     stream.close()  # the HTTP connection goes away mid-stream
     after = harness.wait_until(
         lambda: (
-            (s := harness.worker_stats(address)).cancelled_total == before.cancelled_total + 1
+            (s := harness.worker_stats(address, served.token)).cancelled_total == before.cancelled_total + 1
             and s.in_flight == 0
             and s
         ),
@@ -259,3 +277,112 @@ def test_forced_tool_call(client: openai.OpenAI, stream: bool) -> None:
         name, arguments = choice.message.tool_calls[0].function.name, choice.message.tool_calls[0].function.arguments
     assert name == "get_weather"
     jsonschema.validate(json.loads(arguments), WEATHER_TOOL["function"]["parameters"])
+
+
+# -- compact grammars: structured output within small budgets ----------------
+#
+# The grammars allow no whitespace outside strings, so what a budget must hold
+# is the JSON itself. Where a test bounds the strings (maxLength), the budget
+# covers the longest answer the grammar allows in this model's usual
+# tokenization (about one token per word piece, not one per character).
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer", "maximum": 150}},
+    "required": ["name", "age"],
+}
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "Give me a JSON object with a key name and a key age.",
+        "Give me a JSON object describing Paris with keys city and country.",
+    ],
+)
+def test_json_object_fits_a_small_budget(client: openai.OpenAI, prompt: str) -> None:
+    # Greedy JSON mode on these prompts writes flat objects of a few short
+    # values: the model's choice, which the stock grammar let it pad with
+    # newlines and indentation until 60 tokens ran out.
+    reply = client.chat.completions.create(
+        model=CHAT,
+        messages=[{"role": "user", "content": prompt}],
+        response_format={"type": "json_object"},
+        temperature=0,
+        max_tokens=60,
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    assert isinstance(json.loads(choice.message.content), dict)
+    assert not any(c in choice.message.content for c in "\n\t")
+
+
+def test_json_schema_fits_the_budget_its_grammar_allows(client: openai.OpenAI) -> None:
+    # {"name":"<=16 chars","age":<=3 digits}: at most about 30 tokens.
+    reply = client.chat.completions.create(
+        model=CHAT,
+        messages=[{"role": "user", "content": "Invent a person and give their name and age as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}},
+        temperature=0,
+        max_tokens=32,
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
+
+
+def short_tool(name: str, arg: str) -> dict[str, object]:
+    schema = {"type": "object", "properties": {arg: {"type": "string", "maxLength": 12}}, "required": [arg]}
+    return {"type": "function", "function": {"name": name, "parameters": schema}}
+
+
+TWO_TOOLS = [short_tool("get_weather", "city"), short_tool("get_time", "timezone")]
+
+
+def test_required_choice_of_two_tools_within_32_tokens(client: openai.OpenAI) -> None:
+    # {"name":"get_weather","arguments":{"city":"<=12 chars"}}: about 20 tokens.
+    # Which tool the model picks is its choice; either must be a valid call.
+    choice = client.chat.completions.create(
+        model=CHAT,
+        messages=[{"role": "user", "content": "What is the weather like in Paris today?"}],
+        tools=TWO_TOOLS,
+        tool_choice="required",
+        temperature=0,
+        max_tokens=32,
+    ).choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    (call,) = choice.message.tool_calls
+    tool = next(t for t in TWO_TOOLS if t["function"]["name"] == call.function.name)
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_call_cut_by_max_tokens(client: openai.OpenAI, stream: bool) -> None:
+    """Cut short: finish_reason "length", the partial call in tool_calls, nothing in content."""
+    request = {
+        "model": CHAT,
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": [WEATHER_TOOL],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "temperature": 0,
+        "max_tokens": 3,  # {"city":"Paris"} takes more than three tokens
+    }
+    if stream:
+        chunks = list(client.chat.completions.create(**request, stream=True))
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        calls = [
+            t for c in chunks if c.choices and c.choices[0].delta.tool_calls for t in c.choices[0].delta.tool_calls
+        ]
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finish == ["length"]
+        name, arguments = calls[0].function.name, "".join(t.function.arguments or "" for t in calls)
+    else:
+        choice = client.chat.completions.create(**request).choices[0]
+        assert choice.finish_reason == "length"
+        content = choice.message.content
+        (call,) = choice.message.tool_calls
+        name, arguments = call.function.name, call.function.arguments
+    assert not content
+    assert name == "get_weather"
+    assert arguments.startswith("{")
+    with pytest.raises(ValueError):
+        json.loads(arguments)  # partial, as OpenAI returns it

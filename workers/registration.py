@@ -9,6 +9,7 @@ import uuid
 
 import grpc
 
+from gateway import cluster
 from gateway.grpc_server import open_channel
 from tokenwire.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from workers.slots import Slots
@@ -47,7 +48,9 @@ class RegistryLink:
         while True:
             try:
                 if not registered:
-                    await self.stub.Register(registry_pb2.RegisterRequest(worker=self._status()), timeout=5)
+                    await self.stub.Register(
+                        registry_pb2.RegisterRequest(worker=self._status()), timeout=5, metadata=cluster.call_metadata()
+                    )
                     registered = True
                     log.info("registered %s", self.worker_id)
                 else:
@@ -56,6 +59,7 @@ class RegistryLink:
                             worker_id=self.worker_id, in_flight=self.slots.in_flight, queue_length=self.slots.waiting
                         ),
                         timeout=5,
+                        metadata=cluster.call_metadata(),
                     )
                     if not reply.known:
                         log.warning("the registry forgot %s; registering again", self.worker_id)
@@ -63,6 +67,10 @@ class RegistryLink:
                         continue
             except grpc.aio.AioRpcError as error:
                 registered = False
+                if error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    log.error("the registry refused this worker (%s): %s", error.code().name, cluster.FIX_HINT)
+                    await asyncio.sleep(self.interval)
+                    continue
                 log.warning("registry unreachable (%s); retrying", error.code().name)
                 # Soon: the registry may just be starting (or restarting).
                 await asyncio.sleep(min(self.interval, 1.0))
@@ -77,7 +85,9 @@ class RegistryLink:
             except asyncio.CancelledError:
                 pass
         try:
-            await self.stub.Deregister(registry_pb2.DeregisterRequest(worker_id=self.worker_id), timeout=2)
+            await self.stub.Deregister(
+                registry_pb2.DeregisterRequest(worker_id=self.worker_id), timeout=2, metadata=cluster.call_metadata()
+            )
         except grpc.aio.AioRpcError as error:
             log.warning("could not deregister %s: %s", self.worker_id, error.code().name)
         await self.channel.close()

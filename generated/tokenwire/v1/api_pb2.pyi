@@ -1159,3 +1159,111 @@ class CountTokensResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CountTokensResponse: _TypeAlias = CountTokensResponse  # noqa: Y015
+
+@_typing.final
+class GetStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatusRequest: _TypeAlias = GetStatusRequest  # noqa: Y015
+
+@_typing.final
+class WorkerLoad(_message.Message):
+    """One live worker, without its address or id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    QUEUE_LENGTH_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
+    capacity: _builtins.int
+    """Requests it runs at once (--limit-worker-concurrency)."""
+    in_flight: _builtins.int
+    queue_length: _builtins.int
+    heartbeat_age_seconds: _builtins.float
+    """Seconds since its last heartbeat reached the registry."""
+    health: _builtins.str
+    """grpc.health.v1 status of the worker: "SERVING", "NOT_SERVING", or the
+    gRPC code of a failed check ("UNAVAILABLE", "DEADLINE_EXCEEDED").
+    """
+    def __init__(
+        self,
+        *,
+        capacity: _builtins.int = ...,
+        in_flight: _builtins.int = ...,
+        queue_length: _builtins.int = ...,
+        heartbeat_age_seconds: _builtins.float = ...,
+        health: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "health", b"health", "heartbeat_age_seconds", b"heartbeat_age_seconds", "in_flight", b"in_flight", "queue_length", b"queue_length"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerLoad: _TypeAlias = WorkerLoad  # noqa: Y015
+
+@_typing.final
+class ModelStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    kind: _common_pb2.ModelKind.ValueType
+    context_length: _builtins.int
+    engine: _builtins.str
+    """The engine that runs it: "llama_cpp", "transformers", "openai", "echo"."""
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerLoad]: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        kind: _common_pb2.ModelKind.ValueType = ...,
+        context_length: _builtins.int = ...,
+        engine: _builtins.str = ...,
+        workers: _abc.Iterable[Global___WorkerLoad] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "engine", b"engine", "kind", b"kind", "model", b"model", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelStatus: _TypeAlias = ModelStatus  # noqa: Y015
+
+@_typing.final
+class GetStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStatus]:
+        """Sorted by model name; a model whose workers all left is listed with none."""
+
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___ModelStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015

@@ -84,6 +84,11 @@ class InferenceServiceStub:
                 request_serializer=tokenwire_dot_v1_dot_api__pb2.CountTokensRequest.SerializeToString,
                 response_deserializer=tokenwire_dot_v1_dot_api__pb2.CountTokensResponse.FromString,
                 _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/tokenwire.v1.InferenceService/GetStatus',
+                request_serializer=tokenwire_dot_v1_dot_api__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_api__pb2.GetStatusResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -161,6 +166,15 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatus(self, request, context):
+        """GET /v1/status: each model and the load and health of its live workers,
+        as a user may see them. Worker addresses and ids are cluster-internal and
+        never appear here (operators see them with `tokenwire status`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +222,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.CountTokens,
                     request_deserializer=tokenwire_dot_v1_dot_api__pb2.CountTokensRequest.FromString,
                     response_serializer=tokenwire_dot_v1_dot_api__pb2.CountTokensResponse.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=tokenwire_dot_v1_dot_api__pb2.GetStatusRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_api__pb2.GetStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -458,6 +477,33 @@ class InferenceService:
             '/tokenwire.v1.InferenceService/CountTokens',
             tokenwire_dot_v1_dot_api__pb2.CountTokensRequest.SerializeToString,
             tokenwire_dot_v1_dot_api__pb2.CountTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.InferenceService/GetStatus',
+            tokenwire_dot_v1_dot_api__pb2.GetStatusRequest.SerializeToString,
+            tokenwire_dot_v1_dot_api__pb2.GetStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,11 @@ class InferenceServiceStub:
     """Count the tokens of a prompt, or of chat messages rendered with the
     model's chat template.
     """
+    GetStatus: _grpc.UnaryUnaryMultiCallable[_api_pb2.GetStatusRequest, _api_pb2.GetStatusResponse]
+    """GET /v1/status: each model and the load and health of its live workers,
+    as a user may see them. Worker addresses and ids are cluster-internal and
+    never appear here (operators see them with `tokenwire status`).
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -96,6 +101,11 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     CountTokens: _aio.UnaryUnaryMultiCallable[_api_pb2.CountTokensRequest, _api_pb2.CountTokensResponse]  # type: ignore[assignment]
     """Count the tokens of a prompt, or of chat messages rendered with the
     model's chat template.
+    """
+    GetStatus: _aio.UnaryUnaryMultiCallable[_api_pb2.GetStatusRequest, _api_pb2.GetStatusResponse]  # type: ignore[assignment]
+    """GET /v1/status: each model and the load and health of its live workers,
+    as a user may see them. Worker addresses and ids are cluster-internal and
+    never appear here (operators see them with `tokenwire status`).
     """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -182,6 +192,17 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_api_pb2.CountTokensResponse, _abc.Awaitable[_api_pb2.CountTokensResponse]]:
         """Count the tokens of a prompt, or of chat messages rendered with the
         model's chat template.
+        """
+
+    @_abc_1.abstractmethod
+    def GetStatus(
+        self,
+        request: _api_pb2.GetStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_api_pb2.GetStatusResponse, _abc.Awaitable[_api_pb2.GetStatusResponse]]:
+        """GET /v1/status: each model and the load and health of its live workers,
+        as a user may see them. Worker addresses and ids are cluster-internal and
+        never appear here (operators see them with `tokenwire status`).
         """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
