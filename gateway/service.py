@@ -134,3 +134,13 @@ class InferenceServicer(api_pb2_grpc.InferenceServiceServicer):
         self, request: api_pb2.CountTokensRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.CountTokensResponse:
         return await self.inference.count_tokens(request, context.time_remaining())
+
+    async def Tokenize(
+        self, request: api_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.TokenizeResponse:
+        return await self.inference.tokenize(request, context.time_remaining())
+
+    async def Detokenize(
+        self, request: api_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.DetokenizeResponse:
+        return await self.inference.detokenize(request, context.time_remaining())
