@@ -303,8 +303,11 @@ def parse_request(body: dict[str, Any], previous: Stored | None) -> ResponseRequ
     chat["messages"] = [*head, *history, *new_messages]
     if not chat["messages"]:
         raise _invalid("'input' must not be empty.", "input")
-    if body.get("max_output_tokens") is not None:
-        chat["max_completion_tokens"] = body["max_output_tokens"]
+    limit = body.get("max_output_tokens")
+    if limit is not None:
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise _invalid("'max_output_tokens' must be a positive integer.", "max_output_tokens")
+        chat["max_completion_tokens"] = limit
     tools = _tools(body["tools"]) if body.get("tools") is not None else []
     if tools:
         chat["tools"] = tools
