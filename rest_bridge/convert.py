@@ -12,6 +12,7 @@ import re
 from typing import Any, TypeVar
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from gateway import errors
@@ -36,20 +37,131 @@ def parse(body: dict[str, Any], message: M) -> M:
     """The body as ``message``; unknown fields are ignored, like OpenAI's SDKs expect.
 
     The message constructor is the fast path (about 25x faster than
-    ``ParseDict``); anything it refuses (a wrong type, an unknown nested key,
-    a string-keyed map) goes through ``ParseDict``, which either accepts it or
-    says precisely which field is wrong.
+    ``ParseDict``). Anything it refuses, for whatever reason, is checked
+    field by field against the message's descriptor (a 400 naming the exact
+    ``param``, e.g. ``tools[0].function.parameters``), and what passes that
+    goes through ``ParseDict``. A body never gets past here as a 5xx.
     """
     fields = message.DESCRIPTOR.fields_by_name
     try:
         return type(message)(**{key: value for key, value in body.items() if key in fields})
-    except (TypeError, ValueError):
+    except Exception:  # whatever the reason: the checks below say precisely what is wrong
         pass
+    _check_message(body, message.DESCRIPTOR, "")
     try:
         return json_format.ParseDict(body, message, ignore_unknown_fields=True)
-    except json_format.ParseError as error:
+    except Exception as error:  # ParseError, or a type error deep inside ParseDict
         text = str(error)
         raise errors.invalid_request(f"Invalid request: {text}", _param_of(text)) from None
+
+
+# -- structural checks: OpenAI's "Invalid type for 'param'" -----------------
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer"}
+_INTS = {
+    FieldDescriptor.TYPE_INT32,
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT32,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT32,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED32,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED32,
+    FieldDescriptor.TYPE_SFIXED64,
+}
+_FLOATS = {FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE}
+# The bridge's protobuf spellings of OpenAI's polymorphic fields, as OpenAI names them.
+_OPENAI_PATHS = (
+    (re.compile(r"\.content_parts\.parts"), ".content"),
+    (re.compile(r"^tool_choice\.function"), "tool_choice"),
+)
+
+
+def _openai_path(path: str) -> str:
+    for pattern, replacement in _OPENAI_PATHS:
+        path = pattern.sub(replacement, path)
+    return path
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return "a number"
+    return next((name for kind, name in _JSON_TYPES.items() if isinstance(value, kind)), type(value).__name__)
+
+
+def _wrong_type(path: str, expected: str, value: Any) -> errors.ApiError:
+    param = _openai_path(path)
+    return errors.invalid_request(
+        f"Invalid type for '{param}': expected {expected}, but got {_json_type(value)} instead.", param, "invalid_type"
+    )
+
+
+def _check_message(value: Any, descriptor: Descriptor, path: str) -> None:
+    if descriptor.full_name in ("google.protobuf.Value",):
+        return  # any JSON
+    if descriptor.full_name == "google.protobuf.Struct":
+        if not isinstance(value, dict):
+            raise _wrong_type(path, "an object", value)
+        return
+    if descriptor.full_name == "google.protobuf.ListValue":
+        if not isinstance(value, list):
+            raise _wrong_type(path, "an array", value)
+        return
+    if not isinstance(value, dict):
+        raise _wrong_type(path, "an object", value)
+    for key, item in value.items():
+        field = descriptor.fields_by_name.get(key)
+        if field is None or item is None:
+            continue  # unknown fields are ignored; null means unset
+        _check_field(item, field, f"{path}.{key}" if path else key)
+
+
+def _check_field(value: Any, field: FieldDescriptor, path: str) -> None:
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        if not isinstance(value, dict):
+            raise _wrong_type(path, "an object", value)
+        key_field = field.message_type.fields_by_name["key"]
+        value_field = field.message_type.fields_by_name["value"]
+        for key, item in value.items():
+            if key_field.type in _INTS and not _is_int_text(key):
+                raise errors.invalid_request(
+                    f"Invalid key '{key}' in '{_openai_path(path)}': expected an integer.", _openai_path(path)
+                )
+            _check_single(item, value_field, f"{path}.{key}")
+        return
+    if field.is_repeated:
+        if not isinstance(value, list):
+            raise _wrong_type(path, "an array", value)
+        for i, item in enumerate(value):
+            _check_single(item, field, f"{path}[{i}]")
+        return
+    _check_single(value, field, path)
+
+
+def _is_int_text(text: str) -> bool:
+    return text.lstrip("-").isdigit()
+
+
+def _check_single(value: Any, field: FieldDescriptor, path: str) -> None:
+    if field.message_type is not None:
+        _check_message(value, field.message_type, path)
+    elif field.type == FieldDescriptor.TYPE_STRING and not isinstance(value, str):
+        raise _wrong_type(path, "a string", value)
+    elif field.type == FieldDescriptor.TYPE_BOOL and not isinstance(value, bool):
+        raise _wrong_type(path, "a boolean", value)
+    elif field.type in _INTS and not (
+        (isinstance(value, int) and not isinstance(value, bool))
+        or (isinstance(value, float) and value.is_integer())
+        or (isinstance(value, str) and _is_int_text(value))
+    ):
+        raise _wrong_type(path, "an integer", value)
+    elif field.type in _FLOATS and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise _wrong_type(path, "a number", value)
+    elif field.type == FieldDescriptor.TYPE_ENUM and not isinstance(value, str | int):
+        raise _wrong_type(path, "a string", value)
 
 
 def _require_object(value: Any, param: str) -> dict[str, Any]:

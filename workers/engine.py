@@ -247,3 +247,37 @@ async def iterate_in_thread(
         if not job.cancel():
             # Started: wait for the engine to go idle even if we are being cancelled.
             await asyncio.shield(asyncio.wrap_future(job))
+
+
+async def iterate_in_task(produce: Callable[[], AsyncIterator[T]], generation: Generation) -> AsyncIterator[T]:
+    """Drive an async producer in a task of its own and yield its items here.
+
+    :func:`iterate_in_thread` for engines that run on the event loop. The
+    producer is not cancelled with its consumer: like a compute loop on a
+    thread, it must see ``generation.cancelled`` and stop by itself, and
+    the tokens it makes meanwhile count as made after the cancel. When the
+    consumer stops, this sets the flag and waits for the producer to finish.
+    """
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for item in produce():
+                queue.put_nowait(item)
+        except BaseException as exc:  # handed to the consumer
+            queue.put_nowait(exc)
+            return
+        queue.put_nowait(_DONE)
+
+    task = asyncio.ensure_future(pump())
+    try:
+        while True:
+            item = await queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        generation.cancelled.set()
+        await asyncio.shield(task)

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from gateway import errors
 from tokenwire.v1 import common_pb2, worker_pb2
-from workers.engine import Delta, Engine, Generation, Prepared, check_token_ids, message_text
+from workers.engine import Delta, Engine, Generation, Prepared, check_token_ids, iterate_in_task, message_text
 
 VOCAB_SIZE = 32000
 
@@ -66,7 +66,13 @@ class EchoEngine(Engine):
         words = request.prompt.text.split()
         return Prepared(prompt_tokens=len(words), param="prompt", state=(words, words))
 
-    async def generate(
+    def generate(
+        self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int, generation: Generation
+    ) -> AsyncIterator[Delta]:
+        # In a task of its own, as a real engine's compute loop: only the cancel flag stops it.
+        return iterate_in_task(lambda: self._produce(request, prepared, max_tokens, generation), generation)
+
+    async def _produce(
         self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int, generation: Generation
     ) -> AsyncIterator[Delta]:
         source, echoed = prepared.state
@@ -80,6 +86,8 @@ class EchoEngine(Engine):
         for i in range(count):
             if self.delay:
                 await asyncio.sleep(self.delay)
+            if generation.cancelled.is_set():
+                return
             word = source[(i + request.index) % len(source)]
             piece = word if i == 0 and not (request.echo and echoed) else " " + word
             generation.produced()
