@@ -50,8 +50,9 @@ def new_id(prefix: str) -> str:
 
 
 def owner_of(authorization: str | None) -> bytes:
-    """Whose a stored response is: a digest of the caller's Authorization."""
-    return hashlib.sha256((authorization or "").encode()).digest()
+    """Whose a stored response is: a digest of the caller's key (scheme and spacing aside)."""
+    token = (authorization or "").strip().partition(" ")[2].strip()
+    return hashlib.sha256(token.encode()).digest()
 
 
 # -- The store ------------------------------------------------------------------
