@@ -14,6 +14,7 @@ import pytest
 
 from rest_bridge.responses import ResponseStore
 from tests.conftest import API_KEY, CHAT_MODEL, EchoSystem, start_echo_system, stop_system
+from tests.test_cancellation import settled, totals
 
 OTHER_KEY = "test-key-2"
 
@@ -164,6 +165,25 @@ def test_stream_error_mid_stream_ends_cleanly() -> None:
         assert "[DONE]" not in reply.text
     finally:
         stop_system(system)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_gone_stops_the_worker(slow_system: EchoSystem, stream: bool) -> None:
+    """A Responses client that leaves (mid-stream, or while waiting) frees the worker's slot."""
+    before = totals(slow_system)["cancelled"]
+    body = {"model": CHAT_MODEL, "input": "long story", "stream": stream}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    if stream:
+        with httpx.Client(base_url=slow_system.url, headers=headers) as client:
+            with client.stream("POST", "/v1/responses", json=body) as reply:
+                lines = reply.iter_lines()
+                while "response.output_text.delta" not in next(lines):
+                    pass
+    else:
+        with pytest.raises(httpx.TimeoutException):  # 200 tokens x 20 ms = 4 s: the client gives up first
+            httpx.post(f"{slow_system.url}/v1/responses", json=body, headers=headers, timeout=0.5)
+    after = settled(slow_system, before + 1)
+    assert after["after_cancel_max"] <= 1
 
 
 @pytest.mark.parametrize(
