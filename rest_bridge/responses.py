@@ -65,6 +65,8 @@ class Stored:
     # The whole conversation as chat messages, this response's output included.
     history: list[dict[str, Any]]
     size: int
+    # This request's own input, as Responses items with ids (for input_items).
+    input_items: list[dict[str, Any]] = field(default_factory=list)
 
 
 class ResponseStore:
@@ -79,12 +81,19 @@ class ResponseStore:
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, owner: bytes, response: dict[str, Any], history: list[dict[str, Any]]) -> None:
-        size = len(orjson.dumps(response)) + len(orjson.dumps(history))
+    def put(
+        self,
+        owner: bytes,
+        response: dict[str, Any],
+        history: list[dict[str, Any]],
+        input_items: list[dict[str, Any]] | None = None,
+    ) -> None:
+        items = input_items or []
+        size = len(orjson.dumps(response)) + len(orjson.dumps(history)) + len(orjson.dumps(items))
         if self.max_count <= 0 or size > self.max_bytes:
             return  # larger than the whole store: not kept (a later lookup is a 404)
         self._drop(response["id"])
-        self._items[response["id"]] = Stored(owner, response, history, size)
+        self._items[response["id"]] = Stored(owner, response, history, size, items)
         self.bytes += size
         while len(self._items) > self.max_count or self.bytes > self.max_bytes:
             self._drop(next(iter(self._items)))
@@ -191,6 +200,33 @@ def input_messages(value: Any, param: str = "input") -> list[dict[str, Any]]:
             )
         previous_kind = kind
     return messages
+
+
+def input_items(value: Any) -> list[dict[str, Any]]:
+    """A valid ``input`` as the items ``input_items`` lists: typed, with ids, text as parts."""
+    if isinstance(value, str):
+        value = [{"role": "user", "content": value}]
+    out = []
+    for item in value:
+        kind = item.get("type", "message")
+        if kind == "message":
+            part = "output_text" if item["role"] == "assistant" else "input_text"
+            content = item["content"]
+            if isinstance(content, str):
+                content = [{"type": part, "text": content}]
+            out.append(
+                {
+                    "id": item.get("id") or new_id("msg"),
+                    "type": "message",
+                    "role": item["role"],
+                    "status": "completed",
+                    "content": content,
+                }
+            )
+        else:
+            prefix = "fc" if kind == "function_call" else "fco"
+            out.append({**item, "id": item.get("id") or new_id(prefix), "status": "completed"})
+    return out
 
 
 def _tools(value: Any) -> list[dict[str, Any]]:
@@ -585,7 +621,8 @@ def add_routes(
 
         def keep() -> None:
             if parsed.store:
-                store.put(owner, turn.response(), [*history, turn.history_message()])
+                items = input_items(body.get("input", []))
+                store.put(owner, turn.response(), [*history, turn.history_message()], items)
 
         timeout = request_timeout(request, parsed.stream)
         gateway = stub(request)
@@ -639,6 +676,38 @@ def add_routes(
         stored = await lookup(request, response_id, None)
         await check_key(request)
         return json_response(stored.response)
+
+    @app.get("/v1/responses/{response_id}/input_items", tags=["responses"], responses=openapi.ERROR_RESPONSES)
+    async def list_input_items(response_id: str, request: Request) -> Response:
+        """The input items of a stored response (this request's own, not earlier turns').
+
+        Query: ``order`` (asc | desc, default desc), ``limit`` (1-100, default 20), ``after`` (an item id).
+        """
+        query = request.query_params
+        order = query.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise errors.invalid_request("'order' must be asc or desc.", "order")
+        limit_text = query.get("limit", "20")
+        limit = int(limit_text) if limit_text.isascii() and limit_text.isdigit() and len(limit_text) < 4 else 0
+        if not 1 <= limit <= 100:
+            raise errors.invalid_request("'limit' must be an integer between 1 and 100.", "limit")
+        after = query.get("after")
+        stored = await lookup(request, response_id, None)
+        await check_key(request)
+        items = stored.input_items if order == "asc" else stored.input_items[::-1]
+        if after is not None:
+            ids = [item["id"] for item in items]
+            items = items[ids.index(after) + 1 :] if after in ids else []
+        page = items[:limit]
+        return json_response(
+            {
+                "object": "list",
+                "data": page,
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+                "has_more": len(items) > limit,
+            }
+        )
 
     @app.delete("/v1/responses/{response_id}", tags=["responses"], responses=openapi.ERROR_RESPONSES)
     async def delete_response(response_id: str, request: Request) -> Response:

@@ -49,6 +49,26 @@ def test_create_retrieve_delete(client: openai.OpenAI) -> None:
     assert caught.value.code == "response_not_found" and created.id in caught.value.message
 
 
+def test_input_items(client: openai.OpenAI) -> None:
+    call = {"type": "function_call", "call_id": "call_9", "name": "lookup", "arguments": "{}"}
+    output = {"type": "function_call_output", "call_id": "call_9", "output": "found"}
+    reply = client.responses.create(
+        model=CHAT_MODEL,
+        input=[{"role": "user", "content": "find it"}, call, output, {"role": "user", "content": "ok"}],
+    )
+    items = list(client.responses.input_items.list(reply.id, order="asc"))
+    assert [i.type for i in items] == ["message", "function_call", "function_call_output", "message"]
+    assert items[0].content[0].type == "input_text" and items[0].content[0].text == "find it"
+    assert items[1].call_id == "call_9" and items[2].output == "found"
+    assert len({i.id for i in items}) == 4
+    newest_first = client.responses.input_items.list(reply.id, limit=3)
+    assert [i.id for i in newest_first.data] == [i.id for i in items[::-1][:3]] and newest_first.has_more
+    every = [i.id for i in client.responses.input_items.list(reply.id, limit=3)]  # the SDK pages with `after`
+    assert every == [i.id for i in items[::-1]]
+    with pytest.raises(openai.BadRequestError):
+        client.responses.input_items.list(reply.id, limit=10**6)
+
+
 def test_evicted_id_is_404(client: openai.OpenAI) -> None:
     """The store keeps two responses here: the oldest one goes, in LRU order."""
     first, second = (client.responses.create(model=CHAT_MODEL, input=w) for w in ("one", "two"))
