@@ -189,6 +189,18 @@ RESPONSE = {
         "user": {"type": "string"},
     },
 }
+INPUT_ITEMS_QUERY = {
+    "parameters": [
+        {"name": "order", "in": "query", "required": False, "schema": {"type": "string", "enum": ["asc", "desc"]}},
+        {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+        },
+        {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
+    ]
+}
 ERROR = {
     "type": "object",
     "required": ["error"],

@@ -677,7 +677,12 @@ def add_routes(
         await check_key(request)
         return json_response(stored.response)
 
-    @app.get("/v1/responses/{response_id}/input_items", tags=["responses"], responses=openapi.ERROR_RESPONSES)
+    @app.get(
+        "/v1/responses/{response_id}/input_items",
+        tags=["responses"],
+        openapi_extra=openapi.INPUT_ITEMS_QUERY,
+        responses=openapi.ERROR_RESPONSES,
+    )
     async def list_input_items(response_id: str, request: Request) -> Response:
         """The input items of a stored response (this request's own, not earlier turns').
 
