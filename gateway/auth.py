@@ -144,9 +144,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not handler_call_details.method.startswith(PROTECTED_PREFIX):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
-        state = self.keys.lookup(metadata.get("authorization"))  # type: ignore[arg-type]
+        authorization = metadata.get("authorization")
+        state = self.keys.lookup(authorization)  # type: ignore[arg-type]
         if state is None:
-            return _deny(handler, errors.invalid_api_key())
+            given = bool(str(authorization or "").partition(" ")[2].strip())
+            return _deny(handler, errors.invalid_api_key() if given else errors.missing_api_key())
         try:
             state.admit()
         except errors.ApiError as error:

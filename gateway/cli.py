@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import gc
 import importlib
+import json
 import logging
 import os
 import signal
@@ -55,6 +56,51 @@ def _positive_int(value: str) -> int:
 
 def _split(value: str | None) -> list[str]:
     return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+# FastChat takes these as JSON lists ('["*"]'); tokenwire's own form is comma-separated.
+LIST_FLAGS = {
+    "allowed_origins": "--allowed-origins",
+    "allowed_methods": "--allowed-methods",
+    "allowed_headers": "--allowed-headers",
+}
+# FastChat writes addresses as URLs (http://localhost:21001); gRPC wants host:port.
+ADDRESS_FLAGS = ("controller_address", "gateway_address", "worker_address")
+
+
+def list_flag(value: str | None, flag: str) -> list[str]:
+    """A list flag in either form: FastChat's JSON list or comma-separated.
+
+    Anything else (broken JSON, an object, stray brackets or quotes) is a
+    ValueError naming the flag: read as commas it would be a silent misconfiguration.
+    """
+    text = (value or "").strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError:
+            items = None
+        if isinstance(items, list) and all(isinstance(item, str) for item in items):
+            return [item.strip() for item in items if item.strip()]
+    elif not any(char in text for char in '[]{}"'):
+        return _split(text)
+    raise ValueError(f"{flag} must be a JSON list of strings ('[\"*\"]') or comma-separated (a,b), not {value!r}")
+
+
+def _address(value: str | None) -> str | None:
+    if value and value.startswith(("http://", "https://")):
+        return value.split("://", 1)[1].rstrip("/")
+    return value
+
+
+def check_flag_forms(args: argparse.Namespace) -> None:
+    """Normalise FastChat's flag forms in place; ValueError names a bad flag."""
+    for dest, flag in LIST_FLAGS.items():
+        if hasattr(args, dest):
+            list_flag(getattr(args, dest), flag)
+    for dest in ADDRESS_FLAGS:
+        if hasattr(args, dest):
+            setattr(args, dest, _address(getattr(args, dest)))
 
 
 def api_keys(args: argparse.Namespace) -> list[KeySpec]:
@@ -195,10 +241,12 @@ def cmd_bridge(args: argparse.Namespace) -> None:
     settings = BridgeSettings(
         gateway_address=args.gateway_address,
         allow_credentials=args.allow_credentials,
-        allowed_origins=_split(args.allowed_origins),
-        allowed_methods=_split(args.allowed_methods),
-        allowed_headers=_split(args.allowed_headers),
+        allowed_origins=list_flag(args.allowed_origins, "--allowed-origins"),
+        allowed_methods=list_flag(args.allowed_methods, "--allowed-methods"),
+        allowed_headers=list_flag(args.allowed_headers, "--allowed-headers"),
         max_body_bytes=args.max_body_bytes,
+        responses_store_size=args.responses_store_size,
+        responses_store_bytes=args.responses_store_bytes,
     )
     # IPPROTO_TCP explicitly: only then does the event loop set TCP_NODELAY on
     # accepted connections (without it, Nagle + delayed ACK cost ~40 ms per
@@ -331,10 +379,19 @@ def _gateway_flags(parser: argparse.ArgumentParser, *, with_address: bool = True
 
 def _bridge_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
-    parser.add_argument("--allowed-origins", default="*", help="CORS: comma-separated origins")
-    parser.add_argument("--allowed-methods", default="*", help="CORS: comma-separated methods")
-    parser.add_argument("--allowed-headers", default="*", help="CORS: comma-separated headers")
+    parser.add_argument("--allowed-origins", default="*", help="CORS: origins, comma-separated or a JSON list")
+    parser.add_argument("--allowed-methods", default="*", help="CORS: methods, comma-separated or a JSON list")
+    parser.add_argument("--allowed-headers", default="*", help="CORS: headers, comma-separated or a JSON list")
     parser.add_argument("--max-body-bytes", type=int, default=10 * 1024 * 1024, help="larger request bodies get 413")
+    parser.add_argument(
+        "--responses-store-size", type=int, default=1000, help="stored Responses API responses kept (LRU; 0 = none)"
+    )
+    parser.add_argument(
+        "--responses-store-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="bytes of stored responses and their conversations kept (LRU)",
+    )
 
 
 def _worker_flags(parser: argparse.ArgumentParser, with_engines: bool) -> None:
@@ -506,7 +563,12 @@ def _defaults_from_env(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(with_engines=bool(argv) and argv[0] == "worker").parse_args(argv)
+    parser = build_parser(with_engines=bool(argv) and argv[0] == "worker")
+    args = parser.parse_args(argv)
+    try:
+        check_flag_forms(args)
+    except ValueError as error:
+        parser.error(str(error))
     from gateway import cluster
     from gateway.grpc_server import configure_client_tls
     from gateway.observability import setup_logging

@@ -169,12 +169,34 @@ def not_owner(worker_id: str) -> ApiError:
     )
 
 
+def missing_api_key() -> ApiError:
+    # OpenAI's wording, and the same code as a wrong key: clients branch on it.
+    return ApiError(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "You didn't provide an API key. You need to provide your API key in an Authorization header "
+        "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+        code="invalid_api_key",
+        type="invalid_request_error",
+    )
+
+
 def model_not_found(model: str) -> ApiError:
     return ApiError(
         grpc.StatusCode.NOT_FOUND,
         f"The model `{model}` does not exist or you do not have access to it.",
         code="model_not_found",
         param="model",
+    )
+
+
+def response_not_found(response_id: str, param: str | None = None) -> ApiError:
+    """A stored response that is unknown, evicted, deleted, or another key's."""
+    what = "Previous response" if param == "previous_response_id" else "Response"
+    return ApiError(
+        grpc.StatusCode.NOT_FOUND,
+        f"{what} with id '{response_id}' not found.",
+        code="previous_response_not_found" if param else "response_not_found",
+        param=param,
     )
 
 

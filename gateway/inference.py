@@ -489,6 +489,39 @@ class Inference:
         )
         return api_pb2.CountTokensResponse(count=reply.count, context_length=info.context_length)
 
+    async def tokenize(self, request: api_pb2.TokenizeRequest, timeout: float | None) -> api_pb2.TokenizeResponse:
+        if not request.model:
+            raise errors.invalid_request("you must provide a model parameter", "model")
+        kind = request.WhichOneof("input")
+        if kind is None:
+            raise errors.invalid_request("Give one of 'prompt' and 'messages'.", "prompt")
+        info = self.pool.model_info(request.model)
+        chat = kind == "messages"
+        if chat and not request.messages.messages:
+            raise errors.invalid_request("'messages' must not be empty.", "messages")
+        add_special = request.add_special_tokens if request.HasField("add_special_tokens") else not chat
+        worker_request = worker_pb2.WorkerServiceTokenizeRequest(add_special_tokens=add_special)
+        if chat:
+            worker_request.messages.CopyFrom(request.messages)
+        else:
+            worker_request.prompt = request.prompt
+        reply = await self._unary(
+            request.model, lambda h: h.stub.Tokenize(worker_request, timeout=timeout, metadata=outgoing_metadata())
+        )
+        return api_pb2.TokenizeResponse(
+            tokens=reply.token_ids, count=len(reply.token_ids), max_model_len=info.context_length
+        )
+
+    async def detokenize(self, request: api_pb2.DetokenizeRequest, timeout: float | None) -> api_pb2.DetokenizeResponse:
+        if not request.model:
+            raise errors.invalid_request("you must provide a model parameter", "model")
+        self.pool.model_info(request.model)
+        worker_request = worker_pb2.WorkerServiceDetokenizeRequest(token_ids=request.tokens)
+        reply = await self._unary(
+            request.model, lambda h: h.stub.Detokenize(worker_request, timeout=timeout, metadata=outgoing_metadata())
+        )
+        return api_pb2.DetokenizeResponse(prompt=reply.text)
+
     async def check_tokens(
         self, request: api_pb2.CheckTokensRequest, timeout: float | None
     ) -> api_pb2.CheckTokensResponse:

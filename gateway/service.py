@@ -140,3 +140,13 @@ class InferenceServicer(api_pb2_grpc.InferenceServiceServicer):
         self, request: api_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.GetStatusResponse:
         return await cluster_status.pool_status(self.inference.pool)
+
+    async def Tokenize(
+        self, request: api_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.TokenizeResponse:
+        return await self.inference.tokenize(request, context.time_remaining())
+
+    async def Detokenize(
+        self, request: api_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.DetokenizeResponse:
+        return await self.inference.detokenize(request, context.time_remaining())

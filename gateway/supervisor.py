@@ -357,6 +357,8 @@ def serve(args: argparse.Namespace) -> None:
                 "--allowed-methods", args.allowed_methods,
                 "--allowed-headers", args.allowed_headers,
                 "--max-body-bytes", str(args.max_body_bytes),
+                "--responses-store-size", str(args.responses_store_size),
+                "--responses-store-bytes", str(args.responses_store_bytes),
                 *(["--allow-credentials"] if args.allow_credentials else []),
                 *common,
             ],

@@ -47,6 +47,9 @@ class BridgeSettings:
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     max_body_bytes: int = 10 * 1024 * 1024
+    # The Responses API's store of responses (see rest_bridge/responses.py).
+    responses_store_size: int = 1000
+    responses_store_bytes: int = 64 * 1024 * 1024
 
 
 def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -214,6 +217,8 @@ COMPLETION = GenerationApi(
 
 
 def create_app(settings: BridgeSettings | None = None) -> FastAPI:
+    from rest_bridge import responses  # it imports this module's helpers
+
     settings = settings or BridgeSettings()
 
     @contextlib.asynccontextmanager
@@ -362,4 +367,28 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
         return json_response(status.status(reply))
 
     page.add_page(app)
+
+    @app.post(
+        "/tokenize", tags=["tokens"], openapi_extra=openapi.body(openapi.TOKENIZE), responses=openapi.ERROR_RESPONSES
+    )
+    async def tokenize(request: Request) -> Response:
+        """vLLM's tokenize: the ids of a prompt, or of messages in the model's chat template."""
+        body = await read_json(request, settings.max_body_bytes)
+        reply = await stub(request).Tokenize(convert.tokenize_request(body), metadata=_metadata(request))
+        return json_response(render.tokenize(reply))
+
+    @app.post(
+        "/detokenize",
+        tags=["tokens"],
+        openapi_extra=openapi.body(openapi.DETOKENIZE),
+        responses=openapi.ERROR_RESPONSES,
+    )
+    async def detokenize(request: Request) -> Response:
+        body = await read_json(request, settings.max_body_bytes)
+        reply = await stub(request).Detokenize(convert.detokenize_request(body), metadata=_metadata(request))
+        return json_response(render.detokenize(reply))
+
+    store = responses.ResponseStore(settings.responses_store_size, settings.responses_store_bytes)
+    app.state.responses = store
+    responses.add_routes(app, store, settings.max_body_bytes, stub)
     return app

@@ -265,6 +265,30 @@ def token_check_request(body: dict[str, Any]) -> api_pb2.CheckTokensRequest:
     return parse(body, api_pb2.CheckTokensRequest())
 
 
+def tokenize_request(body: dict[str, Any]) -> api_pb2.TokenizeRequest:
+    """vLLM's /tokenize body: ``{model, prompt}`` or ``{model, messages}``."""
+    body = dict(body)
+    if "prompt" in body and "messages" in body:
+        raise errors.invalid_request("Give one of 'prompt' and 'messages', not both.", "prompt")
+    if "prompt" in body and not isinstance(body["prompt"], str):
+        raise errors.invalid_request("'prompt' must be a string.", "prompt")
+    if "messages" in body:
+        messages = body.pop("messages")
+        if not isinstance(messages, list):
+            raise errors.invalid_request("'messages' must be a list of messages.", "messages")
+        body["messages"] = {"messages": [_message(m, i) for i, m in enumerate(messages)]}
+    return parse(body, api_pb2.TokenizeRequest())
+
+
+def detokenize_request(body: dict[str, Any]) -> api_pb2.DetokenizeRequest:
+    tokens = body.get("tokens")
+    if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)):
+        raise errors.invalid_request("'tokens' must be a list of token ids.", "tokens")
+    if any(not -(2**31) <= t < 2**31 for t in tokens):
+        raise errors.invalid_request("'tokens' holds an id outside the vocabulary.", "tokens")
+    return parse(body, api_pb2.DetokenizeRequest())
+
+
 def stream_options(body: dict[str, Any]) -> api_pb2.StreamOptions:
     options = body.get("stream_options")
     if options is None:

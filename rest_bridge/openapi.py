@@ -135,6 +135,72 @@ TOKEN_CHECK = {
         }
     },
 }
+TOKENIZE = {
+    "type": "object",
+    "required": ["model"],
+    "properties": {
+        "model": _MODEL,
+        "prompt": {"type": "string"},
+        "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
+        "add_special_tokens": {"type": "boolean"},
+    },
+}
+DETOKENIZE = {
+    "type": "object",
+    "required": ["model", "tokens"],
+    "properties": {"model": _MODEL, "tokens": _TOKENS},
+}
+RESPONSE = {
+    "type": "object",
+    "properties": {
+        "model": _MODEL,
+        "input": {
+            "anyOf": [
+                {"type": "string"},
+                {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "type": {"type": "string", "enum": ["message", "function_call", "function_call_output"]},
+                            "role": {"type": "string", "enum": ["user", "assistant", "system", "developer"]},
+                            "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+                            "call_id": {"type": "string"},
+                            "name": {"type": "string"},
+                            "arguments": {"type": "string"},
+                            "output": {"type": "string"},
+                        },
+                    },
+                },
+            ]
+        },
+        "instructions": {"type": ["string", "null"]},
+        "previous_response_id": {"type": ["string", "null"]},
+        "max_output_tokens": {"type": ["integer", "null"], "minimum": 1},
+        "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+        "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+        "tools": {"type": "array", "items": {"type": "object"}},
+        "tool_choice": {"anyOf": [{"type": "string", "enum": ["none", "auto", "required"]}, {"type": "object"}]},
+        "parallel_tool_calls": {"type": ["boolean", "null"]},
+        "text": {"type": "object", "properties": {"format": {"type": "object"}}},
+        "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string", "maxLength": 512}},
+        "store": {"type": ["boolean", "null"]},
+        "stream": {"type": ["boolean", "null"]},
+        "user": {"type": "string"},
+    },
+}
+INPUT_ITEMS_QUERY = {
+    "parameters": [
+        {"name": "order", "in": "query", "required": False, "schema": {"type": "string", "enum": ["asc", "desc"]}},
+        {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+        },
+        {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
+    ]
+}
 ERROR = {
     "type": "object",
     "required": ["error"],

@@ -173,3 +173,12 @@ def token_check(r: api_pb2.CheckTokensResponse) -> dict[str, Any]:
     return {
         "prompts": [{"fits": p.fits, "tokenCount": p.token_count, "contextLength": p.context_length} for p in r.prompts]
     }
+
+
+def tokenize(r: api_pb2.TokenizeResponse) -> dict[str, Any]:
+    # vLLM's shape.
+    return {"tokens": list(r.tokens), "count": r.count, "max_model_len": r.max_model_len}
+
+
+def detokenize(r: api_pb2.DetokenizeResponse) -> dict[str, Any]:
+    return {"prompt": r.prompt}

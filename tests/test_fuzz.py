@@ -57,6 +57,10 @@ def test_no_server_errors_and_errors_are_enveloped(fuzz_system: EchoSystem, mode
             # No invalid value exists for some inputs (e.g. an unconstrained path string).
             unsatisfiable.append(f"{operation.method.upper()} {operation.path}")
     assert all(not name.startswith("POST") for name in unsatisfiable), unsatisfiable
+    # The Responses API and vLLM's tokenize endpoints are in the document, so they are fuzzed too.
+    assert {"POST /v1/responses", "POST /tokenize", "POST /detokenize"} <= set(seen), sorted(seen)
+    if mode == schemathesis.GenerationMode.POSITIVE:
+        assert {"GET /v1/responses/{response_id}", "DELETE /v1/responses/{response_id}"} <= set(seen), sorted(seen)
     # Positive data reached past validation somewhere (not only 4xx everywhere).
     if mode == schemathesis.GenerationMode.POSITIVE:
         assert any(code < 300 for codes in seen.values() for code in codes), seen

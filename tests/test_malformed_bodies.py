@@ -71,6 +71,33 @@ BODIES: dict[str, dict[str, Any]] = {
     },
     "/v1/embeddings": {"model": EMBED_MODEL, "input": ["a", "b"], "encoding_format": "float", "dimensions": 8},
     "/api/v1/token_check": {"prompts": [{"model": CHAT_MODEL, "prompt": "Hello there", "max_tokens": 4}]},
+    "/v1/responses": {
+        "model": CHAT_MODEL,
+        "instructions": "Be brief.",
+        "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "Sunny."},
+            {"type": "message", "role": "assistant", "content": "It is sunny."},
+        ],
+        "tools": [{"type": "function", **TOOL["function"]}],
+        "tool_choice": {"type": "function", "name": "get_weather"},
+        "text": {"format": {"type": "json_schema", "name": "w", "schema": {"type": "object"}}},
+        "max_output_tokens": 4,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "metadata": {"k": "v"},
+        "parallel_tool_calls": True,
+        "store": False,
+        "stream": False,
+        "user": "u",
+    },
+    "/tokenize": {
+        "model": CHAT_MODEL,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+        "add_special_tokens": True,
+    },
+    "/detokenize": {"model": CHAT_MODEL, "tokens": [1, 2, 3]},
 }
 WRONG = st.one_of(
     st.none(),

@@ -25,6 +25,8 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import grpc
+
 from gateway import errors
 from tokenwire.v1 import common_pb2, worker_pb2
 
@@ -148,8 +150,30 @@ class Engine(abc.ABC):
         return None
 
     @abc.abstractmethod
-    async def tokenize(self, prompt: str | None, messages: Sequence[common_pb2.ChatMessage]) -> list[int]:
-        """Token ids of a prompt, or of messages rendered with the chat template."""
+    async def tokenize(
+        self,
+        prompt: str | None,
+        messages: Sequence[common_pb2.ChatMessage],
+        add_special_tokens: bool | None = None,
+    ) -> list[int]:
+        """Token ids of a prompt, or of messages rendered with the chat template.
+
+        ``add_special_tokens`` None is what generation sees (the engine's own
+        choice); True or False is what a /tokenize caller asked for.
+        """
+
+    async def detokenize(self, token_ids: Sequence[int]) -> str:
+        """The text of token ids (special tokens written out); 400 outside the vocabulary."""
+        raise errors.ApiError(grpc.StatusCode.UNIMPLEMENTED, f"The model `{self.info.name}` cannot detokenize.")
+
+
+def check_token_ids(token_ids: Sequence[int], vocab_size: int, param: str = "tokens") -> None:
+    """Refuse ids outside ``0..vocab_size-1`` with a 400 naming the first one."""
+    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise errors.invalid_request(
+            f"Token id {bad} is outside this model's vocabulary (0-{vocab_size - 1}).", param=param
+        )
 
 
 # -- Running blocking engines off the event loop ----------------------------

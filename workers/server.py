@@ -229,6 +229,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         ids = await self.engine.tokenize(request.prompt if not request.messages else None, request.messages)
         return worker_pb2.WorkerServiceCountTokensResponse(count=len(ids), token_ids=ids)
 
+    async def Tokenize(
+        self, request: worker_pb2.WorkerServiceTokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.WorkerServiceTokenizeResponse:
+        chat = request.WhichOneof("input") == "messages"
+        ids = await self.engine.tokenize(
+            None if chat else request.prompt, request.messages.messages, request.add_special_tokens
+        )
+        return worker_pb2.WorkerServiceTokenizeResponse(token_ids=ids)
+
+    async def Detokenize(
+        self, request: worker_pb2.WorkerServiceDetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.WorkerServiceDetokenizeResponse:
+        return worker_pb2.WorkerServiceDetokenizeResponse(text=await self.engine.detokenize(request.token_ids))
+
     async def GetModelInfo(
         self, request: worker_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.GetModelInfoResponse:

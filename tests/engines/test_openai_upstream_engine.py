@@ -169,6 +169,12 @@ async def test_tokenize(engine: OpenAIUpstreamEngine) -> None:
     assert info.value.status == grpc.StatusCode.UNIMPLEMENTED
 
 
+async def test_detokenize_round_trip(engine: OpenAIUpstreamEngine) -> None:
+    """POST /extras/detokenize on llama-cpp-python's server gives the text back."""
+    ids = await engine.tokenize("hello world", [], add_special_tokens=False)
+    assert (await engine.detokenize(ids)).strip() == "hello world"
+
+
 async def test_rejected_key_is_unavailable(upstream: str) -> None:
     eng = OpenAIUpstreamEngine("smol", url=upstream, api_key="wrong", context_length=2048)
     await eng.start()
@@ -264,6 +270,8 @@ def vllm_like(generate: Callable[[httpx.Request], httpx.Response], seen: list[di
         if path == "/tokenize":
             n = 7 if "messages" in body else len(body["prompt"].split())
             return httpx.Response(200, json={"count": n, "tokens": list(range(n)), "max_model_len": 4096})
+        if path == "/detokenize":
+            return httpx.Response(200, json={"prompt": " ".join(f"w{t}" for t in body["tokens"])})
         seen.append(body)
         return generate(request)
 
@@ -317,6 +325,7 @@ async def test_vllm_discovery_body_tool_calls_and_usage() -> None:
         prepared = await eng.prepare(request)
         assert prepared.prompt_tokens == 7 and prepared.state is True  # vLLM rendered the template
         assert await eng.tokenize(None, request.messages) == list(range(7))
+        assert await eng.detokenize([3, 4]) == "w3 w4"  # vLLM's /detokenize answers {"prompt"}
         deltas = await run(eng, request)
     finally:
         await eng.close()

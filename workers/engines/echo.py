@@ -18,11 +18,13 @@ from collections.abc import AsyncIterator, Sequence
 
 from gateway import errors
 from tokenwire.v1 import common_pb2, worker_pb2
-from workers.engine import Delta, Engine, Generation, Prepared, iterate_in_task, message_text
+from workers.engine import Delta, Engine, Generation, Prepared, check_token_ids, iterate_in_task, message_text
+
+VOCAB_SIZE = 32000
 
 
 def token_id(word: str) -> int:
-    return zlib.crc32(word.encode()) % 32000
+    return zlib.crc32(word.encode()) % VOCAB_SIZE
 
 
 class EchoEngine(Engine):
@@ -135,8 +137,15 @@ class EchoEngine(Engine):
             vectors.append([v / norm for v in raw])
         return vectors, tokens
 
-    async def tokenize(self, prompt: str | None, messages: Sequence[common_pb2.ChatMessage]) -> list[int]:
+    async def tokenize(
+        self, prompt: str | None, messages: Sequence[common_pb2.ChatMessage], add_special_tokens: bool | None = None
+    ) -> list[int]:
         return [token_id(w) for w in self._words(prompt, messages)]
+
+    async def detokenize(self, token_ids: Sequence[int]) -> str:
+        # Word ids are hashes: an id reads back as its number, as prompt token ids do here.
+        check_token_ids(token_ids, VOCAB_SIZE)
+        return " ".join(str(i) for i in token_ids)
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:

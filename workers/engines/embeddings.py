@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import errors
 from tokenwire.v1 import common_pb2, worker_pb2
-from workers.engine import Delta, Engine, Generation, Prepared, message_text, run_blocking
+from workers.engine import Delta, Engine, Generation, Prepared, check_token_ids, message_text, run_blocking
 
 if TYPE_CHECKING:
     import torch
@@ -274,9 +274,19 @@ class EmbeddingsEngine(Engine):
 
     # -- Tokens -------------------------------------------------------------
 
-    async def tokenize(self, prompt: str | None, messages: Sequence[common_pb2.ChatMessage]) -> list[int]:
+    async def tokenize(
+        self, prompt: str | None, messages: Sequence[common_pb2.ChatMessage], add_special_tokens: bool | None = None
+    ) -> list[int]:
         text = prompt if prompt is not None else "\n".join(message_text(m) for m in messages)
-        return await run_blocking(lambda: list(self.tokenizer(text, verbose=False)["input_ids"]))
+        special = True if add_special_tokens is None else add_special_tokens
+        return await run_blocking(
+            lambda: list(self.tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"])
+        )
+
+    async def detokenize(self, token_ids: Sequence[int]) -> str:
+        check_token_ids(token_ids, len(self.tokenizer))
+        text: str = await run_blocking(lambda: self.tokenizer.decode(list(token_ids)))
+        return text
 
     # -- No generation ------------------------------------------------------
 

@@ -55,7 +55,16 @@ from google.protobuf.json_format import MessageToDict
 
 from gateway import errors
 from tokenwire.v1 import common_pb2, worker_pb2
-from workers.engine import BatchStats, Delta, Engine, Generation, Prepared, compute_thread, run_blocking
+from workers.engine import (
+    BatchStats,
+    Delta,
+    Engine,
+    Generation,
+    Prepared,
+    check_token_ids,
+    compute_thread,
+    run_blocking,
+)
 from workers.engines import grammars
 from workers.engines.llama_batch import CHUNK, Handler, Scheduler, Seq, stream
 
@@ -486,10 +495,21 @@ class LlamaCppEngine(Engine):
     async def prepare(self, request: worker_pb2.GenerateRequest) -> Prepared:
         return await run_blocking(self._prepare, request)
 
-    async def tokenize(self, prompt: str | None, messages: Sequence[common_pb2.ChatMessage]) -> list[int]:
-        if messages:
-            return await run_blocking(self._tokenize_chat, messages)
-        return await run_blocking(self._tokenize_text, prompt or "")
+    async def tokenize(
+        self, prompt: str | None, messages: Sequence[common_pb2.ChatMessage], add_special_tokens: bool | None = None
+    ) -> list[int]:
+        def run() -> list[int]:
+            chat = bool(messages)
+            text = self.render(messages) if chat else prompt or ""
+            add_bos = not chat if add_special_tokens is None else add_special_tokens
+            return list(self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+
+        return await run_blocking(run)
+
+    async def detokenize(self, token_ids: Sequence[int]) -> str:
+        check_token_ids(token_ids, self._n_vocab)
+        text = await run_blocking(self._detokenize, token_ids, True)
+        return text.decode("utf-8", errors="replace")
 
     async def generate(
         self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int, generation: Generation

@@ -372,7 +372,11 @@ class OpenAIUpstreamEngine(Engine):
         return None
 
     async def _tokenize_with(
-        self, name: str, text: str | None, messages: Sequence[common_pb2.ChatMessage] | None
+        self,
+        name: str,
+        text: str | None,
+        messages: Sequence[common_pb2.ChatMessage] | None,
+        add_special_tokens: bool | None = None,
     ) -> list[int]:
         if name == "vllm":
             body: dict[str, Any] = {"model": self.upstream_model}
@@ -380,9 +384,12 @@ class OpenAIUpstreamEngine(Engine):
                 body.update(messages=[message_to_json(m) for m in messages], add_generation_prompt=True)
             else:
                 body["prompt"] = text
+            if add_special_tokens is not None:
+                body["add_special_tokens"] = add_special_tokens
             url = f"{self.root}/tokenize"
         elif name == "llama.cpp":
-            url, body = f"{self.root}/tokenize", {"content": text, "add_special": True}
+            special = True if add_special_tokens is None else add_special_tokens
+            url, body = f"{self.root}/tokenize", {"content": text, "add_special": special}
         else:
             url, body = f"{self.root}/extras/tokenize", {"model": self.upstream_model, "input": text}
         response = await self.client.post(url, json=body)
@@ -423,7 +430,9 @@ class OpenAIUpstreamEngine(Engine):
         count, exact = await self._count(request.prompt.text, None)
         return Prepared(prompt_tokens=count, param="prompt", state=exact)
 
-    async def tokenize(self, prompt: str | None, messages: Sequence[common_pb2.ChatMessage]) -> list[int]:
+    async def tokenize(
+        self, prompt: str | None, messages: Sequence[common_pb2.ChatMessage], add_special_tokens: bool | None = None
+    ) -> list[int]:
         if not self._discovered:
             await self._discover()
             if not self._discovered:
@@ -436,9 +445,37 @@ class OpenAIUpstreamEngine(Engine):
                 grpc.StatusCode.UNIMPLEMENTED, f"The upstream of `{self.info.name}` cannot tokenize {what}."
             )
         try:
-            return await self._tokenize_with(self.tokenizer, prompt, messages if use_messages else None)
+            return await self._tokenize_with(
+                self.tokenizer, prompt, messages if use_messages else None, add_special_tokens
+            )
         except httpx.HTTPError as exc:
             raise _transport_error(exc) from exc
+
+    async def detokenize(self, token_ids: Sequence[int]) -> str:
+        if not self._discovered:
+            await self._discover()
+        # Each upstream's own endpoint and the key its text comes back under.
+        endpoints = {
+            "vllm": (f"{self.root}/detokenize", {"model": self.upstream_model, "tokens": list(token_ids)}, "prompt"),
+            "llama.cpp": (f"{self.root}/detokenize", {"tokens": list(token_ids)}, "content"),
+            "llama-cpp-python": (
+                f"{self.root}/extras/detokenize",
+                {"model": self.upstream_model, "tokens": list(token_ids)},
+                "text",
+            ),
+        }
+        if self.tokenizer not in endpoints:
+            raise errors.ApiError(
+                grpc.StatusCode.UNIMPLEMENTED, f"The upstream of `{self.info.name}` cannot detokenize."
+            )
+        url, body, key = endpoints[self.tokenizer]
+        try:
+            response = await self.client.post(url, json=body)
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc) from exc
+        if not response.is_success:
+            raise upstream_error(response.status_code, _json_or_text(response), self.info.name, response.headers)
+        return str(response.json()[key])
 
     # -- Generation -----------------------------------------------------------
 

@@ -89,6 +89,16 @@ class InferenceServiceStub:
                 request_serializer=tokenwire_dot_v1_dot_api__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=tokenwire_dot_v1_dot_api__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/tokenwire.v1.InferenceService/Tokenize',
+                request_serializer=tokenwire_dot_v1_dot_api__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_api__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/tokenwire.v1.InferenceService/Detokenize',
+                request_serializer=tokenwire_dot_v1_dot_api__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_api__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -175,6 +185,21 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """POST /tokenize (vLLM's shape): the token ids of a prompt, or of chat
+        messages rendered with the model's chat template.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """POST /detokenize (vLLM's shape): the text of token ids.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -227,6 +252,16 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=tokenwire_dot_v1_dot_api__pb2.GetStatusRequest.FromString,
                     response_serializer=tokenwire_dot_v1_dot_api__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=tokenwire_dot_v1_dot_api__pb2.TokenizeRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_api__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=tokenwire_dot_v1_dot_api__pb2.DetokenizeRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_api__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -504,6 +539,60 @@ class InferenceService:
             '/tokenwire.v1.InferenceService/GetStatus',
             tokenwire_dot_v1_dot_api__pb2.GetStatusRequest.SerializeToString,
             tokenwire_dot_v1_dot_api__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.InferenceService/Tokenize',
+            tokenwire_dot_v1_dot_api__pb2.TokenizeRequest.SerializeToString,
+            tokenwire_dot_v1_dot_api__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.InferenceService/Detokenize',
+            tokenwire_dot_v1_dot_api__pb2.DetokenizeRequest.SerializeToString,
+            tokenwire_dot_v1_dot_api__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,12 @@ class InferenceServiceStub:
     as a user may see them. Worker addresses and ids are cluster-internal and
     never appear here (operators see them with `tokenwire status`).
     """
+    Tokenize: _grpc.UnaryUnaryMultiCallable[_api_pb2.TokenizeRequest, _api_pb2.TokenizeResponse]
+    """POST /tokenize (vLLM's shape): the token ids of a prompt, or of chat
+    messages rendered with the model's chat template.
+    """
+    Detokenize: _grpc.UnaryUnaryMultiCallable[_api_pb2.DetokenizeRequest, _api_pb2.DetokenizeResponse]
+    """POST /detokenize (vLLM's shape): the text of token ids."""
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -107,6 +113,12 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     as a user may see them. Worker addresses and ids are cluster-internal and
     never appear here (operators see them with `tokenwire status`).
     """
+    Tokenize: _aio.UnaryUnaryMultiCallable[_api_pb2.TokenizeRequest, _api_pb2.TokenizeResponse]  # type: ignore[assignment]
+    """POST /tokenize (vLLM's shape): the token ids of a prompt, or of chat
+    messages rendered with the model's chat template.
+    """
+    Detokenize: _aio.UnaryUnaryMultiCallable[_api_pb2.DetokenizeRequest, _api_pb2.DetokenizeResponse]  # type: ignore[assignment]
+    """POST /detokenize (vLLM's shape): the text of token ids."""
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """The public API: what FastChat's openai_api_server offered, over gRPC.
@@ -204,5 +216,23 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         as a user may see them. Worker addresses and ids are cluster-internal and
         never appear here (operators see them with `tokenwire status`).
         """
+
+    @_abc_1.abstractmethod
+    def Tokenize(
+        self,
+        request: _api_pb2.TokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_api_pb2.TokenizeResponse, _abc.Awaitable[_api_pb2.TokenizeResponse]]:
+        """POST /tokenize (vLLM's shape): the token ids of a prompt, or of chat
+        messages rendered with the model's chat template.
+        """
+
+    @_abc_1.abstractmethod
+    def Detokenize(
+        self,
+        request: _api_pb2.DetokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_api_pb2.DetokenizeResponse, _abc.Awaitable[_api_pb2.DetokenizeResponse]]:
+        """POST /detokenize (vLLM's shape): the text of token ids."""
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

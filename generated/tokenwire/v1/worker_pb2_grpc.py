@@ -57,6 +57,16 @@ class WorkerServiceStub:
                 request_serializer=tokenwire_dot_v1_dot_worker__pb2.WorkerServiceCountTokensRequest.SerializeToString,
                 response_deserializer=tokenwire_dot_v1_dot_worker__pb2.WorkerServiceCountTokensResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/tokenwire.v1.WorkerService/Tokenize',
+                request_serializer=tokenwire_dot_v1_dot_worker__pb2.WorkerServiceTokenizeRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_worker__pb2.WorkerServiceTokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/tokenwire.v1.WorkerService/Detokenize',
+                request_serializer=tokenwire_dot_v1_dot_worker__pb2.WorkerServiceDetokenizeRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_worker__pb2.WorkerServiceDetokenizeResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/tokenwire.v1.WorkerService/GetModelInfo',
                 request_serializer=tokenwire_dot_v1_dot_worker__pb2.GetModelInfoRequest.SerializeToString,
@@ -109,6 +119,20 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Token ids of a prompt or of rendered messages, special tokens as asked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """The text of token ids; ids outside the vocabulary are INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -144,6 +168,16 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.CountTokens,
                     request_deserializer=tokenwire_dot_v1_dot_worker__pb2.WorkerServiceCountTokensRequest.FromString,
                     response_serializer=tokenwire_dot_v1_dot_worker__pb2.WorkerServiceCountTokensResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=tokenwire_dot_v1_dot_worker__pb2.WorkerServiceTokenizeRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_worker__pb2.WorkerServiceTokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=tokenwire_dot_v1_dot_worker__pb2.WorkerServiceDetokenizeRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_worker__pb2.WorkerServiceDetokenizeResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -267,6 +301,60 @@ class WorkerService:
             '/tokenwire.v1.WorkerService/CountTokens',
             tokenwire_dot_v1_dot_worker__pb2.WorkerServiceCountTokensRequest.SerializeToString,
             tokenwire_dot_v1_dot_worker__pb2.WorkerServiceCountTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.WorkerService/Tokenize',
+            tokenwire_dot_v1_dot_worker__pb2.WorkerServiceTokenizeRequest.SerializeToString,
+            tokenwire_dot_v1_dot_worker__pb2.WorkerServiceTokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.WorkerService/Detokenize',
+            tokenwire_dot_v1_dot_worker__pb2.WorkerServiceDetokenizeRequest.SerializeToString,
+            tokenwire_dot_v1_dot_worker__pb2.WorkerServiceDetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,10 @@ class WorkerServiceStub:
     """
     Embed: _grpc.UnaryUnaryMultiCallable[_worker_pb2.EmbedRequest, _worker_pb2.EmbedResponse]
     CountTokens: _grpc.UnaryUnaryMultiCallable[_worker_pb2.WorkerServiceCountTokensRequest, _worker_pb2.WorkerServiceCountTokensResponse]
+    Tokenize: _grpc.UnaryUnaryMultiCallable[_worker_pb2.WorkerServiceTokenizeRequest, _worker_pb2.WorkerServiceTokenizeResponse]
+    """Token ids of a prompt or of rendered messages, special tokens as asked."""
+    Detokenize: _grpc.UnaryUnaryMultiCallable[_worker_pb2.WorkerServiceDetokenizeRequest, _worker_pb2.WorkerServiceDetokenizeResponse]
+    """The text of token ids; ids outside the vocabulary are INVALID_ARGUMENT."""
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_worker_pb2.GetModelInfoRequest, _worker_pb2.GetModelInfoResponse]
     GetStats: _grpc.UnaryUnaryMultiCallable[_worker_pb2.GetStatsRequest, _worker_pb2.GetStatsResponse]
     """Load and lifetime counters, for operators and tests."""
@@ -80,6 +84,10 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     """
     Embed: _aio.UnaryUnaryMultiCallable[_worker_pb2.EmbedRequest, _worker_pb2.EmbedResponse]  # type: ignore[assignment]
     CountTokens: _aio.UnaryUnaryMultiCallable[_worker_pb2.WorkerServiceCountTokensRequest, _worker_pb2.WorkerServiceCountTokensResponse]  # type: ignore[assignment]
+    Tokenize: _aio.UnaryUnaryMultiCallable[_worker_pb2.WorkerServiceTokenizeRequest, _worker_pb2.WorkerServiceTokenizeResponse]  # type: ignore[assignment]
+    """Token ids of a prompt or of rendered messages, special tokens as asked."""
+    Detokenize: _aio.UnaryUnaryMultiCallable[_worker_pb2.WorkerServiceDetokenizeRequest, _worker_pb2.WorkerServiceDetokenizeResponse]  # type: ignore[assignment]
+    """The text of token ids; ids outside the vocabulary are INVALID_ARGUMENT."""
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_worker_pb2.GetModelInfoRequest, _worker_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     GetStats: _aio.UnaryUnaryMultiCallable[_worker_pb2.GetStatsRequest, _worker_pb2.GetStatsResponse]  # type: ignore[assignment]
     """Load and lifetime counters, for operators and tests."""
@@ -129,6 +137,22 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _worker_pb2.WorkerServiceCountTokensRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_worker_pb2.WorkerServiceCountTokensResponse, _abc.Awaitable[_worker_pb2.WorkerServiceCountTokensResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Tokenize(
+        self,
+        request: _worker_pb2.WorkerServiceTokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_pb2.WorkerServiceTokenizeResponse, _abc.Awaitable[_worker_pb2.WorkerServiceTokenizeResponse]]:
+        """Token ids of a prompt or of rendered messages, special tokens as asked."""
+
+    @_abc_1.abstractmethod
+    def Detokenize(
+        self,
+        request: _worker_pb2.WorkerServiceDetokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_pb2.WorkerServiceDetokenizeResponse, _abc.Awaitable[_worker_pb2.WorkerServiceDetokenizeResponse]]:
+        """The text of token ids; ids outside the vocabulary are INVALID_ARGUMENT."""
 
     @_abc_1.abstractmethod
     def GetModelInfo(
