@@ -56,7 +56,7 @@ def stack() -> Iterator[Stack]:
     worker = harness.worker(
         gateway.address,
         "--engine", "llama_cpp", "--n-ctx", "2048", "--parallel", str(PARALLEL), "--max-queue", str(MAX_QUEUE),
-        "--metrics-port", str(port),
+        "--prefix-cache", "4", "--metrics-port", str(port),
     )  # fmt: skip
     bridge = harness.bridge(gateway.address)
     url = f"http://{bridge.address}"

@@ -129,6 +129,7 @@ class Scheduler:
         self._pool = pool
         self._capacity = parallel + self.prefill_budget
         self._batch = C.llama_batch_init(self._capacity, 0, 1)
+        self._cache_slots = cache_slots
         self._free_ids = list(range(parallel + cache_slots))
         self._lock = threading.Lock()
         self._inbox: list[Seq] = []
@@ -393,7 +394,7 @@ class Scheduler:
         if seq.seq_id < 0:
             return
         tokens = seq.tokens[: seq.n_past]
-        if keep and tokens:
+        if keep and tokens and self._cache_slots:
             # A cached prefix that this one extends is redundant.
             for sid, toks in list(self._cache.items()):
                 if _common_prefix(toks, tokens) == len(toks):

@@ -227,6 +227,7 @@ class LlamaCppEngine(Engine):
         n_threads_batch: int | None = None,
         parallel: int = DEFAULT_PARALLEL,
         prefill_budget: int = DEFAULT_PREFILL_BUDGET,
+        prefix_cache: int = 0,
     ) -> None:
         if parallel < 1:
             raise ValueError("parallel must be at least 1")
@@ -236,6 +237,8 @@ class LlamaCppEngine(Engine):
         self.n_threads_batch = n_threads_batch or default_threads()
         self.parallel = parallel
         self.prefill_budget = prefill_budget
+        # Finished sequences kept for prefix reuse (0: none, see add_arguments).
+        self.prefix_cache = prefix_cache
         self.info = common_pb2.ModelInfo(
             name=model_name or model_name_for(model_path), kind=common_pb2.MODEL_KIND_CHAT, engine="llama_cpp"
         )
@@ -277,8 +280,8 @@ class LlamaCppEngine(Engine):
         params = C.llama_context_default_params()
         params.n_ctx = n_ctx or model.n_ctx_train()
         params.n_batch = params.n_ubatch = n_batch
-        # Running sequences plus as many cached prefixes.
-        params.n_seq_max = min(2 * self.parallel, C.llama_max_parallel_sequences())
+        # Running sequences plus the cached prefixes.
+        params.n_seq_max = min(self.parallel + self.prefix_cache, C.llama_max_parallel_sequences())
         # One pool of cells for all sequences: a request alone can use the whole context.
         params.kv_unified = True
         params.n_threads = self.n_threads
@@ -745,6 +748,14 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
         "also the default of --limit-worker-concurrency).",
     )
     group.add_argument(
+        "--prefix-cache",
+        type=int,
+        default=0,
+        help="Finished sequences whose KV is kept for prefix reuse by later requests (default 0: off). "
+        "On: multi-turn chats skip their earlier turns, but a seeded request alone no longer always "
+        "repeats its text (where its cells land in the shared KV cache changes llama.cpp's sums).",
+    )
+    group.add_argument(
         "--prefill-budget",
         type=int,
         default=DEFAULT_PREFILL_BUDGET,
@@ -763,6 +774,7 @@ def build(args: argparse.Namespace) -> Engine:
         n_threads_batch=getattr(args, "n_threads_batch", None),
         parallel=getattr(args, "parallel", None) or DEFAULT_PARALLEL,
         prefill_budget=getattr(args, "prefill_budget", None) or DEFAULT_PREFILL_BUDGET,
+        prefix_cache=getattr(args, "prefix_cache", None) or 0,
     )
 
 
