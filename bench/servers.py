@@ -181,7 +181,7 @@ class Group:
 
 
 def tokenwire(name: str, *argv: str, env: dict[str, str] | None = None) -> Server:
-    return Server(name, [str(PROJECT_PYTHON), "-m", "gateway.cli", *argv], env=env or {})
+    return Server(name, [str(PROJECT_PYTHON), "-m", "tokenwire_cli", *argv], env=env or {})
 
 
 # -- FastChat (bench venv) -------------------------------------------------------------

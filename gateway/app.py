@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterable
 
 import grpc
 
+from common.grpc_server import GrpcServer
+from common.observability import serve_metrics
 from gateway.auth import ApiKeys, AuthInterceptor, KeyLimits, KeySpec
-from gateway.grpc_server import GrpcServer
 from gateway.inference import Inference
-from gateway.observability import serve_metrics
 from gateway.pool import WorkerPool, local_source, remote_source
 from gateway.registry import Registry, RegistryServicer
 from gateway.service import InferenceServicer

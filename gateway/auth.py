@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from gateway import errors
-from gateway import observability as obs
-from gateway.grpc_server import abort_with
+from common import errors
+from common.grpc_server import abort_with
+from gateway import metrics
 
 PROTECTED_PREFIX = "/tokenwire.v1.InferenceService/"
 WINDOW = 60.0
@@ -158,7 +158,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _deny(handler: grpc.RpcMethodHandler, error: errors.ApiError) -> grpc.RpcMethodHandler:
-    obs.ERRORS.labels("-", error.code or error.type).inc()
+    metrics.ERRORS.labels("-", error.code or error.type).inc()
 
     async def deny_unary(request: object, context: grpc.aio.ServicerContext) -> None:
         await abort_with(context, error)

@@ -17,9 +17,9 @@ from typing import TypeVar
 import grpc
 import shortuuid
 
-from gateway import errors
-from gateway.grpc_server import outgoing_metadata
-from gateway.observability import current_watch
+from common import errors
+from common.grpc_server import outgoing_metadata
+from gateway.metrics import current_watch
 from gateway.pool import WorkerHandle, WorkerPool
 from gateway.validation import Limits, check_chat, check_completion, check_embedding
 from tokenwire.v1 import api_pb2, common_pb2, worker_pb2

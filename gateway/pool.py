@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from gateway import cluster, errors
-from gateway import observability as obs
-from gateway.grpc_server import open_channel
+from common import cluster, errors
+from common.grpc_server import open_channel
+from gateway import metrics
 from tokenwire.v1 import common_pb2, registry_pb2, registry_pb2_grpc, worker_pb2_grpc
 
 log = logging.getLogger("tokenwire.gateway")
@@ -106,20 +106,20 @@ class WorkerPool:
 
     def _export(self, live: dict[str, registry_pb2.WorkerStatus]) -> None:
         """Gauges of the live set, as the heartbeats report it."""
-        obs.WORKER_IN_FLIGHT.clear()
-        obs.WORKER_QUEUE.clear()
+        metrics.WORKER_IN_FLIGHT.clear()
+        metrics.WORKER_QUEUE.clear()
         for status in live.values():
-            obs.WORKER_IN_FLIGHT.labels(status.model.name, status.address).set(status.in_flight)
-            obs.WORKER_QUEUE.labels(status.model.name, status.address).set(status.queue_length)
+            metrics.WORKER_IN_FLIGHT.labels(status.model.name, status.address).set(status.in_flight)
+            metrics.WORKER_QUEUE.labels(status.model.name, status.address).set(status.queue_length)
         for model in self._known_models:
-            obs.LIVE_WORKERS.labels(model).set(sum(1 for s in live.values() if s.model.name == model))
+            metrics.LIVE_WORKERS.labels(model).set(sum(1 for s in live.values() if s.model.name == model))
 
     def remove(self, worker_id: str) -> None:
         """Drop a worker we found dead; the registry will drop it too."""
         handle = self._workers.pop(worker_id, None)
         if handle is not None:
             log.warning("worker %s is unreachable; removed from the pool", worker_id)
-            obs.LIVE_WORKERS.labels(handle.model.name).set(len(self.workers(handle.model.name)))
+            metrics.LIVE_WORKERS.labels(handle.model.name).set(len(self.workers(handle.model.name)))
             # With a grace period: closing a channel cancels the calls still on
             # it, and those belong to other requests that fail over by themselves.
             asyncio.get_running_loop().create_task(handle.channel.close(grace=30))

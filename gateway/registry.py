@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from gateway import cluster, errors
+from common import cluster, errors
 from tokenwire.v1 import registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger("tokenwire.registry")

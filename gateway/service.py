@@ -14,10 +14,10 @@ from typing import Any
 
 import grpc
 
-from gateway import cluster_status
-from gateway import observability as obs
+from common import observability as obs
+from common.errors import ApiError
+from gateway import cluster_status, metrics
 from gateway.auth import current_key
-from gateway.errors import ApiError
 from gateway.inference import Inference
 from tokenwire.v1 import api_pb2, api_pb2_grpc, common_pb2
 
@@ -33,35 +33,35 @@ class Observed:
         self.model = model if model in inference.pool.known_models() else "unknown"
         self.requested = model
         self.usage: common_pb2.Usage | None = None
-        self.watch = obs.Stopwatch(self.model)
+        self.watch = metrics.Stopwatch(self.model)
 
     def __enter__(self) -> Observed:
         # Token timing exists only where tokens are streamed: a non-streamed
         # choice comes from its worker in one message.
-        obs.current_watch.set(self.watch if self.kind.endswith("_stream") else None)
+        metrics.current_watch.set(self.watch if self.kind.endswith("_stream") else None)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         status = "ok"
         if isinstance(error, ApiError):
             status = error.code or error.type
-            obs.ERRORS.labels(self.model, status).inc()
+            metrics.ERRORS.labels(self.model, status).inc()
         elif isinstance(error, (asyncio.CancelledError, GeneratorExit)):
             status = "cancelled"
-            obs.CANCELLED.labels(self.model).inc()
+            metrics.CANCELLED.labels(self.model).inc()
         elif error is not None:
             status = "internal_error"
-            obs.ERRORS.labels(self.model, status).inc()
+            metrics.ERRORS.labels(self.model, status).inc()
         elapsed = self.watch.elapsed()
-        obs.REQUESTS.labels(self.kind, self.model, status).inc()
-        obs.E2E.labels(self.kind, self.model).observe(elapsed)
+        metrics.REQUESTS.labels(self.kind, self.model, status).inc()
+        metrics.E2E.labels(self.kind, self.model).observe(elapsed)
         fields: dict[str, object] = {"kind": self.kind, "model": self.requested, "status": status}
         if self.usage is not None:
             key = current_key.get()
             if key is not None:
                 key.record(self.usage.total_tokens)
-            obs.PROMPT_TOKENS.labels(self.model).inc(self.usage.prompt_tokens)
-            obs.COMPLETION_TOKENS.labels(self.model).inc(self.usage.completion_tokens)
+            metrics.PROMPT_TOKENS.labels(self.model).inc(self.usage.prompt_tokens)
+            metrics.COMPLETION_TOKENS.labels(self.model).inc(self.usage.completion_tokens)
             fields["prompt_tokens"] = self.usage.prompt_tokens
             fields["completion_tokens"] = self.usage.completion_tokens
         if self.watch.first is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway import errors
+from common import errors
 from tokenwire.v1 import api_pb2, common_pb2
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})

@@ -25,10 +25,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway import errors
-from gateway.errors import ApiError
-from gateway.grpc_server import open_channel
-from gateway.observability import REQUEST_ID_HEADER, request_id
+from common import errors
+from common.errors import ApiError
+from common.grpc_server import open_channel
+from common.observability import REQUEST_ID_HEADER, request_id
 from rest_bridge import convert, openapi, page, render, status
 from rest_bridge.middleware import RequestMiddleware
 from tokenwire.v1 import api_pb2, api_pb2_grpc

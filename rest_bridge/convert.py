@@ -15,7 +15,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from gateway import errors
+from common import errors
 from tokenwire.v1 import api_pb2
 
 M = TypeVar("M", bound=Message)

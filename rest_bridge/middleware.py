@@ -7,7 +7,8 @@ import logging
 import time
 from typing import Any
 
-from gateway import observability as obs
+from common import observability as obs
+from rest_bridge import metrics
 
 log = logging.getLogger("tokenwire.bridge")
 
@@ -41,8 +42,8 @@ class RequestMiddleware:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
             elapsed = time.perf_counter() - started
-            obs.HTTP_REQUESTS.labels(path, scope["method"], str(status)).inc()
-            obs.HTTP_LATENCY.labels(path).observe(elapsed)
+            metrics.HTTP_REQUESTS.labels(path, scope["method"], str(status)).inc()
+            metrics.HTTP_LATENCY.labels(path).observe(elapsed)
             if path not in ("/metrics", "/health", "/ready"):
                 obs.log_request(
                     log, "http", method=scope["method"], path=path, status=status, latency_ms=round(elapsed * 1000, 1)

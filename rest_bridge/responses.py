@@ -33,8 +33,8 @@ import shortuuid
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
-from gateway import errors
-from gateway.errors import ApiError
+from common import errors
+from common.errors import ApiError
 from rest_bridge import convert, openapi
 from tokenwire.v1 import api_pb2, api_pb2_grpc
 

@@ -40,7 +40,7 @@ class Proc:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", *self.argv],
+            [sys.executable, "-m", "tokenwire_cli", *self.argv],
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
@@ -221,7 +221,7 @@ class Serve:
     def start(self, timeout: float = 600.0) -> Serve:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--port", "0", "--grpc-port", "0", *self.argv],
+            [sys.executable, "-m", "tokenwire_cli", "serve", "--port", "0", "--grpc-port", "0", *self.argv],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -28,7 +28,7 @@ def test_serve_echo_with_keys_from_env() -> None:
     """`tokenwire serve` starts everything, prints how to use it, and stops on Ctrl-C."""
     env = {**os.environ, "TOKENWIRE_API_KEYS": "k1,k2", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--echo", "--port", "0", "--grpc-port", "0"],
+        [sys.executable, "-m", "tokenwire_cli", "serve", "--echo", "--port", "0", "--grpc-port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -24,9 +24,9 @@ import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway import supervisor
 from tests import harness
 from tokenwire.v1 import common_pb2, registry_pb2, registry_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tokenwire_cli import supervisor
 
 TOKEN = "cluster-token-for-the-tests-0123456789"
 API_KEY = "sk-user-key-for-the-tests-0123456789"
@@ -175,7 +175,7 @@ def test_token_public_port_probes_and_status(token_cluster: dict[str, harness.Pr
         )
         assert "grpc.health.v1.Health" in listed.stdout
     # `tokenwire status` is a member with the token, and refused without it.
-    status = [sys.executable, "-m", "gateway.cli", "status", "--controller-address", gateway.registry_address]
+    status = [sys.executable, "-m", "tokenwire_cli", "status", "--controller-address", gateway.registry_address]
     member = subprocess.run(
         [*status, "--cluster-token-file", str(token_cluster["token_file"])],
         capture_output=True, text=True, timeout=60, env=no_cluster_env(),
@@ -226,7 +226,7 @@ def test_non_loopback_bind_without_credentials_refuses_to_start(tmp_path: Path) 
     }
     runs = {
         name: subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", *argv],
+            [sys.executable, "-m", "tokenwire_cli", *argv],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -336,7 +336,7 @@ def test_mtls_cluster(tmp_path: Path) -> None:
 
         # `tokenwire status` with a member's certificate.
         status = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "status", "--controller-address", gateway.registry_address,
+            [sys.executable, "-m", "tokenwire_cli", "status", "--controller-address", gateway.registry_address,
              "--tls-ca", str(ca_pem), "--tls-cert", member_b[0], "--tls-key", member_b[1]],
             capture_output=True, text=True, timeout=60, env=no_cluster_env(),
         )  # fmt: skip
@@ -390,7 +390,7 @@ def test_serve_is_closed_by_default_and_keeps_its_token_secret() -> None:
         # The printed status command works as printed.
         command = next(line for line in serve.output if "tokenwire status" in line).split()
         status = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", *command[1:]], capture_output=True, text=True, timeout=60,
+            [sys.executable, "-m", "tokenwire_cli", *command[1:]], capture_output=True, text=True, timeout=60,
             env=no_cluster_env(),
         )  # fmt: skip
         assert status.returncode == 0 and "echo-embedding" in status.stdout, status.stderr
@@ -490,7 +490,7 @@ def test_serve_restarts_its_gateway_and_bridge() -> None:
 
     try:
         for part in ("gateway", "bridge"):
-            (pid,) = [p for p, line in harness.children(serve.process.pid).items() if f"gateway.cli {part} " in line]
+            (pid,) = [p for p, line in harness.children(serve.process.pid).items() if f"tokenwire_cli {part} " in line]
             os.kill(pid, signal.SIGKILL)
             killed = time.monotonic()
             harness.wait_until(lambda: chat_works() and time.monotonic(), timeout=30, interval=0.2)

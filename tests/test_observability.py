@@ -85,6 +85,22 @@ def test_metrics_move_by_the_right_amounts(system) -> None:
     assert not any("x-request-id" in key or "Bearer" in key for key in after["gw"])
 
 
+def test_each_process_exposes_only_its_own_metrics(system) -> None:
+    gateway, worker, _bridge, url = system
+    names = {
+        part: {line.split()[2] for line in httpx.get(address).text.splitlines() if line.startswith("# TYPE tokenwire_")}
+        for part, address in (
+            ("gateway", f"http://{gateway.metrics_address}/metrics"),
+            ("worker", f"http://{worker.metrics_address}/metrics"),
+            ("bridge", f"{url}/metrics"),
+        )
+    }
+    assert names["bridge"] and all(n.startswith("tokenwire_http_") for n in names["bridge"]), names["bridge"]
+    assert names["worker"] and all(n.startswith("tokenwire_engine_") for n in names["worker"]), names["worker"]
+    assert "tokenwire_requests_total" in names["gateway"]
+    assert not any(n.startswith(("tokenwire_http_", "tokenwire_engine_")) for n in names["gateway"]), names["gateway"]
+
+
 def test_request_id_reaches_every_hop(system) -> None:
     gateway, worker, bridge, url = system
     rid = "test-rid-0123456789"
@@ -121,7 +137,7 @@ def test_status_lists_workers(system) -> None:
 
     def status() -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "status", "--controller-address", gateway.address],
+            [sys.executable, "-m", "tokenwire_cli", "status", "--controller-address", gateway.address],
             capture_output=True,
             text=True,
             timeout=30,

@@ -57,7 +57,7 @@ def test_rest_status_matches_the_status_command(echo_system: EchoSystem) -> None
     for proc in (*echo_system.chat_workers, echo_system.embed_worker):
         assert proc.address not in reply.text
     cli = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "status", "--controller-address", echo_system.grpc_address],
+        [sys.executable, "-m", "tokenwire_cli", "status", "--controller-address", echo_system.grpc_address],
         capture_output=True,
         text=True,
         timeout=30,

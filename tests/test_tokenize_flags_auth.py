@@ -174,7 +174,7 @@ def test_comma_form_still_works(echo_system: EchoSystem) -> None:
 def test_malformed_list_flag_is_a_startup_error(command: str, flag: str, value: str) -> None:
     extra = ["--echo"] if command == "serve" else []
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", command, "--port", "0", *extra, flag, value],
+        [sys.executable, "-m", "tokenwire_cli", command, "--port", "0", *extra, flag, value],
         capture_output=True,
         text=True,
         timeout=60,

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from gateway import errors
+from common import errors
 from tokenwire.v1 import common_pb2, worker_pb2
 
 T = TypeVar("T")

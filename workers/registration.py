@@ -9,8 +9,8 @@ import uuid
 
 import grpc
 
-from gateway import cluster
-from gateway.grpc_server import open_channel
+from common import cluster
+from common.grpc_server import open_channel
 from tokenwire.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from workers.slots import Slots
 

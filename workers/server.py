@@ -10,10 +10,11 @@ from typing import Any
 
 import grpc
 
-from gateway import errors
-from gateway import observability as obs
-from gateway.grpc_server import GrpcServer
+from common import errors
+from common import observability as obs
+from common.grpc_server import GrpcServer
 from tokenwire.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from workers import metrics
 from workers.engine import BatchStats, Delta, Engine, Generation
 from workers.registration import RegistryLink
 from workers.slots import Slots
@@ -133,8 +134,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.stream_interval = stream_interval
         self.stats = WorkerStats()
         self.model = engine.info.name
-        obs.ENGINE_IN_FLIGHT.labels(self.model).set_function(lambda: slots.in_flight)
-        obs.ENGINE_QUEUE.labels(self.model).set_function(lambda: slots.waiting)
+        metrics.ENGINE_IN_FLIGHT.labels(self.model).set_function(lambda: slots.in_flight)
+        metrics.ENGINE_QUEUE.labels(self.model).set_function(lambda: slots.waiting)
         batch = engine.batch_stats()
         if batch is not None:
             _batch_metrics(self.model, batch)
@@ -178,8 +179,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             status = "cancelled"
             generation.cancelled.set()
             self.stats.record_cancel(generation)
-            obs.ENGINE_CANCELLED.labels(self.model).inc()
-            obs.ENGINE_AFTER_CANCEL.labels(self.model).inc(generation.tokens_after_cancel)
+            metrics.ENGINE_CANCELLED.labels(self.model).inc()
+            metrics.ENGINE_AFTER_CANCEL.labels(self.model).inc(generation.tokens_after_cancel)
             raise
         except errors.ApiError as error:
             status = error.code or error.type
@@ -188,8 +189,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             status = "internal_error"
             raise
         finally:
-            obs.ENGINE_REQUESTS.labels(self.model, "generate", status).inc()
-            obs.ENGINE_TOKENS.labels(self.model).inc(generation.tokens)
+            metrics.ENGINE_REQUESTS.labels(self.model, "generate", status).inc()
+            metrics.ENGINE_TOKENS.labels(self.model).inc(generation.tokens)
             obs.log_request(
                 log,
                 "generate",
@@ -218,7 +219,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             status = "cancelled"
             raise
         finally:
-            obs.ENGINE_REQUESTS.labels(self.model, "embed", status).inc()
+            metrics.ENGINE_REQUESTS.labels(self.model, "embed", status).inc()
         return worker_pb2.EmbedResponse(
             embeddings=[worker_pb2.EmbeddingVector(values=v) for v in vectors], prompt_tokens=tokens
         )
@@ -284,14 +285,14 @@ def _batch_fields(batch: BatchStats | None) -> dict[str, int]:
 
 
 def _batch_metrics(model: str, batch: BatchStats) -> None:
-    obs.ENGINE_RUNNING.labels(model).set_function(lambda: batch.running)
-    obs.ENGINE_WAITING.labels(model).set_function(lambda: batch.waiting)
-    obs.ENGINE_PROMPT_EVALUATED.labels(model).set_function(lambda: batch.prompt_tokens_evaluated)
-    obs.ENGINE_PROMPT_REUSED.labels(model).set_function(lambda: batch.prompt_tokens_reused)
-    obs.ENGINE_KV_IN_USE.labels(model).set_function(lambda: batch.kv_cells_in_use)
-    obs.ENGINE_KV_CACHED.labels(model).set_function(lambda: batch.kv_cells_cached)
-    tokens = obs.ENGINE_STEP_TOKENS.labels(model)
-    sequences = obs.ENGINE_STEP_SEQUENCES.labels(model)
+    metrics.ENGINE_RUNNING.labels(model).set_function(lambda: batch.running)
+    metrics.ENGINE_WAITING.labels(model).set_function(lambda: batch.waiting)
+    metrics.ENGINE_PROMPT_EVALUATED.labels(model).set_function(lambda: batch.prompt_tokens_evaluated)
+    metrics.ENGINE_PROMPT_REUSED.labels(model).set_function(lambda: batch.prompt_tokens_reused)
+    metrics.ENGINE_KV_IN_USE.labels(model).set_function(lambda: batch.kv_cells_in_use)
+    metrics.ENGINE_KV_CACHED.labels(model).set_function(lambda: batch.kv_cells_cached)
+    tokens = metrics.ENGINE_STEP_TOKENS.labels(model)
+    sequences = metrics.ENGINE_STEP_SEQUENCES.labels(model)
 
     def observe(n_sequences: int, n_tokens: int) -> None:
         tokens.observe(n_tokens)

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from gateway import errors
+from common import errors
 
 
 class Slots:

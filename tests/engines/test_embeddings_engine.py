@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from gateway.errors import ApiError
+from common.errors import ApiError
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engines import embeddings
 

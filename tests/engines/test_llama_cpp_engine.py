@@ -23,7 +23,7 @@ import jsonschema
 import pytest
 from google.protobuf.json_format import MessageToDict
 
-from gateway.errors import ApiError
+from common.errors import ApiError
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Generation
 from workers.engines import llama_cpp

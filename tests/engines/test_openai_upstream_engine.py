@@ -24,7 +24,7 @@ import grpc
 import httpx
 import pytest
 
-from gateway.errors import ApiError
+from common.errors import ApiError
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Generation
 from workers.engines.openai_upstream import OpenAIUpstreamEngine

@@ -16,7 +16,7 @@ import math
 import zlib
 from collections.abc import AsyncIterator, Sequence
 
-from gateway import errors
+from common import errors
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Engine, Generation, Prepared, check_token_ids, iterate_in_task, message_text
 

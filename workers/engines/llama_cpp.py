@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
-from gateway import errors
+from common import errors
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import (
     BatchStats,
@@ -247,7 +247,8 @@ class LlamaCppEngine(Engine):
         self._scheduler: Scheduler | None = None
         # Made here, filled by the scheduler: the worker reads it before the model loads.
         self._stats = BatchStats(parallel=parallel)
-        # Loads, generates and closes the model: llama.cpp is only ever called from here.
+        # Every compute call into llama.cpp (load, decode steps, close) runs on this one thread
+        # (OpenMP, see compute_thread); tokenizing and grammar checks compute nothing and may run elsewhere.
         self._compute = compute_thread("llama")
         self._grammars: dict[str, Any] = {}
 

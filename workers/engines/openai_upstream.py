@@ -30,7 +30,7 @@ import grpc
 import httpx
 from google.protobuf import json_format
 
-from gateway import errors
+from common import errors
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Engine, Generation, Prepared, message_text
 

@@ -7,9 +7,9 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway import cluster
+from common import cluster
+from common.grpc_server import open_sync_channel
 from gateway.cluster_status import health_name, sorted_workers, worker_load
-from gateway.grpc_server import open_sync_channel
 from tokenwire.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
 

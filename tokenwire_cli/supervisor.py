@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import grpc
 import httpx
 
-from gateway import cluster
-from gateway.grpc_server import open_sync_channel
+from common import cluster
+from common.grpc_server import open_sync_channel
 from tokenwire.v1 import registry_pb2, registry_pb2_grpc
 
 READY_TIMEOUT = 600.0
@@ -59,7 +59,7 @@ class Child:
         # A session of its own: Ctrl-C in the terminal reaches only the
         # supervisor, which stops the parts in order; and a part dies with it.
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", *self.argv],
+            [sys.executable, "-m", "tokenwire_cli", *self.argv],
             stdout=subprocess.PIPE,
             text=True,
             env=env,
@@ -275,7 +275,7 @@ def _supervise(children: list[Child], workers: list[Child], registry: str, env: 
 
 
 def serve(args: argparse.Namespace) -> None:
-    from gateway.cli import api_keys
+    from tokenwire_cli import api_keys
 
     keys = [spec.key for spec in api_keys(args)]
     # The parts prove to each other that they belong together: a random token

@@ -30,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from gateway import errors
+from common import errors
 
 log = logging.getLogger("tokenwire")
 

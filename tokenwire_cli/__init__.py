@@ -26,9 +26,11 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.auth import KeyLimits, KeySpec, parse_key_line
+if TYPE_CHECKING:  # each part is imported only by the command that runs it: its metrics are its own
+    from gateway.auth import KeyLimits, KeySpec
+
 
 ENV_PREFIX = "TOKENWIRE_"
 DEFAULT_GRPC_PORT = 50051
@@ -104,6 +106,8 @@ def check_flag_forms(args: argparse.Namespace) -> None:
 
 
 def api_keys(args: argparse.Namespace) -> list[KeySpec]:
+    from gateway.auth import KeyLimits, KeySpec, parse_key_line
+
     """Keys from --api-keys (comma-separated) and --api-keys-file (one per
     line: ``<key> [rpm=N] [tpm=N]``), with the --rate-limit-* defaults."""
     default = KeyLimits(args.rate_limit_rpm, args.rate_limit_tpm)
@@ -116,6 +120,8 @@ def api_keys(args: argparse.Namespace) -> list[KeySpec]:
 
 
 def key_limits(args: argparse.Namespace) -> KeyLimits:
+    from gateway.auth import KeyLimits
+
     return KeyLimits(args.rate_limit_rpm, args.rate_limit_tpm)
 
 
@@ -136,7 +142,7 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> None:
 
 def _run(main: Callable[[asyncio.Event], Any]) -> None:
     """Run a server coroutine until SIGTERM/SIGINT."""
-    from gateway.grpc_server import stop_event_on_signals
+    from common.grpc_server import stop_event_on_signals
 
     async def runner() -> None:
         await main(stop_event_on_signals())
@@ -148,9 +154,9 @@ def _run(main: Callable[[asyncio.Event], Any]) -> None:
 
 
 def cmd_gateway(args: argparse.Namespace) -> None:
-    from gateway import cluster
+    from common import cluster
+    from common.grpc_server import server_credentials
     from gateway.app import run_gateway
-    from gateway.grpc_server import server_credentials
     from gateway.validation import Limits
 
     registry_host = args.registry_host or args.host
@@ -188,9 +194,9 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
 
 def cmd_registry(args: argparse.Namespace) -> None:
-    from gateway import cluster
+    from common import cluster
+    from common.grpc_server import server_credentials
     from gateway.app import run_registry
-    from gateway.grpc_server import server_credentials
 
     cluster.check_listen("registry", [args.host], insecure=args.insecure_cluster)
     _run(
@@ -206,8 +212,8 @@ def cmd_registry(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    from gateway import cluster
-    from gateway.grpc_server import server_credentials
+    from common import cluster
+    from common.grpc_server import server_credentials
     from workers.server import run_worker
 
     cluster.check_listen("worker", [args.host], insecure=args.insecure_cluster)
@@ -286,7 +292,7 @@ def cmd_bridge(args: argparse.Namespace) -> None:
 def cmd_status(args: argparse.Namespace) -> None:
     import grpc
 
-    from gateway.status import status
+    from tokenwire_cli.status import status
 
     try:
         print(status(args.controller_address, args.model))
@@ -300,7 +306,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from gateway.supervisor import serve
+    from tokenwire_cli.supervisor import serve
 
     serve(args)
 
@@ -569,9 +575,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_flag_forms(args)
     except ValueError as error:
         parser.error(str(error))
-    from gateway import cluster
-    from gateway.grpc_server import configure_client_tls
-    from gateway.observability import setup_logging
+    from common import cluster
+    from common.grpc_server import configure_client_tls
+    from common.observability import setup_logging
 
     setup_logging(args.log_level, args.log_format)
     configure_client_tls(getattr(args, "tls_ca", None), getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
@@ -589,7 +595,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.cluster_token = cluster.read_token(args.cluster_token, args.cluster_token_file)
         cluster.configure(args.cluster_token, mtls=bool(getattr(args, "tls_client_ca", None)))
     args.func(args)
-
-
-if __name__ == "__main__":
-    main()

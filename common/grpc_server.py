@@ -13,9 +13,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway import cluster
-from gateway.errors import ApiError, internal, unavailable
-from gateway.observability import REQUEST_ID_HEADER, clean_request_id, request_id
+from common import cluster
+from common.errors import ApiError, internal, unavailable
+from common.observability import REQUEST_ID_HEADER, clean_request_id, request_id
 
 log = logging.getLogger("tokenwire")
 

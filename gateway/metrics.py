@@ -1,0 +1,63 @@
+"""The gateway's Prometheus metrics, and the timing of the API request being served."""
+
+from __future__ import annotations
+
+import contextvars
+import time
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from common.observability import LATENCY_BUCKETS, TOKEN_BUCKETS
+
+REQUESTS = Counter("tokenwire_requests_total", "API requests by kind, model and status", ["kind", "model", "status"])
+PROMPT_TOKENS = Counter("tokenwire_prompt_tokens_total", "Prompt tokens processed", ["model"])
+COMPLETION_TOKENS = Counter("tokenwire_completion_tokens_total", "Completion tokens generated", ["model"])
+TTFT = Histogram(
+    "tokenwire_time_to_first_token_seconds", "Time to the first generated token", ["model"], buckets=LATENCY_BUCKETS
+)
+ITL = Histogram(
+    "tokenwire_inter_token_latency_seconds", "Time between generated deltas", ["model"], buckets=TOKEN_BUCKETS
+)
+E2E = Histogram(
+    "tokenwire_request_duration_seconds", "End-to-end API request latency", ["kind", "model"], buckets=LATENCY_BUCKETS
+)
+ERRORS = Counter("tokenwire_errors_total", "API errors by reason (OpenAI code)", ["model", "reason"])
+CANCELLED = Counter("tokenwire_cancelled_requests_total", "Requests whose client went away", ["model"])
+LIVE_WORKERS = Gauge("tokenwire_live_workers", "Live workers per model", ["model"])
+WORKER_IN_FLIGHT = Gauge("tokenwire_worker_in_flight", "Calls running on a worker (heartbeat)", ["model", "worker"])
+WORKER_QUEUE = Gauge("tokenwire_worker_queue_depth", "Calls queued on a worker (heartbeat)", ["model", "worker"])
+
+
+_timing_children: dict[str, tuple[Histogram, Histogram]] = {}
+
+
+class Stopwatch:
+    """Request timing: time to first token and between deltas."""
+
+    __slots__ = ("first", "itl", "last", "model", "start", "ttft")
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.start = self.last = time.perf_counter()
+        self.first: float | None = None
+        # .labels() takes a lock and a lookup: once per model, not per token.
+        children = _timing_children.get(model)
+        if children is None:
+            children = _timing_children[model] = (TTFT.labels(model), ITL.labels(model))
+        self.ttft, self.itl = children
+
+    def token(self) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+            self.ttft.observe(now - self.start)
+        else:
+            self.itl.observe(now - self.last)
+        self.last = now
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+# The timing of the API request being served, if any (set by the gateway's handlers).
+current_watch: contextvars.ContextVar[Stopwatch | None] = contextvars.ContextVar("current_watch", default=None)
