@@ -28,6 +28,8 @@ class Proc:
 
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    # What runs it: the `tokenwire` command, or a part's own `python -m <part>`.
+    module: str = "tokenwire_cli"
     process: subprocess.Popen[str] | None = None
     address: str = ""
     metrics_address: str = ""
@@ -40,7 +42,7 @@ class Proc:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tokenwire_cli", *self.argv],
+            [sys.executable, "-m", self.module, *self.argv],
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
@@ -211,6 +213,8 @@ class Serve:
 
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    # What runs it: the `tokenwire` command, or a part's own `python -m <part>`.
+    module: str = "tokenwire_cli"
     process: subprocess.Popen[str] | None = None
     url: str = ""
     grpc_address: str = ""

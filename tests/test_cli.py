@@ -109,3 +109,22 @@ def test_standalone_registry_restart_workers_come_back() -> None:
     finally:
         for proc in (bridge, worker, gateway, registry):
             proc.stop()
+
+
+def test_each_part_runs_on_its_own() -> None:
+    """`python -m gateway`, `python -m workers` and `python -m rest_bridge`, with their own flags."""
+    gateway = harness.Proc(["--port", "0"], module="gateway").start()
+    worker = harness.Proc(
+        ["--port", "0", "--controller-address", gateway.address, "--engine", "echo", "--model-name", "solo"],
+        module="workers",
+    ).start()
+    bridge = harness.Proc(["--port", "0", "--gateway-address", gateway.address], module="rest_bridge").start()
+    try:
+        url = f"http://{bridge.address}"
+        harness.wait_for_workers(url, "solo", 1)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        reply = client.chat.completions.create(model="solo", messages=[{"role": "user", "content": "a b c"}])
+        assert reply.choices[0].message.content
+    finally:
+        for proc in (bridge, worker, gateway):
+            proc.stop()

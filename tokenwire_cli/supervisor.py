@@ -275,7 +275,7 @@ def _supervise(children: list[Child], workers: list[Child], registry: str, env: 
 
 
 def serve(args: argparse.Namespace) -> None:
-    from tokenwire_cli import api_keys
+    from gateway.command import api_keys
 
     keys = [spec.key for spec in api_keys(args)]
     # The parts prove to each other that they belong together: a random token

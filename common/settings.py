@@ -1,0 +1,221 @@
+"""Flags every part shares, read the same way everywhere, and running a part as a process.
+
+Each part declares its own flags once (``gateway.command``, ``workers.command``,
+``rest_bridge.command``) with the helpers here; ``tokenwire <part>`` and
+``python -m <part>`` build their parsers from those declarations. Every flag
+can also come from the environment, ``TOKENWIRE_`` + its name (flags win).
+Each server prints ``READY <part> <host>:<port>`` on stdout once it serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+ENV_PREFIX = "TOKENWIRE_"
+DEFAULT_GRPC_PORT = 50051
+DEFAULT_HTTP_PORT = 8000
+
+# FastChat takes these as JSON lists ('["*"]'); tokenwire's own form is comma-separated.
+LIST_FLAGS = {
+    "allowed_origins": "--allowed-origins",
+    "allowed_methods": "--allowed-methods",
+    "allowed_headers": "--allowed-headers",
+}
+# FastChat writes addresses as URLs (http://localhost:21001); gRPC wants host:port.
+ADDRESS_FLAGS = ("controller_address", "gateway_address", "worker_address")
+
+
+def ready(part: str, host: str, port: int) -> None:
+    print(f"READY {part} {host}:{port}", flush=True)
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return number
+
+
+def split(value: str | None) -> list[str]:
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def list_flag(value: str | None, flag: str) -> list[str]:
+    """A list flag in either form: FastChat's JSON list or comma-separated.
+
+    Anything else (broken JSON, an object, stray brackets or quotes) is a
+    ValueError naming the flag: read as commas it would be a silent misconfiguration.
+    """
+    text = (value or "").strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError:
+            items = None
+        if isinstance(items, list) and all(isinstance(item, str) for item in items):
+            return [item.strip() for item in items if item.strip()]
+    elif not any(char in text for char in '[]{}"'):
+        return split(text)
+    raise ValueError(f"{flag} must be a JSON list of strings ('[\"*\"]') or comma-separated (a,b), not {value!r}")
+
+
+def _address(value: str | None) -> str | None:
+    if value and value.startswith(("http://", "https://")):
+        return value.split("://", 1)[1].rstrip("/")
+    return value
+
+
+def check_flag_forms(args: argparse.Namespace) -> None:
+    """Normalise FastChat's flag forms in place; ValueError names a bad flag."""
+    for dest, flag in LIST_FLAGS.items():
+        if hasattr(args, dest):
+            list_flag(getattr(args, dest), flag)
+    for dest in ADDRESS_FLAGS:
+        if hasattr(args, dest):
+            setattr(args, dest, _address(getattr(args, dest)))
+
+
+# -- flags more than one part declares ------------------------------------------------
+
+
+def logging_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="text for people, json for machines"
+    )
+
+
+def tls_server_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-cert", default=None, help="serve gRPC over TLS with this certificate (PEM)")
+    parser.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
+
+
+def tls_client_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-ca", default=None, help="dial tokenwire peers over TLS, trusting this CA (PEM)")
+
+
+def cluster_flags(parser: argparse.ArgumentParser, *, serving: bool) -> None:
+    """Cluster credentials: what members show each other (never users' API keys)."""
+    group = parser.add_argument_group("cluster credentials")
+    group.add_argument(
+        "--cluster-token-file", default=None, help="file holding the cluster's shared token (the way to pass it)"
+    )
+    group.add_argument(
+        "--cluster-token",
+        default=None,
+        help="the cluster's shared token; better TOKENWIRE_CLUSTER_TOKEN or --cluster-token-file (ps shows flags)",
+    )
+    if not serving:
+        return
+    group.add_argument(
+        "--tls-client-ca",
+        default=None,
+        help="mTLS: require client certificates signed by this CA (PEM); needs --tls-cert/--tls-key, "
+        "which are also this part's client certificate when it dials",
+    )
+    group.add_argument(
+        "--insecure-cluster",
+        action="store_true",
+        help="listen beyond loopback without cluster credentials: anyone who reaches it joins the cluster",
+    )
+
+
+def metrics_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (0 = any free port)"
+    )
+
+
+def defaults_from_env(parser: argparse.ArgumentParser) -> None:
+    """TOKENWIRE_<FLAG> sets the default of --flag."""
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = os.environ.get(ENV_PREFIX + action.dest.upper())
+        if value is None:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            action.default = value.strip().lower() in ("1", "true", "yes", "on")
+        elif action.type is not None:
+            action.default = action.type(value)  # type: ignore[operator]
+        else:
+            action.default = value
+
+
+# -- a part as a process ----------------------------------------------------------
+
+
+def configure_process(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """What every process does with its flags first: their forms, logs, TLS and cluster credentials."""
+    from common import cluster
+    from common.grpc_server import configure_client_tls
+    from common.observability import setup_logging
+
+    try:
+        check_flag_forms(args)
+    except ValueError as error:
+        parser.error(str(error))
+    setup_logging(args.log_level, args.log_format)
+    configure_client_tls(getattr(args, "tls_ca", None), getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
+    if hasattr(args, "cluster_token"):
+        if any(arg.split("=", 1)[0] == "--cluster-token" for arg in argv):
+            logging.getLogger("tokenwire").warning(
+                "--cluster-token on the command line is visible to every user of this machine (ps); "
+                "use --cluster-token-file or TOKENWIRE_CLUSTER_TOKEN"
+            )
+        if getattr(args, "tls_client_ca", None) and hasattr(args, "tls_ca") and not args.tls_ca:
+            raise SystemExit(
+                "--tls-client-ca needs --tls-ca too: this part dials other members, over mTLS, "
+                "and must know the CA of their server certificates"
+            )
+        args.cluster_token = cluster.read_token(args.cluster_token, args.cluster_token_file)
+        cluster.configure(args.cluster_token, mtls=bool(getattr(args, "tls_client_ca", None)))
+
+
+def run_part(
+    prog: str,
+    add_flags: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], None],
+    argv: Sequence[str] | None = None,
+) -> None:
+    """``python -m <part>``: the part's own flags, then the part."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog=prog)
+    add_flags(parser)
+    defaults_from_env(parser)
+    args = parser.parse_args(argv)
+    configure_process(parser, args, argv)
+    run(args)
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop when it is installed (it is a dependency: uvicorn[standard])."""
+    # What is loaded at start lives as long as the process: keep the garbage
+    # collector off it, and run it less often under per-request allocations.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
+def run_server(main: Callable[[asyncio.Event], Any]) -> None:
+    """Run a server coroutine until SIGTERM/SIGINT."""
+    from common.grpc_server import stop_event_on_signals
+
+    async def runner() -> None:
+        await main(stop_event_on_signals())
+
+    run_loop(runner())

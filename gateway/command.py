@@ -1,0 +1,144 @@
+"""The gateway's and the registry's flags, declared once, and how they start."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from common import settings
+
+if TYPE_CHECKING:  # imported when a gateway starts: a process's metrics are its own part's only
+    from gateway.auth import KeyLimits, KeySpec
+
+
+def api_flags(parser: argparse.ArgumentParser) -> None:
+    """The public API's keys, limits and registry settings (the gateway's, and serve's)."""
+    parser.add_argument("--api-keys", default=None, help="comma-separated API keys; none = open API")
+    parser.add_argument(
+        "--api-keys-file",
+        default=None,
+        help="one key per line, optionally 'rpm=N tpm=N' after it (keeps keys out of ps)",
+    )
+    parser.add_argument("--rate-limit-rpm", type=int, default=None, help="requests per minute per key (default: none)")
+    parser.add_argument("--rate-limit-tpm", type=int, default=None, help="tokens per minute per key (default: none)")
+    parser.add_argument(
+        "--heartbeat-expiry", type=float, default=15.0, help="drop a worker after this many seconds without heartbeat"
+    )
+    parser.add_argument("--max-n", type=int, default=128, help="largest n (choices per request) accepted")
+    parser.add_argument("--max-tokens-limit", type=int, default=1 << 20, help="largest max_tokens accepted")
+    parser.add_argument(
+        "--expect-models",
+        default="",
+        help="comma-separated models that must have a live worker for readiness (default: every model seen)",
+    )
+
+
+def gateway_flags(parser: argparse.ArgumentParser) -> None:
+    """``tokenwire gateway`` / ``python -m gateway``."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=settings.DEFAULT_GRPC_PORT)
+    parser.add_argument(
+        "--controller-address", default=None, help="a standalone registry (default: host one in-process)"
+    )
+    parser.add_argument("--shutdown-grace", type=float, default=10.0)
+    api_flags(parser)
+    parser.add_argument(
+        "--registry-port",
+        type=int,
+        default=None,
+        help="serve the registry on this internal port instead of the public one (0 = any free port)",
+    )
+    parser.add_argument("--registry-host", default=None, help="address of --registry-port (default: --host)")
+    settings.metrics_flag(parser)
+    settings.tls_server_flags(parser)
+    settings.tls_client_flag(parser)
+    settings.cluster_flags(parser, serving=True)
+    settings.logging_flags(parser)
+
+
+def registry_flags(parser: argparse.ArgumentParser) -> None:
+    """``tokenwire registry``: a standalone registry (FastChat's controller)."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=21001)
+    parser.add_argument("--heartbeat-expiry", type=float, default=15.0)
+    settings.tls_server_flags(parser)
+    settings.cluster_flags(parser, serving=True)
+    settings.logging_flags(parser)
+
+
+def api_keys(args: argparse.Namespace) -> list[KeySpec]:
+    """Keys from --api-keys (comma-separated) and --api-keys-file (one per
+    line: ``<key> [rpm=N] [tpm=N]``), with the --rate-limit-* defaults."""
+    from gateway.auth import KeyLimits, KeySpec, parse_key_line
+
+    default = KeyLimits(args.rate_limit_rpm, args.rate_limit_tpm)
+    specs = [KeySpec(key, default) for key in settings.split(args.api_keys)]
+    if args.api_keys_file:
+        with open(args.api_keys_file, encoding="utf-8") as handle:
+            lines = [line.strip() for line in handle]
+        specs += [parse_key_line(line, default) for line in lines if line and not line.startswith("#")]
+    return specs
+
+
+def key_limits(args: argparse.Namespace) -> KeyLimits:
+    from gateway.auth import KeyLimits
+
+    return KeyLimits(args.rate_limit_rpm, args.rate_limit_tpm)
+
+
+def run(args: argparse.Namespace) -> None:
+    from common import cluster
+    from common.grpc_server import server_credentials
+    from gateway.app import run_gateway
+    from gateway.validation import Limits
+
+    registry_host = args.registry_host or args.host
+    cluster.check_listen("gateway", [args.host, registry_host], insecure=args.insecure_cluster)
+    if args.tls_client_ca and args.registry_port is None and not args.controller_address:
+        raise SystemExit(
+            "--tls-client-ca on a gateway needs --registry-port: client certificates are required on the "
+            "registry's own port, so that API clients still reach the public port without one"
+        )
+
+    def registry_ready(host: str, port: int) -> None:
+        print(f"REGISTRY {host}:{port}", flush=True)
+
+    settings.run_server(
+        lambda stop: run_gateway(
+            host=args.host,
+            port=args.port,
+            controller_address=args.controller_address,
+            api_keys=api_keys(args),
+            default_limits=key_limits(args),
+            heartbeat_expiry=args.heartbeat_expiry,
+            limits=Limits(max_n=args.max_n, max_tokens=args.max_tokens_limit),
+            shutdown_grace=args.shutdown_grace,
+            expect_models=settings.split(args.expect_models),
+            metrics_port=args.metrics_port,
+            tls=server_credentials(args.tls_cert, args.tls_key),
+            registry_port=args.registry_port,
+            registry_host=registry_host,
+            registry_tls=server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca),
+            stop=stop,
+            on_ready=lambda port: settings.ready("gateway", args.host, port),
+            on_registry_ready=registry_ready,
+        )
+    )
+
+
+def run_registry(args: argparse.Namespace) -> None:
+    from common import cluster
+    from common.grpc_server import server_credentials
+    from gateway.app import run_registry
+
+    cluster.check_listen("registry", [args.host], insecure=args.insecure_cluster)
+    settings.run_server(
+        lambda stop: run_registry(
+            host=args.host,
+            port=args.port,
+            heartbeat_expiry=args.heartbeat_expiry,
+            tls=server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca),
+            stop=stop,
+            on_ready=lambda port: settings.ready("registry", args.host, port),
+        )
+    )

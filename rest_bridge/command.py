@@ -1,0 +1,95 @@
+"""The REST bridge's flags, declared once, and how it starts."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import socket
+import sys
+
+from common import settings
+
+
+def bridge_flags(parser: argparse.ArgumentParser) -> None:
+    """``tokenwire bridge`` / ``python -m rest_bridge``."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=settings.DEFAULT_HTTP_PORT)
+    parser.add_argument(
+        "--gateway-address",
+        "--controller-address",
+        default=f"127.0.0.1:{settings.DEFAULT_GRPC_PORT}",
+        help="the gateway's gRPC address (--controller-address is FastChat's name for it)",
+    )
+    parser.add_argument("--shutdown-grace", type=float, default=10.0)
+    api_flags(parser)
+    settings.tls_client_flag(parser)
+    settings.logging_flags(parser)
+
+
+def api_flags(parser: argparse.ArgumentParser) -> None:
+    """CORS, body and Responses-store settings (the bridge's, and serve's)."""
+    parser.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    parser.add_argument("--allowed-origins", default="*", help="CORS: origins, comma-separated or a JSON list")
+    parser.add_argument("--allowed-methods", default="*", help="CORS: methods, comma-separated or a JSON list")
+    parser.add_argument("--allowed-headers", default="*", help="CORS: headers, comma-separated or a JSON list")
+    parser.add_argument("--max-body-bytes", type=int, default=10 * 1024 * 1024, help="larger request bodies get 413")
+    parser.add_argument(
+        "--responses-store-size", type=int, default=1000, help="stored Responses API responses kept (LRU; 0 = none)"
+    )
+    parser.add_argument(
+        "--responses-store-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="bytes of stored responses and their conversations kept (LRU)",
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from rest_bridge.app import BridgeSettings, create_app
+
+    bridge_settings = BridgeSettings(
+        gateway_address=args.gateway_address,
+        allow_credentials=args.allow_credentials,
+        allowed_origins=settings.list_flag(args.allowed_origins, "--allowed-origins"),
+        allowed_methods=settings.list_flag(args.allowed_methods, "--allowed-methods"),
+        allowed_headers=settings.list_flag(args.allowed_headers, "--allowed-headers"),
+        max_body_bytes=args.max_body_bytes,
+        responses_store_size=args.responses_store_size,
+        responses_store_bytes=args.responses_store_bytes,
+    )
+    # IPPROTO_TCP explicitly: only then does the event loop set TCP_NODELAY on
+    # accepted connections (without it, Nagle + delayed ACK cost ~40 ms per
+    # kept-alive request).
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(bridge_settings),
+        http="httptools",
+        log_level=args.log_level.lower(),
+        log_config=None,  # our handlers (setup_logging), not uvicorn's
+        access_log=False,
+        timeout_graceful_shutdown=int(args.shutdown_grace),
+    )
+    server = uvicorn.Server(config)
+
+    async def serve() -> None:
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn exposes no event
+            await asyncio.sleep(0.02)
+        if server.started:
+            settings.ready("bridge", args.host, port)
+        await task
+
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the
+    # signal: let that end the process quietly, with status 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    try:
+        settings.run_loop(serve())
+    except KeyboardInterrupt:
+        pass
