@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -260,18 +261,25 @@ async def iterate_in_thread(
 
     job = (pool or executor()).submit(pump)
     try:
-        while True:
-            item = await queue.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        async with contextlib.aclosing(_handed_over(queue)) as items:
+            async for item in items:
+                yield item
     finally:
         generation.cancelled.set()
         if not job.cancel():
             # Started: wait for the engine to go idle even if we are being cancelled.
             await asyncio.shield(asyncio.wrap_future(job))
+
+
+async def _handed_over(queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+    """A producer's items from ``queue`` until _DONE; an exception it handed over is raised here."""
+    while True:
+        item = await queue.get()
+        if item is _DONE:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 async def iterate_in_task(produce: Callable[[], AsyncIterator[T]], generation: Generation) -> AsyncIterator[T]:
@@ -296,13 +304,9 @@ async def iterate_in_task(produce: Callable[[], AsyncIterator[T]], generation: G
 
     task = asyncio.ensure_future(pump())
     try:
-        while True:
-            item = await queue.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        async with contextlib.aclosing(_handed_over(queue)) as items:
+            async for item in items:
+                yield item
     finally:
         generation.cancelled.set()
         await asyncio.shield(task)
