@@ -10,18 +10,19 @@ plumbing; an engine only knows its model:
 * :meth:`Engine.generate` yields :class:`Delta` objects for one choice;
 * :meth:`Engine.embed` and :meth:`Engine.tokenize` do what they say.
 
-Blocking engines (llama.cpp, torch) must keep the event loop free: run the
-blocking part with :func:`iterate_in_thread` / :func:`run_blocking`, which stop
-the engine within one token once the call is cancelled.
+Blocking engines (llama.cpp, torch) must keep the event loop free: they run
+the blocking part with :func:`run_blocking` (llama.cpp: on its one compute
+thread, whose batch scheduler checks each sequence's cancel flag every step).
+An engine that runs on the event loop generates through
+:func:`iterate_in_task`, which stops it by the same flag.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -211,81 +212,10 @@ async def run_blocking(fn: Callable[..., T], *args: Any, pool: Executor | None =
 _DONE = object()
 
 
-async def iterate_in_thread(
-    make_iterator: Callable[[], Iterator[T]],
-    generation: Generation,
-    pool: Executor | None = None,
-    at_once: bool = False,
-) -> AsyncIterator[T]:
-    """Drive a blocking iterator on a thread of ``pool`` and yield its items here.
-
-    ``at_once`` hands the items over together when the iterator is done, for a
-    caller that wants the whole result anyway (a non-streamed choice): waking
-    the event loop for every token competes with the engine for the cores.
-
-    The thread checks ``generation.cancelled`` before asking for each item, so
-    a cancelled call stops the engine within one token. When the consumer
-    stops (cancel, error or close), this waits for the thread to finish before
-    returning, so the caller's slot is freed only once the engine is idle; a
-    call still waiting for the pool (a one-thread pool busy with another
-    generation) is taken off its queue instead.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-
-    def hand_over(*items: Any) -> None:
-        for item in items:
-            queue.put_nowait(item)
-
-    def pump() -> None:
-        held: list[Any] = []
-        try:
-            iterator = make_iterator()
-            try:
-                while not generation.cancelled.is_set():
-                    item = next(iterator, _DONE)
-                    if at_once and item is not _DONE:
-                        held.append(item)
-                        continue
-                    loop.call_soon_threadsafe(hand_over, *held, item)
-                    if item is _DONE:
-                        return
-            finally:
-                close = getattr(iterator, "close", None)
-                if close is not None:
-                    close()
-        except BaseException as exc:  # handed to the consumer
-            loop.call_soon_threadsafe(hand_over, *held, exc)
-            return
-        loop.call_soon_threadsafe(hand_over, _DONE)
-
-    job = (pool or executor()).submit(pump)
-    try:
-        async with contextlib.aclosing(_handed_over(queue)) as items:
-            async for item in items:
-                yield item
-    finally:
-        generation.cancelled.set()
-        if not job.cancel():
-            # Started: wait for the engine to go idle even if we are being cancelled.
-            await asyncio.shield(asyncio.wrap_future(job))
-
-
-async def _handed_over(queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
-    """A producer's items from ``queue`` until _DONE; an exception it handed over is raised here."""
-    while True:
-        item = await queue.get()
-        if item is _DONE:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-
-
 async def iterate_in_task(produce: Callable[[], AsyncIterator[T]], generation: Generation) -> AsyncIterator[T]:
     """Drive an async producer in a task of its own and yield its items here.
 
-    :func:`iterate_in_thread` for engines that run on the event loop. The
+    For engines that run on the event loop. The
     producer is not cancelled with its consumer: like a compute loop on a
     thread, it must see ``generation.cancelled`` and stop by itself, and
     the tokens it makes meanwhile count as made after the cancel. When the
@@ -304,9 +234,13 @@ async def iterate_in_task(produce: Callable[[], AsyncIterator[T]], generation: G
 
     task = asyncio.ensure_future(pump())
     try:
-        async with contextlib.aclosing(_handed_over(queue)) as items:
-            async for item in items:
-                yield item
+        while True:
+            item = await queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
     finally:
         generation.cancelled.set()
         await asyncio.shield(task)
