@@ -42,8 +42,13 @@ def busy_worker(system: EchoSystem) -> harness.Proc:
 # -- deadlines ------------------------------------------------------------------------
 
 
+def settled_cancels(system: EchoSystem) -> int:
+    """Cancels counted once nothing runs: an earlier test's cancelled call may still be finishing."""
+    return harness.wait_until(lambda: (t := worker_totals(system))[0] == 0 and (t[1],))[0]  # type: ignore[no-any-return]
+
+
 def test_rest_deadline_is_504_and_stops_the_worker(slow_system: EchoSystem) -> None:
-    _, cancelled = worker_totals(slow_system)
+    cancelled = settled_cancels(slow_system)
     started = time.monotonic()
     reply = httpx.post(
         f"{slow_system.url}/v1/chat/completions",
@@ -69,11 +74,6 @@ def test_rest_deadline_mid_stream_is_an_error_event(slow_system: EchoSystem) -> 
         events = [line.removeprefix("data: ") for line in reply.iter_lines() if line]
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "timeout"
-
-
-def settled_cancels(system: EchoSystem) -> int:
-    """Cancels counted once nothing runs: an earlier test's cancelled call may still be finishing."""
-    return harness.wait_until(lambda: (t := worker_totals(system))[0] == 0 and (t[1],))[0]  # type: ignore[no-any-return]
 
 
 def test_sdk_timeout_reaches_the_worker(slow_system: EchoSystem) -> None:
