@@ -21,12 +21,10 @@ import argparse
 import statistics
 import threading
 import time
-import urllib.request
 from typing import Any
 
-import orjson
 import servers
-from engine_raw import StreamClock
+from engine_raw import stream_timing
 from llama_server import ensure_llama_server
 from servers import Group
 
@@ -64,23 +62,7 @@ def one_stream(base: str, model: str, k: int) -> dict[str, float]:
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    request = urllib.request.Request(
-        base + "/v1/chat/completions", data=orjson.dumps(body), headers={"Content-Type": "application/json"}
-    )
-    clock = StreamClock()
-    tokens = 0
-    with urllib.request.urlopen(request, timeout=600) as reply:
-        for line in reply:
-            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-                continue
-            event = orjson.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(f"in-band error: {event}")
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-            if any((c.get("delta") or {}).get("content") for c in event.get("choices") or ()):
-                clock.content()
-    return clock.record(tokens)
+    return stream_timing(base, body, timeout=600)
 
 
 def closed_loop(base: str, model: str, clients: int, duration: float) -> dict[str, Any]:

@@ -40,7 +40,10 @@ import json
 import sys
 import threading
 import time
+import urllib.request
 from typing import Any
+
+import orjson
 
 PROMPT = "Write a long story about a robot who learns to paint."
 
@@ -170,6 +173,27 @@ class StreamClock:
             "decode_tok_s": (tokens - 1) / (last - first) if last > first else 0.0,
             "e2e_tok_s": tokens / (end - self.start),
         }
+
+
+def stream_timing(base: str, body: dict[str, Any], timeout: float = 300) -> dict[str, float]:
+    """One streamed chat through a REST bridge (or any OpenAI server), timed by a StreamClock."""
+    request = urllib.request.Request(
+        base + "/v1/chat/completions", data=orjson.dumps(body), headers={"Content-Type": "application/json"}
+    )
+    clock = StreamClock()
+    tokens = 0
+    with urllib.request.urlopen(request, timeout=timeout) as reply:
+        for line in reply:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            event = orjson.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"in-band error: {event}")
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            if any((c.get("delta") or {}).get("content") for c in event.get("choices") or ()):
+                clock.content()
+    return clock.record(tokens)
 
 
 def embed(args: argparse.Namespace) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import profiling
 import report
 import servers
 import uvloop
-from engine_raw import StreamClock, prompt
+from engine_raw import StreamClock, prompt, stream_timing
 from servers import PROJECT_PYTHON, ROOT, Group, Server
 
 WORDS = "Hello from the benchmark, how are you today?"
@@ -580,26 +580,6 @@ def engine_raw(*argv: str, timeout: float = 900) -> dict[str, Any]:
     if reply.returncode != 0:
         raise RuntimeError(f"engine_raw {argv[0]} failed:\n{reply.stderr[-3000:]}")
     return json.loads(reply.stdout.strip().splitlines()[-1])
-
-
-def stream_timing(base: str, body: dict[str, Any]) -> dict[str, float]:
-    request = urllib.request.Request(
-        base + "/v1/chat/completions", data=orjson.dumps(body), headers={"Content-Type": "application/json"}
-    )
-    clock = StreamClock()
-    tokens = 0
-    with urllib.request.urlopen(request, timeout=300) as reply:
-        for line in reply:
-            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-                continue
-            event = orjson.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(f"in-band error: {event}")
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-            if any((c.get("delta") or {}).get("content") for c in event.get("choices") or ()):
-                clock.content()
-    return clock.record(tokens)
 
 
 async def grpc_stream_timing(
