@@ -252,25 +252,33 @@ WEATHER_TOOL = {
 }
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_forced_tool_call(client: openai.OpenAI, stream: bool) -> None:
-    """tool_choice naming a function: the arguments follow its schema (grammar)."""
-    request = {
+def streamed_call(client: openai.OpenAI, request: dict[str, object]) -> tuple[str, list[str], str, str, str]:
+    """A streamed choice with a tool call: its content, finish reasons, and the call's name, arguments and id."""
+    chunks = list(client.chat.completions.create(**request, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls = [t for c in chunks if c.choices and c.choices[0].delta.tool_calls for t in c.choices[0].delta.tool_calls]
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    return content, finish, calls[0].function.name, "".join(t.function.arguments or "" for t in calls), calls[0].id
+
+
+def forced_weather_call(max_tokens: int) -> dict[str, object]:
+    return {
         "model": CHAT,
         "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
         "tools": [WEATHER_TOOL],
         "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
         "temperature": 0,
-        "max_tokens": 60,
+        "max_tokens": max_tokens,
     }
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_forced_tool_call(client: openai.OpenAI, stream: bool) -> None:
+    """tool_choice naming a function: the arguments follow its schema (grammar)."""
+    request = forced_weather_call(60)
     if stream:
-        chunks = list(client.chat.completions.create(**request, stream=True))
-        calls = [
-            t for c in chunks if c.choices and c.choices[0].delta.tool_calls for t in c.choices[0].delta.tool_calls
-        ]
-        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
-        name, arguments = calls[0].function.name, "".join(t.function.arguments or "" for t in calls)
-        assert calls[0].id and finish == ["tool_calls"]
+        _, finish, name, arguments, call_id = streamed_call(client, request)
+        assert call_id and finish == ["tool_calls"]
     else:
         choice = client.chat.completions.create(**request).choices[0]
         assert choice.finish_reason == "tool_calls"
@@ -358,23 +366,10 @@ def test_required_choice_of_two_tools_within_32_tokens(client: openai.OpenAI) ->
 @pytest.mark.parametrize("stream", [False, True])
 def test_tool_call_cut_by_max_tokens(client: openai.OpenAI, stream: bool) -> None:
     """Cut short: finish_reason "length", the partial call in tool_calls, nothing in content."""
-    request = {
-        "model": CHAT,
-        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
-        "tools": [WEATHER_TOOL],
-        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
-        "temperature": 0,
-        "max_tokens": 3,  # {"city":"Paris"} takes more than three tokens
-    }
+    request = forced_weather_call(3)  # {"city":"Paris"} takes more than three tokens
     if stream:
-        chunks = list(client.chat.completions.create(**request, stream=True))
-        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        calls = [
-            t for c in chunks if c.choices and c.choices[0].delta.tool_calls for t in c.choices[0].delta.tool_calls
-        ]
-        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        content, finish, name, arguments, _ = streamed_call(client, request)
         assert finish == ["length"]
-        name, arguments = calls[0].function.name, "".join(t.function.arguments or "" for t in calls)
     else:
         choice = client.chat.completions.create(**request).choices[0]
         assert choice.finish_reason == "length"
