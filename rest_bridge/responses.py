@@ -120,13 +120,9 @@ class ResponseStore:
 # -- Request: Responses JSON -> a chat completion body ------------------------------
 
 
-def _invalid(message: str, param: str | None) -> ApiError:
-    return errors.invalid_request(message, param)
-
-
 def _text(value: Any, param: str) -> str:
     if not isinstance(value, str):
-        raise _invalid(f"'{param}' must be a string.", param)
+        raise errors.invalid_request(f"'{param}' must be a string.", param)
     return value
 
 
@@ -135,26 +131,28 @@ def _content(content: Any, param: str) -> str | list[dict[str, Any]]:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise _invalid(f"'{param}' must be a string or a list of content parts.", param)
+        raise errors.invalid_request(f"'{param}' must be a string or a list of content parts.", param)
     parts = []
     for j, part in enumerate(content):
         where = f"{param}[{j}]"
         if not isinstance(part, dict):
-            raise _invalid(f"'{where}' must be an object.", where)
+            raise errors.invalid_request(f"'{where}' must be an object.", where)
         kind = part.get("type")
         if kind in TEXT_PARTS:
             parts.append({"type": "text", "text": _text(part.get("text"), f"{where}.text")})
         elif kind == "refusal":
             parts.append({"type": "text", "text": _text(part.get("refusal"), f"{where}.refusal")})
         else:
-            raise _invalid(f"Content parts of type '{kind}' are not supported; use input_text.", f"{where}.type")
+            raise errors.invalid_request(
+                f"Content parts of type '{kind}' are not supported; use input_text.", f"{where}.type"
+            )
     return parts
 
 
 def _call_id(item: dict[str, Any], param: str) -> str:
     call_id = item.get("call_id")
     if not isinstance(call_id, str) or not call_id:
-        raise _invalid(f"'{param}.call_id' must be a non-empty string.", f"{param}.call_id")
+        raise errors.invalid_request(f"'{param}.call_id' must be a non-empty string.", f"{param}.call_id")
     return call_id
 
 
@@ -163,18 +161,18 @@ def input_messages(value: Any, param: str = "input") -> list[dict[str, Any]]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if not isinstance(value, list):
-        raise _invalid(f"'{param}' must be a string or a list of input items.", param)
+        raise errors.invalid_request(f"'{param}' must be a string or a list of input items.", param)
     messages: list[dict[str, Any]] = []
     previous_kind = None
     for i, item in enumerate(value):
         where = f"{param}[{i}]"
         if not isinstance(item, dict):
-            raise _invalid(f"'{where}' must be an object.", where)
+            raise errors.invalid_request(f"'{where}' must be an object.", where)
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
             if role not in ROLES:
-                raise _invalid(f"'{where}.role' must be one of {', '.join(ROLES)}.", f"{where}.role")
+                raise errors.invalid_request(f"'{where}.role' must be one of {', '.join(ROLES)}.", f"{where}.role")
             messages.append({"role": role, "content": _content(item.get("content"), f"{where}.content")})
         elif kind == "function_call":
             call = {
@@ -194,7 +192,7 @@ def input_messages(value: Any, param: str = "input") -> list[dict[str, Any]]:
             content = output if isinstance(output, str) else _content(output, f"{where}.output")
             messages.append({"role": "tool", "tool_call_id": _call_id(item, where), "content": content})
         else:
-            raise _invalid(
+            raise errors.invalid_request(
                 f"Input items of type '{kind}' are not supported; use message, function_call and function_call_output.",
                 f"{where}.type",
             )
@@ -231,15 +229,15 @@ def input_items(value: Any) -> list[dict[str, Any]]:
 
 def _tools(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list):
-        raise _invalid("'tools' must be a list of tools.", "tools")
+        raise errors.invalid_request("'tools' must be a list of tools.", "tools")
     tools = []
     for i, tool in enumerate(value):
         where = f"tools[{i}]"
         if not isinstance(tool, dict):
-            raise _invalid(f"'{where}' must be an object.", where)
+            raise errors.invalid_request(f"'{where}' must be an object.", where)
         kind = tool.get("type")
         if kind != "function":
-            raise _invalid(
+            raise errors.invalid_request(
                 f"The tool type '{kind}' is not supported: tokenwire serves function tools only "
                 "(built-in tools such as web_search, file_search and computer_use are not available).",
                 f"{where}.type",
@@ -258,21 +256,21 @@ def _tool_choice(value: Any) -> Any:
     if isinstance(value, dict):
         if value.get("type") == "function":
             return {"type": "function", "function": {"name": _text(value.get("name"), "tool_choice.name")}}
-        raise _invalid(
+        raise errors.invalid_request(
             f"tool_choice of type '{value.get('type')}' is not supported; use none, auto, required or a function.",
             "tool_choice",
         )
-    raise _invalid("'tool_choice' must be a string or an object.", "tool_choice")
+    raise errors.invalid_request("'tool_choice' must be a string or an object.", "tool_choice")
 
 
 def _response_format(text: Any) -> dict[str, Any] | None:
     if not isinstance(text, dict):
-        raise _invalid("'text' must be an object.", "text")
+        raise errors.invalid_request("'text' must be an object.", "text")
     fmt = text.get("format")
     if fmt is None:
         return None
     if not isinstance(fmt, dict):
-        raise _invalid("'text.format' must be an object.", "text.format")
+        raise errors.invalid_request("'text.format' must be an object.", "text.format")
     kind = fmt.get("type")
     if kind == "text":
         return None
@@ -284,7 +282,7 @@ def _response_format(text: Any) -> dict[str, Any] | None:
             if fmt.get(key) is not None:
                 schema[key] = fmt[key]
         return {"type": "json_schema", "json_schema": schema}
-    raise _invalid(
+    raise errors.invalid_request(
         f"text.format of type '{kind}' is not supported; use text, json_object or json_schema.", "text.format.type"
     )
 
@@ -298,7 +296,7 @@ def _metadata(value: Any) -> dict[str, str]:
         for k, v in value.items()
     )
     if not ok:
-        raise _invalid(
+        raise errors.invalid_request(
             f"'metadata' must be an object of at most {METADATA_KEYS} string values "
             f"(keys up to {METADATA_KEY_CHARS} characters, values up to {METADATA_VALUE_CHARS}).",
             "metadata",
@@ -322,12 +320,14 @@ class ResponseRequest:
 def parse_request(body: dict[str, Any], previous: Stored | None) -> ResponseRequest:
     for name in ("background",):
         if body.get(name):
-            raise _invalid(f"'{name}' is not supported.", name)
+            raise errors.invalid_request(f"'{name}' is not supported.", name)
     for name in ("conversation", "prompt"):
         if body.get(name) is not None:
-            raise _invalid(f"'{name}' is not supported; use previous_response_id for conversations.", name)
+            raise errors.invalid_request(
+                f"'{name}' is not supported; use previous_response_id for conversations.", name
+            )
     if "input" not in body and previous is None:
-        raise _invalid("'input' is required.", "input")
+        raise errors.invalid_request("'input' is required.", "input")
     new_messages = input_messages(body.get("input", []))
     instructions = body.get("instructions")
     head: list[dict[str, Any]] = []
@@ -339,11 +339,11 @@ def parse_request(body: dict[str, Any], previous: Stored | None) -> ResponseRequ
     chat: dict[str, Any] = {k: body[k] for k in PASSTHROUGH if body.get(k) is not None}
     chat["messages"] = [*head, *history, *new_messages]
     if not chat["messages"]:
-        raise _invalid("'input' must not be empty.", "input")
+        raise errors.invalid_request("'input' must not be empty.", "input")
     limit = body.get("max_output_tokens")
     if limit is not None:
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise _invalid("'max_output_tokens' must be a positive integer.", "max_output_tokens")
+            raise errors.invalid_request("'max_output_tokens' must be a positive integer.", "max_output_tokens")
         chat["max_completion_tokens"] = limit
     tools = _tools(body["tools"]) if body.get("tools") is not None else []
     if tools:
@@ -358,7 +358,7 @@ def parse_request(body: dict[str, Any], previous: Stored | None) -> ResponseRequ
     stream = body.get("stream", False)
     for name, value in (("store", store), ("stream", stream)):
         if value is not None and not isinstance(value, bool):
-            raise _invalid(f"'{name}' must be a boolean.", name)
+            raise errors.invalid_request(f"'{name}' must be a boolean.", name)
     echo = {
         "model": body.get("model"),
         "instructions": instructions,
