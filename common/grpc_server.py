@@ -120,11 +120,22 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+def really_cancelled(context: grpc.aio.ServicerContext | None = None) -> bool:
+    """Whether a CancelledError here is a real cancellation: the caller gone
+    (``context``), a deadline, a shutdown. The one place this is decided.
+
+    A grpc.aio call also raises CancelledError when its channel is closed
+    under it (a worker left the pool): that is a failure of that call, to
+    fail over or answer, not a cancellation of ours.
+    """
+    task = asyncio.current_task()
+    return (context is not None and context.cancelled()) or task is None or task.cancelling() > 0
+
+
 async def _unless_really_cancelled(context: grpc.aio.ServicerContext, method: str) -> None:
     """Re-raise a real cancellation; answer a stray one (an inner call's
     channel closed) with a status, so the caller is never left waiting."""
-    task = asyncio.current_task()
-    if context.cancelled() or task is None or task.cancelling() > 0:
+    if really_cancelled(context):
         raise asyncio.CancelledError
     log.warning("a call inside %s was cut short; answering UNAVAILABLE", method)
     await abort_with(context, unavailable("A model worker went away during the request. Retry it."))

@@ -1,51 +1,23 @@
-"""The gateway's domain: OpenAI requests in, worker calls out, OpenAI objects back.
+"""The gateway's domain: OpenAI requests in, worker requests out, OpenAI objects back.
 
-Each choice of a request is one ``WorkerService.Generate`` call, dispatched
-to the least-loaded live worker of the model; ``n > 1`` and multi-prompt
-completions fan out over the pool. A stream commits nothing until every choice
-has been accepted by its worker (prompt rendered, context length checked), so
-request errors are answered before the first byte.
+Each choice of a request (``n``, and each prompt of a completion) becomes one
+worker ``GenerateRequest``; :mod:`gateway.dispatch` decides where each runs and
+merges their messages. This module only builds and assembles.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
-import grpc
 import shortuuid
 
 from common import errors
 from common.grpc_server import outgoing_metadata
-from gateway.metrics import current_watch
-from gateway.pool import WorkerHandle, WorkerPool
+from gateway.dispatch import Dispatcher
+from gateway.pool import WorkerPool
 from gateway.validation import Limits, check_chat, check_completion, check_embedding
 from tokenwire.v1 import api_pb2, common_pb2, worker_pb2
-
-T = TypeVar("T")
-
-# Worker errors that mean "try another worker" when nothing was produced yet.
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
-_MAX_ATTEMPTS = 3
-
-
-class _ChannelClosed(grpc.aio.AioRpcError):
-    """A worker call cut short by its channel closing (the worker left the pool)."""
-
-    def __init__(self) -> None:
-        super().__init__(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "worker channel closed")
-
-
-def _really_cancelled() -> bool:
-    """Whether this task was asked to stop (client gone, deadline, shutdown).
-
-    A grpc.aio call also raises CancelledError when its channel is closed under
-    it; that is a worker failure, not a cancellation of ours.
-    """
-    task = asyncio.current_task()
-    return task is None or task.cancelling() > 0
 
 
 def completion_id(prefix: str) -> str:
@@ -55,9 +27,8 @@ def completion_id(prefix: str) -> str:
 class Inference:
     def __init__(self, pool: WorkerPool, limits: Limits | None = None) -> None:
         self.pool = pool
+        self.dispatch = Dispatcher(pool)
         self.limits = limits or Limits()
-
-    # -- dispatch ---------------------------------------------------------------
 
     def _require_kind(self, model: str, generation: bool) -> common_pb2.ModelInfo:
         info = self.pool.model_info(model)
@@ -68,141 +39,9 @@ class Inference:
             raise errors.wrong_model_kind(model, "embeddings")
         return info
 
-    def _failover(
-        self, error: grpc.aio.AioRpcError, handle: WorkerHandle, tried: frozenset[str], attempt: int, model: str
-    ) -> frozenset[str]:
-        """The workers to skip on the next attempt, or raise ``error`` as ours."""
-        if error.code() not in _RETRYABLE or attempt == _MAX_ATTEMPTS:
-            raise errors.ApiError.from_rpc_error(error) from None
-        if error.code() == grpc.StatusCode.UNAVAILABLE:
-            self.pool.remove(handle.worker_id)
-        tried |= {handle.worker_id}
-        if not any(w.worker_id not in tried for w in self.pool.workers(model)):
-            raise errors.ApiError.from_rpc_error(error) from None
-        return tried
-
-    async def _generate(
-        self, model: str, request: worker_pb2.GenerateRequest, timeout: float | None
-    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        """One choice on one worker. A worker that refuses the call (full), or
-        fails before the first token (unreachable, killed), is replaced by
-        another one; the caller sees one uninterrupted stream. A buffered
-        (non-streamed) choice is one unary GenerateChoice call."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if request.buffered:
-            # Nobody streams it: one unary call, cheaper than a stream of one message.
-            def whole(handle: WorkerHandle) -> Awaitable[worker_pb2.GenerateChoiceResponse]:
-                remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-                return handle.stub.GenerateChoice(  # type: ignore[no-any-return]
-                    worker_pb2.GenerateChoiceRequest(request=request),
-                    timeout=remaining,
-                    metadata=outgoing_metadata(),
-                )
-
-            yield (await self._unary(model, whole)).choice
-            return
-        tried: frozenset[str] = frozenset()
-        accepted = produced = False
-        for attempt in range(1, _MAX_ATTEMPTS + 1):
-            handle = self.pool.pick(model, tried)
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-            with self.pool.lease(handle):
-                call = handle.stub.Generate(request, timeout=remaining, metadata=outgoing_metadata())
-                first = True
-                try:
-                    async for response in call:
-                        if first:
-                            first = False
-                            if accepted:  # a replacement worker: its acceptance is not news
-                                continue
-                            accepted = True
-                        else:
-                            produced = True
-                        yield response
-                    return
-                except grpc.aio.AioRpcError as error:
-                    if produced:
-                        raise errors.ApiError.from_rpc_error(error) from None
-                    tried = self._failover(error, handle, tried, attempt, model)
-                except asyncio.CancelledError:
-                    if _really_cancelled() or produced:
-                        raise
-                    tried = self._failover(_ChannelClosed(), handle, tried, attempt, model)
-                finally:
-                    call.cancel()
-
-    async def _unary(self, model: str, call: Callable[[WorkerHandle], Awaitable[T]]) -> T:
-        """A unary worker call with the same failover as generation."""
-        tried: frozenset[str] = frozenset()
-        for attempt in range(1, _MAX_ATTEMPTS + 1):
-            handle = self.pool.pick(model, tried)
-            with self.pool.lease(handle):
-                try:
-                    return await call(handle)
-                except grpc.aio.AioRpcError as error:
-                    tried = self._failover(error, handle, tried, attempt, model)
-                except asyncio.CancelledError:
-                    if _really_cancelled():
-                        raise
-                    tried = self._failover(_ChannelClosed(), handle, tried, attempt, model)
-        raise AssertionError("unreachable")
-
-    async def _choices(
-        self, model: str, requests: list[worker_pb2.GenerateRequest], timeout: float | None
-    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        """All choices, merged as they come; nothing before every choice is accepted."""
-        watch = current_watch.get()
-        if len(requests) == 1:
-            async for response in self._generate(model, requests[0], timeout):
-                if watch is not None and response.text:
-                    watch.token()
-                yield response
-            return
-
-        queue: asyncio.Queue[worker_pb2.GenerateResponse | BaseException | None] = asyncio.Queue()
-
-        async def run(request: worker_pb2.GenerateRequest) -> None:
-            try:
-                async for response in self._generate(model, request, timeout):
-                    queue.put_nowait(response)
-            except Exception as error:
-                queue.put_nowait(error)
-            else:
-                queue.put_nowait(None)
-
-        tasks = [asyncio.create_task(run(r)) for r in requests]
-        try:
-            held: list[worker_pb2.GenerateResponse] = []
-            accepted: set[int] = set()
-            running = len(tasks)
-            while running:
-                item = await queue.get()
-                if item is None:
-                    running -= 1
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
-                if len(accepted) < len(requests):
-                    accepted.add(item.index)
-                    held.append(item)
-                    if len(accepted) == len(requests):
-                        for response in held:
-                            yield response
-                        held.clear()
-                    continue
-                if watch is not None and item.text:
-                    watch.token()
-                yield item
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
     # -- chat -------------------------------------------------------------------
 
-    def _chat_requests(
-        self, request: api_pb2.CreateChatCompletionRequest, buffered: bool
-    ) -> list[worker_pb2.GenerateRequest]:
+    def _chat_requests(self, request: api_pb2.CreateChatCompletionRequest) -> list[worker_pb2.GenerateRequest]:
         check_chat(request, self.limits)
         self._require_kind(request.model, generation=True)
         sampling = _sampling(request)
@@ -222,7 +61,6 @@ class Inference:
                     response_format=request.response_format,
                     tools=request.tools,
                     tool_choice=request.tool_choice,
-                    buffered=buffered,
                 )
             )
         return out
@@ -231,7 +69,7 @@ class Inference:
         self, request: api_pb2.CreateChatCompletionRequest, timeout: float | None
     ) -> AsyncIterator[api_pb2.StreamChatCompletionResponse]:
         """Chunks as OpenAI streams them; the last one has ``choices: []`` and the usage."""
-        requests = self._chat_requests(request, buffered=False)
+        requests = self._chat_requests(request)
         chunk_id, created, model = completion_id("chatcmpl"), int(time.time()), request.model
         for r in requests:
             r.request_id = chunk_id
@@ -244,7 +82,7 @@ class Inference:
         prompt_tokens = 0
         completion_tokens = [0] * len(requests)
         started: set[int] = set()
-        async for response in self._choices(model, requests, timeout):
+        async for response in self.dispatch.choices(model, requests, timeout, stream=True):
             i = response.index
             if i not in started:
                 started.add(i)
@@ -280,7 +118,7 @@ class Inference:
     async def chat(
         self, request: api_pb2.CreateChatCompletionRequest, timeout: float | None
     ) -> api_pb2.CreateChatCompletionResponse:
-        requests = self._chat_requests(request, buffered=True)
+        requests = self._chat_requests(request)
         response_id = completion_id("chatcmpl")
         for r in requests:
             r.request_id = response_id
@@ -291,7 +129,7 @@ class Inference:
         texts: list[list[str]] = [[] for _ in requests]
         prompt_tokens = 0
         completion_tokens = [0] * len(requests)
-        async for response in self._choices(request.model, requests, timeout):
+        async for response in self.dispatch.choices(request.model, requests, timeout, stream=False):
             i = response.index
             prompt_tokens = response.usage.prompt_tokens
             completion_tokens[i] = response.usage.completion_tokens
@@ -319,9 +157,7 @@ class Inference:
 
     # -- completions --------------------------------------------------------------
 
-    def _completion_requests(
-        self, request: api_pb2.CreateCompletionRequest, buffered: bool
-    ) -> list[worker_pb2.GenerateRequest]:
+    def _completion_requests(self, request: api_pb2.CreateCompletionRequest) -> list[worker_pb2.GenerateRequest]:
         check_completion(request, self.limits)
         self._require_kind(request.model, generation=True)
         sampling = _sampling(request)
@@ -340,20 +176,19 @@ class Inference:
                         top_logprobs=request.logprobs,
                         echo=request.echo,
                         response_format=request.response_format,
-                        buffered=buffered,
                     )
                 )
         return out
 
     async def _completion_choices(
-        self, request: api_pb2.CreateCompletionRequest, timeout: float | None, response_id: str, buffered: bool
+        self, request: api_pb2.CreateCompletionRequest, timeout: float | None, response_id: str, stream: bool
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         """Worker responses of every choice, with text_offset filled in."""
-        requests = self._completion_requests(request, buffered)
+        requests = self._completion_requests(request)
         for r in requests:
             r.request_id = response_id
         offsets = [0] * len(requests)
-        async for response in self._choices(request.model, requests, timeout):
+        async for response in self.dispatch.choices(request.model, requests, timeout, stream):
             for entry in response.logprobs:
                 entry.text_offset = offsets[response.index]
                 offsets[response.index] += len(entry.token)
@@ -374,7 +209,7 @@ class Inference:
         n = request.n if request.HasField("n") else 1
         prompt_tokens: dict[int, int] = {}
         completion_tokens: dict[int, int] = {}
-        async for response in self._completion_choices(request, timeout, response_id, buffered=False):
+        async for response in self._completion_choices(request, timeout, response_id, stream=True):
             if response.index not in prompt_tokens:  # the "accepted" message
                 prompt_tokens[response.index] = response.usage.prompt_tokens
                 continue
@@ -404,7 +239,7 @@ class Inference:
         texts: dict[int, list[str]] = {}
         prompt_tokens: dict[int, int] = {}
         completion_tokens: dict[int, int] = {}
-        async for response in self._completion_choices(request, timeout, response_id, buffered=True):
+        async for response in self._completion_choices(request, timeout, response_id, stream=False):
             i = response.index
             if i not in choices:
                 choices[i] = api_pb2.CompletionChoice(index=i)
@@ -437,7 +272,7 @@ class Inference:
         worker_request = worker_pb2.EmbedRequest(input=request.input)
         if request.HasField("dimensions"):
             worker_request.dimensions = request.dimensions
-        reply = await self._unary(
+        reply = await self.dispatch.unary(
             request.model, lambda h: h.stub.Embed(worker_request, timeout=timeout, metadata=outgoing_metadata())
         )
         return api_pb2.CreateEmbeddingResponse(
@@ -484,7 +319,7 @@ class Inference:
             raise errors.invalid_request("Give exactly one of 'prompt' and 'messages'.", "prompt")
         info = self.pool.model_info(request.model)
         worker_request = worker_pb2.WorkerServiceCountTokensRequest(prompt=request.prompt, messages=request.messages)
-        reply = await self._unary(
+        reply = await self.dispatch.unary(
             request.model, lambda h: h.stub.CountTokens(worker_request, timeout=timeout, metadata=outgoing_metadata())
         )
         return api_pb2.CountTokensResponse(count=reply.count, context_length=info.context_length)
@@ -505,7 +340,7 @@ class Inference:
             worker_request.messages.CopyFrom(request.messages)
         else:
             worker_request.prompt = request.prompt
-        reply = await self._unary(
+        reply = await self.dispatch.unary(
             request.model, lambda h: h.stub.Tokenize(worker_request, timeout=timeout, metadata=outgoing_metadata())
         )
         return api_pb2.TokenizeResponse(
@@ -517,7 +352,7 @@ class Inference:
             raise errors.invalid_request("you must provide a model parameter", "model")
         self.pool.model_info(request.model)
         worker_request = worker_pb2.WorkerServiceDetokenizeRequest(token_ids=request.tokens)
-        reply = await self._unary(
+        reply = await self.dispatch.unary(
             request.model, lambda h: h.stub.Detokenize(worker_request, timeout=timeout, metadata=outgoing_metadata())
         )
         return api_pb2.DetokenizeResponse(prompt=reply.text)
@@ -531,7 +366,7 @@ class Inference:
                 raise errors.invalid_request("you must provide a model parameter", f"prompts[{i}].model")
             info = self.pool.model_info(item.model)
             worker_request = worker_pb2.WorkerServiceCountTokensRequest(prompt=item.prompt)
-            reply = await self._unary(
+            reply = await self.dispatch.unary(
                 item.model,
                 lambda h, r=worker_request: h.stub.CountTokens(r, timeout=timeout, metadata=outgoing_metadata()),
             )

@@ -1,9 +1,8 @@
-"""The gateway's live view of the workers, and dispatch.
+"""The gateway's live view of the workers (dispatch over it: gateway/dispatch.py).
 
 The view follows the registry's watch stream (in-process, or over gRPC from a
 standalone registry); each worker gets one long-lived channel, opened when it
-appears and closed when it goes. A request picks the least-loaded live worker
-of its model without asking anyone: no control round trip per request.
+appears and closed when it goes.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -143,23 +141,6 @@ class WorkerPool:
         if known is None:
             raise errors.model_not_found(model)
         return known[0]
-
-    def pick(self, model: str, exclude: frozenset[str] = frozenset()) -> WorkerHandle:
-        candidates = [w for w in self.workers(model) if w.worker_id not in exclude]
-        if not candidates:
-            if model not in self._known_models:
-                raise errors.model_not_found(model)
-            raise errors.no_worker(model)
-        best = min(w.load() for w in candidates)
-        return random.choice([w for w in candidates if w.load() == best])
-
-    @contextlib.contextmanager
-    def lease(self, handle: WorkerHandle) -> contextlib.AbstractContextManager[WorkerHandle]:  # type: ignore[misc]
-        handle.in_flight += 1
-        try:
-            yield handle
-        finally:
-            handle.in_flight -= 1
 
 
 def local_source(registry: object) -> WatchSource:

@@ -1,0 +1,204 @@
+"""Dispatch: which worker runs a call, what happens when it fails, and fan-out.
+
+- **pick**: the least-loaded live worker of the model (ties broken at random),
+  from the pool's view; no control round trip per request.
+- **lease**: a call counts in its worker's in-flight load while it runs.
+- **failover**: a worker that refuses a call (full) or fails before producing
+  anything (unreachable, killed) is replaced by another, up to three attempts;
+  the caller sees one uninterrupted call.
+- **accepted**: a streamed choice's first message means "accepted by its
+  worker" (prompt rendered, context checked). A fan-out yields nothing until
+  every choice is accepted, so request errors are answered before the first
+  byte of a response.
+
+A non-streamed choice is one unary ``GenerateChoice`` call: cheaper than a
+stream of one message, and the worker hands the choice over once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TypeVar
+
+import grpc
+
+from common import errors
+from common.grpc_server import outgoing_metadata, really_cancelled
+from gateway.metrics import current_watch
+from gateway.pool import WorkerHandle, WorkerPool
+from tokenwire.v1 import worker_pb2
+
+T = TypeVar("T")
+
+# Worker errors that mean "try another worker" when nothing was produced yet.
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+MAX_ATTEMPTS = 3
+
+
+class _ChannelClosed(grpc.aio.AioRpcError):
+    """A worker call cut short by its channel closing (the worker left the pool)."""
+
+    def __init__(self) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "worker channel closed")
+
+
+class Dispatcher:
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+
+    def pick(self, model: str, exclude: frozenset[str] = frozenset()) -> WorkerHandle:
+        candidates = [w for w in self.pool.workers(model) if w.worker_id not in exclude]
+        if not candidates:
+            self.pool.model_info(model)  # 404 for a model never served
+            raise errors.no_worker(model)
+        best = min(w.load() for w in candidates)
+        return random.choice([w for w in candidates if w.load() == best])
+
+    @staticmethod
+    @contextlib.contextmanager
+    def lease(handle: WorkerHandle) -> Iterator[WorkerHandle]:
+        handle.in_flight += 1
+        try:
+            yield handle
+        finally:
+            handle.in_flight -= 1
+
+    def _failover(
+        self, error: grpc.aio.AioRpcError, handle: WorkerHandle, tried: frozenset[str], attempt: int, model: str
+    ) -> frozenset[str]:
+        """The workers to skip on the next attempt, or raise ``error`` as ours."""
+        if error.code() not in _RETRYABLE or attempt == MAX_ATTEMPTS:
+            raise errors.ApiError.from_rpc_error(error) from None
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            self.pool.remove(handle.worker_id)
+        tried |= {handle.worker_id}
+        if not any(w.worker_id not in tried for w in self.pool.workers(model)):
+            raise errors.ApiError.from_rpc_error(error) from None
+        return tried
+
+    async def unary(self, model: str, call: Callable[[WorkerHandle], Awaitable[T]]) -> T:
+        """One unary worker call, failed over like a choice."""
+        tried: frozenset[str] = frozenset()
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            handle = self.pick(model, tried)
+            with self.lease(handle):
+                try:
+                    return await call(handle)
+                except grpc.aio.AioRpcError as error:
+                    tried = self._failover(error, handle, tried, attempt, model)
+                except asyncio.CancelledError:
+                    if really_cancelled():
+                        raise
+                    tried = self._failover(_ChannelClosed(), handle, tried, attempt, model)
+        raise AssertionError("unreachable")
+
+    async def _stream(
+        self, model: str, request: worker_pb2.GenerateRequest, deadline: float | None
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """One streamed choice; a replacement worker's "accepted" is not passed on."""
+        tried: frozenset[str] = frozenset()
+        accepted = produced = False
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            handle = self.pick(model, tried)
+            with self.lease(handle):
+                call = handle.stub.Generate(request, timeout=_remaining(deadline), metadata=outgoing_metadata())
+                first = True
+                try:
+                    async for response in call:
+                        if first:
+                            first = False
+                            if accepted:
+                                continue
+                            accepted = True
+                        else:
+                            produced = True
+                        yield response
+                    return
+                except grpc.aio.AioRpcError as error:
+                    if produced:
+                        raise errors.ApiError.from_rpc_error(error) from None
+                    tried = self._failover(error, handle, tried, attempt, model)
+                except asyncio.CancelledError:
+                    if produced or really_cancelled():
+                        raise
+                    tried = self._failover(_ChannelClosed(), handle, tried, attempt, model)
+                finally:
+                    call.cancel()
+
+    async def _choice(
+        self, model: str, request: worker_pb2.GenerateRequest, deadline: float | None, stream: bool
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        if stream:
+            async for response in self._stream(model, request, deadline):
+                yield response
+            return
+
+        def whole(handle: WorkerHandle) -> Awaitable[worker_pb2.GenerateChoiceResponse]:
+            return handle.stub.GenerateChoice(  # type: ignore[no-any-return]
+                worker_pb2.GenerateChoiceRequest(request=request),
+                timeout=_remaining(deadline),
+                metadata=outgoing_metadata(),
+            )
+
+        yield (await self.unary(model, whole)).choice
+
+    async def choices(
+        self, model: str, requests: list[worker_pb2.GenerateRequest], timeout: float | None, stream: bool
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """Every choice's worker messages, merged as they come; nothing before
+        every choice is accepted. Non-streamed choices yield one message each."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        watch = current_watch.get()
+        if len(requests) == 1:
+            async for response in self._choice(model, requests[0], deadline, stream):
+                if watch is not None and response.text:
+                    watch.token()
+                yield response
+            return
+
+        queue: asyncio.Queue[worker_pb2.GenerateResponse | BaseException | None] = asyncio.Queue()
+
+        async def run(request: worker_pb2.GenerateRequest) -> None:
+            try:
+                async for response in self._choice(model, request, deadline, stream):
+                    queue.put_nowait(response)
+            except Exception as error:
+                queue.put_nowait(error)
+            else:
+                queue.put_nowait(None)
+
+        tasks = [asyncio.create_task(run(r)) for r in requests]
+        try:
+            held: list[worker_pb2.GenerateResponse] = []
+            accepted: set[int] = set()
+            running = len(tasks)
+            while running:
+                item = await queue.get()
+                if item is None:
+                    running -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if len(accepted) < len(requests):
+                    accepted.add(item.index)
+                    held.append(item)
+                    if len(accepted) == len(requests):
+                        for response in held:
+                            yield response
+                        held.clear()
+                    continue
+                if watch is not None and item.text:
+                    watch.token()
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - time.monotonic(), 0.001)
