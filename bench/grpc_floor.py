@@ -6,7 +6,7 @@ CPU from /proc. Three call shapes, each with no interceptor and with three
 pass-through interceptors (tokenwire's servers run three: request id, auth, errors):
 
 - ``unary``: one request, one response (the bridge -> gateway call of a non-streamed request);
-- ``stream_1``: one request, a stream of one message (a worker's buffered ``Generate``);
+- ``stream_1``: one request, a stream of one message (a whole choice sent as a stream);
 - ``stream_2``: one request, a stream of two messages ("accepted" + one chunk).
 
 Prints one JSON object. Run by ``bench/run.py`` (section ``floor``), or alone:

@@ -208,19 +208,13 @@ async def test_fast_engine_deltas_are_grouped(echo_system: EchoSystem) -> None:
     assert sum(len(r.token_ids) for r in responses) == 16
     assert responses[-1].finish_reason == "length" and responses[-1].usage.completion_tokens == 16
     assert len(responses) < 1 + 16
-    # Not streamed to anyone: one message carries the whole choice.
+    # Not streamed to anyone (the unary form the gateway uses for
+    # non-streamed requests): one message carries the whole choice.
     async with grpc.aio.insecure_channel(echo_system.chat_workers[0].address) as channel:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
-        request.buffered = True
-        whole = [r async for r in stub.Generate(request)]
-    assert len(whole) == 1
-    assert whole[0].text == text and whole[0].usage == responses[-1].usage
-    # The unary form the gateway uses for non-streamed requests: the same choice.
-    async with grpc.aio.insecure_channel(echo_system.chat_workers[0].address) as channel:
-        stub = worker_pb2_grpc.WorkerServiceStub(channel)
-        request.buffered = False
         reply = await stub.GenerateChoice(worker_pb2.GenerateChoiceRequest(request=request))
-    assert reply.choice == whole[0]
+    assert reply.choice.text == text and reply.choice.usage == responses[-1].usage
+    assert len(reply.choice.token_ids) == 16 and reply.choice.finish_reason == "length"
 
 
 async def test_stream_interval_holds_messages_for_tokens() -> None:

@@ -73,11 +73,14 @@ class Generation:
     The worker sets :attr:`cancelled` when the caller goes away; the engine
     calls :meth:`produced` for every token it makes, so the worker can report
     how many tokens were made after the cancel (the goal is at most one).
+    :attr:`whole` says nobody streams this choice (``GenerateChoice``): an
+    engine may hand it over once, when it is done.
     """
 
-    __slots__ = ("cancelled", "tokens", "tokens_after_cancel")
+    __slots__ = ("cancelled", "tokens", "tokens_after_cancel", "whole")
 
-    def __init__(self) -> None:
+    def __init__(self, whole: bool = False) -> None:
+        self.whole = whole
         self.cancelled = threading.Event()
         self.tokens = 0
         self.tokens_after_cancel = 0

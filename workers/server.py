@@ -143,22 +143,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        return self._generate(request)
+        return self._generate(request, Generation())
 
     async def GenerateChoice(
         self, request: worker_pb2.GenerateChoiceRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.GenerateChoiceResponse:
-        request.request.buffered = True
         # Run to the end (not closed after the message), so it counts as finished.
-        (choice,) = [message async for message in self._generate(request.request)]
+        (choice,) = [message async for message in self._generate(request.request, Generation(whole=True))]
         return worker_pb2.GenerateChoiceResponse(choice=choice)
 
-    async def _generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
+    async def _generate(
+        self, request: worker_pb2.GenerateRequest, generation: Generation
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         if self.engine.info.kind == common_pb2.MODEL_KIND_EMBEDDING:
             raise errors.wrong_model_kind(self.engine.info.name, "text generation")
         self.stats.requests_total += 1
         started = time.perf_counter()
-        status, generation = "ok", Generation()
+        status = "ok"
         totals = _Totals(request.index, 0)
         try:
             async with self.slots.acquire():
@@ -166,7 +167,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 totals.prompt_tokens = prepared.prompt_tokens
                 max_tokens = resolve_max_tokens(self.engine, request, prepared.prompt_tokens, prepared.param)
                 deltas = self.engine.generate(request, prepared, max_tokens, generation)
-                if request.buffered:
+                if generation.whole:
                     # Not streamed to anyone: the whole choice in one message.
                     yield totals.message([delta async for delta in deltas])
                 else:

@@ -524,9 +524,8 @@ async def test_buffered_choice_is_handed_over_when_done(engine: LlamaCppEngine) 
     # once, not once per token; its deltas are the streamed ones.
     request = chat(("user", "Name three colours."), sampling=worker_pb2.SamplingParams(temperature=0))
     streamed, _ = await run(engine, request)
-    request.buffered = True
     prepared = await engine.prepare(request)
-    generation = Generation()
+    generation = Generation(whole=True)
     made_before_first: int | None = None
     buffered = []
     async for delta in engine.generate(request, prepared, 32, generation):
@@ -540,7 +539,6 @@ async def test_buffered_choice_is_handed_over_when_done(engine: LlamaCppEngine) 
 
 async def test_cancelled_buffered_choice_stops_within_a_token(engine: LlamaCppEngine) -> None:
     request = long_request()
-    request.buffered = True
     prepared = await engine.prepare(request)
     loop = asyncio.get_running_loop()
     three = asyncio.Event()
@@ -551,7 +549,7 @@ async def test_cancelled_buffered_choice_stops_within_a_token(engine: LlamaCppEn
             if self.tokens == 3:
                 loop.call_soon_threadsafe(three.set)
 
-    generation = Watched()
+    generation = Watched(whole=True)
 
     async def consume() -> None:
         async for _ in engine.generate(request, prepared, 200, generation):

@@ -530,7 +530,7 @@ class LlamaCppEngine(Engine):
             make_sampler=lambda: self._sampler(request.sampling, plan.grammar),
             prompt_rows=echo and request.logprobs,
             logits=request.logprobs,
-            buffered=request.buffered,
+            buffered=generation.whole,
         )
         # aclosing: when our consumer stops, the sequence must have left the
         # batch (its KV freed) before we return, not at garbage collection.

@@ -141,7 +141,6 @@ class GenerateRequest(_message.Message):
     RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
     TOOL_CHOICE_FIELD_NUMBER: _builtins.int
-    BUFFERED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     index: _builtins.int
     """The choice index, echoed on every response."""
@@ -152,10 +151,6 @@ class GenerateRequest(_message.Message):
     top_logprobs: _builtins.int
     echo: _builtins.bool
     """Completions: return the prompt (and its logprobs) before the output."""
-    buffered: _builtins.bool
-    """The caller does not stream: send the whole choice as one message when it
-    is done (no "accepted" message, no deltas). Saves a message per token.
-    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
         """Chat: messages to render with the model's template. Completion: prompt."""
@@ -184,11 +179,10 @@ class GenerateRequest(_message.Message):
         response_format: _common_pb2.ResponseFormat | None = ...,
         tools: _abc.Iterable[_common_pb2.Tool] | None = ...,
         tool_choice: _common_pb2.ToolChoice | None = ...,
-        buffered: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["prompt", b"prompt", "response_format", b"response_format", "sampling", b"sampling", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffered", b"buffered", "echo", b"echo", "index", b"index", "logprobs", b"logprobs", "messages", b"messages", "prompt", b"prompt", "request_id", b"request_id", "response_format", b"response_format", "sampling", b"sampling", "tool_choice", b"tool_choice", "tools", b"tools", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["echo", b"echo", "index", b"index", "logprobs", b"logprobs", "messages", b"messages", "prompt", b"prompt", "request_id", b"request_id", "response_format", b"response_format", "sampling", b"sampling", "tool_choice", b"tool_choice", "tools", b"tools", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

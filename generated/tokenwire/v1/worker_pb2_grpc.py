@@ -90,7 +90,7 @@ class WorkerServiceServicer:
         no text: it means the prompt was accepted (context length checked) and
         generation started. Then text deltas (a delta may carry several tokens
         when the engine outpaces the wire); the last response carries
-        finish_reason. With `buffered`, one response carries the whole choice.
+        finish_reason. A caller that does not stream uses GenerateChoice.
         Cancelling the call stops generation within one token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -41,7 +41,7 @@ class WorkerServiceStub:
     no text: it means the prompt was accepted (context length checked) and
     generation started. Then text deltas (a delta may carry several tokens
     when the engine outpaces the wire); the last response carries
-    finish_reason. With `buffered`, one response carries the whole choice.
+    finish_reason. A caller that does not stream uses GenerateChoice.
     Cancelling the call stops generation within one token.
     """
     GenerateChoice: _grpc.UnaryUnaryMultiCallable[_worker_pb2.GenerateChoiceRequest, _worker_pb2.GenerateChoiceResponse]
@@ -73,7 +73,7 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     no text: it means the prompt was accepted (context length checked) and
     generation started. Then text deltas (a delta may carry several tokens
     when the engine outpaces the wire); the last response carries
-    finish_reason. With `buffered`, one response carries the whole choice.
+    finish_reason. A caller that does not stream uses GenerateChoice.
     Cancelling the call stops generation within one token.
     """
     GenerateChoice: _aio.UnaryUnaryMultiCallable[_worker_pb2.GenerateChoiceRequest, _worker_pb2.GenerateChoiceResponse]  # type: ignore[assignment]
@@ -108,7 +108,7 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         no text: it means the prompt was accepted (context length checked) and
         generation started. Then text deltas (a delta may carry several tokens
         when the engine outpaces the wire); the last response carries
-        finish_reason. With `buffered`, one response carries the whole choice.
+        finish_reason. A caller that does not stream uses GenerateChoice.
         Cancelling the call stops generation within one token.
         """
 
