@@ -139,7 +139,7 @@ def _peer_identity(context: grpc.aio.ServicerContext) -> str | None:
     for key in ("x509_subject", "x509_common_name"):
         values = auth.get(key)
         if values:
-            return values[0].decode(errors="replace")  # type: ignore[no-any-return]
+            return values[0].decode(errors="replace")
     return None
 
 
@@ -170,7 +170,7 @@ class ClusterAuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not settings.closed or not handler_call_details.method.startswith(PROTECTED_PREFIXES):
             return handler
         if settings.digest is not None and not _token_matches(
-            handler_call_details.invocation_metadata,  # type: ignore[arg-type]
+            handler_call_details.invocation_metadata,
             settings.digest,
         ):
             return _wrap(handler, lambda context: False)
@@ -197,7 +197,7 @@ def _wrap(handler: grpc.RpcMethodHandler, allowed: Callable[[grpc.aio.ServicerCo
             await check(context)
             return await unary(request, context)
 
-        return handler._replace(**{kind: checked_unary})  # type: ignore[attr-defined]
+        return handler._replace(**{kind: checked_unary})
     kind = "unary_stream" if handler.unary_stream is not None else "stream_stream"
     stream = getattr(handler, kind)
 
@@ -206,4 +206,4 @@ def _wrap(handler: grpc.RpcMethodHandler, allowed: Callable[[grpc.aio.ServicerCo
         async for response in stream(request, context):
             yield response
 
-    return handler._replace(**{kind: checked_stream})  # type: ignore[attr-defined]
+    return handler._replace(**{kind: checked_stream})

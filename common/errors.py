@@ -89,9 +89,9 @@ class ApiError(Exception):
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> ApiError:
         """Rebuild the error a peer sent (or describe a transport failure)."""
-        code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-        message: str = error.details() or code.name.lower()  # type: ignore[attr-defined]
-        trailing = error.trailing_metadata() or ()  # type: ignore[attr-defined]
+        code: grpc.StatusCode = error.code()
+        message: str = error.details() or code.name.lower()
+        trailing = error.trailing_metadata() or ()
         for key, value in trailing:
             if key != _DETAILS_KEY:
                 continue

@@ -114,9 +114,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, method))  # type: ignore[attr-defined]
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, method))
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream, method))  # type: ignore[attr-defined]
+            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream, method))
         return handler
 
 
@@ -188,7 +188,7 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler_call_details.method.startswith("/grpc."):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
-        rid = clean_request_id(metadata.get(REQUEST_ID_HEADER))  # type: ignore[arg-type]
+        rid = clean_request_id(metadata.get(REQUEST_ID_HEADER))
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
 
@@ -196,7 +196,7 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
                 request_id.set(rid)
                 return await behavior(request, context)
 
-            return handler._replace(unary_unary=unary)  # type: ignore[attr-defined]
+            return handler._replace(unary_unary=unary)
         if handler.unary_stream is not None:
             stream_behavior = handler.unary_stream
 
@@ -205,7 +205,7 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
                 async for response in stream_behavior(request, context):
                     yield response
 
-            return handler._replace(unary_stream=stream)  # type: ignore[attr-defined]
+            return handler._replace(unary_stream=stream)
         return handler
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import grpc
 
@@ -13,7 +14,7 @@ from common.grpc_server import GrpcServer
 from common.observability import serve_metrics
 from gateway.auth import ApiKeys, AuthInterceptor, KeyLimits, KeySpec
 from gateway.inference import Inference
-from gateway.pool import WorkerPool, local_source, remote_source
+from gateway.pool import WorkerPool, remote_source
 from gateway.registry import Registry, RegistryServicer
 from gateway.service import InferenceServicer
 from gateway.validation import Limits
@@ -55,14 +56,14 @@ async def run_gateway(
     SERVING only while each expected model (default: each model seen) has a
     live worker, which is what the bridge's /ready reports.
     """
-    services = []
+    services: list[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]] = []
     registry: Registry | None = None
     registry_server: GrpcServer | None = None
     if controller_address:
         source = remote_source(controller_address)
     else:
         registry = Registry(expiry=heartbeat_expiry)
-        source = local_source(registry)
+        source = registry.watch
         registry_service = (
             registry_pb2_grpc.add_RegistryServiceServicer_to_server,
             RegistryServicer(registry),
@@ -81,15 +82,15 @@ async def run_gateway(
     bound = server.bind(f"{host}:{port}", tls)
     registry_where = controller_address or "in-process, same port"
     if registry_server is not None:
-        registry_host = registry_host or host
-        registry_bound = registry_server.bind(f"{registry_host}:{registry_port}", registry_tls)
-        registry_where = f"in-process, on {registry_host}:{registry_bound}"
+        registry_on = registry_host or host
+        registry_bound = registry_server.bind(f"{registry_on}:{registry_port}", registry_tls)
+        registry_where = f"in-process, on {registry_on}:{registry_bound}"
     pool.start()
     expiry_task = asyncio.create_task(registry.run_expiry()) if registry is not None else None
     if registry_server is not None:
         await registry_server.start()
         if on_registry_ready is not None:
-            on_registry_ready(registry_host, registry_bound)
+            on_registry_ready(registry_on, registry_bound)
     await server.start()
     readiness = asyncio.create_task(_follow_readiness(server, pool, expect_models or []))
     if metrics_port is not None:

@@ -145,7 +145,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
         authorization = metadata.get("authorization")
-        state = self.keys.lookup(authorization)  # type: ignore[arg-type]
+        state = self.keys.lookup(authorization)
         if state is None:
             given = bool(str(authorization or "").partition(" ")[2].strip())
             return _deny(handler, errors.invalid_api_key() if given else errors.missing_api_key())
@@ -163,10 +163,10 @@ def _deny(handler: grpc.RpcMethodHandler, error: errors.ApiError) -> grpc.RpcMet
     async def deny_unary(request: object, context: grpc.aio.ServicerContext) -> None:
         await abort_with(context, error)
 
-    async def deny_stream(request: object, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+    async def deny_stream(request: object, context: grpc.aio.ServicerContext):
         await abort_with(context, error)
         yield  # pragma: no cover - makes this an async generator
 
     if handler.unary_stream is not None:
-        return handler._replace(unary_stream=deny_stream)  # type: ignore[attr-defined]
-    return handler._replace(unary_unary=deny_unary)  # type: ignore[attr-defined]
+        return handler._replace(unary_stream=deny_stream)
+    return handler._replace(unary_unary=deny_unary)

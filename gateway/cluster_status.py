@@ -25,7 +25,7 @@ HEALTH_TIMEOUT = 2.0
 
 
 def health_name(status: int) -> str:
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)  # type: ignore[arg-type]
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
 
 
 def worker_load(worker: registry_pb2.WorkerStatus, health: str, now_ms: int) -> api_pb2.WorkerLoad:
@@ -74,7 +74,7 @@ async def probe_health(channel: grpc.aio.Channel) -> str:
     try:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT)
     except grpc.aio.AioRpcError as error:
-        return error.code().name  # type: ignore[no-any-return]
+        return error.code().name
     return health_name(reply.status)
 
 

@@ -138,7 +138,7 @@ class Dispatcher:
             return
 
         def whole(handle: WorkerHandle) -> Awaitable[worker_pb2.GenerateChoiceResponse]:
-            return handle.stub.GenerateChoice(  # type: ignore[no-any-return]
+            return handle.stub.GenerateChoice(
                 worker_pb2.GenerateChoiceRequest(request=request),
                 timeout=_remaining(deadline),
                 metadata=outgoing_metadata(),

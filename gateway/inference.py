@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import shortuuid
 
 from common import errors
 from common.grpc_server import outgoing_metadata
 from gateway.dispatch import Dispatcher
-from gateway.pool import WorkerPool
+from gateway.pool import WorkerHandle, WorkerPool
 from gateway.validation import Limits, check_chat, check_completion, check_embedding
 from tokenwire.v1 import api_pb2, common_pb2, worker_pb2
 
@@ -74,7 +75,7 @@ class Inference:
         for r in requests:
             r.request_id = chunk_id
 
-        def chunk(**fields: object) -> api_pb2.StreamChatCompletionResponse:
+        def chunk(**fields: Any) -> api_pb2.StreamChatCompletionResponse:
             return api_pb2.StreamChatCompletionResponse(
                 id=chunk_id, object="chat.completion.chunk", created=created, model=model, **fields
             )
@@ -366,10 +367,11 @@ class Inference:
                 raise errors.invalid_request("you must provide a model parameter", f"prompts[{i}].model")
             info = self.pool.model_info(item.model)
             worker_request = worker_pb2.WorkerServiceCountTokensRequest(prompt=item.prompt)
-            reply = await self.dispatch.unary(
-                item.model,
-                lambda h, r=worker_request: h.stub.CountTokens(r, timeout=timeout, metadata=outgoing_metadata()),
-            )
+
+            def count(h: WorkerHandle, r: worker_pb2.WorkerServiceCountTokensRequest = worker_request) -> Any:
+                return h.stub.CountTokens(r, timeout=timeout, metadata=outgoing_metadata())
+
+            reply = await self.dispatch.unary(item.model, count)
             fits = reply.count + item.max_tokens <= info.context_length
             results.append(
                 api_pb2.TokenCheckResult(fits=fits, token_count=reply.count, context_length=info.context_length)

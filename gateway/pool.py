@@ -90,12 +90,12 @@ class WorkerPool:
                 log.info("worker %s left the pool", worker_id)
                 asyncio.get_running_loop().create_task(handle.channel.close(grace=30))
         for worker_id, status in live.items():
-            handle = self._workers.get(worker_id)
-            if handle is None or handle.status.address != status.address:
+            known = self._workers.get(worker_id)
+            if known is None or known.status.address != status.address:
                 self._workers[worker_id] = WorkerHandle(status)
                 log.info("worker %s joined the pool (%s at %s)", worker_id, status.model.name, status.address)
             else:
-                handle.status = status
+                known.status = status
             if status.model.name not in self._known_models:
                 self._known_models[status.model.name] = (status.model, int(time.time()))
         self._export(live)
@@ -141,11 +141,6 @@ class WorkerPool:
         if known is None:
             raise errors.model_not_found(model)
         return known[0]
-
-
-def local_source(registry: object) -> WatchSource:
-    """Watch an in-process registry."""
-    return registry.watch  # type: ignore[attr-defined,no-any-return]
 
 
 def remote_source(address: str) -> WatchSource:

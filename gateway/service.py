@@ -104,7 +104,7 @@ class InferenceServicer(api_pb2_grpc.InferenceServiceServicer):
     async def CreateChatCompletion(
         self, request: api_pb2.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.CreateChatCompletionResponse:
-        return await self._unary("chat", request, self.inference.chat, context)  # type: ignore[no-any-return]
+        return await self._unary("chat", request, self.inference.chat, context)
 
     def StreamChatCompletion(
         self, request: api_pb2.StreamChatCompletionRequest, context: grpc.aio.ServicerContext
@@ -114,7 +114,7 @@ class InferenceServicer(api_pb2_grpc.InferenceServiceServicer):
     async def CreateCompletion(
         self, request: api_pb2.CreateCompletionRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.CreateCompletionResponse:
-        return await self._unary("completion", request, self.inference.completion, context)  # type: ignore[no-any-return]
+        return await self._unary("completion", request, self.inference.completion, context)
 
     def StreamCompletion(
         self, request: api_pb2.StreamCompletionRequest, context: grpc.aio.ServicerContext
@@ -124,7 +124,7 @@ class InferenceServicer(api_pb2_grpc.InferenceServiceServicer):
     async def CreateEmbedding(
         self, request: api_pb2.CreateEmbeddingRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.CreateEmbeddingResponse:
-        return await self._unary("embedding", request, self.inference.embed, context)  # type: ignore[no-any-return]
+        return await self._unary("embedding", request, self.inference.embed, context)
 
     async def CheckTokens(
         self, request: api_pb2.CheckTokensRequest, context: grpc.aio.ServicerContext

@@ -19,7 +19,7 @@ def _health(address: str) -> str:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
             return health_name(reply.status)
     except grpc.RpcError as error:
-        return error.code().name  # type: ignore[no-any-return]
+        return error.code().name
 
 
 def render(workers: list[registry_pb2.WorkerStatus], health: dict[str, str], now_ms: int) -> str:
