@@ -20,7 +20,7 @@ help:
 	@echo "make serve   install what is missing, start gateway + workers + REST bridge with the embedded models"
 	@echo "make test    install what is missing, run every test"
 	@echo "make proto   regenerate generated/ from proto/"
-	@echo "make lint    ruff, buf lint, buf format, buf breaking, generated/ drift"
+	@echo "make lint    ruff, mypy, buf lint, buf format, buf breaking, generated/ drift"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,7 @@ proto: | $(BIN)/python
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy common gateway workers rest_bridge tokenwire_cli
 	$(BIN)/buf lint
 	$(BIN)/buf format -d --exit-code
 	@# Uncommitted proto changes must not break the contract on main.
