@@ -307,12 +307,15 @@ def serve(args: argparse.Namespace) -> None:
         "--shutdown-grace",
         str(args.shutdown_grace),
     ]
+    # The gateway enforces these; the bridge states them in /openapi.json: both get the same values.
+    limits = ["--max-n", str(args.max_n), "--max-tokens-limit", str(args.max_tokens_limit)]
     chat_model, chat_flags, embed_model, embed_flags = _models(args)
     if args.no_embeddings:
         embed_model = None
 
     expected = ",".join(m for m in (chat_model, embed_model) if m)
     gateway_argv = ["gateway", "--host", args.host, "--port", str(args.grpc_port), "--expect-models", expected, *common]
+    gateway_argv += limits
     if args.controller_address:
         gateway_argv += ["--controller-address", args.controller_address]
     else:
@@ -360,6 +363,7 @@ def serve(args: argparse.Namespace) -> None:
                 "--responses-store-size", str(args.responses_store_size),
                 "--responses-store-bytes", str(args.responses_store_bytes),
                 *(["--allow-credentials"] if args.allow_credentials else []),
+                *limits,
                 *common,
             ],
         )  # fmt: skip
