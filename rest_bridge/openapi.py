@@ -67,43 +67,52 @@ _RESPONSE_FORMAT = {
 }
 
 
-def chat(limits: Limits) -> dict[str, Any]:
-    """/v1/chat/completions' body; the operator's --max-n and --max-tokens-limit are its maxima."""
+def _generation(
+    limits: Limits, input_name: str, input_schema: dict[str, Any], only: tuple[sampling.Field, ...], **rest: Any
+) -> dict[str, Any]:
+    """A generation body: the model, its input, the sampling table's rows (with the operator's
+    --max-n and --max-tokens-limit as maxima), then the API's own parameters."""
     return {
         "type": "object",
-        "required": ["model", "messages"],
+        "required": ["model", input_name],
         "properties": {
             "model": _MODEL,
-            "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
+            input_name: input_schema,
             **sampling.schemas(sampling.SAMPLING, limits),
             **_GENERATION,
-            **sampling.schemas(sampling.CHAT_ONLY, limits),
-            "logprobs": {"type": ["boolean", "null"]},
-            "response_format": _RESPONSE_FORMAT,
-            "tools": {"type": "array", "items": {"type": "object"}},
-            "tool_choice": {"anyOf": [{"type": "string", "enum": ["none", "auto", "required"]}, {"type": "object"}]},
-            "parallel_tool_calls": {"type": "boolean"},
+            **sampling.schemas(only, limits),
+            **rest,
         },
     }
+
+
+def chat(limits: Limits) -> dict[str, Any]:
+    """/v1/chat/completions' body."""
+    return _generation(
+        limits,
+        "messages",
+        {"type": "array", "items": _MESSAGE, "minItems": 1},
+        sampling.CHAT_ONLY,
+        logprobs={"type": ["boolean", "null"]},
+        response_format=_RESPONSE_FORMAT,
+        tools={"type": "array", "items": {"type": "object"}},
+        tool_choice={"anyOf": [{"type": "string", "enum": ["none", "auto", "required"]}, {"type": "object"}]},
+        parallel_tool_calls={"type": "boolean"},
+    )
 
 
 def completion(limits: Limits) -> dict[str, Any]:
     """/v1/completions' body."""
-    return {
-        "type": "object",
-        "required": ["model", "prompt"],
-        "properties": {
-            "model": _MODEL,
-            "prompt": _TEXT_OR_TOKENS,
-            **sampling.schemas(sampling.SAMPLING, limits),
-            **_GENERATION,
-            **sampling.schemas(sampling.COMPLETION_ONLY, limits),
-            "echo": {"type": ["boolean", "null"]},
-            # The gateway's rule is "equal to n" (one choice is generated per n).
-            "best_of": {"type": ["integer", "null"], "minimum": 1, "maximum": 20},
-            "suffix": {"type": ["string", "null"]},
-        },
-    }
+    return _generation(
+        limits,
+        "prompt",
+        _TEXT_OR_TOKENS,
+        sampling.COMPLETION_ONLY,
+        echo={"type": ["boolean", "null"]},
+        # The gateway's rule is "equal to n" (one choice is generated per n).
+        best_of={"type": ["integer", "null"], "minimum": 1, "maximum": 20},
+        suffix={"type": ["string", "null"]},
+    )
 
 
 EMBEDDING = {
