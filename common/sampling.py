@@ -202,8 +202,12 @@ def schemas(fields: Iterable[Field], limits: Limits) -> dict[str, Any]:
 
 def limit_flags(parser: argparse.ArgumentParser) -> None:
     defaults = Limits()
-    parser.add_argument("--max-n", type=int, default=defaults.max_n, help="largest n (choices per request) accepted")
-    parser.add_argument("--max-tokens-limit", type=int, default=defaults.max_tokens, help="largest max_tokens accepted")
+    parser.add_argument(
+        "--max-n", type=int, default=defaults.max_n, help="largest n (choices per request) the gateway accepts"
+    )
+    parser.add_argument(
+        "--max-tokens-limit", type=int, default=defaults.max_tokens, help="largest max_tokens the gateway accepts"
+    )
 
 
 def limits(args: argparse.Namespace) -> Limits:
