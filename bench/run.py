@@ -133,9 +133,10 @@ def main() -> None:
     if not in_bench_venv():
         ensure_venv()
         os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), str(Path(__file__).resolve()), *argv])
-    # The load client imports tokenwire's generated stubs; the bench venv does not
-    # install tokenwire (it needs pydantic 1 for FastChat), so it reads them in place.
-    sys.path.insert(0, str(ROOT / "generated"))
+    # The load client imports tokenwire's generated stubs, and servers.py common/launcher.py;
+    # the bench venv does not install tokenwire (it needs pydantic 1 for FastChat), so it
+    # reads them in place.
+    sys.path[:0] = [str(ROOT / "generated"), str(ROOT)]
     from suite import run_suite
 
     started = time.monotonic()

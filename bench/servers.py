@@ -9,18 +9,17 @@ polled over HTTP until they answer. CPU time comes from ``/proc/<pid>/stat``
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from common.launcher import Launched, NotReady  # stdlib only: run.py puts the repository on sys.path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -63,40 +62,33 @@ class Server:
     cwd: str | None = None
     ready_http: str | None = None  # poll this URL instead of reading a READY line
     ready_check: Callable[[bytes], bool] | None = None
-    process: subprocess.Popen[str] | None = None
     address: str = ""
     log_path: Path = field(init=False)
-    _ready: threading.Event = field(default_factory=threading.Event)
+    launched: Launched | None = None
 
     def __post_init__(self) -> None:
         self.log_path = LOG_DIR / f"{self.name}.log"
 
     def start(self, timeout: float = 180.0) -> Server:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(
-            self.argv,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            env=env,
-            cwd=self.cwd,
-            start_new_session=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log()[-4000:]}")
-            if self.ready_http is not None and self._http_ready():
-                break
-            if self.ready_http is None and self._ready.wait(0.05):
-                break
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"{self.name} not ready after {timeout} s:\n{self.log()[-4000:]}")
-            time.sleep(0.05)
+        # stderr and stdout (but the READY line) go to the log.
+        self.launched = Launched(
+            self.argv, env={**os.environ, **self.env}, cwd=self.cwd, stderr=self.log_path, on_line=self._log_line
+        ).start()
+        try:
+            self.launched.wait_ready(
+                timeout, until=self._http_ready if self.ready_http is not None else None, poll=0.05
+            )
+        except NotReady as error:
+            if error.reason == "exited":
+                raise RuntimeError(f"{self.name} exited with {error.returncode}:\n{self.log()[-4000:]}") from None
+            self.stop()
+            raise TimeoutError(f"{self.name} not ready after {timeout} s:\n{self.log()[-4000:]}") from None
+        self.address = self.address or self.launched.address
         return self
+
+    def _log_line(self, line: str) -> None:
+        if not line.startswith("READY ") and self.launched is not None and self.launched.log_file is not None:
+            self.launched.log_file.write(line)
 
     def _http_ready(self) -> bool:
         assert self.ready_http is not None
@@ -107,14 +99,9 @@ class Server:
             return False
         return self.ready_check(body) if self.ready_check else True
 
-    def _read(self) -> None:
-        assert self.process is not None and self.process.stdout is not None
-        for line in self.process.stdout:
-            if line.startswith("READY "):
-                self.address = line.split()[-1]
-                self._ready.set()
-            else:
-                self._log.write(line)
+    @property
+    def process(self) -> subprocess.Popen[str] | None:
+        return self.launched.process if self.launched else None
 
     @property
     def pid(self) -> int:
@@ -134,19 +121,11 @@ class Server:
             return ""
 
     def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self.launched is not None and self.launched.alive()
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.process is None:
-            return
-        if self.alive():
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+        if self.launched is not None:
+            self.launched.stop(timeout)
 
 
 class Group:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from common import settings
+from common import sampling, settings
 
 if TYPE_CHECKING:  # imported when a gateway starts: a process's metrics are its own part's only
     from gateway.auth import KeyLimits, KeySpec
@@ -24,8 +24,7 @@ def api_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--heartbeat-expiry", type=float, default=15.0, help="drop a worker after this many seconds without heartbeat"
     )
-    parser.add_argument("--max-n", type=int, default=128, help="largest n (choices per request) accepted")
-    parser.add_argument("--max-tokens-limit", type=int, default=1 << 20, help="largest max_tokens accepted")
+    sampling.limit_flags(parser)  # --max-n, --max-tokens-limit (the bridge takes them too, for its schema)
     parser.add_argument(
         "--expect-models",
         default="",
@@ -90,7 +89,6 @@ def run(args: argparse.Namespace) -> None:
     from common import cluster
     from common.grpc_server import server_credentials
     from gateway.app import run_gateway
-    from gateway.validation import Limits
 
     registry_host = args.registry_host or args.host
     cluster.check_listen("gateway", [args.host, registry_host], insecure=args.insecure_cluster)
@@ -111,7 +109,7 @@ def run(args: argparse.Namespace) -> None:
             api_keys=api_keys(args),
             default_limits=key_limits(args),
             heartbeat_expiry=args.heartbeat_expiry,
-            limits=Limits(max_n=args.max_n, max_tokens=args.max_tokens_limit),
+            limits=sampling.limits(args),
             shutdown_grace=args.shutdown_grace,
             expect_models=settings.split(args.expect_models),
             metrics_port=args.metrics_port,

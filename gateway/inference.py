@@ -15,6 +15,7 @@ import shortuuid
 
 from common import errors
 from common.grpc_server import outgoing_metadata
+from common.sampling import copy_sampling
 from gateway.dispatch import Dispatcher
 from gateway.pool import WorkerHandle, WorkerPool
 from gateway.validation import Limits, check_chat, check_completion, check_embedding
@@ -382,21 +383,8 @@ class Inference:
 def _sampling(
     request: api_pb2.CreateChatCompletionRequest | api_pb2.CreateCompletionRequest,
 ) -> worker_pb2.SamplingParams:
-    sampling = worker_pb2.SamplingParams(stop=request.stop, logit_bias=request.logit_bias)
-    for name in (
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "max_tokens",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-        "seed",
-    ):
-        if request.HasField(name):
-            setattr(sampling, name, getattr(request, name))
-    return sampling
+    """The request's sampling fields that SamplingParams has (common/sampling.py's table), by name."""
+    return copy_sampling(request, worker_pb2.SamplingParams())
 
 
 def _seeded(sampling: worker_pb2.SamplingParams, index: int) -> worker_pb2.SamplingParams:

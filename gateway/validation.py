@@ -6,40 +6,13 @@ gateway so that gRPC callers and REST callers get the same answers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from common import errors
+from common import errors, sampling
+from common.sampling import Limits
 from tokenwire.v1 import api_pb2, common_pb2
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 RESPONSE_FORMATS = frozenset({"", "text", "json_object", "json_schema"})
 TOOL_CHOICE_MODES = frozenset({"none", "auto", "required"})
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds an operator can tighten (OpenAI's own where it has them)."""
-
-    max_n: int = 128
-    max_tokens: int = 1 << 20
-    max_embedding_inputs: int = 2048
-
-
-def _range(value: float, low: float, high: float, param: str) -> None:
-    if not low <= value <= high:
-        raise errors.invalid_request(
-            f"{value} is out of range for '{param}': it must be between {low} and {high}.", param
-        )
-
-
-def _at_least(value: int, low: int, param: str) -> None:
-    if value < low:
-        raise errors.invalid_request(f"{value} is less than the minimum of {low} - '{param}'", param)
-
-
-def _at_most(value: int, high: int, param: str) -> None:
-    if value > high:
-        raise errors.invalid_request(f"{value} is greater than the maximum of {high} - '{param}'", param)
 
 
 def _model(model: str) -> None:
@@ -48,30 +21,7 @@ def _model(model: str) -> None:
 
 
 def _sampling(request: api_pb2.CreateChatCompletionRequest | api_pb2.CreateCompletionRequest, limits: Limits) -> None:
-    if request.HasField("temperature"):
-        _range(request.temperature, 0, 2, "temperature")
-    if request.HasField("top_p"):
-        _range(request.top_p, 0, 1, "top_p")
-    if request.HasField("n"):
-        _at_least(request.n, 1, "n")
-        _at_most(request.n, limits.max_n, "n")
-    if request.HasField("max_tokens"):
-        _at_least(request.max_tokens, 1, "max_tokens")
-        _at_most(request.max_tokens, limits.max_tokens, "max_tokens")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if request.HasField(name):
-            _range(getattr(request, name), -2, 2, name)
-    if request.HasField("repetition_penalty") and request.repetition_penalty <= 0:
-        raise errors.invalid_request("repetition_penalty must be greater than 0.", "repetition_penalty")
-    if request.HasField("top_k"):
-        _at_least(request.top_k, -1, "top_k")
-    if request.HasField("min_p"):
-        _range(request.min_p, 0, 1, "min_p")
-    if len(request.stop) > 4:
-        raise errors.invalid_request("'stop' accepts at most 4 sequences.", "stop")
-    for token, bias in request.logit_bias.items():
-        if not -100 <= bias <= 100:
-            raise errors.invalid_request(f"logit_bias for token {token} must be between -100 and 100.", "logit_bias")
+    sampling.check(request, sampling.SAMPLING, limits)
     _response_format(request.response_format)
 
 
@@ -118,13 +68,9 @@ def check_chat(request: api_pb2.CreateChatCompletionRequest, limits: Limits) -> 
     for i, message in enumerate(request.messages):
         _message(message, i)
     _sampling(request, limits)
-    if request.HasField("max_completion_tokens"):
-        _at_least(request.max_completion_tokens, 1, "max_completion_tokens")
-        _at_most(request.max_completion_tokens, limits.max_tokens, "max_completion_tokens")
-    if request.HasField("top_logprobs"):
-        _range(request.top_logprobs, 0, 20, "top_logprobs")
-        if not request.logprobs:
-            raise errors.invalid_request("top_logprobs requires logprobs to be true.", "top_logprobs")
+    sampling.check(request, sampling.CHAT_ONLY, limits)
+    if request.HasField("top_logprobs") and not request.logprobs:
+        raise errors.invalid_request("top_logprobs requires logprobs to be true.", "top_logprobs")
     choice = request.tool_choice
     if choice.WhichOneof("kind") == "mode" and choice.mode not in TOOL_CHOICE_MODES:
         raise errors.invalid_request(
@@ -149,8 +95,7 @@ def check_completion(request: api_pb2.CreateCompletionRequest, limits: Limits) -
         if item.HasField("tokens") and not item.tokens.ids:
             raise errors.invalid_request("A token-id prompt must not be empty.", "prompt")
     _sampling(request, limits)
-    if request.HasField("logprobs"):
-        _range(request.logprobs, 0, 5, "logprobs")
+    sampling.check(request, sampling.COMPLETION_ONLY, limits)
     if request.suffix:
         raise errors.invalid_request("suffix is not supported by tokenwire's models.", "suffix")
     if request.HasField("best_of"):
@@ -178,4 +123,4 @@ def check_embedding(request: api_pb2.CreateEmbeddingRequest, limits: Limits) -> 
             "encoding_format",
         )
     if request.HasField("dimensions"):
-        _at_least(request.dimensions, 1, "dimensions")
+        sampling.at_least(request.dimensions, 1, "dimensions")

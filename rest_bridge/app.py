@@ -29,6 +29,7 @@ from common import errors
 from common.errors import ApiError
 from common.grpc_server import open_channel
 from common.observability import REQUEST_ID_HEADER, request_id
+from common.sampling import Limits
 from rest_bridge import convert, openapi, page, render, status
 from rest_bridge.middleware import RequestMiddleware
 from tokenwire.v1 import api_pb2, api_pb2_grpc
@@ -42,6 +43,8 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 @dataclass
 class BridgeSettings:
     gateway_address: str = "127.0.0.1:50051"
+    # The gateway's --max-n / --max-tokens-limit, for /openapi.json (the gateway enforces them).
+    limits: Limits = field(default_factory=Limits)
     allow_credentials: bool = False
     allowed_origins: list[str] = field(default_factory=lambda: ["*"])
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
@@ -314,7 +317,7 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
     async def chat(request: Request) -> Response:
         return await generate(request, CHAT)
 
-    chat_doc = {"openapi_extra": openapi.body(openapi.CHAT), "responses": openapi.ERROR_RESPONSES}
+    chat_doc = {"openapi_extra": openapi.body(openapi.chat(settings.limits)), "responses": openapi.ERROR_RESPONSES}
     app.post("/v1/chat/completions", tags=["chat"], **chat_doc)(chat)
     # FastChat's path for the same API (it added repetition_penalty, which we accept everywhere).
     app.post("/api/v1/chat/completions", tags=["chat"], **chat_doc)(chat)
@@ -322,7 +325,7 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
     @app.post(
         "/v1/completions",
         tags=["completions"],
-        openapi_extra=openapi.body(openapi.COMPLETION),
+        openapi_extra=openapi.body(openapi.completion(settings.limits)),
         responses=openapi.ERROR_RESPONSES,
     )
     async def completions(request: Request) -> Response:

@@ -8,7 +8,7 @@ import signal
 import socket
 import sys
 
-from common import settings
+from common import sampling, settings
 
 
 def bridge_flags(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +23,8 @@ def bridge_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--shutdown-grace", type=float, default=10.0)
     api_flags(parser)
+    # The gateway's bounds, for /openapi.json: `tokenwire serve` passes the bridge the gateway's values.
+    sampling.limit_flags(parser)
     settings.tls_client_flag(parser)
     settings.logging_flags(parser)
 
@@ -52,6 +54,7 @@ def run(args: argparse.Namespace) -> None:
 
     bridge_settings = BridgeSettings(
         gateway_address=args.gateway_address,
+        limits=sampling.limits(args),
         allow_credentials=args.allow_credentials,
         allowed_origins=settings.list_flag(args.allowed_origins, "--allowed-origins"),
         allowed_methods=settings.list_flag(args.allowed_methods, "--allowed-methods"),

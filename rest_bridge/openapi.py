@@ -2,15 +2,18 @@
 
 The handlers parse bodies themselves (into protobuf, with OpenAI-style
 errors), so FastAPI cannot infer these; they are written out here from
-OpenAI's spec (the subset tokenwire serves). Clients, docs and the fuzz test
-read them.
+OpenAI's spec (the subset tokenwire serves); the sampling parameters' from
+common/sampling.py's table, with the operator's limits. Clients, docs and the
+fuzz test read them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-_STOP = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}, {"type": "null"}]}
+from common import sampling
+from common.sampling import Limits
+
 _TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
 _TEXT_OR_TOKENS = {
     "anyOf": [
@@ -20,22 +23,8 @@ _TEXT_OR_TOKENS = {
         {"type": "array", "items": _TOKENS},
     ]
 }
-_SAMPLING: dict[str, Any] = {
-    "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
-    "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
-    "top_k": {"type": ["integer", "null"], "minimum": -1},
-    "min_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
-    "n": {"type": ["integer", "null"], "minimum": 1, "maximum": 128},
-    "max_tokens": {"type": ["integer", "null"], "minimum": 1},
-    "stop": _STOP,
-    "presence_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
-    "frequency_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
-    "repetition_penalty": {"type": ["number", "null"], "exclusiveMinimum": 0},
-    "seed": {"type": ["integer", "null"]},
-    "logit_bias": {
-        "type": ["object", "null"],
-        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
-    },
+# Besides the sampling table's rows (common/sampling.py), both generation APIs take these.
+_GENERATION: dict[str, Any] = {
     "stream": {"type": ["boolean", "null"]},
     "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}},
     "user": {"type": "string"},
@@ -77,35 +66,55 @@ _RESPONSE_FORMAT = {
     },
 }
 
-CHAT = {
-    "type": "object",
-    "required": ["model", "messages"],
-    "properties": {
-        "model": _MODEL,
-        "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
-        **_SAMPLING,
-        "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
-        "logprobs": {"type": ["boolean", "null"]},
-        "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
-        "response_format": _RESPONSE_FORMAT,
-        "tools": {"type": "array", "items": {"type": "object"}},
-        "tool_choice": {"anyOf": [{"type": "string", "enum": ["none", "auto", "required"]}, {"type": "object"}]},
-        "parallel_tool_calls": {"type": "boolean"},
-    },
-}
-COMPLETION = {
-    "type": "object",
-    "required": ["model", "prompt"],
-    "properties": {
-        "model": _MODEL,
-        "prompt": _TEXT_OR_TOKENS,
-        **_SAMPLING,
-        "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 5},
-        "echo": {"type": ["boolean", "null"]},
-        "best_of": {"type": ["integer", "null"], "minimum": 1, "maximum": 20},
-        "suffix": {"type": ["string", "null"]},
-    },
-}
+
+def _generation(
+    limits: Limits, input_name: str, input_schema: dict[str, Any], only: tuple[sampling.Field, ...], **rest: Any
+) -> dict[str, Any]:
+    """A generation body: the model, its input, the sampling table's rows (with the operator's
+    --max-n and --max-tokens-limit as maxima), then the API's own parameters."""
+    return {
+        "type": "object",
+        "required": ["model", input_name],
+        "properties": {
+            "model": _MODEL,
+            input_name: input_schema,
+            **sampling.schemas(sampling.SAMPLING, limits),
+            **_GENERATION,
+            **sampling.schemas(only, limits),
+            **rest,
+        },
+    }
+
+
+def chat(limits: Limits) -> dict[str, Any]:
+    """/v1/chat/completions' body."""
+    return _generation(
+        limits,
+        "messages",
+        {"type": "array", "items": _MESSAGE, "minItems": 1},
+        sampling.CHAT_ONLY,
+        logprobs={"type": ["boolean", "null"]},
+        response_format=_RESPONSE_FORMAT,
+        tools={"type": "array", "items": {"type": "object"}},
+        tool_choice={"anyOf": [{"type": "string", "enum": ["none", "auto", "required"]}, {"type": "object"}]},
+        parallel_tool_calls={"type": "boolean"},
+    )
+
+
+def completion(limits: Limits) -> dict[str, Any]:
+    """/v1/completions' body."""
+    return _generation(
+        limits,
+        "prompt",
+        _TEXT_OR_TOKENS,
+        sampling.COMPLETION_ONLY,
+        echo={"type": ["boolean", "null"]},
+        # The gateway's rule is "equal to n" (one choice is generated per n).
+        best_of={"type": ["integer", "null"], "minimum": 1, "maximum": 20},
+        suffix={"type": ["string", "null"]},
+    )
+
+
 EMBEDDING = {
     "type": "object",
     "required": ["input"],
@@ -177,8 +186,7 @@ RESPONSE = {
         "instructions": {"type": ["string", "null"]},
         "previous_response_id": {"type": ["string", "null"]},
         "max_output_tokens": {"type": ["integer", "null"], "minimum": 1},
-        "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
-        "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+        **sampling.schemas([sampling.BY_NAME["temperature"], sampling.BY_NAME["top_p"]], Limits()),
         "tools": {"type": "array", "items": {"type": "object"}},
         "tool_choice": {"anyOf": [{"type": "string", "enum": ["none", "auto", "required"]}, {"type": "object"}]},
         "parallel_tool_calls": {"type": ["boolean", "null"]},

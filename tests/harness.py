@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import httpx
 
+from common.launcher import Launched, NotReady
 from tokenwire.v1 import worker_pb2, worker_pb2_grpc
 
 READY_TIMEOUT = 120.0
@@ -30,49 +31,49 @@ class Proc:
     env: dict[str, str] = field(default_factory=dict)
     # What runs it: the `tokenwire` command, or a part's own `python -m <part>`.
     module: str = "tokenwire_cli"
-    process: subprocess.Popen[str] | None = None
-    address: str = ""
-    metrics_address: str = ""
-    registry_address: str = ""  # a gateway's --registry-port
     log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(prefix="tokenwire-", suffix=".log")[1]))
-    _ready: threading.Event = field(default_factory=threading.Event)
     stdout_lines: list[str] = field(default_factory=list)
+    launched: Launched | None = None
 
     def start(self, wait: bool = True) -> Proc:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(
+        self.launched = Launched(
             [sys.executable, "-m", self.module, *self.argv],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            env=env,
-            start_new_session=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
+            env={**os.environ, **self.env},
+            stderr=self.log_path,
+            on_line=self.stdout_lines.append,
+        ).start()
         if wait:
             self.wait_ready()
         return self
 
-    def _read(self) -> None:
-        assert self.process is not None and self.process.stdout is not None
-        for line in self.process.stdout:
-            self.stdout_lines.append(line)
-            if line.startswith("METRICS "):
-                self.metrics_address = line.split()[-1]
-            if line.startswith("REGISTRY "):
-                self.registry_address = line.split()[-1]
-            if line.startswith("READY "):
-                self.address = line.split()[-1]
-                self._ready.set()
+    @property
+    def process(self) -> subprocess.Popen[str] | None:
+        return self.launched.process if self.launched else None
+
+    def _announced(self, marker: str) -> str:
+        return self.launched.announced.get(marker, "") if self.launched else ""
+
+    @property
+    def address(self) -> str:
+        return self._announced("READY")
+
+    @property
+    def metrics_address(self) -> str:
+        return self._announced("METRICS")
+
+    @property
+    def registry_address(self) -> str:
+        """A gateway's --registry-port."""
+        return self._announced("REGISTRY")
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while not self._ready.wait(0.1):
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"tokenwire {self.argv[0]} exited with {self.process.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"tokenwire {self.argv[0]} not ready:\n{self.log()}")
+        assert self.launched is not None
+        try:
+            self.launched.wait_ready(timeout)
+        except NotReady as error:
+            if error.reason == "exited":
+                raise RuntimeError(f"tokenwire {self.argv[0]} exited with {error.returncode}:\n{self.log()}") from None
+            raise TimeoutError(f"tokenwire {self.argv[0]} not ready:\n{self.log()}") from None
 
     @property
     def port(self) -> int:
@@ -82,29 +83,18 @@ class Proc:
         return self.log_path.read_text(errors="replace")
 
     def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self.launched is not None and self.launched.alive()
 
     def signal(self, sig: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(sig)
+        assert self.launched is not None
+        self.launched.send_signal(sig)
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        if self.process is None:
-            return None
-        if self.alive():
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return self.process.returncode
+        return self.launched.stop(timeout) if self.launched else None
 
     def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait()
+        assert self.launched is not None
+        self.launched.kill()
 
 
 def gateway(*extra: str, env: dict[str, str] | None = None) -> Proc:
@@ -213,61 +203,49 @@ class Serve:
 
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
-    # What runs it: the `tokenwire` command, or a part's own `python -m <part>`.
-    module: str = "tokenwire_cli"
-    process: subprocess.Popen[str] | None = None
     url: str = ""
     grpc_address: str = ""
     registry_address: str = ""
     token_file: str = ""
     output: list[str] = field(default_factory=list)
+    launched: Launched | None = None
+    _banner_done: threading.Event = field(default_factory=threading.Event)
 
     def start(self, timeout: float = 600.0) -> Serve:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self.process = subprocess.Popen(
+        self.launched = Launched(
             [sys.executable, "-m", "tokenwire_cli", "serve", "--port", "0", "--grpc-port", "0", *self.argv],
-            stdout=subprocess.PIPE,
+            env={**os.environ, **self.env},
             stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            start_new_session=True,
-        )
-        ready = threading.Event()
-
-        def read() -> None:
-            assert self.process is not None and self.process.stdout is not None
-            for line in self.process.stdout:
-                self.output.append(line)
-                if line.strip().startswith("OpenAI REST API"):
-                    self.url = line.split()[3].removesuffix("/v1")
-                elif line.strip().startswith("gRPC gateway"):
-                    self.grpc_address = line.split()[2]
-                elif line.strip().startswith("cluster "):
-                    # "cluster  registry <host:port>  (token: <file>)"
-                    self.registry_address = line.split()[2]
-                    self.token_file = line.split("(token: ", 1)[1].rstrip().removesuffix(")")
-                elif "Press Ctrl-C to stop." in line:
-                    ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while not ready.wait(0.2):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("tokenwire serve did not get ready:\n" + "".join(self.output[-60:]))
+            on_line=self._read,
+        ).start()
+        try:
+            # serve's own READY is its banner: it prints one when every part is.
+            self.launched.wait_ready(timeout, until=self._banner_done.is_set, poll=0.2)
+        except NotReady:
+            self.stop()
+            raise RuntimeError("tokenwire serve did not get ready:\n" + "".join(self.output[-60:])) from None
         return self
 
+    def _read(self, line: str) -> None:
+        self.output.append(line)
+        if line.strip().startswith("OpenAI REST API"):
+            self.url = line.split()[3].removesuffix("/v1")
+        elif line.strip().startswith("gRPC gateway"):
+            self.grpc_address = line.split()[2]
+        elif line.strip().startswith("cluster "):
+            # "cluster  registry <host:port>  (token: <file>)"
+            self.registry_address = line.split()[2]
+            self.token_file = line.split("(token: ", 1)[1].rstrip().removesuffix(")")
+        elif "Press Ctrl-C to stop." in line:
+            self._banner_done.set()
+
+    @property
+    def process(self) -> subprocess.Popen[str] | None:
+        return self.launched.process if self.launched else None
+
     def stop(self, timeout: float = 60.0) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        return self.process.returncode
+        """Ctrl-C, as a user stops it; SIGKILL to all of it after ``timeout`` seconds."""
+        return self.launched.stop(timeout, signal.SIGINT, kill_group=True) if self.launched else None
 
     @property
     def token(self) -> str:

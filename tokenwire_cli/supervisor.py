@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import os
 import secrets
 import shutil
@@ -25,15 +24,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 import httpx
 
 from common import cluster
 from common.grpc_server import open_sync_channel
+from common.launcher import Launched, NotReady
 from tokenwire.v1 import registry_pb2, registry_pb2_grpc
 
 READY_TIMEOUT = 600.0
@@ -45,62 +44,46 @@ CRASH_LIMIT, CRASH_WINDOW = 5, 60.0
 class Child:
     name: str
     argv: list[str]
-    process: subprocess.Popen[str] | None = None
-    address: str = ""
-    registry_address: str = ""  # the gateway's registry port, from its REGISTRY line
-    ready: threading.Event = field(default_factory=threading.Event)
+    launched: Launched | None = None
     started_at: float = 0.0
     backoff: float = BACKOFF_FIRST
     restart_at: float | None = None  # crashed: start again at this time
 
     def start(self, env: dict[str, str]) -> None:
-        self.ready.clear()
         self.started_at = time.monotonic()
-        # A session of its own: Ctrl-C in the terminal reaches only the
-        # supervisor, which stops the parts in order; and a part dies with it.
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tokenwire_cli", *self.argv],
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
+        # The same Launched each time: a restarted part keeps its last addresses until it prints new ones.
+        argv = [sys.executable, "-m", "tokenwire_cli", *self.argv]
+        if self.launched is None:
+            self.launched = Launched(argv, env=env, on_line=_echo, with_parent=True)
+        self.launched.argv = argv
+        self.launched.start()
 
-    def _read(self) -> None:
-        assert self.process is not None and self.process.stdout is not None
-        for line in self.process.stdout:
-            if line.startswith("READY "):
-                self.address = line.split()[-1]
-                self.ready.set()
-            elif line.startswith("REGISTRY "):
-                self.registry_address = line.split()[-1]
-            else:
-                sys.stdout.write(line)
+    @property
+    def process(self) -> subprocess.Popen[str] | None:
+        return self.launched.process if self.launched else None
+
+    @property
+    def address(self) -> str:
+        return self.launched.address if self.launched else ""
+
+    @property
+    def registry_address(self) -> str:
+        """The gateway's registry port, from its REGISTRY line."""
+        return self.launched.announced.get("REGISTRY", "") if self.launched else ""
 
     def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self.launched is not None and self.launched.alive()
 
     def stop(self, timeout: float) -> None:
-        if not self.alive():
-            return
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.alive():
+            assert self.launched is not None
+            self.launched.stop(timeout)
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this child when the supervisor dies, even by SIGKILL."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+def _echo(line: str) -> None:
+    """A part's output goes to serve's, but for the lines meant for serve itself."""
+    if not line.startswith(("READY ", "REGISTRY ")):
+        sys.stdout.write(line)
 
 
 class _Stop:
@@ -120,13 +103,15 @@ def _say(message: str) -> None:
 
 def _wait_ready(children: list[Child], deadline: float) -> None:
     for child in children:
-        while not child.ready.wait(0.2):
-            if _Stop.requested:
-                raise SystemExit("stopped while starting")
-            if not child.alive():
-                raise SystemExit(f"{child.name} exited before it was ready (see its log above)")
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{child.name} was not ready within {READY_TIMEOUT:.0f} s")
+        assert child.launched is not None
+        try:
+            child.launched.wait_ready(deadline - time.monotonic(), stopping=lambda: _Stop.requested, poll=0.2)
+        except NotReady as error:
+            if error.reason == "stopped":
+                raise SystemExit("stopped while starting") from None
+            if error.reason == "exited":
+                raise SystemExit(f"{child.name} exited before it was ready (see its log above)") from None
+            raise SystemExit(f"{child.name} was not ready within {READY_TIMEOUT:.0f} s") from None
 
 
 def _wait_models(url: str, models: list[str], key: str | None, deadline: float) -> None:
@@ -307,12 +292,15 @@ def serve(args: argparse.Namespace) -> None:
         "--shutdown-grace",
         str(args.shutdown_grace),
     ]
+    # The gateway enforces these; the bridge states them in /openapi.json: both get the same values.
+    limits = ["--max-n", str(args.max_n), "--max-tokens-limit", str(args.max_tokens_limit)]
     chat_model, chat_flags, embed_model, embed_flags = _models(args)
     if args.no_embeddings:
         embed_model = None
 
     expected = ",".join(m for m in (chat_model, embed_model) if m)
     gateway_argv = ["gateway", "--host", args.host, "--port", str(args.grpc_port), "--expect-models", expected, *common]
+    gateway_argv += limits
     if args.controller_address:
         gateway_argv += ["--controller-address", args.controller_address]
     else:
@@ -360,6 +348,7 @@ def serve(args: argparse.Namespace) -> None:
                 "--responses-store-size", str(args.responses_store_size),
                 "--responses-store-bytes", str(args.responses_store_bytes),
                 *(["--allow-credentials"] if args.allow_credentials else []),
+                *limits,
                 *common,
             ],
         )  # fmt: skip

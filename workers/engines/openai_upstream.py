@@ -31,6 +31,7 @@ import httpx
 from google.protobuf import json_format
 
 from common import errors
+from common.sampling import sampling_json
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Engine, Generation, Prepared, message_text
 
@@ -142,20 +143,11 @@ def _response_format(fmt: common_pb2.ResponseFormat) -> dict[str, Any]:
 
 
 def sampling_to_json(sampling: worker_pb2.SamplingParams) -> dict[str, Any]:
-    """Only the fields the caller set: the upstream applies its own defaults to the rest."""
-    body: dict[str, Any] = {}
-    for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "seed"):
-        if sampling.HasField(name):
-            body[name] = getattr(sampling, name)
-    if sampling.HasField("repetition_penalty"):
-        # vLLM/SGLang/TGI say repetition_penalty, llama.cpp says repeat_penalty;
-        # each ignores the other's name.
-        body["repetition_penalty"] = body["repeat_penalty"] = sampling.repetition_penalty
-    if sampling.stop:
-        body["stop"] = list(sampling.stop)
-    if sampling.logit_bias:
-        body["logit_bias"] = {str(k): v for k, v in sampling.logit_bias.items()}
-    return body
+    """Only the fields the caller set: the upstream applies its own defaults to the rest.
+
+    By common/sampling.py's table (repetition_penalty goes under llama.cpp's name, repeat_penalty,
+    too). max_tokens is the request builder's: the caller's, or what the worker computed."""
+    return sampling_json(sampling, skip=("max_tokens",))
 
 
 def _chat_logprobs(data: Any) -> list[common_pb2.TokenLogprob]:
