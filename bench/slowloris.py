@@ -136,7 +136,7 @@ def main() -> None:
     print(f"{args.connections} half-open connections opened in {opened:.1f} s")
     print("seconds after opening | connections the bridge still holds")
     for mark, count in counts.items():
-        print(f"{mark:>5.0f} | {count}")
+        print(f"{mark:>5g} | {count}")
     worst = max(served) * 1000 if served else float("nan")
     print(
         f"ordinary requests meanwhile: {len(served)} served (worst {worst:.0f} ms), {len(failed)} failed {failed[:5]}"

@@ -24,6 +24,7 @@ from fastapi.responses import Response, StreamingResponse
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from common import errors
 from common.errors import ApiError
@@ -50,6 +51,8 @@ class BridgeSettings:
     # The Responses API's store of responses (see rest_bridge/responses.py).
     responses_store_size: int = 1000
     responses_store_bytes: int = 64 * 1024 * 1024
+    # Seconds of silence after which an SSE stream sends ": keep-alive" (0: never).
+    sse_keepalive_interval: float = 15.0
 
 
 def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -247,7 +250,8 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
         return error_response(error)
 
     @app.exception_handler(ClientGone)
-    async def client_gone(request: Request, error: ClientGone) -> Response:
+    @app.exception_handler(ClientDisconnect)  # gone while its body was read (or its read deadline passed)
+    async def client_gone(request: Request, error: Exception) -> Response:
         # Nobody reads this; 499 is what proxies log for it.
         return Response(status_code=499)
 
