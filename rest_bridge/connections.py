@@ -103,6 +103,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._since = self.loop.time()  # a body's deadline is per read
         super().data_received(data)
 
+    def handle_websocket_upgrade(self) -> None:
+        # The connection passes to uvicorn's websocket protocol (it leaves `connections` there).
+        self._phase = None
+        metrics.HTTP_CONNECTIONS.dec()
+        super().handle_websocket_upgrade()
+
     # -- parser callbacks ---------------------------------------------------------
 
     def on_message_begin(self) -> None:

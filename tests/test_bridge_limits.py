@@ -290,6 +290,25 @@ def test_a_queued_stream_receives_keepalive_comments(limited: EchoSystem) -> Non
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "alpha beta gamma alpha"
 
 
+def test_a_queued_stream_that_times_out_ends_with_an_error_event(limited: EchoSystem) -> None:
+    # Still queued after one interval, the stream is committed (200); the deadline passing
+    # later is an in-band error, as any error after the first chunk, and the stream ends.
+    holder = hold_the_slot(limited)
+    body = {"model": CHAT_MODEL, "messages": MESSAGES, "stream": True}
+    headers = {**HEADERS, "X-Request-Timeout": "1"}
+    with httpx.stream("POST", f"{limited.url}/v1/chat/completions", json=body, headers=headers, timeout=30) as reply:
+        assert reply.status_code == 200
+        lines = [line for line in reply.iter_lines() if line]
+    holder.join()
+    assert lines[0] == ": keep-alive"
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][6:])["error"]
+    assert error["code"] == "timeout" and set(error) == {"message", "type", "param", "code"}
+    harness.wait_until(
+        lambda: (s := harness.worker_stats(limited.chat_workers[0].address)).in_flight == 0 and s.queue_length == 0
+    )
+
+
 def test_the_sdk_parses_streams_with_keepalive_comments(limited: EchoSystem) -> None:
     recording = Recording()
     client = sdk(limited.url, http_client=httpx.Client(transport=recording, timeout=30))
