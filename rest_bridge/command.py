@@ -28,7 +28,7 @@ def bridge_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def api_flags(parser: argparse.ArgumentParser) -> None:
-    """CORS, body and Responses-store settings (the bridge's, and serve's)."""
+    """CORS, body, connection and Responses-store settings (the bridge's, and serve's)."""
     parser.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     parser.add_argument("--allowed-origins", default="*", help="CORS: origins, comma-separated or a JSON list")
     parser.add_argument("--allowed-methods", default="*", help="CORS: methods, comma-separated or a JSON list")
