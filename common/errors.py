@@ -224,6 +224,27 @@ def unavailable(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.UNAVAILABLE, message, code="service_unavailable")
 
 
+def too_many_connections(limit: int, retry_after: int = 1) -> ApiError:
+    """The REST bridge holds its cap of open connections (``--max-connections``)."""
+    return ApiError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"This server holds its limit of {limit} open connections. Retry shortly.",
+        code="too_many_connections",
+        retry_after=retry_after,
+    )
+
+
+def request_read_timeout(seconds: float) -> ApiError:
+    """A request's head or body did not arrive in time (``--request-read-timeout``)."""
+    return ApiError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"The request was not received in time (limit: {seconds:g} s per read).",
+        type="invalid_request_error",
+        code="request_timeout",
+        http_status=408,
+    )
+
+
 def no_worker(model: str) -> ApiError:
     return unavailable(f"No live worker serves the model `{model}` right now. Retry shortly.")
 

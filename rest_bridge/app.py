@@ -24,13 +24,14 @@ from fastapi.responses import Response, StreamingResponse
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from common import errors
 from common.errors import ApiError
 from common.grpc_server import open_channel
 from common.observability import REQUEST_ID_HEADER, request_id
 from common.sampling import Limits
-from rest_bridge import convert, openapi, page, render, status
+from rest_bridge import convert, keepalive, openapi, page, render, status
 from rest_bridge.middleware import RequestMiddleware
 from tokenwire.v1 import api_pb2, api_pb2_grpc
 
@@ -53,6 +54,8 @@ class BridgeSettings:
     # The Responses API's store of responses (see rest_bridge/responses.py).
     responses_store_size: int = 1000
     responses_store_bytes: int = 64 * 1024 * 1024
+    # Seconds of silence after which an SSE stream sends ": keep-alive" (0: never).
+    sse_keepalive_interval: float = 15.0
 
 
 def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -155,35 +158,40 @@ async def cancel_on_disconnect(request: Request, call: grpc.aio.UnaryUnaryCall) 
 
 
 async def open_stream(
-    call: grpc.aio.UnaryStreamCall, render_chunk: Callable[[Any], dict[str, Any]]
+    call: grpc.aio.UnaryStreamCall, render_chunk: Callable[[Any], dict[str, Any]], keepalive_interval: float = 0.0
 ) -> StreamingResponse:
     """Start an SSE response once the first message arrived.
 
     Errors before the first message become a normal HTTP error (raised from
     here); after it, they go out in-band as ``data: {"error": ...}``, and
-    every stream ends with ``data: [DONE]``.
+    every stream ends with ``data: [DONE]``. A stream still without its first
+    message after the keep-alive interval starts anyway (rest_bridge/keepalive.py).
     """
     iterator = call.__aiter__()
-    try:
-        first = await iterator.__anext__()
-    except StopAsyncIteration:
-        first = None
-    except grpc.aio.AioRpcError as error:
-        raise ApiError.from_rpc_error(error) from None
+    first = await keepalive.first_message(iterator, keepalive_interval)
+    if first.done():
+        try:
+            first.result()
+        except grpc.aio.AioRpcError as error:
+            raise ApiError.from_rpc_error(error) from None
 
     async def body() -> AsyncIterator[bytes]:
         try:
-            if first is not None:
-                yield sse(render_chunk(first))
+            if not first.done():
+                yield keepalive.KEEPALIVE  # committed while it waits: say so at once
+            message = await first
+            if message is not None:
+                yield sse(render_chunk(message))
                 async for message in iterator:
                     yield sse(render_chunk(message))
         except grpc.aio.AioRpcError as error:
             yield sse(ApiError.from_rpc_error(error).envelope())
         finally:
+            first.cancel()
             call.cancel()
         yield SSE_DONE
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return keepalive.KeepAliveResponse(body(), keepalive_interval, SSE_HEADERS)
 
 
 @dataclass(frozen=True)
@@ -250,7 +258,8 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
         return error_response(error)
 
     @app.exception_handler(ClientGone)
-    async def client_gone(request: Request, error: ClientGone) -> Response:
+    @app.exception_handler(ClientDisconnect)  # gone while its body was read (or its read deadline passed)
+    async def client_gone(request: Request, error: Exception) -> Response:
         # Nobody reads this; 499 is what proxies log for it.
         return Response(status_code=499)
 
@@ -309,7 +318,11 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
                 metadata=_metadata(request),
                 timeout=timeout,
             )
-            return await open_stream(call, lambda c: api.render_chunk(c, want_logprobs, options.include_usage))
+            return await open_stream(
+                call,
+                lambda c: api.render_chunk(c, want_logprobs, options.include_usage),
+                settings.sse_keepalive_interval,
+            )
         rpc = getattr(gateway, api.unary_rpc)
         reply = await cancel_on_disconnect(request, rpc(message, metadata=_metadata(request), timeout=timeout))
         return json_response(api.render(reply, want_logprobs))
@@ -393,5 +406,5 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
 
     store = responses.ResponseStore(settings.responses_store_size, settings.responses_store_bytes)
     app.state.responses = store
-    responses.add_routes(app, store, settings.max_body_bytes, stub)
+    responses.add_routes(app, store, settings.max_body_bytes, stub, settings.sse_keepalive_interval)
     return app

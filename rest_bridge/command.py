@@ -30,12 +30,13 @@ def bridge_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def api_flags(parser: argparse.ArgumentParser) -> None:
-    """CORS, body and Responses-store settings (the bridge's, and serve's)."""
+    """CORS, body, connection and Responses-store settings (the bridge's, and serve's)."""
     parser.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     parser.add_argument("--allowed-origins", default="*", help="CORS: origins, comma-separated or a JSON list")
     parser.add_argument("--allowed-methods", default="*", help="CORS: methods, comma-separated or a JSON list")
     parser.add_argument("--allowed-headers", default="*", help="CORS: headers, comma-separated or a JSON list")
     parser.add_argument("--max-body-bytes", type=int, default=10 * 1024 * 1024, help="larger request bodies get 413")
+    connection_flags(parser)
     parser.add_argument(
         "--responses-store-size", type=int, default=1000, help="stored Responses API responses kept (LRU; 0 = none)"
     )
@@ -47,9 +48,40 @@ def api_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def positive_seconds(value: str) -> float:
+    seconds = float(value)
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {value}")
+    return seconds
+
+
+def connection_flags(parser: argparse.ArgumentParser) -> None:
+    """Connection limits and stream keep-alives (rest_bridge/connections.py, rest_bridge/keepalive.py)."""
+    parser.add_argument(
+        "--request-read-timeout",
+        type=positive_seconds,
+        default=5.0,
+        help="seconds a new connection has to send a whole request head, and a body may pause between reads; "
+        "past it the connection is closed (408 if part of a request came)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=settings.positive_int,
+        default=2048,
+        help="open HTTP connections per bridge process; a connection past it gets 503 with Retry-After",
+    )
+    parser.add_argument(
+        "--sse-keepalive-interval",
+        type=float,
+        default=15.0,
+        help="a stream silent this many seconds sends the SSE comment ': keep-alive' (0 = never)",
+    )
+
+
 def run(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from rest_bridge import connections
     from rest_bridge.app import BridgeSettings, create_app
 
     bridge_settings = BridgeSettings(
@@ -62,6 +94,7 @@ def run(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_body_bytes,
         responses_store_size=args.responses_store_size,
         responses_store_bytes=args.responses_store_bytes,
+        sse_keepalive_interval=args.sse_keepalive_interval,
     )
     # IPPROTO_TCP explicitly: only then does the event loop set TCP_NODELAY on
     # accepted connections (without it, Nagle + delayed ACK cost ~40 ms per
@@ -71,9 +104,11 @@ def run(args: argparse.Namespace) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     port = sock.getsockname()[1]
+    connections.raise_descriptor_limit(args.max_connections)
     config = uvicorn.Config(
         create_app(bridge_settings),
-        http="httptools",
+        # httptools, with the read deadline and the connection cap (rest_bridge/connections.py).
+        http=connections.protocol_class(args.request_read_timeout, args.max_connections),
         log_level=args.log_level.lower(),
         log_config=None,  # our handlers (setup_logging), not uvicorn's
         access_log=False,

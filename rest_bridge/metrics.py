@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from common.observability import LATENCY_BUCKETS
 
@@ -14,4 +14,13 @@ HTTP_LATENCY = Histogram(
     "REST request latency (to the end of the body)",
     ["route"],
     buckets=LATENCY_BUCKETS,
+)
+HTTP_CONNECTIONS = Gauge("tokenwire_http_connections", "HTTP connections open on this bridge")
+HTTP_CONNECTIONS_REFUSED = Counter(
+    "tokenwire_http_connections_refused_total", "HTTP connections refused past --max-connections (503)"
+)
+HTTP_READ_TIMEOUTS = Counter(
+    "tokenwire_http_read_timeouts_total",
+    "HTTP connections closed because a request did not arrive in time (--request-read-timeout)",
+    ["phase"],
 )

@@ -31,11 +31,11 @@ import grpc
 import orjson
 import shortuuid
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from common import errors
 from common.errors import ApiError
-from rest_bridge import convert, openapi
+from rest_bridge import convert, keepalive, openapi
 from tokenwire.v1 import api_pb2, api_pb2_grpc
 
 ROLES = ("user", "assistant", "system", "developer")
@@ -584,6 +584,7 @@ def add_routes(
     store: ResponseStore,
     max_body_bytes: int,
     stub: Callable[[Request], api_pb2_grpc.InferenceServiceStub],
+    keepalive_interval: float = 0.0,
 ) -> None:
     # The bridge's request plumbing (imported here: rest_bridge.app imports this module).
     from rest_bridge.app import SSE_HEADERS, cancel_on_disconnect, json_response, read_json, request_timeout
@@ -640,20 +641,22 @@ def add_routes(
             timeout=timeout,
         )
         iterator = stream_call.__aiter__()
-        try:  # errors before the first chunk are plain HTTP errors
-            first = await iterator.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except grpc.aio.AioRpcError as error:
-            raise ApiError.from_rpc_error(error) from None
+        # Errors before the first chunk are plain HTTP errors (unless it waits past the keep-alive interval).
+        first = await keepalive.first_message(iterator, keepalive_interval)
+        if first.done():
+            try:
+                first.result()
+            except grpc.aio.AioRpcError as error:
+                raise ApiError.from_rpc_error(error) from None
         events = EventStream(turn)
 
         async def body_events() -> AsyncIterator[bytes]:
             try:
                 for event in events.start():
                     yield event
-                if first is not None:
-                    for event in events.chunk(first):
+                chunk = await first
+                if chunk is not None:
+                    for event in events.chunk(chunk):
                         yield event
                     async for chunk in iterator:
                         for event in events.chunk(chunk):
@@ -666,9 +669,10 @@ def add_routes(
                 for event in events.fail(ApiError.from_rpc_error(error)):
                     yield event
             finally:
+                first.cancel()
                 stream_call.cancel()
 
-        return StreamingResponse(body_events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return keepalive.KeepAliveResponse(body_events(), keepalive_interval, SSE_HEADERS)
 
     @app.get("/v1/responses/{response_id}", tags=["responses"], responses=openapi.ERROR_RESPONSES)
     async def get_response(response_id: str, request: Request) -> Response:
