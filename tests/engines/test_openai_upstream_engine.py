@@ -28,6 +28,7 @@ from common.errors import ApiError
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Generation
 from workers.engines.openai_upstream import OpenAIUpstreamEngine
+from workers.engines.upstream_probe import PROBE_HEADER
 from workers.server import resolve_max_tokens
 
 API_KEY = "upstream-secret"
@@ -272,7 +273,8 @@ def vllm_like(generate: Callable[[httpx.Request], httpx.Response], seen: list[di
             return httpx.Response(200, json={"count": n, "tokens": list(range(n)), "max_model_len": 4096})
         if path == "/detokenize":
             return httpx.Response(200, json={"prompt": " ".join(f"w{t}" for t in body["tokens"])})
-        seen.append(body)
+        if PROBE_HEADER not in request.headers:  # the engine's start-up probes are not the request under test
+            seen.append(body)
         return generate(request)
 
     return httpx.MockTransport(handler)
@@ -332,7 +334,7 @@ async def test_vllm_discovery_body_tool_calls_and_usage() -> None:
     body = seen[0]
     assert body["model"] == "up" and body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert body["temperature"] == 0.0 and "top_p" not in body and "seed" not in body
-    assert body["max_tokens"] == 4096 - 7  # exact count: what is left of the context
+    assert "max_tokens" not in body  # unset is unset: the upstream generates up to its context
     assert body["tools"] == [{"type": "function", "function": {"name": "get"}}] and body["tool_choice"] == "auto"
     last = deltas[-1]
     assert last.finish_reason == "tool_calls"
