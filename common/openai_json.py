@@ -18,7 +18,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from tokenwire.v1 import common_pb2
+from tokenwire.v1 import api_pb2, common_pb2
 
 # -- Usage -----------------------------------------------------------------------
 
@@ -30,7 +30,7 @@ def usage(u: common_pb2.Usage) -> dict[str, int]:
 # -- Messages and tools (requests) ------------------------------------------------
 
 
-def tool_call(call: common_pb2.ToolCall) -> dict[str, Any]:
+def tool_call(call: common_pb2.ToolCall | api_pb2.ToolCallDelta) -> dict[str, Any]:
     return {
         "id": call.id,
         "type": call.type or "function",

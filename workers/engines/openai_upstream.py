@@ -125,7 +125,7 @@ def upstream_error(status: int, body: Any, model: str, headers: httpx.Headers | 
             return errors.model_not_found(model)
         return errors.unavailable(f"upstream returned 404: {message}")
     if status == 429:
-        retry = (headers or {}).get("retry-after", "")
+        retry = headers.get("retry-after", "") if headers else ""
         try:
             seconds = int(float(retry))
         except ValueError:
@@ -175,7 +175,7 @@ class OpenAIUpstreamEngine(Engine):
         kind: str = "chat",
         transport: httpx.AsyncBaseTransport | None = None,  # tests: httpx.MockTransport
     ) -> None:
-        self.info = common_pb2.ModelInfo(name=model, kind=KINDS[kind], engine="openai")  # type: ignore[arg-type]
+        self.info = common_pb2.ModelInfo(name=model, kind=KINDS[kind], engine="openai")
         self.url = url.rstrip("/")
         # vLLM's /tokenize and llama.cpp's native endpoints live at the server root.
         self.root = self.url.removesuffix("/v1")
@@ -349,8 +349,8 @@ class OpenAIUpstreamEngine(Engine):
             except httpx.HTTPError as exc:
                 raise _transport_error(exc) from exc
         # Estimate without a tokenizer: about four characters per token for English text.
-        joined = text if messages is None else "\n".join(message_text(m) for m in messages)
-        return len(joined or "") // 4, False
+        joined = (text or "") if messages is None else "\n".join(message_text(m) for m in messages)
+        return len(joined) // 4, False
 
     async def prepare(self, request: worker_pb2.GenerateRequest) -> Prepared:
         if not self._discovered:

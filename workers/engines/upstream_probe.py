@@ -221,10 +221,15 @@ async def probe(post: Post, chat: bool, model: str) -> dict[str, bool]:
 
     # seed: the same seed twice at temperature 1 must give the same text.
     seeded = body(seed=20261201, temperature=1.0, max_tokens=4)
-    first: list[str] = []
-    await check("seed", main, seeded, lambda a: first.append(a.first()) is None)
+    texts: list[str] = []
+
+    def same_text(answer: Streamed) -> bool:
+        texts.append(answer.first())
+        return len(texts) == 1 or texts[-1] == texts[0]
+
+    await check("seed", main, seeded, same_text)
     if found["seed"]:
-        await check("seed", main, seeded, lambda a: a.first() == first[0])
+        await check("seed", main, seeded, same_text)
     found["stream_options.include_usage"] = usage.get("chat" if chat else "completions", False)
     return found
 
@@ -236,11 +241,11 @@ def capabilities(honoured: dict[str, bool], chat: bool, tokenizer: str | None) -
     """How the engine serves each parameter, given what the upstream honours."""
     out = common_pb2.EngineCapabilities()
 
-    def put(name: str, support: int) -> None:
+    def put(name: str, support: common_pb2.ParameterSupport.ValueType) -> None:
         out.parameters[name].upstream = honoured.get(name, False)
-        out.parameters[name].support = support  # type: ignore[assignment]
+        out.parameters[name].support = support
 
-    def native_or(name: str, otherwise: int) -> None:
+    def native_or(name: str, otherwise: common_pb2.ParameterSupport.ValueType) -> None:
         put(name, NATIVE if honoured.get(name) else otherwise)
 
     # echo: the engine prepends the prompt text itself (exact). With logprobs
@@ -262,7 +267,7 @@ def capabilities(honoured: dict[str, bool], chat: bool, tokenizer: str | None) -
     # Usage: the upstream's own count when it sends one; else counted with its tokenizer.
     native_or("stream_options.include_usage", EMULATED if tokenizer else ESTIMATED)
     out.parameters["tokenize"].upstream = tokenizer is not None
-    out.parameters["tokenize"].support = NATIVE if tokenizer else REFUSED  # type: ignore[assignment]
+    out.parameters["tokenize"].support = NATIVE if tokenizer else REFUSED
     return out
 
 
