@@ -161,6 +161,26 @@ async def test_stop_string(engine: OpenAIUpstreamEngine) -> None:
     assert deltas[-1].finish_reason == "stop"
 
 
+async def test_echo_comes_back_with_the_prompt_or_is_refused(engine: OpenAIUpstreamEngine) -> None:
+    """llama-cpp-python's streams drop `echo`: the probe finds it, and the prompt is in the text anyway."""
+    assert engine.capabilities is not None
+    echo = engine.capabilities.parameters["completions.echo"]
+    assert echo.support in (common_pb2.PARAMETER_SUPPORT_NATIVE, common_pb2.PARAMETER_SUPPORT_EMULATED)
+    prompt = "1, 2, 3, 4, 5,"
+    request = completion_request(prompt, temperature=0.0, max_tokens=3)
+    request.echo = True
+    deltas = await run(engine, request)
+    assert text_of(deltas).startswith(prompt) and text_of(deltas).count("1, 2, 3") == 1
+    assert sum(d.token_count for d in deltas) == 3  # the echo is not completion
+    request.logprobs, request.top_logprobs = True, 1
+    try:
+        deltas = await run(engine, request)
+    except ApiError as error:  # the prompt's logprobs cannot be had from this upstream
+        assert error.status == grpc.StatusCode.INVALID_ARGUMENT and error.param == "echo"
+    else:
+        assert text_of(deltas).startswith(prompt) and len([e for d in deltas for e in d.logprobs]) > 3
+
+
 async def test_tokenize(engine: OpenAIUpstreamEngine) -> None:
     ids = await engine.tokenize("hello world", [])
     assert ids and all(isinstance(i, int) for i in ids)
