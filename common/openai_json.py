@@ -70,15 +70,20 @@ def _struct(value: Any) -> dict[str, Any]:
     return json_format.MessageToDict(value)
 
 
+def _definition(m: common_pb2.FunctionDefinition | common_pb2.JsonSchema, schema_field: str) -> dict[str, Any]:
+    """A function or a JSON schema: its name, and description, schema and strict where set."""
+    out: dict[str, Any] = {"name": m.name}
+    if m.description:
+        out["description"] = m.description
+    if m.HasField(schema_field):  # type: ignore[arg-type]
+        out[schema_field] = _struct(getattr(m, schema_field))
+    if m.HasField("strict"):
+        out["strict"] = m.strict
+    return out
+
+
 def tool(t: common_pb2.Tool) -> dict[str, Any]:
-    function: dict[str, Any] = {"name": t.function.name}
-    if t.function.description:
-        function["description"] = t.function.description
-    if t.function.HasField("parameters"):
-        function["parameters"] = _struct(t.function.parameters)
-    if t.function.HasField("strict"):
-        function["strict"] = t.function.strict
-    return {"type": t.type or "function", "function": function}
+    return {"type": t.type or "function", "function": _definition(t.function, "parameters")}
 
 
 def tool_choice(choice: common_pb2.ToolChoice) -> str | dict[str, Any] | None:
@@ -94,14 +99,7 @@ def tool_choice(choice: common_pb2.ToolChoice) -> str | dict[str, Any] | None:
 def response_format(fmt: common_pb2.ResponseFormat) -> dict[str, Any]:
     out: dict[str, Any] = {"type": fmt.type}
     if fmt.type == "json_schema":
-        schema: dict[str, Any] = {"name": fmt.json_schema.name}
-        if fmt.json_schema.description:
-            schema["description"] = fmt.json_schema.description
-        if fmt.json_schema.HasField("schema"):
-            schema["schema"] = _struct(fmt.json_schema.schema)
-        if fmt.json_schema.HasField("strict"):
-            schema["strict"] = fmt.json_schema.strict
-        out["json_schema"] = schema
+        out["json_schema"] = _definition(fmt.json_schema, "schema")
     return out
 
 

@@ -433,27 +433,37 @@ async def test_embeddings() -> None:
 # -- Through the whole system: a worker fronting the upstream ------------------
 
 
-def test_worker_fronting_the_upstream_end_to_end(upstream: str) -> None:
-    """`tokenwire worker --engine openai` behind the gateway and the bridge,
-    driven with the official SDK (the key reaches the worker from the environment)."""
+@contextlib.contextmanager
+def fronted(upstream_url: str, model: str, *worker_args: str, env: dict[str, str] | None = None) -> Iterator[Any]:
+    """`tokenwire worker --engine openai` over the upstream, behind a gateway and the
+    bridge: yields an official SDK client of the bridge."""
     import openai
 
     from tests import harness
 
     gateway = harness.gateway()
     worker = harness.worker(
-        gateway.address,
-        "--engine", "openai",
-        "--upstream-url", upstream,
-        "--model-name", "smol-upstream",
-        "--context-length", "2048",
-        env={"TOKENWIRE_UPSTREAM_API_KEY": API_KEY},
+        gateway.address, "--engine", "openai", "--upstream-url", upstream_url, "--model-name", model, *worker_args,
+        env=env,
     )  # fmt: skip
     bridge = harness.bridge(gateway.address)
     url = f"http://{bridge.address}"
     try:
-        harness.wait_for_workers(url, "smol-upstream", 1)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        harness.wait_for_workers(url, model, 1)
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    finally:
+        for proc in (bridge, worker, gateway):
+            proc.stop()
+
+
+def test_worker_fronting_the_upstream_end_to_end(upstream: str) -> None:
+    """`tokenwire worker --engine openai` behind the gateway and the bridge,
+    driven with the official SDK (the key reaches the worker from the environment)."""
+    import openai
+
+    with fronted(
+        upstream, "smol-upstream", "--context-length", "2048", env={"TOKENWIRE_UPSTREAM_API_KEY": API_KEY}
+    ) as client:
         messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
         reply = client.chat.completions.create(model="smol-upstream", messages=messages, temperature=0, max_tokens=30)
         assert "Paris" in reply.choices[0].message.content
@@ -468,6 +478,3 @@ def test_worker_fronting_the_upstream_end_to_end(upstream: str) -> None:
         with pytest.raises(openai.BadRequestError) as caught:
             client.completions.create(model="smol-upstream", prompt="hello " * 2100, max_tokens=1)
         assert caught.value.code == "context_length_exceeded"
-    finally:
-        for proc in (bridge, worker, gateway):
-            proc.stop()

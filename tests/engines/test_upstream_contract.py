@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 from common.errors import ApiError
+from tests.engines.test_openai_upstream_engine import fronted
 from tests.fake_upstream import DEFAULT_TOKENS, IGNORABLE
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Generation
@@ -247,43 +248,37 @@ def test_sdk_over_an_upstream_ignoring_echo_and_n() -> None:
     """The done-when of issue 16: echo comes back with the prompt, or a 400 `param: echo`; never text without it."""
     import openai
 
-    from tests import harness
+    with fake_upstream("echo", "n") as url, fronted(url, "forgetful", "--upstream-model", "fake") as client:
+        model = client.models.retrieve("forgetful")
+        capabilities = (model.model_extra or {})["capabilities"]
+        assert capabilities["completions.echo"] == {"upstream": False, "support": "emulated"}
+        assert capabilities["completions.echo_logprobs"] == {"upstream": False, "support": "refused"}
+        assert capabilities["n"] == {"upstream": False, "support": "emulated"}
+        listed = next(m for m in client.models.list().data if m.id == "forgetful")
+        assert (listed.model_extra or {})["capabilities"] == capabilities
 
-    with fake_upstream("echo", "n") as url:
-        gateway = harness.gateway()
-        worker = harness.worker(
-            gateway.address, "--engine", "openai", "--upstream-url", url, "--upstream-model", "fake",
-            "--model-name", "forgetful",
-        )  # fmt: skip
-        bridge = harness.bridge(gateway.address)
-        base = f"http://{bridge.address}"
-        try:
-            harness.wait_for_workers(base, "forgetful", 1)
-            client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
-            model = client.models.retrieve("forgetful")
-            capabilities = (model.model_extra or {})["capabilities"]
-            assert capabilities["completions.echo"] == {"upstream": False, "support": "emulated"}
-            assert capabilities["completions.echo_logprobs"] == {"upstream": False, "support": "refused"}
-            assert capabilities["n"] == {"upstream": False, "support": "emulated"}
-            listed = next(m for m in client.models.list().data if m.id == "forgetful")
-            assert (listed.model_extra or {})["capabilities"] == capabilities
+        reply = client.completions.create(model="forgetful", prompt=PROMPT, echo=True, max_tokens=3)
+        assert reply.choices[0].text.startswith(PROMPT)
+        assert len(reply.choices[0].text.removeprefix(PROMPT).split()) == reply.usage.completion_tokens == 3
+        chunks = list(client.completions.create(model="forgetful", prompt=PROMPT, echo=True, max_tokens=3, stream=True))
+        assert "".join(c.choices[0].text for c in chunks if c.choices).startswith(PROMPT)
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="forgetful", prompt=PROMPT, echo=True, logprobs=2, max_tokens=3)
+        assert caught.value.status_code == 400
+        assert caught.value.body["param"] == "echo" and caught.value.code == "unsupported_parameter"
 
-            reply = client.completions.create(model="forgetful", prompt=PROMPT, echo=True, max_tokens=3)
-            assert reply.choices[0].text.startswith(PROMPT)
-            assert len(reply.choices[0].text.removeprefix(PROMPT).split()) == reply.usage.completion_tokens == 3
-            chunks = list(
-                client.completions.create(model="forgetful", prompt=PROMPT, echo=True, max_tokens=3, stream=True)
-            )
-            assert "".join(c.choices[0].text for c in chunks if c.choices).startswith(PROMPT)
-            with pytest.raises(openai.BadRequestError) as caught:
-                client.completions.create(model="forgetful", prompt=PROMPT, echo=True, logprobs=2, max_tokens=3)
-            assert caught.value.status_code == 400
-            assert caught.value.body["param"] == "echo" and caught.value.code == "unsupported_parameter"
+        # n fans out: two choices from an upstream that answers one per request.
+        reply = client.completions.create(model="forgetful", prompt=PROMPT, n=2, max_tokens=3)
+        assert sorted(c.index for c in reply.choices) == [0, 1]
+        assert all(len(c.text.split()) == 3 for c in reply.choices)
 
-            # n fans out: two choices from an upstream that answers one per request.
-            reply = client.completions.create(model="forgetful", prompt=PROMPT, n=2, max_tokens=3)
-            assert sorted(c.index for c in reply.choices) == [0, 1]
-            assert all(len(c.text.split()) == 3 for c in reply.choices)
-        finally:
-            for proc in (bridge, worker, gateway):
-                proc.stop()
+
+async def test_no_usage_and_no_tokenizer_is_said_to_be_an_estimate() -> None:
+    async with fake_engine("include_usage", "tokenize") as engine:
+        assert engine.capabilities is not None
+        usage = engine.capabilities.parameters["stream_options.include_usage"]
+        assert (usage.upstream, usage.support) == (False, common_pb2.PARAMETER_SUPPORT_ESTIMATED)
+        # Still exact where it can be: a choice cut by max_tokens has that many.
+        assert completion_tokens(await run(engine, completion(max_tokens=3))) == 3
+        # Otherwise one token a streamed chunk (the fake streams a word a chunk).
+        assert completion_tokens(await run(engine, completion())) == DEFAULT_TOKENS
