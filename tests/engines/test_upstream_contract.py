@@ -19,12 +19,11 @@ import grpc
 import pytest
 
 from common.errors import ApiError
-from tests.engines.test_openai_upstream_engine import fronted
+from tests.engines.test_openai_upstream_engine import fronted, run, text_of
 from tests.fake_upstream import DEFAULT_TOKENS, IGNORABLE
 from tokenwire.v1 import common_pb2, worker_pb2
-from workers.engine import Delta, Generation
+from workers.engine import Delta
 from workers.engines.openai_upstream import OpenAIUpstreamEngine
-from workers.server import resolve_max_tokens
 
 PROMPT = "alpha beta gamma"  # words the fake model never writes: an echo shows
 
@@ -72,23 +71,12 @@ def chat(**fields: Any) -> worker_pb2.GenerateRequest:
     )
 
 
-async def run(engine: OpenAIUpstreamEngine, request: worker_pb2.GenerateRequest) -> list[Delta]:
-    """What the worker does: prepare, context check, generate."""
-    prepared = await engine.prepare(request)
-    max_tokens = resolve_max_tokens(engine, request, prepared.prompt_tokens, prepared.param)
-    return [d async for d in engine.generate(request, prepared, max_tokens, Generation())]
-
-
 async def refused(engine: OpenAIUpstreamEngine, request: worker_pb2.GenerateRequest) -> ApiError:
     with pytest.raises(ApiError) as info:
         await run(engine, request)
     assert info.value.status == grpc.StatusCode.INVALID_ARGUMENT, info.value
     assert info.value.code == "unsupported_parameter"
     return info.value
-
-
-def text_of(deltas: list[Delta]) -> str:
-    return "".join(d.text for d in deltas)
 
 
 def completion_tokens(deltas: list[Delta]) -> int:
