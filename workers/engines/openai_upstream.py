@@ -20,8 +20,10 @@ connection, which is how an upstream learns that the client went away.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,6 +194,7 @@ class OpenAIUpstreamEngine(Engine):
         # How each OpenAI parameter is served, from probing the upstream (None: not yet).
         self.capabilities: common_pb2.EngineCapabilities | None = None
         self._discovered = False
+        self._discovering = asyncio.Lock()  # one discovery at a time, however many requests wait on it
 
     # -- Lifetime -----------------------------------------------------------
 
@@ -218,11 +221,16 @@ class OpenAIUpstreamEngine(Engine):
         return self._client
 
     async def _discover(self) -> None:
-        """Context length, dimensions and tokenizer, once the upstream answers.
+        """Context length, dimensions, tokenizer and parameters, once the upstream answers.
 
         An upstream that is down or still loading is not fatal (it may come up
         later): discovery is retried before the next request until it succeeds.
         """
+        async with self._discovering:
+            if not self._discovered:
+                await self._discover_now()
+
+    async def _discover_now(self) -> None:
         try:
             response = await self.client.get(f"{self.url}/models")
             models = response.json() if response.is_success else None
@@ -262,6 +270,7 @@ class OpenAIUpstreamEngine(Engine):
         def post(path: str, body: dict[str, Any], name: str) -> Any:
             return upstream_probe.stream_post(self.client, self.url, path, body, name)
 
+        started = time.monotonic()
         try:
             honoured = await upstream_probe.probe(post, chat, self.upstream_model)
         except httpx.HTTPError as exc:
@@ -270,7 +279,11 @@ class OpenAIUpstreamEngine(Engine):
         self.capabilities = upstream_probe.capabilities(honoured, chat, self.tokenizer)
         self.info.capabilities.CopyFrom(self.capabilities)
         log.info(
-            "upstream %s model %s honours: %s", self.url, self.upstream_model, upstream_probe.summary(self.capabilities)
+            "upstream %s model %s (probed in %.1f s): %s",
+            self.url,
+            self.upstream_model,
+            time.monotonic() - started,
+            upstream_probe.summary(self.capabilities),
         )
         return True
 

@@ -63,6 +63,16 @@ class ProbeFailed(Exception):
     """The upstream answered a probe with an HTTP error: the parameter is not honoured."""
 
 
+class ProbeUnanswered(httpx.TransportError):
+    """The upstream is busy or not ready (429, 502-504): probe again later, conclude nothing."""
+
+
+# Statuses that say nothing about the parameter, only about the upstream's state.
+_TRANSIENT = (429, 502, 503, 504)
+# Each probe's own time limit: a tiny request; a slower upstream is probed again later.
+PROBE_TIMEOUT = 30.0
+
+
 @dataclass
 class Streamed:
     """One probe's streamed answer, gathered per choice index."""
@@ -83,10 +93,12 @@ Post = Callable[[str, dict[str, Any], str], Awaitable[Streamed]]
 async def stream_post(client: httpx.AsyncClient, url: str, path: str, body: dict[str, Any], name: str) -> Streamed:
     """Run one streamed probe. HTTP errors raise ProbeFailed; transport errors propagate."""
     out = Streamed()
-    async with client.stream("POST", f"{url}{path}", json=body, headers={PROBE_HEADER: name}) as response:
+    headers = {PROBE_HEADER: name}
+    async with client.stream("POST", f"{url}{path}", json=body, headers=headers, timeout=PROBE_TIMEOUT) as response:
         if not response.is_success:
             await response.aread()
-            raise ProbeFailed(f"HTTP {response.status_code}: {response.text[:200]}")
+            reason = f"HTTP {response.status_code}: {response.text[:200]}"
+            raise (ProbeUnanswered if response.status_code in _TRANSIENT else ProbeFailed)(reason)
         async for line in response.aiter_lines():
             if not line.startswith("data:"):
                 continue
