@@ -10,7 +10,12 @@ What the upstream does not tell us is filled in conservatively:
   llama.cpp's ``meta.n_ctx_train``), else ``--context-length``, else 0 (the
   worker then skips its context check and the upstream enforces its own);
 * prompt tokens come from the upstream's tokenize endpoint (probed once at
-  start) and fall back to an estimate when it has none.
+  start) and fall back to an estimate when it has none;
+* what the upstream honours of OpenAI's parameters is probed at start
+  (:mod:`workers.engines.upstream_probe`): a parameter it would drop is
+  emulated where that is exact (echo, usage; ``n`` is the gateway's fan-out)
+  and refused with a 400 naming the param otherwise, never forwarded to be lost;
+* a request without ``max_tokens`` goes without it: the upstream's own limit.
 
 Cancellation: the stream is read inside ``async with client.stream(...)``; when
 the worker cancels or closes the generator, leaving that block closes the
@@ -368,7 +373,9 @@ class OpenAIUpstreamEngine(Engine):
     async def prepare(self, request: worker_pb2.GenerateRequest) -> Prepared:
         if not self._discovered:
             await self._discover()
-        self._refuse_unhonoured(request)
+        refusal = upstream_probe.refusal(request, self.capabilities, self.info.name)
+        if refusal is not None:
+            raise refusal
         if request.messages:
             if self.info.kind == common_pb2.MODEL_KIND_COMPLETION:
                 raise errors.wrong_model_kind(self.info.name, "chat completions")
@@ -428,60 +435,6 @@ class OpenAIUpstreamEngine(Engine):
 
     # -- Generation -----------------------------------------------------------
 
-    def _native(self, name: str) -> bool:
-        """Whether the upstream honours capability ``name`` (forward it as is)."""
-        if self.capabilities is None:  # not probed yet (upstream down): forward and see
-            return True
-        cap = self.capabilities.parameters.get(name)
-        return cap is not None and cap.support == upstream_probe.NATIVE
-
-    def _refuse_unhonoured(self, request: worker_pb2.GenerateRequest) -> None:
-        """A 400 naming the param for what the upstream would silently drop and
-        the engine cannot do itself (echo, n and usage are emulated instead)."""
-        chat = bool(request.messages)
-        endpoint = "chat" if chat else "completions"
-        fmt = request.response_format.type
-        # (asked for?, the capability it needs, the OpenAI param, what to call it)
-        needs = [
-            (chat and request.logprobs, "chat.logprobs", "logprobs", "logprobs"),
-            (
-                chat and request.logprobs and request.top_logprobs > 0,
-                "chat.top_logprobs",
-                "top_logprobs",
-                "top_logprobs",
-            ),
-            # Tools the model may not call (tool_choice "none") need no support.
-            (chat and bool(request.tools) and request.tool_choice.mode != "none", "tools", "tools", "tools"),
-            (
-                not chat and request.echo and request.logprobs,
-                "completions.echo_logprobs",
-                "echo",
-                "echo with logprobs (the prompt's own logprobs)",
-            ),
-            (not chat and request.logprobs, "completions.logprobs", "logprobs", "logprobs"),
-            (fmt not in ("", "text"), f"{endpoint}.response_format.{fmt}", "response_format", f"response_format {fmt}"),
-            (request.sampling.HasField("seed"), "seed", "seed", "seed"),
-        ]
-        for wanted, capability, param, what in needs:
-            if wanted and not self._native(capability):
-                raise errors.invalid_request(
-                    f"The upstream of `{self.info.name}` does not support {what} on {endpoint} completions.",
-                    param,
-                    "unsupported_parameter",
-                )
-        if not chat and request.echo and request.prompt.HasField("tokens") and not self._echo_native(request):
-            if self.tokenizer is None:  # the echo needs the prompt's text
-                raise errors.invalid_request(
-                    f"The upstream of `{self.info.name}` cannot detokenize, so cannot echo a prompt of token ids.",
-                    "echo",
-                    "unsupported_parameter",
-                )
-
-    def _echo_native(self, request: worker_pb2.GenerateRequest) -> bool:
-        """Whether echo is forwarded (else the engine prepends the prompt itself)."""
-        name = "completions.echo_logprobs" if request.logprobs else "completions.echo"
-        return request.echo and self._native(name)
-
     def _request_body(self, request: worker_pb2.GenerateRequest, max_tokens: int | None) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = {"model": self.upstream_model, "stream": True}
         # Usage at the end when the upstream can (else it is counted: see _read_stream).
@@ -509,7 +462,7 @@ class OpenAIUpstreamEngine(Engine):
             body["prompt"] = request.prompt.text
         if request.logprobs:
             body["logprobs"] = request.top_logprobs
-        if self._echo_native(request):
+        if upstream_probe.echo_forwarded(request, self.capabilities):
             body["echo"] = True
         return f"{self.url}/completions", body
 

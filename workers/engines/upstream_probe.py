@@ -26,7 +26,8 @@ from typing import Any
 
 import httpx
 
-from tokenwire.v1 import common_pb2
+from common import errors
+from tokenwire.v1 import common_pb2, worker_pb2
 
 log = logging.getLogger("tokenwire.worker.openai")
 
@@ -289,3 +290,54 @@ def summary(caps: common_pb2.EngineCapabilities) -> str:
         f"{name}={common_pb2.ParameterSupport.Name(cap.support).removeprefix('PARAMETER_SUPPORT_').lower()}"
         for name, cap in sorted(caps.parameters.items())
     )
+
+
+# -- A request against what the upstream honours ------------------------------------
+
+
+def _native(caps: common_pb2.EngineCapabilities | None, name: str) -> bool:
+    if caps is None:  # not probed yet (the upstream is down): forward and see
+        return True
+    cap = caps.parameters.get(name)
+    return cap is not None and cap.support == NATIVE
+
+
+def echo_forwarded(request: worker_pb2.GenerateRequest, caps: common_pb2.EngineCapabilities | None) -> bool:
+    """Whether the upstream echoes (else the engine puts the prompt in front itself)."""
+    return request.echo and _native(caps, "completions.echo_logprobs" if request.logprobs else "completions.echo")
+
+
+def refusal(
+    request: worker_pb2.GenerateRequest, caps: common_pb2.EngineCapabilities | None, model: str
+) -> errors.ApiError | None:
+    """The 400 naming the param for what the upstream would drop and the engine
+    cannot do itself (echo, n and usage are emulated instead); None: serve it."""
+    chat = bool(request.messages)
+    endpoint = "chat" if chat else "completions"
+    fmt = request.response_format.type
+    # (asked for?, the capability it needs, the OpenAI param, what to call it)
+    needs = [
+        (chat and request.logprobs, "chat.logprobs", "logprobs", "logprobs"),
+        (chat and request.logprobs and request.top_logprobs > 0, "chat.top_logprobs", "top_logprobs", "top_logprobs"),
+        # Tools the model may not call (tool_choice "none") need no support.
+        (chat and bool(request.tools) and request.tool_choice.mode != "none", "tools", "tools", "tools"),
+        (not chat and request.echo and request.logprobs, "completions.echo_logprobs", "echo", "echo with logprobs"),
+        (not chat and request.logprobs, "completions.logprobs", "logprobs", "logprobs"),
+        (fmt not in ("", "text"), f"{endpoint}.response_format.{fmt}", "response_format", f"response_format {fmt}"),
+        (request.sampling.HasField("seed"), "seed", "seed", "seed"),
+        # An emulated echo of token ids needs their text: the upstream's detokenizer.
+        (
+            not chat and request.echo and request.prompt.HasField("tokens") and not echo_forwarded(request, caps),
+            "tokenize",
+            "echo",
+            "echo of a prompt of token ids",
+        ),
+    ]
+    for wanted, capability, param, what in needs:
+        if wanted and not _native(caps, capability):
+            return errors.invalid_request(
+                f"The upstream of `{model}` does not support {what} on {endpoint} completions.",
+                param,
+                "unsupported_parameter",
+            )
+    return None
