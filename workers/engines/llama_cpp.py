@@ -524,8 +524,8 @@ class LlamaCppEngine(Engine):
         echo = request.echo and plan.echo_text is not None
         seq = Seq(
             prompt=plan.tokens,
-            # Unset: up to the end of the context (the batch stops a sequence there).
-            max_tokens=self.info.context_length if max_tokens is None else max_tokens,
+            # Unset: up to the end of the context (prompt + completion fill it).
+            max_tokens=self.info.context_length - prepared.prompt_tokens if max_tokens is None else max_tokens,
             generation=generation,
             handler=_Output(self, request, plan, echo),
             make_sampler=lambda: self._sampler(request.sampling, plan.grammar),
