@@ -296,6 +296,7 @@ class Inference:
             kind=info.kind,
             context_length=info.context_length,
             workers=len(self.pool.workers(name)),
+            capabilities=info.capabilities,
         )
 
     def list_models(self) -> api_pb2.ListModelsResponse:

@@ -1,7 +1,7 @@
 """tokenwire.v1 responses -> OpenAI JSON objects, field for field.
 
-Written out by hand rather than with ``MessageToDict``: OpenAI wants explicit
-``null``s, integers (not int64 strings) and a few legacy shapes.
+The envelopes are here; the OpenAI shapes the openai engine speaks too (usage,
+logprobs, tool calls) are in :mod:`common.openai_json`, written once for both.
 """
 
 from __future__ import annotations
@@ -12,51 +12,13 @@ from typing import Any
 
 import numpy as np
 
+from common.openai_json import capabilities, legacy_logprobs, token_logprobs, tool_call, usage
 from tokenwire.v1 import api_pb2, common_pb2
-
-
-def usage(u: common_pb2.Usage) -> dict[str, int]:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}
-
-
-def _top(t: common_pb2.TopLogprob) -> dict[str, Any]:
-    return {"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)}
-
-
-def token_logprobs(entries: Iterable[common_pb2.TokenLogprob]) -> list[dict[str, Any]]:
-    return [
-        {
-            "token": e.token,
-            "logprob": e.logprob if e.HasField("logprob") else None,
-            "bytes": list(e.bytes),
-            "top_logprobs": [_top(t) for t in e.top_logprobs],
-        }
-        for e in entries
-    ]
-
-
-def legacy_logprobs(entries: Iterable[common_pb2.TokenLogprob]) -> dict[str, Any]:
-    """Completions' logprobs: parallel arrays, top alternatives as {token: logprob}."""
-    entries = list(entries)
-    return {
-        "tokens": [e.token for e in entries],
-        "token_logprobs": [e.logprob if e.HasField("logprob") else None for e in entries],
-        "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} if e.top_logprobs else None for e in entries],
-        "text_offset": [e.text_offset for e in entries],
-    }
-
-
-def _tool_call(call: common_pb2.ToolCall) -> dict[str, Any]:
-    return {
-        "id": call.id,
-        "type": call.type or "function",
-        "function": {"name": call.function.name, "arguments": call.function.arguments},
-    }
 
 
 def model(m: api_pb2.Model) -> dict[str, Any]:
     kind = common_pb2.ModelKind.Name(m.kind).removeprefix("MODEL_KIND_").lower()
-    return {
+    out = {
         "id": m.id,
         "object": "model",
         "created": m.created,
@@ -66,6 +28,9 @@ def model(m: api_pb2.Model) -> dict[str, Any]:
         "max_model_len": m.context_length,
         "workers": m.workers,
     }
+    if m.HasField("capabilities"):
+        out["capabilities"] = capabilities(m.capabilities)
+    return out
 
 
 def models(response: api_pb2.ListModelsResponse) -> dict[str, Any]:
@@ -93,7 +58,7 @@ def chat_completion(r: api_pb2.CreateChatCompletionResponse, want_logprobs: bool
             "refusal": None,
         }
         if c.message.tool_calls:
-            message["tool_calls"] = [_tool_call(t) for t in c.message.tool_calls]
+            message["tool_calls"] = [tool_call(t) for t in c.message.tool_calls]
         choices.append(
             {
                 "index": c.index,
@@ -114,7 +79,7 @@ def chat_chunk(r: api_pb2.StreamChatCompletionResponse, want_logprobs: bool, inc
         if c.delta.HasField("content"):
             delta["content"] = c.delta.content
         if c.delta.tool_calls:
-            delta["tool_calls"] = [{"index": t.index, **_tool_call(t)} for t in c.delta.tool_calls]
+            delta["tool_calls"] = [{"index": t.index, **tool_call(t)} for t in c.delta.tool_calls]
         logprobs = None
         if want_logprobs and c.logprobs.content:
             logprobs = {"content": token_logprobs(c.logprobs.content), "refusal": None}

@@ -136,12 +136,13 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def generate(
-        self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int, generation: Generation
+        self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int | None, generation: Generation
     ) -> AsyncIterator[Delta]:
         """Yield the deltas of one choice; the last one carries finish_reason.
 
-        ``max_tokens`` is already resolved by the worker (the request's value,
-        or what is left of the context).
+        ``max_tokens`` is checked by the worker against the context: the
+        request's value, or None when it set none (generate up to the end of
+        the context, or the engine's own limit).
         """
 
     async def embed(

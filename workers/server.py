@@ -35,19 +35,20 @@ class WorkerStats:
         self.tokens_after_cancel_max = max(self.tokens_after_cancel_max, generation.tokens_after_cancel)
 
 
-def resolve_max_tokens(engine: Engine, request: worker_pb2.GenerateRequest, prompt_tokens: int, param: str) -> int:
-    """The request's max_tokens, or what is left of the context; refuse overflow."""
+def resolve_max_tokens(
+    engine: Engine, request: worker_pb2.GenerateRequest, prompt_tokens: int, param: str
+) -> int | None:
+    """The request's max_tokens, None when it set none (up to the end of the
+    context, which each engine knows best); refuse what cannot fit."""
     context = engine.info.context_length
     if request.sampling.HasField("max_tokens"):
         max_tokens = request.sampling.max_tokens
         if context and prompt_tokens + max_tokens > context:
             raise errors.context_length_exceeded(context, prompt_tokens, max_tokens, param)
         return max_tokens
-    if not context:
-        return 1 << 30
-    if prompt_tokens >= context:
+    if context and prompt_tokens >= context:
         raise errors.context_length_exceeded(context, prompt_tokens, 1, param)
-    return context - prompt_tokens
+    return None
 
 
 _END = object()

@@ -28,6 +28,7 @@ from common.errors import ApiError
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Generation
 from workers.engines.openai_upstream import OpenAIUpstreamEngine
+from workers.engines.upstream_probe import PROBE_HEADER
 from workers.server import resolve_max_tokens
 
 API_KEY = "upstream-secret"
@@ -160,6 +161,26 @@ async def test_stop_string(engine: OpenAIUpstreamEngine) -> None:
     assert deltas[-1].finish_reason == "stop"
 
 
+async def test_echo_comes_back_with_the_prompt_or_is_refused(engine: OpenAIUpstreamEngine) -> None:
+    """llama-cpp-python's streams drop `echo`: the probe finds it, and the prompt is in the text anyway."""
+    assert engine.capabilities is not None
+    echo = engine.capabilities.parameters["completions.echo"]
+    assert echo.support in (common_pb2.PARAMETER_SUPPORT_NATIVE, common_pb2.PARAMETER_SUPPORT_EMULATED)
+    prompt = "1, 2, 3, 4, 5,"
+    request = completion_request(prompt, temperature=0.0, max_tokens=3)
+    request.echo = True
+    deltas = await run(engine, request)
+    assert text_of(deltas).startswith(prompt) and text_of(deltas).count("1, 2, 3") == 1
+    assert sum(d.token_count for d in deltas) == 3  # the echo is not completion
+    request.logprobs, request.top_logprobs = True, 1
+    try:
+        deltas = await run(engine, request)
+    except ApiError as error:  # the prompt's logprobs cannot be had from this upstream
+        assert error.status == grpc.StatusCode.INVALID_ARGUMENT and error.param == "echo"
+    else:
+        assert text_of(deltas).startswith(prompt) and len([e for d in deltas for e in d.logprobs]) > 3
+
+
 async def test_tokenize(engine: OpenAIUpstreamEngine) -> None:
     ids = await engine.tokenize("hello world", [])
     assert ids and all(isinstance(i, int) for i in ids)
@@ -272,7 +293,8 @@ def vllm_like(generate: Callable[[httpx.Request], httpx.Response], seen: list[di
             return httpx.Response(200, json={"count": n, "tokens": list(range(n)), "max_model_len": 4096})
         if path == "/detokenize":
             return httpx.Response(200, json={"prompt": " ".join(f"w{t}" for t in body["tokens"])})
-        seen.append(body)
+        if PROBE_HEADER not in request.headers:  # the engine's start-up probes are not the request under test
+            seen.append(body)
         return generate(request)
 
     return httpx.MockTransport(handler)
@@ -332,7 +354,7 @@ async def test_vllm_discovery_body_tool_calls_and_usage() -> None:
     body = seen[0]
     assert body["model"] == "up" and body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert body["temperature"] == 0.0 and "top_p" not in body and "seed" not in body
-    assert body["max_tokens"] == 4096 - 7  # exact count: what is left of the context
+    assert "max_tokens" not in body  # unset is unset: the upstream generates up to its context
     assert body["tools"] == [{"type": "function", "function": {"name": "get"}}] and body["tool_choice"] == "auto"
     last = deltas[-1]
     assert last.finish_reason == "tool_calls"
@@ -411,27 +433,37 @@ async def test_embeddings() -> None:
 # -- Through the whole system: a worker fronting the upstream ------------------
 
 
-def test_worker_fronting_the_upstream_end_to_end(upstream: str) -> None:
-    """`tokenwire worker --engine openai` behind the gateway and the bridge,
-    driven with the official SDK (the key reaches the worker from the environment)."""
+@contextlib.contextmanager
+def fronted(upstream_url: str, model: str, *worker_args: str, env: dict[str, str] | None = None) -> Iterator[Any]:
+    """`tokenwire worker --engine openai` over the upstream, behind a gateway and the
+    bridge: yields an official SDK client of the bridge."""
     import openai
 
     from tests import harness
 
     gateway = harness.gateway()
     worker = harness.worker(
-        gateway.address,
-        "--engine", "openai",
-        "--upstream-url", upstream,
-        "--model-name", "smol-upstream",
-        "--context-length", "2048",
-        env={"TOKENWIRE_UPSTREAM_API_KEY": API_KEY},
+        gateway.address, "--engine", "openai", "--upstream-url", upstream_url, "--model-name", model, *worker_args,
+        env=env,
     )  # fmt: skip
     bridge = harness.bridge(gateway.address)
     url = f"http://{bridge.address}"
     try:
-        harness.wait_for_workers(url, "smol-upstream", 1)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        harness.wait_for_workers(url, model, 1)
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    finally:
+        for proc in (bridge, worker, gateway):
+            proc.stop()
+
+
+def test_worker_fronting_the_upstream_end_to_end(upstream: str) -> None:
+    """`tokenwire worker --engine openai` behind the gateway and the bridge,
+    driven with the official SDK (the key reaches the worker from the environment)."""
+    import openai
+
+    with fronted(
+        upstream, "smol-upstream", "--context-length", "2048", env={"TOKENWIRE_UPSTREAM_API_KEY": API_KEY}
+    ) as client:
         messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
         reply = client.chat.completions.create(model="smol-upstream", messages=messages, temperature=0, max_tokens=30)
         assert "Paris" in reply.choices[0].message.content
@@ -446,6 +478,3 @@ def test_worker_fronting_the_upstream_end_to_end(upstream: str) -> None:
         with pytest.raises(openai.BadRequestError) as caught:
             client.completions.create(model="smol-upstream", prompt="hello " * 2100, max_tokens=1)
         assert caught.value.code == "context_length_exceeded"
-    finally:
-        for proc in (bridge, worker, gateway):
-            proc.stop()

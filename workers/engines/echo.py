@@ -67,20 +67,22 @@ class EchoEngine(Engine):
         return Prepared(prompt_tokens=len(words), param="prompt", state=(words, words))
 
     def generate(
-        self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int, generation: Generation
+        self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int | None, generation: Generation
     ) -> AsyncIterator[Delta]:
         # In a task of its own, as a real engine's compute loop: only the cancel flag stops it.
         return iterate_in_task(lambda: self._produce(request, prepared, max_tokens, generation), generation)
 
     async def _produce(
-        self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int, generation: Generation
+        self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int | None, generation: Generation
     ) -> AsyncIterator[Delta]:
         source, echoed = prepared.state
         source = source or ["echo"]
         if request.echo and echoed:
             pieces = [str(w) if i == 0 else f" {w}" for i, w in enumerate(echoed)]
             yield Delta(text="".join(pieces), logprobs=self._logprobs(pieces, request, first_is_prompt=True), tokens=0)
-        count = min(self.tokens, max_tokens)
+        if max_tokens is None and self.info.context_length:  # unset: up to the end of the context
+            max_tokens = self.info.context_length - prepared.prompt_tokens
+        count = self.tokens if max_tokens is None else min(self.tokens, max_tokens)
         stops = list(request.sampling.stop)
         text = ""
         for i in range(count):

@@ -294,7 +294,7 @@ class EmbeddingsEngine(Engine):
         raise errors.wrong_model_kind(self.info.name, "text generation")
 
     def generate(
-        self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int, generation: Generation
+        self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int | None, generation: Generation
     ) -> AsyncIterator[Delta]:
         raise errors.wrong_model_kind(self.info.name, "text generation")
 

@@ -516,7 +516,7 @@ class LlamaCppEngine(Engine):
         return text.decode("utf-8", errors="replace")
 
     async def generate(
-        self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int, generation: Generation
+        self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int | None, generation: Generation
     ) -> AsyncIterator[Delta]:
         if self._scheduler is None:
             raise errors.unavailable("The model is not loaded.")
@@ -524,7 +524,8 @@ class LlamaCppEngine(Engine):
         echo = request.echo and plan.echo_text is not None
         seq = Seq(
             prompt=plan.tokens,
-            max_tokens=max_tokens,
+            # Unset: up to the end of the context (prompt + completion fill it).
+            max_tokens=self.info.context_length - prepared.prompt_tokens if max_tokens is None else max_tokens,
             generation=generation,
             handler=_Output(self, request, plan, echo),
             make_sampler=lambda: self._sampler(request.sampling, plan.grammar),

@@ -10,7 +10,12 @@ What the upstream does not tell us is filled in conservatively:
   llama.cpp's ``meta.n_ctx_train``), else ``--context-length``, else 0 (the
   worker then skips its context check and the upstream enforces its own);
 * prompt tokens come from the upstream's tokenize endpoint (probed once at
-  start) and fall back to an estimate when it has none.
+  start) and fall back to an estimate when it has none;
+* what the upstream honours of OpenAI's parameters is probed at start
+  (:mod:`workers.engines.upstream_probe`): a parameter it would drop is
+  emulated where that is exact (echo, usage; ``n`` is the gateway's fan-out)
+  and refused with a 400 naming the param otherwise, never forwarded to be lost;
+* a request without ``max_tokens`` goes without it: the upstream's own limit.
 
 Cancellation: the stream is read inside ``async with client.stream(...)``; when
 the worker cancels or closes the generator, leaving that block closes the
@@ -20,20 +25,22 @@ connection, which is how an upstream learns that the client went away.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import httpx
-from google.protobuf import json_format
 
-from common import errors
+from common import errors, openai_json
 from common.sampling import sampling_json
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Engine, Generation, Prepared, message_text
+from workers.engines import upstream_probe
 
 log = logging.getLogger("tokenwire.worker.openai")
 
@@ -42,10 +49,6 @@ KINDS = {
     "completion": common_pb2.MODEL_KIND_COMPLETION,
     "embedding": common_pb2.MODEL_KIND_EMBEDDING,
 }
-
-# The worker's "no limit" max_tokens (context unknown): do not forward it.
-_UNBOUNDED = 1 << 30
-
 
 # -- The CLI -----------------------------------------------------------------
 
@@ -75,118 +78,15 @@ def build(args: argparse.Namespace) -> Engine:
     )
 
 
-# -- Translation helpers -----------------------------------------------------
-
-
-def message_to_json(message: common_pb2.ChatMessage) -> dict[str, Any]:
-    """A proto ChatMessage back to OpenAI's JSON message."""
-    out: dict[str, Any] = {"role": message.role}
-    which = message.WhichOneof("content_kind")
-    if which == "content":
-        out["content"] = message.content
-    elif which == "content_parts":
-        parts: list[dict[str, Any]] = []
-        for part in message.content_parts.parts:
-            if part.type == "image_url":
-                image: dict[str, Any] = {"url": part.image_url.url}
-                if part.image_url.detail:
-                    image["detail"] = part.image_url.detail
-                parts.append({"type": "image_url", "image_url": image})
-            else:
-                parts.append({"type": part.type, "text": part.text})
-        out["content"] = parts
-    else:
-        out["content"] = None  # an assistant turn that only calls tools
-    if message.name:
-        out["name"] = message.name
-    if message.tool_calls:
-        out["tool_calls"] = [
-            {
-                "id": call.id,
-                "type": call.type or "function",
-                "function": {"name": call.function.name, "arguments": call.function.arguments},
-            }
-            for call in message.tool_calls
-        ]
-    if message.tool_call_id:
-        out["tool_call_id"] = message.tool_call_id
-    return out
-
-
-def _struct(message: Any) -> dict[str, Any]:
-    return json_format.MessageToDict(message)
-
-
-def _tool_to_json(tool: common_pb2.Tool) -> dict[str, Any]:
-    function: dict[str, Any] = {"name": tool.function.name}
-    if tool.function.description:
-        function["description"] = tool.function.description
-    if tool.function.HasField("parameters"):
-        function["parameters"] = _struct(tool.function.parameters)
-    if tool.function.HasField("strict"):
-        function["strict"] = tool.function.strict
-    return {"type": tool.type or "function", "function": function}
-
-
-def _response_format(fmt: common_pb2.ResponseFormat) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": fmt.type}
-    if fmt.type == "json_schema":
-        schema: dict[str, Any] = {"name": fmt.json_schema.name}
-        if fmt.json_schema.description:
-            schema["description"] = fmt.json_schema.description
-        if fmt.json_schema.HasField("schema"):
-            schema["schema"] = _struct(fmt.json_schema.schema)
-        if fmt.json_schema.HasField("strict"):
-            schema["strict"] = fmt.json_schema.strict
-        out["json_schema"] = schema
-    return out
+# -- Translation helpers (the OpenAI shapes themselves are in common.openai_json) --
 
 
 def sampling_to_json(sampling: worker_pb2.SamplingParams) -> dict[str, Any]:
     """Only the fields the caller set: the upstream applies its own defaults to the rest.
 
     By common/sampling.py's table (repetition_penalty goes under llama.cpp's name, repeat_penalty,
-    too). max_tokens is the request builder's: the caller's, or what the worker computed."""
+    too). max_tokens is the request builder's: the caller's, or left out (the upstream's default)."""
     return sampling_json(sampling, skip=("max_tokens",))
-
-
-def _chat_logprobs(data: Any) -> list[common_pb2.TokenLogprob]:
-    """Chat format: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}."""
-    out = []
-    for item in (data or {}).get("content") or []:
-        entry = common_pb2.TokenLogprob(token=item.get("token", ""), bytes=_bytes(item))
-        if item.get("logprob") is not None:
-            entry.logprob = item["logprob"]
-        for top in item.get("top_logprobs") or []:
-            entry.top_logprobs.add(token=top.get("token", ""), logprob=top.get("logprob") or 0.0, bytes=_bytes(top))
-        out.append(entry)
-    return out
-
-
-def _completion_logprobs(data: Any) -> list[common_pb2.TokenLogprob]:
-    """Legacy completions format: parallel lists tokens/token_logprobs/top_logprobs/text_offset."""
-    if not data:
-        return []
-    tokens = data.get("tokens") or []
-    values = data.get("token_logprobs") or []
-    tops = data.get("top_logprobs") or []
-    offsets = data.get("text_offset") or []
-    out = []
-    for i, token in enumerate(tokens):
-        entry = common_pb2.TokenLogprob(token=token, bytes=token.encode())
-        if i < len(values) and values[i] is not None:
-            entry.logprob = values[i]
-        if i < len(offsets) and offsets[i] is not None:
-            entry.text_offset = offsets[i]
-        for alt, value in ((tops[i] if i < len(tops) else None) or {}).items():
-            entry.top_logprobs.add(token=alt, logprob=value, bytes=alt.encode())
-        out.append(entry)
-    return out
-
-
-def _bytes(item: dict[str, Any]) -> bytes:
-    raw = item.get("bytes")
-    return bytes(raw) if raw else str(item.get("token", "")).encode()
 
 
 # -- Error mapping -------------------------------------------------------------
@@ -224,7 +124,7 @@ def upstream_error(status: int, body: Any, model: str, headers: httpx.Headers | 
             return errors.model_not_found(model)
         return errors.unavailable(f"upstream returned 404: {message}")
     if status == 429:
-        retry = (headers or {}).get("retry-after", "")
+        retry = headers.get("retry-after", "") if headers else ""
         try:
             seconds = int(float(retry))
         except ValueError:
@@ -242,6 +142,15 @@ def _transport_error(exc: httpx.HTTPError) -> errors.ApiError:
 
 
 # -- The engine ----------------------------------------------------------------
+
+
+@dataclass
+class _Counting:
+    """What the usage count needs when the upstream sends none."""
+
+    max_tokens: int | None
+    echoed: str  # prompt text the upstream echoed in front of the output
+    text: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -265,7 +174,7 @@ class OpenAIUpstreamEngine(Engine):
         kind: str = "chat",
         transport: httpx.AsyncBaseTransport | None = None,  # tests: httpx.MockTransport
     ) -> None:
-        self.info = common_pb2.ModelInfo(name=model, kind=KINDS[kind], engine="openai")  # type: ignore[arg-type]
+        self.info = common_pb2.ModelInfo(name=model, kind=KINDS[kind], engine="openai")
         self.url = url.rstrip("/")
         # vLLM's /tokenize and llama.cpp's native endpoints live at the server root.
         self.root = self.url.removesuffix("/v1")
@@ -277,7 +186,12 @@ class OpenAIUpstreamEngine(Engine):
         self._client: httpx.AsyncClient | None = None
         # Which tokenizer the upstream has: "vllm", "llama.cpp", "llama-cpp-python" or None.
         self.tokenizer: str | None = None
+        # Tokens the tokenizer adds to any text (BOS), left out of usage counts.
+        self._tokenizer_overhead = 0
+        # How each OpenAI parameter is served, from probing the upstream (None: not yet).
+        self.capabilities: common_pb2.EngineCapabilities | None = None
         self._discovered = False
+        self._discovering = asyncio.Lock()  # one discovery at a time, however many requests wait on it
 
     # -- Lifetime -----------------------------------------------------------
 
@@ -304,11 +218,16 @@ class OpenAIUpstreamEngine(Engine):
         return self._client
 
     async def _discover(self) -> None:
-        """Context length, dimensions and tokenizer, once the upstream answers.
+        """Context length, dimensions, tokenizer and parameters, once the upstream answers.
 
         An upstream that is down or still loading is not fatal (it may come up
         later): discovery is retried before the next request until it succeeds.
         """
+        async with self._discovering:
+            if not self._discovered:
+                await self._discover_now()
+
+    async def _discover_now(self) -> None:
         try:
             response = await self.client.get(f"{self.url}/models")
             models = response.json() if response.is_success else None
@@ -330,6 +249,9 @@ class OpenAIUpstreamEngine(Engine):
                 log.warning("could not learn the embedding dimensions: %s", exc.message)
         else:
             self.tokenizer = await self._probe_tokenizer()
+            if not await self._probe_parameters():
+                self._discovered = False
+                return
         log.info(
             "upstream %s model %s: context length %d, tokenizer %s",
             self.url,
@@ -337,6 +259,30 @@ class OpenAIUpstreamEngine(Engine):
             self.info.context_length,
             self.tokenizer or "none (estimates)",
         )
+
+    async def _probe_parameters(self) -> bool:
+        """Learn what the upstream honours (False: it went away mid-probe; try again later)."""
+        chat = self.info.kind == common_pb2.MODEL_KIND_CHAT
+
+        def post(path: str, body: dict[str, Any], name: str) -> Any:
+            return upstream_probe.stream_post(self.client, self.url, path, body, name)
+
+        started = time.monotonic()
+        try:
+            honoured = await upstream_probe.probe(post, chat, self.upstream_model)
+        except httpx.HTTPError as exc:
+            log.warning("upstream %s: probing its parameters failed (%s); will retry", self.url, exc)
+            return False
+        self.capabilities = upstream_probe.capabilities(honoured, chat, self.tokenizer)
+        self.info.capabilities.CopyFrom(self.capabilities)
+        log.info(
+            "upstream %s model %s (probed in %.1f s): %s",
+            self.url,
+            self.upstream_model,
+            time.monotonic() - started,
+            upstream_probe.summary(self.capabilities),
+        )
+        return True
 
     def _context_from_models(self, body: Any) -> int:
         entries = (body.get("data") or []) if isinstance(body, dict) else []
@@ -357,10 +303,15 @@ class OpenAIUpstreamEngine(Engine):
     async def _probe_tokenizer(self) -> str | None:
         for name in ("vllm", "llama.cpp", "llama-cpp-python"):
             try:
-                if await self._tokenize_with(name, "hello", None):
-                    return name
+                if not await self._tokenize_with(name, "hello", None):
+                    continue
             except (httpx.HTTPError, errors.ApiError, ValueError, KeyError, TypeError):
                 continue
+            try:
+                self._tokenizer_overhead = len(await self._tokenize_with(name, "", None, False))
+            except (httpx.HTTPError, errors.ApiError, ValueError, KeyError, TypeError):
+                self._tokenizer_overhead = 0
+            return name
         return None
 
     async def _tokenize_with(
@@ -373,7 +324,7 @@ class OpenAIUpstreamEngine(Engine):
         if name == "vllm":
             body: dict[str, Any] = {"model": self.upstream_model}
             if messages is not None:
-                body.update(messages=[message_to_json(m) for m in messages], add_generation_prompt=True)
+                body.update(messages=[openai_json.message(m) for m in messages], add_generation_prompt=True)
             else:
                 body["prompt"] = text
             if add_special_tokens is not None:
@@ -408,10 +359,15 @@ class OpenAIUpstreamEngine(Engine):
             except httpx.HTTPError as exc:
                 raise _transport_error(exc) from exc
         # Estimate without a tokenizer: about four characters per token for English text.
-        joined = text if messages is None else "\n".join(message_text(m) for m in messages)
-        return len(joined or "") // 4, False
+        joined = (text or "") if messages is None else "\n".join(message_text(m) for m in messages)
+        return len(joined) // 4, False
 
     async def prepare(self, request: worker_pb2.GenerateRequest) -> Prepared:
+        if not self._discovered:
+            await self._discover()
+        refusal = upstream_probe.refusal(request, self.capabilities, self.info.name)
+        if refusal is not None:
+            raise refusal
         if request.messages:
             if self.info.kind == common_pb2.MODEL_KIND_COMPLETION:
                 raise errors.wrong_model_kind(self.info.name, "chat completions")
@@ -471,35 +427,26 @@ class OpenAIUpstreamEngine(Engine):
 
     # -- Generation -----------------------------------------------------------
 
-    def _request_body(
-        self, request: worker_pb2.GenerateRequest, max_tokens: int, exact: bool
-    ) -> tuple[str, dict[str, Any]]:
+    def _request_body(self, request: worker_pb2.GenerateRequest, max_tokens: int | None) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = {"model": self.upstream_model, "stream": True}
-        # vLLM and OpenAI send a final usage chunk; llama-cpp-python ignores the field.
+        # Usage at the end when the upstream can (else it is counted: see _read_stream).
         body["stream_options"] = {"include_usage": True}
         body.update(sampling_to_json(request.sampling))
-        # max_tokens: the caller's, or what the worker computed from the context
-        # when our prompt count is exact (an estimate could overshoot the
-        # upstream's own check); otherwise the upstream's default.
-        if request.sampling.HasField("max_tokens") or (exact and max_tokens < _UNBOUNDED):
+        # Unset (the caller gave none): the upstream's own default, up to its context.
+        if max_tokens is not None:
             body["max_tokens"] = max_tokens
+        if request.HasField("response_format") and request.response_format.type:
+            body["response_format"] = openai_json.response_format(request.response_format)
         if request.messages:
-            body["messages"] = [message_to_json(m) for m in request.messages]
+            body["messages"] = [openai_json.message(m) for m in request.messages]
             if request.logprobs:
                 body["logprobs"] = True
                 body["top_logprobs"] = request.top_logprobs
             if request.tools:
-                body["tools"] = [_tool_to_json(t) for t in request.tools]
-            which = request.tool_choice.WhichOneof("kind")
-            if which == "mode":
-                body["tool_choice"] = request.tool_choice.mode
-            elif which == "function":
-                body["tool_choice"] = {
-                    "type": "function",
-                    "function": {"name": request.tool_choice.function.function.name},
-                }
-            if request.HasField("response_format") and request.response_format.type:
-                body["response_format"] = _response_format(request.response_format)
+                body["tools"] = [openai_json.tool(t) for t in request.tools]
+            choice = openai_json.tool_choice(request.tool_choice)
+            if choice is not None:
+                body["tool_choice"] = choice
             return f"{self.url}/chat/completions", body
         if request.prompt.HasField("tokens"):
             body["prompt"] = list(request.prompt.tokens.ids)
@@ -507,17 +454,23 @@ class OpenAIUpstreamEngine(Engine):
             body["prompt"] = request.prompt.text
         if request.logprobs:
             body["logprobs"] = request.top_logprobs
-        if request.echo:
+        if upstream_probe.echo_forwarded(request, self.capabilities):
             body["echo"] = True
-        if request.HasField("response_format") and request.response_format.type:
-            body["response_format"] = _response_format(request.response_format)
         return f"{self.url}/completions", body
 
     async def generate(
-        self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int, generation: Generation
+        self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int | None, generation: Generation
     ) -> AsyncIterator[Delta]:
-        url, body = self._request_body(request, max_tokens, bool(prepared.state))
+        url, body = self._request_body(request, max_tokens)
         chat = bool(request.messages)
+        echoed = ""  # the prompt text in front of the output, whoever put it there
+        if request.echo and not chat:
+            if request.prompt.HasField("tokens"):
+                echoed = await self.detokenize(request.prompt.tokens.ids)
+            else:
+                echoed = request.prompt.text
+            if not body.get("echo"):  # emulated: exactly what an upstream echo returns
+                yield Delta(text=echoed, tokens=0)
         try:
             # Leaving this block for any reason (end, error, cancel, aclose)
             # closes the response, so the upstream sees the disconnect.
@@ -527,12 +480,15 @@ class OpenAIUpstreamEngine(Engine):
                     raise upstream_error(
                         response.status_code, _json_or_text(response), self.info.name, response.headers
                     )
-                async for delta in self._read_stream(response, chat, generation):
+                counting = _Counting(max_tokens, echoed if body.get("echo") else "")
+                async for delta in self._read_stream(response, chat, generation, counting):
                     yield delta
         except httpx.HTTPError as exc:
             raise _transport_error(exc) from exc
 
-    async def _read_stream(self, response: httpx.Response, chat: bool, generation: Generation) -> AsyncIterator[Delta]:
+    async def _read_stream(
+        self, response: httpx.Response, chat: bool, generation: Generation, counting: _Counting
+    ) -> AsyncIterator[Delta]:
         finish = ""
         counted = 0  # tokens carried by the deltas yielded so far
         unyielded = 0  # chunks that only carried tool-call fragments
@@ -560,7 +516,7 @@ class OpenAIUpstreamEngine(Engine):
                 if chat:
                     message = choice.get("delta") or {}
                     text = message.get("content") or ""
-                    logprobs = _chat_logprobs(choice.get("logprobs"))
+                    logprobs = openai_json.token_logprobs_from_json(choice.get("logprobs"))
                     for call in message.get("tool_calls") or []:
                         _accumulate(calls, call)
                     if message.get("tool_calls") and not text:
@@ -568,7 +524,8 @@ class OpenAIUpstreamEngine(Engine):
                         unyielded += 1
                 else:
                     text = choice.get("text") or ""
-                    logprobs = _completion_logprobs(choice.get("logprobs"))
+                    logprobs = openai_json.legacy_logprobs_from_json(choice.get("logprobs"))
+                counting.text.append(text)
                 if text or logprobs:
                     # Upstreams stream about one token per chunk.
                     generation.produced()
@@ -591,11 +548,27 @@ class OpenAIUpstreamEngine(Engine):
                 )
                 for _, acc in sorted(calls.items())
             ]
+        if usage_tokens is None and not calls:
+            usage_tokens = await self._count_completion(counting, finish)
         if usage_tokens is not None:
             # Make the worker's sum equal the upstream's own count (the worker
             # adds up Delta.tokens; this may be negative if chunks were partial tokens).
             last.tokens = usage_tokens - counted
         yield last
+
+    async def _count_completion(self, counting: _Counting, finish: str) -> int | None:
+        """Completion tokens when the upstream sent no usage (None: keep the chunk count)."""
+        if finish == "length" and counting.max_tokens is not None:
+            return counting.max_tokens  # cut by max_tokens: exactly that many
+        text = "".join(counting.text).removeprefix(counting.echoed)
+        if self.tokenizer is None or not text:
+            return None if text else 0
+        try:
+            tokens = await self._tokenize_with(self.tokenizer, text, None, add_special_tokens=False)
+            return max(len(tokens) - self._tokenizer_overhead, 0)
+        except (httpx.HTTPError, errors.ApiError, ValueError, KeyError, TypeError) as exc:
+            log.warning("could not count completion tokens with the upstream's tokenizer: %s", exc)
+            return None
 
     # -- Embeddings -----------------------------------------------------------
 

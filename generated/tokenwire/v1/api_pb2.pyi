@@ -30,6 +30,7 @@ class Model(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     object: _builtins.str
     """Always "model"."""
@@ -40,6 +41,12 @@ class Model(_message.Message):
     context_length: _builtins.int
     workers: _builtins.int
     """Live workers serving this model."""
+    @_builtins.property
+    def capabilities(self) -> _common_pb2.EngineCapabilities:
+        """What the model's engine honours of OpenAI's parameters (engines that
+        front another server; see ModelInfo.capabilities).
+        """
+
     def __init__(
         self,
         *,
@@ -50,10 +57,11 @@ class Model(_message.Message):
         kind: _common_pb2.ModelKind.ValueType = ...,
         context_length: _builtins.int = ...,
         workers: _builtins.int = ...,
+        capabilities: _common_pb2.EngineCapabilities | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "created", b"created", "id", b"id", "kind", b"kind", "object", b"object", "owned_by", b"owned_by", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "context_length", b"context_length", "created", b"created", "id", b"id", "kind", b"kind", "object", b"object", "owned_by", b"owned_by", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -44,6 +44,36 @@ MODEL_KIND_COMPLETION: ModelKind.ValueType  # 2
 MODEL_KIND_EMBEDDING: ModelKind.ValueType  # 3
 Global___ModelKind: _TypeAlias = ModelKind  # noqa: Y015
 
+class _ParameterSupport:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ParameterSupportEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ParameterSupport.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PARAMETER_SUPPORT_UNSPECIFIED: _ParameterSupport.ValueType  # 0
+    PARAMETER_SUPPORT_NATIVE: _ParameterSupport.ValueType  # 1
+    """The upstream honours it: it is forwarded."""
+    PARAMETER_SUPPORT_EMULATED: _ParameterSupport.ValueType  # 2
+    """The upstream does not, but the engine does it itself, exactly."""
+    PARAMETER_SUPPORT_REFUSED: _ParameterSupport.ValueType  # 3
+    """Neither: a request that sets it is refused with a 400 naming the param."""
+    PARAMETER_SUPPORT_ESTIMATED: _ParameterSupport.ValueType  # 4
+    """Served, but only approximately (usage counted without a tokenizer)."""
+
+class ParameterSupport(_ParameterSupport, metaclass=_ParameterSupportEnumTypeWrapper):
+    """How an engine serves one OpenAI request parameter."""
+
+PARAMETER_SUPPORT_UNSPECIFIED: ParameterSupport.ValueType  # 0
+PARAMETER_SUPPORT_NATIVE: ParameterSupport.ValueType  # 1
+"""The upstream honours it: it is forwarded."""
+PARAMETER_SUPPORT_EMULATED: ParameterSupport.ValueType  # 2
+"""The upstream does not, but the engine does it itself, exactly."""
+PARAMETER_SUPPORT_REFUSED: ParameterSupport.ValueType  # 3
+"""Neither: a request that sets it is refused with a 400 naming the param."""
+PARAMETER_SUPPORT_ESTIMATED: ParameterSupport.ValueType  # 4
+"""Served, but only approximately (usage counted without a tokenizer)."""
+Global___ParameterSupport: _TypeAlias = ParameterSupport  # noqa: Y015
+
 @_typing.final
 class TokenIds(_message.Message):
     """Messages shared by the public API and the worker protocol. Field names
@@ -567,6 +597,7 @@ class ModelInfo(_message.Message):
     CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
     ENGINE_FIELD_NUMBER: _builtins.int
     DIMENSIONS_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: Global___ModelKind.ValueType
     context_length: _builtins.int
@@ -574,6 +605,13 @@ class ModelInfo(_message.Message):
     """The engine that runs it: "llama_cpp", "transformers", "openai", "echo"."""
     dimensions: _builtins.int
     """Embedding dimensions (embedding models only)."""
+    @_builtins.property
+    def capabilities(self) -> Global___EngineCapabilities:
+        """What the engine honours of OpenAI's request parameters, and how. Set by
+        engines that front another server (the openai engine probes its upstream
+        at start); unset means the engine implements every parameter itself.
+        """
+
     def __init__(
         self,
         *,
@@ -582,11 +620,80 @@ class ModelInfo(_message.Message):
         context_length: _builtins.int = ...,
         engine: _builtins.str = ...,
         dimensions: _builtins.int = ...,
+        capabilities: Global___EngineCapabilities | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "dimensions", b"dimensions", "engine", b"engine", "kind", b"kind", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "context_length", b"context_length", "dimensions", b"dimensions", "engine", b"engine", "kind", b"kind", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class ParameterCapability(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPSTREAM_FIELD_NUMBER: _builtins.int
+    SUPPORT_FIELD_NUMBER: _builtins.int
+    upstream: _builtins.bool
+    """Whether the upstream honoured the parameter when probed."""
+    support: Global___ParameterSupport.ValueType
+    def __init__(
+        self,
+        *,
+        upstream: _builtins.bool = ...,
+        support: Global___ParameterSupport.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["support", b"support", "upstream", b"upstream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParameterCapability: _TypeAlias = ParameterCapability  # noqa: Y015
+
+@_typing.final
+class EngineCapabilities(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ParametersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___ParameterCapability: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___ParameterCapability | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def parameters(self) -> _containers.MessageMap[_builtins.str, Global___ParameterCapability]:
+        """Keyed by the parameter's OpenAI name, prefixed with the endpoint where
+        that matters: "completions.echo", "chat.logprobs", "n", "seed", ...
+        """
+
+    def __init__(
+        self,
+        *,
+        parameters: _abc.Mapping[_builtins.str, Global___ParameterCapability] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EngineCapabilities: _TypeAlias = EngineCapabilities  # noqa: Y015
