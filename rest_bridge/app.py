@@ -251,7 +251,7 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
     app.add_middleware(RequestMiddleware)
 
     def stub(request: Request) -> api_pb2_grpc.InferenceServiceStub:
-        return request.app.state.stub  # type: ignore[no-any-return]
+        return request.app.state.stub
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> Response:
@@ -330,7 +330,10 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
     async def chat(request: Request) -> Response:
         return await generate(request, CHAT)
 
-    chat_doc = {"openapi_extra": openapi.body(openapi.chat(settings.limits)), "responses": openapi.ERROR_RESPONSES}
+    chat_doc: dict[str, Any] = {
+        "openapi_extra": openapi.body(openapi.chat(settings.limits)),
+        "responses": openapi.ERROR_RESPONSES,
+    }
     app.post("/v1/chat/completions", tags=["chat"], **chat_doc)(chat)
     # FastChat's path for the same API (it added repetition_penalty, which we accept everywhere).
     app.post("/api/v1/chat/completions", tags=["chat"], **chat_doc)(chat)
@@ -355,7 +358,10 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
         )
         return json_response(render.embeddings(reply, message.encoding_format))
 
-    embedding_doc = {"openapi_extra": openapi.body(openapi.EMBEDDING), "responses": openapi.ERROR_RESPONSES}
+    embedding_doc: dict[str, Any] = {
+        "openapi_extra": openapi.body(openapi.EMBEDDING),
+        "responses": openapi.ERROR_RESPONSES,
+    }
 
     @app.post("/v1/embeddings", tags=["embeddings"], **embedding_doc)
     async def embeddings(request: Request) -> Response:

@@ -9,7 +9,7 @@ live in the gateway, shared with gRPC callers; here only shapes are checked.
 from __future__ import annotations
 
 import re
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -47,7 +47,7 @@ def parse(body: dict[str, Any], message: M) -> M:
         return type(message)(**{key: value for key, value in body.items() if key in fields})
     except Exception:  # whatever the reason: the checks below say precisely what is wrong
         pass
-    _check_message(body, message.DESCRIPTOR, "")
+    _check_message(body, cast(Descriptor, message.DESCRIPTOR), "")  # upb's Descriptor is the same API
     try:
         return json_format.ParseDict(body, message, ignore_unknown_fields=True)
     except Exception as error:  # ParseError, or a type error deep inside ParseDict
@@ -191,7 +191,7 @@ def _text_or_tokens(value: Any, param: str) -> list[dict[str, Any]]:
     if isinstance(value, list):
         if value and is_ids(value):
             return [{"tokens": {"ids": value}}]
-        items = []
+        items: list[dict[str, Any]] = []
         for item in value:
             if isinstance(item, str):
                 items.append({"text": item})

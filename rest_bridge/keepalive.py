@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from starlette.responses import StreamingResponse
 from starlette.types import Send
@@ -35,7 +35,7 @@ async def _next(iterator: AsyncIterator[T]) -> T | None:
         return None
 
 
-def _retrieve(future: asyncio.Future[object]) -> None:
+def _retrieve(future: asyncio.Future[Any]) -> None:
     # Read its error, so that a stream cancelled before anyone awaited it logs nothing.
     if not future.cancelled():
         future.exception()

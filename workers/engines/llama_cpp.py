@@ -295,7 +295,8 @@ class LlamaCppEngine(Engine):
         template = model.metadata().get("tokenizer.chat_template")
         if not template:
             raise RuntimeError(f"{self.model_path} has no tokenizer.chat_template; it cannot serve chat.")
-        self._formatter = Jinja2ChatFormatter(
+        # Any: its TypedDict message types say less than the plain dicts we give it.
+        self._formatter: Any = Jinja2ChatFormatter(
             template=template,
             eos_token=model.token_get_text(model.token_eos()),
             bos_token=model.token_get_text(model.token_bos()),
@@ -550,7 +551,7 @@ class LlamaCppEngine(Engine):
         from llama_cpp import llama_cpp as C
 
         def opt(name: str, default: float) -> float:
-            return getattr(sampling, name) if sampling.HasField(name) else default
+            return getattr(sampling, name) if sampling.HasField(name) else default  # type: ignore[arg-type]
 
         sampler = _internals.LlamaSampler()
         if sampling.logit_bias:
