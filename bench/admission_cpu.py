@@ -16,18 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import grpc
+from servers import Group, tokenwire
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.servers import Group, tokenwire  # noqa: E402
-from tokenwire.v1 import api_pb2, api_pb2_grpc, common_pb2  # noqa: E402
+from tokenwire.v1 import api_pb2, api_pb2_grpc, common_pb2
 
 MODEL = "smollm2-135m-instruct"
 
@@ -43,9 +39,7 @@ def grpc_case(stub: api_pb2_grpc.InferenceServiceStub, kind: str, text: str) -> 
             )
         else:
             stub.CreateCompletion(
-                api_pb2.CreateCompletionRequest(
-                    model=MODEL, prompt=[common_pb2.TextOrTokens(text=text)], max_tokens=1
-                ),
+                api_pb2.CreateCompletionRequest(model=MODEL, prompt=[common_pb2.TextOrTokens(text=text)], max_tokens=1),
                 timeout=600,
             )
     except grpc.RpcError as error:
@@ -54,9 +48,7 @@ def grpc_case(stub: api_pb2_grpc.InferenceServiceStub, kind: str, text: str) -> 
 
 
 def rest_case(url: str, text: str) -> str:
-    body = json.dumps(
-        {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 1}
-    ).encode()
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 1}).encode()
     request = urllib.request.Request(
         f"{url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
     )
@@ -72,7 +64,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", type=float, default=6.0, help="prompt size in MB (10^6 bytes)")
     parser.add_argument(
-        "--text", choices=("prose", "letters"), default="prose", help="a repeated sentence, or random letters and spaces"
+        "--text",
+        choices=("prose", "letters"),
+        default="prose",
+        help="a repeated sentence, or random letters and spaces",
     )
     args = parser.parse_args()
     size = int(args.mb * 1e6)
@@ -83,15 +78,20 @@ def main() -> None:
         text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz  ") for _ in range(size))
     with Group() as group:
         gateway = group.start(tokenwire("gateway", "gateway", "--port", "0", "--log-level", "warning"))
-        worker = group.start(
+        group.start(
             tokenwire(
                 "worker",
                 "worker",
-                "--port", "0",
-                "--engine", "llama_cpp",
-                "--controller-address", gateway.address,
-                "--heartbeat-interval", "0.5",
-                "--log-level", "warning",
+                "--port",
+                "0",
+                "--engine",
+                "llama_cpp",
+                "--controller-address",
+                gateway.address,
+                "--heartbeat-interval",
+                "0.5",
+                "--log-level",
+                "warning",
             )
         )
         bridge = group.start(tokenwire("bridge", "bridge", "--port", "0", "--gateway-address", gateway.address))

@@ -243,7 +243,9 @@ def embedding_request_too_long(tokens: int, limit: int, *, at_least: bool = Fals
     # OpenAI's wording and code for its 300,000-token limit per embeddings request.
     least = "at least " if at_least else ""
     return invalid_request(
-        f"Requested {least}{tokens} tokens, max {limit} tokens per request", param="input", code="max_tokens_per_request"
+        f"Requested {least}{tokens} tokens, max {limit} tokens per request",
+        param="input",
+        code="max_tokens_per_request",
     )
 
 

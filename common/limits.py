@@ -64,18 +64,18 @@ def check_fits(context: int, prompt_tokens: int, max_tokens: int | None, param: 
     if not context or not prompt_tokens:
         return
     wanted = 1 if max_tokens is None else max_tokens
-    too_long = prompt_tokens + wanted > context
-    if too_long:
+    if prompt_tokens + wanted > context:
         raise errors.context_length_exceeded(context, prompt_tokens, wanted, param, at_least=not exact)
 
 
-def check_embedding_tokens(counts: list[int], context: int, *, exact: bool) -> None:
+def check_embedding_tokens(counts: list[tuple[int, bool]], context: int) -> None:
     """OpenAI's per-input and per-request token limits (and the model's context)
-    for inputs of at least ``counts`` tokens each."""
+    on inputs of (at least, or exactly) these many tokens each."""
     per_input = min(context, EMBEDDING_MAX_INPUT_TOKENS) if context else EMBEDDING_MAX_INPUT_TOKENS
-    for i, count in enumerate(counts):
+    for i, (count, exact) in enumerate(counts):
         if count > per_input:
             raise errors.embedding_input_too_long(i, count, per_input, at_least=not exact)
-    total = sum(counts)
+    total = sum(count for count, _ in counts)
     if total > EMBEDDING_MAX_REQUEST_TOKENS:
+        exact = all(exact for _, exact in counts)
         raise errors.embedding_request_too_long(total, EMBEDDING_MAX_REQUEST_TOKENS, at_least=not exact)

@@ -19,6 +19,7 @@ import shortuuid
 
 from common import errors
 from common.grpc_server import outgoing_metadata
+from gateway import admission
 from gateway.metrics import current_watch
 from gateway.pool import WorkerHandle, WorkerPool
 from gateway.validation import Limits, check_chat, check_completion, check_embedding
@@ -204,7 +205,7 @@ class Inference:
         self, request: api_pb2.CreateChatCompletionRequest, buffered: bool
     ) -> list[worker_pb2.GenerateRequest]:
         check_chat(request, self.limits)
-        self._require_kind(request.model, generation=True)
+        admission.check_chat(request, self._require_kind(request.model, generation=True))
         sampling = _sampling(request)
         if request.HasField("max_completion_tokens"):
             sampling.max_tokens = request.max_completion_tokens
@@ -323,7 +324,7 @@ class Inference:
         self, request: api_pb2.CreateCompletionRequest, buffered: bool
     ) -> list[worker_pb2.GenerateRequest]:
         check_completion(request, self.limits)
-        self._require_kind(request.model, generation=True)
+        admission.check_completion(request, self._require_kind(request.model, generation=True))
         sampling = _sampling(request)
         if not request.HasField("max_tokens"):
             sampling.max_tokens = 16  # OpenAI's default for completions
@@ -433,7 +434,7 @@ class Inference:
         self, request: api_pb2.CreateEmbeddingRequest, timeout: float | None
     ) -> api_pb2.CreateEmbeddingResponse:
         check_embedding(request, self.limits)
-        self._require_kind(request.model, generation=False)
+        admission.check_embedding(request, self._require_kind(request.model, generation=False))
         worker_request = worker_pb2.EmbedRequest(input=request.input)
         if request.HasField("dimensions"):
             worker_request.dimensions = request.dimensions

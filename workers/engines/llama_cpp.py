@@ -146,6 +146,32 @@ def _message_text(message: common_pb2.ChatMessage, index: int) -> str:
     return message.content
 
 
+def max_token_bytes(vocab: Any, n_vocab: int) -> int:
+    """The most input bytes one token can cover (ModelInfo.max_token_bytes), 0 = no bound.
+
+    BPE (byte-level) and SPM tokenizers cover the input exactly with the pieces
+    of their tokens, and prompts are tokenized with special=True, so the longest
+    piece, special tokens' text included, is the bound; at least 4 (one UTF-8
+    character), for an unknown character that becomes one <unk>. WPM and UGM
+    normalise the input (whitespace, unknown words become one token), and a
+    token that strips the whitespace beside it covers any amount of it: no bound.
+    Costs ~0.1 s at load for a 49k vocabulary.
+    """
+    from llama_cpp import llama_cpp as C
+
+    if C.llama_vocab_type(vocab) not in (C.LLAMA_VOCAB_TYPE_BPE, C.LLAMA_VOCAB_TYPE_SPM):
+        return 0
+    strips = C.LLAMA_TOKEN_ATTR_LSTRIP | C.LLAMA_TOKEN_ATTR_RSTRIP
+    buf = ctypes.create_string_buffer(256)
+    longest = 4
+    for token in range(n_vocab):
+        if C.llama_vocab_get_attr(vocab, token) & strips:
+            return 0
+        n = C.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+        longest = max(longest, -n if n < 0 else n)  # negative: the piece needs -n bytes
+    return longest
+
+
 class _StopBuffer:
     """Emits text as it comes, minus anything that may start a stop string."""
 
@@ -311,6 +337,7 @@ class LlamaCppEngine(Engine):
             stats=self._stats,
         )
         self.info.context_length = ctx.n_ctx()
+        self.info.max_token_bytes = max_token_bytes(self._vocab, self._n_vocab)
         # A template that renders `tools` tells the model about them itself.
         self._template_shows_tools = "tools" in template
         log.info(
