@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from common import errors
 from common.errors import ApiError
 from common.grpc_server import open_channel
+from common.limits import DEFAULT_MAX_BODY_BYTES
 from common.observability import REQUEST_ID_HEADER, request_id
 from rest_bridge import convert, openapi, page, render, status
 from rest_bridge.middleware import RequestMiddleware
@@ -46,7 +47,7 @@ class BridgeSettings:
     allowed_origins: list[str] = field(default_factory=lambda: ["*"])
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
-    max_body_bytes: int = 10 * 1024 * 1024
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # The Responses API's store of responses (see rest_bridge/responses.py).
     responses_store_size: int = 1000
     responses_store_bytes: int = 64 * 1024 * 1024
