@@ -4,6 +4,7 @@ graceful shutdown. Used by the gateway, the standalone registry and workers."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -186,7 +187,12 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callabl
 def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for response in behavior(request, context):
+            responses = behavior(request, context)
+            if inspect.isawaitable(responses):
+                # A handler that sends with context.write() (grpc.health.v1 Watch): it returns nothing.
+                await responses
+                return
+            async for response in responses:
                 yield response
         except ApiError as error:
             await abort_with(context, error)
