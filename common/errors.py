@@ -123,7 +123,8 @@ class ApiError(Exception):
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             # No ErrorInfo: gRPC's own refusal of a message over the size limit
             # ("Received/Sent message larger than max (N vs. M)"); ours all carry one.
-            return message_too_large(message.rsplit("(", 1)[-1].rstrip(")") if "(" in message else "")
+            sizes = message.rsplit("(", 1)[-1].rstrip(")") if "(" in message else ""
+            return message_too_large(sizes, response="Sent message" in message)
         return cls(code, message)
 
     # -- HTTP ---------------------------------------------------------------
@@ -249,11 +250,14 @@ def embedding_request_too_long(tokens: int, limit: int, *, at_least: bool = Fals
     )
 
 
-def message_too_large(details: str = "") -> ApiError:
-    """A gRPC message over a part's --max-receive/--max-send-message-length (gRPC's own RESOURCE_EXHAUSTED)."""
+def message_too_large(sizes: str = "", *, response: bool = False) -> ApiError:
+    """A gRPC message over a part's --max-receive/--max-send-message-length (gRPC's own
+    RESOURCE_EXHAUSTED); ``response``: the answer was the one too large to send."""
+    what = "The response to this request is" if response else "The request is"
+    hint = " Ask for less at once (fewer inputs or choices)." if response else ""
     return ApiError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        "The request is larger than this server's message size limit" + (f" ({details})." if details else "."),
+        f"{what} larger than the server's gRPC message size limit" + (f" ({sizes} bytes)." if sizes else ".") + hint,
         code="request_too_large",
         type="invalid_request_error",
         http_status=413,

@@ -251,3 +251,20 @@ def test_embeddings_limits_through_rest(system: System) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.embeddings.create(model=EMBED, input=[[7] * 8192] * 37)
     assert caught.value.param == "input" and caught.value.code == "max_tokens_per_request"
+
+
+def test_a_response_over_the_send_limit_is_resource_exhausted_and_says_so() -> None:
+    gateway = harness.gateway("--max-send-message-length", "4000")
+    worker = harness.echo_worker(gateway.address, "small-send", "--echo-kind", "embedding")
+    try:
+        api = stub(gateway.address)
+        harness.wait_until(lambda: any(m.id == "small-send" for m in api.ListModels(api_pb2.ListModelsRequest()).data))
+        few = api_pb2.CreateEmbeddingRequest(model="small-send", input=[common_pb2.TextOrTokens(text="hi")] * 2)
+        assert len(api.CreateEmbedding(few, timeout=10).data) == 2
+        many = api_pb2.CreateEmbeddingRequest(model="small-send", input=[common_pb2.TextOrTokens(text="hi")] * 100)
+        code, error = refusal(lambda: api.CreateEmbedding(many, timeout=10))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error.http_status == 413 and error.message.startswith("The response to this request is larger")
+    finally:
+        worker.stop()
+        gateway.stop()
