@@ -124,7 +124,9 @@ class ApiError(Exception):
             # No ErrorInfo: gRPC's own refusal of a message over the size limit
             # ("Received/Sent message larger than max (N vs. M)"); ours all carry one.
             sizes = message.rsplit("(", 1)[-1].rstrip(")") if "(" in message else ""
-            return message_too_large(sizes, response="Sent message" in message)
+            # gRPC says which end refused which way: "SERVER: Sent ..." / "CLIENT: Received ..." is a response.
+            response = message.startswith(("SERVER: Sent", "CLIENT: Received"))
+            return message_too_large(sizes, response=response)
         return cls(code, message)
 
     # -- HTTP ---------------------------------------------------------------

@@ -187,6 +187,7 @@ def test_oversize_message_to_the_gateway_is_resource_exhausted(system: System) -
     )
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error.http_status == 413 and error.code == "request_too_large"
+    assert error.message.startswith("The request is larger than the server's gRPC message size limit")
 
 
 def test_oversize_message_to_a_worker_is_resource_exhausted(system: System) -> None:
