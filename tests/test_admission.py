@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -74,6 +75,13 @@ def prose(size: int) -> str:
     return ("All work and no play makes Jack a dull boy. " * (size // 44 + 1))[:size]
 
 
+def random_text(seed: int) -> str:
+    """Characters of many scripts and widths, spaces and punctuation runs, at random."""
+    rng = random.Random(seed)
+    alphabet = "abcxyz ABC  \n\t-=#_.,;!? éüß ЖЯж ΩΣ 東京日本 한국 العربية 🙂🚀 \u200b\u0301"
+    return "".join(rng.choice(alphabet) * rng.choice((1, 1, 1, 3, 40)) for _ in range(3000))
+
+
 def stub(address: str) -> api_pb2_grpc.InferenceServiceStub:
     return api_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(address, options=BIG))
 
@@ -113,6 +121,7 @@ def test_llama_worker_reports_a_bound_its_tokenizer_keeps(system: System) -> Non
         "<|im_start|><|im_end|>" * 40,  # special tokens' text, parsed as one token each
         "ünïcødé 東京 🙂 " * 100,
         "-" * 2000 + "=" * 2000,
+        *(random_text(seed) for seed in range(4)),
     ]
     for text in texts:
         count = api.Tokenize(api_pb2.TokenizeRequest(model=CHAT, prompt=text), timeout=30).count
