@@ -54,6 +54,8 @@ def prompt_min_tokens(prompt: common_pb2.TextOrTokens, max_token_bytes: int) -> 
     """The fewest tokens a completion prompt is, and whether that is exact (token ids)."""
     if prompt.HasField("tokens"):
         return len(prompt.tokens.ids), True
+    if max_token_bytes <= 0:
+        return 0, False
     return min_tokens(utf8_bytes(prompt.text), max_token_bytes), False
 
 

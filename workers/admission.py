@@ -16,6 +16,8 @@ from tokenwire.v1 import common_pb2, worker_pb2
 def check_generate(request: worker_pb2.GenerateRequest, info: common_pb2.ModelInfo) -> None:
     max_tokens = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
     if request.messages:
+        if not info.max_token_bytes:
+            return
         tokens = limits.min_tokens(limits.message_bytes(request.messages), info.max_token_bytes)
         limits.check_fits(info.context_length, tokens, max_tokens, "messages")
     else:
