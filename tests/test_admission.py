@@ -209,12 +209,15 @@ def test_oversize_message_to_a_worker_is_resource_exhausted(system: System) -> N
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_oversize_message_through_rest_is_413(system: System) -> None:
+@pytest.mark.parametrize("stream", [False, True])
+def test_oversize_message_through_rest_is_413(system: System, stream: bool) -> None:
     client = openai.OpenAI(
         base_url=f"http://{system.wide_bridge.address}/v1", api_key="none", max_retries=0, timeout=60
     )
     with pytest.raises(openai.APIStatusError) as caught:
-        client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "x" * (12 << 20)}])
+        client.chat.completions.create(
+            model=CHAT, messages=[{"role": "user", "content": "x" * (12 << 20)}], stream=stream
+        )
     assert caught.value.status_code == 413
     assert caught.value.body["code"] == "request_too_large"  # type: ignore[index]
 
