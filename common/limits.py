@@ -20,8 +20,8 @@ from tokenwire.v1 import common_pb2
 # gateway and the workers (--max-receive-message-length, --max-send-message-length).
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 
-# OpenAI's embeddings limits (the API reference of POST /v1/embeddings).
-EMBEDDING_MAX_INPUTS = 2048
+# OpenAI's embeddings limits (the API reference of POST /v1/embeddings); its
+# 2,048 inputs per request are the gateway's Limits.max_embedding_inputs.
 EMBEDDING_MAX_INPUT_TOKENS = 8192
 EMBEDDING_MAX_REQUEST_TOKENS = 300_000
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common import errors, limits
+from common import errors
 from tokenwire.v1 import api_pb2, common_pb2
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -22,7 +22,7 @@ class Limits:
 
     max_n: int = 128
     max_tokens: int = 1 << 20
-    max_embedding_inputs: int = limits.EMBEDDING_MAX_INPUTS
+    max_embedding_inputs: int = 2048
 
 
 def _range(value: float, low: float, high: float, param: str) -> None:

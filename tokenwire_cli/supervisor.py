@@ -299,6 +299,13 @@ def serve(args: argparse.Namespace) -> None:
         if value is not None:
             env[f"TOKENWIRE_{name.upper()}"] = str(value)
     env["PYTHONUNBUFFERED"] = "1"
+    # What the bridge accepts as a body must also get through the gateway and the workers.
+    message_limits = [
+        "--max-receive-message-length",
+        str(args.max_receive_message_length or args.max_body_bytes),
+        "--max-send-message-length",
+        str(args.max_send_message_length or args.max_body_bytes),
+    ]
     common = [
         "--log-level",
         args.log_level,
@@ -307,27 +314,18 @@ def serve(args: argparse.Namespace) -> None:
         "--shutdown-grace",
         str(args.shutdown_grace),
     ]
-    # What the bridge accepts as a body must also get through the gateway and the workers.
-    message_limits = [
-        "--max-receive-message-length",
-        str(args.max_receive_message_length or args.max_body_bytes),
-        "--max-send-message-length",
-        str(args.max_send_message_length or args.max_body_bytes),
-    ]
     chat_model, chat_flags, embed_model, embed_flags = _models(args)
     if args.no_embeddings:
         embed_model = None
 
     expected = ",".join(m for m in (chat_model, embed_model) if m)
     gateway_argv = ["gateway", "--host", args.host, "--port", str(args.grpc_port), "--expect-models", expected, *common]
-    gateway_argv += message_limits
-    gateway_argv += ["--max-n", str(args.max_n), "--max-tokens-limit", str(args.max_tokens_limit)]
-    gateway_argv += ["--heartbeat-expiry", str(args.heartbeat_expiry)]
     if args.controller_address:
         gateway_argv += ["--controller-address", args.controller_address]
     else:
         # The registry on a port of its own: the public port carries only the public API.
         gateway_argv += ["--registry-port", str(args.registry_port)]
+    gateway_argv += [*message_limits, "--heartbeat-expiry", str(args.heartbeat_expiry)]
     gateway = Child("gateway", gateway_argv)
     workers: list[Child] = []
     bridge: Child | None = None
@@ -352,17 +350,8 @@ def serve(args: argparse.Namespace) -> None:
             gateway.argv = _pin(gateway.argv, "--registry-port", registry_port)
             if args.host in ("0.0.0.0", "::"):
                 registry = "127.0.0.1:" + registry_port  # how the local parts reach it
-        worker_common = [
-            "worker",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--controller-address",
-            registry,
-            *common,
-            *message_limits,
-        ]
+        worker_common = ["worker", "--host", "127.0.0.1", "--port", "0", "--controller-address", registry, *common]
+        worker_common += message_limits
         workers = [Child("chat worker", [*worker_common, *chat_flags])]
         if embed_model:
             workers.append(Child("embedding worker", [*worker_common, *embed_flags]))
