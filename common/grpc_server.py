@@ -16,8 +16,8 @@ from grpc_reflection.v1alpha import reflection
 
 from common import cluster
 from common.errors import ApiError, internal, unavailable
-from common.limits import DEFAULT_MAX_BODY_BYTES
 from common.observability import REQUEST_ID_HEADER, clean_request_id, request_id
+from common.settings import DEFAULT_MAX_BODY_BYTES
 
 log = logging.getLogger("tokenwire")
 

@@ -16,10 +16,6 @@ from collections.abc import Iterable
 from common import errors
 from tokenwire.v1 import common_pb2
 
-# The REST bridge's --max-body-bytes, and the default gRPC message limit of the
-# gateway and the workers (--max-receive-message-length, --max-send-message-length).
-DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
-
 # OpenAI's embeddings limits (the API reference of POST /v1/embeddings); its
 # 2,048 inputs per request are the gateway's Limits.max_embedding_inputs.
 EMBEDDING_MAX_INPUT_TOKENS = 8192

@@ -22,6 +22,9 @@ from typing import Any
 ENV_PREFIX = "TOKENWIRE_"
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
+# The REST bridge's --max-body-bytes, and the default gRPC message limit of the gateway
+# and the workers (--max-receive-message-length, --max-send-message-length).
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 
 # FastChat takes these as JSON lists ('["*"]'); tokenwire's own form is comma-separated.
 LIST_FLAGS = {
@@ -130,8 +133,6 @@ def cluster_flags(parser: argparse.ArgumentParser, *, serving: bool) -> None:
 
 def message_limit_flags(parser: argparse.ArgumentParser) -> None:
     """gRPC message size limits of a server and its channels (the gateway's, the workers', serve's)."""
-    from common.limits import DEFAULT_MAX_BODY_BYTES
-
     parser.add_argument(
         "--max-receive-message-length",
         type=positive_int,

@@ -28,8 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from common import errors
 from common.errors import ApiError
 from common.grpc_server import open_channel
-from common.limits import DEFAULT_MAX_BODY_BYTES
 from common.observability import REQUEST_ID_HEADER, request_id
+from common.settings import DEFAULT_MAX_BODY_BYTES
 from rest_bridge import convert, openapi, page, render, status
 from rest_bridge.middleware import RequestMiddleware
 from tokenwire.v1 import api_pb2, api_pb2_grpc

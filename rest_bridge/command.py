@@ -9,7 +9,6 @@ import socket
 import sys
 
 from common import settings
-from common.limits import DEFAULT_MAX_BODY_BYTES
 
 
 def bridge_flags(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +34,7 @@ def api_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allowed-methods", default="*", help="CORS: methods, comma-separated or a JSON list")
     parser.add_argument("--allowed-headers", default="*", help="CORS: headers, comma-separated or a JSON list")
     parser.add_argument(
-        "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger request bodies get 413"
+        "--max-body-bytes", type=int, default=settings.DEFAULT_MAX_BODY_BYTES, help="larger request bodies get 413"
     )
     parser.add_argument(
         "--responses-store-size", type=int, default=1000, help="stored Responses API responses kept (LRU; 0 = none)"
