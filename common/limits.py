@@ -6,7 +6,8 @@ more than ``L`` bytes of its input reports ``L`` as ``ModelInfo.max_token_bytes`
 ``ceil(b / L)`` tokens, so a prompt whose size alone proves it cannot fit the
 context is refused before anything tokenizes it. Chat templates and special
 tokens only add tokens, so the bound holds for a rendered prompt too (the text
-counted is the messages' content, which every template includes).
+counted is the messages' content; an engine reports a bound for chat only if its
+template renders that content whole).
 """
 
 from __future__ import annotations

@@ -337,7 +337,8 @@ class LlamaCppEngine(Engine):
             stats=self._stats,
         )
         self.info.context_length = ctx.n_ctx()
-        self.info.max_token_bytes = max_token_bytes(self._vocab, self._n_vocab)
+        # The bound counts the messages' content: only valid if the template renders it whole.
+        self.info.max_token_bytes = max_token_bytes(self._vocab, self._n_vocab) if self._template_keeps_content() else 0
         # A template that renders `tools` tells the model about them itself.
         self._template_shows_tools = "tools" in template
         log.info(
@@ -369,6 +370,22 @@ class LlamaCppEngine(Engine):
             self._model = None
 
     # -- prompts --
+
+    def _template_keeps_content(self) -> bool:
+        """Whether the chat template renders every message's content verbatim (untrimmed)."""
+        probes = [("system", " probe-1 \n"), ("user", " probe-2 \n"), ("assistant", " probe-3 \n"), ("user", " p4 ")]
+        tool = [("tool", " probe-5 \n"), ("user", " p6 ")]
+        for conversation in (probes, probes + tool):
+            try:
+                dicts = [{"role": role, "content": text, "tool_call_id": "call_1"} for role, text in conversation]
+                prompt = self._formatter(messages=dicts).prompt
+            except Exception:  # e.g. a template without tool messages: those requests are refused anyway
+                if conversation is probes:
+                    return False
+                continue
+            if not all(text in prompt for _, text in conversation):
+                return False
+        return True
 
     def render(
         self, messages: Sequence[common_pb2.ChatMessage], tools: Sequence[common_pb2.Tool] = (), instructions: str = ""
