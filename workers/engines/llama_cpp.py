@@ -377,7 +377,7 @@ class LlamaCppEngine(Engine):
         tool = [("tool", " probe-5 \n"), ("user", " p6 ")]
         for conversation in (probes, probes + tool):
             try:
-                dicts = [{"role": role, "content": text, "tool_call_id": "call_1"} for role, text in conversation]
+                dicts: list[Any] = [{"role": r, "content": text, "tool_call_id": "call_1"} for r, text in conversation]
                 prompt = self._formatter(messages=dicts).prompt
             except Exception:  # e.g. a template without tool messages: those requests are refused anyway
                 if conversation is probes:
