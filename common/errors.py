@@ -34,6 +34,9 @@ _HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
 }
 
+# OpenAI codes whose HTTP status differs from their gRPC status's.
+_HTTP_BY_CODE = {"request_too_large": 413}
+
 
 class ApiError(Exception):
     """An error a client sees: a gRPC status plus OpenAI's type/param/code."""
@@ -117,13 +120,24 @@ class ApiError(Exception):
             return unavailable("A model worker is unavailable. Retry shortly.")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return deadline_exceeded()
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # No ErrorInfo: gRPC's own refusal of a message over the size limit
+            # ("Received/Sent message larger than max (N vs. M)"); ours all carry one.
+            sizes = message.rsplit("(", 1)[-1].rstrip(")") if "(" in message else ""
+            # gRPC says which end refused which way: "SERVER: Sent ..." / "CLIENT: Received ..." is a response.
+            response = message.startswith(("SERVER: Sent", "CLIENT: Received"))
+            return message_too_large(sizes, response=response)
         return cls(code, message)
 
     # -- HTTP ---------------------------------------------------------------
 
     @property
     def http_status(self) -> int:
-        return self._http_status or _HTTP.get(self.status, (500, "server_error"))[0]
+        if self._http_status:
+            return self._http_status
+        if self.code in _HTTP_BY_CODE:  # a status that crossed gRPC: the code says what the status cannot
+            return _HTTP_BY_CODE[self.code]
+        return _HTTP.get(self.status, (500, "server_error"))[0]
 
     def envelope(self) -> dict[str, Any]:
         """OpenAI's error body: all four keys, null where empty."""
@@ -204,13 +218,51 @@ def wrong_model_kind(model: str, wanted: str) -> ApiError:
     return invalid_request(f"The model `{model}` does not support {wanted}.", param="model", code="model_not_supported")
 
 
-def context_length_exceeded(context_length: int, prompt_tokens: int, max_tokens: int, param: str) -> ApiError:
+def context_length_exceeded(
+    context_length: int, prompt_tokens: int, max_tokens: int, param: str, *, at_least: bool = False
+) -> ApiError:
+    """``at_least``: ``prompt_tokens`` is a lower bound from the prompt's size (common/limits.py), not a count."""
+    least = "at least " if at_least else ""
     return invalid_request(
         f"This model's maximum context length is {context_length} tokens. However, you requested "
-        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {param}, {max_tokens} for the "
+        f"{least}{prompt_tokens + max_tokens} tokens ({least}{prompt_tokens} in the {param}, {max_tokens} for the "
         f"completion). Please reduce the length of the {param} or the completion.",
         param=param,
         code="context_length_exceeded",
+    )
+
+
+def embedding_input_too_long(index: int, tokens: int, limit: int, *, at_least: bool = False) -> ApiError:
+    least = "at least " if at_least else ""
+    return invalid_request(
+        f"input[{index}] is {least}{tokens} tokens long; this model's maximum input length is {limit} tokens. "
+        "Please reduce the length of the input.",
+        param="input",
+        code="context_length_exceeded",
+    )
+
+
+def embedding_request_too_long(tokens: int, limit: int, *, at_least: bool = False) -> ApiError:
+    # OpenAI's wording and code for its 300,000-token limit per embeddings request.
+    least = "at least " if at_least else ""
+    return invalid_request(
+        f"Requested {least}{tokens} tokens, max {limit} tokens per request",
+        param="input",
+        code="max_tokens_per_request",
+    )
+
+
+def message_too_large(sizes: str = "", *, response: bool = False) -> ApiError:
+    """A gRPC message over a part's --max-receive/--max-send-message-length (gRPC's own
+    RESOURCE_EXHAUSTED); ``response``: the answer was the one too large to send."""
+    what = "The response to this request is" if response else "The request is"
+    hint = " Ask for less at once (fewer inputs or choices)." if response else ""
+    return ApiError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"{what} larger than the server's gRPC message size limit" + (f" ({sizes} bytes)." if sizes else ".") + hint,
+        code="request_too_large",
+        type="invalid_request_error",
+        http_status=413,
     )
 
 

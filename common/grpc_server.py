@@ -4,6 +4,7 @@ graceful shutdown. Used by the gateway, the standalone registry and workers."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -16,26 +17,62 @@ from grpc_reflection.v1alpha import reflection
 from common import cluster
 from common.errors import ApiError, internal, unavailable
 from common.observability import REQUEST_ID_HEADER, clean_request_id, request_id
+from common.settings import DEFAULT_MAX_BODY_BYTES
 
 log = logging.getLogger("tokenwire")
 
-# Large prompts and embedding batches exceed gRPC's 4 MB default.
-MESSAGE_LIMIT = 64 * 1024 * 1024
-CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_send_message_length", MESSAGE_LIMIT),
-    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+# Message size limits, per process (--max-receive-message-length and
+# --max-send-message-length on the gateway and the workers; the bridge's channel
+# follows its --max-body-bytes). Past them gRPC answers RESOURCE_EXHAUSTED, which
+# common/errors.py maps to 413. gRPC's own default receive limit is 4 MB.
+_message_limits = {
+    "grpc.max_receive_message_length": DEFAULT_MAX_BODY_BYTES,
+    "grpc.max_send_message_length": DEFAULT_MAX_BODY_BYTES,
+}
+
+# HTTP/2 keepalive, set on both ends so that they agree (the values are in the
+# README's Limits table):
+# - channels (gateway -> workers, workers -> registry, bridge -> gateway) ping
+#   after 20 s without traffic and give the connection up when a ping is not
+#   answered within 10 s, also with no call open (a dead worker is noticed
+#   before a request is sent to it) and however long a stream is silent
+#   (queued, evaluating a long prompt): max_pings_without_data 0 = no cap;
+# - servers accept such pings (permit_without_calls, and a minimum interval
+#   of 10 s, under the channels' 20 s, so a client is never told "too many
+#   pings"), and ping their own clients after 30 s of silence, so a client that
+#   vanished without closing its connection has its calls cancelled and the
+#   slots they held freed within 40 s.
+KEEPALIVE_TIME_MS = 20_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+SERVER_KEEPALIVE_TIME_MS = 30_000
+MIN_PING_INTERVAL_MS = 10_000
+CHANNEL_KEEPALIVE: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-SERVER_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_send_message_length", MESSAGE_LIMIT),
-    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+SERVER_KEEPALIVE: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.so_reuseport", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+    ("grpc.http2.max_pings_without_data", 0),
 ]
+
+
+def configure_message_limits(receive: int | None = None, send: int | None = None) -> None:
+    """This process's gRPC message limits in bytes (None: the default, 10 MiB)."""
+    _message_limits["grpc.max_receive_message_length"] = receive or DEFAULT_MAX_BODY_BYTES
+    _message_limits["grpc.max_send_message_length"] = send or DEFAULT_MAX_BODY_BYTES
+
+
+def channel_options() -> list[tuple[str, Any]]:
+    return [*_message_limits.items(), *CHANNEL_KEEPALIVE]
+
+
+def server_options() -> list[tuple[str, Any]]:
+    return [*_message_limits.items(), *SERVER_KEEPALIVE, ("grpc.so_reuseport", 0)]
 
 
 # -- channels and TLS -------------------------------------------------------------
@@ -83,14 +120,14 @@ def server_credentials(
 def open_channel(address: str) -> grpc.aio.Channel:
     """An aio channel to a tokenwire peer, with TLS when the process trusts a CA."""
     if _client_credentials is not None:
-        return grpc.aio.secure_channel(address, _client_credentials, options=CHANNEL_OPTIONS)
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(address, _client_credentials, options=channel_options())
+    return grpc.aio.insecure_channel(address, options=channel_options())
 
 
 def open_sync_channel(address: str) -> grpc.Channel:
     if _client_credentials is not None:
-        return grpc.secure_channel(address, _client_credentials, options=CHANNEL_OPTIONS)
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return grpc.secure_channel(address, _client_credentials, options=channel_options())
+    return grpc.insecure_channel(address, options=channel_options())
 
 
 async def abort_with(context: grpc.aio.ServicerContext, error: ApiError) -> None:
@@ -161,7 +198,12 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callabl
 def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for response in behavior(request, context):
+            responses = behavior(request, context)
+            if inspect.isawaitable(responses):
+                # A handler that sends with context.write() (grpc.health.v1 Watch): it returns nothing.
+                await responses
+                return
+            async for response in responses:
                 yield response
         except ApiError as error:
             await abort_with(context, error)
@@ -225,7 +267,7 @@ class GrpcServer:
     ) -> None:
         self.server = grpc.aio.server(
             interceptors=[cluster.ClusterAuthInterceptor(), RequestIdInterceptor(), *interceptors, ErrorInterceptor()],
-            options=SERVER_OPTIONS,
+            options=server_options(),
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -22,6 +22,9 @@ from typing import Any
 ENV_PREFIX = "TOKENWIRE_"
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
+# The REST bridge's --max-body-bytes, and the default gRPC message limit of the gateway
+# and the workers (--max-receive-message-length, --max-send-message-length).
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 
 # FastChat takes these as JSON lists ('["*"]'); tokenwire's own form is comma-separated.
 LIST_FLAGS = {
@@ -128,6 +131,23 @@ def cluster_flags(parser: argparse.ArgumentParser, *, serving: bool) -> None:
     )
 
 
+def message_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """gRPC message size limits of a server and its channels (the gateway's, the workers', serve's)."""
+    parser.add_argument(
+        "--max-receive-message-length",
+        type=positive_int,
+        default=None,
+        help="largest gRPC message accepted, in bytes; larger get RESOURCE_EXHAUSTED (413 through the bridge) "
+        f"(default: the bridge's --max-body-bytes, {DEFAULT_MAX_BODY_BYTES})",
+    )
+    parser.add_argument(
+        "--max-send-message-length",
+        type=positive_int,
+        default=None,
+        help=f"largest gRPC message sent, in bytes (default: the bridge's --max-body-bytes, {DEFAULT_MAX_BODY_BYTES})",
+    )
+
+
 def metrics_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (0 = any free port)"
@@ -156,7 +176,7 @@ def defaults_from_env(parser: argparse.ArgumentParser) -> None:
 def configure_process(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
     """What every process does with its flags first: their forms, logs, TLS and cluster credentials."""
     from common import cluster
-    from common.grpc_server import configure_client_tls
+    from common.grpc_server import configure_client_tls, configure_message_limits
     from common.observability import setup_logging
 
     try:
@@ -165,6 +185,12 @@ def configure_process(parser: argparse.ArgumentParser, args: argparse.Namespace,
         parser.error(str(error))
     setup_logging(args.log_level, args.log_format)
     configure_client_tls(getattr(args, "tls_ca", None), getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
+    # The bridge has no such flags: its channel carries what its bodies hold.
+    body = getattr(args, "max_body_bytes", None)
+    configure_message_limits(
+        getattr(args, "max_receive_message_length", None) or body,
+        getattr(args, "max_send_message_length", None) or body,
+    )
     if hasattr(args, "cluster_token"):
         if any(arg.split("=", 1)[0] == "--cluster-token" for arg in argv):
             logging.getLogger("tokenwire").warning(

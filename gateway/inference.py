@@ -16,6 +16,7 @@ import shortuuid
 from common import errors
 from common.grpc_server import outgoing_metadata
 from common.sampling import copy_sampling
+from gateway import admission
 from gateway.dispatch import Dispatcher
 from gateway.pool import WorkerHandle, WorkerPool
 from gateway.validation import Limits, check_chat, check_completion, check_embedding
@@ -45,7 +46,7 @@ class Inference:
 
     def _chat_requests(self, request: api_pb2.CreateChatCompletionRequest) -> list[worker_pb2.GenerateRequest]:
         check_chat(request, self.limits)
-        self._require_kind(request.model, generation=True)
+        admission.check_chat(request, self._require_kind(request.model, generation=True))
         sampling = _sampling(request)
         if request.HasField("max_completion_tokens"):
             sampling.max_tokens = request.max_completion_tokens
@@ -161,7 +162,7 @@ class Inference:
 
     def _completion_requests(self, request: api_pb2.CreateCompletionRequest) -> list[worker_pb2.GenerateRequest]:
         check_completion(request, self.limits)
-        self._require_kind(request.model, generation=True)
+        admission.check_completion(request, self._require_kind(request.model, generation=True))
         sampling = _sampling(request)
         if not request.HasField("max_tokens"):
             sampling.max_tokens = 16  # OpenAI's default for completions
@@ -270,7 +271,7 @@ class Inference:
         self, request: api_pb2.CreateEmbeddingRequest, timeout: float | None
     ) -> api_pb2.CreateEmbeddingResponse:
         check_embedding(request, self.limits)
-        self._require_kind(request.model, generation=False)
+        admission.check_embedding(request, self._require_kind(request.model, generation=False))
         worker_request = worker_pb2.EmbedRequest(input=request.input)
         if request.HasField("dimensions"):
             worker_request.dimensions = request.dimensions

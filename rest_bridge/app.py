@@ -31,6 +31,7 @@ from common.errors import ApiError
 from common.grpc_server import open_channel
 from common.observability import REQUEST_ID_HEADER, request_id
 from common.sampling import Limits
+from common.settings import DEFAULT_MAX_BODY_BYTES
 from rest_bridge import convert, keepalive, openapi, page, render, status
 from rest_bridge.middleware import RequestMiddleware
 from tokenwire.v1 import api_pb2, api_pb2_grpc
@@ -50,7 +51,7 @@ class BridgeSettings:
     allowed_origins: list[str] = field(default_factory=lambda: ["*"])
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
-    max_body_bytes: int = 10 * 1024 * 1024
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # The Responses API's store of responses (see rest_bridge/responses.py).
     responses_store_size: int = 1000
     responses_store_bytes: int = 64 * 1024 * 1024

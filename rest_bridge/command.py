@@ -35,7 +35,9 @@ def api_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allowed-origins", default="*", help="CORS: origins, comma-separated or a JSON list")
     parser.add_argument("--allowed-methods", default="*", help="CORS: methods, comma-separated or a JSON list")
     parser.add_argument("--allowed-headers", default="*", help="CORS: headers, comma-separated or a JSON list")
-    parser.add_argument("--max-body-bytes", type=int, default=10 * 1024 * 1024, help="larger request bodies get 413")
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=settings.DEFAULT_MAX_BODY_BYTES, help="larger request bodies get 413"
+    )
     connection_flags(parser)
     parser.add_argument(
         "--responses-store-size", type=int, default=1000, help="stored Responses API responses kept (LRU; 0 = none)"

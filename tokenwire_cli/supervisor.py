@@ -284,6 +284,13 @@ def serve(args: argparse.Namespace) -> None:
         if value is not None:
             env[f"TOKENWIRE_{name.upper()}"] = str(value)
     env["PYTHONUNBUFFERED"] = "1"
+    # What the bridge accepts as a body must also get through the gateway and the workers.
+    message_limits = [
+        "--max-receive-message-length",
+        str(args.max_receive_message_length or args.max_body_bytes),
+        "--max-send-message-length",
+        str(args.max_send_message_length or args.max_body_bytes),
+    ]
     common = [
         "--log-level",
         args.log_level,
@@ -306,6 +313,7 @@ def serve(args: argparse.Namespace) -> None:
     else:
         # The registry on a port of its own: the public port carries only the public API.
         gateway_argv += ["--registry-port", str(args.registry_port)]
+    gateway_argv += [*message_limits, "--heartbeat-expiry", str(args.heartbeat_expiry)]
     gateway = Child("gateway", gateway_argv)
     workers: list[Child] = []
     bridge: Child | None = None
@@ -331,6 +339,7 @@ def serve(args: argparse.Namespace) -> None:
             if args.host in ("0.0.0.0", "::"):
                 registry = "127.0.0.1:" + registry_port  # how the local parts reach it
         worker_common = ["worker", "--host", "127.0.0.1", "--port", "0", "--controller-address", registry, *common]
+        worker_common += message_limits
         workers = [Child("chat worker", [*worker_common, *chat_flags])]
         if embed_model:
             workers.append(Child("embedding worker", [*worker_common, *embed_flags]))

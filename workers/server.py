@@ -14,7 +14,7 @@ from common import errors
 from common import observability as obs
 from common.grpc_server import GrpcServer
 from tokenwire.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from workers import metrics
+from workers import admission, metrics
 from workers.engine import BatchStats, Delta, Engine, Generation
 from workers.registration import RegistryLink
 from workers.slots import Slots
@@ -163,6 +163,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         status = "ok"
         totals = _Totals(request.index, 0)
         try:
+            admission.check_generate(request, self.engine.info)  # before a slot, before tokenizing
             async with self.slots.acquire():
                 prepared = await self.engine.prepare(request)
                 totals.prompt_tokens = prepared.prompt_tokens
@@ -211,6 +212,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.stats.requests_total += 1
         status = "ok"
         try:
+            admission.check_embed(request.input, self.engine.info)
             async with self.slots.acquire():
                 dimensions = request.dimensions if request.HasField("dimensions") else None
                 vectors, tokens = await self.engine.embed(request.input, dimensions)

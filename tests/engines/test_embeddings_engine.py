@@ -151,6 +151,23 @@ async def test_too_long_input_is_rejected(engine: embeddings.EmbeddingsEngine) -
     assert (await rejected(engine, [tokens([2773] * 300)])).param == "input"
 
 
+async def test_openai_token_limit_per_request_is_checked_before_the_model_runs(
+    engine: embeddings.EmbeddingsEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    passes: list[int] = []
+    real_forward = engine._forward
+    monkeypatch.setattr(engine, "_forward", lambda batch: passes.append(len(batch)) or real_forward(batch))
+    # 1,200 inputs of 252 tokens each (250 words + [CLS]/[SEP]): each fits the
+    # model's 256, together they are 302,400 > OpenAI's 300,000 per request.
+    item = text(" ".join(["word"] * 250))
+    error = await rejected(engine, [item] * 1200)
+    assert error.param == "input" and error.code == "max_tokens_per_request"
+    assert "302400" in error.message and "300000" in error.message
+    assert passes == []  # refused from the token counts, no forward pass
+    await engine.embed([item], None)
+    assert passes == [1]
+
+
 async def test_dimensions(engine: embeddings.EmbeddingsEngine) -> None:
     vectors, _ = await engine.embed([text("full size")], 384)
     assert len(vectors[0]) == 384

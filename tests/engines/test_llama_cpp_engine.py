@@ -593,3 +593,18 @@ async def _next_starts_at_once(engine: LlamaCppEngine) -> None:
     # Prompt eval of ~30 tokens: well under a second, even on a loaded machine.
     assert time.monotonic() - started < 5
     await stream.aclose()  # type: ignore[attr-defined]
+
+
+def test_max_token_bytes_only_with_a_template_that_keeps_content(
+    engine: LlamaCppEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SmolLM2: byte-level BPE, longest piece "\n" + 80 spaces; its template renders content whole.
+    assert engine.info.max_token_bytes == 81
+    assert engine._template_keeps_content()
+    trimming = type(engine._formatter)(
+        template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}\n{% endfor %}",
+        eos_token="",
+        bos_token="",
+    )
+    monkeypatch.setattr(engine, "_formatter", trimming)
+    assert not engine._template_keeps_content()  # whitespace dropped: no bound

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common import errors
+from common import errors, limits
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Engine, Generation, Prepared, check_token_ids, message_text, run_blocking
 
@@ -234,14 +234,9 @@ class EmbeddingsEngine(Engine):
                         param="input",
                     )
                 ids = self._with_special_tokens(ids)
-            if len(ids) > self.info.context_length:
-                raise errors.invalid_request(
-                    f"input[{i}] is {len(ids)} tokens long; this model's maximum context length is "
-                    f"{self.info.context_length} tokens. Please reduce the length of the input.",
-                    param="input",
-                    code="context_length_exceeded",
-                )
             sequences.append(ids)
+        # The context and OpenAI's token limits, counted, before any forward pass.
+        limits.check_embedding_tokens([(len(ids), True) for ids in sequences], self.info.context_length)
         return sequences
 
     def _with_special_tokens(self, ids: list[int]) -> list[int]:

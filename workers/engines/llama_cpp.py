@@ -146,6 +146,32 @@ def _message_text(message: common_pb2.ChatMessage, index: int) -> str:
     return message.content
 
 
+def max_token_bytes(vocab: Any, n_vocab: int) -> int:
+    """The most input bytes one token can cover (ModelInfo.max_token_bytes), 0 = no bound.
+
+    BPE (byte-level) and SPM tokenizers cover the input exactly with the pieces
+    of their tokens, and prompts are tokenized with special=True, so the longest
+    piece, special tokens' text included, is the bound; at least 4 (one UTF-8
+    character), for an unknown character that becomes one <unk>. WPM and UGM
+    normalise the input (whitespace, unknown words become one token), and a
+    token that strips the whitespace beside it covers any amount of it: no bound.
+    Costs ~0.1 s at load for a 49k vocabulary.
+    """
+    from llama_cpp import llama_cpp as C
+
+    if C.llama_vocab_type(vocab) not in (C.LLAMA_VOCAB_TYPE_BPE, C.LLAMA_VOCAB_TYPE_SPM):
+        return 0
+    strips = C.LLAMA_TOKEN_ATTR_LSTRIP | C.LLAMA_TOKEN_ATTR_RSTRIP
+    buf = ctypes.create_string_buffer(256)
+    longest = 4
+    for token in range(n_vocab):
+        if C.llama_vocab_get_attr(vocab, token) & strips:
+            return 0
+        n = C.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+        longest = max(longest, -n if n < 0 else n)  # negative: the piece needs -n bytes
+    return longest
+
+
 class _StopBuffer:
     """Emits text as it comes, minus anything that may start a stop string."""
 
@@ -312,6 +338,8 @@ class LlamaCppEngine(Engine):
             stats=self._stats,
         )
         self.info.context_length = ctx.n_ctx()
+        # The bound counts the messages' content: only valid if the template renders it whole.
+        self.info.max_token_bytes = max_token_bytes(self._vocab, self._n_vocab) if self._template_keeps_content() else 0
         # A template that renders `tools` tells the model about them itself.
         self._template_shows_tools = "tools" in template
         log.info(
@@ -343,6 +371,22 @@ class LlamaCppEngine(Engine):
             self._model = None
 
     # -- prompts --
+
+    def _template_keeps_content(self) -> bool:
+        """Whether the chat template renders every message's content verbatim (untrimmed)."""
+        probes = [("system", " probe-1 \n"), ("user", " probe-2 \n"), ("assistant", " probe-3 \n"), ("user", " p4 ")]
+        tool = [("tool", " probe-5 \n"), ("user", " p6 ")]
+        for conversation in (probes, probes + tool):
+            try:
+                dicts: list[Any] = [{"role": r, "content": text, "tool_call_id": "call_1"} for r, text in conversation]
+                prompt = self._formatter(messages=dicts).prompt
+            except Exception:  # e.g. a template without tool messages: those requests are refused anyway
+                if conversation is probes:
+                    return False
+                continue
+            if not all(text in prompt for _, text in conversation):
+                return False
+        return True
 
     def render(
         self, messages: Sequence[common_pb2.ChatMessage], tools: Sequence[common_pb2.Tool] = (), instructions: str = ""

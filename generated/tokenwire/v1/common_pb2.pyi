@@ -597,6 +597,7 @@ class ModelInfo(_message.Message):
     CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
     ENGINE_FIELD_NUMBER: _builtins.int
     DIMENSIONS_FIELD_NUMBER: _builtins.int
+    MAX_TOKEN_BYTES_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: Global___ModelKind.ValueType
@@ -605,6 +606,12 @@ class ModelInfo(_message.Message):
     """The engine that runs it: "llama_cpp", "transformers", "openai", "echo"."""
     dimensions: _builtins.int
     """Embedding dimensions (embedding models only)."""
+    max_token_bytes: _builtins.int
+    """The most bytes of input text one token of this model's tokenizer can
+    cover (special tokens included), so a text of b bytes is at least
+    ceil(b / max_token_bytes) tokens: the gateway refuses a prompt that
+    cannot fit the context from its size alone. 0 = no such bound.
+    """
     @_builtins.property
     def capabilities(self) -> Global___EngineCapabilities:
         """What the engine honours of OpenAI's request parameters, and how. Set by
@@ -620,11 +627,12 @@ class ModelInfo(_message.Message):
         context_length: _builtins.int = ...,
         engine: _builtins.str = ...,
         dimensions: _builtins.int = ...,
+        max_token_bytes: _builtins.int = ...,
         capabilities: Global___EngineCapabilities | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "context_length", b"context_length", "dimensions", b"dimensions", "engine", b"engine", "kind", b"kind", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "context_length", b"context_length", "dimensions", b"dimensions", "engine", b"engine", "kind", b"kind", "max_token_bytes", b"max_token_bytes", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
