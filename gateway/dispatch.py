@@ -71,13 +71,15 @@ class Dispatcher:
         self, error: grpc.aio.AioRpcError, handle: WorkerHandle, tried: frozenset[str], attempt: int, model: str
     ) -> frozenset[str]:
         """The workers to skip on the next attempt, or raise ``error`` as ours."""
-        if error.code() not in _RETRYABLE or attempt == MAX_ATTEMPTS:
-            raise errors.ApiError.from_rpc_error(error) from None
+        ours = errors.ApiError.from_rpc_error(error)
+        # A message over gRPC's size limit is RESOURCE_EXHAUSTED too, and no other worker takes it.
+        if error.code() not in _RETRYABLE or ours.code == "request_too_large" or attempt == MAX_ATTEMPTS:
+            raise ours from None
         if error.code() == grpc.StatusCode.UNAVAILABLE:
             self.pool.remove(handle.worker_id)
         tried |= {handle.worker_id}
         if not any(w.worker_id not in tried for w in self.pool.workers(model)):
-            raise errors.ApiError.from_rpc_error(error) from None
+            raise ours from None
         return tried
 
     async def unary(self, model: str, call: Callable[[WorkerHandle], Awaitable[T]]) -> T:
