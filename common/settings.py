@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 ENV_PREFIX = "TOKENWIRE_"
 DEFAULT_GRPC_PORT = 50051
@@ -154,15 +154,55 @@ def metrics_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def defaults_from_env(parser: argparse.ArgumentParser) -> None:
+class FlagAdder(Protocol):
+    """What declares flags: a parser, or one of its argument groups."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action: ...
+
+
+class _RecordingGroup:
+    """An argument group that records the flags declared in it on its parser."""
+
+    def __init__(self, group: FlagAdder, flags: list[argparse.Action]) -> None:
+        self._group = group
+        self._flags = flags
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = self._group.add_argument(*args, **kwargs)
+        self._flags.append(action)
+        return action
+
+
+class FlagParser(argparse.ArgumentParser):
+    """An ArgumentParser that keeps the flags declared on it (and its groups): the
+    Actions ``add_argument`` returns. :func:`defaults_from_env` reads them, so the
+    environment needs no argparse internals. Its subparsers are FlagParsers too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.flags: list[argparse.Action] = []  # before __init__, which declares --help
+        self.declaring = False  # __init__ makes its own groups: those stay argparse's
+        super().__init__(*args, **kwargs)
+        self.declaring = True
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.flags.append(action)
+        return action
+
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> Any:
+        group = super().add_argument_group(*args, **kwargs)
+        return _RecordingGroup(group, self.flags) if self.declaring else group
+
+
+def defaults_from_env(parser: FlagParser) -> None:
     """TOKENWIRE_<FLAG> sets the default of --flag."""
-    for action in parser._actions:
+    for action in parser.flags:
         if not action.option_strings or action.dest == "help":
             continue
         value = os.environ.get(ENV_PREFIX + action.dest.upper())
         if value is None:
             continue
-        if isinstance(action, argparse._StoreTrueAction):
+        if action.nargs == 0 and action.const is True:  # store_true
             action.default = value.strip().lower() in ("1", "true", "yes", "on")
         elif action.type is not None:
             action.default = action.type(value)  # type: ignore[operator]
@@ -214,7 +254,7 @@ def run_part(
 ) -> None:
     """``python -m <part>``: the part's own flags, then the part."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog=prog)
+    parser = FlagParser(prog=prog)
     add_flags(parser)
     defaults_from_env(parser)
     args = parser.parse_args(argv)

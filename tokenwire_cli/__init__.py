@@ -55,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def build_parser(with_engines: bool = True) -> argparse.ArgumentParser:
     """The whole command line; ``with_engines=False`` leaves out the engines'
     own worker flags (and their imports: numpy, httpx), for the other parts."""
-    parser = argparse.ArgumentParser(
+    parser = settings.FlagParser(
         prog="tokenwire", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,7 +123,7 @@ def build_parser(with_engines: bool = True) -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     for subparser in sub.choices.values():
-        settings.defaults_from_env(subparser)
+        settings.defaults_from_env(subparser)  # FlagParsers, like their parent
     return parser
 
 

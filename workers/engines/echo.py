@@ -17,6 +17,7 @@ import zlib
 from collections.abc import AsyncIterator, Sequence
 
 from common import errors
+from common.settings import FlagAdder
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Engine, Generation, Prepared, check_token_ids, iterate_in_task, message_text
 
@@ -150,7 +151,7 @@ class EchoEngine(Engine):
         return " ".join(str(i) for i in token_ids)
 
 
-def add_arguments(group: argparse._ArgumentGroup) -> None:
+def add_arguments(group: FlagAdder) -> None:
     group.add_argument("--echo-tokens", type=int, default=16, help="tokens per choice (fewer if max_tokens says so)")
     group.add_argument("--echo-delay", type=float, default=0.0, help="seconds per token")
     group.add_argument("--echo-context-length", type=int, default=2048)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common import errors, limits
+from common.settings import FlagAdder
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Engine, Generation, Prepared, check_token_ids, message_text, run_blocking
 
@@ -297,7 +298,7 @@ class EmbeddingsEngine(Engine):
 # -- CLI ----------------------------------------------------------------------
 
 
-def add_arguments(group: argparse._ArgumentGroup) -> None:
+def add_arguments(group: FlagAdder) -> None:
     """Flags of ``tokenwire worker --engine embeddings`` (``--model-path`` is defined by the CLI)."""
     group.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: all CPUs)")
     group.add_argument(

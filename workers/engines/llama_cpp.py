@@ -54,6 +54,7 @@ import numpy as np
 from google.protobuf.json_format import MessageToDict
 
 from common import errors
+from common.settings import FlagAdder
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import (
     BatchStats,
@@ -769,7 +770,7 @@ class _Output(Handler):
 # -- CLI ---------------------------------------------------------------------
 
 
-def add_arguments(group: argparse._ArgumentGroup) -> None:
+def add_arguments(group: FlagAdder) -> None:
     """Flags of ``tokenwire worker --engine llama_cpp``.
 
     ``--model-path`` (the GGUF; empty: the embedded SmolLM2) and ``--model-name``

@@ -38,6 +38,7 @@ import httpx
 
 from common import errors, openai_json
 from common.sampling import sampling_json
+from common.settings import FlagAdder
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Engine, Generation, Prepared, message_text
 from workers.engines import upstream_probe
@@ -53,7 +54,7 @@ KINDS = {
 # -- The CLI -----------------------------------------------------------------
 
 
-def add_arguments(group: argparse._ArgumentGroup) -> None:
+def add_arguments(group: FlagAdder) -> None:
     group.add_argument("--upstream-url", help="Base URL of the upstream OpenAI API, including /v1.")
     group.add_argument("--upstream-model", help="The upstream's model id (default: --model-name).")
     group.add_argument("--upstream-api-key", help="Bearer key for the upstream (or TOKENWIRE_UPSTREAM_API_KEY).")
