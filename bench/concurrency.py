@@ -18,6 +18,7 @@ loads with ``use_extra_bufts=False``): on this AMX machine ggml's AMX path crash
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import threading
 import time
@@ -206,21 +207,33 @@ def section_concurrency(args: argparse.Namespace, results: dict[str, Any]) -> No
             for clients in levels:
                 for name, (base, model) in targets.items():
                     noise = wait_quiet(max_wait=args.concurrency_quiet_wait)
-                    with NoiseMeter(group) as meter:  # the client's own CPU counts as noise here
+                    cpu0, client0 = group.cpu(), _client_cpu()
+                    with NoiseMeter(group) as meter:
                         run = closed_loop(base, model, clients, duration)
+                    cpu1 = group.cpu()
                     run["noise_before"] = noise
                     run["noise_during"] = meter.share
+                    # CPU per generated token of every process (µs), to split engine from front-end cost.
+                    run["cpu_us_per_token"] = {
+                        name: round(1e6 * (cpu1[name] - cpu0[name]) / max(1, run["tokens"]), 1) for name in cpu1
+                    } | {"client": round(1e6 * (_client_cpu() - client0) / max(1, run["tokens"]), 1)}
                     section["runs"][name].setdefault(str(clients), []).append(run)
                     log(
                         f"  [{round_ + 1}/{rounds}] {name:16s} {clients:2d} streams: {run['aggregate_tok_s']:6.1f} "
                         f"tok/s aggregate, {run['stream_tok_s']:5.1f} per stream, TTFT p50 {run['ttft_p50_ms']:6.0f} "
                         f"ms p99 {run['ttft_p99_ms']:6.0f} ms ({run['streams']} streams, other CPU {100 * meter.share:.0f}%)"
                     )
+                    log(f"      CPU us/token: {run['cpu_us_per_token']}")
         section["peak_rss_mb"] = {
             "tokenwire-worker": peak_rss_mb(worker.process.pid),  # type: ignore[union-attr]
             "llama-server": peak_rss_mb(llama_proc.process.pid),  # type: ignore[union-attr]
         }
     results["concurrency"] = section
+
+
+def _client_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _runs(entry: Any) -> list[dict[str, Any]]:
