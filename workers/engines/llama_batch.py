@@ -10,17 +10,20 @@ scheduler runs on the engine's one compute thread (see
    longest prefix it shares with a cached or running sequence (``seq_cp``: in a
    unified KV cache that only tags the cells, nothing is copied), or following a
    sequence being prefilled with the same prompt (``n > 1``: one prompt evaluation,
-   its KV shared when it completes);
+   its KV shared when it completes) or with a longer shared prefix (the template's
+   system prompt: copied when the leader's KV holds it, the rest prefilled after);
 3. builds one batch: one token for every decoding sequence, then prompt chunks
    of the sequences being prefilled, up to ``prefill_budget`` prompt tokens, so a
    long prompt never stalls the streams already decoding;
 4. decodes it, samples every sequence from its own sampler chain, and hands the
    deltas of all sequences to their event loops in one call per loop.
 
-Prompt chunks end on multiples of :data:`CHUNK` positions and a sequence gets at
-most one chunk per step: alone on the worker, a prompt is always evaluated in the
-same groups, whatever was cached before, so "same seed, same request, same text"
-holds. Batched with others, numerics differ slightly (the matrix kernels depend
+Prompt chunks end on multiples of :data:`CHUNK` positions, a sequence gets as many
+whole chunks per step as the budget holds, and llama.cpp computes the step in
+micro-batches of ``CHUNK`` tokens (``n_ubatch``): alone on the worker, a prompt is
+always evaluated in the same groups, whatever the budget or what was cached before,
+so "same seed, same request, same text" holds. Prefixes shared with running
+sequences are reused at any length: a request beside others is not alone. Batched with others, numerics differ slightly (the matrix kernels depend
 on the batch shape), as in every batching server.
 
 The KV cache is unified (one pool of ``n_ctx`` cells for all sequences): a request
