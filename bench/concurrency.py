@@ -18,6 +18,7 @@ loads with ``use_extra_bufts=False``): on this AMX machine ggml's AMX path crash
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import threading
 import time
@@ -65,8 +66,48 @@ def one_stream(base: str, model: str, k: int) -> dict[str, float]:
     return stream_timing(base, body, timeout=600)
 
 
+def one_worker_stream(address: str, k: int) -> dict[str, float]:
+    """The same stream straight from the worker's ``Generate`` (gRPC): the engine without the front end."""
+    import grpc
+    from engine_raw import StreamClock
+
+    from tokenwire.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+    stub = _worker_stub(address, grpc, worker_pb2_grpc)
+    request = worker_pb2.GenerateRequest(
+        messages=[common_pb2.ChatMessage(role="user", content=PROMPTS[k % len(PROMPTS)])],
+        sampling=worker_pb2.SamplingParams(
+            temperature=0.7, seed=k, max_tokens=STREAM_TOKENS, logit_bias={int(t): v for t, v in EOG_BAN.items()}
+        ),
+    )
+    clock = StreamClock()
+    tokens = 0
+    for message in stub.Generate(request, timeout=600):
+        tokens = message.usage.completion_tokens
+        if message.text:
+            clock.content()
+    return clock.record(tokens)
+
+
+_stubs: dict[str, Any] = {}
+
+
+def _worker_stub(address: str, grpc: Any, worker_pb2_grpc: Any) -> Any:
+    if address not in _stubs:  # one channel per worker, shared by the client threads
+        _stubs[address] = worker_pb2_grpc.WorkerServiceStub(grpc.insecure_channel(address))
+    return _stubs[address]
+
+
 def closed_loop(base: str, model: str, clients: int, duration: float) -> dict[str, Any]:
-    """``clients`` threads streaming back to back for ``duration`` s; streams that end in the window count."""
+    """``clients`` threads streaming back to back for ``duration`` s; streams that end in the window count.
+
+    ``base`` is an OpenAI server's URL, or ``grpc://<worker address>`` for the worker alone.
+    """
+    stream = (
+        (lambda k: one_worker_stream(base.removeprefix("grpc://"), k))
+        if base.startswith("grpc://")
+        else (lambda k: one_stream(base, model, k))
+    )
     records: list[dict[str, float]] = []
     lock = threading.Lock()
     start = time.perf_counter()
@@ -77,7 +118,7 @@ def closed_loop(base: str, model: str, clients: int, duration: float) -> dict[st
         while time.perf_counter() < stop_at:
             with lock:
                 k = next(counter)
-            record = one_stream(base, model, k)
+            record = stream(k)
             with lock:
                 records.append(record)
 
@@ -119,8 +160,12 @@ def start_llama_server(group: Group, binary: str, gguf: str, threads: int, paral
     return f"http://127.0.0.1:{port}"
 
 
+TARGETS = ("tokenwire", "tokenwire-worker", "llama-server")
+
+
 def section_concurrency(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    from suite import project_eval, start_engine_stack, wait_quiet
+    """Every level, each target in turn, ``--concurrency-rounds`` times over (the rounds interleave)."""
+    from suite import NoiseMeter, project_eval, start_engine_stack, wait_quiet
 
     parallel = args.parallel
     threads = int(project_eval("from workers.engines.llama_cpp import default_threads; print(default_threads())"))
@@ -129,34 +174,56 @@ def section_concurrency(args: argparse.Namespace, results: dict[str, Any]) -> No
     binary = str(ensure_llama_server(log=log))
     duration = max(args.duration, 4.0 if args.quick else 20.0)
     levels = CONCURRENCY[:2] if args.quick else CONCURRENCY
+    levels = tuple(int(c) for c in args.concurrency_levels.split(",")) if args.concurrency_levels else levels
+    names = [t.strip() for t in args.concurrency_targets.split(",")] if args.concurrency_targets else TARGETS
+    rounds = max(1, args.concurrency_rounds)
+    worker_args = args.worker_args.split() if args.worker_args else []
     section: dict[str, Any] = {
         "parallel": parallel,
         "threads": threads,
         "n_ctx": n_ctx,
         "stream_tokens": STREAM_TOKENS,
         "window_s": duration,
-        "runs": {"tokenwire": {}, "llama-server": {}},
+        "rounds": rounds,
+        "worker_args": worker_args,
+        # name -> clients -> one run per round
+        "runs": {name: {} for name in names},
     }
     with Group() as group:
         _, worker, tw_base = start_engine_stack(
-            group, "chat", "llama_cpp", "--parallel", str(parallel), "--n-ctx", str(n_ctx)
+            group, "chat", "llama_cpp", "--parallel", str(parallel), "--n-ctx", str(n_ctx), *worker_args
         )
         ls_base = start_llama_server(group, binary, gguf, threads, parallel, n_ctx)
         llama_proc = next(s for s in group.servers if s.name == "llama-server")
-        targets = {"tokenwire": (tw_base, "chat"), "llama-server": (ls_base, "smollm2")}
+        every = {
+            "tokenwire": (tw_base, "chat"),
+            "tokenwire-worker": (f"grpc://{worker.address}", "chat"),
+            "llama-server": (ls_base, "smollm2"),
+        }
+        targets = {name: every[name] for name in names}
         for base, model in targets.values():  # warm up: load pages, fill caches
             closed_loop(base, model, 2, 2.0)
-        for clients in levels:
-            for name, (base, model) in targets.items():
-                noise = wait_quiet(max_wait=30)
-                run = closed_loop(base, model, clients, duration)
-                run["noise_before"] = noise
-                section["runs"][name][str(clients)] = run
-                log(
-                    f"  {name:12s} {clients:2d} streams: {run['aggregate_tok_s']:6.1f} tok/s aggregate, "
-                    f"{run['stream_tok_s']:5.1f} per stream, TTFT p50 {run['ttft_p50_ms']:6.0f} ms "
-                    f"p99 {run['ttft_p99_ms']:6.0f} ms ({run['streams']} streams)"
-                )
+        for round_ in range(rounds):
+            for clients in levels:
+                for name, (base, model) in targets.items():
+                    noise = wait_quiet(max_wait=args.concurrency_quiet_wait)
+                    cpu0, client0 = group.cpu(), _client_cpu()
+                    with NoiseMeter(group) as meter:
+                        run = closed_loop(base, model, clients, duration)
+                    cpu1 = group.cpu()
+                    run["noise_before"] = noise
+                    run["noise_during"] = meter.share
+                    # CPU per generated token of every process (µs), to split engine from front-end cost.
+                    run["cpu_us_per_token"] = {
+                        name: round(1e6 * (cpu1[name] - cpu0[name]) / max(1, run["tokens"]), 1) for name in cpu1
+                    } | {"client": round(1e6 * (_client_cpu() - client0) / max(1, run["tokens"]), 1)}
+                    section["runs"][name].setdefault(str(clients), []).append(run)
+                    log(
+                        f"  [{round_ + 1}/{rounds}] {name:16s} {clients:2d} streams: {run['aggregate_tok_s']:6.1f} "
+                        f"tok/s aggregate, {run['stream_tok_s']:5.1f} per stream, TTFT p50 {run['ttft_p50_ms']:6.0f} "
+                        f"ms p99 {run['ttft_p99_ms']:6.0f} ms ({run['streams']} streams, other CPU {100 * meter.share:.0f}%)"
+                    )
+                    log(f"      CPU us/token: {run['cpu_us_per_token']}")
         section["peak_rss_mb"] = {
             "tokenwire-worker": peak_rss_mb(worker.process.pid),  # type: ignore[union-attr]
             "llama-server": peak_rss_mb(llama_proc.process.pid),  # type: ignore[union-attr]
@@ -164,28 +231,77 @@ def section_concurrency(args: argparse.Namespace, results: dict[str, Any]) -> No
     results["concurrency"] = section
 
 
+def _client_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _runs(entry: Any) -> list[dict[str, Any]]:
+    return entry if isinstance(entry, list) else [entry]  # older results.json: one run per level
+
+
+def _span(values: list[float], fmt: str = "{:.0f}") -> str:
+    """The median, with the range over rounds when there are several."""
+    median = fmt.format(statistics.median(values))
+    if len(values) < 2:
+        return median
+    return f"{median} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
 def render(section: dict[str, Any]) -> str:
-    """The RESULTS.md part of this section."""
+    """The RESULTS.md part of this section: medians over the rounds, ranges in brackets."""
+    runs = section["runs"]
+    rounds = section.get("rounds", 1)
+    has_worker = bool(runs.get("tokenwire-worker"))
     lines = [
         "## Engine concurrency: tokenwire's llama_cpp worker beside llama-server",
         "",
         f"SmolLM2-135M Q4_1, {section['threads']} threads each, n_ctx {section['n_ctx']}, "
         f"{section['parallel']} parallel sequences (`--parallel` / `-np`), streams of {section['stream_tokens']} "
-        f"tokens at temperature 0.7, closed loop, {section['window_s']:g} s per window. tokenwire end to end "
-        "(REST bridge, gateway, worker); llama-server on its own OpenAI endpoint.",
+        f"tokens at temperature 0.7, closed loop, {section['window_s']:g} s per window, {rounds} interleaved "
+        "round(s) (medians, the range over rounds in brackets). tokenwire end to end (REST bridge, gateway, "
+        "worker)"
+        + ("; tokenwire worker: the worker's own gRPC `Generate` stream, no gateway or bridge" if has_worker else "")
+        + "; llama-server on its own OpenAI endpoint.",
         "",
-        "| streams | llama-server tok/s | tokenwire tok/s | ratio | llama-server TTFT p50 / p99 | "
-        "tokenwire TTFT p50 / p99 | per-stream tok/s (ls / tw) |",
-        "|---|---|---|---|---|---|---|",
+        "| streams | llama-server tok/s | tokenwire tok/s | ratio |"
+        + (" worker alone tok/s | ratio |" if has_worker else "")
+        + " llama-server TTFT p50 / p99 ms | tokenwire TTFT p50 / p99 ms |"
+        + (" worker alone TTFT p50 ms |" if has_worker else "")
+        + " per-stream tok/s (ls / tw) |",
+        "|---|---|---|---|" + ("---|---|" if has_worker else "") + "---|---|" + ("---|" if has_worker else "") + "---|",
     ]
-    runs = section["runs"]
-    for clients in runs["tokenwire"]:
-        tw, ls = runs["tokenwire"][clients], runs["llama-server"][clients]
-        ratio = tw["aggregate_tok_s"] / ls["aggregate_tok_s"] if ls["aggregate_tok_s"] else 0.0
+    for clients in runs["llama-server"]:
+        ls = _runs(runs["llama-server"][clients])
+        tw = _runs(runs["tokenwire"][clients]) if clients in runs.get("tokenwire", {}) else []
+        wk = _runs(runs["tokenwire-worker"][clients]) if has_worker and clients in runs["tokenwire-worker"] else []
+
+        def agg(side: list[dict[str, Any]]) -> str:
+            return _span([r["aggregate_tok_s"] for r in side]) if side else "-"
+
+        def ratio(side: list[dict[str, Any]], ls: list[dict[str, Any]] = ls) -> str:
+            # Round by round: each side against llama-server in the same round.
+            pairs = [a["aggregate_tok_s"] / b["aggregate_tok_s"] for a, b in zip(side, ls, strict=False)]
+            return _span(pairs, "{:.2f}") if pairs and all(b["aggregate_tok_s"] for b in ls) else "-"
+
+        def ttft(side: list[dict[str, Any]], p99: bool = True) -> str:
+            if not side:
+                return "-"
+            p50 = _span([r["ttft_p50_ms"] for r in side])
+            return f"{p50} / {_span([r['ttft_p99_ms'] for r in side])}" if p99 else p50
+
+        per_stream = (
+            f"{statistics.median(r['stream_tok_s'] for r in ls):.0f} / "
+            f"{statistics.median(r['stream_tok_s'] for r in tw):.0f}"
+            if tw
+            else "-"
+        )
         lines.append(
-            f"| {clients} | {ls['aggregate_tok_s']:.0f} | {tw['aggregate_tok_s']:.0f} | {ratio:.2f} | "
-            f"{ls['ttft_p50_ms']:.0f} / {ls['ttft_p99_ms']:.0f} ms | {tw['ttft_p50_ms']:.0f} / "
-            f"{tw['ttft_p99_ms']:.0f} ms | {ls['stream_tok_s']:.0f} / {tw['stream_tok_s']:.0f} |"
+            f"| {clients} | {agg(ls)} | {agg(tw)} | {ratio(tw)} |"
+            + (f" {agg(wk)} | {ratio(wk)} |" if has_worker else "")
+            + f" {ttft(ls)} | {ttft(tw)} |"
+            + (f" {ttft(wk, p99=False)} |" if has_worker else "")
+            + f" {per_stream} |"
         )
     rss = section.get("peak_rss_mb", {})
     lines += [

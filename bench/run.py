@@ -78,6 +78,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--parallel", type=int, default=8, help="concurrency section: parallel sequences of both servers (8)"
     )
     parser.add_argument(
+        "--concurrency-levels", default="", help="concurrency section: client counts, e.g. 1,8 (1,4,8,16)"
+    )
+    parser.add_argument(
+        "--concurrency-targets",
+        default="",
+        help="concurrency section: tokenwire, tokenwire-worker, llama-server (default: all three)",
+    )
+    parser.add_argument("--concurrency-rounds", type=int, default=1, help="concurrency section: interleaved rounds (1)")
+    parser.add_argument(
+        "--concurrency-quiet-wait",
+        type=float,
+        default=30.0,
+        help="concurrency section: seconds to wait for quiet before each window (30)",
+    )
+    parser.add_argument(
+        "--worker-args", default="", help="concurrency section: extra flags for tokenwire's llama_cpp worker"
+    )
+    parser.add_argument(
         "--engine-runs", type=int, default=None, help="interleaved rounds of generations per engine figure (5; quick 1)"
     )
     parser.add_argument("--out", type=Path, default=BENCH / "out", help="where results.json, RESULTS.md and the PNG go")

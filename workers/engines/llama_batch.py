@@ -10,17 +10,20 @@ scheduler runs on the engine's one compute thread (see
    longest prefix it shares with a cached or running sequence (``seq_cp``: in a
    unified KV cache that only tags the cells, nothing is copied), or following a
    sequence being prefilled with the same prompt (``n > 1``: one prompt evaluation,
-   its KV shared when it completes);
+   its KV shared when it completes) or with a longer shared prefix (the template's
+   system prompt: copied when the leader's KV holds it, the rest prefilled after);
 3. builds one batch: one token for every decoding sequence, then prompt chunks
    of the sequences being prefilled, up to ``prefill_budget`` prompt tokens, so a
    long prompt never stalls the streams already decoding;
 4. decodes it, samples every sequence from its own sampler chain, and hands the
    deltas of all sequences to their event loops in one call per loop.
 
-Prompt chunks end on multiples of :data:`CHUNK` positions and a sequence gets at
-most one chunk per step: alone on the worker, a prompt is always evaluated in the
-same groups, whatever was cached before, so "same seed, same request, same text"
-holds. Batched with others, numerics differ slightly (the matrix kernels depend
+Prompt chunks end on multiples of :data:`CHUNK` positions, a sequence gets as many
+whole chunks per step as the budget holds, and llama.cpp computes the step in
+micro-batches of ``CHUNK`` tokens (``n_ubatch``): alone on the worker, a prompt is
+always evaluated in the same groups, whatever the budget or what was cached before,
+so "same seed, same request, same text" holds. Prefixes shared with running
+sequences are reused at any length: a request beside others is not alone. Batched with others, numerics differ slightly (the matrix kernels depend
 on the batch shape), as in every batching server.
 
 The KV cache is unified (one pool of ``n_ctx`` cells for all sequences): a request
@@ -49,6 +52,8 @@ log = logging.getLogger("tokenwire.engine.llama_cpp")
 
 # Prompt evaluation granularity (32-token batches run prompt eval as fast as 512-token ones here).
 CHUNK = 32
+# Prompt tokens worth waiting one step for, to copy them from a sequence being prefilled.
+MIN_SHARE = 8
 
 _END = object()
 
@@ -98,6 +103,8 @@ class Seq:
     decoding: bool = False
     sampler: Any = None
     leader: Seq | None = None
+    # Following a leader only up to here (prompts sharing a prefix); 0: the same prompt.
+    share: int = 0
     followers: list[Seq] = field(default_factory=list)
     rows: list[np.ndarray] = field(default_factory=list)
     held: list[Delta] = field(default_factory=list)
@@ -234,18 +241,35 @@ class Scheduler:
                 self._reuse_prefix(seq)
 
     def _reuse_prefix(self, seq: Seq) -> None:
-        """Start from the longest prefix of the prompt some sequence's KV already holds."""
+        """Start from the longest prefix of the prompt some sequence's KV already holds,
+        or follow a sequence being prefilled up to the longer prefix it shares."""
+        last = len(seq.prompt) - 1  # at least the last prompt token is evaluated: its logits give the first token
         best, source = 0, -1
-        candidates = [(sid, toks) for sid, toks in self._cache.items()]
-        candidates += [(s.seq_id, s.tokens[: s.n_past]) for s in self._active if s is not seq and s.leader is None]
-        for sid, toks in candidates:
+        for sid, toks in self._cache.items():
             common = _common_prefix(toks, seq.prompt)
             if common > best:
                 best, source = common, sid
-        # Whole chunks only, and at least the last prompt token is evaluated (its
-        # logits give the first token): what is left is evaluated in the same
-        # chunks as with nothing cached, so the same request gives the same text.
-        best = min(best, len(seq.prompt) - 1) // CHUNK * CHUNK
+        # From a cached prefix, whole chunks only: what is left is evaluated in the
+        # same chunks as with nothing cached, so the same request gives the same text.
+        best = min(best, last) // CHUNK * CHUNK
+        # Beside running sequences a request is not alone (batched numerics differ
+        # anyway): any shared prefix is reused, such as the template's system prompt.
+        leader, pending = None, 0
+        for s in self._active:
+            if s is seq or s.leader is not None:
+                continue
+            common = min(_common_prefix(s.tokens[: s.n_past], seq.prompt), last)
+            if common > best:
+                best, source = common, s.seq_id
+            if not s.decoding and not s.prompt_rows:
+                ahead = min(_common_prefix(s.prompt, seq.prompt), last)
+                if ahead > pending:
+                    leader, pending = s, ahead
+        if leader is not None and pending >= best + MIN_SHARE:
+            # Its KV will hold more of our prompt after its next step(s): wait for it.
+            seq.leader, seq.share = leader, pending
+            leader.followers.append(seq)
+            return
         if best <= 0:
             return
         self._C.llama_memory_seq_cp(self._memory, source, seq.seq_id, 0, best)
@@ -276,9 +300,15 @@ class Scheduler:
         for seq in self._active:
             if seq.decoding or seq.leader is not None:
                 continue
-            end = min(len(seq.prompt), (seq.n_past // CHUNK + 1) * CHUNK)
+            # As many whole chunks as the budget holds (the last one may end the prompt).
+            end = seq.n_past
+            while end < len(seq.prompt):
+                after = min(len(seq.prompt), (end // CHUNK + 1) * CHUNK)
+                if after - seq.n_past > budget:
+                    break
+                end = after
             count = end - seq.n_past
-            if count > budget:
+            if not count:
                 break
             seq.chunk = (n, count)
             for pos in range(seq.n_past, end):
@@ -303,6 +333,8 @@ class Scheduler:
             if seq.prompt_rows:
                 seq.rows.extend(self._row(first + i).copy() for i in range(count))
             seq.n_past += count
+            for follower in [f for f in seq.followers if f.share and f.share <= seq.n_past]:
+                self._hand_prefix(seq, follower, follower.share)
             if seq.n_past < len(seq.prompt):
                 continue
             # The prompt is evaluated: it and every follower start decoding.
@@ -366,6 +398,15 @@ class Scheduler:
         self._emit(victim, victim.handler.end("length"), done=True)
         self._drop(victim, keep=False)
 
+    def _hand_prefix(self, leader: Seq, follower: Seq, n: int) -> None:
+        """A follower of a shared prefix gets its first ``n`` positions and prefills the rest itself."""
+        leader.followers.remove(follower)
+        follower.leader, follower.share = None, 0
+        if n > 0:
+            self._C.llama_memory_seq_cp(self._memory, leader.seq_id, follower.seq_id, 0, n)
+            follower.n_past = n
+            self.stats.prompt_tokens_reused += n
+
     def _take_id(self) -> int:
         if not self._free_ids:
             seq_id, _ = self._cache.popitem(last=False)
@@ -380,8 +421,11 @@ class Scheduler:
         if seq.leader is not None:
             seq.leader.followers.remove(seq)
             seq.leader = None
+        for follower in [f for f in seq.followers if f.share]:
+            # Cancelled while prefilling for others: what is there is theirs.
+            self._hand_prefix(seq, follower, min(seq.n_past, follower.share))
         if seq.followers:
-            # Cancelled while prefilling for others: the first follower takes over.
+            # The first follower of the same prompt takes over.
             heir, *rest = seq.followers
             self._C.llama_memory_seq_cp(self._memory, seq.seq_id, heir.seq_id, 0, seq.n_past)
             heir.n_past, heir.leader, heir.followers = seq.n_past, None, rest

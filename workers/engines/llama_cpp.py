@@ -307,7 +307,12 @@ class LlamaCppEngine(Engine):
         n_batch = self.parallel + max(self.prefill_budget, CHUNK)
         params = C.llama_context_default_params()
         params.n_ctx = n_ctx or model.n_ctx_train()
-        params.n_batch = params.n_ubatch = n_batch
+        params.n_batch = n_batch
+        # llama_decode computes a step in micro-batches of CHUNK tokens: a prompt alone
+        # takes several chunks in one step yet is computed in the same groups as one
+        # chunk a step, so its numerics (and a seeded text) do not depend on the budget
+        # or on what was cached before.
+        params.n_ubatch = min(n_batch, CHUNK)
         # Running sequences plus the cached prefixes.
         params.n_seq_max = min(self.parallel + self.prefix_cache, C.llama_max_parallel_sequences())
         # One pool of cells for all sequences: a request alone can use the whole context.
