@@ -233,6 +233,25 @@ async def test_n_choices_share_one_prompt_evaluation(engine: LlamaCppEngine) -> 
     assert len({text_of(r) for r in results}) > 1
 
 
+async def test_concurrent_prompts_share_their_common_prefix(engine: LlamaCppEngine) -> None:
+    # Different questions in one chat template share its system prompt: prompts admitted
+    # together evaluate that prefix once (one sequence prefills it, the others copy its KV).
+    await clear_cache(engine)
+    questions = ["Describe a walk on the beach.", "Explain how bread is made.", "Tell me about the moon."]
+    requests = [chat(q, sampling=GREEDY) for q in questions]
+    tokens = [list((await engine.prepare(r)).state.tokens) for r in requests]
+    common = next(i for i, column in enumerate(zip(*tokens, strict=False)) if len(set(column)) > 1)
+    assert common > 0
+    before = stats(engine)
+    evaluated, reused = before.prompt_tokens_evaluated, before.prompt_tokens_reused
+    results = await together(engine, [Call(r, 8) for r in requests])
+    s = stats(engine)
+    assert s.prompt_tokens_reused - reused >= (len(requests) - 1) * common
+    assert s.prompt_tokens_evaluated - evaluated == sum(map(len, tokens)) - (s.prompt_tokens_reused - reused)
+    assert all(sum(d.token_count for d in r) == 8 for r in results)
+    assert s.running == 0 and s.kv_cells_in_use == 0
+
+
 async def test_prefix_cache_hits_on_a_second_turn(engine: LlamaCppEngine) -> None:
     await clear_cache(engine)
     question = "My name is Ada and I live in a small house by the river. What could I plant in my garden?"
