@@ -4,6 +4,7 @@ graceful shutdown. Used by the gateway, the standalone registry and workers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import signal
@@ -178,26 +179,33 @@ async def _unless_really_cancelled(context: grpc.aio.ServicerContext, method: st
     await abort_with(context, unavailable("A model worker went away during the request. Retry it."))
 
 
+@contextlib.asynccontextmanager
+async def _answered(context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
+    """Every way a handler can fail, as the status its caller gets (unary and stream alike)."""
+    try:
+        yield
+    except ApiError as error:
+        await abort_with(context, error)
+    except asyncio.CancelledError:
+        await _unless_really_cancelled(context, method)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        log.exception("unexpected error in %s", method)
+        await abort_with(context, internal())
+
+
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
+        async with _answered(context, method):
             return await behavior(request, context)
-        except ApiError as error:
-            await abort_with(context, error)
-        except asyncio.CancelledError:
-            await _unless_really_cancelled(context, method)
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            log.exception("unexpected error in %s", method)
-            await abort_with(context, internal())
 
     return unary
 
 
 def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        try:
+        async with _answered(context, method):
             responses = behavior(request, context)
             if inspect.isawaitable(responses):
                 # A handler that sends with context.write() (grpc.health.v1 Watch): it returns nothing.
@@ -205,15 +213,6 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Ca
                 return
             async for response in responses:
                 yield response
-        except ApiError as error:
-            await abort_with(context, error)
-        except asyncio.CancelledError:
-            await _unless_really_cancelled(context, method)
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            log.exception("unexpected error in %s", method)
-            await abort_with(context, internal())
 
     return stream
 

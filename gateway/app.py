@@ -12,12 +12,12 @@ import grpc
 
 from common.grpc_server import GrpcServer
 from common.observability import serve_metrics
+from common.sampling import Limits
 from gateway.auth import ApiKeys, AuthInterceptor, KeyLimits, KeySpec
 from gateway.inference import Inference
 from gateway.pool import WorkerPool, remote_source
 from gateway.registry import Registry, RegistryServicer
 from gateway.service import InferenceServicer
-from gateway.validation import Limits
 from tokenwire.v1 import api_pb2_grpc, registry_pb2_grpc
 
 log = logging.getLogger("tokenwire.gateway")

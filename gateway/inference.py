@@ -15,11 +15,11 @@ import shortuuid
 
 from common import errors
 from common.grpc_server import outgoing_metadata
-from common.sampling import copy_sampling
+from common.sampling import Limits, copy_sampling
 from gateway import admission
 from gateway.dispatch import Dispatcher
 from gateway.pool import WorkerHandle, WorkerPool
-from gateway.validation import Limits, check_chat, check_completion, check_embedding
+from gateway.validation import check_chat, check_completion, check_embedding
 from tokenwire.v1 import api_pb2, common_pb2, worker_pb2
 
 
