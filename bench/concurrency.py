@@ -8,6 +8,13 @@ each N: aggregate tokens/s over the window, per-stream decode tokens/s, time to 
 token p50/p99, and the server's peak RSS (``VmHWM``). tokenwire is measured end to
 end (REST bridge, gateway, worker); llama-server answers its own OpenAI endpoint.
 
+Both sides sample the same distribution: temperature 0.7 over the whole vocabulary, what an
+OpenAI request with only ``temperature`` means. llama-server is asked for that explicitly
+(``top_k`` 0, ``top_p`` 1, ``min_p`` 0), because its own defaults (top_k 40, top_p 0.95,
+min_p 0.05) truncate the distribution first, which is less work; ``llama-server-own``
+measures it with those defaults, as a reference. Both run with flash attention off
+(tokenwire's default, measured faster here; ``-fa off``).
+
 ``llama-server`` is built once into ``bench/.cache`` from the llama-cpp-python sdist
 (:mod:`llama_server`). Both run without weight repacking (``--no-repack``; tokenwire
 loads with ``use_extra_bufts=False``): on this AMX machine ggml's AMX path crashed.
@@ -52,7 +59,11 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def one_stream(base: str, model: str, k: int) -> dict[str, float]:
+# What llama-server needs to be told to sample like OpenAI (and tokenwire): no truncation.
+WHOLE_VOCABULARY = {"top_k": 0, "top_p": 1.0, "min_p": 0.0}
+
+
+def one_stream(base: str, model: str, k: int, sampling: dict[str, float] | None = None) -> dict[str, float]:
     body = {
         "model": model,
         "messages": [{"role": "user", "content": PROMPTS[k % len(PROMPTS)]}],
@@ -62,6 +73,7 @@ def one_stream(base: str, model: str, k: int) -> dict[str, float]:
         "logit_bias": EOG_BAN,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(sampling or {}),
     }
     return stream_timing(base, body, timeout=600)
 
@@ -98,15 +110,18 @@ def _worker_stub(address: str, grpc: Any, worker_pb2_grpc: Any) -> Any:
     return _stubs[address]
 
 
-def closed_loop(base: str, model: str, clients: int, duration: float) -> dict[str, Any]:
+def closed_loop(
+    base: str, model: str, clients: int, duration: float, sampling: dict[str, float] | None = None
+) -> dict[str, Any]:
     """``clients`` threads streaming back to back for ``duration`` s; streams that end in the window count.
 
-    ``base`` is an OpenAI server's URL, or ``grpc://<worker address>`` for the worker alone.
+    ``base`` is an OpenAI server's URL, or ``grpc://<worker address>`` for the worker alone;
+    ``sampling`` adds fields to each request body.
     """
     stream = (
         (lambda k: one_worker_stream(base.removeprefix("grpc://"), k))
         if base.startswith("grpc://")
-        else (lambda k: one_stream(base, model, k))
+        else (lambda k: one_stream(base, model, k, sampling))
     )
     records: list[dict[str, float]] = []
     lock = threading.Lock()
@@ -152,7 +167,7 @@ def start_llama_server(group: Group, binary: str, gguf: str, threads: int, paral
     server = servers.Server(
         "llama-server",
         [binary, "-m", gguf, "-c", str(n_ctx), "-np", str(parallel), "-t", str(threads), "-tb", str(threads),
-         "--no-repack", "--host", "127.0.0.1", "--port", str(port), "--no-webui"],
+         "--no-repack", "-fa", "off", "--host", "127.0.0.1", "--port", str(port), "--no-webui"],
         ready_http=f"http://127.0.0.1:{port}/health",
     )  # fmt: skip
     group.start(server, timeout=120)
@@ -160,7 +175,7 @@ def start_llama_server(group: Group, binary: str, gguf: str, threads: int, paral
     return f"http://127.0.0.1:{port}"
 
 
-TARGETS = ("tokenwire", "tokenwire-worker", "llama-server")
+TARGETS = ("tokenwire", "tokenwire-worker", "llama-server", "llama-server-own")
 
 
 def section_concurrency(args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -195,21 +210,22 @@ def section_concurrency(args: argparse.Namespace, results: dict[str, Any]) -> No
         )
         ls_base = start_llama_server(group, binary, gguf, threads, parallel, n_ctx)
         llama_proc = next(s for s in group.servers if s.name == "llama-server")
-        every = {
-            "tokenwire": (tw_base, "chat"),
-            "tokenwire-worker": (f"grpc://{worker.address}", "chat"),
-            "llama-server": (ls_base, "smollm2"),
+        every: dict[str, tuple[str, str, dict[str, float] | None]] = {
+            "tokenwire": (tw_base, "chat", None),
+            "tokenwire-worker": (f"grpc://{worker.address}", "chat", None),
+            "llama-server": (ls_base, "smollm2", WHOLE_VOCABULARY),
+            "llama-server-own": (ls_base, "smollm2", None),
         }
         targets = {name: every[name] for name in names}
-        for base, model in targets.values():  # warm up: load pages, fill caches
-            closed_loop(base, model, 2, 2.0)
+        for base, model, sampling in targets.values():  # warm up: load pages, fill caches
+            closed_loop(base, model, 2, 2.0, sampling)
         for round_ in range(rounds):
             for clients in levels:
-                for name, (base, model) in targets.items():
+                for name, (base, model, sampling) in targets.items():
                     noise = wait_quiet(max_wait=args.concurrency_quiet_wait)
                     cpu0, client0 = group.cpu(), _client_cpu()
                     with NoiseMeter(group) as meter:
-                        run = closed_loop(base, model, clients, duration)
+                        run = closed_loop(base, model, clients, duration, sampling)
                     cpu1 = group.cpu()
                     run["noise_before"] = noise
                     run["noise_during"] = meter.share
@@ -253,6 +269,7 @@ def render(section: dict[str, Any]) -> str:
     runs = section["runs"]
     rounds = section.get("rounds", 1)
     has_worker = bool(runs.get("tokenwire-worker"))
+    has_own = bool(runs.get("llama-server-own"))
     lines = [
         "## Engine concurrency: tokenwire's llama_cpp worker beside llama-server",
         "",
@@ -262,19 +279,32 @@ def render(section: dict[str, Any]) -> str:
         "round(s) (medians, the range over rounds in brackets). tokenwire end to end (REST bridge, gateway, "
         "worker)"
         + ("; tokenwire worker: the worker's own gRPC `Generate` stream, no gateway or bridge" if has_worker else "")
-        + "; llama-server on its own OpenAI endpoint.",
+        + "; llama-server on its own OpenAI endpoint, asked to sample the whole vocabulary as tokenwire does"
+        + (
+            "; llama-server own: the same with its default sampler (top_k 40, top_p 0.95, min_p 0.05)"
+            if has_own
+            else ""
+        )
+        + ".",
         "",
         "| streams | llama-server tok/s | tokenwire tok/s | ratio |"
         + (" worker alone tok/s | ratio |" if has_worker else "")
         + " llama-server TTFT p50 / p99 ms | tokenwire TTFT p50 / p99 ms |"
         + (" worker alone TTFT p50 ms |" if has_worker else "")
-        + " per-stream tok/s (ls / tw) |",
-        "|---|---|---|---|" + ("---|---|" if has_worker else "") + "---|---|" + ("---|" if has_worker else "") + "---|",
+        + " per-stream tok/s (ls / tw) |"
+        + (" llama-server own tok/s / TTFT p50 ms |" if has_own else ""),
+        "|---|---|---|---|"
+        + ("---|---|" if has_worker else "")
+        + "---|---|"
+        + ("---|" if has_worker else "")
+        + "---|"
+        + ("---|" if has_own else ""),
     ]
     for clients in runs["llama-server"]:
         ls = _runs(runs["llama-server"][clients])
         tw = _runs(runs["tokenwire"][clients]) if clients in runs.get("tokenwire", {}) else []
         wk = _runs(runs["tokenwire-worker"][clients]) if has_worker and clients in runs["tokenwire-worker"] else []
+        own = _runs(runs["llama-server-own"][clients]) if has_own and clients in runs["llama-server-own"] else []
 
         def agg(side: list[dict[str, Any]]) -> str:
             return _span([r["aggregate_tok_s"] for r in side]) if side else "-"
@@ -302,6 +332,7 @@ def render(section: dict[str, Any]) -> str:
             + f" {ttft(ls)} | {ttft(tw)} |"
             + (f" {ttft(wk, p99=False)} |" if has_worker else "")
             + f" {per_stream} |"
+            + (f" {agg(own)} / {ttft(own, p99=False)} |" if has_own else "")
         )
     rss = section.get("peak_rss_mb", {})
     lines += [

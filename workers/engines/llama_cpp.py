@@ -78,6 +78,10 @@ DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 # Sequences decoded together, and prompt tokens per step (see llama_batch.py).
 DEFAULT_PARALLEL = 8
 DEFAULT_PREFILL_BUDGET = 64
+# llama.cpp's flash attention: off measured 6% faster at 8 streams here (unified KV: every token's
+# attention spans all sequences' cells, which the plain kernels handle better), no slower alone.
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+DEFAULT_FLASH_ATTN = "off"
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 _GRAMMAR_CACHE_SIZE = 256
 
@@ -255,9 +259,12 @@ class LlamaCppEngine(Engine):
         parallel: int = DEFAULT_PARALLEL,
         prefill_budget: int = DEFAULT_PREFILL_BUDGET,
         prefix_cache: int = 0,
+        flash_attn: str = DEFAULT_FLASH_ATTN,
     ) -> None:
         if parallel < 1:
             raise ValueError("parallel must be at least 1")
+        if flash_attn not in FLASH_ATTN:
+            raise ValueError(f"flash_attn must be one of {', '.join(FLASH_ATTN)}")
         self.model_path = model_path
         self.n_ctx = n_ctx
         self.n_threads = n_threads or default_threads()
@@ -266,6 +273,7 @@ class LlamaCppEngine(Engine):
         self.prefill_budget = prefill_budget
         # Finished sequences kept for prefix reuse (0: none, see add_arguments).
         self.prefix_cache = prefix_cache
+        self.flash_attn = flash_attn
         self.info = common_pb2.ModelInfo(
             name=model_name or model_name_for(model_path), kind=common_pb2.MODEL_KIND_CHAT, engine="llama_cpp"
         )
@@ -319,6 +327,7 @@ class LlamaCppEngine(Engine):
         params.kv_unified = True
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads_batch
+        params.flash_attn_type = FLASH_ATTN[self.flash_attn]
         params.no_perf = True
         ctx = _internals.LlamaContext(model=model, params=params, verbose=False)
         self._model, self._ctx = model, ctx
@@ -350,7 +359,7 @@ class LlamaCppEngine(Engine):
         self._template_shows_tools = "tools" in template
         log.info(
             "llama_cpp: %s n_ctx=%d (trained %d, unified KV) parallel=%d prefill_budget=%d n_threads=%d "
-            "n_threads_batch=%d",
+            "n_threads_batch=%d flash_attn=%s",
             self.model_path,
             ctx.n_ctx(),
             model.n_ctx_train(),
@@ -358,6 +367,7 @@ class LlamaCppEngine(Engine):
             self.prefill_budget,
             self.n_threads,
             self.n_threads_batch,
+            self.flash_attn,
         )
 
     async def close(self) -> None:
@@ -809,6 +819,13 @@ def add_arguments(group: FlagAdder) -> None:
         "repeats its text (where its cells land in the shared KV cache changes llama.cpp's sums).",
     )
     group.add_argument(
+        "--flash-attn",
+        choices=sorted(FLASH_ATTN),
+        default=DEFAULT_FLASH_ATTN,
+        help=f"llama.cpp's flash attention (default {DEFAULT_FLASH_ATTN}: faster with many sequences here; "
+        "auto lets llama.cpp decide).",
+    )
+    group.add_argument(
         "--prefill-budget",
         type=int,
         default=DEFAULT_PREFILL_BUDGET,
@@ -828,6 +845,7 @@ def build(args: argparse.Namespace) -> Engine:
         parallel=getattr(args, "parallel", None) or DEFAULT_PARALLEL,
         prefill_budget=getattr(args, "prefill_budget", None) or DEFAULT_PREFILL_BUDGET,
         prefix_cache=getattr(args, "prefix_cache", None) or 0,
+        flash_attn=getattr(args, "flash_attn", None) or DEFAULT_FLASH_ATTN,
     )
 
 
