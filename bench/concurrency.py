@@ -25,6 +25,7 @@ loads with ``use_extra_bufts=False``): on this AMX machine ggml's AMX path crash
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import threading
@@ -169,6 +170,8 @@ def start_llama_server(group: Group, binary: str, gguf: str, threads: int, paral
         [binary, "-m", gguf, "-c", str(n_ctx), "-np", str(parallel), "-t", str(threads), "-tb", str(threads),
          "--no-repack", "-fa", "off", "--host", "127.0.0.1", "--port", str(port), "--no-webui"],
         ready_http=f"http://127.0.0.1:{port}/health",
+        # Its libraries beside it, wherever the cache was built (its RUNPATH names the build directory).
+        env={"LD_LIBRARY_PATH": os.path.dirname(binary)},
     )  # fmt: skip
     group.start(server, timeout=120)
     server.address = f"127.0.0.1:{port}"
