@@ -109,6 +109,27 @@ def test_cli_arguments_and_build() -> None:
     assert (eng.info.name, eng.n_ctx, eng.n_threads, eng.n_threads_batch) == ("tiny", 512, 1, 2)
     eng = llama_cpp.build(parser.parse_args(["--model-path", "/models/Qwen2.5-0.5B-Instruct-Q4_K_M.gguf"]))
     assert eng.info.name == "Qwen2.5-0.5B-Instruct-Q4_K_M"
+    assert eng.flash_attn == "off"  # the default, measured faster here
+    assert llama_cpp.build(parser.parse_args(["--flash-attn", "auto"])).flash_attn == "auto"
+    with pytest.raises(SystemExit):  # argparse names the flag and its choices
+        parser.parse_args(["--flash-attn", "maybe"])
+
+
+async def test_flash_attention_setting_reaches_llama_cpp() -> None:
+    # Flash attention sums in another order: the same greedy request gets other logprobs.
+    request = chat(("user", FRANCE), sampling=worker_pb2.SamplingParams(temperature=0), logprobs=True)
+    logprobs = {}
+    for mode in ("on", "off"):
+        eng = LlamaCppEngine(MODEL_PATH, n_ctx=512, flash_attn=mode)
+        await eng.start()
+        try:
+            deltas, _ = await run(eng, request, 4)
+        finally:
+            await eng.close()
+        assert text_of(deltas)
+        logprobs[mode] = [e.logprob for d in deltas for e in d.logprobs]
+    assert len(logprobs["on"]) == len(logprobs["off"]) == 4
+    assert logprobs["on"] != logprobs["off"]
 
 
 async def test_n_ctx_is_capped_by_the_model() -> None:

@@ -193,7 +193,7 @@ class Scheduler:
     def _step(self) -> None:
         self._reap()
         self._admit()
-        self._update_counts()
+        self._update_counts(cells=False)  # who runs and waits during the step; cells after it
         n = self._fill()
         if n == 0:
             return
@@ -474,11 +474,14 @@ class Scheduler:
             except RuntimeError:  # that loop is closed: nobody is listening
                 pass
 
-    def _update_counts(self) -> None:
+    def _update_counts(self, cells: bool = True) -> None:
         stats = self.stats
         with self._lock:
             stats.waiting = len(self._waiting) + len(self._inbox)
         stats.running = len(self._active)
+        if not cells:
+            return
+        # Read from llama.cpp's own KV metadata (what tests check is really freed), once a step.
         stats.kv_cells_in_use = sum(self._cells(s.seq_id) for s in self._active if s.seq_id >= 0)
         stats.kv_cells_cached = sum(self._cells(sid) for sid in self._cache)
 
