@@ -816,7 +816,8 @@ def add_arguments(group: FlagAdder) -> None:
         default=0,
         help="Finished sequences whose KV is kept for prefix reuse by later requests (default 0: off). "
         "On: multi-turn chats skip their earlier turns, but a seeded request alone no longer always "
-        "repeats its text (where its cells land in the shared KV cache changes llama.cpp's sums).",
+        "repeats its text (where its cells land in the shared KV cache changes llama.cpp's sums), and "
+        "decoding slows: every sequence's attention spans the cached cells too.",
     )
     group.add_argument(
         "--flash-attn",
