@@ -232,7 +232,7 @@ async def test_token_id_out_of_vocabulary_is_400(engine: LlamaCppEngine, bad: in
 
 async def test_france_answers_paris(engine: LlamaCppEngine) -> None:
     deltas, generation = await run(engine, chat(("user", FRANCE), sampling=worker_pb2.SamplingParams(temperature=0)))
-    assert text_of(deltas) == "The capital of France is Paris."
+    assert "Paris" in text_of(deltas)  # the property, not one build's exact greedy sentence
     assert deltas[-1].finish_reason == "stop"
     assert all(not d.finish_reason for d in deltas[:-1])
     # Every generated token is counted once; the final EOS is produced but not returned.
