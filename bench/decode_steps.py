@@ -5,11 +5,12 @@ bench's chat prompt, then ``--steps`` steps decode one token of every sequence i
 each sequence sampled by its own chain. Prints the best of 3 runs (after a warm-up).
 
     .venv/bin/python bench/decode_steps.py --sequences 8 [--per-sequence-kv] [--flash-attn off|on|auto]
-        [--sampler whole|top-k]
+        [--sampler whole|top-k] [--id-stride 2]
 
 ``whole`` samples temperature 0.7 over the whole vocabulary (an OpenAI request with only a
 temperature: what tokenwire does); ``top-k`` cuts to top_k 40 / top_p 0.95 / min_p 0.05 first, as
-llama-server does by default.
+llama-server does by default. ``--id-stride K`` gives sequence s the id s*K: with per-sequence KV,
+llama.cpp puts only consecutive ids into one micro-batch, so gaps between running ids cost steps.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--per-sequence-kv", action="store_true")
     parser.add_argument("--flash-attn", choices=sorted(FLASH_ATTN), default="off")
     parser.add_argument("--sampler", choices=["whole", "top-k"], default="whole")
+    parser.add_argument("--id-stride", type=int, default=1, help="sequence s gets id s * K")
     args = parser.parse_args()
     from llama_cpp import llama_cpp as C
 
@@ -51,7 +53,8 @@ def main() -> None:
     n_vocab = C.llama_vocab_n_tokens(vocab)
     params = C.llama_context_default_params()
     params.n_ctx, params.n_batch, params.n_ubatch = args.n_ctx, 512, 32
-    params.n_seq_max = args.sequences
+    params.n_seq_max = args.sequences * args.id_stride
+    ids_of = [s * args.id_stride for s in range(args.sequences)]
     params.kv_unified = not args.per_sequence_kv
     params.n_threads = params.n_threads_batch = args.threads
     params.flash_attn_type = FLASH_ATTN[args.flash_attn]
@@ -89,11 +92,11 @@ def main() -> None:
         samplers = [chain(s) for s in range(args.sequences)]
         last = []
         for s in range(args.sequences):
-            decode([(t, p, s, p == len(prompt) - 1) for p, t in enumerate(prompt)])
+            decode([(t, p, ids_of[s], p == len(prompt) - 1) for p, t in enumerate(prompt)])
             last.append(C.llama_sampler_sample(samplers[s], ctx, len(prompt) - 1))
         start = time.perf_counter()
         for step in range(args.steps):
-            decode([(last[s], len(prompt) + step, s, True) for s in range(args.sequences)])
+            decode([(last[s], len(prompt) + step, ids_of[s], True) for s in range(args.sequences)])
             last = [C.llama_sampler_sample(samplers[s], ctx, s) for s in range(args.sequences)]
         elapsed = time.perf_counter() - start
         for sampler in samplers:
@@ -103,6 +106,7 @@ def main() -> None:
     run()
     step_ms, tok_s = min((run() for _ in range(3)), key=lambda r: r[0])
     layout = "per-sequence KV" if args.per_sequence_kv else "unified KV"
+    layout += f", ids every {args.id_stride}" if args.id_stride > 1 else ""
     print(
         f"{args.sequences} sequences, {layout}, flash attention {args.flash_attn}, {args.sampler} sampler: "
         f"{step_ms:.2f} ms a step, {tok_s:.0f} tokens/s"
