@@ -273,6 +273,18 @@ def render(section: dict[str, Any]) -> str:
     rounds = section.get("rounds", 1)
     has_worker = bool(runs.get("tokenwire-worker"))
     has_own = bool(runs.get("llama-server-own"))
+    columns = [
+        "streams",
+        "llama-server tok/s",
+        "tokenwire tok/s",
+        "ratio",
+        *(["worker alone tok/s", "ratio"] if has_worker else []),
+        "llama-server TTFT p50 / p99 ms",
+        "tokenwire TTFT p50 / p99 ms",
+        *(["worker alone TTFT p50 ms"] if has_worker else []),
+        "per-stream tok/s (ls / tw)",
+        *(["llama-server own tok/s / TTFT p50 ms"] if has_own else []),
+    ]
     lines = [
         "## Engine concurrency: tokenwire's llama_cpp worker beside llama-server",
         "",
@@ -290,18 +302,8 @@ def render(section: dict[str, Any]) -> str:
         )
         + ".",
         "",
-        "| streams | llama-server tok/s | tokenwire tok/s | ratio |"
-        + (" worker alone tok/s | ratio |" if has_worker else "")
-        + " llama-server TTFT p50 / p99 ms | tokenwire TTFT p50 / p99 ms |"
-        + (" worker alone TTFT p50 ms |" if has_worker else "")
-        + " per-stream tok/s (ls / tw) |"
-        + (" llama-server own tok/s / TTFT p50 ms |" if has_own else ""),
-        "|---|---|---|---|"
-        + ("---|---|" if has_worker else "")
-        + "---|---|"
-        + ("---|" if has_worker else "")
-        + "---|"
-        + ("---|" if has_own else ""),
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
     for clients in runs["llama-server"]:
         ls = _runs(runs["llama-server"][clients])

@@ -23,12 +23,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kv_numerics import CHAT  # the same chat prompt
+
 from workers.engines.llama_cpp import FLASH_ATTN, default_model_path
 
-CHAT = (
-    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-    "<|im_start|>user\nWrite a story about a dragon who lives in a castle.<|im_end|>\n<|im_start|>assistant\n"
-)
 EOG_BAN = (0, 2, 4)
 
 
