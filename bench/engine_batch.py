@@ -88,6 +88,8 @@ async def main() -> None:
     parser.add_argument("--prefill-budget", type=int, default=llama_cpp.DEFAULT_PREFILL_BUDGET)
     parser.add_argument("--n-ctx", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--kv-cache", choices=llama_cpp.KV_CACHES, default="unified")
+    parser.add_argument("--prefix-cache", type=int, default=0)
     args = parser.parse_args()
     engine = llama_cpp.LlamaCppEngine(
         llama_cpp.default_model_path(),
@@ -96,6 +98,8 @@ async def main() -> None:
         n_threads_batch=args.threads,
         parallel=args.parallel,
         prefill_budget=args.prefill_budget,
+        kv_cache=args.kv_cache,
+        prefix_cache=args.prefix_cache,
     )
     await engine.start()
     await closed_loop(engine, 2, 2.0)  # warm up

@@ -36,9 +36,9 @@ EOG_BAN = {0: -100.0, 2: -100.0, 4: -100.0}  # keep generating
 GREEDY = worker_pb2.SamplingParams(temperature=0)
 
 
-@pytest.fixture(scope="module")
-def engine() -> Iterator[LlamaCppEngine]:
-    eng = LlamaCppEngine(MODEL_PATH, n_ctx=4096, parallel=8, prefix_cache=8)
+@pytest.fixture(scope="module", params=llama_cpp.KV_CACHES)
+def engine(request: pytest.FixtureRequest) -> Iterator[LlamaCppEngine]:
+    eng = LlamaCppEngine(MODEL_PATH, n_ctx=4096, parallel=8, prefix_cache=8, kv_cache=request.param)
     asyncio.run(eng.start())
     yield eng
     asyncio.run(eng.close())
@@ -325,3 +325,38 @@ async def test_kv_exhaustion_ends_only_the_affected_request() -> None:
         assert s.running == 0 and s.kv_cells_in_use == 0
     finally:
         await small.close()
+
+
+# -- per-sequence KV: exact reuse ------------------------------------------------
+
+
+def per_sequence(engine: LlamaCppEngine) -> None:
+    if engine.kv_cache != "per-sequence":
+        pytest.skip("a property of per-sequence KV")
+
+
+async def test_per_sequence_cached_prompt_keeps_seeded_text(engine: LlamaCppEngine) -> None:
+    # Each stream holds only positions evaluated as prompt, and those are the same bits
+    # whatever was cached or batched before: the cache changes the work, not the text.
+    per_sequence(engine)
+    request = long_request(STORY, seed=77)
+    await clear_cache(engine)
+    cold = text_of((await together(engine, [Call(request, 24)]))[0])
+    await together(engine, [Call(long_request("Tell me about the moon.", seed=5), 8)])
+    reused = stats(engine).prompt_tokens_reused
+    warm = text_of((await together(engine, [Call(request, 24)]))[0])
+    prompt = (await engine.prepare(request)).prompt_tokens
+    assert stats(engine).prompt_tokens_reused - reused == (prompt - 1) // CHUNK * CHUNK  # whole chunks from the cache
+    assert warm == cold and cold
+
+
+async def test_per_sequence_text_is_the_same_beside_neighbours(engine: LlamaCppEngine) -> None:
+    per_sequence(engine)
+    request = long_request(STORY, seed=91)
+    await clear_cache(engine)
+    alone = text_of((await together(engine, [Call(request, 24)]))[0])
+    await clear_cache(engine)
+    others = [long_request(p, seed=i) for i, p in enumerate(["Describe a walk on the beach.", STORY + " Go."])]
+    batched = await together(engine, [Call(others[0], 30), Call(request, 24), Call(others[1], 12)])
+    assert stats(engine).max_sequences_per_step >= 3
+    assert text_of(batched[1]) == alone and alone

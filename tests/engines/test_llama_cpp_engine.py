@@ -111,6 +111,8 @@ def test_cli_arguments_and_build() -> None:
     assert eng.info.name == "Qwen2.5-0.5B-Instruct-Q4_K_M"
     assert eng.flash_attn == "off"  # the default, measured faster here
     assert llama_cpp.build(parser.parse_args(["--flash-attn", "auto"])).flash_attn == "auto"
+    assert eng.kv_cache == "unified"
+    assert llama_cpp.build(parser.parse_args(["--kv-cache", "per-sequence"])).kv_cache == "per-sequence"
     with pytest.raises(SystemExit):  # argparse names the flag and its choices
         parser.parse_args(["--flash-attn", "maybe"])
 
@@ -130,6 +132,19 @@ async def test_flash_attention_setting_reaches_llama_cpp() -> None:
         logprobs[mode] = [e.logprob for d in deltas for e in d.logprobs]
     assert len(logprobs["on"]) == len(logprobs["off"]) == 4
     assert logprobs["on"] != logprobs["off"]
+
+
+async def test_per_sequence_kv_reports_each_sequences_context() -> None:
+    # Each sequence has --n-ctx cells of its own: that is what a request can use and is checked against.
+    eng = LlamaCppEngine(MODEL_PATH, n_ctx=1024, parallel=2, kv_cache="per-sequence")
+    await eng.start()
+    try:
+        assert eng.info.context_length == 1024
+        request = chat(("user", "Hi"), sampling=worker_pb2.SamplingParams(temperature=0, max_tokens=4))
+        deltas, _ = await run(eng, request, 4)
+        assert completion_tokens(deltas) >= 1
+    finally:
+        await eng.close()
 
 
 async def test_n_ctx_is_capped_by_the_model() -> None:

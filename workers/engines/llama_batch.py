@@ -123,13 +123,16 @@ class Scheduler:
         prefill_budget: int,
         pool: Executor,
         stats: BatchStats | None = None,
+        per_sequence: bool = False,
     ) -> None:
         from llama_cpp import llama_cpp as C
 
         self._C = C
         self._ctx = ctx  # a llama_context pointer
         self._memory = C.llama_get_memory(ctx)
-        self._n_ctx = C.llama_n_ctx(ctx)
+        # Per-sequence KV: every sequence id has a stream of its own (kv_unified=false).
+        self.per_sequence = per_sequence
+        self._n_ctx = C.llama_n_ctx_seq(ctx) if per_sequence else C.llama_n_ctx(ctx)
         self._n_vocab = n_vocab
         self.parallel = parallel
         self.prefill_budget = max(prefill_budget, CHUNK)
@@ -137,7 +140,8 @@ class Scheduler:
         self._capacity = parallel + self.prefill_budget
         self._batch = C.llama_batch_init(self._capacity, 0, 1)
         self._cache_slots = cache_slots
-        self._free_ids = list(range(parallel + cache_slots))
+        # Per-sequence KV: the streams beyond the running ones, and idle ones, hold cached prompts.
+        self._free_ids = list(range(parallel + cache_slots if not per_sequence else cache_slots))
         self._lock = threading.Lock()
         self._inbox: list[Seq] = []
         self._looping = False
@@ -220,7 +224,9 @@ class Scheduler:
     def _admit(self) -> None:
         while self._waiting and len(self._active) < self.parallel:
             seq = self._waiting.popleft()
-            seq.seq_id = self._take_id()
+            seq.seq_id = self._take_cached(seq) if self.per_sequence and not seq.prompt_rows else -1
+            if seq.seq_id < 0:
+                seq.seq_id = self._take_id()
             seq.tokens = list(seq.prompt)
             seq.sampler = seq.make_sampler()
             self._active.append(seq)
@@ -234,31 +240,57 @@ class Scheduler:
                     ),
                     None,
                 )  # fmt: skip
-                if leader is not None:
+                if leader is not None and seq.n_past == 0:
                     seq.leader = leader
                     leader.followers.append(seq)
                     continue
                 self._reuse_prefix(seq)
 
+    def _take_cached(self, seq: Seq) -> int:
+        """Per-sequence KV: take over the cached stream holding the longest prefix of the prompt.
+
+        A cached stream holds only positions evaluated as prompt, at the cells a fresh run puts
+        them in; reused in whole chunks, the rest of the prompt is evaluated in the same groups as
+        with nothing cached, so the request gives the same text. Returns -1 if none helps.
+        """
+        last = len(seq.prompt) - 1
+        best, source = 0, -1
+        for sid, toks in self._cache.items():
+            # Only a stream our prompt extends: taking over another would lose what it holds
+            # beyond the shared part (_reuse_prefix copies from those instead).
+            # Whole chunks, as in _reuse_prefix: the rest is evaluated in the groups it would be anyway.
+            reuse = min(len(toks), last) // CHUNK * CHUNK
+            if _common_prefix(toks, seq.prompt) == len(toks) and reuse > best:
+                best, source = reuse, sid
+        if best <= 0:
+            return -1
+        del self._cache[source]
+        self._C.llama_memory_seq_rm(self._memory, source, best, -1)
+        seq.n_past = best
+        self.stats.prompt_tokens_reused += best
+        return source
+
     def _reuse_prefix(self, seq: Seq) -> None:
         """Start from the longest prefix of the prompt some sequence's KV already holds,
         or follow a sequence being prefilled up to the longer prefix it shares."""
         last = len(seq.prompt) - 1  # at least the last prompt token is evaluated: its logits give the first token
-        best, source = 0, -1
+        best, source = seq.n_past, -1  # per-sequence KV: what its own stream already holds
         for sid, toks in self._cache.items():
             common = _common_prefix(toks, seq.prompt)
             if common > best:
                 best, source = common, sid
         # From a cached prefix, whole chunks only: what is left is evaluated in the
         # same chunks as with nothing cached, so the same request gives the same text.
-        best = min(best, last) // CHUNK * CHUNK
+        best = max(seq.n_past, min(best, last) // CHUNK * CHUNK)
         # Beside running sequences a request is not alone (batched numerics differ
         # anyway): any shared prefix is reused, such as the template's system prompt.
         leader, pending = None, 0
         for s in self._active:
             if s is seq or s.leader is not None:
                 continue
-            common = min(_common_prefix(s.tokens[: s.n_past], seq.prompt), last)
+            # Per-sequence KV copies only what was evaluated as prompt (exact, see _take_cached).
+            held = s.prompt[: s.n_past] if self.per_sequence else s.tokens[: s.n_past]
+            common = min(_common_prefix(held, seq.prompt), last)
             if common > best:
                 best, source = common, s.seq_id
             if not s.decoding and not s.prompt_rows:
@@ -270,9 +302,9 @@ class Scheduler:
             seq.leader, seq.share = leader, pending
             leader.followers.append(seq)
             return
-        if best <= 0:
+        if source < 0 or best <= 0:
             return
-        self._C.llama_memory_seq_cp(self._memory, source, seq.seq_id, 0, best)
+        self._copy(source, seq.seq_id, best)
         seq.n_past = best
         self.stats.prompt_tokens_reused += best
         if source in self._cache:
@@ -291,13 +323,15 @@ class Scheduler:
             b.logits[n] = logits
             n += 1
 
-        for seq in self._active:
+        # Per-sequence KV: llama.cpp puts consecutive ids, in batch order, into one micro-batch.
+        active = sorted(self._active, key=lambda s: s.seq_id) if self.per_sequence else self._active
+        for seq in active:
             if seq.decoding:
                 seq.chunk = (n, 1)
                 add(seq.last, seq.n_past, seq.seq_id, True)
                 seq.tokens.append(seq.last)
         budget = self.prefill_budget
-        for seq in self._active:
+        for seq in active:
             if seq.decoding or seq.leader is not None:
                 continue
             # As many whole chunks as the budget holds (the last one may end the prompt).
@@ -340,7 +374,7 @@ class Scheduler:
             # The prompt is evaluated: it and every follower start decoding.
             last = first + count - 1
             for follower in seq.followers:
-                self._C.llama_memory_seq_cp(self._memory, seq.seq_id, follower.seq_id, 0, seq.n_past)
+                self._copy(seq.seq_id, follower.seq_id, seq.n_past)
                 follower.n_past = seq.n_past
                 follower.leader = None
                 stats.prompt_tokens_reused += seq.n_past
@@ -403,15 +437,27 @@ class Scheduler:
         leader.followers.remove(follower)
         follower.leader, follower.share = None, 0
         if n > 0:
-            self._C.llama_memory_seq_cp(self._memory, leader.seq_id, follower.seq_id, 0, n)
+            self._copy(leader.seq_id, follower.seq_id, n)
             follower.n_past = n
             self.stats.prompt_tokens_reused += n
+
+    def _copy(self, source: int, target: int, n: int) -> None:
+        """Give ``target`` the first ``n`` positions of ``source``'s KV."""
+        if not self.per_sequence:
+            self._C.llama_memory_seq_cp(self._memory, source, target, 0, n)  # tags the same cells
+            return
+        # Across streams llama.cpp copies whole buffers (at the next decode); the tail is then dropped.
+        self._C.llama_memory_seq_rm(self._memory, target, -1, -1)
+        self._C.llama_memory_seq_cp(self._memory, source, target, -1, -1)
+        self._C.llama_memory_seq_rm(self._memory, target, n, -1)
 
     def _take_id(self) -> int:
         if not self._free_ids:
             seq_id, _ = self._cache.popitem(last=False)
             self._C.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
             return seq_id
+        # The lowest: with per-sequence KV llama.cpp batches only consecutive ids together.
+        self._free_ids.sort(reverse=True)
         return self._free_ids.pop()
 
     def _drop(self, seq: Seq, keep: bool) -> None:
@@ -427,7 +473,7 @@ class Scheduler:
         if seq.followers:
             # The first follower of the same prompt takes over.
             heir, *rest = seq.followers
-            self._C.llama_memory_seq_cp(self._memory, seq.seq_id, heir.seq_id, 0, seq.n_past)
+            self._copy(seq.seq_id, heir.seq_id, seq.n_past)
             heir.n_past, heir.leader, heir.followers = seq.n_past, None, rest
             for follower in rest:
                 follower.leader = heir
@@ -438,6 +484,10 @@ class Scheduler:
         if seq.seq_id < 0:
             return
         tokens = seq.tokens[: seq.n_past]
+        if self.per_sequence:
+            # Only what was evaluated as prompt stays: decoded positions differ in their bits.
+            tokens = tokens[: len(seq.prompt)]
+            self._C.llama_memory_seq_rm(self._memory, seq.seq_id, len(tokens), -1)
         if keep and tokens and self._cache_slots:
             # A cached prefix that this one extends is redundant.
             for sid, toks in list(self._cache.items()):

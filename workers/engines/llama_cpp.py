@@ -84,6 +84,8 @@ DEFAULT_PREFILL_BUDGET = 64
 # attention spans all sequences' cells, which the plain kernels handle better), no slower alone.
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 DEFAULT_FLASH_ATTN = "off"
+# unified: one pool of n_ctx cells for all sequences; per-sequence: a stream of n_ctx cells each.
+KV_CACHES = ("unified", "per-sequence")
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 _GRAMMAR_CACHE_SIZE = 256
 
@@ -262,11 +264,14 @@ class LlamaCppEngine(Engine):
         prefill_budget: int = DEFAULT_PREFILL_BUDGET,
         prefix_cache: int = 0,
         flash_attn: str = DEFAULT_FLASH_ATTN,
+        kv_cache: str = "unified",
     ) -> None:
         if parallel < 1:
             raise ValueError("parallel must be at least 1")
         if flash_attn not in FLASH_ATTN:
             raise ValueError(f"flash_attn must be one of {', '.join(FLASH_ATTN)}")
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}")
         self.model_path = model_path
         self.n_ctx = n_ctx
         self.n_threads = n_threads or default_threads()
@@ -276,6 +281,7 @@ class LlamaCppEngine(Engine):
         # Finished sequences kept for prefix reuse (0: none, see add_arguments).
         self.prefix_cache = prefix_cache
         self.flash_attn = flash_attn
+        self.kv_cache = kv_cache
         self.info = common_pb2.ModelInfo(
             name=model_name or model_name_for(model_path), kind=common_pb2.MODEL_KIND_CHAT, engine="llama_cpp"
         )
@@ -316,6 +322,7 @@ class LlamaCppEngine(Engine):
         model = _internals.LlamaModel(path_model=self.model_path, params=model_params, verbose=False)
         n_batch = self.parallel + max(self.prefill_budget, CHUNK)
         params = C.llama_context_default_params()
+        per_sequence = self.kv_cache == "per-sequence"
         params.n_ctx = n_ctx or model.n_ctx_train()
         params.n_batch = n_batch
         # llama_decode computes a step in micro-batches of CHUNK tokens: a prompt alone
@@ -325,8 +332,11 @@ class LlamaCppEngine(Engine):
         params.n_ubatch = min(n_batch, CHUNK)
         # Running sequences plus the cached prefixes.
         params.n_seq_max = min(self.parallel + self.prefix_cache, C.llama_max_parallel_sequences())
-        # One pool of cells for all sequences: a request alone can use the whole context.
-        params.kv_unified = True
+        # unified: one pool of cells for all sequences, so a request alone can use the whole context;
+        # per-sequence: each sequence id gets a stream of the whole context (memory times n_seq_max).
+        params.kv_unified = not per_sequence
+        if per_sequence:
+            params.n_ctx *= params.n_seq_max
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads_batch
         params.flash_attn_type = FLASH_ATTN[self.flash_attn]
@@ -349,22 +359,24 @@ class LlamaCppEngine(Engine):
             ctx.ctx,
             self._n_vocab,
             parallel=self.parallel,
-            cache_slots=params.n_seq_max - self.parallel,
+            cache_slots=params.n_seq_max if per_sequence else params.n_seq_max - self.parallel,
             prefill_budget=self.prefill_budget,
             pool=self._compute,
             stats=self._stats,
+            per_sequence=per_sequence,
         )
-        self.info.context_length = ctx.n_ctx()
+        self.info.context_length = self._scheduler.n_ctx
         # The bound counts the messages' content: only valid if the template renders it whole.
         self.info.max_token_bytes = max_token_bytes(self._vocab, self._n_vocab) if self._template_keeps_content() else 0
         # A template that renders `tools` tells the model about them itself.
         self._template_shows_tools = "tools" in template
         log.info(
-            "llama_cpp: %s n_ctx=%d (trained %d, unified KV) parallel=%d prefill_budget=%d n_threads=%d "
+            "llama_cpp: %s n_ctx=%d (trained %d, %s KV) parallel=%d prefill_budget=%d n_threads=%d "
             "n_threads_batch=%d flash_attn=%s",
             self.model_path,
-            ctx.n_ctx(),
+            self.info.context_length,
             model.n_ctx_train(),
+            self.kv_cache,
             self.parallel,
             self.prefill_budget,
             self.n_threads,
@@ -829,6 +841,13 @@ def add_arguments(group: FlagAdder) -> None:
         "auto lets llama.cpp decide).",
     )
     group.add_argument(
+        "--kv-cache",
+        choices=KV_CACHES,
+        default="unified",
+        help="unified (default): all sequences share --n-ctx cells. per-sequence: each gets --n-ctx cells of "
+        "its own (memory times --parallel), and idle ones keep their prompts for exact reuse.",
+    )
+    group.add_argument(
         "--prefill-budget",
         type=int,
         default=DEFAULT_PREFILL_BUDGET,
@@ -849,6 +868,7 @@ def build(args: argparse.Namespace) -> Engine:
         prefill_budget=getattr(args, "prefill_budget", None) or DEFAULT_PREFILL_BUDGET,
         prefix_cache=getattr(args, "prefix_cache", None) or 0,
         flash_attn=getattr(args, "flash_attn", None) or DEFAULT_FLASH_ATTN,
+        kv_cache=getattr(args, "kv_cache", None) or "unified",
     )
 
 
