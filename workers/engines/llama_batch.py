@@ -31,6 +31,12 @@ alone can use the whole context, and cached prefixes cost nothing until space is
 needed. When a step finds no room, cached prefixes are evicted first; if that is
 not enough, the running sequence holding the most cells ends with ``length`` and
 the others go on.
+
+With ``per_sequence`` (``--kv-cache per-sequence``) every sequence id has a KV stream
+of its own instead. A finished stream keeps only the positions evaluated as prompt,
+and a request whose prompt extends it takes it over in whole chunks. Streams do not
+share cells, so a copy moves whole buffers (``_copy``), and a micro-batch takes only
+consecutive ids, so the lowest free id is taken and the batch is ordered by id.
 """
 
 from __future__ import annotations
@@ -140,7 +146,7 @@ class Scheduler:
         self._capacity = parallel + self.prefill_budget
         self._batch = C.llama_batch_init(self._capacity, 0, 1)
         self._cache_slots = cache_slots
-        # Per-sequence KV: the streams beyond the running ones, and idle ones, hold cached prompts.
+        # Per-sequence KV: cache_slots is every stream; an idle one keeps its prompt until taken.
         self._free_ids = list(range(parallel + cache_slots if not per_sequence else cache_slots))
         self._lock = threading.Lock()
         self._inbox: list[Seq] = []
