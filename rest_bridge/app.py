@@ -170,11 +170,6 @@ async def open_stream(
     """
     iterator = call.__aiter__()
     first = await keepalive.first_message(iterator, keepalive_interval)
-    if first.done():
-        try:
-            first.result()
-        except grpc.aio.AioRpcError as error:
-            raise ApiError.from_rpc_error(error) from None
 
     async def body() -> AsyncIterator[bytes]:
         try:

@@ -20,8 +20,11 @@ import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Any, TypeVar
 
+import grpc
 from starlette.responses import StreamingResponse
 from starlette.types import Send
+
+from common.errors import ApiError
 
 T = TypeVar("T")
 
@@ -46,7 +49,8 @@ async def first_message(iterator: AsyncIterator[T], interval: float) -> asyncio.
 
     Returned once it is done, or after ``interval`` seconds still pending (the
     caller then commits the status and awaits it in the body); ``interval`` 0
-    waits as long as it takes.
+    waits as long as it takes. A first message that failed in time is raised as
+    its OpenAI error, so it answers with its own HTTP status.
     """
     future = asyncio.ensure_future(_next(iterator))
     future.add_done_callback(_retrieve)
@@ -55,6 +59,11 @@ async def first_message(iterator: AsyncIterator[T], interval: float) -> asyncio.
     except BaseException:
         future.cancel()
         raise
+    if future.done():
+        try:
+            future.result()
+        except grpc.aio.AioRpcError as error:
+            raise ApiError.from_rpc_error(error) from None
     return future
 
 

@@ -643,11 +643,6 @@ def add_routes(
         iterator = stream_call.__aiter__()
         # Errors before the first chunk are plain HTTP errors (unless it waits past the keep-alive interval).
         first = await keepalive.first_message(iterator, keepalive_interval)
-        if first.done():
-            try:
-                first.result()
-            except grpc.aio.AioRpcError as error:
-                raise ApiError.from_rpc_error(error) from None
         events = EventStream(turn)
 
         async def body_events() -> AsyncIterator[bytes]:
