@@ -43,3 +43,6 @@ ENGINE_PROMPT_REUSED = Gauge(
 )
 ENGINE_KV_IN_USE = Gauge("tokenwire_engine_kv_cells_in_use", "KV cells held by running sequences", ["model"])
 ENGINE_KV_CACHED = Gauge("tokenwire_engine_kv_cells_cached", "KV cells held by cached prefixes", ["model"])
+ENGINE_PROMPT_CACHE_BYTES = Gauge(
+    "tokenwire_engine_prompt_cache_bytes", "Host memory held by prompts saved from per-sequence KV", ["model"]
+)

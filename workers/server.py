@@ -285,6 +285,7 @@ def _batch_fields(batch: BatchStats | None) -> dict[str, int]:
         "kv_cells_in_use": batch.kv_cells_in_use,
         "kv_cells_cached": batch.kv_cells_cached,
         "kv_exhausted_total": batch.kv_exhausted_total,
+        "prompt_cache_bytes": batch.prompt_cache_bytes,
     }
 
 
@@ -295,6 +296,7 @@ def _batch_metrics(model: str, batch: BatchStats) -> None:
     metrics.ENGINE_PROMPT_REUSED.labels(model).set_function(lambda: batch.prompt_tokens_reused)
     metrics.ENGINE_KV_IN_USE.labels(model).set_function(lambda: batch.kv_cells_in_use)
     metrics.ENGINE_KV_CACHED.labels(model).set_function(lambda: batch.kv_cells_cached)
+    metrics.ENGINE_PROMPT_CACHE_BYTES.labels(model).set_function(lambda: batch.prompt_cache_bytes)
     tokens = metrics.ENGINE_STEP_TOKENS.labels(model)
     sequences = metrics.ENGINE_STEP_SEQUENCES.labels(model)
 

@@ -10,6 +10,7 @@ numerics.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import threading
 from collections.abc import Iterator
@@ -337,17 +338,71 @@ def per_sequence(engine: LlamaCppEngine) -> None:
 
 async def test_per_sequence_cached_prompt_keeps_seeded_text(engine: LlamaCppEngine) -> None:
     # Each stream holds only positions evaluated as prompt, and those are the same bits
-    # whatever was cached or batched before: the cache changes the work, not the text.
+    # whatever was cached or batched before; the same prompt again starts from the logits
+    # kept with it: the cache changes the work, not the text.
     per_sequence(engine)
     request = long_request(STORY, seed=77)
     await clear_cache(engine)
     cold = text_of((await together(engine, [Call(request, 24)]))[0])
     await together(engine, [Call(long_request("Tell me about the moon.", seed=5), 8)])
-    reused = stats(engine).prompt_tokens_reused
+    before = copy.copy(stats(engine))
     warm = text_of((await together(engine, [Call(request, 24)]))[0])
     prompt = (await engine.prepare(request)).prompt_tokens
-    assert stats(engine).prompt_tokens_reused - reused == (prompt - 1) // CHUNK * CHUNK  # whole chunks from the cache
+    s = stats(engine)
+    assert s.prompt_tokens_reused - before.prompt_tokens_reused == prompt  # the whole prompt from the cache
+    assert s.prompt_tokens_evaluated == before.prompt_tokens_evaluated  # and nothing evaluated
     assert warm == cold and cold
+
+
+async def test_per_sequence_extended_prompt_keeps_seeded_text(engine: LlamaCppEngine) -> None:
+    # A prompt that extends a cached one reuses its whole chunks and evaluates the rest.
+    per_sequence(engine)
+    opening = (
+        "Once upon a time, in a castle on a hill above a quiet village by the sea, there lived an old green "
+        "dragon who had seen a hundred winters come and go, and who"
+    )
+    extended = completion(opening + " loved books more than gold. Every night", sampling=long_request(seed=3).sampling)
+    await clear_cache(engine)
+    cold = text_of((await together(engine, [Call(extended, 24)]))[0])
+    await clear_cache(engine)
+    await together(engine, [Call(completion(opening, sampling=GREEDY), 4)])
+    reused = stats(engine).prompt_tokens_reused
+    warm = text_of((await together(engine, [Call(extended, 24)]))[0])
+    short = (await engine.prepare(completion(opening))).prompt_tokens
+    assert short >= CHUNK
+    assert stats(engine).prompt_tokens_reused - reused == short // CHUNK * CHUNK
+    assert warm == cold and cold
+
+
+async def test_per_sequence_prompts_saved_to_host_memory_are_restored_exactly() -> None:
+    # Two streams: a third prompt needs the first one's stream, which is saved to host memory
+    # first; the first prompt again is restored from there, whole, and gives the same text.
+    small = LlamaCppEngine(MODEL_PATH, n_ctx=512, parallel=2, kv_cache="per-sequence")
+    off = LlamaCppEngine(MODEL_PATH, n_ctx=512, parallel=2, kv_cache="per-sequence", prompt_cache_mib=0)
+    first = long_request(STORY, seed=11)
+    others = [long_request(p, seed=1) for p in ("Describe a walk on the beach.", "Explain how bread is made.")]
+    try:
+        for eng in (small, off):
+            await eng.start()
+            cold = text_of((await together(eng, [Call(first, 16)]))[0])
+            for other in others:
+                await together(eng, [Call(other, 4)])
+            before = copy.copy(stats(eng))
+            warm = text_of((await together(eng, [Call(first, 16)]))[0])
+            s = stats(eng)
+            prompt = (await eng.prepare(first)).prompt_tokens
+            assert warm == cold and cold
+            if eng is small:
+                assert before.prompt_cache_bytes > 0
+                assert s.prompt_tokens_reused - before.prompt_tokens_reused == prompt
+                assert s.prompt_tokens_evaluated == before.prompt_tokens_evaluated
+            else:  # --prompt-cache-mib 0: nothing kept beyond the streams
+                assert s.prompt_cache_bytes == 0
+                assert s.prompt_tokens_evaluated - before.prompt_tokens_evaluated == prompt
+            assert s.running == 0 and s.kv_cells_in_use == 0
+    finally:
+        await small.close()
+        await off.close()
 
 
 async def test_per_sequence_text_is_the_same_beside_neighbours(engine: LlamaCppEngine) -> None:

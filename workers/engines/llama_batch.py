@@ -42,6 +42,7 @@ consecutive ids, so the lowest free id is taken and the batch is ordered by id.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import threading
 from collections import OrderedDict, deque
@@ -62,6 +63,8 @@ CHUNK = 32
 MIN_SHARE = 8
 
 _END = object()
+# llama_token_data, for sampling from logits kept with a cached prompt.
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
 class Handler:
@@ -116,6 +119,32 @@ class Seq:
     held: list[Delta] = field(default_factory=list)
     # Where this step put the sequence in the batch: (first row, count).
     chunk: tuple[int, int] = (0, 0)
+    # Per-sequence KV: the last prompt position's logits, kept with the cached prompt.
+    first_logits: np.ndarray | None = None
+
+
+@dataclass(eq=False)
+class Cached:
+    """A finished prompt's KV kept for reuse: in its idle stream, or saved to host memory."""
+
+    tokens: list[int]
+    # The last prompt position's logits (per-sequence KV): a request for the same prompt
+    # samples its first token from them, with nothing to evaluate.
+    logits: np.ndarray | None = None
+    # Host memory: the sequence's state (llama_state_seq_get_data), None while in its stream.
+    state: Any = None
+
+    @property
+    def nbytes(self) -> int:
+        return (len(self.state) if self.state is not None else 0) + (0 if self.logits is None else self.logits.nbytes)
+
+    def reusable(self, prompt: list[int]) -> int:
+        """The positions of ``prompt`` this entry gives: all of it with the logits, else whole chunks."""
+        if self.logits is not None and self.tokens == prompt:
+            return len(prompt)
+        # Whole chunks: the rest is evaluated in the groups it would be with nothing cached, so the
+        # same request gives the same text (at least the last token is evaluated: its logits).
+        return min(_common_prefix(self.tokens, prompt), len(prompt) - 1) // CHUNK * CHUNK
 
 
 class Scheduler:
@@ -130,6 +159,7 @@ class Scheduler:
         pool: Executor,
         stats: BatchStats | None = None,
         per_sequence: bool = False,
+        host_cache_bytes: int = 0,
     ) -> None:
         from llama_cpp import llama_cpp as C
 
@@ -153,8 +183,12 @@ class Scheduler:
         self._looping = False
         self._waiting: deque[Seq] = deque()
         self._active: list[Seq] = []
-        # Finished sequences whose KV is kept for prefix reuse: seq_id -> tokens, oldest first.
-        self._cache: OrderedDict[int, list[int]] = OrderedDict()
+        # Finished sequences whose KV is kept for prefix reuse, in their streams: seq_id -> entry, oldest first.
+        self._cache: OrderedDict[int, Cached] = OrderedDict()
+        # Per-sequence KV: prompts saved to host memory when their stream is needed, oldest first.
+        self._saved: OrderedDict[tuple[int, ...], Cached] = OrderedDict()
+        self._saved_bytes = 0
+        self._host_cache_bytes = host_cache_bytes if per_sequence else 0
         self._out: dict[asyncio.AbstractEventLoop, list[tuple[Seq, list[Any]]]] = {}
         self.stats = stats or BatchStats(parallel=parallel)
 
@@ -236,6 +270,9 @@ class Scheduler:
             seq.tokens = list(seq.prompt)
             seq.sampler = seq.make_sampler()
             self._active.append(seq)
+            if seq.first_logits is not None:  # the whole prompt was cached, with its logits
+                self._start(seq, [], -1, saved=seq.first_logits)
+                continue
             if not seq.prompt_rows:
                 leader = next(
                     (
@@ -253,26 +290,40 @@ class Scheduler:
                 self._reuse_prefix(seq)
 
     def _take_cached(self, seq: Seq) -> int:
-        """Per-sequence KV: take over the cached stream holding the longest prefix of the prompt.
+        """Per-sequence KV: start from the cached prompt that gives the most of ours.
 
-        A cached stream holds only positions evaluated as prompt, at the cells a fresh run puts
-        them in; reused in whole chunks, the rest of the prompt is evaluated in the same groups as
-        with nothing cached, so the request gives the same text. Returns -1 if none helps.
+        A cached prompt holds only positions evaluated as prompt, at the cells a fresh run
+        puts them in, and is reused whole with its logits or in whole chunks (Cached.reusable):
+        the request gives the same text as with nothing cached. An idle stream our prompt
+        extends is taken over; a prompt in host memory is restored into a free stream.
+        Returns the stream, or -1 if nothing helps.
         """
-        last = len(seq.prompt) - 1
-        best, source = 0, -1
-        for sid, toks in self._cache.items():
+        best, source, entry = 0, -1, None
+        for sid, cached in self._cache.items():
             # Only a stream our prompt extends: taking over another would lose what it holds
             # beyond the shared part (_reuse_prefix copies from those instead).
-            # Whole chunks, as in _reuse_prefix: the rest is evaluated in the groups it would be anyway.
-            reuse = min(len(toks), last) // CHUNK * CHUNK
-            if _common_prefix(toks, seq.prompt) == len(toks) and reuse > best:
-                best, source = reuse, sid
-        if best <= 0:
+            reuse = cached.reusable(seq.prompt)
+            if reuse > best and _common_prefix(cached.tokens, seq.prompt) == len(cached.tokens):
+                best, source, entry = reuse, sid, cached
+        for cached in self._saved.values():
+            reuse = cached.reusable(seq.prompt)
+            if reuse > best:
+                best, source, entry = reuse, -1, cached
+        if entry is None:
             return -1
-        del self._cache[source]
+        if source >= 0:
+            del self._cache[source]
+        else:
+            self._saved.move_to_end(tuple(entry.tokens))
+            source = self._take_id()
+            if not self._C.llama_state_seq_set_data(self._ctx, entry.state, len(entry.state), source):
+                log.warning("llama_cpp: could not restore a cached prompt of %d tokens", len(entry.tokens))
+                self._C.llama_memory_seq_rm(self._memory, source, -1, -1)
+                return source
         self._C.llama_memory_seq_rm(self._memory, source, best, -1)
         seq.n_past = best
+        if best == len(seq.prompt):
+            seq.first_logits = entry.logits
         self.stats.prompt_tokens_reused += best
         return source
 
@@ -281,8 +332,8 @@ class Scheduler:
         or follow a sequence being prefilled up to the longer prefix it shares."""
         last = len(seq.prompt) - 1  # at least the last prompt token is evaluated: its logits give the first token
         best, source = seq.n_past, -1  # per-sequence KV: what its own stream already holds
-        for sid, toks in self._cache.items():
-            common = _common_prefix(toks, seq.prompt)
+        for sid, cached in self._cache.items():
+            common = _common_prefix(cached.tokens, seq.prompt)
             if common > best:
                 best, source = common, sid
         # From a cached prefix, whole chunks only: what is left is evaluated in the
@@ -394,22 +445,29 @@ class Scheduler:
         for hook in stats.on_step:
             hook(sequences, n)
 
-    def _start(self, seq: Seq, rows: list[np.ndarray], row: int) -> None:
+    def _start(self, seq: Seq, rows: list[np.ndarray], row: int, saved: np.ndarray | None = None) -> None:
+        """The prompt is in the KV cache: sample the first token from ``row``, or the ``saved`` logits."""
         seq.rows = []
         seq.decoding = True
+        if self.per_sequence and saved is None and not seq.prompt_rows:
+            seq.first_logits = self._row(row).copy()  # kept with the prompt when it is cached
         deltas = seq.handler.prompt_done(rows)
         if deltas:
             self._emit(seq, deltas, done=False)
-        self._sample(seq, row)
+        self._sample(seq, row, saved)
 
     def _row(self, i: int) -> np.ndarray:
         return np.ctypeslib.as_array(self._C.llama_get_logits_ith(self._ctx, i), shape=(self._n_vocab,))
 
-    def _sample(self, seq: Seq, row: int) -> None:
+    def _sample(self, seq: Seq, row: int, saved: np.ndarray | None = None) -> None:
         if seq.generation.cancelled.is_set():
             return  # leaves at the next step, without another token
-        logits = self._row(row).copy() if seq.logits else None
-        token = self._C.llama_sampler_sample(seq.sampler.sampler, self._ctx, row)
+        if saved is not None:
+            logits = saved if seq.logits else None
+            token = self._sample_logits(seq.sampler.sampler, saved)
+        else:
+            logits = self._row(row).copy() if seq.logits else None
+            token = self._C.llama_sampler_sample(seq.sampler.sampler, self._ctx, row)
         seq.generation.produced()
         seq.generated += 1
         seq.last = token
@@ -421,13 +479,25 @@ class Scheduler:
         if done:
             self._drop(seq, keep=True)
 
+    def _sample_logits(self, sampler: Any, logits: np.ndarray) -> int:
+        """What llama_sampler_sample does with a row of the context, on logits kept aside."""
+        C = self._C
+        cur = np.zeros(self._n_vocab, dtype=_TOKEN_DATA)
+        cur["id"] = np.arange(self._n_vocab, dtype=np.int32)
+        cur["logit"] = logits
+        array = C.llama_token_data_array(
+            data=cur.ctypes.data_as(C.llama_token_data_p), size=self._n_vocab, selected=-1, sorted=False
+        )
+        C.llama_sampler_apply(sampler, ctypes.byref(array))
+        token = int(array.data[array.selected].id)  # a sampler may point data elsewhere
+        C.llama_sampler_accept(sampler, token)
+        return token
+
     def _relieve(self) -> None:
         """No KV slot for the step: evict a cached prefix, or end the biggest running sequence."""
         self.stats.kv_exhausted_total += 1
         if self._cache:
-            seq_id, _ = self._cache.popitem(last=False)
-            self._C.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
-            self._free_ids.append(seq_id)
+            self._free_ids.append(self._evict())
             return
         for seq in self._active:  # undo what _fill appended for this step
             if seq.decoding and seq.chunk[1]:
@@ -452,16 +522,44 @@ class Scheduler:
         if not self.per_sequence:
             self._C.llama_memory_seq_cp(self._memory, source, target, 0, n)  # tags the same cells
             return
-        # Across streams llama.cpp copies whole buffers (at the next decode); the tail is then dropped.
-        self._C.llama_memory_seq_rm(self._memory, target, -1, -1)
-        self._C.llama_memory_seq_cp(self._memory, source, target, -1, -1)
+        # Across streams llama_memory_seq_cp copies whole buffers (all --n-ctx cells); the sequence's
+        # state holds only its own cells. Restored into an empty stream they land where a fresh run puts them.
+        state = self._state(source)
+        if not self._C.llama_state_seq_set_data(self._ctx, state, len(state), target):
+            raise RuntimeError(f"llama.cpp could not copy sequence {source}'s KV")
         self._C.llama_memory_seq_rm(self._memory, target, n, -1)
+
+    def _state(self, seq_id: int) -> Any:
+        size = self._C.llama_state_seq_get_size(self._ctx, seq_id)
+        state = (ctypes.c_uint8 * size)()
+        self._C.llama_state_seq_get_data(self._ctx, state, size, seq_id)
+        return state
+
+    def _evict(self) -> int:
+        """Empty the stream of the oldest cached prompt, saving it to host memory first; return its id."""
+        seq_id, cached = self._cache.popitem(last=False)
+        self._save(seq_id, cached)
+        self._C.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        return seq_id
+
+    def _save(self, seq_id: int, cached: Cached) -> None:
+        """Per-sequence KV: keep a prompt in host memory, if it can give a later request anything."""
+        if not self._host_cache_bytes or (cached.logits is None and len(cached.tokens) < CHUNK):
+            return
+        key = tuple(cached.tokens)
+        if key in self._saved:
+            self._saved.move_to_end(key)
+            return
+        saved = Cached(cached.tokens, cached.logits, self._state(seq_id))
+        self._saved[key] = saved
+        self._saved_bytes += saved.nbytes
+        while self._saved_bytes > self._host_cache_bytes:
+            _, old = self._saved.popitem(last=False)
+            self._saved_bytes -= old.nbytes
 
     def _take_id(self) -> int:
         if not self._free_ids:
-            seq_id, _ = self._cache.popitem(last=False)
-            self._C.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
-            return seq_id
+            return self._evict()
         # The lowest: with per-sequence KV llama.cpp batches only consecutive ids together.
         self._free_ids.sort(reverse=True)
         return self._free_ids.pop()
@@ -496,12 +594,13 @@ class Scheduler:
             self._C.llama_memory_seq_rm(self._memory, seq.seq_id, len(tokens), -1)
         if keep and tokens and self._cache_slots:
             # A cached prefix that this one extends is redundant.
-            for sid, toks in list(self._cache.items()):
-                if _common_prefix(toks, tokens) == len(toks):
+            for sid, cached in list(self._cache.items()):
+                if _common_prefix(cached.tokens, tokens) == len(cached.tokens):
                     del self._cache[sid]
                     self._C.llama_memory_seq_rm(self._memory, sid, -1, -1)
                     self._free_ids.append(sid)
-            self._cache[seq.seq_id] = tokens
+            whole = self.per_sequence and len(tokens) == len(seq.prompt)
+            self._cache[seq.seq_id] = Cached(tokens, seq.first_logits if whole else None)
         else:
             self._C.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
             self._free_ids.append(seq.seq_id)
@@ -540,13 +639,16 @@ class Scheduler:
         # Read from llama.cpp's own KV metadata (what tests check is really freed), once a step.
         stats.kv_cells_in_use = sum(self._cells(s.seq_id) for s in self._active if s.seq_id >= 0)
         stats.kv_cells_cached = sum(self._cells(sid) for sid in self._cache)
+        stats.prompt_cache_bytes = self._saved_bytes
 
     def _cells(self, seq_id: int) -> int:
         top = self._C.llama_memory_seq_pos_max(self._memory, seq_id)
         return 0 if top < 0 else top - self._C.llama_memory_seq_pos_min(self._memory, seq_id) + 1
 
     def clear_cache(self) -> None:
-        """Forget every cached prefix (compute thread)."""
+        """Forget every cached prefix, in streams and in host memory (compute thread)."""
+        self._saved.clear()
+        self._saved_bytes = 0
         while self._cache:
             seq_id, _ = self._cache.popitem(last=False)
             self._C.llama_memory_seq_rm(self._memory, seq_id, -1, -1)

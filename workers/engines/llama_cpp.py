@@ -86,6 +86,8 @@ FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 DEFAULT_FLASH_ATTN = "off"
 # unified: one pool of n_ctx cells for all sequences; per-sequence: a stream of n_ctx cells each.
 KV_CACHES = ("unified", "per-sequence")
+# Per-sequence KV: host memory for prompts saved from streams (a 40-token SmolLM2 prompt is ~1 MB).
+DEFAULT_PROMPT_CACHE_MIB = 1024
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 _GRAMMAR_CACHE_SIZE = 256
 
@@ -265,6 +267,7 @@ class LlamaCppEngine(Engine):
         prefix_cache: int = 0,
         flash_attn: str = DEFAULT_FLASH_ATTN,
         kv_cache: str = "unified",
+        prompt_cache_mib: int = DEFAULT_PROMPT_CACHE_MIB,
     ) -> None:
         if parallel < 1:
             raise ValueError("parallel must be at least 1")
@@ -282,6 +285,7 @@ class LlamaCppEngine(Engine):
         self.prefix_cache = prefix_cache
         self.flash_attn = flash_attn
         self.kv_cache = kv_cache
+        self.prompt_cache_mib = max(0, prompt_cache_mib)
         self.info = common_pb2.ModelInfo(
             name=model_name or model_name_for(model_path), kind=common_pb2.MODEL_KIND_CHAT, engine="llama_cpp"
         )
@@ -342,6 +346,9 @@ class LlamaCppEngine(Engine):
         params.flash_attn_type = FLASH_ATTN[self.flash_attn]
         params.no_perf = True
         ctx = _internals.LlamaContext(model=model, params=params, verbose=False)
+        # The load's report stays in the log; after it, only llama.cpp's warnings (restoring a
+        # cached prompt, for one, reports at info level on every request).
+        logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)
         self._model, self._ctx = model, ctx
         self._vocab = model.vocab
         self._n_vocab = model.n_vocab()
@@ -364,6 +371,7 @@ class LlamaCppEngine(Engine):
             pool=self._compute,
             stats=self._stats,
             per_sequence=per_sequence,
+            host_cache_bytes=self.prompt_cache_mib << 20,
         )
         self.info.context_length = self._scheduler.n_ctx
         # The bound counts the messages' content: only valid if the template renders it whole.
@@ -848,6 +856,13 @@ def add_arguments(group: FlagAdder) -> None:
         "its own (memory times --parallel), and idle ones keep their prompts for exact reuse.",
     )
     group.add_argument(
+        "--prompt-cache-mib",
+        type=int,
+        default=DEFAULT_PROMPT_CACHE_MIB,
+        help=f"With --kv-cache per-sequence: host memory for prompts saved from streams that are needed "
+        f"again, restored exactly when a later prompt shares them (default {DEFAULT_PROMPT_CACHE_MIB}; 0: off).",
+    )
+    group.add_argument(
         "--prefill-budget",
         type=int,
         default=DEFAULT_PREFILL_BUDGET,
@@ -869,7 +884,12 @@ def build(args: argparse.Namespace) -> Engine:
         prefix_cache=getattr(args, "prefix_cache", None) or 0,
         flash_attn=getattr(args, "flash_attn", None) or DEFAULT_FLASH_ATTN,
         kv_cache=getattr(args, "kv_cache", None) or "unified",
+        prompt_cache_mib=_given(getattr(args, "prompt_cache_mib", None), DEFAULT_PROMPT_CACHE_MIB),
     )
+
+
+def _given(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
 def self_check() -> None:

@@ -558,6 +558,7 @@ class GetStatsResponse(_message.Message):
     KV_CELLS_IN_USE_FIELD_NUMBER: _builtins.int
     KV_CELLS_CACHED_FIELD_NUMBER: _builtins.int
     KV_EXHAUSTED_TOTAL_FIELD_NUMBER: _builtins.int
+    PROMPT_CACHE_BYTES_FIELD_NUMBER: _builtins.int
     in_flight: _builtins.int
     queue_length: _builtins.int
     capacity: _builtins.int
@@ -591,6 +592,10 @@ class GetStatsResponse(_message.Message):
     kv_cells_cached: _builtins.int
     kv_exhausted_total: _builtins.int
     """Steps that found no free KV cells (a cached prefix evicted, or a sequence ended)."""
+    prompt_cache_bytes: _builtins.int
+    """Host memory held by prompts saved from per-sequence KV streams
+    (--prompt-cache-mib), restored when a later prompt shares them.
+    """
     def __init__(
         self,
         *,
@@ -613,10 +618,11 @@ class GetStatsResponse(_message.Message):
         kv_cells_in_use: _builtins.int = ...,
         kv_cells_cached: _builtins.int = ...,
         kv_exhausted_total: _builtins.int = ...,
+        prompt_cache_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled_total", b"cancelled_total", "capacity", b"capacity", "decode_steps", b"decode_steps", "in_flight", b"in_flight", "kv_cells_cached", b"kv_cells_cached", "kv_cells_in_use", b"kv_cells_in_use", "kv_exhausted_total", b"kv_exhausted_total", "max_sequences_per_step", b"max_sequences_per_step", "max_tokens_per_step", b"max_tokens_per_step", "parallel", b"parallel", "prompt_tokens_evaluated", b"prompt_tokens_evaluated", "prompt_tokens_reused", b"prompt_tokens_reused", "queue_length", b"queue_length", "requests_total", b"requests_total", "running_sequences", b"running_sequences", "step_tokens_total", b"step_tokens_total", "tokens_after_cancel_max", b"tokens_after_cancel_max", "tokens_after_cancel_total", b"tokens_after_cancel_total", "waiting_sequences", b"waiting_sequences"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled_total", b"cancelled_total", "capacity", b"capacity", "decode_steps", b"decode_steps", "in_flight", b"in_flight", "kv_cells_cached", b"kv_cells_cached", "kv_cells_in_use", b"kv_cells_in_use", "kv_exhausted_total", b"kv_exhausted_total", "max_sequences_per_step", b"max_sequences_per_step", "max_tokens_per_step", b"max_tokens_per_step", "parallel", b"parallel", "prompt_cache_bytes", b"prompt_cache_bytes", "prompt_tokens_evaluated", b"prompt_tokens_evaluated", "prompt_tokens_reused", b"prompt_tokens_reused", "queue_length", b"queue_length", "requests_total", b"requests_total", "running_sequences", b"running_sequences", "step_tokens_total", b"step_tokens_total", "tokens_after_cancel_max", b"tokens_after_cancel_max", "tokens_after_cancel_total", b"tokens_after_cancel_total", "waiting_sequences", b"waiting_sequences"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
