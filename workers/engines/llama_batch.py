@@ -237,7 +237,11 @@ class Scheduler:
     def _step(self) -> None:
         self._reap()
         self._admit()
-        self._update_counts(cells=False)  # who runs and waits during the step; cells after it
+        if self._out:  # first tokens sampled from cached logits at admission: out before this step's decode
+            self._update_counts()  # what a caller that sees its end may read
+            self._flush()
+        else:
+            self._update_counts(cells=False)  # who runs and waits during the step; cells after it
         n = self._fill()
         if n == 0:
             return
