@@ -312,7 +312,7 @@ async def test_kv_is_freed_after_finish_and_after_cancel(engine: LlamaCppEngine)
 
 async def test_kv_exhaustion_ends_only_the_affected_request() -> None:
     # 4 sequences of 40 + 150 tokens each fit the context alone (256), not together.
-    small = LlamaCppEngine(MODEL_PATH, n_ctx=256, parallel=4)
+    small = LlamaCppEngine(MODEL_PATH, n_ctx=256, parallel=4, kv_cache="unified")
     await small.start()
     try:
         prompts = [STORY, "Describe a walk on the beach.", "Explain how bread is made.", "Tell me about the moon."]
@@ -323,6 +323,25 @@ async def test_kv_exhaustion_ends_only_the_affected_request() -> None:
         assert all(r[-1].finish_reason == "length" for r in results)
         assert min(tokens) < 150  # someone was cut short...
         assert max(tokens) == 150  # ...and someone went on to its max_tokens
+        assert s.running == 0 and s.kv_cells_in_use == 0
+    finally:
+        await small.close()
+
+
+async def test_per_sequence_stream_full_ends_only_its_request() -> None:
+    # Each stream has 256 cells: the request asking for 300 tokens ends with length where its
+    # stream is full, and the others beside it go on to their max_tokens.
+    small = LlamaCppEngine(MODEL_PATH, n_ctx=256, parallel=3, kv_cache="per-sequence")
+    await small.start()
+    try:
+        prompts = [STORY, "Describe a walk on the beach.", "Explain how bread is made."]
+        budgets = [300, 150, 150]
+        results = await together(small, [Call(long_request(p), n) for p, n in zip(prompts, budgets, strict=True)])
+        tokens = [sum(d.token_count for d in r) for r in results]
+        prompt = (await small.prepare(long_request(STORY))).prompt_tokens
+        assert tokens == [256 - prompt, 150, 150]
+        assert all(r[-1].finish_reason == "length" for r in results)
+        s = stats(small)
         assert s.running == 0 and s.kv_cells_in_use == 0
     finally:
         await small.close()

@@ -111,8 +111,13 @@ def test_cli_arguments_and_build() -> None:
     assert eng.info.name == "Qwen2.5-0.5B-Instruct-Q4_K_M"
     assert eng.flash_attn == "off"  # the default, measured faster here
     assert llama_cpp.build(parser.parse_args(["--flash-attn", "auto"])).flash_attn == "auto"
-    assert eng.kv_cache == "unified"
+    assert eng.kv_cache == "auto"  # decided at load, by memory
     assert llama_cpp.build(parser.parse_args(["--kv-cache", "per-sequence"])).kv_cache == "per-sequence"
+    assert llama_cpp.build(parser.parse_args(["--kv-cache", "unified"])).kv_cache == "unified"
+    assert eng.prompt_cache_mib == llama_cpp.DEFAULT_PROMPT_CACHE_MIB
+    assert llama_cpp.build(parser.parse_args(["--prompt-cache-mib", "0"])).prompt_cache_mib == 0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-cache", "paged"])
     with pytest.raises(SystemExit):  # argparse names the flag and its choices
         parser.parse_args(["--flash-attn", "maybe"])
 
@@ -132,6 +137,22 @@ async def test_flash_attention_setting_reaches_llama_cpp() -> None:
         logprobs[mode] = [e.logprob for d in deltas for e in d.logprobs]
     assert len(logprobs["on"]) == len(logprobs["off"]) == 4
     assert logprobs["on"] != logprobs["off"]
+
+
+async def test_kv_cache_auto_takes_per_sequence_streams_when_they_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # SmolLM2: 30 layers x 3 KV heads x 64 dimensions, K and V in f16: 23040 bytes a cell,
+    # so 8 streams of 8192 cells take 1.5 GB: per-sequence with 1 TB of memory, unified with 1 GB.
+    for memory, expected in ((1 << 40, "per-sequence"), (1 << 30, "unified")):
+        monkeypatch.setattr(llama_cpp, "memory_bytes", lambda memory=memory: memory)
+        eng = LlamaCppEngine(MODEL_PATH, n_ctx=8192, parallel=8)
+        await eng.start()
+        try:
+            assert eng.kv_cache == expected
+            assert eng.info.context_length == 8192  # what one request can use, either way
+            assert eng._model is not None and llama_cpp.kv_cell_bytes(eng._model.model) == 23040
+        finally:
+            await eng.close()
+    assert llama_cpp.memory_bytes() > 0
 
 
 async def test_per_sequence_kv_reports_each_sequences_context() -> None:

@@ -476,7 +476,8 @@ class Scheduler:
         seq.generated += 1
         seq.last = token
         deltas, done = seq.handler.token(token, logits)
-        if not done and (seq.generated >= seq.max_tokens or seq.n_past >= self._n_ctx):
+        # The context holds prompt and completion: the last token needs no cell, but counts.
+        if not done and (seq.generated >= seq.max_tokens or seq.n_past + 1 >= self._n_ctx):
             deltas += seq.handler.end("length")
             done = True
         self._emit(seq, deltas, done)

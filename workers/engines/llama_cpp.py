@@ -86,6 +86,9 @@ FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 DEFAULT_FLASH_ATTN = "off"
 # unified: one pool of n_ctx cells for all sequences; per-sequence: a stream of n_ctx cells each.
 KV_CACHES = ("unified", "per-sequence")
+# --kv-cache auto (the default): per-sequence when its streams take at most 1/KV_AUTO_SHARE of the
+# machine's memory (SmolLM2 at 8 x 8192: 1.5 GB), else unified (an 8B model at 8 x 8192 would take 8.6 GB).
+KV_AUTO_SHARE = 4
 # Per-sequence KV: host memory for prompts saved from streams (a 40-token SmolLM2 prompt is ~1 MB).
 DEFAULT_PROMPT_CACHE_MIB = 1024
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -132,6 +135,31 @@ def trained_context(path: str) -> int:
         return int(metadata.get(metadata.get("general.architecture", "") + ".context_length", 0))
     finally:
         model.close()
+
+
+def kv_cell_bytes(model: Any) -> int:
+    """What one KV cell takes over all layers, K and V in f16 (llama.cpp's default), for a llama_model."""
+    from llama_cpp import llama_cpp as C
+
+    head_dim = C.llama_model_n_embd(model) // max(1, C.llama_model_n_head(model))
+    return C.llama_model_n_layer(model) * C.llama_model_n_head_kv(model) * head_dim * 2 * 2
+
+
+def memory_bytes() -> int:
+    """The machine's memory, or this container's limit when it is lower."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError, ValueError):
+        total = min(total, int(Path("/sys/fs/cgroup/memory.max").read_text().strip()))  # "max": no limit
+    return total
+
+
+def choose_kv_cache(per_sequence_bytes: int, memory: int) -> str:
+    """--kv-cache auto: per-sequence KV when its streams fit in a quarter of memory, else unified.
+
+    Per-sequence KV makes the prompt cache exact and first tokens fast (README, Numerics), but
+    takes --n-ctx cells for every sequence; unified KV shares --n-ctx cells among all of them.
+    """
+    return "per-sequence" if per_sequence_bytes <= memory // KV_AUTO_SHARE else "unified"
 
 
 def model_name_for(path: str) -> str:
@@ -266,15 +294,15 @@ class LlamaCppEngine(Engine):
         prefill_budget: int = DEFAULT_PREFILL_BUDGET,
         prefix_cache: int = 0,
         flash_attn: str = DEFAULT_FLASH_ATTN,
-        kv_cache: str = "unified",
+        kv_cache: str = "auto",
         prompt_cache_mib: int = DEFAULT_PROMPT_CACHE_MIB,
     ) -> None:
         if parallel < 1:
             raise ValueError("parallel must be at least 1")
         if flash_attn not in FLASH_ATTN:
             raise ValueError(f"flash_attn must be one of {', '.join(FLASH_ATTN)}")
-        if kv_cache not in KV_CACHES:
-            raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}")
+        if kv_cache not in ("auto", *KV_CACHES):
+            raise ValueError(f"kv_cache must be auto or one of {', '.join(KV_CACHES)}")
         self.model_path = model_path
         self.n_ctx = n_ctx
         self.n_threads = n_threads or default_threads()
@@ -326,16 +354,23 @@ class LlamaCppEngine(Engine):
         model = _internals.LlamaModel(path_model=self.model_path, params=model_params, verbose=False)
         n_batch = self.parallel + max(self.prefill_budget, CHUNK)
         params = C.llama_context_default_params()
-        per_sequence = self.kv_cache == "per-sequence"
         params.n_ctx = n_ctx or model.n_ctx_train()
+        # Running sequences plus the cached prefixes.
+        params.n_seq_max = min(self.parallel + self.prefix_cache, C.llama_max_parallel_sequences())
+        if self.kv_cache == "auto":
+            streams, memory = params.n_seq_max * params.n_ctx * kv_cell_bytes(model.model), memory_bytes()
+            self.kv_cache = choose_kv_cache(streams, memory)
+            log.info(
+                "llama_cpp: --kv-cache auto: %s (per-sequence streams would take %.2f GB of %.1f GB of memory)",
+                self.kv_cache, streams / 1e9, memory / 1e9,
+            )  # fmt: skip
+        per_sequence = self.kv_cache == "per-sequence"
         params.n_batch = n_batch
         # llama_decode computes a step in micro-batches of CHUNK tokens: a prompt alone
         # takes several chunks in one step yet is computed in the same groups as one
         # chunk a step, so its numerics (and a seeded text) do not depend on the budget
         # or on what was cached before.
         params.n_ubatch = min(n_batch, CHUNK)
-        # Running sequences plus the cached prefixes.
-        params.n_seq_max = min(self.parallel + self.prefix_cache, C.llama_max_parallel_sequences())
         # unified: one pool of cells for all sequences, so a request alone can use the whole context;
         # per-sequence: each sequence id gets a stream of the whole context (memory times n_seq_max).
         params.kv_unified = not per_sequence
@@ -850,10 +885,11 @@ def add_arguments(group: FlagAdder) -> None:
     )
     group.add_argument(
         "--kv-cache",
-        choices=KV_CACHES,
-        default="unified",
-        help="unified (default): all sequences share --n-ctx cells. per-sequence: each gets --n-ctx cells of "
-        "its own (memory times --parallel), and idle ones keep their prompts for exact reuse.",
+        choices=("auto", *KV_CACHES),
+        default="auto",
+        help="per-sequence: each sequence gets --n-ctx cells of its own (KV memory times --parallel); prompts "
+        "are cached exactly and a repeated one starts at once. unified: all sequences share --n-ctx cells. "
+        "auto (default): per-sequence when that takes at most a quarter of the machine's memory.",
     )
     group.add_argument(
         "--prompt-cache-mib",
@@ -883,7 +919,7 @@ def build(args: argparse.Namespace) -> Engine:
         prefill_budget=getattr(args, "prefill_budget", None) or DEFAULT_PREFILL_BUDGET,
         prefix_cache=getattr(args, "prefix_cache", None) or 0,
         flash_attn=getattr(args, "flash_attn", None) or DEFAULT_FLASH_ATTN,
-        kv_cache=getattr(args, "kv_cache", None) or "unified",
+        kv_cache=getattr(args, "kv_cache", None) or "auto",
         prompt_cache_mib=_given(getattr(args, "prompt_cache_mib", None), DEFAULT_PROMPT_CACHE_MIB),
     )
 
