@@ -88,7 +88,7 @@ async def main() -> None:
     parser.add_argument("--prefill-budget", type=int, default=llama_cpp.DEFAULT_PREFILL_BUDGET)
     parser.add_argument("--n-ctx", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--kv-cache", choices=llama_cpp.KV_CACHES, default="unified")
+    parser.add_argument("--kv-cache", choices=("auto", *llama_cpp.KV_CACHES), default="auto")
     parser.add_argument("--prefix-cache", type=int, default=0)
     args = parser.parse_args()
     engine = llama_cpp.LlamaCppEngine(

@@ -424,6 +424,39 @@ async def test_per_sequence_prompts_saved_to_host_memory_are_restored_exactly() 
         await off.close()
 
 
+async def test_per_sequence_new_sequence_takes_the_lowest_stream_not_running(engine: LlamaCppEngine) -> None:
+    # llama.cpp puts only consecutive sequence ids into one micro-batch, so a gap costs whole
+    # steps: a request arriving while streams 0, 2 and 3 run takes stream 1, though stream 1
+    # holds a cached prompt it does not extend and streams 4 and up are empty.
+    per_sequence(engine)
+    await clear_cache(engine)
+    scheduler = engine._scheduler
+    assert scheduler is not None
+    seen: list[list[int]] = []
+    hole = threading.Event()
+
+    def record(sequences: int, tokens: int) -> None:  # on the compute thread, after each step
+        seen.append(sorted(s.seq_id for s in scheduler._active))
+        if seen[-1] == [0, 2, 3]:
+            hole.set()
+
+    prompts = [STORY, "Describe a walk on the beach.", "Explain how bread is made.", "Tell me about the moon."]
+    stats(engine).on_step.append(record)
+    try:
+        batch = asyncio.create_task(
+            together(engine, [Call(long_request(p), n) for p, n in zip(prompts, (40, 4, 40, 40), strict=True)])
+        )
+        assert await asyncio.to_thread(hole.wait, 60)
+        late = chat("Name three colours.", sampling=GREEDY)
+        text = text_of([d async for d in engine.generate(late, await engine.prepare(late), 8, Generation())])
+        await batch
+    finally:
+        stats(engine).on_step.remove(record)
+    assert text
+    assert [0, 1, 2, 3] in seen[seen.index([0, 2, 3]) :]
+    assert all(max(ids, default=0) <= 3 for ids in seen)
+
+
 async def test_per_sequence_text_is_the_same_beside_neighbours(engine: LlamaCppEngine) -> None:
     per_sequence(engine)
     request = long_request(STORY, seed=91)

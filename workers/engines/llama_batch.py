@@ -26,17 +26,21 @@ so "same seed, same request, same text" holds. Prefixes shared with running
 sequences are reused at any length: a request beside others is not alone. Batched with others, numerics differ slightly (the matrix kernels depend
 on the batch shape), as in every batching server.
 
-The KV cache is unified (one pool of ``n_ctx`` cells for all sequences): a request
-alone can use the whole context, and cached prefixes cost nothing until space is
-needed. When a step finds no room, cached prefixes are evicted first; if that is
-not enough, the running sequence holding the most cells ends with ``length`` and
-the others go on.
+Two KV layouts (``--kv-cache``). Unified: one pool of ``n_ctx`` cells for all
+sequences; a request alone can use the whole context, and cached prefixes cost
+nothing until space is needed. When a step finds no room, cached prefixes are
+evicted first; if that is not enough, the running sequence holding the most cells
+ends with ``length`` and the others go on.
 
-With ``per_sequence`` (``--kv-cache per-sequence``) every sequence id has a KV stream
-of its own instead. A finished stream keeps only the positions evaluated as prompt,
-and a request whose prompt extends it takes it over in whole chunks. Streams do not
-share cells, so a copy moves whole buffers (``_copy``), and a micro-batch takes only
-consecutive ids, so the lowest free id is taken and the batch is ordered by id.
+Per-sequence (``per_sequence``): every sequence id has a KV stream of its own. A
+finished stream keeps only the positions evaluated as prompt, with the last one's
+logits (:class:`Cached`): a request with the same prompt samples its first token
+from them at admission, and one whose prompt extends it takes the stream over and
+evaluates the rest. When its stream is needed, a cached prompt is saved to host
+memory (its sequence state, up to ``host_cache_bytes``) and restored into a free
+stream when a prompt shares it. Copies between streams go through the sequence's
+state (``_copy``), and a micro-batch takes only consecutive ids, so a new sequence
+takes the lowest stream no running one uses (``_place``) and the batch is ordered by id.
 """
 
 from __future__ import annotations
@@ -176,8 +180,10 @@ class Scheduler:
         self._capacity = parallel + self.prefill_budget
         self._batch = C.llama_batch_init(self._capacity, 0, 1)
         self._cache_slots = cache_slots
-        # Per-sequence KV: cache_slots is every stream; an idle one keeps its prompt until taken.
-        self._free_ids = list(range(parallel + cache_slots if not per_sequence else cache_slots))
+        # Unified KV: the ids no sequence or cached prefix holds. Per-sequence KV: cache_slots is
+        # every stream, and a new sequence takes the lowest one not running (_place).
+        self._streams = cache_slots
+        self._free_ids = list(range(parallel + cache_slots)) if not per_sequence else []
         self._lock = threading.Lock()
         self._inbox: list[Seq] = []
         self._looping = False
@@ -268,8 +274,9 @@ class Scheduler:
     def _admit(self) -> None:
         while self._waiting and len(self._active) < self.parallel:
             seq = self._waiting.popleft()
-            seq.seq_id = self._take_cached(seq) if self.per_sequence and not seq.prompt_rows else -1
-            if seq.seq_id < 0:
+            if self.per_sequence:
+                self._place(seq)
+            else:
                 seq.seq_id = self._take_id()
             seq.tokens = list(seq.prompt)
             seq.sampler = seq.make_sampler()
@@ -293,43 +300,45 @@ class Scheduler:
                     continue
                 self._reuse_prefix(seq)
 
-    def _take_cached(self, seq: Seq) -> int:
-        """Per-sequence KV: start from the cached prompt that gives the most of ours.
+    def _place(self, seq: Seq) -> None:
+        """Per-sequence KV: the lowest stream no running sequence uses, starting from the cached
+        prompt that gives the most of ours.
 
-        A cached prompt holds only positions evaluated as prompt, at the cells a fresh run
-        puts them in, and is reused whole with its logits or in whole chunks (Cached.reusable):
-        the request gives the same text as with nothing cached. An idle stream our prompt
-        extends is taken over; a prompt in host memory is restored into a free stream.
-        Returns the stream, or -1 if nothing helps.
+        Running sequences keep consecutive ids, which llama.cpp's micro-batches need (ids 0, 2,
+        4, 6 made half the tokens/s of 0-3). A cached prompt holds only positions evaluated as
+        prompt, at the cells a fresh run puts them in, and is reused whole with its logits or in
+        whole chunks (Cached.reusable): the request gives the same text as with nothing cached.
+        It is used in place, copied from its idle stream, or restored from host memory; what the
+        stream held before is saved to host memory first.
         """
-        best, source, entry = 0, -1, None
-        for sid, cached in self._cache.items():
-            # Only a stream our prompt extends: taking over another would lose what it holds
-            # beyond the shared part (_reuse_prefix copies from those instead).
-            reuse = cached.reusable(seq.prompt)
-            if reuse > best and _common_prefix(cached.tokens, seq.prompt) == len(cached.tokens):
-                best, source, entry = reuse, sid, cached
-        for cached in self._saved.values():
-            reuse = cached.reusable(seq.prompt)
-            if reuse > best:
-                best, source, entry = reuse, -1, cached
+        running = {s.seq_id for s in self._active if s is not seq}
+        target = next(i for i in range(self._streams) if i not in running)
+        best, entry, source = 0, None, -1  # source: an idle stream, -1 for host memory
+        if not seq.prompt_rows:  # those need every prompt row's logits: evaluated whole
+            candidates = [*self._cache.items(), *((-1, c) for c in self._saved.values())]
+            for sid, cached in candidates:
+                reuse = cached.reusable(seq.prompt)
+                if reuse > best:
+                    best, entry, source = reuse, cached, sid
+        held = self._cache.pop(target, None)
+        if held is not None and (entry is not held or _common_prefix(held.tokens, seq.prompt) < len(held.tokens)):
+            self._save(target, held)  # it holds more than what we reuse of it
         if entry is None:
-            return -1
-        if source >= 0:
-            del self._cache[source]
-        else:
+            self._C.llama_memory_seq_rm(self._memory, target, -1, -1)
+        elif source >= 0 and source != target:
+            self._copy(source, target, best)
+            self._cache.move_to_end(source)
+        elif source < 0:
             self._saved.move_to_end(tuple(entry.tokens))
-            source = self._take_id()
-            if not self._C.llama_state_seq_set_data(self._ctx, entry.state, len(entry.state), source):
+            if not self._C.llama_state_seq_set_data(self._ctx, entry.state, len(entry.state), target):
                 log.warning("llama_cpp: could not restore a cached prompt of %d tokens", len(entry.tokens))
-                self._C.llama_memory_seq_rm(self._memory, source, -1, -1)
-                return source
-        self._C.llama_memory_seq_rm(self._memory, source, best, -1)
-        seq.n_past = best
-        if best == len(seq.prompt):
+                self._C.llama_memory_seq_rm(self._memory, target, -1, -1)
+                best, entry = 0, None
+        self._C.llama_memory_seq_rm(self._memory, target, best, -1)
+        seq.seq_id, seq.n_past = target, best
+        if entry is not None and best == len(seq.prompt):
             seq.first_logits = entry.logits
         self.stats.prompt_tokens_reused += best
-        return source
 
     def _reuse_prefix(self, seq: Seq) -> None:
         """Start from the longest prefix of the prompt some sequence's KV already holds,
@@ -349,7 +358,7 @@ class Scheduler:
         for s in self._active:
             if s is seq or s.leader is not None:
                 continue
-            # Per-sequence KV copies only what was evaluated as prompt (exact, see _take_cached).
+            # Per-sequence KV copies only what was evaluated as prompt (exact, see _place).
             held = s.prompt[: s.n_past] if self.per_sequence else s.tokens[: s.n_past]
             common = min(_common_prefix(held, seq.prompt), last)
             if common > best:
@@ -502,7 +511,7 @@ class Scheduler:
         """No KV slot for the step: evict a cached prefix, or end the biggest running sequence."""
         self.stats.kv_exhausted_total += 1
         if self._cache:
-            self._free_ids.append(self._evict())
+            self._free(self._evict())
             return
         for seq in self._active:  # undo what _fill appended for this step
             if seq.decoding and seq.chunk[1]:
@@ -563,11 +572,13 @@ class Scheduler:
             self._saved_bytes -= old.nbytes
 
     def _take_id(self) -> int:
-        if not self._free_ids:
-            return self._evict()
-        # The lowest: with per-sequence KV llama.cpp batches only consecutive ids together.
-        self._free_ids.sort(reverse=True)
-        return self._free_ids.pop()
+        """Unified KV: a free id, or the oldest cached prefix's."""
+        return self._free_ids.pop() if self._free_ids else self._evict()
+
+    def _free(self, seq_id: int) -> None:
+        self._C.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        if not self.per_sequence:  # per-sequence KV takes streams by position (_place)
+            self._free_ids.append(seq_id)
 
     def _drop(self, seq: Seq, keep: bool) -> None:
         """Take a sequence out of the batch; keep its KV as a cached prefix, or free it."""
@@ -602,13 +613,12 @@ class Scheduler:
             for sid, cached in list(self._cache.items()):
                 if _common_prefix(cached.tokens, tokens) == len(cached.tokens):
                     del self._cache[sid]
-                    self._C.llama_memory_seq_rm(self._memory, sid, -1, -1)
-                    self._free_ids.append(sid)
+                    self._save(sid, cached)  # per-sequence KV: its logits still start that prompt at once
+                    self._free(sid)
             whole = self.per_sequence and len(tokens) == len(seq.prompt)
             self._cache[seq.seq_id] = Cached(tokens, seq.first_logits if whole else None)
         else:
-            self._C.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
-            self._free_ids.append(seq.seq_id)
+            self._free(seq.seq_id)
         seq.seq_id = -1
 
     # -- hand-off --
@@ -655,9 +665,7 @@ class Scheduler:
         self._saved.clear()
         self._saved_bytes = 0
         while self._cache:
-            seq_id, _ = self._cache.popitem(last=False)
-            self._C.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
-            self._free_ids.append(seq_id)
+            self._free(self._cache.popitem(last=False)[0])
         self._update_counts()
 
 
