@@ -17,15 +17,19 @@ engines.md sections 1 and 6 have the method):
 * logits only where needed: the last prompt token of each sequence and every
   decoding token; echo with logprobs asks for every prompt row of that one
   sequence. (``logits_all=True`` cost 10-20% of speed and 1.6 GB at 8192.)
-* one context for all sequences with a unified KV cache (``--parallel`` sequences,
-  default 8; see the README and bench/RESULTS.md for the measurements);
+* one context for all sequences (``--parallel`` sequences, default 8), with a KV
+  stream per sequence where that fits in a quarter of memory (``--kv-cache auto``),
+  else one unified pool: the tokens/s are close, but only per-sequence streams make
+  an exact prompt cache possible, and the first token came 2-6x sooner with it (see
+  the README and bench/RESULTS.md for the measurements);
 * prompts are evaluated in chunks ending on multiples of 32 positions (as fast as
-  512-token batches here), and a cached prefix is reused in whole chunks: splitting
-  a prompt differently changes no logit, but positions decoded token by token and
-  cells placed elsewhere in the cache do (``bench/kv_numerics.py``), so reusing an
-  arbitrary cached prefix would make "same seed, same request, alone, same text"
-  depend on what ran before;
-* flash attention off (``--flash-attn``): 6% faster at 8 streams in the unified cache.
+  512-token batches here), and a cached prefix is reused whole with the last
+  position's logits, or in whole chunks: splitting a prompt differently changes no
+  logit, but positions decoded token by token and, in the unified cache, cells placed
+  elsewhere do (``bench/kv_numerics.py``), so reusing an arbitrary cached prefix would
+  make "same seed, same request, alone, same text" depend on what ran before;
+* flash attention off (``--flash-attn``): 6% faster at 8 streams in the unified cache,
+  level with per-sequence streams.
 
 Tools: with ``tool_choice`` naming a function (or "required"), the output is
 constrained by a grammar built from the function's parameters schema (or,
@@ -872,9 +876,10 @@ def add_arguments(group: FlagAdder) -> None:
         type=int,
         default=0,
         help="Finished sequences whose KV is kept for prefix reuse by later requests (default 0: off). "
-        "On: multi-turn chats skip their earlier turns, but a seeded request alone no longer always "
+        "Unified KV: multi-turn chats skip their earlier turns, but a seeded request alone no longer always "
         "repeats its text (where its cells land in the shared KV cache changes llama.cpp's sums), and "
-        "decoding slows: every sequence's attention spans the cached cells too.",
+        "decoding slows: every sequence's attention spans the cached cells too. Per-sequence KV: extra "
+        "idle streams (the host prompt cache, --prompt-cache-mib, keeps prompts without them).",
     )
     group.add_argument(
         "--flash-attn",
