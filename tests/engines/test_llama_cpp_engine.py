@@ -118,6 +118,8 @@ def test_cli_arguments_and_build() -> None:
     assert llama_cpp.build(parser.parse_args(["--prompt-cache-mib", "0"])).prompt_cache_mib == 0
     with pytest.raises(SystemExit):
         parser.parse_args(["--kv-cache", "paged"])
+    with pytest.raises(SystemExit):  # a negative size is refused, not read as off
+        parser.parse_args(["--prompt-cache-mib", "-1"])
     with pytest.raises(SystemExit):  # argparse names the flag and its choices
         parser.parse_args(["--flash-attn", "maybe"])
 

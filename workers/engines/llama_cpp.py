@@ -60,7 +60,7 @@ import numpy as np
 from google.protobuf.json_format import MessageToDict
 
 from common import errors
-from common.settings import FlagAdder
+from common.settings import FlagAdder, non_negative_int
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import (
     BatchStats,
@@ -317,7 +317,9 @@ class LlamaCppEngine(Engine):
         self.prefix_cache = prefix_cache
         self.flash_attn = flash_attn
         self.kv_cache = kv_cache
-        self.prompt_cache_mib = max(0, prompt_cache_mib)
+        if prompt_cache_mib < 0:
+            raise ValueError("prompt_cache_mib must be 0 or more")
+        self.prompt_cache_mib = prompt_cache_mib
         self.info = common_pb2.ModelInfo(
             name=model_name or model_name_for(model_path), kind=common_pb2.MODEL_KIND_CHAT, engine="llama_cpp"
         )
@@ -898,10 +900,10 @@ def add_arguments(group: FlagAdder) -> None:
     )
     group.add_argument(
         "--prompt-cache-mib",
-        type=int,
+        type=non_negative_int,
         default=DEFAULT_PROMPT_CACHE_MIB,
-        help=f"With --kv-cache per-sequence: host memory for prompts saved from streams that are needed "
-        f"again, restored exactly when a later prompt shares them (default {DEFAULT_PROMPT_CACHE_MIB}; 0: off).",
+        help=f"Per-sequence KV: host memory for prompts saved from streams that are needed again, restored "
+        f"exactly when a later prompt shares them (default {DEFAULT_PROMPT_CACHE_MIB}; 0: off).",
     )
     group.add_argument(
         "--prefill-budget",
