@@ -305,8 +305,9 @@ def render(section: dict[str, Any]) -> str:
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
     ]
-    for clients in runs["llama-server"]:
-        ls = _runs(runs["llama-server"][clients])
+    levels = next((by_level for by_level in runs.values() if by_level), {})  # any target measured
+    for clients in levels:
+        ls = _runs(runs.get("llama-server", {}).get(clients, []))
         tw = _runs(runs["tokenwire"][clients]) if clients in runs.get("tokenwire", {}) else []
         wk = _runs(runs["tokenwire-worker"][clients]) if has_worker and clients in runs["tokenwire-worker"] else []
         own = _runs(runs["llama-server-own"][clients]) if has_own and clients in runs["llama-server-own"] else []
@@ -328,7 +329,7 @@ def render(section: dict[str, Any]) -> str:
         per_stream = (
             f"{statistics.median(r['stream_tok_s'] for r in ls):.0f} / "
             f"{statistics.median(r['stream_tok_s'] for r in tw):.0f}"
-            if tw
+            if tw and ls
             else "-"
         )
         lines.append(
