@@ -394,8 +394,9 @@ async def test_per_sequence_extended_prompt_keeps_seeded_text(engine: LlamaCppEn
 
 
 async def test_per_sequence_prompts_saved_to_host_memory_are_restored_exactly() -> None:
-    # Two streams: a third prompt needs the first one's stream, which is saved to host memory
-    # first; the first prompt again is restored from there, whole, and gives the same text.
+    # Two streams, and a new request takes the lowest one not running: the next prompt takes
+    # the first one's stream, which is saved to host memory first; the first prompt again is
+    # restored from there, whole, and gives the same text.
     small = LlamaCppEngine(MODEL_PATH, n_ctx=512, parallel=2, kv_cache="per-sequence")
     off = LlamaCppEngine(MODEL_PATH, n_ctx=512, parallel=2, kv_cache="per-sequence", prompt_cache_mib=0)
     first = long_request(STORY, seed=11)
