@@ -179,10 +179,9 @@ class Scheduler:
         self._pool = pool
         self._capacity = parallel + self.prefill_budget
         self._batch = C.llama_batch_init(self._capacity, 0, 1)
+        # Per-sequence KV: cache_slots is every stream, and a new sequence takes the lowest one
+        # not running (_place). Unified KV: _free_ids are the ids no sequence or cached prefix holds.
         self._cache_slots = cache_slots
-        # Unified KV: the ids no sequence or cached prefix holds. Per-sequence KV: cache_slots is
-        # every stream, and a new sequence takes the lowest one not running (_place).
-        self._streams = cache_slots
         self._free_ids = list(range(parallel + cache_slots)) if not per_sequence else []
         self._lock = threading.Lock()
         self._inbox: list[Seq] = []
@@ -312,7 +311,7 @@ class Scheduler:
         stream held before is saved to host memory first.
         """
         running = {s.seq_id for s in self._active if s is not seq}
-        target = next(i for i in range(self._streams) if i not in running)
+        target = next(i for i in range(self._cache_slots) if i not in running)
         best, entry, source = 0, None, -1  # source: an idle stream, -1 for host memory
         if not seq.prompt_rows:  # those need every prompt row's logits: evaluated whole
             candidates = [*self._cache.items(), *((-1, c) for c in self._saved.values())]
@@ -344,14 +343,15 @@ class Scheduler:
         """Start from the longest prefix of the prompt some sequence's KV already holds,
         or follow a sequence being prefilled up to the longer prefix it shares."""
         last = len(seq.prompt) - 1  # at least the last prompt token is evaluated: its logits give the first token
-        best, source = seq.n_past, -1  # per-sequence KV: what its own stream already holds
-        for sid, cached in self._cache.items():
-            common = _common_prefix(cached.tokens, seq.prompt)
-            if common > best:
-                best, source = common, sid
-        # From a cached prefix, whole chunks only: what is left is evaluated in the
-        # same chunks as with nothing cached, so the same request gives the same text.
-        best = max(seq.n_past, min(best, last) // CHUNK * CHUNK)
+        best, source = seq.n_past, -1  # per-sequence KV: what _place gave it from the cached prompts
+        if not self.per_sequence:
+            for sid, cached in self._cache.items():
+                common = _common_prefix(cached.tokens, seq.prompt)
+                if common > best:
+                    best, source = common, sid
+            # From a cached prefix, whole chunks only: what is left is evaluated in the
+            # same chunks as with nothing cached, so the same request gives the same text.
+            best = min(best, last) // CHUNK * CHUNK
         # Beside running sequences a request is not alone (batched numerics differ
         # anyway): any shared prefix is reused, such as the template's system prompt.
         leader, pending = None, 0
