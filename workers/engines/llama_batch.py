@@ -15,8 +15,9 @@ scheduler runs on the engine's one compute thread (see
 3. builds one batch: one token for every decoding sequence, then prompt chunks
    of the sequences being prefilled, up to ``prefill_budget`` prompt tokens, so a
    long prompt never stalls the streams already decoding;
-4. decodes it, samples every sequence from its own sampler chain, and hands the
-   deltas of all sequences to their event loops in one call per loop.
+4. decodes it, samples every sequence with its own sampler
+   (:mod:`workers.engines.llama_sampling`), and hands the deltas of all sequences
+   to their event loops in one call per loop.
 
 Prompt chunks end on multiples of :data:`CHUNK` positions, a sequence gets as many
 whole chunks per step as the budget holds, and llama.cpp computes the step in
@@ -58,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from workers.engine import BatchStats, Delta, Generation
+from workers.engines.llama_sampling import Sampler
 
 log = logging.getLogger("tokenwire.engine.llama_cpp")
 
@@ -67,8 +69,6 @@ CHUNK = 32
 MIN_SHARE = 8
 
 _END = object()
-# llama_token_data, for sampling from logits kept with a cached prompt.
-_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
 class Handler:
@@ -97,7 +97,7 @@ class Seq:
     handler: Handler
     # An _internals.LlamaSampler chain, built on the compute thread at admission and
     # closed when the sequence leaves.
-    make_sampler: Callable[[], Any]
+    make_sampler: Callable[[], Sampler]
     # Every prompt row's logits (echo with logprobs): no prefix reuse, no sharing.
     prompt_rows: bool = False
     # The next-token distribution is needed (logprobs).
@@ -114,7 +114,7 @@ class Seq:
     generated: int = 0
     last: int = -1
     decoding: bool = False
-    sampler: Any = None
+    sampler: Sampler | None = None
     leader: Seq | None = None
     # Following a leader only up to here (prompts sharing a prefix); 0: the same prompt.
     share: int = 0
@@ -475,12 +475,14 @@ class Scheduler:
     def _sample(self, seq: Seq, row: int, saved: np.ndarray | None = None) -> None:
         if seq.generation.cancelled.is_set():
             return  # leaves at the next step, without another token
+        sampler = seq.sampler
+        assert sampler is not None  # made at admission
         if saved is not None:
             logits = saved if seq.logits else None
-            token = self._sample_logits(seq.sampler.sampler, saved)
+            token = sampler.sample(saved)
         else:
             logits = self._row(row).copy() if seq.logits else None
-            token = self._C.llama_sampler_sample(seq.sampler.sampler, self._ctx, row)
+            token = sampler.sample_row(self._ctx, row)
         seq.generation.produced()
         seq.generated += 1
         seq.last = token
@@ -492,20 +494,6 @@ class Scheduler:
         self._emit(seq, deltas, done)
         if done:
             self._drop(seq, keep=True)
-
-    def _sample_logits(self, sampler: Any, logits: np.ndarray) -> int:
-        """What llama_sampler_sample does with a row of the context, on logits kept aside."""
-        C = self._C
-        cur = np.zeros(self._n_vocab, dtype=_TOKEN_DATA)
-        cur["id"] = np.arange(self._n_vocab, dtype=np.int32)
-        cur["logit"] = logits
-        array = C.llama_token_data_array(
-            data=cur.ctypes.data_as(C.llama_token_data_p), size=self._n_vocab, selected=-1, sorted=False
-        )
-        C.llama_sampler_apply(sampler, ctypes.byref(array))
-        token = int(array.data[array.selected].id)  # a sampler may point data elsewhere
-        C.llama_sampler_accept(sampler, token)
-        return token
 
     def _relieve(self) -> None:
         """No KV slot for the step: evict a cached prefix, or end the biggest running sequence."""

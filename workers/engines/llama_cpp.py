@@ -3,7 +3,7 @@
 Every admitted generation runs in one llama context, batched with the others
 (continuous batching, :mod:`workers.engines.llama_batch`): one ``llama_decode``
 per step carries a token of every decoding sequence and prompt chunks of the
-sequences being admitted. Each sequence has its own sampler chain (temperature,
+sequences being admitted. Each sequence has its own sampler (temperature,
 top_p/top_k/min_p, penalties, logit_bias, seed, grammar), stop strings,
 logprobs and max_tokens; this module turns a request into that sequence and its
 tokens into deltas (:class:`_Output`). All calls into llama.cpp happen on the
@@ -74,6 +74,7 @@ from workers.engine import (
 )
 from workers.engines import grammars
 from workers.engines.llama_batch import CHUNK, Handler, Scheduler, Seq, stream
+from workers.engines.llama_sampling import make_sampler
 
 log = logging.getLogger("tokenwire.engine.llama_cpp")
 
@@ -652,7 +653,9 @@ class LlamaCppEngine(Engine):
             max_tokens=self.info.context_length - prepared.prompt_tokens if max_tokens is None else max_tokens,
             generation=generation,
             handler=_Output(self, request, plan, echo),
-            make_sampler=lambda: self._sampler(request.sampling, plan.grammar),
+            make_sampler=lambda: make_sampler(
+                request.sampling, plan.grammar, self._model, self._n_vocab, self.info.context_length
+            ),
             prompt_rows=echo and request.logprobs,
             logits=request.logprobs,
             buffered=generation.whole,
@@ -665,49 +668,6 @@ class LlamaCppEngine(Engine):
 
     def batch_stats(self) -> BatchStats | None:
         return self._stats
-
-    # -- sampling (compute thread) --
-
-    def _sampler(self, sampling: worker_pb2.SamplingParams, grammar: Any) -> Any:
-        """This request's own sampler chain."""
-        from llama_cpp import _internals
-        from llama_cpp import llama_cpp as C
-
-        def opt(name: str, default: float) -> float:
-            return getattr(sampling, name) if sampling.HasField(name) else default  # type: ignore[arg-type]
-
-        sampler = _internals.LlamaSampler()
-        if sampling.logit_bias:
-            sampler.add_logit_bias(self._n_vocab, {int(k): float(v) for k, v in sampling.logit_bias.items()})
-        repeat, freq, presence = (
-            opt("repetition_penalty", 1.0),
-            opt("frequency_penalty", 0.0),
-            opt("presence_penalty", 0.0),
-        )
-        if (repeat, freq, presence) != (1.0, 0.0, 0.0):
-            # Over the generated tokens (the sampler only sees what it accepts).
-            sampler.add_penalties(self._n_vocab, self.info.context_length, repeat, freq, presence)
-        if grammar is not None:
-            sampler.add_grammar(self._model, grammar)
-        temperature = opt("temperature", 1.0)
-        if temperature <= 0:
-            sampler.add_greedy()
-            return sampler
-        # OpenAI's order: temperature first, then the truncations.
-        sampler.add_temp(temperature)
-        top_k = int(opt("top_k", 0))
-        if top_k > 0:
-            sampler.add_top_k(top_k)
-        top_p = opt("top_p", 1.0)
-        if top_p < 1.0:
-            sampler.add_top_p(top_p, 1)
-        min_p = opt("min_p", 0.0)
-        if min_p > 0.0:
-            sampler.add_min_p(min_p, 1)
-        # llama.cpp's seed is 32-bit and 0xFFFFFFFF means "random".
-        seed = int(sampling.seed) % 0xFFFFFFFF if sampling.HasField("seed") else C.LLAMA_DEFAULT_SEED
-        sampler.add_dist(seed)
-        return sampler
 
     @staticmethod
     def _finish_tool_call(

@@ -1,0 +1,186 @@
+"""A request's sampler in the llama_cpp engine: llama.cpp's sampler chain, or the same draw in numpy.
+
+Most requests ask for a temperature and nothing else, or a ``logit_bias`` beside it
+(OpenAI's defaults leave top_p at 1 and have no top_k, min_p or penalties). For those,
+:class:`VocabularyDraw` computes what llama.cpp's ``logit_bias``, ``temp`` and ``dist``
+(or ``greedy``) samplers compute, in a few vector passes over the row of logits: about
+60 µs a token here, where ``llama_sampler_sample`` takes 350 µs building a candidate
+array of the whole vocabulary (49152 entries) and walking it once per sampler. It runs
+on the compute thread between decode steps, where every batched sequence waits for it.
+
+Anything more (top_k, top_p, min_p, penalties, a grammar) runs llama.cpp's own chain,
+:class:`ChainSampler`. Either way the same seed draws the same tokens, from the
+context's logits or from a row kept with a cached prompt.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Protocol
+
+import numpy as np
+
+from tokenwire.v1 import worker_pb2
+
+# llama_token_data, for running a chain on logits kept aside.
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+# Entries summed together before the draw walks one block entry by entry.
+_BLOCK = 256
+
+
+class Sampler(Protocol):
+    def sample_row(self, ctx: Any, row: int) -> int:
+        """Sample from row ``row`` of the context's last logits, and accept the token."""
+
+    def sample(self, logits: np.ndarray) -> int:
+        """The same, from a row of logits kept aside."""
+
+    def close(self) -> None: ...
+
+
+def _opt(sampling: worker_pb2.SamplingParams, name: str, default: float) -> float:
+    return getattr(sampling, name) if sampling.HasField(name) else default  # type: ignore[arg-type]
+
+
+def _penalties(sampling: worker_pb2.SamplingParams) -> tuple[float, float, float]:
+    return (
+        _opt(sampling, "repetition_penalty", 1.0),
+        _opt(sampling, "frequency_penalty", 0.0),
+        _opt(sampling, "presence_penalty", 0.0),
+    )
+
+
+def _bias(sampling: worker_pb2.SamplingParams) -> dict[int, float]:
+    return {int(k): float(v) for k, v in sampling.logit_bias.items()}
+
+
+def _seed(sampling: worker_pb2.SamplingParams) -> int | None:
+    return int(sampling.seed) if sampling.HasField("seed") else None
+
+
+def make_sampler(sampling: worker_pb2.SamplingParams, grammar: Any, model: Any, n_vocab: int, n_ctx: int) -> Sampler:
+    """This request's sampler: the numpy draw when it asks for nothing only a chain does."""
+    truncated = (
+        _opt(sampling, "top_k", 0) > 0 or _opt(sampling, "top_p", 1.0) < 1.0 or _opt(sampling, "min_p", 0.0) > 0.0
+    )
+    if grammar is None and _penalties(sampling) == (1.0, 0.0, 0.0) and not truncated:
+        return VocabularyDraw(n_vocab, _opt(sampling, "temperature", 1.0), _bias(sampling), _seed(sampling))
+    return llama_chain(sampling, grammar, model, n_vocab, n_ctx)
+
+
+def llama_chain(
+    sampling: worker_pb2.SamplingParams, grammar: Any, model: Any, n_vocab: int, n_ctx: int
+) -> ChainSampler:
+    """llama.cpp's sampler chain for every field of the request."""
+    from llama_cpp import _internals
+    from llama_cpp import llama_cpp as C
+
+    chain = _internals.LlamaSampler()
+    bias, penalties = _bias(sampling), _penalties(sampling)
+    if bias:
+        chain.add_logit_bias(n_vocab, bias)
+    if penalties != (1.0, 0.0, 0.0):
+        # Over the generated tokens (the sampler only sees what it accepts).
+        chain.add_penalties(n_vocab, n_ctx, *penalties)
+    if grammar is not None:
+        chain.add_grammar(model, grammar)
+    temperature = _opt(sampling, "temperature", 1.0)
+    if temperature <= 0:
+        chain.add_greedy()
+        return ChainSampler(chain)
+    # OpenAI's order: temperature first, then the truncations.
+    chain.add_temp(temperature)
+    top_k, top_p, min_p = int(_opt(sampling, "top_k", 0)), _opt(sampling, "top_p", 1.0), _opt(sampling, "min_p", 0.0)
+    if top_k > 0:
+        chain.add_top_k(top_k)
+    if top_p < 1.0:
+        chain.add_top_p(top_p, 1)
+    if min_p > 0.0:
+        chain.add_min_p(min_p, 1)
+    # llama.cpp's seed is 32-bit and 0xFFFFFFFF means "random".
+    seed = _seed(sampling)
+    chain.add_dist(C.LLAMA_DEFAULT_SEED if seed is None else seed % 0xFFFFFFFF)
+    return ChainSampler(chain)
+
+
+class ChainSampler:
+    """llama.cpp's sampler chain (a ``llama_cpp._internals.LlamaSampler``)."""
+
+    def __init__(self, chain: Any) -> None:
+        from llama_cpp import llama_cpp as C
+
+        self._C = C
+        self._chain = chain
+
+    def sample_row(self, ctx: Any, row: int) -> int:
+        return int(self._C.llama_sampler_sample(self._chain.sampler, ctx, row))
+
+    def sample(self, logits: np.ndarray) -> int:
+        """What ``llama_sampler_sample`` does with a row of the context."""
+        C = self._C
+        cur = np.zeros(logits.size, dtype=_TOKEN_DATA)
+        cur["id"] = np.arange(logits.size, dtype=np.int32)
+        cur["logit"] = logits
+        array = C.llama_token_data_array(
+            data=cur.ctypes.data_as(C.llama_token_data_p), size=logits.size, selected=-1, sorted=False
+        )
+        C.llama_sampler_apply(self._chain.sampler, ctypes.byref(array))
+        token = int(array.data[array.selected].id)  # a sampler may point data elsewhere
+        C.llama_sampler_accept(self._chain.sampler, token)
+        return token
+
+    def close(self) -> None:
+        self._chain.close()
+
+
+class VocabularyDraw:
+    """``logit_bias``, then ``temperature``, then a draw over the whole vocabulary (greedy at 0).
+
+    The weights are ``exp(l - max)`` of the biased, scaled logits, as llama.cpp's ``dist``
+    computes them; the token is the first whose running sum exceeds ``u * sum`` for a
+    uniform ``u`` in [0, 1), found block by block. Bias for a token outside the vocabulary
+    is ignored, as llama.cpp does.
+    """
+
+    def __init__(self, n_vocab: int, temperature: float, bias: dict[int, float], seed: int | None) -> None:
+        from llama_cpp import llama_cpp as C
+
+        self._C = C
+        self._n_vocab = n_vocab
+        self._temperature = np.float32(temperature)
+        known = {token: value for token, value in bias.items() if 0 <= token < n_vocab}
+        self._bias_ids = np.fromiter(known, dtype=np.int64, count=len(known))
+        self._bias = np.fromiter(known.values(), dtype=np.float32, count=len(known))
+        self._rng = np.random.default_rng(seed)  # None: fresh entropy
+        self._starts = np.arange(0, n_vocab, _BLOCK)
+
+    def sample_row(self, ctx: Any, row: int) -> int:
+        logits = np.ctypeslib.as_array(self._C.llama_get_logits_ith(ctx, row), shape=(self._n_vocab,))
+        return self.sample(logits)
+
+    def sample(self, logits: np.ndarray) -> int:
+        x = logits.copy()
+        if self._bias.size:
+            x[self._bias_ids] += self._bias
+        if self._temperature <= 0:
+            return int(np.argmax(x))  # the first of equal maxima, as llama.cpp's greedy
+        np.divide(x, self._temperature, out=x)
+        np.subtract(x, x.max(), out=x)
+        weights = np.exp(x, out=x)
+        return self._draw(weights)
+
+    def _draw(self, weights: np.ndarray) -> int:
+        sums = np.cumsum(np.add.reduceat(weights, self._starts, dtype=np.float64))
+        target = self._rng.random() * sums[-1]
+        # The first block whose running sum exceeds the target: its own sum is > 0.
+        b = min(int(np.searchsorted(sums, target, side="right")), sums.size - 1)
+        start = int(self._starts[b])
+        block = weights[start : start + _BLOCK]
+        running = np.cumsum(block, dtype=np.float64) + (sums[b - 1] if b else 0.0)
+        i = int(np.searchsorted(running, target, side="right"))
+        if i >= block.size or block[i] == 0:  # past the end by rounding: its last token that can be drawn
+            i = int(np.flatnonzero(block)[-1])
+        return start + i
+
+    def close(self) -> None:
+        pass
