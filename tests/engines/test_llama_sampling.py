@@ -54,6 +54,8 @@ def test_plain_requests_get_the_numpy_draw_and_the_rest_the_chain() -> None:
         make_sampler(_sampling(temperature=0.0, logit_bias={5: 1.0}), None, None, VOCAB, 8192), VocabularyDraw
     )
     assert isinstance(make_sampler(_sampling(top_p=1.0, top_k=0, min_p=0.0), None, None, VOCAB, 8192), VocabularyDraw)
+    neutral = _sampling(max_tokens=5, stop=["x"], presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0)
+    assert isinstance(make_sampler(neutral, None, None, VOCAB, 8192), VocabularyDraw)
     for fields in (
         {"top_p": 0.9},
         {"top_k": 40},

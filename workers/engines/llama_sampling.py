@@ -58,14 +58,30 @@ def _seed(sampling: worker_pb2.SamplingParams) -> int | None:
     return int(sampling.seed) if sampling.HasField("seed") else None
 
 
+# The fields the draw honours, and those no sampler reads (the engine's loop does).
+_DRAW_FIELDS = {"temperature", "logit_bias", "seed", "max_tokens", "stop"}
+# The chain's other fields, at the values where they change nothing.
+_NEUTRAL: dict[str, float] = {
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+}
+
+
 def make_sampler(sampling: worker_pb2.SamplingParams, grammar: Any, model: Any, n_vocab: int, n_ctx: int) -> Sampler:
-    """This request's sampler: the numpy draw when it asks for nothing only a chain does."""
-    truncated = (
-        _opt(sampling, "top_k", 0) > 0 or _opt(sampling, "top_p", 1.0) < 1.0 or _opt(sampling, "min_p", 0.0) > 0.0
+    """This request's sampler: the numpy draw unless it asks for something only the chain does.
+
+    A field added to ``SamplingParams`` later goes to the chain until the draw learns it.
+    """
+    needs_chain = grammar is not None or any(
+        field.name not in _DRAW_FIELDS and value != _NEUTRAL.get(field.name) for field, value in sampling.ListFields()
     )
-    if grammar is None and _penalties(sampling) == (1.0, 0.0, 0.0) and not truncated:
-        return VocabularyDraw(n_vocab, _opt(sampling, "temperature", 1.0), _bias(sampling), _seed(sampling))
-    return llama_chain(sampling, grammar, model, n_vocab, n_ctx)
+    if needs_chain:
+        return llama_chain(sampling, grammar, model, n_vocab, n_ctx)
+    return VocabularyDraw(n_vocab, _opt(sampling, "temperature", 1.0), _bias(sampling), _seed(sampling))
 
 
 def llama_chain(
