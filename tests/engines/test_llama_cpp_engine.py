@@ -318,16 +318,21 @@ async def test_multibyte_characters_are_never_split(engine: LlamaCppEngine) -> N
     assert len(globes) == 3 and all(len(d.token_ids) == 3 for d in globes)
 
 
-async def test_seed_repeats(engine: LlamaCppEngine) -> None:
+# The numpy draw (temperature only; a negative seed, as OpenAI allows) and llama.cpp's chain (top_p).
+@pytest.mark.parametrize(("seed", "top_p"), [(1234, None), (-1234, None), (1234, 0.95)])
+async def test_seed_repeats(engine: LlamaCppEngine, seed: int, top_p: float | None) -> None:
     def request(seed: int) -> worker_pb2.GenerateRequest:
-        return chat(("user", STORY), sampling=worker_pb2.SamplingParams(temperature=1.0, seed=seed))
+        sampling = worker_pb2.SamplingParams(temperature=1.0, seed=seed)
+        if top_p is not None:
+            sampling.top_p = top_p
+        return chat(("user", STORY), sampling=sampling)
 
-    first = text_of((await run(engine, request(1234), 24))[0])
+    first = text_of((await run(engine, request(seed), 24))[0])
     # Something else in between changes the KV cache; the result must not change.
     await run(engine, chat(("user", "Hi"), sampling=worker_pb2.SamplingParams(temperature=1.0)), 5)
-    again = text_of((await run(engine, request(1234), 24))[0])
-    twice = text_of((await run(engine, request(1234), 24))[0])
-    other = text_of((await run(engine, request(4321), 24))[0])
+    again = text_of((await run(engine, request(seed), 24))[0])
+    twice = text_of((await run(engine, request(seed), 24))[0])
+    other = text_of((await run(engine, request(seed + 1), 24))[0])
     assert first == again == twice
     assert other != first
 

@@ -95,8 +95,8 @@ class Seq:
     max_tokens: int
     generation: Generation
     handler: Handler
-    # An _internals.LlamaSampler chain, built on the compute thread at admission and
-    # closed when the sequence leaves.
+    # The request's sampler (llama_sampling.make_sampler), built on the compute thread at
+    # admission and closed when the sequence leaves.
     make_sampler: Callable[[], Sampler]
     # Every prompt row's logits (echo with logprobs): no prefix reuse, no sharing.
     prompt_rows: bool = False

@@ -167,7 +167,8 @@ class VocabularyDraw:
         known = {token: value for token, value in bias.items() if 0 <= token < n_vocab}
         self._bias_ids = np.fromiter(known, dtype=np.int64, count=len(known))
         self._bias = np.fromiter(known.values(), dtype=np.float32, count=len(known))
-        self._rng = np.random.default_rng(seed)  # None: fresh entropy
+        # None: fresh entropy. OpenAI's seed is any int64; numpy takes non-negative ones.
+        self._rng = np.random.default_rng(None if seed is None else seed % 2**64)
         self._starts = np.arange(0, n_vocab, _BLOCK)
 
     def sample_row(self, ctx: Any, row: int) -> int:
