@@ -127,3 +127,18 @@ def test_the_draw_never_returns_a_token_it_cannot_draw() -> None:
     row = np.full(odd, -200.0, dtype=np.float32)
     row[odd - 1] = 0.0
     assert {draw.sample(row) for _ in range(100)} == {odd - 1}
+
+
+class _TopOfTheRange:
+    """u = 1: what rounding can make of u * sum at the very top of [0, 1)."""
+
+    def random(self) -> float:
+        return 1.0
+
+
+def test_a_target_past_the_last_weight_takes_the_last_token_that_can_be_drawn(monkeypatch: pytest.MonkeyPatch) -> None:
+    draw = VocabularyDraw(VOCAB, 1.0, {}, seed=5)
+    monkeypatch.setattr(draw, "_rng", _TopOfTheRange())
+    row = np.full(VOCAB, -200.0, dtype=np.float32)  # every later block underflows to 0
+    row[[300, 400]] = 0.0
+    assert draw.sample(row) == 400

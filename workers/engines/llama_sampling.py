@@ -187,10 +187,13 @@ class VocabularyDraw:
         return self._draw(weights)
 
     def _draw(self, weights: np.ndarray) -> int:
-        sums = np.cumsum(np.add.reduceat(weights, self._starts, dtype=np.float64))
-        target = self._rng.random() * sums[-1]
+        blocks = np.add.reduceat(weights, self._starts, dtype=np.float64)
+        sums = np.cumsum(blocks)
+        target = self._rng.random() * sums[-1]  # the largest weight is exp(0): the sum is >= 1
         # The first block whose running sum exceeds the target: its own sum is > 0.
-        b = min(int(np.searchsorted(sums, target, side="right")), sums.size - 1)
+        b = int(np.searchsorted(sums, target, side="right"))
+        if b >= sums.size:  # past the end by rounding: the last block that can be drawn
+            b = int(np.flatnonzero(blocks)[-1])
         start = int(self._starts[b])
         block = weights[start : start + _BLOCK]
         running = np.cumsum(block, dtype=np.float64) + (sums[b - 1] if b else 0.0)
