@@ -166,6 +166,38 @@ async def test_cancelled_neighbour_does_not_change_a_sequence(engine: LlamaCppEn
     assert stats(engine).kv_cells_in_use == 0
 
 
+async def test_a_request_whose_sampler_fails_ends_alone(
+    engine: LlamaCppEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault injected into one request's sampler: that request fails, its neighbour runs on."""
+    made = llama_cpp.make_sampler
+
+    def failing(sampling: worker_pb2.SamplingParams, *args: object):  # type: ignore[no-untyped-def]
+        if sampling.seed == 666:
+            raise RuntimeError("injected sampler failure")
+        return made(sampling, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(llama_cpp, "make_sampler", failing)
+    good, bad = long_request(STORY), long_request("Tell me about the moon.", seed=666)
+    running = Generation()
+
+    async def consume(request: worker_pb2.GenerateRequest, generation: Generation) -> list[Delta]:
+        prepared = await engine.prepare(request)
+        return [d async for d in engine.generate(request, prepared, 48, generation)]
+
+    neighbour = asyncio.create_task(consume(good, running))
+    for _ in range(500):  # the neighbour is decoding
+        if running.tokens >= 4:
+            break
+        await asyncio.sleep(0.01)
+    assert running.tokens >= 4
+    with pytest.raises(RuntimeError, match="injected sampler failure"):
+        await consume(bad, Generation())
+    deltas = await neighbour
+    assert sum(d.token_count for d in deltas) == 48 and deltas[-1].finish_reason == "length"
+    assert stats(engine).running == 0 and stats(engine).kv_cells_in_use == 0
+
+
 # -- every kind of request, batched ---------------------------------------------
 
 CITY_SCHEMA = {

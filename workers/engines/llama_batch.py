@@ -278,7 +278,13 @@ class Scheduler:
             else:
                 seq.seq_id = self._take_id()
             seq.tokens = list(seq.prompt)
-            seq.sampler = seq.make_sampler()
+            try:
+                seq.sampler = seq.make_sampler()
+            except Exception as exc:  # this request's own failure: the batch runs on
+                log.exception("llama_cpp: a request's sampler could not be made")
+                self._emit(seq, [exc], done=True)
+                self._drop(seq, keep=False)
+                continue
             self._active.append(seq)
             if seq.first_logits is not None:  # the whole prompt was cached, with its logits
                 self._start(seq, [], -1, saved=seq.first_logits)
