@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -88,10 +89,18 @@ def _cpu_ticks(pid: int) -> int:
 def _switches(pid: int) -> int:
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
-        for line in (task / "status").read_text().splitlines():
-            if "ctxt_switches:" in line:  # voluntary and nonvoluntary
-                total += int(line.split()[1])
+        try:
+            lines = (task / "status").read_text().splitlines()
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        total += sum(int(line.split()[1]) for line in lines if "ctxt_switches:" in line)  # voluntary + not
     return total
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def _start(*argv: str) -> subprocess.Popen[str]:
@@ -128,7 +137,7 @@ def main() -> None:
         if args.unix:
             source_address, relay_address = f"unix:{tmp}/source.sock", f"unix:{tmp}/relay.sock"
         else:
-            source_address, relay_address = "127.0.0.1:50571", "127.0.0.1:50572"
+            source_address, relay_address = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
         common = ["--messages", str(args.messages), "--period", str(args.period)]
         for option in args.option:
             common += ["--option", option]
