@@ -56,6 +56,7 @@ def test_plain_requests_get_the_numpy_draw_and_the_rest_the_chain() -> None:
     assert isinstance(make_sampler(_sampling(top_p=1.0, top_k=0, min_p=0.0), None, None, VOCAB, 8192), VocabularyDraw)
     neutral = _sampling(max_tokens=5, stop=["x"], presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0)
     assert isinstance(make_sampler(neutral, None, None, VOCAB, 8192), VocabularyDraw)
+    assert isinstance(make_sampler(_sampling(top_k=-1), None, None, VOCAB, 8192), VocabularyDraw)  # vLLM's "off"
     for fields in (
         {"top_p": 0.9},
         {"top_k": 40},

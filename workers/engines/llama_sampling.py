@@ -16,6 +16,7 @@ context's logits or from a row kept with a cached prompt.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -60,14 +61,15 @@ def _seed(sampling: worker_pb2.SamplingParams) -> int | None:
 
 # The fields the draw honours, and those no sampler reads (the engine's loop does).
 _DRAW_FIELDS = {"temperature", "logit_bias", "seed", "max_tokens", "stop"}
-# The chain's other fields, at the values where they change nothing.
-_NEUTRAL: dict[str, float] = {
-    "top_p": 1.0,
-    "top_k": 0,
-    "min_p": 0.0,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "repetition_penalty": 1.0,
+# The chain's other fields: the values at which llama_chain adds nothing for them
+# (top_k -1 is vLLM's "off", 0 OpenAI-style clients').
+_NO_OP: dict[str, Callable[[float], bool]] = {
+    "top_p": lambda v: v >= 1.0,
+    "top_k": lambda v: v <= 0,
+    "min_p": lambda v: v <= 0.0,
+    "presence_penalty": lambda v: v == 0.0,
+    "frequency_penalty": lambda v: v == 0.0,
+    "repetition_penalty": lambda v: v == 1.0,
 }
 
 
@@ -77,7 +79,8 @@ def make_sampler(sampling: worker_pb2.SamplingParams, grammar: Any, model: Any, 
     A field added to ``SamplingParams`` later goes to the chain until the draw learns it.
     """
     needs_chain = grammar is not None or any(
-        field.name not in _DRAW_FIELDS and value != _NEUTRAL.get(field.name) for field, value in sampling.ListFields()
+        field.name not in _DRAW_FIELDS and not _NO_OP.get(field.name, lambda _: False)(value)
+        for field, value in sampling.ListFields()
     )
     if needs_chain:
         return llama_chain(sampling, grammar, model, n_vocab, n_ctx)
