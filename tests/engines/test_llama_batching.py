@@ -166,20 +166,44 @@ async def test_cancelled_neighbour_does_not_change_a_sequence(engine: LlamaCppEn
     assert stats(engine).kv_cells_in_use == 0
 
 
-async def test_a_request_whose_sampler_fails_ends_alone(
-    engine: LlamaCppEngine, monkeypatch: pytest.MonkeyPatch
+def _inject(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Make the requests with seed 666 fail at ``where``: making the sampler, starting, or at their 3rd token."""
+
+    def bad(sampling: worker_pb2.SamplingParams) -> bool:
+        return sampling.HasField("seed") and sampling.seed == 666
+
+    if where == "sampler":
+        made = llama_cpp.make_sampler
+
+        def failing_sampler(sampling: worker_pb2.SamplingParams, *args: object) -> object:
+            if bad(sampling):
+                raise RuntimeError("injected failure")
+            return made(sampling, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(llama_cpp, "make_sampler", failing_sampler)
+        return
+    original = getattr(llama_cpp._Output, where)
+
+    calls: dict[int, int] = {}
+
+    def failing(self: llama_cpp._Output, *args: object) -> object:
+        calls[id(self)] = calls.get(id(self), 0) + 1
+        if bad(self.request.sampling) and (where == "prompt_done" or calls[id(self)] == 3):
+            raise RuntimeError("injected failure")
+        return original(self, *args)
+
+    monkeypatch.setattr(llama_cpp._Output, where, failing)
+
+
+@pytest.mark.parametrize("where", ["sampler", "prompt_done", "token"])
+async def test_a_request_that_fails_ends_alone(
+    engine: LlamaCppEngine, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
-    """A fault injected into one request's sampler: that request fails, its neighbour runs on."""
-    made = llama_cpp.make_sampler
-
-    def failing(sampling: worker_pb2.SamplingParams, *args: object):  # type: ignore[no-untyped-def]
-        if sampling.seed == 666:
-            raise RuntimeError("injected sampler failure")
-        return made(sampling, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(llama_cpp, "make_sampler", failing)
+    """A fault injected into one request (its sampler, or its output handling, on the compute
+    thread): that request fails with it, its neighbour in the batch runs on, and no KV is left."""
+    _inject(monkeypatch, where)
     good, bad = long_request(STORY), long_request("Tell me about the moon.", seed=666)
-    running = Generation()
+    running, failing = Generation(), Generation()
 
     async def consume(request: worker_pb2.GenerateRequest, generation: Generation) -> list[Delta]:
         prepared = await engine.prepare(request)
@@ -191,8 +215,9 @@ async def test_a_request_whose_sampler_fails_ends_alone(
             break
         await asyncio.sleep(0.01)
     assert running.tokens >= 4
-    with pytest.raises(RuntimeError, match="injected sampler failure"):
-        await consume(bad, Generation())
+    with pytest.raises(RuntimeError, match="injected failure"):
+        await consume(bad, failing)
+    assert failing.tokens == (3 if where == "token" else 0)
     deltas = await neighbour
     assert sum(d.token_count for d in deltas) == 48 and deltas[-1].finish_reason == "length"
     assert stats(engine).running == 0 and stats(engine).kv_cells_in_use == 0

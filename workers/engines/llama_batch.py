@@ -280,10 +280,8 @@ class Scheduler:
             seq.tokens = list(seq.prompt)
             try:
                 seq.sampler = seq.make_sampler()
-            except Exception as exc:  # this request's own failure: the batch runs on
-                log.exception("llama_cpp: a request's sampler could not be made")
-                self._emit(seq, [exc], done=True)
-                self._drop(seq, keep=False)
+            except Exception as exc:
+                self._fail(seq, exc)
                 continue
             self._active.append(seq)
             if seq.first_logits is not None:  # the whole prompt was cached, with its logits
@@ -470,7 +468,11 @@ class Scheduler:
         seq.decoding = True
         if self.per_sequence and saved is None and not seq.prompt_rows:
             seq.first_logits = self._row(row).copy()  # kept with the prompt when it is cached
-        deltas = seq.handler.prompt_done(rows)
+        try:
+            deltas = seq.handler.prompt_done(rows)
+        except Exception as exc:
+            self._fail(seq, exc)
+            return
         if deltas:
             self._emit(seq, deltas, done=False)
         self._sample(seq, row, saved)
@@ -483,20 +485,24 @@ class Scheduler:
             return  # leaves at the next step, without another token
         sampler = seq.sampler
         assert sampler is not None  # made at admission
-        if saved is not None:
-            logits = saved if seq.logits else None
-            token = sampler.sample(saved)
-        else:
-            logits = self._row(row).copy() if seq.logits else None
-            token = sampler.sample_row(self._ctx, row)
-        seq.generation.produced()
-        seq.generated += 1
-        seq.last = token
-        deltas, done = seq.handler.token(token, logits)
-        # The context holds prompt and completion: the last token needs no cell, but counts.
-        if not done and (seq.generated >= seq.max_tokens or seq.n_past + 1 >= self._n_ctx):
-            deltas += seq.handler.end("length")
-            done = True
+        try:
+            if saved is not None:
+                logits = saved if seq.logits else None
+                token = sampler.sample(saved)
+            else:
+                logits = self._row(row).copy() if seq.logits else None
+                token = sampler.sample_row(self._ctx, row)
+            seq.generation.produced()
+            seq.generated += 1
+            seq.last = token
+            deltas, done = seq.handler.token(token, logits)
+            # The context holds prompt and completion: the last token needs no cell, but counts.
+            if not done and (seq.generated >= seq.max_tokens or seq.n_past + 1 >= self._n_ctx):
+                deltas += seq.handler.end("length")
+                done = True
+        except Exception as exc:
+            self._fail(seq, exc)
+            return
         self._emit(seq, deltas, done)
         if done:
             self._drop(seq, keep=True)
@@ -513,8 +519,19 @@ class Scheduler:
             seq.chunk = (0, 0)
         victim = max(self._active, key=lambda s: s.n_past)
         log.warning("llama_cpp: the KV cache is full; ending a sequence of %d tokens with length", victim.n_past)
-        self._emit(victim, victim.handler.end("length"), done=True)
+        try:
+            deltas = victim.handler.end("length")
+        except Exception as exc:
+            self._fail(victim, exc)
+            return
+        self._emit(victim, deltas, done=True)
         self._drop(victim, keep=False)
+
+    def _fail(self, seq: Seq, exc: Exception) -> None:
+        """A request's own failure (its sampler, its output): it ends with the error, the batch runs on."""
+        log.error("llama_cpp: a request failed; the others in its batch run on", exc_info=exc)
+        self._emit(seq, [exc], done=True)
+        self._drop(seq, keep=False)
 
     def _hand_prefix(self, leader: Seq, follower: Seq, n: int) -> None:
         """A follower of a shared prefix gets its first ``n`` positions and prefills the rest itself."""
