@@ -3,10 +3,11 @@
 Most requests ask for a temperature and nothing else, or a ``logit_bias`` beside it
 (OpenAI's defaults leave top_p at 1 and have no top_k, min_p or penalties). For those,
 :class:`VocabularyDraw` computes what llama.cpp's ``logit_bias``, ``temp`` and ``dist``
-(or ``greedy``) samplers compute, in a few vector passes over the row of logits: 75 µs
-a token here (7 µs greedy), where ``llama_sampler_sample`` takes 320-350 µs building a
-candidate array of the whole vocabulary (49152 entries) and walking it once per sampler.
-It runs on the compute thread between decode steps, where every batched sequence waits.
+(or ``greedy``) samplers compute, in a few vector passes over the row of logits.
+``llama_sampler_sample`` builds a candidate array of the whole vocabulary (49152 entries)
+and walks it once per sampler. Where sampling runs, on the compute thread right after a
+decode, the draw takes 290-320 µs a token here and the chain 470 (``bench/step_costs.py``);
+every batched sequence waits for it.
 
 Anything more (top_k, top_p, min_p, penalties, a grammar) runs llama.cpp's own chain,
 :class:`ChainSampler`. Either way the same seed draws the same tokens, from the
@@ -16,7 +17,10 @@ context's logits or from a row kept with a cached prompt.
 from __future__ import annotations
 
 import ctypes
+import random
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
+from itertools import accumulate
 from typing import Any, Protocol
 
 import numpy as np
@@ -159,6 +163,11 @@ class VocabularyDraw:
     computes them; the token is the first whose running sum exceeds ``u * sum`` for a
     uniform ``u`` in [0, 1), found block by block. Bias for a token outside the vocabulary
     is ignored, as llama.cpp does.
+
+    It runs right after a decode has streamed the weights through the caches, where each
+    numpy call costs several times what it costs in a loop: so the weights go into one
+    scratch array made once, and the two short walks (over block sums, then one block) are
+    plain Python over floats.
     """
 
     def __init__(self, n_vocab: int, temperature: float, bias: dict[int, float], seed: int | None) -> None:
@@ -168,42 +177,46 @@ class VocabularyDraw:
         self._n_vocab = n_vocab
         self._temperature = np.float32(temperature)
         known = {token: value for token, value in bias.items() if 0 <= token < n_vocab}
-        self._bias_ids = np.fromiter(known, dtype=np.int64, count=len(known))
+        self._bias_ids = np.fromiter(known, dtype=np.intp, count=len(known))
         self._bias = np.fromiter(known.values(), dtype=np.float32, count=len(known))
-        # None: fresh entropy. OpenAI's seed is any int64; numpy takes non-negative ones.
-        self._rng = np.random.default_rng(None if seed is None else seed % 2**64)
-        self._starts = np.arange(0, n_vocab, _BLOCK)
+        # None: fresh entropy. OpenAI's seed is any int64; taken modulo 2**64, -1 and 1 differ.
+        self._rng = random.Random(None if seed is None else seed % 2**64)
+        # The weights, one block a row; the last row's tail past the vocabulary stays 0.
+        self._blocks = np.zeros((-(-n_vocab // _BLOCK), _BLOCK), dtype=np.float32)
+        self._x = self._blocks.reshape(-1)[:n_vocab]
 
     def sample_row(self, ctx: Any, row: int) -> int:
         logits = np.ctypeslib.as_array(self._C.llama_get_logits_ith(ctx, row), shape=(self._n_vocab,))
         return self.sample(logits)
 
     def sample(self, logits: np.ndarray) -> int:
-        x = logits.copy()
-        if self._bias.size:
-            x[self._bias_ids] += self._bias
-        if self._temperature <= 0:
-            return int(np.argmax(x))  # the first of equal maxima, as llama.cpp's greedy
-        np.divide(x, self._temperature, out=x)
+        x, ids = self._x, self._bias_ids
+        if self._temperature <= 0:  # the first of equal maxima, as llama.cpp's greedy
+            if not ids.size:
+                return int(np.argmax(logits))
+            np.copyto(x, logits)
+            x[ids] += self._bias
+            return int(np.argmax(x))
+        np.divide(logits, self._temperature, out=x)
+        if ids.size:  # llama.cpp's order: the bias, then the temperature
+            x[ids] = (logits[ids] + self._bias) / self._temperature
         np.subtract(x, x.max(), out=x)
-        weights = np.exp(x, out=x)
-        return self._draw(weights)
+        np.exp(x, out=x)
+        return self._draw()
 
-    def _draw(self, weights: np.ndarray) -> int:
-        blocks = np.add.reduceat(weights, self._starts, dtype=np.float64)
-        sums = np.cumsum(blocks)
+    def _draw(self) -> int:
+        sums = list(accumulate(self._blocks.sum(axis=1).tolist()))
         target = self._rng.random() * sums[-1]  # the largest weight is exp(0): the sum is >= 1
         # The first block whose running sum exceeds the target: its own sum is > 0.
-        b = int(np.searchsorted(sums, target, side="right"))
-        if b >= sums.size:  # past the end by rounding: the last block that can be drawn
-            b = int(np.flatnonzero(blocks)[-1])
-        start = int(self._starts[b])
-        block = weights[start : start + _BLOCK]
-        running = np.cumsum(block, dtype=np.float64) + (sums[b - 1] if b else 0.0)
-        i = int(np.searchsorted(running, target, side="right"))
-        if i >= block.size or block[i] == 0:  # past the end by rounding: its last token that can be drawn
+        b = bisect_right(sums, target)
+        if b >= len(sums):  # past the end by rounding: the last block that can be drawn
+            b = bisect_left(sums, sums[-1])
+        block = self._blocks[b]
+        running = list(accumulate(block.tolist(), initial=sums[b - 1] if b else 0.0))
+        i = bisect_right(running, target) - 1
+        if i >= _BLOCK or block[i] == 0:  # past the end by rounding: its last token that can be drawn
             i = int(np.flatnonzero(block)[-1])
-        return start + i
+        return b * _BLOCK + i
 
     def close(self) -> None:
         pass
