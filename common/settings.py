@@ -253,6 +253,19 @@ def configure_process(parser: argparse.ArgumentParser, args: argparse.Namespace,
         cluster.configure(args.cluster_token, mtls=bool(getattr(args, "tls_client_ca", None)))
 
 
+def restart_with(env: dict[str, str]) -> None:
+    """Run this same command again with ``env`` added, if it is not there yet: for what only a
+    process's start reads (glibc's tunables). ``exec``: the same pid, arguments and stdio, so a
+    supervisor (``tokenwire serve``, systemd) sees one process."""
+    if all(os.environ.get(name) == value for name, value in env.items()):
+        return
+    logging.getLogger("tokenwire").info("restarting with %s", " ".join(f"{k}={v}" for k, v in env.items()))
+    os.environ.update(env)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os.execv(sys.executable, sys.orig_argv)
+
+
 def run_part(
     prog: str,
     add_flags: Callable[[argparse.ArgumentParser], None],

@@ -14,11 +14,13 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import openai
 import pytest
 
 from tests import harness
+from workers.engines import llama_cpp
 
 pytestmark = pytest.mark.models
 
@@ -77,6 +79,23 @@ def idle(stack: Stack):  # type: ignore[no-untyped-def]
         lambda: (s := stack.stats()).in_flight == 0 and s.running_sequences == 0 and s.kv_cells_in_use == 0 and s,
         timeout=60,
     )
+
+
+def test_the_worker_keeps_its_kv_cache_in_huge_pages(stack: Stack) -> None:
+    """The worker restarted itself, in place, with glibc's huge pages: its KV cache is in them."""
+    try:
+        on_request = "[madvise]" in llama_cpp.THP_MODE.read_text()
+    except OSError:
+        on_request = False
+    if not on_request:
+        pytest.skip("this kernel gives transparent huge pages to all memory or to none")
+    assert stack.worker.process is not None
+    proc = Path(f"/proc/{stack.worker.process.pid}")  # the pid we started: the restart was an exec
+    assert b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in (proc / "environ").read_bytes().split(b"\0")
+    huge_kb = next(int(line.split()[1]) for line in (proc / "smaps_rollup").open() if line.startswith("AnonHuge"))
+    # Per-sequence KV: streams x cells x bytes a cell (SmolLM2-135M: 30 layers, K and V of 3 heads x 64, f16).
+    kv_bytes = PARALLEL * 2048 * (30 * 2 * 3 * 64 * 2)
+    assert huge_kb * 1024 >= kv_bytes
 
 
 def test_concurrent_streams_share_decode_steps(stack: Stack, client: openai.OpenAI) -> None:

@@ -72,8 +72,12 @@ def run(args: argparse.Namespace) -> None:
     from workers.server import run_worker
 
     cluster.check_listen("worker", [args.host], insecure=args.insecure_cluster)
+    module = importlib.import_module(ENGINES[args.engine])
+    # An engine may need its process started with some environment (llama_cpp: huge pages).
+    if hasattr(module, "process_environment"):
+        settings.restart_with(module.process_environment(args))
     tls = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
-    engine = importlib.import_module(ENGINES[args.engine]).build(args)
+    engine = module.build(args)
     settings.run_server(
         lambda stop: run_worker(
             engine,

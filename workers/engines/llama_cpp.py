@@ -96,6 +96,10 @@ KV_CACHES = ("unified", "per-sequence")
 KV_AUTO_SHARE = 4
 # Per-sequence KV: host memory for prompts saved from streams (a 40-token SmolLM2 prompt is ~1 MB).
 DEFAULT_PROMPT_CACHE_MIB = 1024
+# glibc's tunable that puts large allocations (the KV cache is one) in transparent huge pages,
+# where the kernel gives them only on request (process_environment).
+HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 _GRAMMAR_CACHE_SIZE = 256
 
@@ -872,6 +876,35 @@ def add_arguments(group: FlagAdder) -> None:
         help=f"Prompt tokens evaluated per decode step, beside the decoding sequences (default "
         f"{DEFAULT_PREFILL_BUDGET}): higher favours time to first token, lower the streams already running.",
     )
+    group.add_argument(
+        "--no-huge-pages",
+        action="store_true",
+        help="Keep the KV cache in 4 KB pages. By default, where the kernel gives transparent huge pages on "
+        f"request, the worker restarts itself once with GLIBC_TUNABLES={HUGETLB_TUNABLE} (a one-sequence "
+        "decode was 4%% faster here); a glibc.malloc.hugetlb you set yourself is kept.",
+    )
+
+
+def process_environment(args: argparse.Namespace) -> dict[str, str]:
+    """What this engine's process must start with: huge pages for its large allocations.
+
+    With per-sequence KV each stream's V rows lie ``n_ctx`` cells apart, so with 4 KB pages
+    a one-sequence decode misses the TLB on most rows it reads: 11.97 against 11.39 ms a
+    step here (median of 8 interleaved runs, 8 streams of 8192 cells). glibc reads its
+    tunables only when a process starts; the worker command restarts with this, once.
+    Nothing where the kernel already gives huge pages to all memory, or none.
+    """
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if getattr(args, "no_huge_pages", False) or "glibc.malloc.hugetlb=" in tunables or not _thp_on_request():
+        return {}
+    return {"GLIBC_TUNABLES": f"{tunables}:{HUGETLB_TUNABLE}" if tunables else HUGETLB_TUNABLE}
+
+
+def _thp_on_request() -> bool:
+    try:
+        return "[madvise]" in THP_MODE.read_text()
+    except OSError:  # not Linux, or no transparent huge pages
+        return False
 
 
 def build(args: argparse.Namespace) -> Engine:
