@@ -5,12 +5,14 @@ bench's chat prompt, then ``--steps`` steps decode one token of every sequence i
 each sequence sampled by its own chain. Prints the best of 3 runs (after a warm-up).
 
     .venv/bin/python bench/decode_steps.py --sequences 8 [--per-sequence-kv] [--flash-attn off|on|auto]
-        [--sampler whole|top-k] [--id-stride 2]
+        [--sampler whole|top-k] [--id-stride 2] [--streams 8 --n-ctx 65536]
 
 ``whole`` samples temperature 0.7 over the whole vocabulary (an OpenAI request with only a
 temperature: what tokenwire does); ``top-k`` cuts to top_k 40 / top_p 0.95 / min_p 0.05 first, as
 llama-server does by default. ``--id-stride K`` gives sequence s the id s*K: with per-sequence KV,
 llama.cpp puts only consecutive ids into one micro-batch, so gaps between running ids cost steps.
+``--streams 8 --n-ctx 65536`` gives the context 8 streams of 8192 cells whatever ``--sequences`` runs,
+as the worker has (``bench/huge_pages.py`` runs it with and without huge pages).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def main() -> None:
     parser.add_argument("--flash-attn", choices=sorted(FLASH_ATTN), default="off")
     parser.add_argument("--sampler", choices=["whole", "top-k"], default="whole")
     parser.add_argument("--id-stride", type=int, default=1, help="sequence s gets id s * K")
+    parser.add_argument(
+        "--streams", type=int, default=0, help="sequence ids (KV streams) the context has (default: as many as used)"
+    )
     args = parser.parse_args()
     from llama_cpp import llama_cpp as C
 
@@ -51,7 +56,7 @@ def main() -> None:
     n_vocab = C.llama_vocab_n_tokens(vocab)
     params = C.llama_context_default_params()
     params.n_ctx, params.n_batch, params.n_ubatch = args.n_ctx, 512, 32
-    params.n_seq_max = args.sequences * args.id_stride
+    params.n_seq_max = max(args.streams, args.sequences * args.id_stride)
     ids_of = [s * args.id_stride for s in range(args.sequences)]
     params.kv_unified = not args.per_sequence_kv
     params.n_threads = params.n_threads_batch = args.threads
@@ -105,6 +110,7 @@ def main() -> None:
     step_ms, tok_s = min((run() for _ in range(3)), key=lambda r: r[0])
     layout = "per-sequence KV" if args.per_sequence_kv else "unified KV"
     layout += f", ids every {args.id_stride}" if args.id_stride > 1 else ""
+    layout += f", {params.n_seq_max} streams of {args.n_ctx // params.n_seq_max} cells" if args.per_sequence_kv else ""
     print(
         f"{args.sequences} sequences, {layout}, flash attention {args.flash_attn}, {args.sampler} sampler: "
         f"{step_ms:.2f} ms a step, {tok_s:.0f} tokens/s"

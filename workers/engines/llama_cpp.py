@@ -881,7 +881,7 @@ def add_arguments(group: FlagAdder) -> None:
         action="store_true",
         help="Keep the KV cache in 4 KB pages. By default, where the kernel gives transparent huge pages on "
         f"request, the worker restarts itself once with GLIBC_TUNABLES={HUGETLB_TUNABLE} (a one-sequence "
-        "decode was 4%% faster here); a glibc.malloc.hugetlb you set yourself is kept.",
+        "decode step took 2%% less time here); a glibc.malloc.hugetlb you set yourself is kept.",
     )
 
 
@@ -889,10 +889,11 @@ def process_environment(args: argparse.Namespace) -> dict[str, str]:
     """What this engine's process must start with: huge pages for its large allocations.
 
     With per-sequence KV each stream's V rows lie ``n_ctx`` cells apart, so with 4 KB pages
-    a one-sequence decode misses the TLB on most rows it reads: 11.97 against 11.39 ms a
-    step here (median of 8 interleaved runs, 8 streams of 8192 cells). glibc reads its
-    tunables only when a process starts; the worker command restarts with this, once.
-    Nothing where the kernel already gives huge pages to all memory, or none.
+    a one-sequence decode misses the TLB on most rows it reads: a step took 12.57 against
+    12.81 ms with huge pages, less in each of 6 interleaved rounds (``bench/huge_pages.py``,
+    8 streams of 8192 cells; level at 8 sequences). glibc reads its tunables only when a
+    process starts; the worker command restarts with this, once. Nothing where the kernel
+    already gives huge pages to all memory, or none.
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if getattr(args, "no_huge_pages", False) or "glibc.malloc.hugetlb=" in tunables or not _thp_on_request():
