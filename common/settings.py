@@ -226,6 +226,10 @@ def configure_process(parser: argparse.ArgumentParser, args: argparse.Namespace,
     from common.grpc_server import configure_client_tls, configure_message_limits
     from common.observability import setup_logging
 
+    # First, before any file is read: a token file may be a pipe that gives its secret once.
+    environment = getattr(args, "process_environment", None)
+    if environment is not None:
+        restart_with(environment(args))
     try:
         check_flag_forms(args)
     except ValueError as error:
@@ -256,10 +260,10 @@ def configure_process(parser: argparse.ArgumentParser, args: argparse.Namespace,
 def restart_with(env: dict[str, str]) -> None:
     """Run this same command again with ``env`` added, if it is not there yet: for what only a
     process's start reads (glibc's tunables). ``exec``: the same pid, arguments and stdio, so a
-    supervisor (``tokenwire serve``, systemd) sees one process."""
+    supervisor (``tokenwire serve``, systemd) sees one process. A part's flags may set
+    ``process_environment`` (args -> env); :func:`configure_process` calls this with it first."""
     if all(os.environ.get(name) == value for name, value in env.items()):
         return
-    logging.getLogger("tokenwire").info("restarting with %s", " ".join(f"{k}={v}" for k, v in env.items()))
     os.environ.update(env)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()

@@ -1,7 +1,8 @@
 """A worker restarting itself with the environment its engine needs (llama_cpp: huge pages).
 
 ``settings.restart_with`` is run in a real child process; the llama_cpp engine's choice of
-environment against a kernel that gives huge pages on request, always or never. That the real
+environment against a kernel that gives huge pages on request, always or never; a real llama_cpp
+worker restarts before it reads its cluster token from a pipe that gives it once. That the real
 worker's KV cache ends up in huge pages is in ``tests/test_batching.py``.
 """
 
@@ -9,13 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
+from tests import harness
 from workers.engines import llama_cpp
+
+TOKEN = "restart-test-cluster-token-0123456789abcdef"
 
 RESTARTING = """
 import json, os, sys
@@ -72,3 +78,35 @@ def test_llama_cpp_leaves_the_environment_alone_otherwise(thp_mode, monkeypatch:
     thp_mode("always [madvise] never\n")
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")  # the operator's own choice
     assert llama_cpp.process_environment(args) == {}
+
+
+@pytest.mark.models
+def test_a_llama_worker_restarts_before_it_reads_a_token_file_that_gives_its_secret_once(tmp_path: Path) -> None:
+    """``--cluster-token-file`` from a pipe (``<(vault read ...)``): read after the restart, once."""
+    if not llama_cpp._thp_on_request():
+        pytest.skip("no restart here: this kernel gives transparent huge pages to all memory or to none")
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+
+    def give_once() -> None:
+        with fifo.open("w") as pipe:  # blocks until the worker opens it
+            pipe.write(TOKEN + "\n")
+
+    writer = threading.Thread(target=give_once, daemon=True)
+    writer.start()
+    gateway = harness.gateway(env={"TOKENWIRE_CLUSTER_TOKEN": TOKEN})
+    try:
+        worker = harness.worker(
+            gateway.address, "--engine", "llama_cpp", "--n-ctx", "512", "--cluster-token-file", str(fifo)
+        )
+        try:
+            assert worker.process is not None
+            environ = Path(f"/proc/{worker.process.pid}/environ").read_bytes().split(b"\0")
+            assert b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in environ  # it did restart
+            assert harness.worker_stats(worker.address, TOKEN).running_sequences == 0  # with the token
+        finally:
+            worker.stop()
+    finally:
+        gateway.stop()
+    writer.join(timeout=5)
+    assert not writer.is_alive()

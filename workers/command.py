@@ -34,6 +34,13 @@ def worker_flags(parser: argparse.ArgumentParser, with_engines: bool = True) -> 
     settings.tls_client_flag(parser)
     settings.cluster_flags(parser, serving=True)
     settings.logging_flags(parser)
+    parser.set_defaults(process_environment=process_environment)
+
+
+def process_environment(args: argparse.Namespace) -> dict[str, str]:
+    """What this worker's process must start with: its engine's needs (llama_cpp: huge pages)."""
+    module = importlib.import_module(ENGINES[args.engine])
+    return module.process_environment(args) if hasattr(module, "process_environment") else {}
 
 
 def _worker_flags(parser: argparse.ArgumentParser, with_engines: bool) -> None:
@@ -72,12 +79,8 @@ def run(args: argparse.Namespace) -> None:
     from workers.server import run_worker
 
     cluster.check_listen("worker", [args.host], insecure=args.insecure_cluster)
-    module = importlib.import_module(ENGINES[args.engine])
-    # An engine may need its process started with some environment (llama_cpp: huge pages).
-    if hasattr(module, "process_environment"):
-        settings.restart_with(module.process_environment(args))
     tls = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
-    engine = module.build(args)
+    engine = importlib.import_module(ENGINES[args.engine]).build(args)
     settings.run_server(
         lambda stop: run_worker(
             engine,
