@@ -83,11 +83,7 @@ def idle(stack: Stack):  # type: ignore[no-untyped-def]
 
 def test_the_worker_keeps_its_kv_cache_in_huge_pages(stack: Stack) -> None:
     """The worker restarted itself, in place, with glibc's huge pages: its KV cache is in them."""
-    try:
-        on_request = "[madvise]" in llama_cpp.THP_MODE.read_text()
-    except OSError:
-        on_request = False
-    if not on_request:
+    if not llama_cpp._thp_on_request():
         pytest.skip("this kernel gives transparent huge pages to all memory or to none")
     assert stack.worker.process is not None
     proc = Path(f"/proc/{stack.worker.process.pid}")  # the pid we started: the restart was an exec
