@@ -65,8 +65,8 @@ def _seed(sampling: worker_pb2.SamplingParams) -> int | None:
 
 # The fields the draw honours, and those no sampler reads (the engine's loop does).
 _DRAW_FIELDS = {"temperature", "logit_bias", "seed", "max_tokens", "stop"}
-# The chain's other fields: the values at which llama_chain adds nothing for them
-# (top_k -1 is vLLM's "off", 0 OpenAI-style clients').
+# The chain's other fields: the values at which they do nothing, so llama_chain adds no
+# sampler for them and the draw may take the request (top_k -1 is vLLM's "off", 0 OpenAI-style clients').
 _NO_OP: dict[str, Callable[[float], bool]] = {
     "top_p": lambda v: v >= 1.0,
     "top_k": lambda v: v <= 0,
@@ -75,6 +75,11 @@ _NO_OP: dict[str, Callable[[float], bool]] = {
     "frequency_penalty": lambda v: v == 0.0,
     "repetition_penalty": lambda v: v == 1.0,
 }
+
+
+def _acts(sampling: worker_pb2.SamplingParams, name: str) -> bool:
+    """Whether the request sets chain field ``name`` to a value at which it does something."""
+    return sampling.HasField(name) and not _NO_OP[name](getattr(sampling, name))  # type: ignore[arg-type]
 
 
 def make_sampler(sampling: worker_pb2.SamplingParams, grammar: Any, model: Any, n_vocab: int, n_ctx: int) -> Sampler:
@@ -99,12 +104,12 @@ def llama_chain(
     from llama_cpp import llama_cpp as C
 
     chain = _internals.LlamaSampler()
-    bias, penalties = _bias(sampling), _penalties(sampling)
+    bias = _bias(sampling)
     if bias:
         chain.add_logit_bias(n_vocab, bias)
-    if penalties != (1.0, 0.0, 0.0):
+    if any(_acts(sampling, name) for name in ("repetition_penalty", "frequency_penalty", "presence_penalty")):
         # Over the generated tokens (the sampler only sees what it accepts).
-        chain.add_penalties(n_vocab, n_ctx, *penalties)
+        chain.add_penalties(n_vocab, n_ctx, *_penalties(sampling))
     if grammar is not None:
         chain.add_grammar(model, grammar)
     temperature = _opt(sampling, "temperature", 1.0)
@@ -113,13 +118,12 @@ def llama_chain(
         return ChainSampler(chain)
     # OpenAI's order: temperature first, then the truncations.
     chain.add_temp(temperature)
-    top_k, top_p, min_p = int(_opt(sampling, "top_k", 0)), _opt(sampling, "top_p", 1.0), _opt(sampling, "min_p", 0.0)
-    if top_k > 0:
-        chain.add_top_k(top_k)
-    if top_p < 1.0:
-        chain.add_top_p(top_p, 1)
-    if min_p > 0.0:
-        chain.add_min_p(min_p, 1)
+    if _acts(sampling, "top_k"):
+        chain.add_top_k(int(sampling.top_k))
+    if _acts(sampling, "top_p"):
+        chain.add_top_p(sampling.top_p, 1)
+    if _acts(sampling, "min_p"):
+        chain.add_min_p(sampling.min_p, 1)
     # llama.cpp's seed is 32-bit and 0xFFFFFFFF means "random".
     seed = _seed(sampling)
     chain.add_dist(C.LLAMA_DEFAULT_SEED if seed is None else seed % 0xFFFFFFFF)
