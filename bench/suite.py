@@ -609,12 +609,17 @@ async def grpc_stream_timing(
         return clock.record(tokens)
 
 
-def start_engine_stack(group: Group, model: str, engine: str, *engine_args: str) -> tuple[Server, Server, str]:
-    """A gateway, one worker running a real engine, and a bridge: (gateway, worker, REST base URL)."""
-    gateway = group.start(servers.tokenwire("tw-gateway", "gateway", "--port", "0", "--log-level", "warning"))
+def start_engine_stack(
+    group: Group, model: str, engine: str, *engine_args: str, prefix: str = "tw"
+) -> tuple[Server, Server, str]:
+    """A gateway, one worker running a real engine, and a bridge: (gateway, worker, REST base URL).
+
+    Its processes are named ``{prefix}-gateway``, ``{prefix}-worker-{model}`` and ``{prefix}-bridge``.
+    """
+    gateway = group.start(servers.tokenwire(f"{prefix}-gateway", "gateway", "--port", "0", "--log-level", "warning"))
     worker = group.start(
         servers.tokenwire(
-            f"tw-worker-{model}",
+            f"{prefix}-worker-{model}",
             "worker",
             "--port",
             "0",
@@ -630,7 +635,9 @@ def start_engine_stack(group: Group, model: str, engine: str, *engine_args: str)
         ),
         timeout=300,
     )
-    bridge = group.start(servers.tokenwire("tw-bridge", "bridge", "--port", "0", "--gateway-address", gateway.address))
+    bridge = group.start(
+        servers.tokenwire(f"{prefix}-bridge", "bridge", "--port", "0", "--gateway-address", gateway.address)
+    )
     base = f"http://{bridge.address}"
     wait_models(base, [model])
     return gateway, worker, base

@@ -1,0 +1,174 @@
+"""What the front end costs the engine when both share the cores: variants of the stack, side by side.
+
+The concurrency section's load (``concurrency.py``: N clients in a closed loop, chat streams of
+128 tokens at temperature 0.7) against several tokenwire stacks and llama-server in one run,
+the windows interleaved round by round. Each stack is a gateway, a llama_cpp worker and a
+bridge as ``make serve`` runs them; a variant changes one thing:
+
+- ``default``: the stack as shipped;
+- ``interval-2``: the worker with ``--stream-interval 2`` (half the messages through the front end);
+- ``one-process``: the gateway and the bridge on one event loop in one process, the bridge still
+  calling the gateway over gRPC (an experiment: ``tokenwire serve`` runs them as two processes);
+- ``sched-batch`` / ``sched-idle``: the default stack with its gateway and bridge under the
+  SCHED_BATCH or SCHED_IDLE policy for that window (their wake-ups then do not preempt llama.cpp's
+  threads).
+
+Prints one line per window (tokens/s, TTFT, the front end's CPU per token), then each variant's
+ratios to llama-server's window of the same round and level.
+
+    .venv/bin/python bench/front_end_variants.py [--levels 1,8] [--rounds 3] [--duration 20]
+        [--variants default,interval-2,one-process,sched-idle]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from servers import Group, Server
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("default", "interval-2", "one-process", "sched-batch", "sched-idle")
+POLICY = {"sched-batch": "-b", "sched-idle": "-i"}
+WORKER_ARGS = ("--parallel", "8", "--n-ctx", "8192")
+
+
+def one_process_front_end(gateway_port: int, bridge_port: int) -> None:
+    """The gateway and the bridge on one uvloop loop: a child in the project's venv (``--one-process G B``)."""
+    sys.path[:0] = [str(ROOT), str(ROOT / "generated")]
+    import uvicorn
+
+    from common import settings
+    from common.observability import setup_logging
+    from gateway.app import run_gateway
+    from rest_bridge import connections
+    from rest_bridge.app import BridgeSettings, create_app
+
+    async def main() -> None:
+        stop, gateway_ready = asyncio.Event(), asyncio.Event()
+        gateway = asyncio.create_task(
+            run_gateway(
+                host="127.0.0.1", port=gateway_port, controller_address=None, stop=stop,
+                on_ready=lambda port: gateway_ready.set(),
+            )
+        )  # fmt: skip
+        await gateway_ready.wait()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.bind(("127.0.0.1", bridge_port))
+        app = create_app(BridgeSettings(gateway_address=f"127.0.0.1:{gateway_port}"))
+        config = uvicorn.Config(
+            app, http=connections.protocol_class(30.0, 1000), log_config=None, access_log=False, log_level="warning"
+        )
+        await asyncio.gather(gateway, uvicorn.Server(config).serve(sockets=[sock]))
+
+    setup_logging("warning", "text")
+    settings.run_loop(main())
+
+
+def start_variant(group: Group, variant: str) -> tuple[str, list[Server]]:
+    """A stack for ``variant``: (its REST base URL, its front-end processes)."""
+    import servers
+    from suite import start_engine_stack, wait_models
+
+    if variant == "one-process":
+        gateway_port, bridge_port = servers.free_port(), servers.free_port()
+        front = group.start(
+            servers.Server(
+                "one-process",
+                [str(servers.PROJECT_PYTHON), __file__, "--one-process", str(gateway_port), str(bridge_port)],
+                ready_http=f"http://127.0.0.1:{bridge_port}/health",
+            )
+        )
+        group.start(
+            servers.tokenwire(
+                "one-process-worker", "worker", "--port", "0", "--controller-address", f"127.0.0.1:{gateway_port}",
+                "--engine", "llama_cpp", "--model-name", "chat", "--log-level", "warning", *WORKER_ARGS,
+            ),
+            timeout=300,
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{bridge_port}"
+        wait_models(base, ["chat"])
+        return base, [front]
+    extra = ("--stream-interval", "2") if variant == "interval-2" else ()
+    gateway, _, base = start_engine_stack(group, "chat", "llama_cpp", *WORKER_ARGS, *extra, prefix=variant)
+    return base, [gateway, group.by_name(f"{variant}-bridge")]
+
+
+def set_policy(front: list[Server], flag: str) -> None:
+    for server in front:
+        subprocess.run(["chrt", "-a", flag, "-p", "0", str(server.pid)], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--levels", default="1,8")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--variants", default="default,interval-2,one-process,sched-idle")
+    parser.add_argument(
+        "--one-process", nargs=2, type=int, metavar=("GATEWAY_PORT", "BRIDGE_PORT"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.one_process:
+        one_process_front_end(*args.one_process)
+        return
+    sys.path.insert(0, str(ROOT))  # the bench's modules import the launcher from common/, as run.py lets them
+    import concurrency
+    from llama_server import ensure_llama_server
+    from servers import Group
+    from suite import project_eval
+
+    variants = args.variants.split(",")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    levels = [int(level) for level in args.levels.split(",")]
+    gguf = project_eval("from workers.engines.llama_cpp import default_model_path; print(default_model_path())")
+    binary = str(ensure_llama_server(log=print))
+    with Group() as group:
+        stacks: dict[str, tuple[str, list[Server]]] = {}
+        for variant in variants:  # the sched-* variants reuse the default stack
+            key = "default" if variant in POLICY else variant
+            if key not in stacks:
+                stacks[key] = start_variant(group, key)
+        llama = concurrency.start_llama_server(group, binary, gguf, 2, 8, 8192)
+        targets: dict[str, tuple[str, str, dict[str, float] | None]] = {
+            v: (stacks["default" if v in POLICY else v][0], "chat", None) for v in variants
+        }
+        targets["llama-server"] = (llama, "smollm2", concurrency.WHOLE_VOCABULARY)
+        for base, model, sampling in targets.values():
+            concurrency.closed_loop(base, model, 2, 2.0, sampling)
+        tok_s: dict[tuple[int, str], list[float]] = {}
+        for round_ in range(args.rounds):
+            for clients in levels:
+                for name, (base, model, sampling) in targets.items():
+                    front = stacks["default" if name in POLICY else name][1] if name != "llama-server" else []
+                    set_policy(front, POLICY.get(name, "-o"))
+                    cpu0 = sum(server.cpu() for server in front)
+                    run = concurrency.closed_loop(base, model, clients, args.duration, sampling)
+                    front_us = (sum(server.cpu() for server in front) - cpu0) * 1e6 / max(1, run["tokens"])
+                    set_policy(front, "-o")
+                    tok_s.setdefault((clients, name), []).append(run["aggregate_tok_s"])
+                    print(
+                        f"[{round_ + 1}/{args.rounds}] {clients:2d} streams {name:12s} {run['aggregate_tok_s']:6.1f} tok/s, "
+                        f"TTFT p50 {run['ttft_p50_ms']:4.0f} ms, front end {front_us:5.0f} µs of CPU a token",
+                        flush=True,
+                    )
+        print("\nratio to llama-server's window of the same round (median, then each round):")
+        for clients in levels:
+            anchor = tok_s[(clients, "llama-server")]
+            for name in variants:
+                ratios = [ours / theirs for ours, theirs in zip(tok_s[(clients, name)], anchor, strict=True)]
+                each = ", ".join(f"{r:.2f}" for r in ratios)
+                print(f"  {clients:2d} streams {name:12s} {statistics.median(ratios):.2f} ({each})")
+
+
+if __name__ == "__main__":
+    main()
