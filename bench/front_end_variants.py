@@ -16,8 +16,11 @@ bridge as ``make serve`` runs them; a variant changes one thing:
 Prints one line per window (tokens/s, TTFT, the front end's CPU per token), then each variant's
 ratios to llama-server's window of the same round and level.
 
-    .venv/bin/python bench/front_end_variants.py [--levels 1,8] [--rounds 3] [--duration 20]
+    bench/.venv/bin/python bench/front_end_variants.py [--levels 1,8] [--rounds 3] [--duration 20]
         [--variants default,interval-2,one-process,sched-idle]
+
+It runs in the bench's own venv (its load client; ``bench/run.py`` builds it the first time), and
+the servers, the one-process front end too, in the project's.
 """
 
 from __future__ import annotations
