@@ -16,8 +16,14 @@ bridge as ``make serve`` runs them; a variant changes one thing:
 Prints one line per window (tokens/s, TTFT, the front end's CPU per token), then each variant's
 ratios to llama-server's window of the same round and level.
 
+``--ceiling`` measures the other side of the one-process trade: what the front end alone can
+carry. ``default`` and ``one-process`` stacks over echo workers (an instant one and one making a
+token a millisecond, as in the REST section of ``make bench``) take the REST section's
+non-streamed chat at 32 clients and its paced stream at 8, interleaved round by round.
+
     bench/.venv/bin/python bench/front_end_variants.py [--levels 1,8] [--rounds 3] [--duration 20]
         [--variants default,interval-2,one-process,sched-idle]
+    bench/.venv/bin/python bench/front_end_variants.py --ceiling [--rounds 3] [--duration 8]
 
 It runs in the bench's own venv (its load client; ``bench/run.py`` builds it the first time), and
 the servers, the one-process front end too, in the project's.
@@ -75,38 +81,104 @@ def one_process_front_end(gateway_port: int, bridge_port: int) -> None:
     settings.run_loop(main())
 
 
-def start_variant(group: Group, variant: str) -> tuple[str, list[Server]]:
-    """A stack for ``variant``: (its REST base URL, its front-end processes)."""
+def llama_workers(variant: str) -> dict[str, tuple[str, ...]]:
+    """The engine-concurrency stack's one worker: model name -> its ``--engine ...`` arguments."""
+    extra = ("--stream-interval", "2") if variant == "interval-2" else ()
+    return {"chat": ("llama_cpp", *WORKER_ARGS, *extra)}
+
+
+def echo_workers() -> dict[str, tuple[str, ...]]:
+    """The REST section's instant and paced echo chat workers, for the ceiling."""
+    from suite import CHAT_MODEL, MAX_QUEUE, PACE, PACED_MODEL, STREAM_TOKENS, WORKER_CONCURRENCY
+
+    common = ("--limit-worker-concurrency", WORKER_CONCURRENCY, "--max-queue", MAX_QUEUE)
+    return {
+        model: ("echo", *common, "--echo-tokens", str(STREAM_TOKENS), "--echo-delay", str(delay))
+        for model, delay in ((CHAT_MODEL, 0), (PACED_MODEL, PACE))
+    }
+
+
+def start_variant(group: Group, variant: str, workers: dict[str, tuple[str, ...]]) -> tuple[str, list[Server]]:
+    """A stack for ``variant`` over ``workers``: (its REST base URL, its front-end processes)."""
     import servers
     from suite import start_engine_stack, wait_models
 
+    remaining = iter(workers.items())
     if variant == "one-process":
         gateway_port, bridge_port = servers.free_port(), servers.free_port()
-        front = group.start(
-            servers.Server(
-                "one-process",
-                [str(servers.PROJECT_PYTHON), __file__, "--one-process", str(gateway_port), str(bridge_port)],
-                ready_http=f"http://127.0.0.1:{bridge_port}/health",
+        front = [
+            group.start(
+                servers.Server(
+                    "one-process",
+                    [str(servers.PROJECT_PYTHON), __file__, "--one-process", str(gateway_port), str(bridge_port)],
+                    ready_http=f"http://127.0.0.1:{bridge_port}/health",
+                )
             )
-        )
+        ]
+        gateway_address, base = f"127.0.0.1:{gateway_port}", f"http://127.0.0.1:{bridge_port}"
+    else:
+        model, (engine, *engine_args) = next(remaining)
+        gateway, _, base = start_engine_stack(group, model, engine, *engine_args, prefix=variant)
+        front, gateway_address = [gateway, group.by_name(f"{variant}-bridge")], gateway.address
+    for model, (engine, *engine_args) in remaining:
         group.start(
             servers.tokenwire(
-                "one-process-worker", "worker", "--port", "0", "--controller-address", f"127.0.0.1:{gateway_port}",
-                "--engine", "llama_cpp", "--model-name", "chat", "--log-level", "warning", *WORKER_ARGS,
+                f"{variant}-worker-{model}", "worker", "--port", "0", "--controller-address", gateway_address,
+                "--engine", engine, "--model-name", model, "--log-level", "warning", *engine_args,
             ),
             timeout=300,
         )  # fmt: skip
-        base = f"http://127.0.0.1:{bridge_port}"
-        wait_models(base, ["chat"])
-        return base, [front]
-    extra = ("--stream-interval", "2") if variant == "interval-2" else ()
-    gateway, _, base = start_engine_stack(group, "chat", "llama_cpp", *WORKER_ARGS, *extra, prefix=variant)
-    return base, [gateway, group.by_name(f"{variant}-bridge")]
+    wait_models(base, list(workers))
+    return base, front
 
 
 def set_policy(front: list[Server], flag: str) -> None:
     for server in front:
         subprocess.run(["chrt", "-a", flag, "-p", "0", str(server.pid)], check=True)
+
+
+async def ceiling(rounds: int, duration: float) -> None:
+    """Each front end's throughput and CPU over echo workers, one line per window, then medians."""
+    import loadgen
+    from servers import Group
+    from suite import CHAT_TOKENS, LOADS, PACED_MODEL, STREAM_TOKENS, chat_body
+
+    bodies = {
+        "chat_c32": ("/v1/chat/completions", chat_body(CHAT_TOKENS), False),
+        "stream_paced_c8": ("/v1/chat/completions", chat_body(STREAM_TOKENS, stream=True, model=PACED_MODEL), True),
+    }
+    figures: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    with Group() as group:
+        stacks = {variant: start_variant(group, variant, echo_workers()) for variant in ("default", "one-process")}
+        clients = {variant: loadgen.HttpClient(base) for variant, (base, _) in stacks.items()}
+        try:
+            for round_ in range(rounds):
+                for load, (path, body, stream) in bodies.items():
+                    for variant, (_, front) in stacks.items():
+                        http = clients[variant]
+                        op = http.stream(path, body) if stream else http.post(path, body)
+                        result = await loadgen.run(load, op, LOADS[load][1], 2.0, duration, front)
+                        per_second = (result.chunks if stream else result.requests) / result.duration
+                        cpu_us = sum(result.server_cpu.values()) * 1e6 / max(1, result.chunks)
+                        figures.setdefault((load, variant), []).append((per_second, cpu_us))
+                        unit = "SSE chunks" if stream else "requests"
+                        print(
+                            f"[{round_ + 1}/{rounds}] {load:15s} {variant:11s} {per_second:7.0f} {unit}/s, "
+                            f"front end {cpu_us:5.0f} µs of CPU per {unit[:-1]}, {result.errors} errors",
+                            flush=True,
+                        )
+        finally:
+            for http in clients.values():
+                await http.close()
+    print("\nmedians (one-process / default):")
+    for load in bodies:
+        rates = {v: statistics.median(r for r, _ in figures[(load, v)]) for v in stacks}
+        cpus = {v: statistics.median(c for _, c in figures[(load, v)]) for v in stacks}
+        print(
+            f"  {load:15s} default {rates['default']:7.0f}/s at {cpus['default']:5.0f} µs, "
+            f"one-process {rates['one-process']:7.0f}/s at {cpus['one-process']:5.0f} µs "
+            f"({rates['one-process'] / rates['default']:.2f}x the rate, {cpus['one-process'] / cpus['default']:.2f}x the CPU)"
+        )
 
 
 def main() -> None:
@@ -118,11 +190,15 @@ def main() -> None:
     parser.add_argument(
         "--one-process", nargs=2, type=int, metavar=("GATEWAY_PORT", "BRIDGE_PORT"), help=argparse.SUPPRESS
     )
+    parser.add_argument("--ceiling", action="store_true", help="the front end alone over echo workers (see above)")
     args = parser.parse_args()
     if args.one_process:
         one_process_front_end(*args.one_process)
         return
     sys.path.insert(0, str(ROOT))  # the bench's modules import the launcher from common/, as run.py lets them
+    if args.ceiling:
+        asyncio.run(ceiling(args.rounds, args.duration))
+        return
     import concurrency
     from llama_server import ensure_llama_server
     from servers import Group
@@ -140,7 +216,7 @@ def main() -> None:
         for variant in variants:  # the sched-* variants reuse the default stack
             key = "default" if variant in POLICY else variant
             if key not in stacks:
-                stacks[key] = start_variant(group, key)
+                stacks[key] = start_variant(group, key, llama_workers(key))
         llama = concurrency.start_llama_server(group, binary, gguf, 2, 8, 8192)
         targets: dict[str, tuple[str, str, dict[str, float] | None]] = {
             v: (stacks["default" if v in POLICY else v][0], "chat", None) for v in variants

@@ -46,7 +46,7 @@ LOADS = {
     "embed_c8": ("embed", 8),
 }
 # Worker concurrency high enough that no load queues on a worker (FastChat's vLLM worker uses 1024).
-WORKER_CONCURRENCY = "64"
+WORKER_CONCURRENCY, MAX_QUEUE = "64", "256"
 # Other processes on the machine (other sessions' tests, say) may use at most this share
 # of its CPU during a measurement; a noisier one is measured again (up to NOISE_ATTEMPTS
 # times, after waiting for quiet), and the quietest attempt is kept.
@@ -206,7 +206,7 @@ def wait_models(base: str, models: list[str], timeout: float = 60) -> None:
 def start_tokenwire(group: Group) -> dict[str, str]:
     gateway = group.start(servers.tokenwire("tw-gateway", "gateway", "--port", "0", "--log-level", "warning"))
     common = ["--port", "0", "--controller-address", gateway.address, "--log-level", "warning"]
-    common += ["--limit-worker-concurrency", WORKER_CONCURRENCY, "--max-queue", "256", "--engine", "echo"]
+    common += ["--limit-worker-concurrency", WORKER_CONCURRENCY, "--max-queue", MAX_QUEUE, "--engine", "echo"]
     chat = group.start(
         servers.tokenwire(
             "tw-worker-chat",
