@@ -208,9 +208,10 @@ def section_concurrency(args: argparse.Namespace, results: dict[str, Any]) -> No
         "runs": {name: {} for name in names},
     }
     with Group() as group:
-        _, worker, tw_base = start_engine_stack(
+        stack = start_engine_stack(
             group, "chat", "llama_cpp", "--parallel", str(parallel), "--n-ctx", str(n_ctx), *worker_args
         )
+        worker, tw_base = stack.worker, stack.base
         ls_base = start_llama_server(group, binary, gguf, threads, parallel, n_ctx)
         llama_proc = next(s for s in group.servers if s.name == "llama-server")
         every: dict[str, tuple[str, str, dict[str, float] | None]] = {

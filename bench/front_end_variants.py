@@ -2,38 +2,36 @@
 
 The concurrency section's load (``concurrency.py``: N clients in a closed loop, chat streams of
 128 tokens at temperature 0.7) against several tokenwire stacks and llama-server in one run,
-the windows interleaved round by round. Each stack is a gateway, a llama_cpp worker and a
-bridge as ``make serve`` runs them; a variant changes one thing:
+the windows interleaved round by round. Each stack is a front end (gateway and bridge) and a
+llama_cpp worker as ``make serve`` runs them; a variant changes one thing:
 
-- ``default``: the stack as shipped;
+- ``default``: the stack as shipped, the gateway and the bridge in one process;
+- ``split``: the gateway and the bridge as two processes (``serve --split-front-end``; what serve
+  ran before 2026-12-02);
 - ``interval-2``: the worker with ``--stream-interval 2`` (half the messages through the front end);
-- ``one-process``: the gateway and the bridge on one event loop in one process, the bridge still
-  calling the gateway over gRPC (an experiment: ``tokenwire serve`` runs them as two processes);
-- ``sched-batch`` / ``sched-idle``: the default stack with its gateway and bridge under the
-  SCHED_BATCH or SCHED_IDLE policy for that window (their wake-ups then do not preempt llama.cpp's
-  threads).
+- ``sched-batch`` / ``sched-idle``: the default stack with its front end under the SCHED_BATCH or
+  SCHED_IDLE policy for that window (its wake-ups then do not preempt llama.cpp's threads).
 
 Prints one line per window (tokens/s, TTFT, the front end's CPU per token), then each variant's
 ratios to llama-server's window of the same round and level.
 
 ``--ceiling`` measures the other side of the one-process trade: what the front end alone can
-carry. ``default`` and ``one-process`` stacks over echo workers (an instant one and one making a
-token a millisecond, as in the REST section of ``make bench``) take the REST section's
-non-streamed chat at 32 clients and its paced stream at 8, interleaved round by round.
+carry. ``default`` and ``split`` stacks over echo workers (an instant one and one making a token a
+millisecond, as in the REST section of ``make bench``) take the REST section's non-streamed chat
+at 32 clients and its paced stream at 8, interleaved round by round.
 
     bench/.venv/bin/python bench/front_end_variants.py [--levels 1,8] [--rounds 3] [--duration 20]
-        [--variants default,interval-2,one-process,sched-idle]
+        [--variants default,split,interval-2,sched-idle]
     bench/.venv/bin/python bench/front_end_variants.py --ceiling [--rounds 3] [--duration 8]
 
 It runs in the bench's own venv (its load client; ``bench/run.py`` builds it the first time), and
-the servers, the one-process front end too, in the project's.
+the servers in the project's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,41 +42,9 @@ if TYPE_CHECKING:
     from servers import Group, Server
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("default", "interval-2", "one-process", "sched-batch", "sched-idle")
+VARIANTS = ("default", "split", "interval-2", "sched-batch", "sched-idle")
 POLICY = {"sched-batch": "-b", "sched-idle": "-i"}
 WORKER_ARGS = ("--parallel", "8", "--n-ctx", "8192")
-
-
-def one_process_front_end(gateway_port: int, bridge_port: int) -> None:
-    """The gateway and the bridge on one uvloop loop: a child in the project's venv (``--one-process G B``)."""
-    sys.path[:0] = [str(ROOT), str(ROOT / "generated")]
-    import uvicorn
-
-    from common import settings
-    from common.observability import setup_logging
-    from gateway.app import run_gateway
-    from rest_bridge import connections
-    from rest_bridge.app import BridgeSettings, create_app
-
-    async def main() -> None:
-        stop, gateway_ready = asyncio.Event(), asyncio.Event()
-        gateway = asyncio.create_task(
-            run_gateway(
-                host="127.0.0.1", port=gateway_port, controller_address=None, stop=stop,
-                on_ready=lambda port: gateway_ready.set(),
-            )
-        )  # fmt: skip
-        await gateway_ready.wait()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.bind(("127.0.0.1", bridge_port))
-        app = create_app(BridgeSettings(gateway_address=f"127.0.0.1:{gateway_port}"))
-        config = uvicorn.Config(
-            app, http=connections.protocol_class(30.0, 1000), log_config=None, access_log=False, log_level="warning"
-        )
-        await asyncio.gather(gateway, uvicorn.Server(config).serve(sockets=[sock]))
-
-    setup_logging("warning", "text")
-    settings.run_loop(main())
 
 
 def llama_workers(variant: str) -> dict[str, tuple[str, ...]]:
@@ -103,33 +69,18 @@ def start_variant(group: Group, variant: str, workers: dict[str, tuple[str, ...]
     import servers
     from suite import start_engine_stack, wait_models
 
-    remaining = iter(workers.items())
-    if variant == "one-process":
-        gateway_port, bridge_port = servers.free_port(), servers.free_port()
-        front = [
-            group.start(
-                servers.Server(
-                    "one-process",
-                    [str(servers.PROJECT_PYTHON), __file__, "--one-process", str(gateway_port), str(bridge_port)],
-                    ready_http=f"http://127.0.0.1:{bridge_port}/health",
-                )
-            )
-        ]
-        gateway_address, base = f"127.0.0.1:{gateway_port}", f"http://127.0.0.1:{bridge_port}"
-    else:
-        model, (engine, *engine_args) = next(remaining)
-        gateway, _, base = start_engine_stack(group, model, engine, *engine_args, prefix=variant)
-        front, gateway_address = [gateway, group.by_name(f"{variant}-bridge")], gateway.address
-    for model, (engine, *engine_args) in remaining:
+    (model, (engine, *engine_args)), *others = workers.items()
+    stack = start_engine_stack(group, model, engine, *engine_args, prefix=variant, split=variant == "split")
+    for model, (engine, *engine_args) in others:
         group.start(
             servers.tokenwire(
-                f"{variant}-worker-{model}", "worker", "--port", "0", "--controller-address", gateway_address,
+                f"{variant}-worker-{model}", "worker", "--port", "0", "--controller-address", stack.gateway_address,
                 "--engine", engine, "--model-name", model, "--log-level", "warning", *engine_args,
             ),
             timeout=300,
         )  # fmt: skip
-    wait_models(base, list(workers))
-    return base, front
+    wait_models(stack.base, list(workers))
+    return stack.base, stack.front
 
 
 def set_policy(front: list[Server], flag: str) -> None:
@@ -149,7 +100,7 @@ async def ceiling(rounds: int, duration: float) -> None:
     }
     figures: dict[tuple[str, str], list[tuple[float, float]]] = {}
     with Group() as group:
-        stacks = {variant: start_variant(group, variant, echo_workers()) for variant in ("default", "one-process")}
+        stacks = {variant: start_variant(group, variant, echo_workers()) for variant in ("default", "split")}
         clients = {variant: loadgen.HttpClient(base) for variant, (base, _) in stacks.items()}
         try:
             for round_ in range(rounds):
@@ -170,14 +121,14 @@ async def ceiling(rounds: int, duration: float) -> None:
         finally:
             for http in clients.values():
                 await http.close()
-    print("\nmedians (one-process / default):")
+    print("\nmedians (one process, as shipped, against split):")
     for load in bodies:
         rates = {v: statistics.median(r for r, _ in figures[(load, v)]) for v in stacks}
         cpus = {v: statistics.median(c for _, c in figures[(load, v)]) for v in stacks}
         print(
-            f"  {load:15s} default {rates['default']:7.0f}/s at {cpus['default']:5.0f} µs, "
-            f"one-process {rates['one-process']:7.0f}/s at {cpus['one-process']:5.0f} µs "
-            f"({rates['one-process'] / rates['default']:.2f}x the rate, {cpus['one-process'] / cpus['default']:.2f}x the CPU)"
+            f"  {load:15s} one process {rates['default']:7.0f}/s at {cpus['default']:5.0f} µs, "
+            f"split {rates['split']:7.0f}/s at {cpus['split']:5.0f} µs "
+            f"({rates['default'] / rates['split']:.2f}x the rate, {cpus['default'] / cpus['split']:.2f}x the CPU)"
         )
 
 
@@ -186,15 +137,9 @@ def main() -> None:
     parser.add_argument("--levels", default="1,8")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=20.0)
-    parser.add_argument("--variants", default="default,interval-2,one-process,sched-idle")
-    parser.add_argument(
-        "--one-process", nargs=2, type=int, metavar=("GATEWAY_PORT", "BRIDGE_PORT"), help=argparse.SUPPRESS
-    )
+    parser.add_argument("--variants", default="default,split,interval-2,sched-idle")
     parser.add_argument("--ceiling", action="store_true", help="the front end alone over echo workers (see above)")
     args = parser.parse_args()
-    if args.one_process:
-        one_process_front_end(*args.one_process)
-        return
     sys.path.insert(0, str(ROOT))  # the bench's modules import the launcher from common/, as run.py lets them
     if args.ceiling:
         asyncio.run(ceiling(args.rounds, args.duration))

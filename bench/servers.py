@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -107,6 +108,16 @@ class Server:
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+    def part_address(self, part: str, timeout: float = 60.0) -> str:
+        """What ``part`` announced (``READY <part> <address>``): a front end holds two parts."""
+        assert self.launched is not None
+        deadline = time.monotonic() + timeout
+        while not self.launched.part_address(part):
+            if not self.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not announce its {part}:\n{self.log()[-4000:]}")
+            time.sleep(0.05)
+        return self.launched.part_address(part)
 
     def cpu(self) -> float:
         return cpu_seconds(self.pid)

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -609,38 +610,47 @@ async def grpc_stream_timing(
         return clock.record(tokens)
 
 
-def start_engine_stack(
-    group: Group, model: str, engine: str, *engine_args: str, prefix: str = "tw"
-) -> tuple[Server, Server, str]:
-    """A gateway, one worker running a real engine, and a bridge: (gateway, worker, REST base URL).
+@dataclass
+class EngineStack:
+    """A tokenwire stack over one real worker: the front-end processes (one, as `tokenwire serve`
+    runs them, or the gateway and the bridge apart), the gateway's gRPC address, the worker, and
+    the REST base URL."""
 
-    Its processes are named ``{prefix}-gateway``, ``{prefix}-worker-{model}`` and ``{prefix}-bridge``.
+    front: list[Server]
+    gateway_address: str
+    worker: Server
+    base: str
+
+
+def start_engine_stack(
+    group: Group, model: str, engine: str, *engine_args: str, prefix: str = "tw", split: bool = False
+) -> EngineStack:
+    """The front end, then one worker running a real engine.
+
+    Its processes are named ``{prefix}-front-end`` (or ``{prefix}-gateway`` and ``{prefix}-bridge``
+    with ``split``) and ``{prefix}-worker-{model}``.
     """
-    gateway = group.start(servers.tokenwire(f"{prefix}-gateway", "gateway", "--port", "0", "--log-level", "warning"))
+    quiet = ("--port", "0", "--log-level", "warning")
+    if split:
+        front = [group.start(servers.tokenwire(f"{prefix}-gateway", "gateway", *quiet))]
+        gateway_address = front[0].address
+    else:
+        front = [group.start(servers.tokenwire(f"{prefix}-front-end", "front-end", *quiet, "--bridge", *quiet))]
+        gateway_address = front[0].part_address("gateway")
     worker = group.start(
         servers.tokenwire(
-            f"{prefix}-worker-{model}",
-            "worker",
-            "--port",
-            "0",
-            "--controller-address",
-            gateway.address,
-            "--engine",
-            engine,
-            "--model-name",
-            model,
-            "--log-level",
-            "warning",
-            *engine_args,
+            f"{prefix}-worker-{model}", "worker", *quiet, "--controller-address", gateway_address,
+            "--engine", engine, "--model-name", model, *engine_args,
         ),
         timeout=300,
-    )
-    bridge = group.start(
-        servers.tokenwire(f"{prefix}-bridge", "bridge", "--port", "0", "--gateway-address", gateway.address)
-    )
-    base = f"http://{bridge.address}"
+    )  # fmt: skip
+    if split:
+        front.append(
+            group.start(servers.tokenwire(f"{prefix}-bridge", "bridge", *quiet, "--gateway-address", gateway_address))
+        )
+    base = f"http://{front[-1].part_address('bridge')}"
     wait_models(base, [model])
-    return gateway, worker, base
+    return EngineStack(front, gateway_address, worker, base)
 
 
 class RawLlama:
@@ -731,7 +741,7 @@ def section_engines(args: argparse.Namespace, results: dict[str, Any]) -> None:
             engines["llama_raw"] = raw
             bias = {int(t): -100.0 for t in raw["eog_tokens"]}
             with Group() as group:
-                gateway, worker, base = start_engine_stack(
+                stack = start_engine_stack(
                     group,
                     "smollm2",
                     "llama_cpp",
@@ -758,12 +768,12 @@ def section_engines(args: argparse.Namespace, results: dict[str, Any]) -> None:
                     "llama_raw/low_level": lambda k: raw_proc.run("low_level", k),
                     "llama_raw/high_level": lambda k: raw_proc.run("high_level", k),
                     "llama_tokenwire_worker": lambda k: uvloop.run(
-                        worker_stream_timing(worker.address, prompt(k), max_tokens, bias)
+                        worker_stream_timing(stack.worker.address, prompt(k), max_tokens, bias)
                     ),
                     "llama_tokenwire_grpc": lambda k: uvloop.run(
-                        grpc_stream_timing(gateway.address, "smollm2", prompt(k), max_tokens, bias)
+                        grpc_stream_timing(stack.gateway_address, "smollm2", prompt(k), max_tokens, bias)
                     ),
-                    "llama_tokenwire_rest": lambda k: stream_timing(base, body(k)),
+                    "llama_tokenwire_rest": lambda k: stream_timing(stack.base, body(k)),
                 }
                 for fn in paths.values():
                     fn(0)  # warm-up
@@ -816,7 +826,7 @@ def section_engines(args: argparse.Namespace, results: dict[str, Any]) -> None:
         )
         engines["embed_raw"] = {**embed_raw, "other_share": share, "attempts": attempts}
         with Group() as group:
-            _, _, base = start_engine_stack(group, "minilm", "embeddings")
+            base = start_engine_stack(group, "minilm", "embeddings").base
             body = {"model": "minilm", "input": ENGINE_SENTENCES}
             reply = http_json(base + "/v1/embeddings", body, timeout=120)
             assert len(reply["data"]) == len(ENGINE_SENTENCES)

@@ -103,15 +103,23 @@ class Launched:
         for line in process.stdout:
             word, _, rest = line.partition(" ")
             if word in MARKERS and rest.strip():
-                self.announced[word] = line.split()[-1]
+                fields = line.split()
+                self.announced[word] = fields[-1]
                 if word == "READY":
+                    if len(fields) == 3:  # READY <part> <address>: one process may hold two parts
+                        self.announced[f"READY {fields[1]}"] = fields[-1]
                     self.ready.set()
             if self.on_line is not None:
                 self.on_line(line)
 
     @property
     def address(self) -> str:
+        """The address on the last READY line."""
         return self.announced.get("READY", "")
+
+    def part_address(self, part: str) -> str:
+        """The address ``part`` announced (``READY <part> <address>``), or "" before it did."""
+        return self.announced.get(f"READY {part}", "")
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -4,7 +4,8 @@ A request id comes from the client (``X-Request-Id`` on REST, ``x-request-id``
 metadata on gRPC) or is made at the first hop; it travels as gRPC metadata to
 the gateway and the worker and is on every log line about the request.
 Each part defines its own metrics (``gateway.metrics``, ``workers.metrics``,
-``rest_bridge.metrics``), so a process exposes only its own series. Names start
+``rest_bridge.metrics``) in a registry of its own, so a part exposes only its own
+series, also where two parts share a process. Names start
 with ``tokenwire_`` and carry their unit; labels are bounded (model, route,
 status, reason: never request ids or keys).
 """
@@ -17,7 +18,7 @@ import logging
 import sys
 
 import shortuuid
-from prometheus_client import start_http_server
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, start_http_server
 
 REQUEST_ID_HEADER = "x-request-id"
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -94,9 +95,21 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 
-def serve_metrics(host: str, port: int) -> int:
-    """Expose /metrics on its own port (a thread); returns the bound port."""
-    server, _ = start_http_server(port, addr=host)
+def part_registry() -> CollectorRegistry:
+    """A part's own registry, with the process's CPU, memory and GC series.
+
+    Not prometheus_client's global one: ``tokenwire serve`` runs the gateway and the
+    bridge in one process, and each still exposes only its own series."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def serve_metrics(host: str, port: int, registry: CollectorRegistry) -> int:
+    """Expose ``registry`` as /metrics on its own port (a thread); returns the bound port."""
+    server, _ = start_http_server(port, addr=host, registry=registry)
     bound = int(server.server_address[1])
     print(f"METRICS {host}:{bound}", flush=True)
     return bound

@@ -13,6 +13,7 @@ import grpc
 from common.grpc_server import GrpcServer
 from common.observability import serve_metrics
 from common.sampling import Limits
+from gateway import metrics
 from gateway.auth import ApiKeys, AuthInterceptor, KeyLimits, KeySpec
 from gateway.inference import Inference
 from gateway.pool import WorkerPool, remote_source
@@ -94,7 +95,7 @@ async def run_gateway(
     await server.start()
     readiness = asyncio.create_task(_follow_readiness(server, pool, expect_models or []))
     if metrics_port is not None:
-        serve_metrics(host, metrics_port)
+        serve_metrics(host, metrics_port, metrics.REGISTRY)
     log.info("gateway serving on %s:%d (registry: %s)", host, bound, registry_where)
     if on_ready is not None:
         on_ready(bound)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from common import sampling, settings
 
@@ -86,10 +88,9 @@ def key_limits(args: argparse.Namespace) -> KeyLimits:
     return KeyLimits(args.rate_limit_rpm, args.rate_limit_tpm)
 
 
-def run(args: argparse.Namespace) -> None:
+def check(args: argparse.Namespace) -> None:
+    """What must hold before the gateway starts (a clear error, not a half-open cluster)."""
     from common import cluster
-    from common.grpc_server import server_credentials
-    from gateway.app import run_gateway
 
     registry_host = args.registry_host or args.host
     cluster.check_listen("gateway", [args.host, registry_host], insecure=args.insecure_cluster)
@@ -99,30 +100,48 @@ def run(args: argparse.Namespace) -> None:
             "registry's own port, so that API clients still reach the public port without one"
         )
 
+
+def serving(
+    args: argparse.Namespace, stop: asyncio.Event, on_ready: Callable[[int], None] | None = None
+) -> Coroutine[Any, Any, None]:
+    """The gateway until ``stop``; ``on_ready(port)`` once it serves (after its READY line)."""
+    from common.grpc_server import server_credentials
+    from gateway.app import run_gateway
+
+    registry_host = args.registry_host or args.host
+
     def registry_ready(host: str, port: int) -> None:
         print(f"REGISTRY {host}:{port}", flush=True)
 
-    settings.run_server(
-        lambda stop: run_gateway(
-            host=args.host,
-            port=args.port,
-            controller_address=args.controller_address,
-            api_keys=api_keys(args),
-            default_limits=key_limits(args),
-            heartbeat_expiry=args.heartbeat_expiry,
-            limits=sampling.limits(args),
-            shutdown_grace=args.shutdown_grace,
-            expect_models=settings.split(args.expect_models),
-            metrics_port=args.metrics_port,
-            tls=server_credentials(args.tls_cert, args.tls_key),
-            registry_port=args.registry_port,
-            registry_host=registry_host,
-            registry_tls=server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca),
-            stop=stop,
-            on_ready=lambda port: settings.ready("gateway", args.host, port),
-            on_registry_ready=registry_ready,
-        )
+    def ready(port: int) -> None:
+        settings.ready("gateway", args.host, port)
+        if on_ready is not None:
+            on_ready(port)
+
+    return run_gateway(
+        host=args.host,
+        port=args.port,
+        controller_address=args.controller_address,
+        api_keys=api_keys(args),
+        default_limits=key_limits(args),
+        heartbeat_expiry=args.heartbeat_expiry,
+        limits=sampling.limits(args),
+        shutdown_grace=args.shutdown_grace,
+        expect_models=settings.split(args.expect_models),
+        metrics_port=args.metrics_port,
+        tls=server_credentials(args.tls_cert, args.tls_key),
+        registry_port=args.registry_port,
+        registry_host=registry_host,
+        registry_tls=server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca),
+        stop=stop,
+        on_ready=ready,
+        on_registry_ready=registry_ready,
     )
+
+
+def run(args: argparse.Namespace) -> None:
+    check(args)
+    settings.run_server(lambda stop: serving(args, stop))
 
 
 def run_registry(args: argparse.Namespace) -> None:

@@ -7,25 +7,49 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from common.observability import LATENCY_BUCKETS, TOKEN_BUCKETS
+from common.observability import LATENCY_BUCKETS, TOKEN_BUCKETS, part_registry
 
-REQUESTS = Counter("tokenwire_requests_total", "API requests by kind, model and status", ["kind", "model", "status"])
-PROMPT_TOKENS = Counter("tokenwire_prompt_tokens_total", "Prompt tokens processed", ["model"])
-COMPLETION_TOKENS = Counter("tokenwire_completion_tokens_total", "Completion tokens generated", ["model"])
+REGISTRY = part_registry()  # this part's series only, also where parts share a process
+
+REQUESTS = Counter(
+    "tokenwire_requests_total", "API requests by kind, model and status", ["kind", "model", "status"], registry=REGISTRY
+)
+PROMPT_TOKENS = Counter("tokenwire_prompt_tokens_total", "Prompt tokens processed", ["model"], registry=REGISTRY)
+COMPLETION_TOKENS = Counter(
+    "tokenwire_completion_tokens_total", "Completion tokens generated", ["model"], registry=REGISTRY
+)
 TTFT = Histogram(
-    "tokenwire_time_to_first_token_seconds", "Time to the first generated token", ["model"], buckets=LATENCY_BUCKETS
+    "tokenwire_time_to_first_token_seconds",
+    "Time to the first generated token",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
 )
 ITL = Histogram(
-    "tokenwire_inter_token_latency_seconds", "Time between generated deltas", ["model"], buckets=TOKEN_BUCKETS
+    "tokenwire_inter_token_latency_seconds",
+    "Time between generated deltas",
+    ["model"],
+    buckets=TOKEN_BUCKETS,
+    registry=REGISTRY,
 )
 E2E = Histogram(
-    "tokenwire_request_duration_seconds", "End-to-end API request latency", ["kind", "model"], buckets=LATENCY_BUCKETS
+    "tokenwire_request_duration_seconds",
+    "End-to-end API request latency",
+    ["kind", "model"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
 )
-ERRORS = Counter("tokenwire_errors_total", "API errors by reason (OpenAI code)", ["model", "reason"])
-CANCELLED = Counter("tokenwire_cancelled_requests_total", "Requests whose client went away", ["model"])
-LIVE_WORKERS = Gauge("tokenwire_live_workers", "Live workers per model", ["model"])
-WORKER_IN_FLIGHT = Gauge("tokenwire_worker_in_flight", "Calls running on a worker (heartbeat)", ["model", "worker"])
-WORKER_QUEUE = Gauge("tokenwire_worker_queue_depth", "Calls queued on a worker (heartbeat)", ["model", "worker"])
+ERRORS = Counter("tokenwire_errors_total", "API errors by reason (OpenAI code)", ["model", "reason"], registry=REGISTRY)
+CANCELLED = Counter(
+    "tokenwire_cancelled_requests_total", "Requests whose client went away", ["model"], registry=REGISTRY
+)
+LIVE_WORKERS = Gauge("tokenwire_live_workers", "Live workers per model", ["model"], registry=REGISTRY)
+WORKER_IN_FLIGHT = Gauge(
+    "tokenwire_worker_in_flight", "Calls running on a worker (heartbeat)", ["model", "worker"], registry=REGISTRY
+)
+WORKER_QUEUE = Gauge(
+    "tokenwire_worker_queue_depth", "Calls queued on a worker (heartbeat)", ["model", "worker"], registry=REGISTRY
+)
 
 
 _timing_children: dict[str, tuple[Histogram, Histogram]] = {}

@@ -33,6 +33,7 @@ from common.observability import REQUEST_ID_HEADER, request_id
 from common.sampling import Limits
 from common.settings import DEFAULT_MAX_BODY_BYTES
 from rest_bridge import convert, keepalive, openapi, page, render, status
+from rest_bridge import metrics as bridge_metrics
 from rest_bridge.middleware import RequestMiddleware
 from tokenwire.v1 import api_pb2, api_pb2_grpc
 
@@ -288,7 +289,7 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
 
     @app.get("/metrics", tags=["operations"])
     async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(bridge_metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", tags=["models"])
     async def list_models(request: Request) -> Response:

@@ -7,8 +7,12 @@ import asyncio
 import signal
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 from common import sampling, settings
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 def bridge_flags(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +84,8 @@ def connection_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> None:
+def server(args: argparse.Namespace) -> tuple[uvicorn.Server, socket.socket]:
+    """The bridge's uvicorn server, and its socket, bound to --host/--port."""
     import uvicorn
 
     from rest_bridge import connections
@@ -105,7 +110,6 @@ def run(args: argparse.Namespace) -> None:
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
-    port = sock.getsockname()[1]
     connections.raise_descriptor_limit(args.max_connections)
     config = uvicorn.Config(
         create_app(bridge_settings),
@@ -116,20 +120,26 @@ def run(args: argparse.Namespace) -> None:
         access_log=False,
         timeout_graceful_shutdown=int(args.shutdown_grace),
     )
-    server = uvicorn.Server(config)
+    return uvicorn.Server(config), sock
 
-    async def serve() -> None:
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn exposes no event
-            await asyncio.sleep(0.02)
-        if server.started:
-            settings.ready("bridge", args.host, port)
-        await task
 
-    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the
-    # signal: let that end the process quietly, with status 0.
+async def serving(args: argparse.Namespace, server: uvicorn.Server, sock: socket.socket) -> None:
+    """Serve until SIGTERM/SIGINT, which uvicorn takes while it serves: it drains the open
+    requests, then raises the signal again for the handler it found."""
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn exposes no event
+        await asyncio.sleep(0.02)
+    if server.started:
+        settings.ready("bridge", args.host, sock.getsockname()[1])
+    await task
+
+
+def run(args: argparse.Namespace) -> None:
+    bridge, sock = server(args)
+    # uvicorn's signal raised again after its graceful shutdown: let it end the
+    # process quietly, with status 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
-        settings.run_loop(serve())
+        settings.run_loop(serving(args, bridge, sock))
     except KeyboardInterrupt:
         pass

@@ -367,8 +367,8 @@ def test_serve_is_closed_by_default_and_keeps_its_token_secret() -> None:
         token = serve.token
         assert len(token) >= 32
         assert os.stat(serve.token_file).st_mode & 0o777 == 0o600
-        # No secret on any command line.
-        assert serve.process is not None and len(harness.children(serve.process.pid)) == 4
+        # No secret on any command line: the front end's (gateway and bridge) and two workers'.
+        assert serve.process is not None and len(harness.children(serve.process.pid)) == 3
         assert not [line for line in harness.cmdlines().values() if token in line]
         with grpc.insecure_channel(serve.registry_address) as channel:
             stub = registry_pb2_grpc.RegistryServiceStub(channel)
@@ -471,9 +471,15 @@ def test_serve_restarts_a_chat_worker_killed_mid_stream() -> None:
     assert "[tokenwire] stopped" in log
 
 
-def test_serve_restarts_its_gateway_and_bridge() -> None:
-    """The gateway and the bridge come back on the same ports; the workers join the new registry."""
-    serve = harness.Serve(["--echo"], env=no_cluster_env()).start(timeout=120)
+# What serve runs for its front end (command -> how its log names the part), by default and split.
+FRONT_ENDS = {(): {"front-end": "front end"}, ("--split-front-end",): {"gateway": "gateway", "bridge": "bridge"}}
+
+
+@pytest.mark.parametrize("flags", list(FRONT_ENDS), ids=["one-process", "split"])
+def test_serve_restarts_its_front_end(flags: tuple[str, ...]) -> None:
+    """The gateway and the bridge (one process, or two with --split-front-end) come back on the
+    same ports; the workers join the new registry."""
+    serve = harness.Serve(["--echo", *flags], env=no_cluster_env()).start(timeout=120)
     assert serve.process is not None
     client = openai.OpenAI(base_url=f"{serve.url}/v1", api_key="none", max_retries=0, timeout=10)
 
@@ -488,16 +494,38 @@ def test_serve_restarts_its_gateway_and_bridge() -> None:
         except openai.APIError:
             return False
 
+    def front_end_pids(command: str) -> list[int]:
+        assert serve.process is not None
+        return [p for p, line in harness.children(serve.process.pid).items() if f"tokenwire_cli {command} " in line]
+
     try:
-        for part in ("gateway", "bridge"):
-            (pid,) = [p for p, line in harness.children(serve.process.pid).items() if f"tokenwire_cli {part} " in line]
+        parts = FRONT_ENDS[flags]
+        assert {command: len(front_end_pids(command)) for command in ("front-end", "gateway", "bridge")} == {
+            command: int(command in parts) for command in ("front-end", "gateway", "bridge")
+        }
+        for command, part in parts.items():
+            (pid,) = front_end_pids(command)
             os.kill(pid, signal.SIGKILL)
             killed = time.monotonic()
             harness.wait_until(lambda: chat_works() and time.monotonic(), timeout=30, interval=0.2)
             assert time.monotonic() - killed < 30
             assert f"the {part} stopped unexpectedly (killed by SIGKILL); restarting it in 1 s" in serve.log()
+            assert grpc_chat_works(serve.grpc_address)  # the gateway's own port, pinned too
     finally:
         assert serve.stop() == 0
+
+
+def grpc_chat_works(address: str) -> bool:
+    from tokenwire.v1 import api_pb2, api_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        reply = api_pb2_grpc.InferenceServiceStub(channel).CreateChatCompletion(
+            api_pb2.CreateChatCompletionRequest(
+                model=CHAT, messages=[common_pb2.ChatMessage(role="user", content="grpc")], max_tokens=1
+            ),
+            timeout=10,
+        )
+    return reply.choices[0].message.content == "grpc"
 
 
 def test_serve_stops_on_a_crash_loop() -> None:

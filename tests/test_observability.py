@@ -101,6 +101,36 @@ def test_each_process_exposes_only_its_own_metrics(system) -> None:
     assert not any(n.startswith(("tokenwire_http_", "tokenwire_engine_")) for n in names["gateway"]), names["gateway"]
 
 
+def test_one_process_front_end_keeps_each_parts_metrics() -> None:
+    """serve's front end: the gateway and the bridge in one process, each /metrics still its own
+    part's, and each counting what went through it."""
+    front = harness.Proc(["front-end", "--port", "0", "--metrics-port", "0", "--bridge", "--port", "0"]).start()
+    assert front.launched is not None
+    try:
+        harness.wait_until(lambda: front.launched is not None and front.launched.part_address("bridge"))
+        url = "http://" + front.launched.part_address("bridge")
+        worker = harness.echo_worker(front.launched.part_address("gateway"), "echo-one-process")
+        try:
+            harness.wait_for_workers(url, "echo-one-process", 1)
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+            reply = client.chat.completions.create(
+                model="echo-one-process", messages=[{"role": "user", "content": "a b"}], max_tokens=2
+            )
+            assert reply.choices[0].message.content == "a b"
+            gateway_metrics = harness.scrape(f"http://{front.metrics_address}/metrics")
+            bridge_metrics = harness.scrape(f"{url}/metrics")
+        finally:
+            worker.stop()
+    finally:
+        assert front.stop() == 0
+    assert gateway_metrics['tokenwire_requests_total{kind="chat",model="echo-one-process",status="ok"}'] == 1
+    assert not any(name.startswith(("tokenwire_http_", "tokenwire_engine_")) for name in gateway_metrics)
+    chat_route = 'tokenwire_http_requests_total{method="POST",route="/v1/chat/completions",status="200"}'
+    assert bridge_metrics[chat_route] == 1
+    assert all(name.startswith(("tokenwire_http_", "process_", "python_")) for name in bridge_metrics), bridge_metrics
+    assert "Traceback" not in front.log()
+
+
 def test_request_id_reaches_every_hop(system) -> None:
     gateway, worker, bridge, url = system
     rid = "test-rid-0123456789"

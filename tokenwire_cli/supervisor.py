@@ -1,9 +1,12 @@
 """``tokenwire serve``: the whole system on one machine, as child processes.
 
-Starts the gateway (with its registry), one worker per default model and the
-REST bridge, each as its own process (so they use separate cores), waits
-until the models answer, prints how to reach them, and stops everything
-cleanly on Ctrl-C / SIGTERM. API keys and the cluster token (made here,
+Starts the front end (the gateway, with its registry, and the REST bridge, in
+one process: ``tokenwire_cli/front_end.py``) and one worker per default model,
+each worker a process of its own; waits until the models answer, prints how to
+reach them, and stops everything cleanly on Ctrl-C / SIGTERM. With
+``--split-front-end`` the gateway and the bridge are two processes, as
+before: on a machine with cores to spare that keeps more of the front end's
+ceiling for non-streamed requests. API keys and the cluster token (made here,
 random, unless one is given) reach the children through the environment,
 never their command lines.
 
@@ -74,6 +77,9 @@ class Child:
     def alive(self) -> bool:
         return self.launched is not None and self.launched.alive()
 
+    def part_address(self, part: str) -> str:
+        return self.launched.part_address(part) if self.launched else ""
+
     def stop(self, timeout: float) -> None:
         if self.alive():
             assert self.launched is not None
@@ -101,11 +107,15 @@ def _say(message: str) -> None:
     print(f"[tokenwire] {message}", flush=True)
 
 
-def _wait_ready(children: list[Child], deadline: float) -> None:
+def _wait_ready(children: list[Child], deadline: float, part: str | None = None) -> None:
+    """Until each child printed READY, or READY ``part`` (the bridge of a one-process front end)."""
     for child in children:
         assert child.launched is not None
+        until = None if part is None else (lambda child=child: bool(child.part_address(part)))
         try:
-            child.launched.wait_ready(deadline - time.monotonic(), stopping=lambda: _Stop.requested, poll=0.2)
+            child.launched.wait_ready(
+                deadline - time.monotonic(), until=until, stopping=lambda: _Stop.requested, poll=0.2
+            )
         except NotReady as error:
             if error.reason == "stopped":
                 raise SystemExit("stopped while starting") from None
@@ -185,6 +195,11 @@ def _pin(argv: list[str], flag: str, value: str) -> list[str]:
     argv = list(argv)
     argv[argv.index(flag) + 1] = value
     return argv
+
+
+def _front_end_argv(gateway_argv: list[str], bridge_argv: list[str]) -> list[str]:
+    """``tokenwire front-end``: the gateway's flags, then the bridge's."""
+    return ["front-end", *gateway_argv[1:], "--bridge", *bridge_argv[1:]]
 
 
 def _exit_reason(code: int | None) -> str:
@@ -314,7 +329,29 @@ def serve(args: argparse.Namespace) -> None:
         # The registry on a port of its own: the public port carries only the public API.
         gateway_argv += ["--registry-port", str(args.registry_port)]
     gateway_argv += [*message_limits, "--heartbeat-expiry", str(args.heartbeat_expiry)]
-    gateway = Child("gateway", gateway_argv)
+    # What the bridge needs but the gateway's address (the front end gives it its own gateway's).
+    bridge_argv = [
+        "bridge",
+        "--host", args.host,
+        "--port", str(args.port),
+        "--allowed-origins", args.allowed_origins,
+        "--allowed-methods", args.allowed_methods,
+        "--allowed-headers", args.allowed_headers,
+        "--max-body-bytes", str(args.max_body_bytes),
+        "--responses-store-size", str(args.responses_store_size),
+        "--responses-store-bytes", str(args.responses_store_bytes),
+        "--request-read-timeout", str(args.request_read_timeout),
+        "--max-connections", str(args.max_connections),
+        "--sse-keepalive-interval", str(args.sse_keepalive_interval),
+        *(["--allow-credentials"] if args.allow_credentials else []),
+        *limits,
+        *common,
+    ]  # fmt: skip
+    split = args.split_front_end
+    # One process for both parts, or the gateway alone (the bridge follows once its address is known).
+    gateway = (
+        Child("gateway", gateway_argv) if split else Child("front end", _front_end_argv(gateway_argv, bridge_argv))
+    )
     workers: list[Child] = []
     bridge: Child | None = None
 
@@ -324,18 +361,20 @@ def serve(args: argparse.Namespace) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     exit_code = 0
     try:
-        _say(f"starting the gateway on {args.host}:{args.grpc_port}")
+        if split:
+            _say(f"starting the gateway on {args.host}:{args.grpc_port}")
+        else:
+            _say(f"starting the gateway ({args.host}:{args.grpc_port}) and the REST bridge ({args.host}:{args.port})")
         gateway.start(env)
-        _wait_ready([gateway], deadline)
-        grpc_address = gateway.address
+        _wait_ready([gateway], deadline)  # the gateway's READY comes first
+        grpc_address = gateway.part_address("gateway")
         local_grpc = "127.0.0.1:" + grpc_address.rsplit(":", 1)[1] if args.host in ("0.0.0.0", "::") else grpc_address
-        # A restarted gateway comes back on the same ports.
-        gateway.argv = _pin(gateway.argv, "--port", grpc_address.rsplit(":", 1)[1])
+        gateway_argv = _pin(gateway_argv, "--port", grpc_address.rsplit(":", 1)[1])
         # The registry: the standalone one given, or the gateway's own port (pinned too).
         registry_address = registry = args.controller_address or gateway.registry_address
         if not args.controller_address:
             registry_port = gateway.registry_address.rsplit(":", 1)[1]
-            gateway.argv = _pin(gateway.argv, "--registry-port", registry_port)
+            gateway_argv = _pin(gateway_argv, "--registry-port", registry_port)
             if args.host in ("0.0.0.0", "::"):
                 registry = "127.0.0.1:" + registry_port  # how the local parts reach it
         worker_common = ["worker", "--host", "127.0.0.1", "--port", "0", "--controller-address", registry, *common]
@@ -343,35 +382,23 @@ def serve(args: argparse.Namespace) -> None:
         workers = [Child("chat worker", [*worker_common, *chat_flags])]
         if embed_model:
             workers.append(Child("embedding worker", [*worker_common, *embed_flags]))
-        bridge = Child(
-            "bridge",
-            [
-                "bridge",
-                "--host", args.host,
-                "--port", str(args.port),
-                "--gateway-address", local_grpc,
-                "--allowed-origins", args.allowed_origins,
-                "--allowed-methods", args.allowed_methods,
-                "--allowed-headers", args.allowed_headers,
-                "--max-body-bytes", str(args.max_body_bytes),
-                "--responses-store-size", str(args.responses_store_size),
-                "--responses-store-bytes", str(args.responses_store_bytes),
-                "--request-read-timeout", str(args.request_read_timeout),
-                "--max-connections", str(args.max_connections),
-                "--sse-keepalive-interval", str(args.sse_keepalive_interval),
-                *(["--allow-credentials"] if args.allow_credentials else []),
-                *limits,
-                *common,
-            ],
-        )  # fmt: skip
         _say("starting the workers: loading " + ", ".join(m for m in (chat_model, embed_model) if m))
         for worker in workers:
             worker.start(env)
-        _say(f"starting the REST bridge on {args.host}:{args.port}")
-        bridge.start(env)
-        _wait_ready([*workers, bridge], deadline)
-        http = bridge.address
-        bridge.argv = _pin(bridge.argv, "--port", http.rsplit(":", 1)[1])
+        if split:
+            bridge = Child("bridge", [*bridge_argv, "--gateway-address", local_grpc])
+            _say(f"starting the REST bridge on {args.host}:{args.port}")
+            bridge.start(env)
+        http_part = bridge or gateway
+        _wait_ready(workers, deadline)
+        _wait_ready([http_part], deadline, part="bridge")
+        http = http_part.part_address("bridge")
+        # A restarted part comes back on the same ports.
+        bridge_argv = _pin(bridge_argv, "--port", http.rsplit(":", 1)[1])
+        if bridge is not None:
+            gateway.argv, bridge.argv = gateway_argv, [*bridge_argv, "--gateway-address", local_grpc]
+        else:
+            gateway.argv = _front_end_argv(gateway_argv, bridge_argv)
         local_http = "127.0.0.1:" + http.rsplit(":", 1)[1] if args.host in ("0.0.0.0", "::") else http
         _wait_models(
             f"http://{local_http}", [m for m in (chat_model, embed_model) if m], keys[0] if keys else None, deadline
@@ -379,14 +406,16 @@ def serve(args: argparse.Namespace) -> None:
         print(
             _banner(http, grpc_address, chat_model, embed_model, bool(keys), registry_address, token_file), flush=True
         )
-        exit_code = _supervise([gateway, *workers, bridge], workers, registry, env)
+        exit_code = _supervise([gateway, *workers, *([bridge] if bridge else [])], workers, registry, env)
     except SystemExit as error:
         _say(str(error))
         exit_code = 0 if _Stop.requested else 1
     finally:
         _say("stopping")
-        # Front to back: no new requests, workers leave the registry, then the gateway.
-        for child in [bridge, *workers, gateway]:
+        # Front to back: no new requests, workers leave the registry, then the gateway. The front
+        # end in one process drains its bridge, then stops its gateway, before the workers go.
+        order = [bridge, *workers, gateway] if split else [gateway, *workers]
+        for child in order:
             if child is not None:
                 child.stop(args.shutdown_grace + 5)
         shutil.rmtree(private, ignore_errors=True)

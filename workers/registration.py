@@ -89,5 +89,10 @@ class RegistryLink:
                 registry_pb2.DeregisterRequest(worker_id=self.worker_id), timeout=2, metadata=cluster.call_metadata()
             )
         except grpc.aio.AioRpcError as error:
-            log.warning("could not deregister %s: %s", self.worker_id, error.code().name)
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                # Down, as when serve stops its front end (the registry in it) first: nothing to act
+                # on. A registry in a gateway forgot the worker with it; a standalone one expires it.
+                log.info("the registry is unreachable; it forgets %s by itself", self.worker_id)
+            else:
+                log.warning("could not deregister %s: %s", self.worker_id, error.code().name)
         await self.channel.close()

@@ -333,7 +333,7 @@ async def run_worker(
     # NOT_SERVING while the model loads.
     await server.set_serving(False)
     if metrics_port is not None:
-        obs.serve_metrics(host, metrics_port)
+        obs.serve_metrics(host, metrics_port, metrics.REGISTRY)
     started = time.monotonic()
     log.info("loading model %s (%s engine)", engine.info.name, engine.info.engine)
     await engine.start()
