@@ -86,15 +86,22 @@ def server_options() -> list[tuple[str, Any]]:
 _client_credentials: grpc.ChannelCredentials | None = None
 
 
+def _read_pem(flag: str, path: str) -> bytes:
+    """A PEM file a flag names; a startup error naming the flag if it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as error:
+        raise SystemExit(f"{flag} {path}: {error.strerror}") from None
+
+
 def configure_client_tls(ca_path: str | None, cert_path: str | None = None, key_path: str | None = None) -> None:
     global _client_credentials
     if ca_path:
-        with open(ca_path, "rb") as handle:
-            root = handle.read()
+        root = _read_pem("--tls-ca", ca_path)
         chain = key = None
         if cert_path and key_path:
-            with open(cert_path, "rb") as cert_file, open(key_path, "rb") as key_file:
-                chain, key = cert_file.read(), key_file.read()
+            chain, key = _read_pem("--tls-cert", cert_path), _read_pem("--tls-key", key_path)
         _client_credentials = grpc.ssl_channel_credentials(root, private_key=key, certificate_chain=chain)
     else:
         _client_credentials = None
@@ -110,12 +117,11 @@ def server_credentials(
         return None
     if not (cert_path and key_path):
         raise SystemExit("--tls-cert and --tls-key go together")
-    with open(cert_path, "rb") as cert, open(key_path, "rb") as key:
-        pair = (key.read(), cert.read())
+    pair = (_read_pem("--tls-key", key_path), _read_pem("--tls-cert", cert_path))
     if not client_ca_path:
         return grpc.ssl_server_credentials([pair])
-    with open(client_ca_path, "rb") as ca:
-        return grpc.ssl_server_credentials([pair], root_certificates=ca.read(), require_client_auth=True)
+    root = _read_pem("--tls-client-ca", client_ca_path)
+    return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=True)
 
 
 def open_channel(address: str) -> grpc.aio.Channel:

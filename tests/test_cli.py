@@ -72,6 +72,21 @@ def test_serve_echo_with_keys_from_env() -> None:
             process.kill()
 
 
+def test_startup_errors_name_the_problem() -> None:
+    """`tokenwire front-end` without the bridge's part, or with two CAs to dial with; a CA file
+    that is not there: a line saying so, no traceback."""
+    for argv, message in (
+        (["front-end", "--port", "0"], "usage: tokenwire front-end <gateway flags> --bridge <bridge flags>"),
+        (["front-end", "--port", "0", "--bridge", "--tls-ca", "/nonexistent-ca.pem"], "the same --tls-ca"),
+        (["bridge", "--port", "0", "--tls-ca", "/nonexistent-ca.pem"], "--tls-ca /nonexistent-ca.pem: No such file"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "tokenwire_cli", *argv], capture_output=True, text=True, timeout=60, cwd=ROOT
+        )
+        assert result.returncode != 0 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_sigterm_exits_zero() -> None:
     gateway = harness.gateway()
     worker = harness.echo_worker(gateway.address, "echo-chat")

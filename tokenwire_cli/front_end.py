@@ -40,12 +40,16 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, argparse.Namespace]:
         raise SystemExit(f"usage: tokenwire front-end <gateway flags> {BRIDGE} <bridge flags>")
     cut = argv.index(BRIDGE)
     parser = build_parser(with_engines=False)
-    parsed = {}
-    # The gateway's last: process-wide settings (message limits, cluster credentials) are its.
-    for part, part_argv in (("bridge", argv[cut + 1 :]), ("gateway", argv[:cut])):
-        args = parser.parse_args([part, *part_argv])
-        settings.configure_process(parser, args, [part, *part_argv])
-        parsed[part] = args
+    parts = {"bridge": ["bridge", *argv[cut + 1 :]], "gateway": ["gateway", *argv[:cut]]}
+    parsed = {part: parser.parse_args(part_argv) for part, part_argv in parts.items()}
+    if parsed["bridge"].tls_ca != parsed["gateway"].tls_ca:
+        raise SystemExit(
+            "tokenwire front-end: give the gateway and the bridge the same --tls-ca (one process dials with one)"
+        )
+    # The gateway's last: process-wide settings (message limits, cluster credentials, the client
+    # TLS both parts dial with) are its.
+    for part, part_argv in parts.items():
+        settings.configure_process(parser, parsed[part], part_argv)
     return parsed["gateway"], parsed["bridge"]
 
 
