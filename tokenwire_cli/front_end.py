@@ -4,10 +4,10 @@
 
 The bridge still calls the gateway over gRPC, on loopback (its ``--gateway-address`` is the
 gateway started here). In one process the two parts share one event loop and one set of gRPC
-threads: on a machine whose engine uses every core (llama.cpp on a small box) that is 25-35% less
-CPU a streamed token, and 4-6% more tokens/s, for 8% of the non-streamed ceiling
-(bench/RESULTS.md, "One process against the stack as shipped"). ``serve --split-front-end``, or
-``tokenwire gateway`` and ``tokenwire bridge``, run them apart.
+threads: on a machine whose engine uses every core (llama.cpp on a small box) that is 15-35% less
+CPU a streamed token, and 1-6% more tokens/s from the engine, for 18% of the front end's
+non-streamed ceiling (bench/RESULTS.md, "Engine concurrency" and "One process against two").
+``serve --split-front-end``, or ``tokenwire gateway`` and ``tokenwire bridge``, run them apart.
 
 On SIGTERM/SIGINT the bridge drains its open requests first (through the gateway, still serving),
 then the gateway stops.
