@@ -348,10 +348,9 @@ def serve(args: argparse.Namespace) -> None:
         *common,
     ]  # fmt: skip
     split = args.split_front_end
-    # One process for both parts, or the gateway alone (the bridge follows once its address is known).
-    gateway = (
-        Child("gateway", gateway_argv) if split else Child("front end", _front_end_argv(gateway_argv, bridge_argv))
-    )
+    # The front end: one process for both parts, or the gateway alone (the bridge follows once it
+    # knows the gateway's address).
+    front = Child("gateway", gateway_argv) if split else Child("front end", _front_end_argv(gateway_argv, bridge_argv))
     workers: list[Child] = []
     bridge: Child | None = None
 
@@ -365,15 +364,15 @@ def serve(args: argparse.Namespace) -> None:
             _say(f"starting the gateway on {args.host}:{args.grpc_port}")
         else:
             _say(f"starting the gateway ({args.host}:{args.grpc_port}) and the REST bridge ({args.host}:{args.port})")
-        gateway.start(env)
-        _wait_ready([gateway], deadline)  # the gateway's READY comes first
-        grpc_address = gateway.part_address("gateway")
+        front.start(env)
+        _wait_ready([front], deadline)  # the gateway's READY comes first
+        grpc_address = front.part_address("gateway")
         local_grpc = "127.0.0.1:" + grpc_address.rsplit(":", 1)[1] if args.host in ("0.0.0.0", "::") else grpc_address
         gateway_argv = _pin(gateway_argv, "--port", grpc_address.rsplit(":", 1)[1])
         # The registry: the standalone one given, or the gateway's own port (pinned too).
-        registry_address = registry = args.controller_address or gateway.registry_address
+        registry_address = registry = args.controller_address or front.registry_address
         if not args.controller_address:
-            registry_port = gateway.registry_address.rsplit(":", 1)[1]
+            registry_port = front.registry_address.rsplit(":", 1)[1]
             gateway_argv = _pin(gateway_argv, "--registry-port", registry_port)
             if args.host in ("0.0.0.0", "::"):
                 registry = "127.0.0.1:" + registry_port  # how the local parts reach it
@@ -389,16 +388,16 @@ def serve(args: argparse.Namespace) -> None:
             bridge = Child("bridge", [*bridge_argv, "--gateway-address", local_grpc])
             _say(f"starting the REST bridge on {args.host}:{args.port}")
             bridge.start(env)
-        http_part = bridge or gateway
+        http_part = bridge or front
         _wait_ready(workers, deadline)
         _wait_ready([http_part], deadline, part="bridge")
         http = http_part.part_address("bridge")
         # A restarted part comes back on the same ports.
         bridge_argv = _pin(bridge_argv, "--port", http.rsplit(":", 1)[1])
         if bridge is not None:
-            gateway.argv, bridge.argv = gateway_argv, [*bridge_argv, "--gateway-address", local_grpc]
+            front.argv, bridge.argv = gateway_argv, [*bridge_argv, "--gateway-address", local_grpc]
         else:
-            gateway.argv = _front_end_argv(gateway_argv, bridge_argv)
+            front.argv = _front_end_argv(gateway_argv, bridge_argv)
         local_http = "127.0.0.1:" + http.rsplit(":", 1)[1] if args.host in ("0.0.0.0", "::") else http
         _wait_models(
             f"http://{local_http}", [m for m in (chat_model, embed_model) if m], keys[0] if keys else None, deadline
@@ -406,7 +405,7 @@ def serve(args: argparse.Namespace) -> None:
         print(
             _banner(http, grpc_address, chat_model, embed_model, bool(keys), registry_address, token_file), flush=True
         )
-        exit_code = _supervise([gateway, *workers, *([bridge] if bridge else [])], workers, registry, env)
+        exit_code = _supervise([front, *workers, *([bridge] if bridge else [])], workers, registry, env)
     except SystemExit as error:
         _say(str(error))
         exit_code = 0 if _Stop.requested else 1
@@ -414,7 +413,7 @@ def serve(args: argparse.Namespace) -> None:
         _say("stopping")
         # Front to back: no new requests, workers leave the registry, then the gateway. The front
         # end in one process drains its bridge, then stops its gateway, before the workers go.
-        order = [bridge, *workers, gateway] if split else [gateway, *workers]
+        order = [bridge, *workers, front] if split else [front, *workers]
         for child in order:
             if child is not None:
                 child.stop(args.shutdown_grace + 5)
