@@ -25,7 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests import harness
-from tokenwire.v1 import common_pb2, registry_pb2, registry_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tokenwire.v1 import api_pb2, api_pb2_grpc, common_pb2, registry_pb2, registry_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tokenwire_cli import supervisor
 
 TOKEN = "cluster-token-for-the-tests-0123456789"
@@ -516,8 +516,6 @@ def test_serve_restarts_its_front_end(flags: tuple[str, ...]) -> None:
 
 
 def grpc_chat_works(address: str) -> bool:
-    from tokenwire.v1 import api_pb2, api_pb2_grpc
-
     with grpc.insecure_channel(address) as channel:
         reply = api_pb2_grpc.InferenceServiceStub(channel).CreateChatCompletion(
             api_pb2.CreateChatCompletionRequest(
