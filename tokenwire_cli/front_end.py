@@ -53,8 +53,8 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, argparse.Namespace]:
     return parsed["gateway"], parsed["bridge"]
 
 
-def local_address(host: str, port: int) -> str:
-    """Where this process reaches a server bound to ``host``."""
+def local_address(host: str, port: int | str) -> str:
+    """Where a process on this machine reaches a server bound to ``host``: loopback for a wildcard."""
     return f"127.0.0.1:{port}" if host in ("0.0.0.0", "::", "") else f"{host}:{port}"
 
 
