@@ -265,6 +265,39 @@ def test_gateway_sigterm_finishes_streams_then_exits_zero() -> None:
         stop_system(system)
 
 
+def test_one_process_front_end_sigterm_drains_the_bridge_then_stops_the_gateway() -> None:
+    """serve's front end: a stream open at SIGTERM gets every token and [DONE] through the
+    gateway in the same process, which stops only after the bridge has finished."""
+    front = harness.Proc(["front-end", "--port", "0", "--bridge", "--port", "0"]).start()
+    assert front.launched is not None
+    worker = None
+    try:
+        harness.wait_until(lambda: front.launched is not None and front.launched.part_address("bridge"))
+        url = "http://" + front.launched.part_address("bridge")
+        worker = harness.echo_worker(
+            front.launched.part_address("gateway"), "echo-drain", "--echo-tokens", "60", "--echo-delay", "0.02"
+        )
+        harness.wait_for_workers(url, "echo-drain", 1)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        stream = client.chat.completions.create(
+            model="echo-drain", messages=[{"role": "user", "content": "a b"}], stream=True
+        )
+        first = next(iter(stream))
+        assert first.choices[0].delta.role == "assistant"
+        front.signal(signal.SIGTERM)
+        rest = list(stream)  # the SDK stops at [DONE]
+        assert rest[-1].choices[0].finish_reason == "stop"
+        assert sum(1 for c in rest if c.choices and c.choices[0].delta.content) == 60
+        assert front.process is not None and front.process.wait(15) == 0
+    finally:
+        if worker is not None:
+            worker.stop()
+        front.stop()
+    log = front.log()
+    assert log.index("Shutting down") < log.index("gateway shutting down"), log
+    assert "Traceback" not in log
+
+
 def test_worker_sigterm_deregisters_then_finishes(fresh_slow_system: EchoSystem) -> None:
     system = fresh_slow_system
     client = openai.OpenAI(base_url=f"{system.url}/v1", api_key=API_KEY, max_retries=0)
