@@ -9,20 +9,24 @@ llama_cpp worker as ``make serve`` runs them; a variant changes one thing:
 - ``split``: the gateway and the bridge as two processes (``serve --split-front-end``; what serve
   ran before 2026-12-02);
 - ``interval-2``: the worker with ``--stream-interval 2`` (half the messages through the front end);
+- ``event-engine``: every process on grpc's event engine, which the parts turn off by default for
+  grpc's classic poller (``common/__init__.py``; a ``GRPC_EXPERIMENTS`` naming them wins);
 - ``sched-batch`` / ``sched-idle``: the default stack with its front end under the SCHED_BATCH or
   SCHED_IDLE policy for that window (its wake-ups then do not preempt llama.cpp's threads).
 
 Prints one line per window (tokens/s, TTFT, the front end's CPU per token), then each variant's
 ratios to llama-server's window of the same round and level.
 
-``--ceiling`` measures the other side of the one-process trade: what the front end alone can
-carry. ``default`` and ``split`` stacks over echo workers (an instant one and one making a token a
-millisecond, as in the REST section of ``make bench``) take the REST section's non-streamed chat
-at 32 clients and its paced stream at 8, interleaved round by round.
+``--ceiling`` measures what the front end alone can carry: stacks over echo workers (an instant
+one and one making a token a millisecond, as in the REST section of ``make bench``) take the REST
+section's non-streamed chat at 32 clients and its paced stream at 8, interleaved round by round;
+``--variants`` picks them among ``default``, ``split`` and ``event-engine`` (``default,split``, the
+one-process trade, when not given).
 
     bench/.venv/bin/python bench/front_end_variants.py [--levels 1,8] [--rounds 3] [--duration 20]
         [--variants default,split,interval-2,sched-idle]
     bench/.venv/bin/python bench/front_end_variants.py --ceiling [--rounds 3] [--duration 8]
+        [--variants default,event-engine]
 
 It runs in the bench's own venv (its load client; ``bench/run.py`` builds it the first time), and
 the servers in the project's.
@@ -42,8 +46,11 @@ if TYPE_CHECKING:
     from servers import Group, Server
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("default", "split", "interval-2", "sched-batch", "sched-idle")
+VARIANTS = ("default", "split", "interval-2", "event-engine", "sched-batch", "sched-idle")
+CEILING_VARIANTS = ("default", "split", "event-engine")
 POLICY = {"sched-batch": "-b", "sched-idle": "-i"}
+# What the parts would run on if common/__init__.py did not choose grpc's classic poller.
+EVENT_ENGINE = {"GRPC_EXPERIMENTS": "event_engine_client,event_engine_listener,event_engine_for_all_other_endpoints"}
 WORKER_ARGS = ("--parallel", "8", "--n-ctx", "8192")
 
 
@@ -69,13 +76,14 @@ def start_variant(group: Group, variant: str, workers: dict[str, tuple[str, ...]
     import servers
     from suite import start_engine_stack, wait_models
 
+    env = EVENT_ENGINE if variant == "event-engine" else None
     (model, (engine, *engine_args)), *others = workers.items()
-    stack = start_engine_stack(group, model, engine, *engine_args, prefix=variant, split=variant == "split")
+    stack = start_engine_stack(group, model, engine, *engine_args, prefix=variant, split=variant == "split", env=env)
     for model, (engine, *engine_args) in others:
         group.start(
             servers.tokenwire(
                 f"{variant}-worker-{model}", "worker", "--port", "0", "--controller-address", stack.gateway_address,
-                "--engine", engine, "--model-name", model, "--log-level", "warning", *engine_args,
+                "--engine", engine, "--model-name", model, "--log-level", "warning", *engine_args, env=env,
             ),
             timeout=300,
         )  # fmt: skip
@@ -88,8 +96,9 @@ def set_policy(front: list[Server], flag: str) -> None:
         subprocess.run(["chrt", "-a", flag, "-p", "0", str(server.pid)], check=True)
 
 
-async def ceiling(rounds: int, duration: float) -> None:
-    """Each front end's throughput and CPU over echo workers, one line per window, then medians."""
+async def ceiling(variants: list[str], rounds: int, duration: float) -> None:
+    """Each front end's throughput and CPU over echo workers, one line per window, then medians
+    against the first variant's."""
     import loadgen
     from servers import Group
     from suite import CHAT_TOKENS, LOADS, PACED_MODEL, STREAM_TOKENS, chat_body
@@ -100,7 +109,7 @@ async def ceiling(rounds: int, duration: float) -> None:
     }
     figures: dict[tuple[str, str], list[tuple[float, float]]] = {}
     with Group() as group:
-        stacks = {variant: start_variant(group, variant, echo_workers()) for variant in ("default", "split")}
+        stacks = {variant: start_variant(group, variant, echo_workers()) for variant in variants}
         clients = {variant: loadgen.HttpClient(base) for variant, (base, _) in stacks.items()}
         try:
             for round_ in range(rounds):
@@ -114,22 +123,24 @@ async def ceiling(rounds: int, duration: float) -> None:
                         figures.setdefault((load, variant), []).append((per_second, cpu_us))
                         unit = "SSE chunks" if stream else "requests"
                         print(
-                            f"[{round_ + 1}/{rounds}] {load:15s} {variant:11s} {per_second:7.0f} {unit}/s, "
+                            f"[{round_ + 1}/{rounds}] {load:15s} {variant:12s} {per_second:7.0f} {unit}/s, "
                             f"front end {cpu_us:5.0f} µs of CPU per {unit[:-1]}, {result.errors} errors",
                             flush=True,
                         )
         finally:
             for http in clients.values():
                 await http.close()
-    print("\nmedians (one process, as shipped, against split):")
+    first, *others = variants
+    print(f"\nmedians, against {first}'s:")
     for load in bodies:
         rates = {v: statistics.median(r for r, _ in figures[(load, v)]) for v in stacks}
         cpus = {v: statistics.median(c for _, c in figures[(load, v)]) for v in stacks}
-        print(
-            f"  {load:15s} one process {rates['default']:7.0f}/s at {cpus['default']:5.0f} µs, "
-            f"split {rates['split']:7.0f}/s at {cpus['split']:5.0f} µs "
-            f"({rates['default'] / rates['split']:.2f}x the rate, {cpus['default'] / cpus['split']:.2f}x the CPU)"
-        )
+        print(f"  {load:15s} {first:12s} {rates[first]:7.0f}/s at {cpus[first]:5.0f} µs")
+        for v in others:
+            print(
+                f"  {load:15s} {v:12s} {rates[v]:7.0f}/s at {cpus[v]:5.0f} µs "
+                f"({rates[v] / rates[first]:.2f}x the rate, {cpus[v] / cpus[first]:.2f}x the CPU)"
+            )
 
 
 def main() -> None:
@@ -137,22 +148,23 @@ def main() -> None:
     parser.add_argument("--levels", default="1,8")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=20.0)
-    parser.add_argument("--variants", default="default,split,interval-2,sched-idle")
+    parser.add_argument("--variants", help="default,split,interval-2,sched-idle (--ceiling: default,split)")
     parser.add_argument("--ceiling", action="store_true", help="the front end alone over echo workers (see above)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))  # the bench's modules import the launcher from common/, as run.py lets them
+    known = CEILING_VARIANTS if args.ceiling else VARIANTS
+    variants = (args.variants or ("default,split" if args.ceiling else "default,split,interval-2,sched-idle")).split(",")
+    unknown = set(variants) - set(known)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(known)}")
     if args.ceiling:
-        asyncio.run(ceiling(args.rounds, args.duration))
+        asyncio.run(ceiling(variants, args.rounds, args.duration))
         return
     import concurrency
     from llama_server import ensure_llama_server
     from servers import Group
     from suite import project_eval
 
-    variants = args.variants.split(",")
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     levels = [int(level) for level in args.levels.split(",")]
     gguf = project_eval("from workers.engines.llama_cpp import default_model_path; print(default_model_path())")
     binary = str(ensure_llama_server(log=print))

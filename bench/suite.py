@@ -623,31 +623,38 @@ class EngineStack:
 
 
 def start_engine_stack(
-    group: Group, model: str, engine: str, *engine_args: str, prefix: str = "tw", split: bool = False
+    group: Group,
+    model: str,
+    engine: str,
+    *engine_args: str,
+    prefix: str = "tw",
+    split: bool = False,
+    env: dict[str, str] | None = None,
 ) -> EngineStack:
-    """The front end, then one worker running a real engine.
+    """The front end, then one worker running a real engine; ``env`` is added to each one's.
 
     Its processes are named ``{prefix}-front-end`` (or ``{prefix}-gateway`` and ``{prefix}-bridge``
     with ``split``) and ``{prefix}-worker-{model}``.
     """
     quiet = ("--port", "0", "--log-level", "warning")
     if split:
-        front = [group.start(servers.tokenwire(f"{prefix}-gateway", "gateway", *quiet))]
+        front = [group.start(servers.tokenwire(f"{prefix}-gateway", "gateway", *quiet, env=env))]
         gateway_address = front[0].address
     else:
-        front = [group.start(servers.tokenwire(f"{prefix}-front-end", "front-end", *quiet, "--bridge", *quiet))]
+        front = [
+            group.start(servers.tokenwire(f"{prefix}-front-end", "front-end", *quiet, "--bridge", *quiet, env=env))
+        ]
         gateway_address = front[0].part_address("gateway")
     worker = group.start(
         servers.tokenwire(
             f"{prefix}-worker-{model}", "worker", *quiet, "--controller-address", gateway_address,
-            "--engine", engine, "--model-name", model, *engine_args,
+            "--engine", engine, "--model-name", model, *engine_args, env=env,
         ),
         timeout=300,
     )  # fmt: skip
     if split:
-        front.append(
-            group.start(servers.tokenwire(f"{prefix}-bridge", "bridge", *quiet, "--gateway-address", gateway_address))
-        )
+        bridge = servers.tokenwire(f"{prefix}-bridge", "bridge", *quiet, "--gateway-address", gateway_address, env=env)
+        front.append(group.start(bridge))
     base = f"http://{front[-1].part_address('bridge')}"
     wait_models(base, [model])
     return EngineStack(front, gateway_address, worker, base)

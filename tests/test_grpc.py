@@ -247,3 +247,28 @@ async def test_stream_interval_holds_messages_for_tokens() -> None:
     finally:
         worker.stop()
         gateway.stop()
+
+
+EVENT_ENGINE = "event_engine_client,event_engine_listener,event_engine_for_all_other_endpoints"
+
+
+@pytest.mark.parametrize(
+    ("experiments", "used", "unused"),
+    [("", "tcp_posix.cc", "posix_endpoint.cc"), (EVENT_ENGINE, "posix_endpoint.cc", "tcp_posix.cc")],
+    ids=["by-default-classic-poller", "event-engine-when-asked"],
+)
+def test_parts_run_grpcs_classic_poller_unless_the_user_names_the_experiments(
+    experiments: str, used: str, unused: str
+) -> None:
+    """grpc's own TCP trace names the source file that moves the bytes: iomgr's ``tcp_posix.cc``
+    for the classic poller (common/__init__.py), the event engine's ``posix_endpoint.cc``."""
+    env = {"GRPC_EXPERIMENTS": experiments, "GRPC_VERBOSITY": "debug", "GRPC_TRACE": "tcp"}
+    gateway = harness.gateway(env=env)
+    try:
+        with grpc.insecure_channel(gateway.address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        gateway.stop()
+    log = gateway.log()
+    assert used in log and unused not in log, log[-2000:]
