@@ -153,7 +153,8 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))  # the bench's modules import the launcher from common/, as run.py lets them
     known = CEILING_VARIANTS if args.ceiling else VARIANTS
-    variants = (args.variants or ("default,split" if args.ceiling else "default,split,interval-2,sched-idle")).split(",")
+    default = "default,split" if args.ceiling else "default,split,interval-2,sched-idle"
+    variants = (args.variants or default).split(",")
     unknown = set(variants) - set(known)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(known)}")
