@@ -307,6 +307,11 @@ def render(results: dict[str, Any]) -> str:
         "first token is from sending the request to the first SSE event (gRPC message) with non-empty content."
     )
     md.append(
+        "- **The front end** in this REST section is the bridge and the gateway as two processes (`tokenwire "
+        "serve --split-front-end`), so that each part can be measured; `tokenwire serve`'s default, one process, "
+        "is measured against it with `bench/front_end_variants.py --ceiling` (in the engine-concurrency section)."
+    )
+    md.append(
         "- **Server CPU** is read from `/proc/<pid>/stat` (utime + stime, all threads) of each server process at "
         "the start and end of the window, divided by the requests (SSE chunks, tokens) completed in it. For the "
         "REST paths it is the front end only: tokenwire's bridge + gateway, FastChat's API server + controller; "
