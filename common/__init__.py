@@ -9,8 +9,8 @@ environment only when it is first imported, and every part imports this package 
 import os
 
 # grpc's classic epoll poller instead of its newer event engine: each streamed message then hops
-# between half as many threads (5 context switches a message in a gRPC relay against 10), and the
-# one-process front end spends 0.58x the CPU a streamed chunk and 0.89x a non-streamed request
+# between fewer threads (5 context switches a message in a gRPC relay against 10), and the
+# one-process front end spends about 0.6x the CPU a streamed chunk and 0.9x a non-streamed request
 # (bench/RESULTS.md, "grpc's classic poller"). An experiment GRPC_EXPERIMENTS already names is left
 # as the user set it.
 CLASSIC_POLLING = ("event_engine_client", "event_engine_listener", "event_engine_for_all_other_endpoints")
