@@ -5,8 +5,9 @@
 The bridge still calls the gateway over gRPC, on loopback (its ``--gateway-address`` is the
 gateway started here). In one process the two parts share one event loop and one set of gRPC
 threads: on a machine whose engine uses every core (llama.cpp on a small box) that is 10-30% less
-CPU a streamed token, and 1-6% more tokens/s from the engine, for 18% of the front end's
-non-streamed ceiling (bench/RESULTS.md, "Engine concurrency" and "One process against two").
+CPU a streamed token, and 1-6% more tokens/s from the engine, for 18-31% of the front end's
+non-streamed ceiling (bench/RESULTS.md, "Engine concurrency": "One process against two" and
+"grpc's classic poller").
 ``serve --split-front-end``, or ``tokenwire gateway`` and ``tokenwire bridge``, run them apart.
 
 On SIGTERM/SIGINT the bridge drains its open requests first (through the gateway, still serving),
