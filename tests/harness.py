@@ -10,9 +10,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import httpx
@@ -21,6 +22,8 @@ from common.launcher import Launched, NotReady
 from tokenwire.v1 import worker_pb2, worker_pb2_grpc
 
 READY_TIMEOUT = 120.0
+WAIT_TIMEOUT = 30.0  # wait_until's guard (see there)
+T = TypeVar("T")
 
 
 @dataclass
@@ -114,20 +117,19 @@ def bridge(gateway_address: str, *extra: str, env: dict[str, str] | None = None)
     return Proc(["bridge", "--port", "0", "--gateway-address", gateway_address, *extra], env=env or {}).start()
 
 
-def wait_for_models(url: str, models: Iterable[str], key: str | None = None, timeout: float = 30.0) -> None:
+def wait_for_models(url: str, models: Iterable[str], key: str | None = None, timeout: float = WAIT_TIMEOUT) -> None:
     """Until the bridge lists every model (the workers registered)."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     wanted = set(models)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def listed() -> bool:
         reply = httpx.get(f"{url}/v1/models", headers=headers, timeout=5)
-        if reply.status_code == 200 and wanted <= {m["id"] for m in reply.json()["data"]}:
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"models {wanted} never listed")
+        return reply.status_code == 200 and wanted <= {m["id"] for m in reply.json()["data"]}
+
+    wait_until(listed, timeout, what=f"models {sorted(wanted)} listed")
 
 
-def wait_for_workers(url: str, model: str, count: int, key: str | None = None, timeout: float = 30.0) -> None:
+def wait_for_workers(url: str, model: str, count: int, key: str | None = None, timeout: float = WAIT_TIMEOUT) -> None:
     """Until the bridge reports ``count`` live workers for ``model``."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
 
@@ -135,7 +137,7 @@ def wait_for_workers(url: str, model: str, count: int, key: str | None = None, t
         reply = httpx.get(f"{url}/v1/models/{model}", headers=headers, timeout=5)
         return reply.status_code == 200 and reply.json().get("workers") == count
 
-    wait_until(live, timeout)
+    wait_until(live, timeout, what=f"{count} live workers for {model}")
 
 
 def cluster_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -186,15 +188,30 @@ def scrape(url: str) -> dict[str, float]:
     return samples
 
 
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
+# -- waiting ----------------------------------------------------------------------
+#
+# A test waits for what it needs (a state, a counter, a log line, a socket closing),
+# never for a time that should be enough, and the one way to wait is wait_until. An
+# async test runs it in a thread (``await asyncio.to_thread(harness.wait_until, ...)``),
+# which leaves its event loop free to bring the state about. The timeout is no bound
+# under test, only a guard that keeps a broken system from hanging the suite, so it is
+# generous (WAIT_TIMEOUT): a loaded machine is slow, not wrong. A test whose subject is
+# a time (a server's timeout) measures that time, with a margin.
+
+
+def wait_until(
+    predicate: Callable[[], T], timeout: float = WAIT_TIMEOUT, interval: float = 0.05, what: str = "the condition"
+) -> T:
+    """Poll ``predicate`` until it returns something true, and return that;
+    TimeoutError naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(interval)
+            raise TimeoutError(f"{what}: not met in {timeout:g} s")
+        time.sleep(interval)  # the pace of the polls, not a wait for the state
 
 
 @dataclass
