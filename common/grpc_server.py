@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -32,34 +34,83 @@ _message_limits = {
 }
 
 # HTTP/2 keepalive, set on both ends so that they agree (the values are in the
-# README's Limits table):
+# README's Limits table), all from one interval: TOKENWIRE_GRPC_KEEPALIVE_INTERVAL
+# seconds (20 by default; every part reads it, see common/settings.py):
 # - channels (gateway -> workers, workers -> registry, bridge -> gateway) ping
-#   after 20 s without traffic and give the connection up when a ping is not
-#   answered within 10 s, also with no call open (a dead worker is noticed
+#   after an interval without traffic and give the connection up when a ping is
+#   not answered within 10 s, also with no call open (a dead worker is noticed
 #   before a request is sent to it) and however long a stream is silent
 #   (queued, evaluating a long prompt): max_pings_without_data 0 = no cap;
 # - servers accept such pings (permit_without_calls, and a minimum interval
-#   of 10 s, under the channels' 20 s, so a client is never told "too many
-#   pings"), and ping their own clients after 30 s of silence, so a client that
+#   of half the channels', so a client is never told "too many pings"), and
+#   ping their own clients after 1.5 intervals of silence, so a client that
 #   vanished without closing its connection has its calls cancelled and the
-#   slots they held freed within 40 s.
-KEEPALIVE_TIME_MS = 20_000
+#   slots they held freed within 40 s (by default).
+KEEPALIVE_INTERVAL_ENV = "TOKENWIRE_GRPC_KEEPALIVE_INTERVAL"
+DEFAULT_KEEPALIVE_INTERVAL = 20.0
 KEEPALIVE_TIMEOUT_MS = 10_000
-SERVER_KEEPALIVE_TIME_MS = 30_000
-MIN_PING_INTERVAL_MS = 10_000
-CHANNEL_KEEPALIVE: list[tuple[str, Any]] = [
-    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
-SERVER_KEEPALIVE: list[tuple[str, Any]] = [
-    ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_TIME_MS),
-    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
-    ("grpc.http2.max_pings_without_data", 0),
-]
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """A process's gRPC keepalive: every figure follows from ``interval`` (seconds)."""
+
+    interval: float = DEFAULT_KEEPALIVE_INTERVAL
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Keepalive:
+        """From TOKENWIRE_GRPC_KEEPALIVE_INTERVAL; a ValueError naming it if it is no positive number."""
+        text = environ.get(KEEPALIVE_INTERVAL_ENV, "").strip()
+        if not text:
+            return cls()
+        try:
+            interval = float(text)
+        except ValueError:
+            interval = math.nan
+        if not (math.isfinite(interval) and interval > 0):
+            raise ValueError(f"{KEEPALIVE_INTERVAL_ENV} must be a positive number of seconds, not {text!r}")
+        return cls(interval)
+
+    @property
+    def time_ms(self) -> int:
+        """Channels ping after this much silence (2 ms or more: half of it is a server's minimum)."""
+        return max(2, round(self.interval * 1000))
+
+    @property
+    def min_ping_interval_ms(self) -> int:
+        """Servers accept pings this far apart, or further."""
+        return self.time_ms // 2
+
+    @property
+    def server_time_ms(self) -> int:
+        """Servers ping a silent client after this long."""
+        return self.time_ms * 3 // 2
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.keepalive_time_ms", self.time_ms),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+
+    def server_options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.keepalive_time_ms", self.server_time_ms),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", self.min_ping_interval_ms),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+
+
+_keepalive = Keepalive()
+
+
+def configure_keepalive(keepalive: Keepalive) -> None:
+    """This process's gRPC keepalive (its channels and its servers alike)."""
+    global _keepalive
+    _keepalive = keepalive
 
 
 def configure_message_limits(receive: int | None = None, send: int | None = None) -> None:
@@ -69,11 +120,11 @@ def configure_message_limits(receive: int | None = None, send: int | None = None
 
 
 def channel_options() -> list[tuple[str, Any]]:
-    return [*_message_limits.items(), *CHANNEL_KEEPALIVE]
+    return [*_message_limits.items(), *_keepalive.channel_options()]
 
 
 def server_options() -> list[tuple[str, Any]]:
-    return [*_message_limits.items(), *SERVER_KEEPALIVE, ("grpc.so_reuseport", 0)]
+    return [*_message_limits.items(), *_keepalive.server_options(), ("grpc.so_reuseport", 0)]
 
 
 # -- channels and TLS -------------------------------------------------------------

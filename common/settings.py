@@ -221,9 +221,9 @@ def defaults_from_env(parser: FlagParser) -> None:
 
 
 def configure_process(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
-    """What every process does with its flags first: their forms, logs, TLS and cluster credentials."""
+    """What every process does first: its flags' forms, logs, TLS, gRPC limits and keepalive, cluster credentials."""
     from common import cluster
-    from common.grpc_server import configure_client_tls, configure_message_limits
+    from common.grpc_server import Keepalive, configure_client_tls, configure_keepalive, configure_message_limits
     from common.observability import setup_logging
 
     # First, before any file is read: a token file may be a pipe that gives its secret once.
@@ -232,6 +232,7 @@ def configure_process(parser: argparse.ArgumentParser, args: argparse.Namespace,
         restart_with(environment(args))
     try:
         check_flag_forms(args)
+        keepalive = Keepalive.from_env(os.environ)  # no flag (yet): the environment only
     except ValueError as error:
         parser.error(str(error))
     setup_logging(args.log_level, args.log_format)
@@ -242,6 +243,7 @@ def configure_process(parser: argparse.ArgumentParser, args: argparse.Namespace,
         getattr(args, "max_receive_message_length", None) or body,
         getattr(args, "max_send_message_length", None) or body,
     )
+    configure_keepalive(keepalive)
     if hasattr(args, "cluster_token"):
         if any(arg.split("=", 1)[0] == "--cluster-token" for arg in argv):
             logging.getLogger("tokenwire").warning(
