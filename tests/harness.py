@@ -82,8 +82,15 @@ class Proc:
     def port(self) -> int:
         return int(self.address.rsplit(":", 1)[1])
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    def log(self, since: int = 0) -> str:
+        """The process's log, or what it wrote after ``since`` (a :meth:`log_mark`)."""
+        with self.log_path.open("rb") as handle:
+            handle.seek(since)
+            return handle.read().decode(errors="replace")
+
+    def log_mark(self) -> int:
+        """Where the log ends now: ``log(since=mark)`` is what comes after."""
+        return self.log_path.stat().st_size
 
     def alive(self) -> bool:
         return self.launched is not None and self.launched.alive()

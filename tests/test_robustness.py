@@ -15,6 +15,7 @@ import grpc
 import httpx
 import openai
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests import harness
 from tests.conftest import API_KEY, CHAT_MODEL, EMBED_MODEL, EchoSystem, start_echo_system, stop_system
@@ -22,6 +23,7 @@ from tokenwire.v1 import api_pb2, api_pb2_grpc, common_pb2
 
 AUTH = (("authorization", f"Bearer {API_KEY}"),)
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+HEARTBEAT_EXPIRY_DEFAULT = 15.0  # the gateway's --heartbeat-expiry when not given
 
 
 def chat_body(content: str = "long story", **extra: object) -> dict:
@@ -47,19 +49,28 @@ def settled_cancels(system: EchoSystem) -> int:
     return harness.wait_until(lambda: (t := worker_totals(system))[0] == 0 and (t[1],))[0]  # type: ignore[no-any-return]
 
 
+# slow_system's answers take 4 s at the least: 200 tokens, each after a 20 ms sleep.
+WHOLE_ANSWER = 200 * 0.02
+
+
 def test_rest_deadline_is_504_and_stops_the_worker(slow_system: EchoSystem) -> None:
     cancelled = settled_cancels(slow_system)
+    deadline = 0.5
     started = time.monotonic()
     reply = httpx.post(
         f"{slow_system.url}/v1/chat/completions",
         json=chat_body(),
-        headers={**HEADERS, "X-Request-Timeout": "0.5"},
+        headers={**HEADERS, "X-Request-Timeout": str(deadline)},
         timeout=30,
     )
+    answered_after = time.monotonic() - started
     assert reply.status_code == 504
     assert reply.json()["error"]["code"] == "timeout"
-    assert time.monotonic() - started < 3  # 200 tokens would take 4 s
+    # The worker's call was cancelled, not finished...
     harness.wait_until(lambda: worker_totals(slow_system) == (0, cancelled + 1))
+    # ...and the 504 came at the deadline (the time under test): not before it, and
+    # long before the whole answer could have been made (a margin of 7 deadlines).
+    assert deadline * 0.9 <= answered_after < WHOLE_ANSWER
 
 
 def test_rest_deadline_mid_stream_is_an_error_event(slow_system: EchoSystem) -> None:
@@ -118,11 +129,14 @@ def test_full_workers_answer_429_at_once() -> None:
         threads = [threading.Thread(target=call) for _ in range(2)]
         for thread in threads:
             thread.start()
-        harness.wait_until(lambda: harness.worker_stats(system.chat_workers[0].address).queue_length == 1)
-        started = time.monotonic()
+        worker = system.chat_workers[0]
+        harness.wait_until(lambda: harness.worker_stats(worker.address).queue_length == 1, what="the queue full")
         with pytest.raises(openai.RateLimitError) as caught:
             client.chat.completions.create(**chat_body())
-        assert time.monotonic() - started < 1.0  # refused at once, not queued
+        # Refused at once, not queued: answered while the worker was as full as before
+        # (a place frees only when the running call ends, 40 tokens x 50 ms after it began).
+        full = harness.worker_stats(worker.address)
+        assert (full.in_flight, full.queue_length, results) == (1, 1, [])
         assert caught.value.status_code == 429
         assert caught.value.code == "rate_limit_exceeded"
         assert int(caught.value.response.headers["retry-after"]) >= 1
@@ -232,14 +246,20 @@ def test_request_retried_on_another_worker_before_its_first_token() -> None:
 def test_silent_worker_is_dropped_and_comes_back(fresh_slow_system: EchoSystem) -> None:
     system = fresh_slow_system
     frozen = system.chat_workers[0]
+    mark = system.gateway.log_mark()
     frozen.signal(signal.SIGSTOP)  # alive but silent: no heartbeats
     try:
         started = time.monotonic()
-        harness.wait_for_workers(system.url, CHAT_MODEL, 1, key=API_KEY, timeout=15)
-        assert time.monotonic() - started < 3 + 2  # --heartbeat-expiry 3, checked every 0.75 s
+        harness.wait_for_workers(system.url, CHAT_MODEL, 1, key=API_KEY, timeout=HEARTBEAT_EXPIRY_DEFAULT * 2)
+        dropped_after = time.monotonic() - started
     finally:
         frozen.signal(signal.SIGCONT)
-    harness.wait_for_workers(system.url, CHAT_MODEL, 2, key=API_KEY, timeout=15)
+    # Dropped by the expiry (the time under test: --heartbeat-expiry 3, checked every
+    # 0.75 s, heartbeats every 0.5 s): not before 3 s of silence, less the last
+    # heartbeat's age, and far from the default expiry, 15 s.
+    assert "missed its heartbeats for 3.0 s; dropped" in system.gateway.log(mark)
+    assert 3 - 2 * 0.5 <= dropped_after < HEARTBEAT_EXPIRY_DEFAULT
+    harness.wait_for_workers(system.url, CHAT_MODEL, 2, key=API_KEY)
 
 
 # -- graceful shutdown ----------------------------------------------------------------------
@@ -253,7 +273,7 @@ def test_gateway_sigterm_finishes_streams_then_exits_zero() -> None:
         first = next(iter(stream))
         assert first.choices[0].delta.role == "assistant"
         system.gateway.signal(signal.SIGTERM)
-        time.sleep(0.2)
+        harness.wait_until(lambda: refuses_calls(system.gateway.address), what="the gateway refusing new calls")
         with pytest.raises(openai.InternalServerError) as caught:
             client.chat.completions.create(**chat_body("new"), max_tokens=1)
         assert caught.value.status_code == 503
@@ -263,6 +283,16 @@ def test_gateway_sigterm_finishes_streams_then_exits_zero() -> None:
         assert system.gateway.process.wait(15) == 0
     finally:
         stop_system(system)
+
+
+def refuses_calls(address: str) -> bool:
+    """Whether a gRPC server stopped taking calls (a health check on a new connection fails)."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    except grpc.RpcError as error:
+        return bool(error.code() == grpc.StatusCode.UNAVAILABLE)
+    return False
 
 
 def test_one_process_front_end_sigterm_drains_the_bridge_then_stops_the_gateway() -> None:
