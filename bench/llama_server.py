@@ -2,28 +2,47 @@
 
 The bench compares tokenwire's batching llama_cpp worker with the server llama.cpp
 ships, on the same GGUF, threads and parallel sequences. No binary is committed or
-downloaded: the sdist of the llama-cpp-python version the project installs is fetched
-from PyPI with pip and its ``vendor/llama.cpp`` is built into ``bench/.cache`` (about
-6-7 minutes on 2 cores, once; later runs find the binary there).
+downloaded: the sdist of the llama-cpp-python version ``deps/runtime.lock`` pins is fetched
+from PyPI with pip (its hash checked against the lock's) and its ``vendor/llama.cpp`` is built
+into ``bench/.cache`` with the project's own build flags (``deps/llama-cpp.cmake``, as the
+project's llama-cpp-python build): about 6-7 minutes on 2 cores, once; later runs find the
+binary there.
 
     python bench/llama_server.py          # build (or find) it and print its path
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
+DEPS = BENCH.parent / "deps"
 CACHE = Path(os.environ.get("TOKENWIRE_BENCH_CACHE", BENCH / ".cache"))
-VERSION = os.environ.get("LLAMA_CPP_PYTHON_VERSION", "0.3.36")
+BUILD_FLAGS = DEPS / "llama-cpp.cmake"
+
+
+def locked_sdist() -> tuple[str, set[str]]:
+    """llama-cpp-python's version and sha256 hashes, as deps/runtime.lock pins them."""
+    lock = (DEPS / "runtime.lock").read_text()
+    entry = re.search(r"^llama-cpp-python==(\S+) \\\n((?:    --hash=sha256:\w+.*\n)+)", lock, re.M)
+    if entry is None:
+        raise RuntimeError("deps/runtime.lock pins no llama-cpp-python")
+    return entry[1], set(re.findall(r"sha256:(\w+)", entry[2]))
+
+
+VERSION = locked_sdist()[0]
 
 
 def binary_path(version: str = VERSION) -> Path:
-    return CACHE / f"llama-server-{version}" / "build" / "bin" / "llama-server"
+    # Other build flags make another binary: the folder names both.
+    flags = hashlib.sha256(BUILD_FLAGS.read_bytes()).hexdigest()[:8]
+    return CACHE / f"llama-server-{version}-{flags}" / "build" / "bin" / "llama-server"
 
 
 def ensure_llama_server(version: str = VERSION, log: object = print) -> Path:
@@ -41,6 +60,13 @@ def ensure_llama_server(version: str = VERSION, log: object = print) -> Path:
             [sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps",
              f"llama-cpp-python=={version}", "-d", str(src)]
         )  # fmt: skip
+        locked_version, hashes = locked_sdist()
+        digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+        if version == locked_version and digest not in hashes:
+            archive.unlink()
+            raise RuntimeError(
+                f"the llama-cpp-python {version} sdist's sha256 {digest} is not the one deps/runtime.lock has"
+            )
     tree = src / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
     if not tree.is_dir():
         with tarfile.open(archive) as tar:
@@ -48,7 +74,7 @@ def ensure_llama_server(version: str = VERSION, log: object = print) -> Path:
     build = root / "build"
     log(f"[bench] building llama-server into {build} (6-7 minutes on 2 cores, once)")  # type: ignore[operator]
     subprocess.check_call(
-        ["cmake", "-S", str(tree), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+        ["cmake", "-C", str(BUILD_FLAGS), "-S", str(tree), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
          "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"],
         stdout=subprocess.DEVNULL,
     )  # fmt: skip

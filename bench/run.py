@@ -48,18 +48,9 @@ ROOT = BENCH.parent
 VENV = BENCH / ".venv"
 VENV_PYTHON = VENV / "bin" / "python"
 PROJECT_PYTHON = Path(os.environ.get("TOKENWIRE_PYTHON", ROOT / ".venv" / "bin" / "python"))
-# FastChat 0.2.36 needs pydantic 1 (and a FastAPI that still supports it); no torch.
-BENCH_REQUIREMENTS = [
-    "fschat==0.2.36",
-    "pydantic<2",
-    "fastapi<=0.125.0",
-    "uvicorn[standard]",
-    "httpx",
-    "aiohttp",
-    "orjson",
-    "matplotlib",
-    "py-spy",
-]
+# bench/.venv installs deps/bench.lock: FastChat 0.2.36 (it needs pydantic 1 and an older
+# FastAPI, so it cannot live in the project's venv), the load client, py-spy and matplotlib.
+BENCH_LOCK = ROOT / "deps" / "bench.lock"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -119,26 +110,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # -- the bench venv ----------------------------------------------------------------------
 
 
-def _project_pins() -> list[str]:
-    """grpcio and protobuf as in the project venv: the client loads tokenwire's generated code."""
-    code = "import importlib.metadata as m; print(m.version('grpcio'), m.version('protobuf'))"
-    grpcio, protobuf = subprocess.check_output([str(PROJECT_PYTHON), "-c", code], text=True).split()
-    return [f"grpcio=={grpcio}", f"protobuf=={protobuf}"]
-
-
 def ensure_venv() -> None:
     if not PROJECT_PYTHON.exists():
         sys.exit(f"{PROJECT_PYTHON} is missing: run `make install` (or `make bench`) first.")
-    requirements = BENCH_REQUIREMENTS + _project_pins()
-    stamp = VENV / ".bench-requirements"
-    if stamp.is_file() and stamp.read_text() == "\n".join(requirements):
+    stamp = VENV / ".bench-lock"
+    lock = BENCH_LOCK.read_text()
+    if stamp.is_file() and stamp.read_text() == lock:
         return
-    print(f"[bench] installing {VENV} (FastChat 0.2.36, the load client, py-spy, matplotlib)", flush=True)
+    print(f"[bench] installing {BENCH_LOCK.relative_to(ROOT)} into {VENV}", flush=True)
     if not VENV_PYTHON.exists():
         subprocess.check_call([sys.executable, "-m", "venv", str(VENV)])
-        subprocess.check_call([str(VENV_PYTHON), "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
-    subprocess.check_call([str(VENV_PYTHON), "-m", "pip", "install", "--quiet", *requirements])
-    stamp.write_text("\n".join(requirements))
+    pip = [str(VENV_PYTHON), "-m", "pip", "install", "--quiet", "--require-hashes"]
+    subprocess.check_call([*pip, "-r", str(ROOT / "deps" / "tools.lock")])
+    subprocess.check_call([*pip, "--no-build-isolation", "-r", str(BENCH_LOCK)])
+    stamp.write_text(lock)
 
 
 def in_bench_venv() -> bool:
