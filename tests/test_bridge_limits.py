@@ -24,6 +24,7 @@ from tests.conftest import API_KEY, CHAT_MODEL, ECHO_CONTEXT, EchoSystem, start_
 
 READ_TIMEOUT = 2.0
 KEEPALIVE_INTERVAL = 0.3
+DEFAULT_READ_TIMEOUT = 5.0  # what would close connections if the flag were not heeded
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 HALF_REQUEST = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 MESSAGES = [{"role": "user", "content": "alpha beta gamma"}]
@@ -59,9 +60,9 @@ def sdk(url: str, **options: object) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, **options)  # type: ignore[arg-type]
 
 
-def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
-    """Everything the server sends until it closes the connection."""
-    sock.settimeout(timeout)
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (a hang fails after 30 s)."""
+    sock.settimeout(harness.WAIT_TIMEOUT)
     data = b""
     while chunk := sock.recv(65536):
         data += chunk
@@ -98,6 +99,11 @@ def json_of(response: bytes) -> dict:
     return json.loads(response.split(b"\r\n\r\n", 1)[1])  # type: ignore[no-any-return]
 
 
+def read_timeouts(system: EchoSystem, phase: str) -> float:
+    """Connections the bridge closed for its read deadline, waiting for ``phase``."""
+    return harness.scrape(f"{system.url}/metrics").get(f'tokenwire_http_read_timeouts_total{{phase="{phase}"}}', 0)
+
+
 def worker_busy(system: EchoSystem, queued: int = 0) -> bool:
     stats = harness.worker_stats(system.chat_workers[0].address)
     return stats.in_flight == 1 and stats.queue_length == queued
@@ -130,19 +136,20 @@ def test_500_half_open_connections_are_closed_while_requests_are_served(limited:
             except Exception as error:
                 failed.append(error)
 
+    timed_out = read_timeouts(limited, "head")
     thread = threading.Thread(target=ordinary_requests)
     thread.start()
     try:
-        opened = time.monotonic()
         sockets = []
         for _ in range(500):
+            opened = time.monotonic()
             sock = socket.create_connection(address(limited), timeout=5)
             sock.sendall(HALF_REQUEST)
-            sockets.append(sock)
+            sockets.append((sock, opened))
         answers: list[bytes] = []
         closed_after: list[float] = []
-        for sock in sockets:
-            answers.append(read_until_closed(sock, READ_TIMEOUT + 6))
+        for sock, opened in sockets:
+            answers.append(read_until_closed(sock))
             closed_after.append(time.monotonic() - opened)
             sock.close()
         served_during = len(served)
@@ -151,9 +158,13 @@ def test_500_half_open_connections_are_closed_while_requests_are_served(limited:
         thread.join()
     assert not failed, failed[:3]
     assert served_during >= 5 and all(text == "alpha beta" for text in served)
-    # Closed by the deadline (never before it), all of them within it and a margin for a busy machine.
-    assert min(closed_after) >= READ_TIMEOUT * 0.95
-    assert max(closed_after) < READ_TIMEOUT + 6
+    # Closed by the read deadline, as the bridge counts them: each one a head that never came...
+    assert read_timeouts(limited, "head") - timed_out == 500
+    # ...at its deadline (the time under test): never before it, and each well before the
+    # default deadline, 5 s, would have closed it (the read is in order: a closed socket
+    # waits for those before it, so the later ones are seen late, never early).
+    assert READ_TIMEOUT * 0.95 <= min(closed_after)
+    assert max(closed_after) < DEFAULT_READ_TIMEOUT
     # Part of a request came: each gets a 408 in OpenAI's envelope.
     assert {status_of(answer) for answer in answers} == {408}
     error = json_of(answers[0])["error"]
@@ -162,21 +173,27 @@ def test_500_half_open_connections_are_closed_while_requests_are_served(limited:
 
 
 def test_a_silent_connection_is_closed_without_an_answer(limited: EchoSystem) -> None:
+    timed_out = read_timeouts(limited, "opening")
+    started = time.monotonic()
     with socket.create_connection(address(limited)) as sock:
-        started = time.monotonic()
-        assert read_until_closed(sock, READ_TIMEOUT + 6) == b""
-        assert READ_TIMEOUT * 0.95 <= time.monotonic() - started < READ_TIMEOUT + 6
+        assert read_until_closed(sock) == b""
+    closed_after = time.monotonic() - started
+    # Closed by the read deadline (the bridge counts it), at that deadline: not before
+    # it, and well before the default one (5 s).
+    assert read_timeouts(limited, "opening") - timed_out == 1
+    assert READ_TIMEOUT * 0.95 <= closed_after < DEFAULT_READ_TIMEOUT
 
 
 def test_a_body_that_stops_is_408_and_a_slow_steady_one_is_served(limited: EchoSystem) -> None:
     body = json.dumps({"model": CHAT_MODEL, "messages": MESSAGES, "max_tokens": 2}).encode()
     request = http_request("/v1/chat/completions", body)
     head, payload = request[: -len(body)], body
-    # Steady: three reads 1.2 s apart, 2.4 s in all (longer than the deadline, each read within it).
+    # Steady: three reads half the deadline apart, 1.5 deadlines in all (longer than the
+    # deadline, each read within it).
     with socket.create_connection(address(limited)) as sock:
         sock.sendall(head)
         for piece in (payload[:10], payload[10:20], payload[20:]):
-            time.sleep(1.2)
+            time.sleep(READ_TIMEOUT / 2)  # pacing under test: a body that comes slowly but steadily
             sock.sendall(piece)
         reply = read_response(sock)
         assert status_of(reply) == 200, reply
@@ -184,7 +201,7 @@ def test_a_body_that_stops_is_408_and_a_slow_steady_one_is_served(limited: EchoS
     # Stopped half way: 408.
     with socket.create_connection(address(limited)) as sock:
         sock.sendall(head + payload[:10])
-        answer = read_until_closed(sock, READ_TIMEOUT + 6)
+        answer = read_until_closed(sock)
     assert status_of(answer) == 408
     assert json_of(answer)["error"]["code"] == "request_timeout"
 
@@ -197,7 +214,7 @@ def test_keep_alive_idle_connections_are_kept_as_before(limited: EchoSystem) -> 
             sock.sendall(http_request("/health", method="GET"))
             reply = read_response(sock)
             assert status_of(reply) == 200 and reply.endswith(b'{"status":"ok"}')
-            time.sleep(READ_TIMEOUT + 1)
+            time.sleep(READ_TIMEOUT + 1)  # pacing under test: idle past the read deadline, within keep-alive
 
 
 # -- the connection cap -----------------------------------------------------------------
@@ -220,7 +237,7 @@ def test_past_the_connection_cap_clients_get_503_with_retry_after(limited: EchoS
         for sock in held:
             sock.close()
         # Below the cap again: served.
-        reply = harness.wait_until(lambda: _served(url), timeout=10)
+        reply = harness.wait_until(lambda: _served(url), what="a request served below the cap")
         assert reply.choices[0].message.content == "alpha beta"
         samples = harness.scrape(f"{url}/metrics")
         assert samples["tokenwire_http_connections_refused_total"] >= 1
@@ -284,7 +301,9 @@ def test_a_queued_stream_receives_keepalive_comments(limited: EchoSystem) -> Non
     # Queued for most of 2 s: several keep-alives, about one per interval, all before the first chunk.
     assert len(comments) >= 3
     assert all(at < first_data for at in comments)
-    assert comments[0] < KEEPALIVE_INTERVAL * 3
+    # The first once the stream was silent for an interval (the time under test): not
+    # before it, and within a second more (the request's way to the worker's queue).
+    assert KEEPALIVE_INTERVAL * 0.95 <= comments[0] < KEEPALIVE_INTERVAL + 1
     assert data[-1] == "data: [DONE]"
     chunks = [json.loads(line[6:]) for line in data[:-1]]
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "alpha beta gamma alpha"
