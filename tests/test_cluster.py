@@ -418,8 +418,9 @@ def test_serve_restarts_a_chat_worker_killed_mid_stream() -> None:
                 embeddings += 1
             except openai.APIError as error:
                 embedding_errors.append(repr(error))
+            # Stamped before it is asked, to order it against the kill.
             readiness.append((time.monotonic(), httpx.get(f"{serve.url}/ready", timeout=5).status_code))
-            time.sleep(0.05)
+            time.sleep(0.05)  # pacing under test: a client that keeps calling, through the restart
 
     watcher = threading.Thread(target=keep_embedding, daemon=True)
     watcher.start()
@@ -451,11 +452,12 @@ def test_serve_restarts_a_chat_worker_killed_mid_stream() -> None:
             except openai.APIError:
                 return False
 
-        harness.wait_until(chat_works, timeout=30, interval=0.2)
-        assert time.monotonic() - killed < 30
+        harness.wait_until(chat_works, interval=0.2, what="chat through the restarted worker")
         new_pid = chat_worker_pid(serve)
         assert new_pid is not None and new_pid != pid
-        time.sleep(0.5)
+        # Until the watcher has seen the gateway ready again, once the chat worked.
+        back = len(readiness)
+        harness.wait_until(lambda: any(status == 200 for _, status in readiness[back:]), what="ready again")
     finally:
         done.set()
         watcher.join(30)
@@ -506,10 +508,9 @@ def test_serve_restarts_its_front_end(flags: tuple[str, ...]) -> None:
         for command, part in parts.items():
             (pid,) = front_end_pids(command)
             os.kill(pid, signal.SIGKILL)
-            killed = time.monotonic()
-            harness.wait_until(lambda: chat_works() and time.monotonic(), timeout=30, interval=0.2)
-            assert time.monotonic() - killed < 30
-            assert f"the {part} stopped unexpectedly (killed by SIGKILL); restarting it in 1 s" in serve.log()
+            restarting = f"the {part} stopped unexpectedly (killed by SIGKILL); restarting it in 1 s"
+            harness.wait_until(lambda line=restarting: line in serve.log(), what=restarting)
+            harness.wait_until(chat_works, interval=0.2, what=f"chat through the restarted {part}")
             assert grpc_chat_works(serve.grpc_address)  # the gateway's own port, pinned too
     finally:
         assert serve.stop() == 0
