@@ -217,6 +217,13 @@ async def test_fast_engine_deltas_are_grouped(echo_system: EchoSystem) -> None:
     assert len(reply.choice.token_ids) == 16 and reply.choice.finish_reason == "length"
 
 
+def live_workers(address: str, model: str) -> int:
+    """The gateway's count of live workers for ``model`` (0 before one registered)."""
+    with grpc.insecure_channel(address) as channel:
+        models = api_pb2_grpc.InferenceServiceStub(channel).ListModels(api_pb2.ListModelsRequest(), timeout=5)
+    return next((m.workers for m in models.data if m.id == model), 0)
+
+
 async def test_stream_interval_holds_messages_for_tokens() -> None:
     # --stream-interval 4 on a worker making one token every 5 ms: after the
     # first token (sent at once, for the time to first token), every message
@@ -226,18 +233,13 @@ async def test_stream_interval_holds_messages_for_tokens() -> None:
         gateway.address, CHAT_MODEL, "--echo-delay", "0.005", "--echo-tokens", "64", "--stream-interval", "4"
     )
     try:
+        await asyncio.to_thread(harness.wait_until, lambda: live_workers(gateway.address, CHAT_MODEL) == 1)
         async with grpc.aio.insecure_channel(gateway.address) as channel:
             stub = api_pb2_grpc.InferenceServiceStub(channel)
             request = api_pb2.StreamChatCompletionRequest(
                 request=api_pb2.CreateChatCompletionRequest(model=CHAT_MODEL, messages=[user("a b c d")], max_tokens=22)
             )
-            for _ in range(50):  # until the gateway has seen the worker register
-                try:
-                    chunks = [c async for c in stub.StreamChatCompletion(request)]
-                    break
-                except grpc.aio.AioRpcError as error:
-                    assert error.code() == grpc.StatusCode.NOT_FOUND
-                    await asyncio.sleep(0.1)
+            chunks = [c async for c in stub.StreamChatCompletion(request)]
         words = [len(c.choices[0].delta.content.split()) for c in chunks if c.choices and c.choices[0].delta.content]
         assert sum(words) == 22
         assert words[0] == 1
