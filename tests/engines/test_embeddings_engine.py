@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from common.errors import ApiError
+from tests import harness
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engines import embeddings
 
@@ -183,10 +185,23 @@ async def test_no_generation(engine: embeddings.EmbeddingsEngine) -> None:
     assert caught.value.code == "model_not_supported"
 
 
-async def test_cancelled_call_leaves_the_engine_working(engine: embeddings.EmbeddingsEngine) -> None:
+async def test_cancelled_call_leaves_the_engine_working(
+    engine: embeddings.EmbeddingsEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cancelled in the middle of its work: its first forward pass (of 7) waits for the cancel.
+    running, cancelled = threading.Event(), threading.Event()
+    forward = engine._forward_rows
+
+    def held(batch: list[list[int]]) -> list[list[float]]:  # on the engine's thread
+        running.set()
+        cancelled.wait(harness.WAIT_TIMEOUT)
+        return forward(batch)
+
+    monkeypatch.setattr(engine, "_forward_rows", held)
     task = asyncio.ensure_future(engine.embed([text(sentence(i)) for i in range(200)], None))
-    await asyncio.sleep(0.05)
+    await asyncio.to_thread(harness.wait_until, running.is_set, what="a forward pass of the call")
     task.cancel()
+    cancelled.set()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert len(await embed_one(engine, text("still alive"))) == 384

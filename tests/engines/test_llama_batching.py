@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import jsonschema
 import pytest
 
+from tests import harness
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Generation, run_blocking
 from workers.engines import llama_cpp
@@ -105,11 +106,9 @@ async def together(engine: LlamaCppEngine, calls: list[Call]) -> list[list[Delta
 
     tasks = [asyncio.create_task(consume(c, p)) for c, p in zip(calls, prepared, strict=True)]
     try:
-        for _ in range(200):  # until every call is in the scheduler's inbox
-            if len(scheduler._inbox) == len(calls):
-                break
-            await asyncio.sleep(0.01)
-        assert len(scheduler._inbox) == len(calls)
+        await asyncio.to_thread(
+            harness.wait_until, lambda: len(scheduler._inbox) == len(calls), what="every call in the scheduler's inbox"
+        )
     finally:
         gate.set()
     await asyncio.wrap_future(blocker)
@@ -210,11 +209,7 @@ async def test_a_request_that_fails_ends_alone(
         return [d async for d in engine.generate(request, prepared, 48, generation)]
 
     neighbour = asyncio.create_task(consume(good, running))
-    for _ in range(500):  # the neighbour is decoding
-        if running.tokens >= 4:
-            break
-        await asyncio.sleep(0.01)
-    assert running.tokens >= 4
+    await asyncio.to_thread(harness.wait_until, lambda: running.tokens >= 4, what="the neighbour decoding")
     with pytest.raises(RuntimeError, match="injected failure"):
         await consume(bad, failing)
     assert failing.tokens == (3 if where == "token" else 0)

@@ -14,7 +14,6 @@ import asyncio
 import json
 import math
 import threading
-import time
 from collections.abc import Iterator
 from itertools import accumulate
 
@@ -24,9 +23,10 @@ import pytest
 from google.protobuf.json_format import MessageToDict
 
 from common.errors import ApiError
+from tests import harness
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Generation
-from workers.engines import llama_cpp
+from workers.engines import llama_batch, llama_cpp
 from workers.engines.llama_cpp import LlamaCppEngine, _StopBuffer
 
 pytestmark = pytest.mark.models
@@ -568,10 +568,14 @@ async def test_waiting_request_gives_up_when_cancelled() -> None:
         await first.__anext__()  # type: ignore[attr-defined]
         second = engine.generate(request, prepared, 200, waiting)
         waiter = asyncio.create_task(second.__anext__())  # type: ignore[attr-defined]
-        await asyncio.sleep(0.2)
-        assert not waiter.done()
         stats = engine.batch_stats()
-        assert stats is not None and stats.running == 1 and stats.waiting == 1
+        assert stats is not None
+        # Queued, and still so after the running one made a few more tokens.
+        await asyncio.to_thread(harness.wait_until, lambda: stats.waiting == 1, what="the second request queued")
+        steps = stats.steps
+        await asyncio.to_thread(harness.wait_until, lambda: stats.steps >= steps + 3, what="three more steps")
+        assert not waiter.done()
+        assert stats.running == 1 and stats.waiting == 1
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
@@ -649,13 +653,20 @@ async def test_llama_cpp_is_called_from_one_thread(engine: LlamaCppEngine, monke
 
 
 async def _next_starts_at_once(engine: LlamaCppEngine) -> None:
+    """After a cancel, nothing of it is left in the batch, and the next request's first
+    token takes that request's own steps only: counted, not timed."""
+    stats = engine.batch_stats()
+    assert stats is not None
+    await asyncio.to_thread(
+        harness.wait_until, lambda: stats.running == 0 and stats.waiting == 0, what="an empty batch"
+    )
     request = chat(("user", "Hi"), sampling=worker_pb2.SamplingParams(temperature=0))
     prepared = await engine.prepare(request)
-    started = time.monotonic()
+    steps = stats.steps
     stream = engine.generate(request, prepared, 1, Generation())
     await stream.__anext__()  # type: ignore[attr-defined]
-    # Prompt eval of ~30 tokens: well under a second, even on a loaded machine.
-    assert time.monotonic() - started < 5
+    # Its prompt, about 30 tokens, is one step (chunks of 32), which gives its first token.
+    assert stats.steps - steps <= math.ceil(prepared.prompt_tokens / llama_batch.CHUNK)
     await stream.aclose()  # type: ignore[attr-defined]
 
 
