@@ -1,5 +1,12 @@
 """Size limits every part shares, and the cheap bound on prompt tokens.
 
+The cheap checks (:func:`check_generate`, :func:`check_embedding_inputs`) run
+where a request enters: in the gateway before it dispatches, and again in the
+worker before a request takes a slot (a caller may reach a worker directly).
+Both read the worker request as the gateway settled it (its max_tokens
+included), so the rule is written and decided once, here. The exact count is
+the worker's (workers/admission.py).
+
 The cheap bound: a worker whose tokenizer guarantees that no token covers
 more than ``L`` bytes of its input reports ``L`` as ``ModelInfo.max_token_bytes``
 (0 = no such guarantee). A text of ``b`` UTF-8 bytes is then at least
@@ -15,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from common import errors
-from tokenwire.v1 import common_pb2
+from tokenwire.v1 import common_pb2, worker_pb2
 
 # OpenAI's embeddings limits (the API reference of POST /v1/embeddings); its
 # 2,048 inputs per request are the gateway's Limits.max_embedding_inputs.
@@ -60,7 +67,7 @@ def check_fits(context: int, prompt_tokens: int, max_tokens: int | None, param: 
     """Refuse a prompt of at least ``prompt_tokens`` that cannot fit ``context``
     with ``max_tokens`` more (None: at least one more), as the worker's
     token-counted check would: the same 400 ``context_length_exceeded``."""
-    if not context or not prompt_tokens:
+    if not context or not (prompt_tokens or exact):
         return
     wanted = 1 if max_tokens is None else max_tokens
     if prompt_tokens + wanted > context:
@@ -78,3 +85,21 @@ def check_embedding_tokens(counts: list[tuple[int, bool]], context: int) -> None
     if total > EMBEDDING_MAX_REQUEST_TOKENS:
         exact = all(exact for _, exact in counts)
         raise errors.embedding_request_too_long(total, EMBEDDING_MAX_REQUEST_TOKENS, at_least=not exact)
+
+
+def check_generate(request: worker_pb2.GenerateRequest, info: common_pb2.ModelInfo) -> None:
+    """Refuse a choice whose prompt's size alone proves it cannot fit the context with its max_tokens."""
+    max_tokens = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
+    if request.messages:
+        if info.max_token_bytes:
+            tokens = min_tokens(message_bytes(request.messages), info.max_token_bytes)
+            check_fits(info.context_length, tokens, max_tokens, "messages")
+    else:
+        tokens, exact = prompt_min_tokens(request.prompt, info.max_token_bytes)
+        check_fits(info.context_length, tokens, max_tokens, "prompt", exact=exact)
+
+
+def check_embedding_inputs(inputs: Iterable[common_pb2.TextOrTokens], info: common_pb2.ModelInfo) -> None:
+    """OpenAI's embeddings limits on what is known without a tokenizer: token-id
+    inputs exactly, texts by their bound (their exact count is the worker's)."""
+    check_embedding_tokens([prompt_min_tokens(i, info.max_token_bytes) for i in inputs], info.context_length)

@@ -6,10 +6,9 @@
 - **failover**: a worker that refuses a call (full) or fails before producing
   anything (unreachable, killed) is replaced by another, up to three attempts;
   the caller sees one uninterrupted call.
-- **accepted**: a streamed choice's first message means "accepted by its
-  worker" (prompt rendered, context checked). A fan-out yields nothing until
-  every choice is accepted, so request errors are answered before the first
-  byte of a response.
+- **accepted**: a worker says so in a message of its own (``accepted``: prompt
+  rendered, context checked). A fan-out yields nothing until every choice is
+  accepted, so request errors are answered before the first byte of a response.
 
 A non-streamed choice is one unary ``GenerateChoice`` call: cheaper than a
 stream of one message, and the worker hands the choice over once.
@@ -101,18 +100,16 @@ class Dispatcher:
     async def _stream(
         self, model: str, request: worker_pb2.GenerateRequest, deadline: float | None
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        """One streamed choice; a replacement worker's "accepted" is not passed on."""
+        """One streamed choice; a replacement worker's ``accepted`` is not passed on."""
         tried: frozenset[str] = frozenset()
         accepted = produced = False
         for attempt in range(1, MAX_ATTEMPTS + 1):
             handle = self.pick(model, tried)
             with self.lease(handle):
                 call = handle.stub.Generate(request, timeout=_remaining(deadline), metadata=outgoing_metadata())
-                first = True
                 try:
                     async for response in call:
-                        if first:
-                            first = False
+                        if response.HasField("accepted"):
                             if accepted:
                                 continue
                             accepted = True
@@ -131,22 +128,28 @@ class Dispatcher:
                 finally:
                     call.cancel()
 
-    async def _choice(
-        self, model: str, request: worker_pb2.GenerateRequest, deadline: float | None, stream: bool
-    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        if stream:
-            async for response in self._stream(model, request, deadline):
-                yield response
-            return
+    async def _whole(
+        self, model: str, request: worker_pb2.GenerateRequest, deadline: float | None
+    ) -> worker_pb2.GenerateResponse:
+        """One non-streamed choice: accepted, all its output and its end, in one message."""
 
-        def whole(handle: WorkerHandle) -> Awaitable[worker_pb2.GenerateChoiceResponse]:
+        def call(handle: WorkerHandle) -> Awaitable[worker_pb2.GenerateChoiceResponse]:
             return handle.stub.GenerateChoice(
                 worker_pb2.GenerateChoiceRequest(request=request),
                 timeout=_remaining(deadline),
                 metadata=outgoing_metadata(),
             )
 
-        yield (await self.unary(model, whole)).choice
+        return (await self.unary(model, call)).choice
+
+    async def _choice(
+        self, model: str, request: worker_pb2.GenerateRequest, deadline: float | None, stream: bool
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        if stream:
+            async for response in self._stream(model, request, deadline):
+                yield response
+        else:
+            yield await self._whole(model, request, deadline)
 
     async def choices(
         self, model: str, requests: list[worker_pb2.GenerateRequest], timeout: float | None, stream: bool
@@ -154,10 +157,13 @@ class Dispatcher:
         """Every choice's worker messages, merged as they come; nothing before
         every choice is accepted. Non-streamed choices yield one message each."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if len(requests) == 1 and not stream:
+            yield await self._whole(model, requests[0], deadline)
+            return
         watch = current_watch.get()
         if len(requests) == 1:
-            async for response in self._choice(model, requests[0], deadline, stream):
-                if watch is not None and response.text:
+            async for response in self._stream(model, requests[0], deadline):
+                if watch is not None and response.delta.text:
                     watch.token()
                 yield response
             return
@@ -186,14 +192,15 @@ class Dispatcher:
                 if isinstance(item, BaseException):
                     raise item
                 if len(accepted) < len(requests):
-                    accepted.add(item.index)
+                    if item.HasField("accepted"):
+                        accepted.add(item.index)
                     held.append(item)
                     if len(accepted) == len(requests):
                         for response in held:
                             yield response
                         held.clear()
                     continue
-                if watch is not None and item.text:
+                if watch is not None and item.delta.text:
                     watch.token()
                 yield item
         finally:

@@ -13,10 +13,9 @@ from typing import Any
 
 import shortuuid
 
-from common import errors
+from common import errors, limits
 from common.grpc_server import outgoing_metadata
 from common.sampling import Limits, copy_sampling
-from gateway import admission
 from gateway.dispatch import Dispatcher
 from gateway.pool import WorkerHandle, WorkerPool
 from gateway.validation import check_chat, check_completion, check_embedding
@@ -46,26 +45,25 @@ class Inference:
 
     def _chat_requests(self, request: api_pb2.CreateChatCompletionRequest) -> list[worker_pb2.GenerateRequest]:
         check_chat(request, self.limits)
-        admission.check_chat(request, self._require_kind(request.model, generation=True))
+        info = self._require_kind(request.model, generation=True)
         sampling = _sampling(request)
-        if request.HasField("max_completion_tokens"):
+        if request.HasField("max_completion_tokens"):  # it replaces max_tokens (OpenAI's precedence)
             sampling.max_tokens = request.max_completion_tokens
         n = request.n if request.HasField("n") else 1
-        out = []
-        for i in range(n):
-            choice_sampling = _seeded(sampling, i)
-            out.append(
-                worker_pb2.GenerateRequest(
-                    messages=request.messages,
-                    sampling=choice_sampling,
-                    index=i,
-                    logprobs=request.logprobs,
-                    top_logprobs=request.top_logprobs,
-                    response_format=request.response_format,
-                    tools=request.tools,
-                    tool_choice=request.tool_choice,
-                )
+        out = [
+            worker_pb2.GenerateRequest(
+                messages=request.messages,
+                sampling=_seeded(sampling, i),
+                index=i,
+                logprobs=request.logprobs,
+                top_logprobs=request.top_logprobs,
+                response_format=request.response_format,
+                tools=request.tools,
+                tool_choice=request.tool_choice,
             )
+            for i in range(n)
+        ]
+        limits.check_generate(out[0], info)  # the choices share their prompt and max_tokens
         return out
 
     async def chat_stream(
@@ -77,45 +75,36 @@ class Inference:
         for r in requests:
             r.request_id = chunk_id
 
-        def chunk(**fields: Any) -> api_pb2.StreamChatCompletionResponse:
+        def chunk(choice: api_pb2.ChatCompletionChunkChoice) -> api_pb2.StreamChatCompletionResponse:
             return api_pb2.StreamChatCompletionResponse(
-                id=chunk_id, object="chat.completion.chunk", created=created, model=model, **fields
+                id=chunk_id, object="chat.completion.chunk", created=created, model=model, choices=[choice]
             )
 
-        prompt_tokens = 0
-        completion_tokens = [0] * len(requests)
-        started: set[int] = set()
+        usage = _UsageSum(len(requests))
         async for response in self.dispatch.choices(model, requests, timeout, stream=True):
             i = response.index
-            if i not in started:
-                started.add(i)
-                prompt_tokens = response.usage.prompt_tokens
+            if response.HasField("accepted"):
+                usage.accepted(response)
                 delta = api_pb2.ChatCompletionDelta(role="assistant", content="")
-                yield chunk(choices=[api_pb2.ChatCompletionChunkChoice(index=i, delta=delta)])
-                continue
-            completion_tokens[i] = response.usage.completion_tokens
-            if response.text or response.logprobs or response.tool_calls:
+                yield chunk(api_pb2.ChatCompletionChunkChoice(index=i, delta=delta))
+            output = response.delta
+            if output.text or output.logprobs or output.tool_calls:
                 choice = api_pb2.ChatCompletionChunkChoice(index=i)
-                if response.text:
-                    choice.delta.content = response.text
-                for k, call in enumerate(response.tool_calls):
+                if output.text:
+                    choice.delta.content = output.text
+                for k, call in enumerate(output.tool_calls):
                     choice.delta.tool_calls.add(index=k, id=call.id, type=call.type, function=call.function)
-                if request.logprobs:
-                    choice.logprobs.content.extend(response.logprobs)
-                yield chunk(choices=[choice])
-            if response.finish_reason:
+                if request.logprobs and output.logprobs:
+                    choice.logprobs.content.extend(output.logprobs)
+                yield chunk(choice)
+            if response.HasField("end"):
+                usage.ended(response)
+                delta = api_pb2.ChatCompletionDelta()
                 yield chunk(
-                    choices=[
-                        api_pb2.ChatCompletionChunkChoice(
-                            index=i, delta=api_pb2.ChatCompletionDelta(), finish_reason=response.finish_reason
-                        )
-                    ]
+                    api_pb2.ChatCompletionChunkChoice(index=i, delta=delta, finish_reason=response.end.finish_reason)
                 )
-        total = sum(completion_tokens)
-        yield chunk(
-            usage=common_pb2.Usage(
-                prompt_tokens=prompt_tokens, completion_tokens=total, total_tokens=prompt_tokens + total
-            )
+        yield api_pb2.StreamChatCompletionResponse(
+            id=chunk_id, object="chat.completion.chunk", created=created, model=model, usage=usage.total()
         )
 
     async def chat(
@@ -125,62 +114,55 @@ class Inference:
         response_id = completion_id("chatcmpl")
         for r in requests:
             r.request_id = response_id
-        choices = [
-            api_pb2.ChatCompletionChoice(index=i, message=api_pb2.ChatCompletionMessage(role="assistant"))
-            for i in range(len(requests))
-        ]
-        texts: list[list[str]] = [[] for _ in requests]
-        prompt_tokens = 0
-        completion_tokens = [0] * len(requests)
+        choices: list[api_pb2.ChatCompletionChoice] = [api_pb2.ChatCompletionChoice() for _ in requests]
+        usage = _UsageSum(len(requests))
         async for response in self.dispatch.choices(request.model, requests, timeout, stream=False):
-            i = response.index
-            prompt_tokens = response.usage.prompt_tokens
-            completion_tokens[i] = response.usage.completion_tokens
-            texts[i].append(response.text)
-            if request.logprobs:
-                choices[i].logprobs.content.extend(response.logprobs)
-            choices[i].message.tool_calls.extend(response.tool_calls)
-            if response.finish_reason:
-                choices[i].finish_reason = response.finish_reason
-        for choice, parts in zip(choices, texts, strict=True):
-            text = "".join(parts)
-            if text or not choice.message.tool_calls:
-                choice.message.content = text
-        total = sum(completion_tokens)
+            usage.accepted(response)
+            usage.ended(response)
+            output = response.delta
+            choice = choices[response.index]
+            choice.index = response.index
+            choice.finish_reason = response.end.finish_reason
+            choice.message.role = "assistant"
+            choice.message.tool_calls.extend(output.tool_calls)
+            if output.text or not output.tool_calls:
+                choice.message.content = output.text
+            if request.logprobs:  # asked for: present, even when empty
+                choice.logprobs.content.extend(output.logprobs)
+                choice.logprobs.SetInParent()
         return api_pb2.CreateChatCompletionResponse(
             id=response_id,
             object="chat.completion",
             created=int(time.time()),
             model=request.model,
             choices=choices,
-            usage=common_pb2.Usage(
-                prompt_tokens=prompt_tokens, completion_tokens=total, total_tokens=prompt_tokens + total
-            ),
+            usage=usage.total(),
         )
 
     # -- completions --------------------------------------------------------------
 
     def _completion_requests(self, request: api_pb2.CreateCompletionRequest) -> list[worker_pb2.GenerateRequest]:
         check_completion(request, self.limits)
-        admission.check_completion(request, self._require_kind(request.model, generation=True))
+        info = self._require_kind(request.model, generation=True)
         sampling = _sampling(request)
         if not request.HasField("max_tokens"):
             sampling.max_tokens = 16  # OpenAI's default for completions
         n = request.n if request.HasField("n") else 1
-        out = []
-        for p, prompt in enumerate(request.prompt):
-            for i in range(n):
-                out.append(
-                    worker_pb2.GenerateRequest(
-                        prompt=prompt,
-                        sampling=_seeded(sampling, i),
-                        index=p * n + i,
-                        logprobs=request.HasField("logprobs"),
-                        top_logprobs=request.logprobs,
-                        echo=request.echo,
-                        response_format=request.response_format,
-                    )
-                )
+        out = [
+            worker_pb2.GenerateRequest(
+                prompt=prompt,
+                sampling=_seeded(sampling, i),
+                index=p * n + i,
+                logprobs=request.HasField("logprobs"),
+                top_logprobs=request.logprobs,
+                echo=request.echo,
+                response_format=request.response_format,
+            )
+            for p, prompt in enumerate(request.prompt)
+            for i in range(n)
+        ]
+        for choice in out[::n]:  # one per prompt: its choices share it
+            limits.check_generate(choice, info)
         return out
 
     async def _completion_choices(
@@ -192,17 +174,22 @@ class Inference:
             r.request_id = response_id
         offsets = [0] * len(requests)
         async for response in self.dispatch.choices(request.model, requests, timeout, stream):
-            for entry in response.logprobs:
+            for entry in response.delta.logprobs:
                 entry.text_offset = offsets[response.index]
                 offsets[response.index] += len(entry.token)
             yield response
 
     @staticmethod
-    def _completion_usage(prompt_tokens: dict[int, int], completion_tokens: dict[int, int], n: int) -> common_pb2.Usage:
-        # Each prompt counts once, whatever n is (FastChat counted it n times).
-        prompt = sum(tokens for index, tokens in prompt_tokens.items() if index % n == 0)
-        completion = sum(completion_tokens.values())
-        return common_pb2.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    def _completion_choice(
+        request: api_pb2.CreateCompletionRequest, response: worker_pb2.GenerateResponse
+    ) -> api_pb2.CompletionChoice:
+        choice = api_pb2.CompletionChoice(index=response.index, text=response.delta.text)
+        if request.HasField("logprobs"):  # asked for: present, even when empty
+            choice.logprobs.content.extend(response.delta.logprobs)
+            choice.logprobs.SetInParent()
+        if response.HasField("end"):
+            choice.finish_reason = response.end.finish_reason
+        return choice
 
     async def completion_stream(
         self, request: api_pb2.CreateCompletionRequest, timeout: float | None
@@ -210,27 +197,20 @@ class Inference:
         """Chunks as OpenAI streams them; the last one has ``choices: []`` and the usage."""
         response_id, created = completion_id("cmpl"), int(time.time())
         n = request.n if request.HasField("n") else 1
-        prompt_tokens: dict[int, int] = {}
-        completion_tokens: dict[int, int] = {}
+        usage = _UsageSum(len(request.prompt) * n, n)
         async for response in self._completion_choices(request, timeout, response_id, stream=True):
-            if response.index not in prompt_tokens:  # the "accepted" message
-                prompt_tokens[response.index] = response.usage.prompt_tokens
-                continue
-            completion_tokens[response.index] = response.usage.completion_tokens
-            choice = api_pb2.CompletionChoice(index=response.index, text=response.text)
-            if request.HasField("logprobs"):
-                choice.logprobs.content.extend(response.logprobs)
-            if response.finish_reason:
-                choice.finish_reason = response.finish_reason
-            yield api_pb2.StreamCompletionResponse(
-                id=response_id, object="text_completion", created=created, model=request.model, choices=[choice]
-            )
+            usage.accepted(response)
+            usage.ended(response)
+            if response.HasField("delta") or response.HasField("end"):
+                yield api_pb2.StreamCompletionResponse(
+                    id=response_id,
+                    object="text_completion",
+                    created=created,
+                    model=request.model,
+                    choices=[self._completion_choice(request, response)],
+                )
         yield api_pb2.StreamCompletionResponse(
-            id=response_id,
-            object="text_completion",
-            created=created,
-            model=request.model,
-            usage=self._completion_usage(prompt_tokens, completion_tokens, n),
+            id=response_id, object="text_completion", created=created, model=request.model, usage=usage.total()
         )
 
     async def completion(
@@ -239,30 +219,18 @@ class Inference:
         response_id = completion_id("cmpl")
         n = request.n if request.HasField("n") else 1
         choices: dict[int, api_pb2.CompletionChoice] = {}
-        texts: dict[int, list[str]] = {}
-        prompt_tokens: dict[int, int] = {}
-        completion_tokens: dict[int, int] = {}
+        usage = _UsageSum(len(request.prompt) * n, n)
         async for response in self._completion_choices(request, timeout, response_id, stream=False):
-            i = response.index
-            if i not in choices:
-                choices[i] = api_pb2.CompletionChoice(index=i)
-                texts[i] = []
-            prompt_tokens[i] = response.usage.prompt_tokens
-            completion_tokens[i] = response.usage.completion_tokens
-            texts[i].append(response.text)
-            if request.HasField("logprobs"):
-                choices[i].logprobs.content.extend(response.logprobs)
-            if response.finish_reason:
-                choices[i].finish_reason = response.finish_reason
-        for i, choice in choices.items():
-            choice.text = "".join(texts[i])
+            usage.accepted(response)
+            usage.ended(response)
+            choices[response.index] = self._completion_choice(request, response)
         return api_pb2.CreateCompletionResponse(
             id=response_id,
             object="text_completion",
             created=int(time.time()),
             model=request.model,
             choices=[choices[i] for i in sorted(choices)],
-            usage=self._completion_usage(prompt_tokens, completion_tokens, n),
+            usage=usage.total(),
         )
 
     # -- embeddings, models, tokens -------------------------------------------------
@@ -271,7 +239,7 @@ class Inference:
         self, request: api_pb2.CreateEmbeddingRequest, timeout: float | None
     ) -> api_pb2.CreateEmbeddingResponse:
         check_embedding(request, self.limits)
-        admission.check_embedding(request, self._require_kind(request.model, generation=False))
+        limits.check_embedding_inputs(request.input, self._require_kind(request.model, generation=False))
         worker_request = worker_pb2.EmbedRequest(input=request.input)
         if request.HasField("dimensions"):
             worker_request.dimensions = request.dimensions
@@ -380,6 +348,28 @@ class Inference:
                 api_pb2.TokenCheckResult(fits=fits, token_count=reply.count, context_length=info.context_length)
             )
         return api_pb2.CheckTokensResponse(prompts=results)
+
+
+class _UsageSum:
+    """A request's usage from its choices' messages: each prompt counts once, whatever n is
+    (FastChat counted it n times), and every choice's completion tokens."""
+
+    def __init__(self, choices: int, n: int | None = None) -> None:
+        self.n = n or choices  # choices per prompt (chat: all of them share one)
+        self.prompt = [0] * choices
+        self.completion = [0] * choices
+
+    def accepted(self, response: worker_pb2.GenerateResponse) -> None:
+        if response.HasField("accepted") and response.index % self.n == 0:
+            self.prompt[response.index] = response.accepted.prompt_tokens
+
+    def ended(self, response: worker_pb2.GenerateResponse) -> None:
+        if response.HasField("end"):
+            self.completion[response.index] = response.end.usage.completion_tokens
+
+    def total(self) -> common_pb2.Usage:
+        prompt, completion = sum(self.prompt), sum(self.completion)
+        return common_pb2.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def _sampling(

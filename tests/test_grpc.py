@@ -202,19 +202,24 @@ async def test_fast_engine_deltas_are_grouped(echo_system: EchoSystem) -> None:
             messages=[user("a b c d")], sampling=worker_pb2.SamplingParams(max_tokens=16)
         )
         responses = [r async for r in stub.Generate(request)]
-    assert responses[0].usage.prompt_tokens == 5 and not responses[0].text  # "accepted"
-    text = "".join(r.text for r in responses)
+    # Each message says what it is: accepted first (alone), the end last.
+    assert [r.HasField("accepted") for r in responses] == [True] + [False] * (len(responses) - 1)
+    assert responses[0].accepted.prompt_tokens == 5 and not responses[0].HasField("delta")
+    assert [r.HasField("end") for r in responses] == [False] * (len(responses) - 1) + [True]
+    text = "".join(r.delta.text for r in responses)
     assert text.split() == ["a", "b", "c", "d"] * 4
-    assert sum(len(r.token_ids) for r in responses) == 16
-    assert responses[-1].finish_reason == "length" and responses[-1].usage.completion_tokens == 16
+    assert sum(len(r.delta.token_ids) for r in responses) == 16
+    end = responses[-1].end
+    assert end.finish_reason == "length" and end.usage.completion_tokens == 16 and end.usage.prompt_tokens == 5
     assert len(responses) < 1 + 16
     # Not streamed to anyone (the unary form the gateway uses for
     # non-streamed requests): one message carries the whole choice.
     async with grpc.aio.insecure_channel(echo_system.chat_workers[0].address) as channel:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         reply = await stub.GenerateChoice(worker_pb2.GenerateChoiceRequest(request=request))
-    assert reply.choice.text == text and reply.choice.usage == responses[-1].usage
-    assert len(reply.choice.token_ids) == 16 and reply.choice.finish_reason == "length"
+    assert reply.choice.accepted.prompt_tokens == 5
+    assert reply.choice.delta.text == text and reply.choice.end == end
+    assert len(reply.choice.delta.token_ids) == 16
 
 
 def live_workers(address: str, model: str) -> int:

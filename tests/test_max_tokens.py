@@ -6,8 +6,8 @@ import pytest
 
 from common.errors import ApiError
 from tokenwire.v1 import common_pb2, worker_pb2
+from workers.admission import resolve_max_tokens
 from workers.engines.echo import EchoEngine
-from workers.server import resolve_max_tokens
 
 
 def request(**sampling: int) -> worker_pb2.GenerateRequest:
@@ -54,7 +54,7 @@ async def test_llama_runs_an_unset_max_tokens_to_the_end_of_the_context() -> Non
         prepared = await engine.prepare(request)
         max_tokens = resolve_max_tokens(engine, request, prepared.prompt_tokens, prepared.param)
         assert max_tokens is None
-        deltas = [d async for d in engine.generate(request, prepared, max_tokens, Generation())]
+        deltas = [d async for ds in engine.generate(request, prepared, max_tokens, Generation()) for d in ds]
     finally:
         await engine.close()
     generated = sum(d.token_count for d in deltas)

@@ -1,31 +1,24 @@
-"""The worker's own cheap admission: the gateway's size checks again, before
-tokenizing (a caller may reach a worker directly, or through another gateway).
+"""What the worker decides about a request itself: what only it can know.
 
-The bound is the engine's ``info.max_token_bytes`` (see common/limits.py);
-these checks run before the request takes a slot, so a refusal never waits.
+The gateway settles the request (max_tokens and its default) and the cheap
+checks are common/limits.py's, run by the gateway and again here before a
+request takes a slot. The worker knows one thing more, the exact prompt length
+after its model's template, and checks the request's max_tokens against the
+context with it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from common import limits
-from tokenwire.v1 import common_pb2, worker_pb2
+from tokenwire.v1 import worker_pb2
+from workers.engine import Engine
 
 
-def check_generate(request: worker_pb2.GenerateRequest, info: common_pb2.ModelInfo) -> None:
-    max_tokens = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
-    if request.messages:
-        if not info.max_token_bytes:
-            return
-        tokens = limits.min_tokens(limits.message_bytes(request.messages), info.max_token_bytes)
-        limits.check_fits(info.context_length, tokens, max_tokens, "messages")
-    else:
-        tokens, exact = limits.prompt_min_tokens(request.prompt, info.max_token_bytes)
-        limits.check_fits(info.context_length, tokens, max_tokens, "prompt", exact=exact)
-
-
-def check_embed(inputs: Sequence[common_pb2.TextOrTokens], info: common_pb2.ModelInfo) -> None:
-    limits.check_embedding_tokens(
-        [limits.prompt_min_tokens(i, info.max_token_bytes) for i in inputs], info.context_length
-    )
+def resolve_max_tokens(
+    engine: Engine, request: worker_pb2.GenerateRequest, prompt_tokens: int, param: str
+) -> int | None:
+    """The request's max_tokens, None when it set none (up to the end of the
+    context, which each engine knows best); a 400 for what cannot fit."""
+    requested = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
+    limits.check_fits(engine.info.context_length, prompt_tokens, requested, param, exact=True)
+    return requested

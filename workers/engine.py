@@ -7,7 +7,9 @@ plumbing; an engine only knows its model:
 * :meth:`Engine.prepare` renders chat messages with the model's own template
   and tokenizes the prompt (the worker then checks prompt + max_tokens against
   ``info.context_length``);
-* :meth:`Engine.generate` yields :class:`Delta` objects for one choice;
+* :meth:`Engine.generate` yields lists of :class:`Delta` objects for one choice:
+  each list is what was ready at that moment (a llama.cpp step's tokens, or what a
+  fast producer made while the worker was sending), and becomes one message;
 * :meth:`Engine.embed` and :meth:`Engine.tokenize` do what they say.
 
 Blocking engines (llama.cpp, torch) must keep the event loop free: they run
@@ -22,7 +24,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -138,12 +140,13 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(
         self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int | None, generation: Generation
-    ) -> AsyncIterator[Delta]:
-        """Yield the deltas of one choice; the last one carries finish_reason.
+    ) -> AsyncGenerator[list[Delta], None]:
+        """Yield the deltas of one choice, in lists of what is ready (never empty);
+        the last delta carries finish_reason.
 
-        ``max_tokens`` is checked by the worker against the context: the
-        request's value, or None when it set none (generate up to the end of
-        the context, or the engine's own limit).
+        ``max_tokens`` is the worker's decision (workers/admission.py): the request's
+        value, else what is left of the context; None only when the model's context
+        is unknown (an upstream's own limit applies).
         """
 
     async def embed(
@@ -217,14 +220,17 @@ async def run_blocking(fn: Callable[..., T], *args: Any, pool: Executor | None =
 _DONE = object()
 
 
-async def iterate_in_task(produce: Callable[[], AsyncIterator[T]], generation: Generation) -> AsyncIterator[T]:
-    """Drive an async producer in a task of its own and yield its items here.
+async def iterate_in_task(
+    produce: Callable[[], AsyncIterator[T]], generation: Generation
+) -> AsyncGenerator[list[T], None]:
+    """Drive an async producer in a task of its own and yield here, in lists,
+    what it made since the last time this was asked.
 
-    For engines that run on the event loop. The
-    producer is not cancelled with its consumer: like a compute loop on a
-    thread, it must see ``generation.cancelled`` and stop by itself, and
-    the tokens it makes meanwhile count as made after the cancel. When the
-    consumer stops, this sets the flag and waits for the producer to finish.
+    For engines that run on the event loop. The producer is not cancelled with
+    its consumer: like a compute loop on a thread, it must see
+    ``generation.cancelled`` and stop by itself, and the tokens it makes
+    meanwhile count as made after the cancel. When the consumer stops, this sets
+    the flag and waits for the producer to finish.
     """
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -240,12 +246,16 @@ async def iterate_in_task(produce: Callable[[], AsyncIterator[T]], generation: G
     task = asyncio.ensure_future(pump())
     try:
         while True:
-            item = await queue.get()
-            if item is _DONE:
+            ready = [await queue.get()]
+            while not queue.empty():
+                ready.append(queue.get_nowait())
+            end = ready.pop() if ready[-1] is _DONE or isinstance(ready[-1], BaseException) else None
+            if ready:
+                yield ready
+            if end is _DONE:
                 return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+            if end is not None:
+                raise end
     finally:
         generation.cancelled.set()
         await asyncio.shield(task)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import grpc
 
-from common import errors
+from common import errors, limits
 from common import observability as obs
 from common.grpc_server import GrpcServer
 from tokenwire.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -35,96 +35,38 @@ class WorkerStats:
         self.tokens_after_cancel_max = max(self.tokens_after_cancel_max, generation.tokens_after_cancel)
 
 
-def resolve_max_tokens(
-    engine: Engine, request: worker_pb2.GenerateRequest, prompt_tokens: int, param: str
-) -> int | None:
-    """The request's max_tokens, None when it set none (up to the end of the
-    context, which each engine knows best); refuse what cannot fit."""
-    context = engine.info.context_length
-    if request.sampling.HasField("max_tokens"):
-        max_tokens = request.sampling.max_tokens
-        if context and prompt_tokens + max_tokens > context:
-            raise errors.context_length_exceeded(context, prompt_tokens, max_tokens, param)
-        return max_tokens
-    if context and prompt_tokens >= context:
-        raise errors.context_length_exceeded(context, prompt_tokens, 1, param)
-    return None
+class _Choice:
+    """One choice's messages, and what it has made so far (for its end and its log line)."""
 
-
-_END = object()
-
-
-async def batched(deltas: AsyncIterator[Delta], min_tokens: int = 1) -> AsyncIterator[list[Delta]]:
-    """The engine's deltas, with those made while the previous message was
-    being sent grouped together.
-
-    An engine faster than the wire (the echo engine, a fast upstream) then costs
-    one message per write instead of one per token; a real-time engine (one
-    token every few ms) still gets one message per token, unless ``min_tokens``
-    (``--stream-interval``) asks to hold each message, but the first and the
-    last, until it carries that many tokens.
-    """
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-
-    async def pump() -> None:
-        try:
-            async for delta in deltas:
-                queue.put_nowait(delta)
-        except Exception as error:
-            queue.put_nowait(error)
-        queue.put_nowait(_END)
-
-    task = asyncio.create_task(pump())
-    try:
-        first = True
-        item = await queue.get()
-        while item is not _END:
-            batch: list[Delta] = []
-            tokens = 0
-            while item is not _END:
-                if isinstance(item, Exception):
-                    raise item
-                batch.append(item)
-                tokens += item.token_count
-                if not queue.empty():
-                    item = queue.get_nowait()
-                elif first or tokens >= min_tokens or item.finish_reason:
-                    item = None
-                    break
-                else:
-                    item = await queue.get()  # hold this message for more tokens
-            yield batch
-            first = False
-            if item is None:
-                item = await queue.get()
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-
-class _Totals:
-    """Running usage and finish reason of one choice, and its messages."""
-
-    def __init__(self, index: int, prompt_tokens: int) -> None:
+    def __init__(self, index: int) -> None:
         self.index = index
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens = 0
         self.completion_tokens = 0
         self.finish = ""
 
+    def accepted(self, prompt_tokens: int) -> worker_pb2.GenerateResponse:
+        self.prompt_tokens = prompt_tokens
+        return worker_pb2.GenerateResponse(
+            index=self.index, accepted=worker_pb2.GenerateAccepted(prompt_tokens=prompt_tokens)
+        )
+
     def message(self, deltas: list[Delta]) -> worker_pb2.GenerateResponse:
-        """One message for these deltas (none: the "accepted" message)."""
+        """One message for these deltas, with the end when the last one has it."""
         response = worker_pb2.GenerateResponse(index=self.index)
-        for delta in deltas:
-            self.completion_tokens += delta.token_count
-            self.finish = delta.finish_reason or self.finish
-            response.token_ids.extend(delta.token_ids)
-            response.logprobs.extend(delta.logprobs)
-            response.tool_calls.extend(delta.tool_calls)
-        response.text = "".join(delta.text for delta in deltas)
-        response.finish_reason = self.finish
-        response.usage.prompt_tokens = self.prompt_tokens
-        response.usage.completion_tokens = self.completion_tokens
-        response.usage.total_tokens = self.prompt_tokens + self.completion_tokens
+        delta = response.delta
+        for d in deltas:
+            delta.completion_tokens += d.token_count
+            delta.token_ids.extend(d.token_ids)
+            delta.logprobs.extend(d.logprobs)
+            delta.tool_calls.extend(d.tool_calls)
+            self.finish = d.finish_reason or self.finish
+        delta.text = "".join(d.text for d in deltas)
+        self.completion_tokens += delta.completion_tokens
+        if self.finish:
+            response.end.finish_reason = self.finish
+            usage = response.end.usage
+            usage.prompt_tokens, usage.completion_tokens = self.prompt_tokens, self.completion_tokens
+            usage.total_tokens = self.prompt_tokens + self.completion_tokens
         return response
 
 
@@ -161,23 +103,42 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.stats.requests_total += 1
         started = time.perf_counter()
         status = "ok"
-        totals = _Totals(request.index, 0)
+        choice = _Choice(request.index)
         try:
-            admission.check_generate(request, self.engine.info)  # before a slot, before tokenizing
-            async with self.slots.acquire():
+            limits.check_generate(request, self.engine.info)  # before a slot, before tokenizing
+            async with contextlib.AsyncExitStack() as stack:
+                await stack.enter_async_context(self.slots.acquire())
                 prepared = await self.engine.prepare(request)
-                totals.prompt_tokens = prepared.prompt_tokens
-                max_tokens = resolve_max_tokens(self.engine, request, prepared.prompt_tokens, prepared.param)
-                deltas = self.engine.generate(request, prepared, max_tokens, generation)
+                max_tokens = admission.resolve_max_tokens(self.engine, request, prepared.prompt_tokens, prepared.param)
+                accepted = choice.accepted(prepared.prompt_tokens)
+                # Closed as soon as we stop (an engine's sequence must leave its batch then, not at
+                # garbage collection).
+                ready = await stack.enter_async_context(
+                    contextlib.aclosing(self.engine.generate(request, prepared, max_tokens, generation))
+                )
                 if generation.whole:
                     # Not streamed to anyone: the whole choice in one message.
-                    yield totals.message([delta async for delta in deltas])
+                    whole = choice.message([delta async for deltas in ready for delta in deltas])
+                    whole.accepted.CopyFrom(accepted.accepted)
+                    yield whole
                 else:
-                    # The first message says "accepted": the gateway only
-                    # commits a response (HTTP 200) once it has seen it.
-                    yield totals.message([])
-                    async for batch in batched(deltas, self.stream_interval):
-                        yield totals.message(batch)
+                    # The gateway commits a response (HTTP 200) only once it has seen this.
+                    yield accepted
+                    # One message per list the engine hands over, except that each but the first
+                    # and the last waits until it carries --stream-interval tokens.
+                    pending: list[Delta] = []
+                    first = True
+                    async for deltas in ready:
+                        pending += deltas
+                        if (
+                            first
+                            or pending[-1].finish_reason
+                            or sum(d.token_count for d in pending) >= self.stream_interval
+                        ):
+                            yield choice.message(pending)
+                            pending, first = [], False
+                    if pending:
+                        yield choice.message(pending)
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
             generation.cancelled.set()
@@ -198,9 +159,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 log,
                 "generate",
                 status=status,
-                finish_reason=totals.finish or "-",
-                prompt_tokens=totals.prompt_tokens,
-                completion_tokens=totals.completion_tokens,
+                finish_reason=choice.finish or "-",
+                prompt_tokens=choice.prompt_tokens,
+                completion_tokens=choice.completion_tokens,
                 generated=generation.tokens,
                 after_cancel=generation.tokens_after_cancel,
                 latency_ms=round((time.perf_counter() - started) * 1000, 1),
@@ -212,7 +173,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.stats.requests_total += 1
         status = "ok"
         try:
-            admission.check_embed(request.input, self.engine.info)
+            limits.check_embedding_inputs(request.input, self.engine.info)
             async with self.slots.acquire():
                 dimensions = request.dimensions if request.HasField("dimensions") else None
                 vectors, tokens = await self.engine.embed(request.input, dimensions)

@@ -102,7 +102,7 @@ async def together(engine: LlamaCppEngine, calls: list[Call]) -> list[list[Delta
     async def consume(call: Call, prep: object) -> list[Delta]:
         generation = call.generation or Generation()
         call.generation = generation
-        return [d async for d in engine.generate(call.request, prep, call.max_tokens, generation)]  # type: ignore[arg-type]
+        return [d async for ds in engine.generate(call.request, prep, call.max_tokens, generation) for d in ds]  # type: ignore[arg-type]
 
     tasks = [asyncio.create_task(consume(c, p)) for c, p in zip(calls, prepared, strict=True)]
     try:
@@ -206,7 +206,7 @@ async def test_a_request_that_fails_ends_alone(
 
     async def consume(request: worker_pb2.GenerateRequest, generation: Generation) -> list[Delta]:
         prepared = await engine.prepare(request)
-        return [d async for d in engine.generate(request, prepared, 48, generation)]
+        return [d async for ds in engine.generate(request, prepared, 48, generation) for d in ds]
 
     neighbour = asyncio.create_task(consume(good, running))
     await asyncio.to_thread(harness.wait_until, lambda: running.tokens >= 4, what="the neighbour decoding")
@@ -501,7 +501,9 @@ async def test_per_sequence_new_sequence_takes_the_lowest_stream_not_running(eng
         )
         assert await asyncio.to_thread(hole.wait, 60)
         late = chat("Name three colours.", sampling=GREEDY)
-        text = text_of([d async for d in engine.generate(late, await engine.prepare(late), 8, Generation())])
+        text = text_of(
+            [d async for ds in engine.generate(late, await engine.prepare(late), 8, Generation()) for d in ds]
+        )
         await batch
     finally:
         stats(engine).on_step.remove(record)

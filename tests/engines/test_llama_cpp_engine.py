@@ -71,7 +71,7 @@ async def run(
 ) -> tuple[list[Delta], Generation]:
     prepared = await engine.prepare(request)
     generation = Generation()
-    deltas = [d async for d in engine.generate(request, prepared, max_tokens, generation)]
+    deltas = [d async for ds in engine.generate(request, prepared, max_tokens, generation) for d in ds]
     return deltas, generation
 
 
@@ -596,10 +596,10 @@ async def test_buffered_choice_is_handed_over_when_done(engine: LlamaCppEngine) 
     generation = Generation(whole=True)
     made_before_first: int | None = None
     buffered = []
-    async for delta in engine.generate(request, prepared, 32, generation):
+    async for deltas in engine.generate(request, prepared, 32, generation):
         if made_before_first is None:
             made_before_first = generation.tokens
-        buffered.append(delta)
+        buffered.extend(deltas)
     assert made_before_first == generation.tokens == completion_tokens(streamed)
     assert text_of(buffered) == text_of(streamed)
     assert buffered[-1].finish_reason == streamed[-1].finish_reason

@@ -26,10 +26,10 @@ import pytest
 
 from common.errors import ApiError
 from tokenwire.v1 import common_pb2, worker_pb2
+from workers.admission import resolve_max_tokens
 from workers.engine import Delta, Generation
 from workers.engines.openai_upstream import OpenAIUpstreamEngine
 from workers.engines.upstream_probe import PROBE_HEADER
-from workers.server import resolve_max_tokens
 
 API_KEY = "upstream-secret"
 
@@ -106,7 +106,7 @@ async def run(engine: OpenAIUpstreamEngine, request: worker_pb2.GenerateRequest)
     """What the worker does: prepare, context check, generate."""
     prepared = await engine.prepare(request)
     max_tokens = resolve_max_tokens(engine, request, prepared.prompt_tokens, prepared.param)
-    return [d async for d in engine.generate(request, prepared, max_tokens, Generation())]
+    return [d async for ds in engine.generate(request, prepared, max_tokens, Generation()) for d in ds]
 
 
 def text_of(deltas: list[Delta]) -> str:
@@ -250,11 +250,12 @@ async def test_cancel_stops_the_upstream(engine: OpenAIUpstreamEngine) -> None:
     three = asyncio.Event()
 
     async def consume() -> None:
-        async for delta in engine.generate(request, prepared, 1000, Generation()):
-            if delta.text:
-                times.append(time.monotonic())
-                if len(times) == 3:
-                    three.set()
+        async for deltas in engine.generate(request, prepared, 1000, Generation()):
+            for delta in deltas:
+                if delta.text:
+                    times.append(time.monotonic())
+                    if len(times) == 3:
+                        three.set()
 
     task = asyncio.create_task(consume())
     await asyncio.wait_for(three.wait(), 30)

@@ -14,7 +14,7 @@ import asyncio
 import hashlib
 import math
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 from common import errors
 from common.settings import FlagAdder
@@ -69,7 +69,7 @@ class EchoEngine(Engine):
 
     def generate(
         self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int | None, generation: Generation
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[list[Delta], None]:
         # In a task of its own, as a real engine's compute loop: only the cancel flag stops it.
         return iterate_in_task(lambda: self._produce(request, prepared, max_tokens, generation), generation)
 

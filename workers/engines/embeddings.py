@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -291,7 +291,7 @@ class EmbeddingsEngine(Engine):
 
     def generate(
         self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int | None, generation: Generation
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[list[Delta], None]:
         raise errors.wrong_model_kind(self.info.name, "text generation")
 
 

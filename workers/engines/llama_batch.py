@@ -681,11 +681,11 @@ class Scheduler:
 
 
 def _deliver(batch: list[tuple[Seq, list[Any]]]) -> None:
+    """On the event loop: each sequence's items of a step, as one entry of its queue."""
     for seq, items in batch:
-        for item in items:
-            if item is _END:
-                seq.released.set()
-            seq.queue.put_nowait(item)
+        if items[-1] is _END:
+            seq.released.set()
+        seq.queue.put_nowait(items)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -698,16 +698,24 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 async def stream(scheduler: Scheduler, seq: Seq) -> Any:
-    """Submit ``seq`` and yield its deltas; on the way out, wait until it has left the batch."""
+    """Submit ``seq`` and yield its deltas in lists: what the steps since the last
+    list made; on the way out, wait until it has left the batch."""
     scheduler.submit(seq)
     try:
         while True:
-            item = await seq.queue.get()
-            if item is _END:
+            items = await seq.queue.get()
+            while not seq.queue.empty():
+                items = items + seq.queue.get_nowait()
+            done = items[-1] is _END
+            if done:
+                items.pop()
+            error = items.pop() if items and isinstance(items[-1], BaseException) else None
+            if items:
+                yield items
+            if error is not None:
+                raise error
+            if done:
                 return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
     finally:
         seq.generation.cancelled.set()
         if not seq.released.is_set():

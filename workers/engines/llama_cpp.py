@@ -51,7 +51,7 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -644,9 +644,9 @@ class LlamaCppEngine(Engine):
         text = await run_blocking(self._detokenize, token_ids, True)
         return text.decode("utf-8", errors="replace")
 
-    async def generate(
+    def generate(
         self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int | None, generation: Generation
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[list[Delta], None]:
         if self._scheduler is None:
             raise errors.unavailable("The model is not loaded.")
         plan: _Plan = prepared.state
@@ -664,11 +664,8 @@ class LlamaCppEngine(Engine):
             logits=request.logprobs,
             buffered=generation.whole,
         )
-        # aclosing: when our consumer stops, the sequence must have left the
-        # batch (its KV freed) before we return, not at garbage collection.
-        async with contextlib.aclosing(stream(self._scheduler, seq)) as deltas:
-            async for delta in deltas:
-                yield delta
+        # The scheduler's own lists, straight to the worker (which closes them when it stops).
+        return stream(self._scheduler, seq)
 
     def batch_stats(self) -> BatchStats | None:
         return self._stats
@@ -941,7 +938,7 @@ def self_check() -> None:
         await engine.start()
         request = worker_pb2.GenerateRequest(prompt=common_pb2.TextOrTokens(text="The capital of France is"))
         prepared = await engine.prepare(request)
-        text = "".join([d.text async for d in engine.generate(request, prepared, 4, Generation())])
+        text = "".join([d.text async for ds in engine.generate(request, prepared, 4, Generation()) for d in ds])
         await engine.close()
         return text
 

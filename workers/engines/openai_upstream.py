@@ -29,7 +29,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -461,6 +461,13 @@ class OpenAIUpstreamEngine(Engine):
 
     async def generate(
         self, request: worker_pb2.GenerateRequest, prepared: Prepared, max_tokens: int | None, generation: Generation
+    ) -> AsyncGenerator[list[Delta], None]:
+        # One message per upstream chunk: an upstream streams about one token per chunk, at its pace.
+        async for delta in self._deltas(request, max_tokens, generation):
+            yield [delta]
+
+    async def _deltas(
+        self, request: worker_pb2.GenerateRequest, max_tokens: int | None, generation: Generation
     ) -> AsyncIterator[Delta]:
         url, body = self._request_body(request, max_tokens)
         chat = bool(request.messages)

@@ -190,50 +190,133 @@ Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
 @_typing.final
 class GenerateResponse(_message.Message):
+    """One message of a Generate stream. Nothing is inferred from a message's
+    position: each says what it carries, and a message may carry more than one
+    (a GenerateChoice response carries all three).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     INDEX_FIELD_NUMBER: _builtins.int
-    TEXT_FIELD_NUMBER: _builtins.int
-    TOKEN_IDS_FIELD_NUMBER: _builtins.int
-    LOGPROBS_FIELD_NUMBER: _builtins.int
-    FINISH_REASON_FIELD_NUMBER: _builtins.int
-    USAGE_FIELD_NUMBER: _builtins.int
-    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
     index: _builtins.int
-    text: _builtins.str
-    """New text since the previous response."""
-    finish_reason: _builtins.str
-    """Empty until the last response: "stop", "length" or "tool_calls"."""
+    """The choice index of the request, on every message."""
     @_builtins.property
-    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
-    @_builtins.property
-    def logprobs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]: ...
-    @_builtins.property
-    def usage(self) -> _common_pb2.Usage:
-        """Running usage: prompt tokens and completion tokens so far."""
+    def accepted(self) -> Global___GenerateAccepted:
+        """The worker accepted the choice: first, once."""
 
     @_builtins.property
-    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolCall]:
-        """Set with finish_reason "tool_calls"."""
+    def delta(self) -> Global___GenerateDelta:
+        """New output since the previous message."""
+
+    @_builtins.property
+    def end(self) -> Global___GenerateEnd:
+        """The choice ended: last, once."""
 
     def __init__(
         self,
         *,
         index: _builtins.int = ...,
-        text: _builtins.str = ...,
-        token_ids: _abc.Iterable[_builtins.int] | None = ...,
-        logprobs: _abc.Iterable[_common_pb2.TokenLogprob] | None = ...,
-        finish_reason: _builtins.str = ...,
-        usage: _common_pb2.Usage | None = ...,
-        tool_calls: _abc.Iterable[_common_pb2.ToolCall] | None = ...,
+        accepted: Global___GenerateAccepted | None = ...,
+        delta: Global___GenerateDelta | None = ...,
+        end: Global___GenerateEnd | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "delta", b"delta", "end", b"end"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "index", b"index", "logprobs", b"logprobs", "text", b"text", "token_ids", b"token_ids", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "delta", b"delta", "end", b"end", "index", b"index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
+
+@_typing.final
+class GenerateAccepted(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    prompt_tokens: _builtins.int
+    """The prompt as the model sees it (rendered with the model's template)."""
+    def __init__(
+        self,
+        *,
+        prompt_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prompt_tokens", b"prompt_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateAccepted: _TypeAlias = GenerateAccepted  # noqa: Y015
+
+@_typing.final
+class GenerateDelta(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    completion_tokens: _builtins.int
+    """Completion tokens this delta accounts for (an upstream engine may
+    correct its running count on the last delta, by a negative number).
+    """
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def logprobs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]: ...
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolCall]:
+        """Set when a forced tool call is complete (with end's finish_reason
+        "tool_calls"), or cut short ("length").
+        """
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        logprobs: _abc.Iterable[_common_pb2.TokenLogprob] | None = ...,
+        tool_calls: _abc.Iterable[_common_pb2.ToolCall] | None = ...,
+        completion_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "logprobs", b"logprobs", "text", b"text", "token_ids", b"token_ids", "tool_calls", b"tool_calls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateDelta: _TypeAlias = GenerateDelta  # noqa: Y015
+
+@_typing.final
+class GenerateEnd(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    finish_reason: _builtins.str
+    """"stop", "length" or "tool_calls"."""
+    @_builtins.property
+    def usage(self) -> _common_pb2.Usage:
+        """The choice's prompt and completion tokens."""
+
+    def __init__(
+        self,
+        *,
+        finish_reason: _builtins.str = ...,
+        usage: _common_pb2.Usage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateEnd: _TypeAlias = GenerateEnd  # noqa: Y015
 
 @_typing.final
 class GenerateChoiceRequest(_message.Message):
@@ -262,7 +345,7 @@ class GenerateChoiceResponse(_message.Message):
     CHOICE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def choice(self) -> Global___GenerateResponse:
-        """The whole choice: text, token ids, logprobs, finish_reason and usage."""
+        """The whole choice: accepted, one delta with all of it, and end."""
 
     def __init__(
         self,

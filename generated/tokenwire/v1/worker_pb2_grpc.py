@@ -86,12 +86,12 @@ class WorkerServiceServicer:
     """
 
     def Generate(self, request, context):
-        """Generate one choice. The first response carries usage.prompt_tokens and
-        no text: it means the prompt was accepted (context length checked) and
-        generation started. Then text deltas (a delta may carry several tokens
-        when the engine outpaces the wire); the last response carries
-        finish_reason. A caller that does not stream uses GenerateChoice.
-        Cancelling the call stops generation within one token.
+        """Generate one choice. Each response says what it is (GenerateResponse):
+        first `accepted` (the prompt is rendered and fits the context: generation
+        started), then `delta`s (a delta may carry several tokens when the engine
+        outpaces the wire), and last `end` (why it ended, and the usage), which
+        may come with the last delta. A caller that does not stream uses
+        GenerateChoice. Cancelling the call stops generation within one token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,12 +37,12 @@ class WorkerServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> WorkerServiceAsyncStub: ...
     Generate: _grpc.UnaryStreamMultiCallable[_worker_pb2.GenerateRequest, _worker_pb2.GenerateResponse]
-    """Generate one choice. The first response carries usage.prompt_tokens and
-    no text: it means the prompt was accepted (context length checked) and
-    generation started. Then text deltas (a delta may carry several tokens
-    when the engine outpaces the wire); the last response carries
-    finish_reason. A caller that does not stream uses GenerateChoice.
-    Cancelling the call stops generation within one token.
+    """Generate one choice. Each response says what it is (GenerateResponse):
+    first `accepted` (the prompt is rendered and fits the context: generation
+    started), then `delta`s (a delta may carry several tokens when the engine
+    outpaces the wire), and last `end` (why it ended, and the usage), which
+    may come with the last delta. A caller that does not stream uses
+    GenerateChoice. Cancelling the call stops generation within one token.
     """
     GenerateChoice: _grpc.UnaryUnaryMultiCallable[_worker_pb2.GenerateChoiceRequest, _worker_pb2.GenerateChoiceResponse]
     """Generate one whole choice and return it in one response: what a
@@ -69,12 +69,12 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.UnaryStreamMultiCallable[_worker_pb2.GenerateRequest, _worker_pb2.GenerateResponse]  # type: ignore[assignment]
-    """Generate one choice. The first response carries usage.prompt_tokens and
-    no text: it means the prompt was accepted (context length checked) and
-    generation started. Then text deltas (a delta may carry several tokens
-    when the engine outpaces the wire); the last response carries
-    finish_reason. A caller that does not stream uses GenerateChoice.
-    Cancelling the call stops generation within one token.
+    """Generate one choice. Each response says what it is (GenerateResponse):
+    first `accepted` (the prompt is rendered and fits the context: generation
+    started), then `delta`s (a delta may carry several tokens when the engine
+    outpaces the wire), and last `end` (why it ended, and the usage), which
+    may come with the last delta. A caller that does not stream uses
+    GenerateChoice. Cancelling the call stops generation within one token.
     """
     GenerateChoice: _aio.UnaryUnaryMultiCallable[_worker_pb2.GenerateChoiceRequest, _worker_pb2.GenerateChoiceResponse]  # type: ignore[assignment]
     """Generate one whole choice and return it in one response: what a
@@ -104,12 +104,12 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _worker_pb2.GenerateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_worker_pb2.GenerateResponse], _abc.AsyncIterator[_worker_pb2.GenerateResponse]]:
-        """Generate one choice. The first response carries usage.prompt_tokens and
-        no text: it means the prompt was accepted (context length checked) and
-        generation started. Then text deltas (a delta may carry several tokens
-        when the engine outpaces the wire); the last response carries
-        finish_reason. A caller that does not stream uses GenerateChoice.
-        Cancelling the call stops generation within one token.
+        """Generate one choice. Each response says what it is (GenerateResponse):
+        first `accepted` (the prompt is rendered and fits the context: generation
+        started), then `delta`s (a delta may carry several tokens when the engine
+        outpaces the wire), and last `end` (why it ended, and the usage), which
+        may come with the last delta. A caller that does not stream uses
+        GenerateChoice. Cancelling the call stops generation within one token.
         """
 
     @_abc_1.abstractmethod
