@@ -192,29 +192,6 @@ async def abort_with(context: grpc.aio.ServicerContext, error: ApiError) -> None
     await context.abort(error.status, error.message, error.trailing_metadata())
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns :class:`ApiError` into its status, anything unexpected into INTERNAL.
-
-    Handlers raise; only this interceptor aborts. Works for unary and
-    server-streaming methods alike.
-    """
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, method))
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream, method))
-        return handler
-
-
 def really_cancelled(context: grpc.aio.ServicerContext | None = None) -> bool:
     """Whether a CancelledError here is a real cancellation: the caller gone
     (``context``), a deadline, a shutdown. The one place this is decided.
@@ -252,30 +229,12 @@ async def _answered(context: grpc.aio.ServicerContext, method: str) -> AsyncIter
         await abort_with(context, internal())
 
 
-def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with _answered(context, method):
-            return await behavior(request, context)
-
-    return unary
-
-
-def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
-    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async with _answered(context, method):
-            responses = behavior(request, context)
-            if inspect.isawaitable(responses):
-                # A handler that sends with context.write() (grpc.health.v1 Watch): it returns nothing.
-                await responses
-                return
-            async for response in responses:
-                yield response
-
-    return stream
-
-
-class RequestIdInterceptor(grpc.aio.ServerInterceptor):
-    """Takes the caller's ``x-request-id`` (or makes one) for logs and onward calls."""
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Every call's request id (the caller's ``x-request-id``, or a new one) for logs and
+    onward calls, and every way it can fail as the status its caller gets: handlers raise,
+    only this aborts. One wrapper a call (a stream's messages pass one generator), for unary
+    and server-streaming methods alike.
+    """
 
     async def intercept_service(
         self,
@@ -283,25 +242,36 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith("/grpc."):
+        if handler is None:
             return handler
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        rid = clean_request_id(metadata.get(REQUEST_ID_HEADER))
+        method = handler_call_details.method
+        rid: str | None = None  # health and reflection calls keep none
+        if not method.startswith("/grpc."):
+            rid = clean_request_id(dict(handler_call_details.invocation_metadata or ()).get(REQUEST_ID_HEADER))
         if handler.unary_unary is not None:
-            behavior = handler.unary_unary
+            unary_behavior = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                request_id.set(rid)
-                return await behavior(request, context)
+                if rid is not None:
+                    request_id.set(rid)
+                async with _answered(context, method):
+                    return await unary_behavior(request, context)
 
             return handler._replace(unary_unary=unary)
         if handler.unary_stream is not None:
             stream_behavior = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                request_id.set(rid)
-                async for response in stream_behavior(request, context):
-                    yield response
+                if rid is not None:
+                    request_id.set(rid)
+                async with _answered(context, method):
+                    responses = stream_behavior(request, context)
+                    if inspect.isawaitable(responses):
+                        # A handler that sends with context.write() (grpc.health.v1 Watch): it returns nothing.
+                        await responses
+                        return
+                    async for response in responses:
+                        yield response
 
             return handler._replace(unary_stream=stream)
         return handler
@@ -322,7 +292,7 @@ class GrpcServer:
         interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.server = grpc.aio.server(
-            interceptors=[cluster.ClusterAuthInterceptor(), RequestIdInterceptor(), *interceptors, ErrorInterceptor()],
+            interceptors=[cluster.ClusterAuthInterceptor(), *interceptors, CallInterceptor()],
             options=server_options(),
         )
         self.health = health.aio.HealthServicer()

@@ -103,6 +103,7 @@ class Dispatcher:
         """One streamed choice; a replacement worker's ``accepted`` is not passed on."""
         tried: frozenset[str] = frozenset()
         accepted = produced = False
+        watch = current_watch.get()  # the request's token timing
         for attempt in range(1, MAX_ATTEMPTS + 1):
             handle = self.pick(model, tried)
             with self.lease(handle):
@@ -115,6 +116,8 @@ class Dispatcher:
                             accepted = True
                         else:
                             produced = True
+                            if watch is not None and response.delta.text:
+                                watch.token()
                         yield response
                     return
                 except grpc.aio.AioRpcError as error:
@@ -142,37 +145,33 @@ class Dispatcher:
 
         return (await self.unary(model, call)).choice
 
-    async def _choice(
-        self, model: str, request: worker_pb2.GenerateRequest, deadline: float | None, stream: bool
+    async def _whole_stream(
+        self, model: str, request: worker_pb2.GenerateRequest, deadline: float | None
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        if stream:
-            async for response in self._stream(model, request, deadline):
-                yield response
-        else:
-            yield await self._whole(model, request, deadline)
+        yield await self._whole(model, request, deadline)
 
-    async def choices(
+    def choices(
         self, model: str, requests: list[worker_pb2.GenerateRequest], timeout: float | None, stream: bool
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         """Every choice's worker messages, merged as they come; nothing before
-        every choice is accepted. Non-streamed choices yield one message each."""
+        every choice is accepted. Non-streamed choices yield one message each.
+        One choice is its worker call's own stream, with no merging around it."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        if len(requests) == 1 and not stream:
-            yield await self._whole(model, requests[0], deadline)
-            return
-        watch = current_watch.get()
-        if len(requests) == 1:
-            async for response in self._stream(model, requests[0], deadline):
-                if watch is not None and response.delta.text:
-                    watch.token()
-                yield response
-            return
+        if len(requests) > 1:
+            return self._fan_out(model, requests, deadline, stream)
+        if stream:
+            return self._stream(model, requests[0], deadline)
+        return self._whole_stream(model, requests[0], deadline)
 
+    async def _fan_out(
+        self, model: str, requests: list[worker_pb2.GenerateRequest], deadline: float | None, stream: bool
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         queue: asyncio.Queue[worker_pb2.GenerateResponse | BaseException | None] = asyncio.Queue()
+        choice = self._stream if stream else self._whole_stream
 
         async def run(request: worker_pb2.GenerateRequest) -> None:
             try:
-                async for response in self._choice(model, request, deadline, stream):
+                async for response in choice(model, request, deadline):
                     queue.put_nowait(response)
             except Exception as error:
                 queue.put_nowait(error)
@@ -200,8 +199,6 @@ class Dispatcher:
                             yield response
                         held.clear()
                     continue
-                if watch is not None and item.delta.text:
-                    watch.token()
                 yield item
         finally:
             for task in tasks:
