@@ -12,6 +12,7 @@ import socket
 
 import grpc
 import httpx
+import pytest
 
 from tests import harness
 from tests.conftest import API_KEY, CHAT_MODEL, EchoSystem
@@ -73,16 +74,24 @@ def test_http_disconnect_stops_the_worker(slow_system: EchoSystem) -> None:
     assert one_cancel(slow_system, before) <= 1
 
 
+def leave_while_waiting(system: EchoSystem, path: str, body: dict[str, object]) -> None:
+    """A client that sends a request and goes away while a worker runs it, before any answer."""
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    host, port = system.bridge.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(head.encode() + payload)
+        harness.wait_until(lambda: totals(system)["in_flight"] == 1, what="the call on a worker")
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):  # no answer yet: slow_system's take 4 s
+            sock.recv(1)
+
+
 def test_http_disconnect_cancels_a_unary_request(slow_system: EchoSystem) -> None:
     before = settled(slow_system)
-    body = json.dumps({"model": CHAT_MODEL, "messages": [{"role": "user", "content": "long story"}]}).encode()
-    head = (
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    host, port = slow_system.bridge.address.rsplit(":", 1)
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(head.encode() + body)
-        # 200 tokens x 20 ms = 4 s before an answer: the client leaves while a worker generates.
-        harness.wait_until(lambda: totals(slow_system)["in_flight"] == 1, what="the call on a worker")
+    body = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "long story"}]}
+    leave_while_waiting(slow_system, "/v1/chat/completions", body)
     assert one_cancel(slow_system, before) <= 1
