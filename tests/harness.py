@@ -4,6 +4,7 @@ user would start them, on port 0, read back from their ``READY`` line."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from tokenwire.v1 import worker_pb2, worker_pb2_grpc
 
 READY_TIMEOUT = 120.0
 WAIT_TIMEOUT = 30.0  # wait_until's guard (see there)
+# A worker's request line for a cancelled call, and the tokens it made after the cancel.
+CANCELLED_CALL = re.compile(r" generate status=cancelled [^\n]* after_cancel=(\d+)")
 T = TypeVar("T")
 
 
@@ -145,6 +148,20 @@ def wait_for_workers(url: str, model: str, count: int, key: str | None = None, t
         return reply.status_code == 200 and reply.json().get("workers") == count
 
     wait_until(live, timeout, what=f"{count} live workers for {model}")
+
+
+def after_cancel(worker: Proc, since: int, calls: int) -> list[int]:
+    """The tokens each of the ``calls`` calls ``worker`` had cancelled since ``since`` (a
+    :meth:`Proc.log_mark`) made after its cancel: one figure a call, from the worker's
+    request lines (written as a call ends). A test's own figures, where GetStats'
+    ``tokens_after_cancel_max`` spans the worker's life, and so every test's calls."""
+
+    def figures() -> list[int] | None:
+        found = [int(n) for n in CANCELLED_CALL.findall(worker.log(since))]
+        return found if len(found) >= calls else None
+
+    assert calls > 0, "no call was cancelled"
+    return wait_until(figures, what=f"{calls} cancelled calls in the worker's log")
 
 
 def cluster_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

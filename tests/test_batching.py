@@ -182,6 +182,7 @@ def test_429_when_every_sequence_and_the_queue_are_taken(stack: Stack, client: o
             stream=True,  # type: ignore[arg-type]
         )
 
+    mark, before = stack.worker.log_mark(), stack.stats()
     try:
         for _ in range(PARALLEL):  # running: each has sent its first chunk
             stream = open_stream()
@@ -207,7 +208,10 @@ def test_429_when_every_sequence_and_the_queue_are_taken(stack: Stack, client: o
     for stream in waiting:
         stream.close()
     after = idle(stack)
-    assert after.tokens_after_cancel_max <= 1
+    cancelled = after.cancelled_total - before.cancelled_total
+    assert cancelled >= PARALLEL
+    figures = harness.after_cancel(stack.worker, mark, cancelled)
+    assert max(figures) <= 1, figures
 
 
 def test_cancelled_streams_leave_no_sequence_or_kv_behind(stack: Stack, client: openai.OpenAI) -> None:
@@ -230,7 +234,7 @@ def test_cancelled_streams_leave_no_sequence_or_kv_behind(stack: Stack, client: 
                 break
         stream.close()
 
-    before = stack.stats()
+    mark, before = stack.worker.log_mark(), stack.stats()
     # Three clients: a closed stream holds its slot until the worker has seen the
     # cancel, so three new ones plus three leaving fit the 4 slots and the queue of 2.
     with ThreadPoolExecutor(PARALLEL - 1) as pool:
@@ -240,4 +244,5 @@ def test_cancelled_streams_leave_no_sequence_or_kv_behind(stack: Stack, client: 
     )
     after = idle(stack)
     assert after.running_sequences == 0 and after.kv_cells_in_use == 0
-    assert after.tokens_after_cancel_max <= 1
+    figures = harness.after_cancel(stack.worker, mark, after.cancelled_total - before.cancelled_total)
+    assert len(figures) >= 24 and max(figures) <= 1, figures

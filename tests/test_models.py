@@ -233,7 +233,8 @@ def test_cancelled_stream_stops_llama(client: openai.OpenAI, served: harness.Ser
         ),
         timeout=30,
     )
-    assert after.tokens_after_cancel_max <= 1
+    # This call's own figure (the worker's maximum spans every test's calls).
+    assert after.tokens_after_cancel_total - before.tokens_after_cancel_total <= 1
     # The sequence left the batch and its KV cells are free: counted, not timed
     # (a wall-clock bound here failed on a loaded machine, and with batching a
     # next request would not wait for the story anyway).
