@@ -9,12 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support.ui import Select, WebDriverWait
+from selenium.webdriver.support.ui import Select
+
+from tests import harness
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -91,9 +94,15 @@ class Page:
         return self.js("return document.querySelector(arguments[0]).textContent", css)  # type: ignore[no-any-return]
 
     def wait(self, condition: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-        return WebDriverWait(self.driver, timeout, poll_frequency=0.05).until(
-            lambda _: condition(), f"waiting for {what}"
-        )
+        """harness.wait_until, where an element not there yet is a condition not met yet."""
+
+        def met() -> Any:
+            try:
+                return condition()
+            except NoSuchElementException:
+                return None
+
+        return harness.wait_until(met, timeout, interval=0.05, what=what)
 
     def shot(self, label: str) -> Path:
         path = self.screenshots / f"{self.name}-{label}.png"
