@@ -140,7 +140,7 @@ def text_of(deltas: list[Delta]) -> str:
 
 
 async def test_start_discovers_tokenizer_and_context(upstream: str, engine: OpenAIUpstreamEngine) -> None:
-    assert engine.tokenizer == "llama-cpp-python"  # POST /extras/tokenize
+    assert engine.tokenizer is not None and engine.tokenizer.name == "llama-cpp-python"  # POST /extras/tokenize
     assert engine.info.context_length == 2048  # from the flag: this server's /v1/models has no length
     assert engine.info.engine == "openai" and engine.info.kind == common_pb2.MODEL_KIND_CHAT
     bare = OpenAIUpstreamEngine("smol", url=upstream, api_key=API_KEY)
@@ -364,7 +364,7 @@ async def test_vllm_discovery_body_tool_calls_and_usage() -> None:
     )
     eng = await mock_engine(lambda r: stream, seen)
     try:
-        assert eng.info.context_length == 4096 and eng.tokenizer == "vllm"
+        assert eng.info.context_length == 4096 and eng.tokenizer is not None and eng.tokenizer.name == "vllm"
         request = chat_request("weather?", temperature=0.0)
         request.tools.add(type="function", function=common_pb2.FunctionDefinition(name="get"))
         request.tool_choice.mode = "auto"

@@ -29,7 +29,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,51 @@ KINDS = {
     "completion": common_pb2.MODEL_KIND_COMPLETION,
     "embedding": common_pb2.MODEL_KIND_EMBEDDING,
 }
+
+
+def _vllm_tokenize(
+    model: str, text: str | None, messages: Sequence[common_pb2.ChatMessage] | None, special: bool | None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model}
+    if messages is not None:
+        body.update(messages=[openai_json.message(m) for m in messages], add_generation_prompt=True)
+    else:
+        body["prompt"] = text
+    if special is not None:
+        body["add_special_tokens"] = special
+    return body
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """One upstream's dialect of tokenize and detokenize: its endpoints (under the server
+    root, where vLLM and llama.cpp put them) and their JSON."""
+
+    name: str
+    tokenize_path: str
+    # (model, text, messages, add special tokens: None = the upstream's default) -> body
+    tokenize_body: Callable[[str, str | None, Sequence[common_pb2.ChatMessage] | None, bool | None], dict[str, Any]]
+    detokenize_path: str
+    detokenize_body: Callable[[str, Sequence[int]], dict[str, Any]]
+    detokenized_key: str  # where detokenize's text comes back
+    renders_chat: bool = False  # tokenizes messages with the model's chat template
+
+
+# Probed in this order at start; the first that tokenizes "hello" is the upstream's.
+TOKENIZERS = (
+    Tokenizer(
+        "vllm", "/tokenize", _vllm_tokenize,
+        "/detokenize", lambda model, ids: {"model": model, "tokens": list(ids)}, "prompt", renders_chat=True,
+    ),
+    Tokenizer(
+        "llama.cpp", "/tokenize", lambda model, text, messages, special: {"content": text, "add_special": special is not False},
+        "/detokenize", lambda model, ids: {"tokens": list(ids)}, "content",
+    ),
+    Tokenizer(
+        "llama-cpp-python", "/extras/tokenize", lambda model, text, messages, special: {"model": model, "input": text},
+        "/extras/detokenize", lambda model, ids: {"model": model, "tokens": list(ids)}, "text",
+    ),
+)  # fmt: skip
 
 # -- The CLI -----------------------------------------------------------------
 
@@ -185,8 +230,8 @@ class OpenAIUpstreamEngine(Engine):
         self.context_length_flag = context_length
         self.transport = transport
         self._client: httpx.AsyncClient | None = None
-        # Which tokenizer the upstream has: "vllm", "llama.cpp", "llama-cpp-python" or None.
-        self.tokenizer: str | None = None
+        # The upstream's tokenizer dialect (None: it has none; counts are estimates).
+        self.tokenizer: Tokenizer | None = None
         # Tokens the tokenizer adds to any text (BOS), left out of usage counts.
         self._tokenizer_overhead = 0
         # How each OpenAI parameter is served, from probing the upstream (None: not yet).
@@ -222,8 +267,11 @@ class OpenAIUpstreamEngine(Engine):
         """Context length, dimensions, tokenizer and parameters, once the upstream answers.
 
         An upstream that is down or still loading is not fatal (it may come up
-        later): discovery is retried before the next request until it succeeds.
+        later): every request that needs what it tells calls this first, and
+        discovery is tried again until it succeeds.
         """
+        if self._discovered:
+            return
         async with self._discovering:
             if not self._discovered:
                 await self._discover_now()
@@ -258,7 +306,7 @@ class OpenAIUpstreamEngine(Engine):
             self.url,
             self.upstream_model,
             self.info.context_length,
-            self.tokenizer or "none (estimates)",
+            self.tokenizer.name if self.tokenizer else "none (estimates)",
         )
 
     async def _probe_parameters(self) -> bool:
@@ -274,7 +322,7 @@ class OpenAIUpstreamEngine(Engine):
         except httpx.HTTPError as exc:
             log.warning("upstream %s: probing its parameters failed (%s); will retry", self.url, exc)
             return False
-        self.capabilities = upstream_probe.capabilities(honoured, chat, self.tokenizer)
+        self.capabilities = upstream_probe.capabilities(honoured, chat, self.tokenizer is not None)
         self.info.capabilities.CopyFrom(self.capabilities)
         log.info(
             "upstream %s model %s (probed in %.1f s): %s",
@@ -301,42 +349,29 @@ class OpenAIUpstreamEngine(Engine):
                 return value
         return 0
 
-    async def _probe_tokenizer(self) -> str | None:
-        for name in ("vllm", "llama.cpp", "llama-cpp-python"):
+    async def _probe_tokenizer(self) -> Tokenizer | None:
+        for tokenizer in TOKENIZERS:
             try:
-                if not await self._tokenize_with(name, "hello", None):
+                if not await self._tokenize_with(tokenizer, "hello", None):
                     continue
             except (httpx.HTTPError, errors.ApiError, ValueError, KeyError, TypeError):
                 continue
             try:
-                self._tokenizer_overhead = len(await self._tokenize_with(name, "", None, False))
+                self._tokenizer_overhead = len(await self._tokenize_with(tokenizer, "", None, False))
             except (httpx.HTTPError, errors.ApiError, ValueError, KeyError, TypeError):
                 self._tokenizer_overhead = 0
-            return name
+            return tokenizer
         return None
 
     async def _tokenize_with(
         self,
-        name: str,
+        tokenizer: Tokenizer,
         text: str | None,
         messages: Sequence[common_pb2.ChatMessage] | None,
         add_special_tokens: bool | None = None,
     ) -> list[int]:
-        if name == "vllm":
-            body: dict[str, Any] = {"model": self.upstream_model}
-            if messages is not None:
-                body.update(messages=[openai_json.message(m) for m in messages], add_generation_prompt=True)
-            else:
-                body["prompt"] = text
-            if add_special_tokens is not None:
-                body["add_special_tokens"] = add_special_tokens
-            url = f"{self.root}/tokenize"
-        elif name == "llama.cpp":
-            special = True if add_special_tokens is None else add_special_tokens
-            url, body = f"{self.root}/tokenize", {"content": text, "add_special": special}
-        else:
-            url, body = f"{self.root}/extras/tokenize", {"model": self.upstream_model, "input": text}
-        response = await self.client.post(url, json=body)
+        body = tokenizer.tokenize_body(self.upstream_model, text, messages, add_special_tokens)
+        response = await self.client.post(self.root + tokenizer.tokenize_path, json=body)
         if not response.is_success:
             raise upstream_error(response.status_code, _json_or_text(response), self.info.name, response.headers)
         tokens = response.json()["tokens"]
@@ -346,14 +381,12 @@ class OpenAIUpstreamEngine(Engine):
 
     async def _count(self, text: str | None, messages: Sequence[common_pb2.ChatMessage] | None) -> tuple[int, bool]:
         """(prompt tokens, exact?)."""
-        if not self._discovered:
-            await self._discover()
         if self.tokenizer is not None:
             try:
                 if messages is None:
                     return len(await self._tokenize_with(self.tokenizer, text, None)), True
-                if self.tokenizer == "vllm":  # renders the chat template itself
-                    return len(await self._tokenize_with("vllm", None, messages)), True
+                if self.tokenizer.renders_chat:
+                    return len(await self._tokenize_with(self.tokenizer, None, messages)), True
                 # Estimate: the message contents without the chat template's own tokens.
                 joined = "\n".join(message_text(m) for m in messages)
                 return len(await self._tokenize_with(self.tokenizer, joined, None)), False
@@ -364,8 +397,7 @@ class OpenAIUpstreamEngine(Engine):
         return len(joined) // 4, False
 
     async def prepare(self, request: worker_pb2.GenerateRequest) -> Prepared:
-        if not self._discovered:
-            await self._discover()
+        await self._discover()
         refusal = upstream_probe.refusal(request, self.capabilities, self.info.name)
         if refusal is not None:
             raise refusal
@@ -382,13 +414,12 @@ class OpenAIUpstreamEngine(Engine):
     async def tokenize(
         self, prompt: str | None, messages: Sequence[common_pb2.ChatMessage], add_special_tokens: bool | None = None
     ) -> list[int]:
+        await self._discover()
         if not self._discovered:
-            await self._discover()
-            if not self._discovered:
-                raise errors.unavailable(f"The upstream of `{self.info.name}` is unreachable.")
+            raise errors.unavailable(f"The upstream of `{self.info.name}` is unreachable.")
         use_messages = prompt is None
         # Ids must be the upstream's own: no estimate here.
-        if self.tokenizer is None or (use_messages and self.tokenizer != "vllm"):
+        if self.tokenizer is None or (use_messages and not self.tokenizer.renders_chat):
             what = "chat messages" if use_messages and self.tokenizer else "text"
             raise errors.ApiError(
                 grpc.StatusCode.UNIMPLEMENTED, f"The upstream of `{self.info.name}` cannot tokenize {what}."
@@ -401,30 +432,20 @@ class OpenAIUpstreamEngine(Engine):
             raise _transport_error(exc) from exc
 
     async def detokenize(self, token_ids: Sequence[int]) -> str:
-        if not self._discovered:
-            await self._discover()
-        # Each upstream's own endpoint and the key its text comes back under.
-        endpoints = {
-            "vllm": (f"{self.root}/detokenize", {"model": self.upstream_model, "tokens": list(token_ids)}, "prompt"),
-            "llama.cpp": (f"{self.root}/detokenize", {"tokens": list(token_ids)}, "content"),
-            "llama-cpp-python": (
-                f"{self.root}/extras/detokenize",
-                {"model": self.upstream_model, "tokens": list(token_ids)},
-                "text",
-            ),
-        }
-        if self.tokenizer not in endpoints:
+        await self._discover()
+        tokenizer = self.tokenizer
+        if tokenizer is None:
             raise errors.ApiError(
                 grpc.StatusCode.UNIMPLEMENTED, f"The upstream of `{self.info.name}` cannot detokenize."
             )
-        url, body, key = endpoints[self.tokenizer]
+        body = tokenizer.detokenize_body(self.upstream_model, token_ids)
         try:
-            response = await self.client.post(url, json=body)
+            response = await self.client.post(self.root + tokenizer.detokenize_path, json=body)
         except httpx.HTTPError as exc:
             raise _transport_error(exc) from exc
         if not response.is_success:
             raise upstream_error(response.status_code, _json_or_text(response), self.info.name, response.headers)
-        return str(response.json()[key])
+        return str(response.json()[tokenizer.detokenized_key])
 
     # -- Generation -----------------------------------------------------------
 

@@ -250,7 +250,7 @@ async def probe(post: Post, chat: bool, model: str) -> dict[str, bool]:
 # -- From what the upstream honours to how each parameter is served -------------------
 
 
-def capabilities(honoured: dict[str, bool], chat: bool, tokenizer: str | None) -> common_pb2.EngineCapabilities:
+def capabilities(honoured: dict[str, bool], chat: bool, tokenizer: bool) -> common_pb2.EngineCapabilities:
     """How the engine serves each parameter, given what the upstream honours."""
     out = common_pb2.EngineCapabilities()
 
@@ -279,7 +279,7 @@ def capabilities(honoured: dict[str, bool], chat: bool, tokenizer: str | None) -
     put("n", EMULATED)
     # Usage: the upstream's own count when it sends one; else counted with its tokenizer.
     native_or("stream_options.include_usage", EMULATED if tokenizer else ESTIMATED)
-    out.parameters["tokenize"].upstream = tokenizer is not None
+    out.parameters["tokenize"].upstream = tokenizer
     out.parameters["tokenize"].support = NATIVE if tokenizer else REFUSED
     return out
 
