@@ -115,7 +115,9 @@ def test_standalone_registry_restart_workers_come_back() -> None:
         assert reply.choices[0].message.content == "a"
         registry = harness.Proc(["registry", "--port", str(port), "--heartbeat-expiry", "3"]).start()
         # The restarted registry knows nothing; the worker's next heartbeat brings it back.
-        harness.wait_until(lambda: worker.log().count(" registered echo-chat@") >= 2, timeout=10)
+        harness.wait_until(
+            lambda: worker.log().count(" registered echo-chat@") >= 2, what="the worker registered again"
+        )
         harness.wait_for_workers(url, "echo-chat", 1)
         reply = client.chat.completions.create(
             model="echo-chat", messages=[{"role": "user", "content": "b"}], max_tokens=1

@@ -179,7 +179,7 @@ def test_status_lists_workers(system) -> None:
     assert MODEL in out and worker.address in out and "SERVING" in out
     # In flight / capacity, as of the worker's last heartbeat (every 0.5 s here):
     # one sent during an earlier test's request may still say 1/5.
-    harness.wait_until(lambda: "0/5" in status(), timeout=5)
+    harness.wait_until(lambda: "0/5" in status(), what="0/5 in flight")
 
 
 def test_worker_not_serving_while_loading() -> None:

@@ -335,7 +335,7 @@ def test_worker_sigterm_deregisters_then_finishes(fresh_slow_system: EchoSystem)
     next(iter(stream))
     leaving = busy_worker(system)
     leaving.signal(signal.SIGTERM)
-    harness.wait_for_workers(system.url, CHAT_MODEL, 1, key=API_KEY, timeout=5)
+    harness.wait_for_workers(system.url, CHAT_MODEL, 1, key=API_KEY)
     rest = list(stream)
     assert rest[-1].choices[0].finish_reason == "length"
     assert leaving.process.wait(15) == 0
