@@ -5,27 +5,19 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from rest_bridge import convert, openapi, render
-from rest_bridge.exchange import (
-    call_metadata,
-    cancel_on_disconnect,
-    gateway_stub,
-    json_response,
-    read_json,
-    request_timeout,
-)
+from rest_bridge import convert, exchange, openapi, render
 
 router = APIRouter(tags=["embeddings"], responses=openapi.ERROR_RESPONSES)
 BODY = openapi.body(openapi.EMBEDDING)
 
 
 async def _embeddings(request: Request, model: str | None) -> Response:
-    message = convert.embedding_request(await read_json(request), model)
-    call = gateway_stub(request).CreateEmbedding(
-        message, metadata=call_metadata(request), timeout=request_timeout(request, False)
+    message = convert.embedding_request(await exchange.read_json(request), model)
+    call = exchange.gateway_stub(request).CreateEmbedding(
+        message, metadata=exchange.call_metadata(request), timeout=exchange.request_timeout(request, False)
     )
-    reply = await cancel_on_disconnect(request, call)
-    return json_response(render.embeddings(reply, message.encoding_format))
+    reply = await exchange.cancel_on_disconnect(request, call)
+    return exchange.json_response(render.embeddings(reply, message.encoding_format))
 
 
 @router.post("/v1/embeddings", openapi_extra=BODY)

@@ -10,70 +10,48 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from common.sampling import Limits
-from rest_bridge import convert, openapi, render
-from rest_bridge.exchange import (
-    SseEvents,
-    call_metadata,
-    cancel_on_disconnect,
-    gateway_stub,
-    json_response,
-    open_stream,
-    read_json,
-    request_timeout,
-    sse,
-    stream_flag,
-)
+from rest_bridge import convert, exchange, openapi, render
 from tokenwire.v1 import api_pb2
 
 
 @dataclass(frozen=True)
 class GenerationApi:
-    """How one generation endpoint maps onto the gateway's RPCs."""
+    """How one generation endpoint maps onto the gateway's RPCs: ``Create<rpc>``, and
+    ``Stream<rpc>`` taking a ``Stream<rpc>Request``."""
 
+    rpc: str
     parse: Callable[[dict[str, Any]], Any]
-    unary_rpc: str
-    stream_rpc: str
-    stream_request: type
     render: Callable[[Any], dict[str, Any]]
     render_chunk: Callable[[Any, bool], dict[str, Any]]
 
 
-CHAT = GenerationApi(
-    parse=convert.chat_request,
-    unary_rpc="CreateChatCompletion",
-    stream_rpc="StreamChatCompletion",
-    stream_request=api_pb2.StreamChatCompletionRequest,
-    render=render.chat_completion,
-    render_chunk=render.chat_chunk,
-)
-COMPLETION = GenerationApi(
-    parse=convert.completion_request,
-    unary_rpc="CreateCompletion",
-    stream_rpc="StreamCompletion",
-    stream_request=api_pb2.StreamCompletionRequest,
-    render=render.completion,
-    render_chunk=render.completion_chunk,
-)
+CHAT = GenerationApi("ChatCompletion", convert.chat_request, render.chat_completion, render.chat_chunk)
+COMPLETION = GenerationApi("Completion", convert.completion_request, render.completion, render.completion_chunk)
 
 
 async def generate(request: Request, api: GenerationApi) -> Response:
-    body = await read_json(request)
+    body = await exchange.read_json(request)
     message = api.parse(body)
-    streaming = stream_flag(body)
-    timeout = request_timeout(request, streaming)
-    gateway = gateway_stub(request)
+    streaming = exchange.stream_flag(body)
+    timeout = exchange.request_timeout(request, streaming)
+    gateway = exchange.gateway_stub(request)
     if streaming:
         options = convert.stream_options(body)
         include_usage = options.include_usage
-        call = getattr(gateway, api.stream_rpc)(
-            api.stream_request(request=message, stream_options=options),
-            metadata=call_metadata(request),
+        stream_request = getattr(api_pb2, f"Stream{api.rpc}Request")
+        call = getattr(gateway, f"Stream{api.rpc}")(
+            stream_request(request=message, stream_options=options),
+            metadata=exchange.call_metadata(request),
             timeout=timeout,
         )
-        return await open_stream(request, call, SseEvents(lambda c: sse(api.render_chunk(c, include_usage))))
-    rpc = getattr(gateway, api.unary_rpc)
-    reply = await cancel_on_disconnect(request, rpc(message, metadata=call_metadata(request), timeout=timeout))
-    return json_response(api.render(reply))
+        return await exchange.open_stream(
+            request, call, exchange.SseEvents(lambda c: exchange.sse(api.render_chunk(c, include_usage)))
+        )
+    rpc = getattr(gateway, f"Create{api.rpc}")
+    reply = await exchange.cancel_on_disconnect(
+        request, rpc(message, metadata=exchange.call_metadata(request), timeout=timeout)
+    )
+    return exchange.json_response(api.render(reply))
 
 
 async def chat(request: Request) -> Response:

@@ -8,9 +8,8 @@ from fastapi.responses import Response
 from grpc_health.v1 import health_pb2
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from rest_bridge import exchange, openapi, status
 from rest_bridge import metrics as bridge_metrics
-from rest_bridge import openapi, status
-from rest_bridge.exchange import call_metadata, gateway_stub, json_response
 from tokenwire.v1 import api_pb2
 
 router = APIRouter(tags=["operations"])
@@ -19,7 +18,7 @@ router = APIRouter(tags=["operations"])
 @router.get("/health")
 async def health() -> Response:
     """Alive: the bridge answers."""
-    return json_response({"status": "ok"})
+    return exchange.json_response({"status": "ok"})
 
 
 @router.get("/ready")
@@ -32,7 +31,7 @@ async def ready(request: Request) -> Response:
         serving = reply.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.aio.AioRpcError:
         serving = False
-    return json_response({"status": "ready" if serving else "not ready"}, 200 if serving else 503)
+    return exchange.json_response({"status": "ready" if serving else "not ready"}, 200 if serving else 503)
 
 
 @router.get("/metrics")
@@ -43,7 +42,7 @@ async def metrics() -> Response:
 @router.get("/v1/status", responses=openapi.ERROR_RESPONSES)
 async def cluster_status(request: Request) -> Response:
     """Each model and its live workers' load and health (no worker addresses or ids)."""
-    reply = await gateway_stub(request).GetStatus(
-        api_pb2.GetStatusRequest(), metadata=call_metadata(request), timeout=10
+    reply = await exchange.gateway_stub(request).GetStatus(
+        api_pb2.GetStatusRequest(), metadata=exchange.call_metadata(request), timeout=10
     )
-    return json_response(status.status(reply))
+    return exchange.json_response(status.status(reply))

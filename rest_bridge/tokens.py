@@ -8,8 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from rest_bridge import convert, openapi, render
-from rest_bridge.exchange import call_metadata, gateway_stub, json_response, read_json
+from rest_bridge import convert, exchange, openapi, render
 
 router = APIRouter(tags=["tokens"], responses=openapi.ERROR_RESPONSES)
 
@@ -18,9 +17,9 @@ async def _call(
     request: Request, rpc: str, parse: Callable[[dict[str, Any]], Any], answer: Callable[[Any], dict[str, Any]]
 ) -> Response:
     """The JSON body as ``rpc``'s request, and its reply as JSON."""
-    message = parse(await read_json(request))
-    reply = await getattr(gateway_stub(request), rpc)(message, metadata=call_metadata(request))
-    return json_response(answer(reply))
+    message = parse(await exchange.read_json(request))
+    reply = await getattr(exchange.gateway_stub(request), rpc)(message, metadata=exchange.call_metadata(request))
+    return exchange.json_response(answer(reply))
 
 
 @router.post("/api/v1/token_check", openapi_extra=openapi.body(openapi.TOKEN_CHECK))

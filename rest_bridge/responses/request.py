@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,15 @@ def require_str(value: Any, param: str) -> str:
     return value
 
 
+def _objects(value: list[Any], param: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each item of a list with its param (``input[2]``), checked to be an object."""
+    for i, item in enumerate(value):
+        where = f"{param}[{i}]"
+        if not isinstance(item, dict):
+            raise errors.invalid_request(f"'{where}' must be an object.", where)
+        yield where, item
+
+
 def _content(content: Any, param: str) -> str | list[dict[str, Any]]:
     """A message's content: a string, or text parts (input_text / output_text)."""
     if isinstance(content, str):
@@ -30,10 +40,7 @@ def _content(content: Any, param: str) -> str | list[dict[str, Any]]:
     if not isinstance(content, list):
         raise errors.invalid_request(f"'{param}' must be a string or a list of content parts.", param)
     parts = []
-    for j, part in enumerate(content):
-        where = f"{param}[{j}]"
-        if not isinstance(part, dict):
-            raise errors.invalid_request(f"'{where}' must be an object.", where)
+    for where, part in _objects(content, param):
         kind = part.get("type")
         if kind in TEXT_PARTS:
             parts.append({"type": "text", "text": require_str(part.get("text"), f"{where}.text")})
@@ -70,10 +77,7 @@ def read_input(value: Any, param: str = "input") -> Input:
         raise errors.invalid_request(f"'{param}' must be a string or a list of input items.", param)
     read = Input()
     previous_kind = None
-    for i, item in enumerate(value):
-        where = f"{param}[{i}]"
-        if not isinstance(item, dict):
-            raise errors.invalid_request(f"'{where}' must be an object.", where)
+    for where, item in _objects(value, param):
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
@@ -124,10 +128,7 @@ def _tools(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         raise errors.invalid_request("'tools' must be a list of tools.", "tools")
     tools = []
-    for i, tool in enumerate(value):
-        where = f"tools[{i}]"
-        if not isinstance(tool, dict):
-            raise errors.invalid_request(f"'{where}' must be an object.", where)
+    for where, tool in _objects(value, "tools"):
         kind = tool.get("type")
         if kind != "function":
             raise errors.invalid_request(

@@ -8,17 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from common import errors
-from rest_bridge import convert, openapi
-from rest_bridge.exchange import (
-    SseEvents,
-    call_metadata,
-    cancel_on_disconnect,
-    gateway_stub,
-    json_response,
-    open_stream,
-    read_json,
-    request_timeout,
-)
+from rest_bridge import convert, exchange, openapi
 from rest_bridge.responses.events import EventStream
 from rest_bridge.responses.output import Turn, from_completion, new_id
 from rest_bridge.responses.request import parse_request, require_str
@@ -34,7 +24,9 @@ def _store(request: Request) -> ResponseStore:
 
 async def check_key(request: Request) -> None:
     """Let the gateway judge the key (401 as for any call) before the store answers."""
-    await gateway_stub(request).ListModels(api_pb2.ListModelsRequest(), metadata=call_metadata(request))
+    await exchange.gateway_stub(request).ListModels(
+        api_pb2.ListModelsRequest(), metadata=exchange.call_metadata(request)
+    )
 
 
 async def lookup(request: Request, response_id: str, param: str | None) -> Stored:
@@ -47,7 +39,7 @@ async def lookup(request: Request, response_id: str, param: str | None) -> Store
 
 @router.post("/v1/responses", openapi_extra=openapi.body(openapi.RESPONSE))
 async def create_response(request: Request) -> Response:
-    body = await read_json(request)
+    body = await exchange.read_json(request)
     previous_id = body.get("previous_response_id")
     previous = None
     if previous_id is not None:
@@ -62,17 +54,17 @@ async def create_response(request: Request) -> Response:
         if parsed.store:
             _store(request).put(owner, turn.response(), [*history, turn.history_message()], parsed.new_input.items)
 
-    timeout = request_timeout(request, parsed.stream)
-    gateway = gateway_stub(request)
+    timeout = exchange.request_timeout(request, parsed.stream)
+    gateway = exchange.gateway_stub(request)
     if not parsed.stream:
-        call = gateway.CreateChatCompletion(message, metadata=call_metadata(request), timeout=timeout)
-        from_completion(turn, await cancel_on_disconnect(request, call))
+        call = gateway.CreateChatCompletion(message, metadata=exchange.call_metadata(request), timeout=timeout)
+        from_completion(turn, await exchange.cancel_on_disconnect(request, call))
         keep()
-        return json_response(turn.response())
+        return exchange.json_response(turn.response())
 
     stream_call = gateway.StreamChatCompletion(
         api_pb2.StreamChatCompletionRequest(request=message, stream_options=api_pb2.StreamOptions(include_usage=True)),
-        metadata=call_metadata(request),
+        metadata=exchange.call_metadata(request),
         timeout=timeout,
     )
     events = EventStream(turn)
@@ -82,8 +74,8 @@ async def create_response(request: Request) -> Response:
         keep()
         return final
 
-    return await open_stream(
-        request, stream_call, SseEvents(events.chunk, opening=events.start(), finish=finish, fail=events.fail)
+    return await exchange.open_stream(
+        request, stream_call, exchange.SseEvents(events.chunk, opening=events.start(), finish=finish, fail=events.fail)
     )
 
 
@@ -92,7 +84,7 @@ async def get_response(response_id: str, request: Request) -> Response:
     """A stored response (this bridge's store; see the README)."""
     stored = await lookup(request, response_id, None)
     await check_key(request)
-    return json_response(stored.response)
+    return exchange.json_response(stored.response)
 
 
 @router.get("/v1/responses/{response_id}/input_items", openapi_extra=openapi.INPUT_ITEMS_QUERY)
@@ -117,7 +109,7 @@ async def list_input_items(response_id: str, request: Request) -> Response:
         ids = [item["id"] for item in items]
         items = items[ids.index(after) + 1 :] if after in ids else []
     page = items[:limit]
-    return json_response(
+    return exchange.json_response(
         {
             "object": "list",
             "data": page,
@@ -133,4 +125,4 @@ async def delete_response(response_id: str, request: Request) -> Response:
     await lookup(request, response_id, None)
     await check_key(request)
     _store(request).delete(response_id, owner_of(request.headers.get("authorization")))
-    return json_response({"id": response_id, "object": "response", "deleted": True})
+    return exchange.json_response({"id": response_id, "object": "response", "deleted": True})
