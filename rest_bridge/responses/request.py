@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common import errors
-from rest_bridge.exchange import stream_flag
+from rest_bridge import exchange
 from rest_bridge.responses.output import new_id
 from rest_bridge.responses.store import Stored
 
@@ -251,7 +251,7 @@ def parse_request(body: dict[str, Any], previous: Stored | None) -> ResponseRequ
     store = body.get("store", True)
     if store is not None and not isinstance(store, bool):
         raise errors.invalid_request("'store' must be a boolean.", "store")
-    stream = stream_flag(body)
+    stream = exchange.stream_flag(body)
     echo = {
         "model": body.get("model"),
         "instructions": instructions,
