@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from common import sampling, settings
+from common import addresses, sampling, settings
 
 if TYPE_CHECKING:  # imported when a gateway starts: a process's metrics are its own part's only
     from gateway.auth import KeyLimits, KeySpec
@@ -111,7 +111,7 @@ def serving(
     registry_host = args.registry_host or args.host
 
     def registry_ready(host: str, port: int) -> None:
-        print(f"REGISTRY {host}:{port}", flush=True)
+        print(f"REGISTRY {addresses.join(host, port)}", flush=True)
 
     def ready(port: int) -> None:
         settings.ready("gateway", args.host, port)

@@ -33,11 +33,10 @@ from dataclasses import dataclass
 import grpc
 import httpx
 
-from common import cluster
+from common import addresses, cluster
 from common.grpc_server import open_sync_channel
 from common.launcher import Launched, NotReady
 from tokenwire.v1 import registry_pb2, registry_pb2_grpc
-from tokenwire_cli.front_end import local_address
 
 READY_TIMEOUT = 600.0
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0
@@ -368,14 +367,14 @@ def serve(args: argparse.Namespace) -> None:
         front.start(env)
         _wait_ready([front], deadline)  # the gateway's READY comes first
         grpc_address = front.part_address("gateway")
-        local_grpc = local_address(args.host, grpc_address.rsplit(":", 1)[1])
+        local_grpc = addresses.local(args.host, grpc_address.rsplit(":", 1)[1])
         gateway_argv = _pin(gateway_argv, "--port", grpc_address.rsplit(":", 1)[1])
         # The registry: the standalone one given, or the gateway's own port (pinned too).
         registry_address = registry = args.controller_address or front.registry_address
         if not args.controller_address:
             registry_port = front.registry_address.rsplit(":", 1)[1]
             gateway_argv = _pin(gateway_argv, "--registry-port", registry_port)
-            registry = local_address(args.host, registry_port)  # how the local parts reach it
+            registry = addresses.local(args.host, registry_port)  # how the local parts reach it
         worker_common = ["worker", "--host", "127.0.0.1", "--port", "0", "--controller-address", registry, *common]
         worker_common += message_limits
         workers = [Child("chat worker", [*worker_common, *chat_flags])]
@@ -398,7 +397,7 @@ def serve(args: argparse.Namespace) -> None:
             front.argv, bridge.argv = gateway_argv, [*bridge_argv, "--gateway-address", local_grpc]
         else:
             front.argv = _front_end_argv(gateway_argv, bridge_argv)
-        local_http = local_address(args.host, http.rsplit(":", 1)[1])
+        local_http = addresses.local(args.host, http.rsplit(":", 1)[1])
         _wait_models(
             f"http://{local_http}", [m for m in (chat_model, embed_model) if m], keys[0] if keys else None, deadline
         )
