@@ -157,6 +157,16 @@ def metrics_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def member_flags(parser: argparse.ArgumentParser) -> None:
+    """What a cluster member serving gRPC and dialing its peers takes (the gateway, a worker)."""
+    message_limit_flags(parser)
+    metrics_flag(parser)
+    tls_server_flags(parser)
+    tls_client_flag(parser)
+    cluster_flags(parser, serving=True)
+    logging_flags(parser)
+
+
 class FlagAdder(Protocol):
     """What declares flags: a parser, or one of its argument groups."""
 

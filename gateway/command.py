@@ -50,12 +50,7 @@ def gateway_flags(parser: argparse.ArgumentParser) -> None:
         help="serve the registry on this internal port instead of the public one (0 = any free port)",
     )
     parser.add_argument("--registry-host", default=None, help="address of --registry-port (default: --host)")
-    settings.message_limit_flags(parser)
-    settings.metrics_flag(parser)
-    settings.tls_server_flags(parser)
-    settings.tls_client_flag(parser)
-    settings.cluster_flags(parser, serving=True)
-    settings.logging_flags(parser)
+    settings.member_flags(parser)
 
 
 def registry_flags(parser: argparse.ArgumentParser) -> None:
