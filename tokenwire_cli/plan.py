@@ -10,7 +10,7 @@ by the environment (``TOKENWIRE_<FLAG>``), never a command line: ps shows comman
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -77,25 +77,24 @@ def plan(args: argparse.Namespace, cluster_token: str, environ: Mapping[str, str
     }
     workers = _workers(args)
     models = tuple(worker.model for worker in workers)
-    gateway: Part = (
-        gateway_command.gateway_flags,
-        {
-            **serve,
-            **message_limits,
-            "port": ports.grpc,
-            "expect_models": ",".join(models),
-            # The registry on a port of its own: the public port carries only the public API.
-            "registry_port": None if args.controller_address else ports.registry,
-        },
-    )
+    gateway = {
+        **serve,
+        **message_limits,
+        "port": ports.grpc,
+        "expect_models": ",".join(models),
+        # The registry on a port of its own: the public port carries only the public API.
+        "registry_port": None if args.controller_address else ports.registry,
+    }
     # No --gateway-address in one process: the front end gives the bridge its own gateway.
-    bridge: Part = (bridge_command.bridge_flags, {**serve, "port": ports.http})
+    bridge = {**serve, "port": ports.http}
+    split_bridge: Process | None = None
     if args.split_front_end:
-        front = _process("gateway", "gateway", [gateway], environ)
-        dialing: Part = (bridge[0], {**bridge[1], "gateway_address": addresses.local(args.host, ports.grpc)})
-        split_bridge: Process | None = _process("bridge", "bridge", [dialing], environ)
+        front = _process("gateway", "gateway", [(gateway_command.gateway_flags, gateway)], environ)
+        dialing = {**bridge, "gateway_address": addresses.local(args.host, ports.grpc)}
+        split_bridge = _process("bridge", "bridge", [(bridge_command.bridge_flags, dialing)], environ)
     else:
-        front, split_bridge = _process("front end", "front-end", [gateway, bridge], environ), None
+        parts = [(gateway_command.gateway_flags, gateway), (bridge_command.bridge_flags, bridge)]
+        front = _process("front end", "front-end", parts, environ)
     registry = args.controller_address or addresses.local(args.host, ports.registry)
     worker_flags = {**serve, **message_limits, "host": "127.0.0.1", "port": 0, "controller_address": registry}
     return Plan(
@@ -151,7 +150,7 @@ def _worker_flags(parser: argparse.ArgumentParser) -> None:
 def _process(
     name: str,
     command: str,
-    parts: list[Part],
+    parts: Sequence[Part],
     environ: Mapping[str, str],
     extra_argv: tuple[str, ...] = (),
 ) -> Process:
