@@ -21,7 +21,8 @@ from typing import Any
 import aiohttp
 import grpc
 import orjson
-from servers import TICKS, Server
+
+from bench.servers import TICKS, Server
 
 # A stream's chunk count, its time to first content token and to first event.
 Sample = tuple[int, float | None, float | None]

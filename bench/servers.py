@@ -20,11 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.launcher import Launched, NotReady  # stdlib only: run.py puts the repository on sys.path
+from bench.venv import PROJECT_PYTHON, ROOT
+from common.launcher import Launched, NotReady  # standard library only: bench/.venv has no tokenwire dependencies
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-PROJECT_PYTHON = Path(os.environ.get("TOKENWIRE_PYTHON", ROOT / ".venv" / "bin" / "python"))
 TICKS = os.sysconf("SC_CLK_TCK")
 LOG_DIR = Path(tempfile.mkdtemp(prefix="tokenwire-bench-"))
 
@@ -218,9 +216,11 @@ def fake_fastchat_worker(name: str, controller_port: int, *argv: str) -> Server:
         name,
         [
             sys.executable,
-            str(BENCH / "fake_fastchat_worker.py"),
+            "-m",
+            "bench.fake_fastchat_worker",
             "--controller-address",
             f"http://127.0.0.1:{controller_port}",
             *argv,
         ],
+        cwd=str(ROOT),
     )

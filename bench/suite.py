@@ -20,14 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import loadgen
 import orjson
-import profiling
-import report
-import servers
 import uvloop
-from engine_raw import StreamClock, prompt, stream_timing
-from servers import PROJECT_PYTHON, ROOT, Group, Server
+
+from bench import loadgen, profiling, report, servers
+from bench.engine_raw import StreamClock, prompt, stream_timing
+from bench.servers import Group, Server
+from bench.venv import BENCH, PROJECT_PYTHON, ROOT
 
 WORDS = "Hello from the benchmark, how are you today?"
 SENTENCES = [f"Sentence number {i} of the embedding benchmark, about ten words long." for i in range(32)]
@@ -572,7 +571,7 @@ def engines_available() -> tuple[bool, str]:
 
 def engine_raw(*argv: str, timeout: float = 900) -> dict[str, Any]:
     reply = subprocess.run(
-        [str(PROJECT_PYTHON), str(servers.BENCH / "engine_raw.py"), *argv],
+        [str(PROJECT_PYTHON), "-m", "bench.engine_raw", *argv],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -667,7 +666,8 @@ class RawLlama:
         self.proc = subprocess.Popen(
             [
                 str(PROJECT_PYTHON),
-                str(servers.BENCH / "engine_raw.py"),
+                "-m",
+                "bench.engine_raw",
                 "llama",
                 "--model-path",
                 gguf,
@@ -927,8 +927,9 @@ def section_floor(args: argparse.Namespace, results: dict[str, Any]) -> None:
     wait_quiet()
     try:
         reply = subprocess.run(
-            [sys.executable, str(servers.BENCH / "grpc_floor.py"), "--duration", str(max(2.0, args.duration / 2))],
+            [sys.executable, "-m", "bench.grpc_floor", "--duration", str(max(2.0, args.duration / 2))],
             capture_output=True,
+            cwd=ROOT,
             text=True,
             timeout=300,
             check=True,
@@ -981,7 +982,7 @@ def run_suite(args: argparse.Namespace, started: float) -> None:
         if "floor" in args.sections:
             section_floor(args, results)
         if "concurrency" in args.sections:
-            from concurrency import section_concurrency
+            from bench.concurrency import section_concurrency
 
             section_concurrency(args, results)
     finally:
@@ -991,16 +992,16 @@ def run_suite(args: argparse.Namespace, started: float) -> None:
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     text = report.render(results)
     if "concurrency" in results:
-        from concurrency import render
+        from bench.concurrency import render
 
         text = text.rstrip("\n") + "\n\n" + render(results["concurrency"])
     print(report.table(results), flush=True)
     (out / "RESULTS.md").write_text(text)
     png = report.chart(results, out / "results.png")
     if not args.quick and not args.no_record:
-        shutil.copy(out / "RESULTS.md", servers.BENCH / "RESULTS.md")
+        shutil.copy(out / "RESULTS.md", BENCH / "RESULTS.md")
         if png:
-            shutil.copy(png, servers.BENCH / "results.png")
+            shutil.copy(png, BENCH / "results.png")
         log("recorded bench/RESULTS.md and bench/results.png")
     log(f"done in {results['total_s']:.0f} s; results in {out}")
     sys.stdout.flush()
