@@ -1,12 +1,12 @@
 """The batching llama_cpp engine alone, in-process: no gRPC, no gateway, no bridge.
 
-The same load as the concurrency section (``concurrency.py``: N clients in a closed
+The same load as the concurrency section (``bench/concurrency.py``: N clients in a closed
 loop, chat streams of 128 tokens at temperature 0.7, a seed per request, the end
 tokens banned), driven straight into :class:`workers.engines.llama_cpp.LlamaCppEngine`
 on one event loop. Set beside the same load through the worker's gRPC stream and
 through the whole stack, it splits the engine's cost from the front end's.
 
-    .venv/bin/python bench/engine_batch.py --clients 1,4,8,16 --duration 15 [--parallel 8] [--prefill-budget 64]
+    .venv/bin/python -m bench.experiments.engine_batch --clients 1,4,8,16 --duration 15 [--parallel 8] [--prefill-budget 64]
 
 Prints one JSON line per level: aggregate tokens/s, TTFT p50/p99, steps and tokens per step.
 """

@@ -1,6 +1,6 @@
 """What the front end costs the engine when both share the cores: variants of the stack, side by side.
 
-The concurrency section's load (``concurrency.py``: N clients in a closed loop, chat streams of
+The concurrency section's load (``bench/concurrency.py``: N clients in a closed loop, chat streams of
 128 tokens at temperature 0.7) against several tokenwire stacks and llama-server in one run,
 the windows interleaved round by round. Each stack is a front end (gateway and bridge) and a
 llama_cpp worker as ``make serve`` runs them; a variant changes one thing:
@@ -23,9 +23,9 @@ section's non-streamed chat at 32 clients and its paced stream at 8, interleaved
 ``--variants`` picks them among ``default``, ``split`` and ``event-engine`` (``default,split``, the
 one-process trade, when not given).
 
-    bench/.venv/bin/python bench/front_end_variants.py [--levels 1,8] [--rounds 3] [--duration 20]
+    bench/.venv/bin/python -m bench.experiments.front_end_variants [--levels 1,8] [--rounds 3] [--duration 20]
         [--variants default,split,interval-2,sched-idle]
-    bench/.venv/bin/python bench/front_end_variants.py --ceiling [--rounds 3] [--duration 8]
+    bench/.venv/bin/python -m bench.experiments.front_end_variants --ceiling [--rounds 3] [--duration 8]
         [--variants default,event-engine]
 
 It runs in the bench's own venv (its load client; ``bench/run.py`` builds it the first time), and
@@ -38,14 +38,11 @@ import argparse
 import asyncio
 import statistics
 import subprocess
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from servers import Group, Server
+    from bench.servers import Group, Server
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("default", "split", "interval-2", "event-engine", "sched-batch", "sched-idle")
 CEILING_VARIANTS = ("default", "split", "event-engine")
 POLICY = {"sched-batch": "-b", "sched-idle": "-i"}
@@ -62,7 +59,7 @@ def llama_workers(variant: str) -> dict[str, tuple[str, ...]]:
 
 def echo_workers() -> dict[str, tuple[str, ...]]:
     """The REST section's instant and paced echo chat workers, for the ceiling."""
-    from suite import CHAT_MODEL, MAX_QUEUE, PACE, PACED_MODEL, STREAM_TOKENS, WORKER_CONCURRENCY
+    from bench.suite import CHAT_MODEL, MAX_QUEUE, PACE, PACED_MODEL, STREAM_TOKENS, WORKER_CONCURRENCY
 
     common = ("--limit-worker-concurrency", WORKER_CONCURRENCY, "--max-queue", MAX_QUEUE)
     return {
@@ -73,8 +70,8 @@ def echo_workers() -> dict[str, tuple[str, ...]]:
 
 def start_variant(group: Group, variant: str, workers: dict[str, tuple[str, ...]]) -> tuple[str, list[Server]]:
     """A stack for ``variant`` over ``workers``: (its REST base URL, its front-end processes)."""
-    import servers
-    from suite import start_engine_stack, wait_models
+    from bench import servers
+    from bench.suite import start_engine_stack, wait_models
 
     env = EVENT_ENGINE if variant == "event-engine" else None
     (model, (engine, *engine_args)), *others = workers.items()
@@ -99,9 +96,9 @@ def set_policy(front: list[Server], flag: str) -> None:
 async def ceiling(variants: list[str], rounds: int, duration: float) -> None:
     """Each front end's throughput and CPU over echo workers, one line per window, then medians
     against the first variant's."""
-    import loadgen
-    from servers import Group
-    from suite import CHAT_TOKENS, LOADS, PACED_MODEL, STREAM_TOKENS, chat_body
+    from bench import loadgen
+    from bench.servers import Group
+    from bench.suite import CHAT_TOKENS, LOADS, PACED_MODEL, STREAM_TOKENS, chat_body
 
     bodies = {
         "chat_c32": ("/v1/chat/completions", chat_body(CHAT_TOKENS), False),
@@ -151,7 +148,6 @@ def main() -> None:
     parser.add_argument("--variants", help="default,split,interval-2,sched-idle (--ceiling: default,split)")
     parser.add_argument("--ceiling", action="store_true", help="the front end alone over echo workers (see above)")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))  # the bench's modules import the launcher from common/, as run.py lets them
     known = CEILING_VARIANTS if args.ceiling else VARIANTS
     default = "default,split" if args.ceiling else "default,split,interval-2,sched-idle"
     variants = (args.variants or default).split(",")
@@ -161,10 +157,10 @@ def main() -> None:
     if args.ceiling:
         asyncio.run(ceiling(variants, args.rounds, args.duration))
         return
-    import concurrency
-    from llama_server import ensure_llama_server
-    from servers import Group
-    from suite import project_eval
+    from bench import concurrency
+    from bench.llama_server import ensure_llama_server
+    from bench.servers import Group
+    from bench.suite import project_eval
 
     levels = [int(level) for level in args.levels.split(",")]
     gguf = project_eval("from workers.engines.llama_cpp import default_model_path; print(default_model_path())")

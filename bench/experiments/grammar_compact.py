@@ -3,7 +3,9 @@
 For each grammar variant and each prompt (JSON mode, JSON schema, forced tool
 calls; greedy), it counts the tokens of the answer and whether it finished
 as valid JSON (schema-valid for schemas, a parseable call for tools) within
-the budget. Run: ``.venv/bin/python bench/grammar_compact.py``.
+the budget.
+
+    .venv/bin/python -m bench.experiments.grammar_compact
 """
 
 from __future__ import annotations
