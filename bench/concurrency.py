@@ -95,9 +95,10 @@ def one_worker_stream(address: str, k: int) -> dict[str, float]:
     clock = StreamClock()
     tokens = 0
     for message in stub.Generate(request, timeout=600):
-        tokens = message.usage.completion_tokens
-        if message.text:
+        if message.delta.text:
             clock.content()
+        if message.HasField("end"):
+            tokens = message.end.usage.completion_tokens
     return clock.record(tokens)
 
 

@@ -315,6 +315,9 @@ def tokenwire_ops(
     def has_content(m: Any) -> bool:
         return bool(m.choices) and m.choices[0].delta.content != ""
 
+    def has_text(m: Any) -> bool:  # a worker's message
+        return m.delta.text != ""
+
     def generate(max_tokens: int) -> Any:
         return worker_pb2.GenerateRequest(
             request_id="bench", messages=messages, sampling=worker_pb2.SamplingParams(max_tokens=max_tokens)
@@ -333,8 +336,8 @@ def tokenwire_ops(
             "chat": loadgen.grpc_unary(
                 chat_worker.GenerateChoice, worker_pb2.GenerateChoiceRequest(request=generate(CHAT_TOKENS))
             ),
-            "stream": loadgen.grpc_stream(chat_worker.Generate, generate(STREAM_TOKENS), lambda m: m.text != ""),
-            "stream_paced": loadgen.grpc_stream(paced_worker.Generate, generate(STREAM_TOKENS), lambda m: m.text != ""),
+            "stream": loadgen.grpc_stream(chat_worker.Generate, generate(STREAM_TOKENS), has_text),
+            "stream_paced": loadgen.grpc_stream(paced_worker.Generate, generate(STREAM_TOKENS), has_text),
             "embed": loadgen.grpc_unary(embed_worker.Embed, worker_pb2.EmbedRequest(request_id="bench", input=inputs)),
         },
     }
@@ -721,9 +724,10 @@ async def worker_stream_timing(address: str, text: str, max_tokens: int, bias: d
         clock = StreamClock()
         tokens = 0
         async for message in stub.Generate(request):
-            tokens = message.usage.completion_tokens
-            if message.text:
+            if message.delta.text:
                 clock.content()
+            if message.HasField("end"):
+                tokens = message.end.usage.completion_tokens
         return clock.record(tokens)
 
 

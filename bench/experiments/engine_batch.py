@@ -45,10 +45,10 @@ async def one(engine: llama_cpp.LlamaCppEngine, k: int) -> dict[str, float]:
     prepared = await engine.prepare(req)
     first = 0.0
     tokens = 0
-    async for delta in engine.generate(req, prepared, STREAM_TOKENS, Generation()):
-        if delta.text and not first:
+    async for deltas in engine.generate(req, prepared, STREAM_TOKENS, Generation()):
+        if not first and any(delta.text for delta in deltas):
             first = time.perf_counter()
-        tokens += delta.token_count
+        tokens += sum(delta.token_count for delta in deltas)
     end = time.perf_counter()
     return {"ttft_s": first - sent, "tokens": tokens, "decode_tok_s": (tokens - 1) / (end - first) if tokens > 1 else 0}
 

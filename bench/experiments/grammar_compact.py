@@ -104,7 +104,7 @@ def use(separator: str | None, told: bool) -> None:
 
 async def answer(engine: llama_cpp.LlamaCppEngine, request: worker_pb2.GenerateRequest) -> tuple[str, int, str, list]:
     prepared = await engine.prepare(request)
-    deltas = [d async for d in engine.generate(request, prepared, BUDGET, Generation())]
+    deltas = [d async for ready in engine.generate(request, prepared, BUDGET, Generation()) for d in ready]
     text = "".join(d.text for d in deltas)
     return text, sum(d.token_count for d in deltas), deltas[-1].finish_reason, deltas[-1].tool_calls
 
