@@ -269,7 +269,7 @@ def _span(values: list[float], fmt: str = "{:.0f}") -> str:
 
 
 def render(section: dict[str, Any]) -> str:
-    """The RESULTS.md part of this section: medians over the rounds, ranges in brackets."""
+    """This section in the report (RESULTS.generated.md): medians over the rounds, ranges in brackets."""
     runs = section["runs"]
     rounds = section.get("rounds", 1)
     has_worker = bool(runs.get("tokenwire-worker"))

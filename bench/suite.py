@@ -946,6 +946,8 @@ def section_floor(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
 # -- entry -------------------------------------------------------------------------------------------
 
+REPORT = "RESULTS.generated.md"
+
 
 def run_suite(args: argparse.Namespace, started: float) -> None:
     out = Path(args.out)
@@ -1000,12 +1002,13 @@ def run_suite(args: argparse.Namespace, started: float) -> None:
 
         text = text.rstrip("\n") + "\n\n" + render(results["concurrency"])
     print(report.table(results), flush=True)
-    (out / "RESULTS.md").write_text(text)
+    (out / REPORT).write_text(text)
     png = report.chart(results, out / "results.png")
     if not args.quick and not args.no_record:
-        shutil.copy(out / "RESULTS.md", BENCH / "RESULTS.md")
+        # The latest recorded run; the hand-written analyses (RESULTS.md) are never written here.
+        shutil.copy(out / REPORT, BENCH / REPORT)
         if png:
             shutil.copy(png, BENCH / "results.png")
-        log("recorded bench/RESULTS.md and bench/results.png")
+        log(f"recorded bench/{REPORT} and bench/results.png")
     log(f"done in {results['total_s']:.0f} s; results in {out}")
     sys.stdout.flush()
