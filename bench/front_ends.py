@@ -101,7 +101,7 @@ async def measure_ceiling(
                     result = await loadgen.run(load, op, LOADS[load][1], warmup, duration, group.servers)
                     count = result.requests * (STREAM_TOKENS if unit == "token" else 1)
                     front = sum(result.server_cpu[server.name] for server in stack.front)
-                    other = result.summary()["other_cpu_s"] / (result.duration * capacity)
+                    other = result.other_cpu / (result.duration * capacity)
                     window = Window(count / result.duration, 1e6 * front / max(1, count), other)
                     figures.setdefault((load, name), []).append(window)
                     print(
