@@ -7,7 +7,7 @@
 
 Run from the repository root. The tokenwire servers run on the project's ``.venv``; everything
 else runs in the bench's own venv, ``bench/.venv`` (``venv.py``: FastChat 0.2.36, the load client,
-py-spy and matplotlib), which this builds the first time (about 20 s) and re-executes itself in.
+py-spy and matplotlib), which this builds the first time (a minute or two) and re-executes itself in.
 
 The sections, in the order they run (``--sections`` picks them). The loads are closed loops:
 N clients, each sending its next request when the last one is answered.
