@@ -69,9 +69,14 @@ class Server:
         self.log_path = LOG_DIR / f"{self.name}.log"
 
     def start(self, timeout: float = 180.0) -> Server:
-        # stderr and stdout (but the READY line) go to the log.
+        # stderr and stdout (but the READY line) go to the log; a bench killed takes its servers with it.
         self.launched = Launched(
-            self.argv, env={**os.environ, **self.env}, cwd=self.cwd, stderr=self.log_path, on_line=self._log_line
+            self.argv,
+            env={**os.environ, **self.env},
+            cwd=self.cwd,
+            stderr=self.log_path,
+            on_line=self._log_line,
+            with_parent=True,
         ).start()
         try:
             self.launched.wait_ready(
