@@ -7,7 +7,10 @@ the front end bounds what the stack carries: its ceiling. :func:`measure_ceiling
 stacks with the REST section's non-streamed chat at 32 clients and its paced stream at 8, in
 rounds: every stack's window of one load, then the next load, then the next round, so that all
 the stacks see the same machine. A window gives the rate, the front end's CPU (``/proc``) a request
-or a streamed token, and the share of the machine other processes used meanwhile.
+or a streamed token, and the share of the machine other processes used meanwhile. As everywhere in
+the bench, only requests completed in the window count, while the CPU is all the window's: a window
+must hold many paced streams (256 tokens each, ~30 a second on a quiet machine) for the streams cut
+at its edges not to matter.
 
 Used by ``bench/before_after.py`` (a commit's tree against this one) and
 ``bench/experiments/front_end_variants.py`` (variants of this tree).
