@@ -13,11 +13,13 @@ tree's folders ahead of the editable install's (and ``PYTHONSAFEPATH`` keeps the
 off the path), and a probe checks that tokenwire's modules load from that tree before anything is
 measured.
 
-Then, in rounds (``bench/front_ends.py``), before's window and after's: the non-streamed chat at
-32 clients, then the paced stream at 8. It prints each window, then for both loads the median
-front-end CPU a request and a streamed token of each (the range over the rounds in brackets), and
-after against before: the ratio of the medians, and the range of the ratios within a round. The
-machine is shared: each window says what share of it other processes used.
+Then, in rounds (``bench/front_ends.py``), before's window and after's (after's first every other
+round): the non-streamed chat at 32 clients, then the paced stream at 8. It prints each window,
+then for both loads the median front-end CPU a request and a streamed token of each (the range
+over the rounds in brackets), and after against before: the ratio of the medians, and the range of
+the ratios within a round. The machine is shared: each window says what share of it other
+processes used. ``--before HEAD`` on a checkout without changes measures one tree against itself
+(A/A): how large a difference the machine's noise alone makes.
 
 It runs in ``bench/.venv`` (the load client), and re-executes itself there (building it the first
 time). The before commit needs ``tokenwire front-end`` (since ``85226ad``).

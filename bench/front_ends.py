@@ -2,15 +2,16 @@
 
 A stack is a front end (one process, as ``tokenwire serve`` runs it, or the gateway and the bridge
 apart) and its workers. Over the REST section's echo chat workers (``suite.py``: an instant one,
-and a paced one making a token a millisecond, so that every token is its own message and SSE chunk)
-the front end bounds what the stack carries: its ceiling. :func:`measure_ceiling` drives the
-stacks with the REST section's non-streamed chat at 32 clients and its paced stream at 8, in
-rounds: every stack's window of one load, then the next load, then the next round, so that all
-the stacks see the same machine. A window gives the rate, the front end's CPU (``/proc``) a request
-or a streamed token, and the share of the machine other processes used meanwhile. As everywhere in
-the bench, only requests completed in the window count, while the CPU is all the window's: a window
-must hold many paced streams (256 tokens each, ~30 a second on a quiet machine) for the streams cut
-at its edges not to matter.
+and a paced one making a token a millisecond, each token its own message and SSE chunk unless the
+worker falls behind) the front end bounds what the stack carries: its ceiling.
+:func:`measure_ceiling` drives the stacks with the REST section's non-streamed chat at 32 clients
+and its paced stream at 8, in rounds: every stack's window of one load, then the next load, then
+the next round, so that all the stacks see the same machine; the stacks take turns in the opposite
+order every other round (A B, then B A), so that none is always first. A window gives the rate,
+the front end's CPU (``/proc``) a request or a streamed token, and the share of the machine other
+processes used meanwhile. As everywhere in the bench, only requests completed in the window count,
+while the CPU is all the window's: a window must hold many paced streams (256 tokens each, ~30 a
+second on a quiet machine) for the streams cut at its edges not to matter.
 
 Used by ``bench/before_after.py`` (a commit's tree against this one) and
 ``bench/experiments/front_end_variants.py`` (variants of this tree).
@@ -97,7 +98,8 @@ async def measure_ceiling(
     try:
         for round_ in range(rounds):
             for load, (unit, body) in CEILING_LOADS.items():
-                for name, stack in stacks.items():
+                turn = list(stacks.items())
+                for name, stack in turn if round_ % 2 == 0 else reversed(turn):
                     http = clients[name]
                     op = http.stream(PATH, body) if unit == "token" else http.post(PATH, body)
                     # Every process of the group is timed, so that "other" is the rest of the machine.
