@@ -2,7 +2,7 @@
 
 The same load as the concurrency section (``concurrency.py``: N clients in a closed
 loop, chat streams of 128 tokens at temperature 0.7, a seed per request, the end
-tokens banned), driven straight into :class:`workers.engines.llama_cpp.LlamaCppEngine`
+tokens banned), driven straight into :class:`workers.engines.llama_cpp.engine.LlamaCppEngine`
 on one event loop. Set beside the same load through the worker's gRPC stream and
 through the whole stack, it splits the engine's cost from the front end's.
 
@@ -20,7 +20,7 @@ import time
 
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Generation
-from workers.engines import llama_cpp
+from workers.engines.llama_cpp import engine as llama_cpp
 
 STREAM_TOKENS = 128
 EOG_BAN = {0: -100.0, 2: -100.0, 4: -100.0}

@@ -17,7 +17,8 @@ import jsonschema
 
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Generation
-from workers.engines import grammars, llama_cpp
+from workers.engines.llama_cpp import constraints as grammars
+from workers.engines.llama_cpp import engine as llama_cpp
 
 BUDGET = 128
 

@@ -25,7 +25,9 @@ from typing import Any
 
 from engine_batch import closed_loop
 
-from workers.engines import llama_batch, llama_cpp, llama_sampling
+from workers.engines.llama_cpp import engine as llama_cpp
+from workers.engines.llama_cpp import sampling as llama_sampling
+from workers.engines.llama_cpp import scheduler as llama_batch
 
 spent: Counter[str] = Counter()
 

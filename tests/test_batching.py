@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from tests import harness
-from workers.engines import llama_cpp
+from workers.engines.llama_cpp import engine as llama_cpp
 
 pytestmark = pytest.mark.models
 

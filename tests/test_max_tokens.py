@@ -36,7 +36,7 @@ def test_the_context_is_still_checked() -> None:
 @pytest.mark.models
 async def test_llama_runs_an_unset_max_tokens_to_the_end_of_the_context() -> None:
     from workers.engine import Generation
-    from workers.engines import llama_cpp
+    from workers.engines.llama_cpp import engine as llama_cpp
 
     try:
         path = llama_cpp.default_model_path()

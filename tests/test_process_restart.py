@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests import harness
-from workers.engines import llama_cpp
+from workers.engines.llama_cpp import engine as llama_cpp
 
 TOKEN = "restart-test-cluster-token-0123456789abcdef"
 

@@ -21,9 +21,9 @@ import pytest
 
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Generation, run_blocking
-from workers.engines import llama_cpp
-from workers.engines.llama_batch import CHUNK
-from workers.engines.llama_cpp import LlamaCppEngine
+from workers.engines.llama_cpp import engine as llama_cpp
+from workers.engines.llama_cpp.engine import LlamaCppEngine
+from workers.engines.llama_cpp.scheduler import CHUNK
 
 pytestmark = pytest.mark.models
 

@@ -26,8 +26,8 @@ from google.protobuf.json_format import MessageToDict
 from common.errors import ApiError
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Generation
-from workers.engines import llama_cpp
-from workers.engines.llama_cpp import LlamaCppEngine, _StopBuffer
+from workers.engines.llama_cpp import engine as llama_cpp
+from workers.engines.llama_cpp.engine import LlamaCppEngine, _StopBuffer
 
 pytestmark = pytest.mark.models
 

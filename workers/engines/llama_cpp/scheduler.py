@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 
 from workers.engine import BatchStats, Delta, Generation
-from workers.engines.llama_sampling import Sampler
+from workers.engines.llama_cpp.sampling import Sampler
 
 log = logging.getLogger("tokenwire.engine.llama_cpp")
 

@@ -49,7 +49,6 @@ import importlib.util
 import json
 import logging
 import os
-import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -72,9 +71,9 @@ from workers.engine import (
     compute_thread,
     run_blocking,
 )
-from workers.engines import grammars
-from workers.engines.llama_batch import CHUNK, Handler, Scheduler, Seq, stream
-from workers.engines.llama_sampling import make_sampler
+from workers.engines.llama_cpp import constraints as grammars
+from workers.engines.llama_cpp.sampling import make_sampler
+from workers.engines.llama_cpp.scheduler import CHUNK, Handler, Scheduler, Seq, stream
 
 log = logging.getLogger("tokenwire.engine.llama_cpp")
 
@@ -946,9 +945,3 @@ def self_check() -> None:
         return text
 
     print(f"[tokenwire] llama.cpp self-check: decoded {asyncio.run(check())!r}")
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] != ["--self-check"]:
-        sys.exit("usage: python -m workers.engines.llama_cpp --self-check")
-    self_check()
