@@ -72,6 +72,7 @@ from workers.engine import (
     run_blocking,
 )
 from workers.engines.llama_cpp import constraints as grammars
+from workers.engines.llama_cpp.kv_layout import KvLayout, PerSequenceKv, UnifiedKv
 from workers.engines.llama_cpp.sampling import make_sampler
 from workers.engines.llama_cpp.scheduler import CHUNK, Handler, Scheduler, Seq, stream
 
@@ -407,16 +408,19 @@ class LlamaCppEngine(Engine):
             bos_token=model.token_get_text(model.token_bos()),
             add_generation_prompt=True,
         )
+        kv: KvLayout = (
+            PerSequenceKv(ctx.ctx, streams=params.n_seq_max, host_cache_bytes=self.prompt_cache_mib << 20)
+            if per_sequence
+            else UnifiedKv(ctx.ctx, parallel=self.parallel, cache_slots=params.n_seq_max - self.parallel)
+        )
         self._scheduler = Scheduler(
             ctx.ctx,
             self._n_vocab,
+            kv,
             parallel=self.parallel,
-            cache_slots=params.n_seq_max if per_sequence else params.n_seq_max - self.parallel,
             prefill_budget=self.prefill_budget,
             pool=self._compute,
             stats=self._stats,
-            per_sequence=per_sequence,
-            host_cache_bytes=self.prompt_cache_mib << 20,
         )
         self.info.context_length = self._scheduler.n_ctx
         # The bound counts the messages' content: only valid if the template renders it whole.
