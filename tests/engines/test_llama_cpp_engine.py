@@ -27,7 +27,7 @@ from common.errors import ApiError
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Generation
 from workers.engines.llama_cpp import engine as llama_cpp
-from workers.engines.llama_cpp.engine import LlamaCppEngine, _StopBuffer
+from workers.engines.llama_cpp.engine import LlamaCppEngine
 
 pytestmark = pytest.mark.models
 
@@ -284,17 +284,6 @@ async def test_stop_string_is_not_emitted(engine: LlamaCppEngine) -> None:
     deltas, _ = await run(engine, chat(("user", FRANCE), sampling=sampling))
     assert text_of(deltas) == "The capital of France is"
     assert deltas[-1].finish_reason == "stop"
-
-
-def test_stop_buffer_holds_back_prefixes() -> None:
-    buf = _StopBuffer(["</end>", "xyz"])
-    assert buf.push("hello <") == ("hello ", False)
-    assert buf.push("/en") == ("", False)
-    assert buf.push("ding") == ("</ending", False)
-    assert buf.push("ab x") == ("ab ", False)
-    assert buf.push("yz tail") == ("", True)
-    buf = _StopBuffer([])
-    assert buf.push("a") == ("a", False) and buf.flush() == ""
 
 
 async def test_max_tokens_gives_length(engine: LlamaCppEngine) -> None:

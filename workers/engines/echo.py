@@ -20,6 +20,7 @@ from common import errors
 from common.settings import FlagAdder
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Engine, Generation, Prepared, check_token_ids, iterate_in_task, message_text
+from workers.engines.stop_strings import ChoiceText
 
 VOCAB_SIZE = 32000
 
@@ -84,8 +85,7 @@ class EchoEngine(Engine):
         if max_tokens is None and self.info.context_length:  # unset: up to the end of the context
             max_tokens = self.info.context_length - prepared.prompt_tokens
         count = self.tokens if max_tokens is None else min(self.tokens, max_tokens)
-        stops = list(request.sampling.stop)
-        text = ""
+        text = ChoiceText(request.sampling.stop)  # the llama_cpp engine's stop strings
         for i in range(count):
             if self.delay:
                 await asyncio.sleep(self.delay)
@@ -94,16 +94,14 @@ class EchoEngine(Engine):
             word = source[(i + request.index) % len(source)]
             piece = word if i == 0 and not (request.echo and echoed) else " " + word
             generation.produced()
-            candidate = text + piece
-            hit = next((s for s in stops if s and s in candidate), None)
-            if hit is not None:
-                tail = candidate[: candidate.index(hit)][len(text) :]
-                yield Delta(text=tail, token_ids=[token_id(word)], finish_reason="stop")
-                return
-            text = candidate
             logprobs = self._logprobs([piece], request) if request.logprobs else []
-            yield Delta(text=piece, token_ids=[token_id(word)], logprobs=logprobs)
-        yield Delta(finish_reason="length" if count == max_tokens else "stop", tokens=0)
+            deltas, stopped = text.token(piece, token_id(word), logprobs)
+            for delta in deltas:
+                yield delta
+            if stopped:
+                return
+        for delta in text.end("length" if count == max_tokens else "stop"):
+            yield delta
 
     def _logprobs(
         self, pieces: Sequence[str], request: worker_pb2.GenerateRequest, first_is_prompt: bool = False

@@ -75,6 +75,7 @@ from workers.engines.llama_cpp import constraints as grammars
 from workers.engines.llama_cpp.kv_layout import KvLayout, PerSequenceKv, UnifiedKv
 from workers.engines.llama_cpp.sampling import make_sampler
 from workers.engines.llama_cpp.scheduler import CHUNK, Handler, Scheduler, Seq, stream
+from workers.engines.stop_strings import ChoiceText
 
 log = logging.getLogger("tokenwire.engine.llama_cpp")
 
@@ -218,33 +219,6 @@ def max_token_bytes(vocab: Any, n_vocab: int) -> int:
         n = C.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
         longest = max(longest, -n if n < 0 else n)  # negative: the piece needs -n bytes
     return longest
-
-
-class _StopBuffer:
-    """Emits text as it comes, minus anything that may start a stop string."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.held = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """Text safe to emit now, and whether a stop string was reached."""
-        buf = self.held + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.held = ""
-            return buf[: min(hits)], True
-        keep = 0
-        for k in range(min(len(buf), max((len(s) for s in self.stops), default=1) - 1), 0, -1):
-            if any(s.startswith(buf[-k:]) for s in self.stops):
-                keep = k
-                break
-        self.held = buf[len(buf) - keep :]
-        return buf[: len(buf) - keep], False
-
-    def flush(self) -> str:
-        held, self.held = self.held, ""
-        return held
 
 
 def struct_to_json(value: Any) -> Any:
@@ -677,24 +651,25 @@ class LlamaCppEngine(Engine):
         return self._stats
 
     @staticmethod
-    def _finish_tool_call(
-        tools: _ToolPlan, text: str, ids: list[int], entries: list[common_pb2.TokenLogprob], finish: str
-    ) -> Delta:
-        """The last delta of a forced call: the call, or what was made of it when cut short.
+    def _finish_tool_call(tools: _ToolPlan, text: str, last: Delta) -> Delta:
+        """The last delta of a forced call (``last``: its tokens), with the call, or what was made
+        of it when cut short.
 
         A call cut by max_tokens keeps finish_reason "length" and carries its
         partial arguments, as OpenAI's do; its raw text never goes to content.
         """
         parsed = grammars.parse_tool_call(tools.names, text)
         if parsed is None:
-            return Delta(token_ids=ids, logprobs=entries, finish_reason=finish)
+            return last
         call = common_pb2.ToolCall(
             id=f"call_{uuid.uuid4().hex[:24]}",
             type="function",
             function=common_pb2.FunctionCall(name=parsed.name, arguments=parsed.arguments),
         )
-        reason = "tool_calls" if parsed.complete else finish
-        return Delta(token_ids=ids, logprobs=entries, tool_calls=[call], finish_reason=reason)
+        last.tool_calls = [call]
+        if parsed.complete:
+            last.finish_reason = "tool_calls"
+        return last
 
     # -- tokens and logprobs --
 
@@ -752,9 +727,8 @@ class _Output(Handler):
         self.plan = plan
         self.echo = echo
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.stops = _StopBuffer([] if plan.tools else plan.stops)
-        self.ids: list[int] = []
-        self.entries: list[common_pb2.TokenLogprob] = []
+        # A forced call has no stop strings: its text is parsed whole at the end, never sent as content.
+        self.text = ChoiceText([] if plan.tools else plan.stops)
         self.generated: list[str] = []  # all text, for tool calls
         self.offset = 0
 
@@ -777,39 +751,20 @@ class _Output(Handler):
         if C.llama_vocab_is_eog(engine._vocab, token):
             return self.end("stop"), True
         text = self.decoder.decode(engine._piece(token, special=False))
-        self.ids.append(token)
-        if logits is not None:
-            self.entries.append(
-                engine._logprob_entry(token, _log_softmax(logits), self.request.top_logprobs, self.offset)
-            )
+        top = self.request.top_logprobs
+        entries = [] if logits is None else [engine._logprob_entry(token, _log_softmax(logits), top, self.offset)]
         self.offset += len(text)
         if self.plan.tools:
             self.generated.append(text)
-            return [], False
-        emit, stopped = self.stops.push(text)
-        if stopped:
-            return [self._delta(emit, "stop")], True
-        if emit:
-            return [self._delta(emit, "")], False
-        return [], False
+            text = ""  # only its tokens go on
+        return self.text.token(text, token, entries)
 
     def end(self, finish: str) -> list[Delta]:
         tail = self.decoder.decode(b"", final=True)
-        if self.plan.tools:
-            return [
-                LlamaCppEngine._finish_tool_call(
-                    self.plan.tools, "".join(self.generated) + tail, self.ids, self.entries, finish
-                )
-            ]
-        emit, stopped = self.stops.push(tail)
-        if not stopped:
-            emit += self.stops.flush()
-        return [self._delta(emit, "stop" if stopped else finish)]
-
-    def _delta(self, text: str, finish: str) -> Delta:
-        delta = Delta(text=text, token_ids=self.ids, logprobs=self.entries, finish_reason=finish)
-        self.ids, self.entries = [], []
-        return delta
+        if not self.plan.tools:
+            return self.text.end(finish, tail)
+        [last] = self.text.end(finish)
+        return [LlamaCppEngine._finish_tool_call(self.plan.tools, "".join(self.generated) + tail, last)]
 
 
 # -- CLI ---------------------------------------------------------------------
