@@ -187,9 +187,9 @@ def section_concurrency(args: argparse.Namespace, results: dict[str, Any]) -> No
 
     parallel = args.parallel
     threads = int(
-        project_eval("from workers.engines.llama_cpp.engine import default_threads; print(default_threads())")
+        project_eval("from workers.engines.llama_cpp.loading import default_threads; print(default_threads())")
     )
-    gguf = project_eval("from workers.engines.llama_cpp.engine import default_model_path; print(default_model_path())")
+    gguf = project_eval("from workers.engines.llama_cpp.loading import default_model_path; print(default_model_path())")
     n_ctx = 8192
     binary = str(ensure_llama_server(log=log))
     duration = max(args.duration, 4.0 if args.quick else 20.0)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kv_numerics import CHAT  # the same chat prompt
 
-from workers.engines.llama_cpp.engine import FLASH_ATTN, default_model_path
+from workers.engines.llama_cpp.loading import FLASH_ATTN, default_model_path
 
 EOG_BAN = (0, 2, 4)
 

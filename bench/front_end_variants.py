@@ -167,7 +167,7 @@ def main() -> None:
     from suite import project_eval
 
     levels = [int(level) for level in args.levels.split(",")]
-    gguf = project_eval("from workers.engines.llama_cpp.engine import default_model_path; print(default_model_path())")
+    gguf = project_eval("from workers.engines.llama_cpp.loading import default_model_path; print(default_model_path())")
     binary = str(ensure_llama_server(log=print))
     with Group() as group:
         stacks: dict[str, tuple[str, list[Server]]] = {}

@@ -738,9 +738,9 @@ def section_engines(args: argparse.Namespace, results: dict[str, Any]) -> None:
     engines: dict[str, Any] = {}
     results["engines"] = engines
     threads = int(
-        project_eval("from workers.engines.llama_cpp.engine import default_threads; print(default_threads())")
+        project_eval("from workers.engines.llama_cpp.loading import default_threads; print(default_threads())")
     )
-    gguf = project_eval("from workers.engines.llama_cpp.engine import default_model_path; print(default_model_path())")
+    gguf = project_eval("from workers.engines.llama_cpp.loading import default_model_path; print(default_model_path())")
     minilm = project_eval("from workers.engines.embeddings import default_model_path; print(default_model_path())")
     max_tokens, n_ctx = 128, 2048
     engines["setup"] = {"threads": threads, "gguf": Path(gguf).name, "n_ctx": n_ctx, "max_tokens": max_tokens}

