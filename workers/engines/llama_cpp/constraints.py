@@ -30,7 +30,7 @@ from google.protobuf.json_format import MessageToDict
 from common import errors
 from tokenwire.v1 import worker_pb2
 
-# After ':' and ','. Measured on SmolLM2-135M (bench/grammar_compact.py, figures in
+# After ':' and ','. Measured on SmolLM2-135M (bench/experiments/grammar_compact.py, figures in
 # bench/RESULTS.md): with one space allowed, JSON mode answers took 31.9 tokens on
 # average and 7/8 were valid within 128 tokens; with none, 58.5 and 6/8; stock, 68.8 and 5/8.
 SEPARATOR = '" "?'

@@ -16,7 +16,7 @@ decoding token; echo with logprobs asks for every prompt row of that one sequenc
 chunks ending on multiples of 32 positions (as fast as 512-token batches here), and a cached
 prefix is reused whole with the last position's logits, or in whole chunks: splitting a
 prompt differently changes no logit, but positions decoded token by token and, in the
-unified cache, cells placed elsewhere do (``bench/kv_numerics.py``), so reusing an arbitrary
+unified cache, cells placed elsewhere do (``bench/experiments/kv_numerics.py``), so reusing an arbitrary
 cached prefix would make "same seed, same request, alone, same text" depend on what ran before.
 """
 

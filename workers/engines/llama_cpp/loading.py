@@ -227,7 +227,7 @@ def huge_pages_environment() -> dict[str, str]:
 
     With per-sequence KV each stream's V rows lie ``n_ctx`` cells apart, so with 4 KB pages
     a one-sequence decode misses the TLB on most rows it reads: a step took 12.57 against
-    12.81 ms with huge pages, less in each of 6 interleaved rounds (``bench/huge_pages.py``,
+    12.81 ms with huge pages, less in each of 6 interleaved rounds (``bench/experiments/huge_pages.py``,
     8 streams of 8192 cells; level at 8 sequences). glibc reads its tunables only when a
     process starts; the worker command restarts with this, once. Nothing where the kernel
     already gives huge pages to all memory, or none.
