@@ -28,7 +28,7 @@ def _answers(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))  # up, with or without a password
     except OSError:
         return False
 
@@ -40,6 +40,7 @@ class RedisServer:
         self.dir = Path(tempfile.mkdtemp(prefix="tokenwire-redis-"))
         self.port = _free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.password: str | None = None
 
     @property
     def url(self) -> str:
@@ -48,6 +49,8 @@ class RedisServer:
     def start(self) -> RedisServer:
         argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
         argv += ["--save", "", "--appendonly", "yes", "--appendfsync", "always", "--logfile", "redis.log"]
+        if self.password:
+            argv += ["--requirepass", self.password]  # in its argv: a test's throwaway
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         harness.wait_until(lambda: _answers(self.port) or self.process.poll() is not None, what="redis-server up")
         if self.process.poll() is not None:
@@ -76,6 +79,19 @@ class RedisServer:
     def restart(self) -> None:
         self.kill()
         self.start()
+
+    def restart_with_password(self, password: str) -> None:
+        self.password = password
+        self.restart()
+
+    def command(self, password: str | None, *command: str) -> str:
+        """One command's reply, by redis-cli (as an operator would look)."""
+        argv = ["redis-cli", "-p", str(self.port), "--no-auth-warning", *(["-a", password] if password else [])]
+        return subprocess.run([*argv, *command], capture_output=True, text=True, check=True).stdout.strip()
+
+    def keys(self, password: str | None = None) -> list[str]:
+        """Every key it holds."""
+        return self.command(password, "--scan").split()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

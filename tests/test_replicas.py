@@ -9,6 +9,7 @@ in one replica's file refused by both, and Redis killed and restarted under them
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -241,3 +242,30 @@ def test_redis_killed_then_restarted_under_both_replicas(fleet: Fleet) -> None:
         assert "up again (bridge)" in front.log()
         assert harness.scrape(f"http://{front.part_address('bridge')}/metrics")["tokenwire_store_up"] == 1
         assert front.alive()
+
+
+def test_serve_takes_the_store_to_its_front_end(redis_server: RedisServer, tmp_path: Path) -> None:
+    """`make serve ARGS="--store redis://..."`: the password from a file, limits and Responses in Redis."""
+    redis_server.restart_with_password("serve-store-secret")
+    password = tmp_path / "store-password"
+    password.write_text("serve-store-secret\n")
+    keys = tmp_path / "keys.txt"
+    keys.write_text("serve-key rpm=5\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENWIRE_")}
+    argv = ["--echo", "--no-embeddings", "--store", redis_server.url, "--store-password-file", str(password)]
+    serve = harness.Serve([*argv, "--api-keys-file", str(keys)], env=env).start(timeout=120)
+    try:
+        client = openai.OpenAI(base_url=f"{serve.url}/v1", api_key="serve-key", max_retries=0)
+        stored = _turn(client, "kept in redis", None)
+        assert stored.store is True
+        with pytest.raises(openai.RateLimitError):  # serve's own readiness probe used one too
+            for _ in range(5):
+                chat(client, max_tokens=1)
+        names = redis_server.keys("serve-store-secret")
+        assert f"tokenwire:responses:item:{stored.id}" in names
+        [requests] = [name for name in names if name.startswith("tokenwire:limits:") and name.endswith(":requests")]
+        assert redis_server.command("serve-store-secret", "ZCARD", requests) == "5"  # the window, in Redis
+        tokenwire = [line for line in harness.cmdlines().values() if "tokenwire_cli" in line]
+        assert len(tokenwire) >= 3 and not [line for line in tokenwire if "serve-store-secret" in line]
+    finally:
+        serve.stop()
