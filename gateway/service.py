@@ -19,6 +19,7 @@ from common.errors import ApiError
 from gateway import cluster_status, metrics
 from gateway.auth import current_key
 from gateway.inference import Inference
+from gateway.rate_limits import RateLimiter
 from tokenwire.v1 import api_pb2, api_pb2_grpc, common_pb2
 
 log = logging.getLogger("tokenwire.gateway")
@@ -57,9 +58,6 @@ class Observed:
         metrics.E2E.labels(self.kind, self.model).observe(elapsed)
         fields: dict[str, object] = {"kind": self.kind, "model": self.requested, "status": status}
         if self.usage is not None:
-            key = current_key.get()
-            if key is not None:
-                key.record(self.usage.total_tokens)
             metrics.PROMPT_TOKENS.labels(self.model).inc(self.usage.prompt_tokens)
             metrics.COMPLETION_TOKENS.labels(self.model).inc(self.usage.completion_tokens)
             fields["prompt_tokens"] = self.usage.prompt_tokens
@@ -71,13 +69,21 @@ class Observed:
 
 
 class InferenceServicer(api_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, inference: Inference) -> None:
+    def __init__(self, inference: Inference, limiter: RateLimiter) -> None:
         self.inference = inference
+        self.limiter = limiter
+
+    async def _count(self, usage: common_pb2.Usage) -> None:
+        """The key's tokens, counted before the call ends: its next request sees them."""
+        key = current_key.get()
+        if key is not None:
+            await self.limiter.record(key, usage.total_tokens)
 
     async def _unary(self, kind: str, request: Any, serve: Callable[..., Awaitable[Any]], context: Any) -> Any:
         with Observed(self.inference, kind, request.model) as observed:
             reply = await serve(request, context.time_remaining())
             observed.usage = reply.usage
+            await self._count(reply.usage)
             return reply
 
     async def _stream(
@@ -90,6 +96,8 @@ class InferenceServicer(api_pb2_grpc.InferenceServiceServicer):
                     if not request.stream_options.include_usage:
                         continue
                 yield chunk
+            if observed.usage is not None:
+                await self._count(observed.usage)
 
     async def ListModels(
         self, request: api_pb2.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -34,6 +34,10 @@ BRIDGE_FLAGS = {
     "--sse-keepalive-interval": "4",
     "--responses-store-size": "9",
     "--responses-store-bytes": "99999",
+    "--responses-store-ttl": "3600",
+    "--store": "redis://127.0.0.9:6390/2",
+    "--store-password-file": "/run/store-password",
+    "--store-timeout-ms": "150",
     "--max-n": "3",
     "--max-tokens-limit": "4096",
     "--log-level": "debug",
@@ -49,6 +53,7 @@ GATEWAY_FLAGS = {
     "--api-keys-file": "keys.txt",
     "--rate-limit-rpm": "60",
     "--rate-limit-tpm": "6000",
+    "--limits-when-store-down": "closed",
 }
 
 
@@ -132,6 +137,19 @@ def test_secrets_go_by_the_environment_never_argv() -> None:
         assert child_view(worker, "worker").cluster_token == TOKEN
     # The token serve gives, not a file serve was given: the file is not passed on to a member.
     assert all("TOKENWIRE_CLUSTER_TOKEN_FILE" not in p.env for p in [planned.front, *planned.workers])
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-process", "split"])
+def test_the_store_reaches_both_parts_by_the_environment(split: bool) -> None:
+    # A password in the store's URL may come from serve's environment: it goes on by the environment.
+    url = "redis://:store-secret@127.0.0.9:6390/2"
+    with mock.patch.dict(os.environ, {"TOKENWIRE_STORE": url}):
+        given = build_parser(with_engines=False).parse_args(["serve", *(["--split-front-end"] if split else [])])
+    planned = plan.plan(given, TOKEN, ENVIRON, plan.Ports.asked(given))
+    processes = [planned.front, *filter(None, [planned.bridge]), *planned.workers]
+    assert not [arg for process in processes for arg in process.argv if "store-secret" in arg]
+    assert child_view(planned.front, "gateway").store == url
+    assert child_view(planned.bridge or planned.front, "bridge").store == url
 
 
 def test_split_front_end_gives_two_processes_and_the_default_one() -> None:
