@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from common import tracing
 from common.grpc_server import GrpcServer
 from common.observability import serve_metrics
 from common.sampling import Limits
@@ -79,7 +80,14 @@ async def run_gateway(
     services.insert(
         0, (api_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(inference), INFERENCE_SERVICE)
     )
-    server = GrpcServer(services, interceptors=[AuthInterceptor(ApiKeys(api_keys, default_limits))])
+    # Traced first: a call the keys refuse has its span too.
+    server = GrpcServer(
+        services,
+        interceptors=[
+            *tracing.part("gateway").server_interceptors(),
+            AuthInterceptor(ApiKeys(api_keys, default_limits)),
+        ],
+    )
     bound = server.bind(f"{host}:{port}", tls)
     registry_where = controller_address or "in-process, same port"
     if registry_server is not None:

@@ -15,12 +15,13 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from common import cluster, errors
+from common import cluster, errors, tracing
 from common.grpc_server import open_channel
 from gateway import metrics
 from tokenwire.v1 import common_pb2, registry_pb2, registry_pb2_grpc, worker_pb2_grpc
 
 log = logging.getLogger("tokenwire.gateway")
+traced = tracing.part("gateway")
 
 WatchSource = Callable[[], AsyncIterator[list[registry_pb2.WorkerStatus]]]
 
@@ -30,7 +31,7 @@ class WorkerHandle:
 
     def __init__(self, status: registry_pb2.WorkerStatus) -> None:
         self.status = status
-        self.channel = open_channel(status.address)
+        self.channel = open_channel(status.address, traced.client_interceptors())
         self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
         self.in_flight = 0
 

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from common import observability as obs
+from common import tracing
 from common.errors import ApiError
 from gateway import cluster_status, metrics
 from gateway.auth import current_key
@@ -22,6 +23,15 @@ from gateway.inference import Inference
 from tokenwire.v1 import api_pb2, api_pb2_grpc, common_pb2
 
 log = logging.getLogger("tokenwire.gateway")
+traced = tracing.part("gateway")
+# gen_ai.operation.name of each kind of request (OpenTelemetry's GenAI conventions).
+OPERATIONS = {
+    "chat": "chat",
+    "chat_stream": "chat",
+    "completion": "text_completion",
+    "completion_stream": "text_completion",
+    "embedding": "embeddings",
+}
 
 
 class Observed:
@@ -68,6 +78,22 @@ class Observed:
             fields["ttft_ms"] = round((self.watch.first - self.watch.start) * 1000, 1)
         fields["latency_ms"] = round(elapsed * 1000, 1)
         obs.log_request(log, "request", **fields)
+        if traced.on:
+            self._trace(status)
+
+    def _trace(self, status: str) -> None:
+        """The request's figures on its span (the call's server span), by OpenTelemetry's GenAI names."""
+        attributes: dict[str, str | int] = {
+            tracing.REQUEST_ID: obs.request_id.get(),
+            "gen_ai.operation.name": OPERATIONS[self.kind],
+            "gen_ai.request.model": self.requested,
+        }
+        if self.usage is not None:
+            attributes["gen_ai.usage.input_tokens"] = self.usage.prompt_tokens
+            attributes["gen_ai.usage.output_tokens"] = self.usage.completion_tokens
+        if status != "ok":
+            attributes["error.type"] = status
+        tracing.set_on_current_span(traced, attributes)
 
 
 class InferenceServicer(api_pb2_grpc.InferenceServiceServicer):

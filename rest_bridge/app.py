@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2_grpc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from common import tracing
 from common.errors import ApiError
 from common.grpc_server import open_channel
 from rest_bridge import embeddings, generation, models, operations, page, tokens
@@ -32,10 +33,12 @@ from rest_bridge.responses import routes as responses
 from rest_bridge.responses.store import ResponseStore
 from tokenwire.v1 import api_pb2_grpc
 
+traced = tracing.part("bridge")
+
 
 @contextlib.asynccontextmanager
 async def _gateway_channel(app: FastAPI) -> AsyncIterator[None]:
-    async with open_channel(app.state.settings.gateway_address) as channel:
+    async with open_channel(app.state.settings.gateway_address, traced.client_interceptors()) as channel:
         app.state.stub = api_pb2_grpc.InferenceServiceStub(channel)
         app.state.health = health_pb2_grpc.HealthStub(channel)
         yield
@@ -43,7 +46,7 @@ async def _gateway_channel(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: BridgeSettings | None = None) -> FastAPI:
     settings = settings or BridgeSettings()
-    app = FastAPI(title="tokenwire", version="0.1.0", lifespan=_gateway_channel)
+    app = FastAPI(title="tokenwire", version="0.1.0", lifespan=_gateway_channel, telemetry=traced.fastapi_telemetry())
     app.state.settings = settings
     app.state.responses = ResponseStore(settings.responses_store_size, settings.responses_store_bytes)
     app.add_middleware(
