@@ -23,10 +23,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from opentelemetry import trace
+
+from common.errors import ApiError
 
 if TYPE_CHECKING:  # FastAPI is the bridge's: the other parts never import it
     from fastapi.telemetry import TelemetryConfig
@@ -51,6 +54,10 @@ class Part:
         self.content = False
         self.tracer: trace.Tracer = trace.NoOpTracer()
         self.provider: Any = None  # the SDK's TracerProvider, while on
+
+    def start_span(self, name: str, attributes: Mapping[str, Any] | None = None) -> trace.Span:
+        """A span, child of the current one; while off, OpenTelemetry's invalid span (its methods do nothing)."""
+        return self.tracer.start_span(name, attributes=attributes) if self.on else trace.INVALID_SPAN
 
     def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """A server span for each call of the request path's services (none while off)."""
@@ -161,9 +168,31 @@ def set_on_current_span(traced: Part, attributes: Mapping[str, Any]) -> None:
             span.set_attributes(attributes)
 
 
-def failed(span: trace.Span, error: BaseException, kind: str) -> None:
-    """A span's error: its status, ``error.type`` (a gRPC code's name, or the exception's) and the exception."""
+def failed(span: trace.Span, error: BaseException, kind: str | None = None) -> None:
+    """A span's error: its status, ``error.type`` (an OpenAI code, a gRPC code's name, or the
+    exception's class) and the exception."""
     if span.is_recording():
+        if kind is None:
+            kind = (error.code or error.type) if isinstance(error, ApiError) else type(error).__name__
         span.set_attribute("error.type", kind)
         span.set_status(trace.StatusCode.ERROR, f"{kind}: {error}")
         span.record_exception(error)
+
+
+class Block:
+    """A span around a block of code that calls nothing traced (it is not made the current span):
+    it ends with the block, and what the block raises is its error. Under 1 us while off (OpenTelemetry's
+    own ``start_as_current_span`` costs 6 us even then)."""
+
+    __slots__ = ("span",)
+
+    def __init__(self, traced: Part, name: str) -> None:
+        self.span = traced.start_span(name)
+
+    def __enter__(self) -> trace.Span:
+        return self.span
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        if error is not None:
+            failed(self.span, error)
+        self.span.end()

@@ -65,7 +65,7 @@ class Dispatcher:
         """The span of one attempt at a worker call: which worker, why, and the how-manieth.
         Not the current span (it lives across a stream's yields): :func:`_calling` makes it the
         parent of the call's own span."""
-        span = traced.tracer.start_span("dispatch")
+        span = traced.start_span("dispatch")
         if span.is_recording():
             span.set_attributes(
                 {

@@ -49,7 +49,7 @@ class Inference:
     # -- chat -------------------------------------------------------------------
 
     def _chat_requests(self, request: api_pb2.CreateChatCompletionRequest) -> list[worker_pb2.GenerateRequest]:
-        with traced.tracer.start_as_current_span("admission") as span:
+        with tracing.Block(traced, "admission") as span:
             out = self._admit_chat(request)
             _admitted(span, out)
             return out
@@ -153,7 +153,7 @@ class Inference:
     # -- completions --------------------------------------------------------------
 
     def _completion_requests(self, request: api_pb2.CreateCompletionRequest) -> list[worker_pb2.GenerateRequest]:
-        with traced.tracer.start_as_current_span("admission") as span:
+        with tracing.Block(traced, "admission") as span:
             out = self._admit_completion(request)
             _admitted(span, out)
             return out

@@ -41,7 +41,7 @@ class ChoiceSpans:
         """End the phase before, begin ``name``."""
         if self.on:
             self.phase.end()
-            self.phase = traced.tracer.start_span(name, attributes=attributes)
+            self.phase = traced.start_span(name, attributes)
 
     def captured(self, ready: AsyncGenerator[list[Delta], None]) -> AsyncGenerator[list[Delta], None]:
         """The engine's output, its text kept for the span when content is recorded (else untouched)."""
