@@ -80,13 +80,8 @@ async def run_gateway(
     services.insert(
         0, (api_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(inference), INFERENCE_SERVICE)
     )
-    # Traced first: a call the keys refuse has its span too.
     server = GrpcServer(
-        services,
-        interceptors=[
-            *tracing.part("gateway").server_interceptors(),
-            AuthInterceptor(ApiKeys(api_keys, default_limits)),
-        ],
+        services, interceptors=[AuthInterceptor(ApiKeys(api_keys, default_limits))], traced=tracing.part("gateway")
     )
     bound = server.bind(f"{host}:{port}", tls)
     registry_where = controller_address or "in-process, same port"

@@ -62,13 +62,15 @@ class Dispatcher:
 
     @staticmethod
     def _attempt(model: str, handle: WorkerHandle, attempt: int, index: int | None = None) -> trace.Span:
-        """The span of one attempt at a worker call: which worker, why, and the how-manieth.
-        Not the current span (it lives across a stream's yields): :func:`_calling` makes it the
-        parent of the call's own span."""
-        span = traced.start_span("dispatch")
+        """The span of one attempt at a worker call (the call's client span): which worker, why,
+        and the how-manieth. Not the current span (it lives across a stream's yields):
+        :func:`_calling` makes it current while the call is made, which sends its context."""
+        span = traced.start_span("dispatch", kind=trace.SpanKind.CLIENT)
         if span.is_recording():
             span.set_attributes(
                 {
+                    "rpc.system": "grpc",
+                    "rpc.service": "tokenwire.v1.WorkerService",
                     "gen_ai.request.model": model,
                     "tokenwire.dispatch.attempt": attempt,
                     "tokenwire.dispatch.reason": "least_loaded",
@@ -242,7 +244,7 @@ class Dispatcher:
 
 
 def _calling(span: trace.Span) -> contextlib.AbstractContextManager[object]:
-    """``span`` current while a worker call is made, so that the call's span is its child."""
+    """``span`` current while a worker call is made: the call's metadata carries its context."""
     if not span.is_recording():
         return contextlib.nullcontext()
     return trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False)

@@ -15,13 +15,12 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from common import cluster, errors, tracing
+from common import cluster, errors
 from common.grpc_server import open_channel
 from gateway import metrics
 from tokenwire.v1 import common_pb2, registry_pb2, registry_pb2_grpc, worker_pb2_grpc
 
 log = logging.getLogger("tokenwire.gateway")
-traced = tracing.part("gateway")
 
 WatchSource = Callable[[], AsyncIterator[list[registry_pb2.WorkerStatus]]]
 
@@ -31,7 +30,7 @@ class WorkerHandle:
 
     def __init__(self, status: registry_pb2.WorkerStatus) -> None:
         self.status = status
-        self.channel = open_channel(status.address, traced.client_interceptors())
+        self.channel = open_channel(status.address)
         self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
         self.in_flight = 0
 

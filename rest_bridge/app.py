@@ -38,7 +38,7 @@ traced = tracing.part("bridge")
 
 @contextlib.asynccontextmanager
 async def _gateway_channel(app: FastAPI) -> AsyncIterator[None]:
-    async with open_channel(app.state.settings.gateway_address, traced.client_interceptors()) as channel:
+    async with open_channel(app.state.settings.gateway_address) as channel:
         app.state.stub = api_pb2_grpc.InferenceServiceStub(channel)
         app.state.health = health_pb2_grpc.HealthStub(channel)
         yield

@@ -298,7 +298,7 @@ async def run_worker(
     servicer = WorkerServicer(engine, slots, stream_interval)
     server = GrpcServer(
         [(worker_pb2_grpc.add_WorkerServiceServicer_to_server, servicer, "tokenwire.v1.WorkerService")],
-        interceptors=traced.server_interceptors(),
+        traced=traced,
     )
     bound = server.bind(f"{host}:{port}", tls)
     await server.start()

@@ -27,8 +27,7 @@ import sys
 import threading
 from concurrent import futures
 
-from bench import front_ends, venv
-from bench.servers import Group, Server
+from bench import venv
 
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
@@ -72,8 +71,14 @@ def sink() -> None:
 
 
 async def compare(args: argparse.Namespace) -> None:
+    # The bench venv's (its load client); the sink runs on the project's, without them.
+    from bench import front_ends
+    from bench.servers import Group, Server
+
     with Group() as group:
-        receiver = group.start(Server("otlp-sink", [str(venv.PROJECT_PYTHON), "-m", "bench.experiments.tracing_cost", "--sink"]))
+        receiver = group.start(
+            Server("otlp-sink", [str(venv.PROJECT_PYTHON), "-m", "bench.experiments.tracing_cost", "--sink"])
+        )
         on = {
             "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{receiver.address}",
             "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
