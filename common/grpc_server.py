@@ -257,7 +257,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             rid = clean_request_id(metadata.get(REQUEST_ID_HEADER))
             traced = self.traced
             if traced is not None and traced.on and method.startswith(tracing.TRACED_METHODS):
-                spanned = functools.partial(tracing.ServedCall, traced, method, metadata)
+                spanned = functools.partial(tracing.ServedCall, traced, method, metadata, rid)
         if handler.unary_unary is not None:
             unary_behavior = handler.unary_unary
 
@@ -312,7 +312,9 @@ class GrpcServer:
         traced: tracing.Part | None = None,
     ) -> None:
         self.server = grpc.aio.server(
-            interceptors=[cluster.ClusterAuthInterceptor(), *interceptors, CallInterceptor(traced)],
+            # The call wrapper before the part's own (the gateway's keys): a call they refuse is
+            # answered, logged under its request id and traced like any other.
+            interceptors=[cluster.ClusterAuthInterceptor(), CallInterceptor(traced), *interceptors],
             options=server_options(),
         )
         self.health = health.aio.HealthServicer()

@@ -173,10 +173,10 @@ class ServedCall:
 
     __slots__ = ("span", "token")
 
-    def __init__(self, traced: Part, method: str, metadata: Mapping[str, str]) -> None:
+    def __init__(self, traced: Part, method: str, metadata: Mapping[str, str], request_id: str) -> None:
         name = method.lstrip("/")
         service, _, rpc = name.partition("/")
-        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc}
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc, REQUEST_ID: request_id}
         parent = propagate.extract(metadata)
         self.span = traced.tracer.start_span(name, parent, trace.SpanKind.SERVER, attributes)
         self.token: Token[otel_context.Context] | None = None
@@ -190,9 +190,9 @@ class ServedCall:
         if self.span.is_recording():
             self.span.set_attribute("rpc.grpc.status_code", code.value[0])
             if error is not None and code in SERVER_ERRORS:
-                failed(self.span, error, code.name)
-            elif isinstance(error, ApiError):
-                self.span.set_attribute("error.type", error.code or error.type)
+                failed(self.span, error)
+            elif error is not None:  # the caller's doing (a 4xx, or it left): no error of this span's
+                self.span.set_attribute("error.type", error_type(error))
         if self.token is not None:
             otel_context.detach(self.token)
         self.span.end()
@@ -226,12 +226,21 @@ def set_on_current_span(traced: Part, attributes: Mapping[str, Any]) -> None:
             span.set_attributes(attributes)
 
 
+def error_type(error: BaseException) -> str:
+    """``error.type`` of a span that ended with ``error``: the OpenAI code the caller got, ``cancelled``
+    for a caller that left, else the exception's class."""
+    if isinstance(error, ApiError):
+        return error.code or error.type
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+        return "cancelled"
+    return type(error).__name__
+
+
 def failed(span: trace.Span, error: BaseException, kind: str | None = None) -> None:
-    """A span's error: its status, ``error.type`` (an OpenAI code, a gRPC code's name, or the
-    exception's class) and the exception."""
+    """A span's error: its status, ``error.type`` (by default :func:`error_type`; a gRPC code's
+    name for a worker call) and the exception."""
     if span.is_recording():
-        if kind is None:
-            kind = (error.code or error.type) if isinstance(error, ApiError) else type(error).__name__
+        kind = kind or error_type(error)
         span.set_attribute("error.type", kind)
         span.set_status(trace.StatusCode.ERROR, f"{kind}: {error}")
         span.record_exception(error)

@@ -79,20 +79,18 @@ class Observed:
         fields["latency_ms"] = round(elapsed * 1000, 1)
         obs.log_request(log, "request", **fields)
         if traced.on:
-            self._trace(status)
+            self._trace()
 
-    def _trace(self, status: str) -> None:
-        """The request's figures on its span (the call's server span), by OpenTelemetry's GenAI names."""
+    def _trace(self) -> None:
+        """The request's figures on its span (the call's server span, which has its status), by
+        OpenTelemetry's GenAI names."""
         attributes: dict[str, str | int] = {
-            tracing.REQUEST_ID: obs.request_id.get(),
             "gen_ai.operation.name": OPERATIONS[self.kind],
             "gen_ai.request.model": self.requested,
         }
         if self.usage is not None:
             attributes["gen_ai.usage.input_tokens"] = self.usage.prompt_tokens
             attributes["gen_ai.usage.output_tokens"] = self.usage.completion_tokens
-        if status != "ok":
-            attributes["error.type"] = status
         tracing.set_on_current_span(traced, attributes)
 
 

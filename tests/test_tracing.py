@@ -191,6 +191,26 @@ def test_an_incoming_traceparent_is_continued_over_http_and_over_grpc(by_environ
     assert [s.name for s in children(spans, worker)] == WORKER_PHASES
 
 
+def test_a_request_the_keys_refuse_is_traced_with_its_reason(by_environment: Traced) -> None:
+    client = openai.OpenAI(base_url=f"{by_environment.system.url}/v1", api_key="not-a-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(
+            model=CHAT_MODEL, messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Request-Id": "refused"}
+        )
+    trace_id = trace_of_request(by_environment, "refused")
+    spans = harness.wait_until(
+        lambda: len(found := by_environment.spans.trace(trace_id)) == 2 and found, what="the refused request's spans"
+    )
+    http = one(spans, "tokenwire-bridge", "server")
+    gateway = one(spans, "tokenwire-gateway", "server", "tokenwire.v1.InferenceService/CreateChatCompletion")
+    assert gateway.parent_id == http.span_id and gateway.attributes[tracing.REQUEST_ID] == "refused"
+    assert gateway.attributes["error.type"] == "invalid_api_key"
+    assert gateway.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
+    assert http.attributes["http.response.status_code"] == 401
+    # The client's mistake, not the server's failure.
+    assert not gateway.error and not http.error
+
+
 def test_prompt_and_completion_text_are_recorded_only_with_trace_content(by_flags: Traced) -> None:
     text, finish = chat_stream(by_flags, f"hello {SECRET}", {"X-Request-Id": "trace-content"})
     spans = whole_trace(by_flags.spans, trace_of_request(by_flags, "trace-content"))

@@ -20,7 +20,6 @@ from typing import Any
 
 from opentelemetry import trace
 
-from common import observability as obs
 from common import tracing
 from tokenwire.v1 import worker_pb2
 from workers.engine import Delta, message_text
@@ -68,7 +67,6 @@ class ChoiceSpans:
             return
         call = trace.get_current_span()
         attributes: dict[str, Any] = {
-            tracing.REQUEST_ID: obs.request_id.get(),
             "gen_ai.operation.name": "chat" if request.messages else "text_completion",
             "gen_ai.request.model": self.model,
             "tokenwire.choice.index": request.index,
@@ -79,8 +77,7 @@ class ChoiceSpans:
             attributes["gen_ai.response.finish_reasons"] = [finish]
             self.phase.set_attribute("gen_ai.response.finish_reasons", [finish])
         self.phase.set_attribute("gen_ai.usage.output_tokens", completion_tokens)
-        if status != "ok":
-            attributes["error.type"] = status
+        if status != "ok":  # on the phase it happened in (the call's span has the call's status)
             self.phase.set_attribute("error.type", status)
             self.phase.set_status(trace.StatusCode.ERROR, status)
         if self.output is not None:
