@@ -111,11 +111,11 @@ def whole_trace(
     return spans.wait_for(complete, f"the spans of trace {trace_id}")
 
 
-def trace_of_request(traced: Traced, request_id: str) -> str:
-    def found(spans: list[Span]) -> str | None:
-        return next((s.trace_id for s in spans if s.attributes.get(tracing.REQUEST_ID) == request_id), None)
+def trace_of_request(spans: Receiver, request_id: str) -> str:
+    def found(received: list[Span]) -> str | None:
+        return next((s.trace_id for s in received if s.attributes.get(tracing.REQUEST_ID) == request_id), None)
 
-    return traced.spans.wait_for(found, f"a span of request {request_id}")
+    return spans.wait_for(found, f"a span of request {request_id}")
 
 
 def children(spans: list[Span], parent: Span) -> list[Span]:
@@ -127,7 +127,7 @@ def test_a_streamed_chat_is_one_trace_from_the_bridge_through_the_gateway_to_the
 ) -> None:
     text, finish = chat_stream(by_environment, f"hello {SECRET}", {"X-Request-Id": "trace-one-chat"})
     assert text
-    spans = whole_trace(by_environment.spans, trace_of_request(by_environment, "trace-one-chat"))
+    spans = whole_trace(by_environment.spans, trace_of_request(by_environment.spans, "trace-one-chat"))
 
     http = one(spans, "tokenwire-bridge", "server", "POST /v1/chat/completions")
     gateway = one(spans, "tokenwire-gateway", "server", "tokenwire.v1.InferenceService/StreamChatCompletion")
@@ -197,7 +197,7 @@ def test_a_request_the_keys_refuse_is_traced_with_its_reason(by_environment: Tra
         client.chat.completions.create(
             model=CHAT_MODEL, messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Request-Id": "refused"}
         )
-    trace_id = trace_of_request(by_environment, "refused")
+    trace_id = trace_of_request(by_environment.spans, "refused")
     spans = harness.wait_until(
         lambda: len(found := by_environment.spans.trace(trace_id)) == 2 and found, what="the refused request's spans"
     )
@@ -213,7 +213,7 @@ def test_a_request_the_keys_refuse_is_traced_with_its_reason(by_environment: Tra
 
 def test_prompt_and_completion_text_are_recorded_only_with_trace_content(by_flags: Traced) -> None:
     text, finish = chat_stream(by_flags, f"hello {SECRET}", {"X-Request-Id": "trace-content"})
-    spans = whole_trace(by_flags.spans, trace_of_request(by_flags, "trace-content"))
+    spans = whole_trace(by_flags.spans, trace_of_request(by_flags.spans, "trace-content"))
     worker = one(spans, "tokenwire-worker", "server")
     assert json.loads(worker.attributes["gen_ai.input.messages"]) == [
         {"role": "user", "parts": [{"type": "text", "content": f"hello {SECRET}"}]}
@@ -234,7 +234,7 @@ def test_a_client_that_leaves_mid_stream_stops_the_worker_and_its_spans_say_so(b
             for _ in range(6):
                 next(lines)
         # Leaving the block closes the connection mid-stream.
-    spans = whole_trace(by_flags.spans, trace_of_request(by_flags, "trace-cancel"))
+    spans = whole_trace(by_flags.spans, trace_of_request(by_flags.spans, "trace-cancel"))
     (dispatch,) = named(spans, "dispatch")
     worker = next(w for w in by_flags.system.chat_workers if w.address == dispatch.attributes["server.address"])
     assert all(n <= 1 for n in harness.after_cancel(worker, marks[worker.address], 1))
@@ -250,7 +250,7 @@ def test_a_failover_shows_both_attempts(by_flags: Traced) -> None:
     # Two choices: each goes to another worker (the first's call holds its worker's load), so
     # one of them meets the dead worker first, and fails over to the live one.
     chat_stream(by_flags, "hello", {"X-Request-Id": "trace-failover"}, n=2)
-    spans = whole_trace(by_flags.spans, trace_of_request(by_flags, "trace-failover"), workers=2)
+    spans = whole_trace(by_flags.spans, trace_of_request(by_flags.spans, "trace-failover"), workers=2)
 
     gateway = one(spans, "tokenwire-gateway", "server")
     attempts = named(spans, "dispatch")
@@ -319,6 +319,28 @@ def test_the_openai_engine_carries_the_trace_to_its_upstream() -> None:
         finally:
             worker.stop()
             gateway.stop()
+
+
+def test_serve_traces_each_of_its_parts_as_a_service_of_its_own() -> None:
+    """serve hands --otlp-traces-endpoint to its parts; its gateway and bridge share one process
+    (the front end) and still report as two services."""
+    with receiver() as (spans, endpoint):
+        serve = harness.Serve(
+            ["--echo", "--no-embeddings", "--otlp-traces-endpoint", endpoint], env=EXPORT_AT_ONCE
+        ).start(timeout=120)
+        try:
+            client = openai.OpenAI(base_url=f"{serve.url}/v1", api_key="none", max_retries=0)
+            client.chat.completions.create(
+                model=CHAT_MODEL, messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Request-Id": "served"}
+            )
+            trace = whole_trace(spans, trace_of_request(spans, "served"))
+            http = one(trace, "tokenwire-bridge", "server")
+            gateway = one(trace, "tokenwire-gateway", "server", "tokenwire.v1.InferenceService/CreateChatCompletion")
+            dispatch = one(trace, "tokenwire-gateway", "client", "dispatch")
+            worker = one(trace, "tokenwire-worker", "server", "tokenwire.v1.WorkerService/GenerateChoice")
+            assert (gateway.parent_id, worker.parent_id) == (http.span_id, dispatch.span_id)
+        finally:
+            assert serve.stop() == 0
 
 
 def test_off_by_default_and_the_standard_switches() -> None:
