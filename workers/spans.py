@@ -1,7 +1,8 @@
 """A choice's spans on this worker (OpenTelemetry; common/tracing.py sets tracing up).
 
-A ``Generate`` or ``GenerateChoice`` call has its server span from the gRPC instrumentation; the
-choice adds its phases as its children, each beginning where the one before it ends:
+A ``Generate`` or ``GenerateChoice`` call has its server span from the call wrapper
+(``common.tracing.ServedCall``); the choice adds its phases as its children, each beginning
+where the one before it ends:
 
 - ``queue``: waiting for a slot (``--limit-worker-concurrency``, ``--max-queue``);
 - ``tokenize``: the engine renders the messages with the model's template and tokenizes them;
