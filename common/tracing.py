@@ -81,6 +81,7 @@ class Part:
         """FastAPI's own telemetry (``FastAPI(telemetry=...)``): an HTTP server span a request,
         none for probes and scrapes; no metrics or logs of its own (the bridge has /metrics)."""
         if not self.on:
+            # Off said outright: else FastAPI looks for a global provider on every request (23 us).
             return {"tracing": False, "metrics": False, "logs": False}
         return {
             "tracer_provider": self.provider,
