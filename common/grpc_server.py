@@ -176,11 +176,13 @@ def server_credentials(
     return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=True)
 
 
-def open_channel(address: str) -> grpc.aio.Channel:
+def open_channel(address: str, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> grpc.aio.Channel:
     """An aio channel to a tokenwire peer, with TLS when the process trusts a CA."""
     if _client_credentials is not None:
-        return grpc.aio.secure_channel(address, _client_credentials, options=channel_options())
-    return grpc.aio.insecure_channel(address, options=channel_options())
+        return grpc.aio.secure_channel(
+            address, _client_credentials, options=channel_options(), interceptors=interceptors
+        )
+    return grpc.aio.insecure_channel(address, options=channel_options(), interceptors=interceptors)
 
 
 def open_sync_channel(address: str) -> grpc.Channel:

@@ -12,19 +12,23 @@ Each part has its own tracer provider, so that it reports as its own service als
 share a process (serve's front end). The bridge's HTTP server span is FastAPI's own telemetry, and
 a worker's calls to its upstream are traced by opentelemetry-instrumentation-httpx. A gRPC call's
 server span is :class:`ServedCall`, in the one wrapper every call already has
-(``common.grpc_server.CallInterceptor``), and a caller sends its context with
-:func:`call_metadata`: opentelemetry-instrumentation-grpc's aio interceptors wrap every streamed
-message (measured: 31 us of the front end's CPU a token, and 0.7 ms a request, with no request
-sampled; bench/RESULTS.md). The parts add the domain's spans (admission, dispatch, queue, prefill,
-decode). While a part is off its tracer is OpenTelemetry's no-op one, its spans the invalid span,
+(``common.grpc_server.CallInterceptor``). A call's client span is the gateway's ``dispatch`` (a
+worker call, which sends its context with :func:`call_metadata`), and the bridge's channel's
+:class:`CallSpans` (a call to the gateway), an interceptor only while the bridge traces.
+opentelemetry-instrumentation-grpc's aio interceptors were not used: on every server and channel,
+traced or not, they wrap every streamed message (measured: 31 us of the front end's CPU a token,
+and 0.7 ms a request, with no request sampled; bench/RESULTS.md). The parts add the domain's spans
+(admission, dispatch, queue, prefill, decode). While a part is off its tracer is OpenTelemetry's no-op one, its spans the invalid span,
 and the SDK is never imported: the per-token path is the same as without tracing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import time
 from collections.abc import Mapping
 from contextvars import Token
 from types import TracebackType
@@ -34,6 +38,7 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
+from common import addresses
 from common.errors import ApiError
 
 if TYPE_CHECKING:  # FastAPI is the bridge's: the other parts never import it
@@ -76,6 +81,10 @@ class Part:
     ) -> trace.Span:
         """A span, child of the current one; while off, OpenTelemetry's invalid span (its methods do nothing)."""
         return self.tracer.start_span(name, kind=kind, attributes=attributes) if self.on else trace.INVALID_SPAN
+
+    def channel_interceptors(self, target: str) -> list[grpc.aio.ClientInterceptor]:
+        """A channel's interceptors: while on, :class:`CallSpans` (a client span a call); while off, none."""
+        return [UnaryCallSpans(self, target), StreamCallSpans(self, target)] if self.on else []
 
     def fastapi_telemetry(self) -> TelemetryConfig:
         """FastAPI's own telemetry (``FastAPI(telemetry=...)``): an HTTP server span a request,
@@ -196,6 +205,73 @@ class ServedCall:
         if self.token is not None:
             otel_context.detach(self.token)
         self.span.end()
+
+
+class CallSpans:
+    """The client span of each call on one channel (the bridge's to the gateway): a child of the
+    current span (the HTTP request's), its context sent in the call's metadata, ended when the
+    call ends, with its status (a stream's at its end, also when it is cancelled or fails). It is
+    never the current span and sees no message: a stream's messages pay only grpc.aio's own
+    interceptor step. Two interceptors, :class:`UnaryCallSpans` and :class:`StreamCallSpans`
+    (grpc.aio files an interceptor under one kind only), on a channel only while the part traces
+    (:meth:`Part.channel_interceptors`): without tracing, the channel has no interceptor at all."""
+
+    def __init__(self, traced: Part, target: str) -> None:
+        self.traced = traced
+        try:
+            host, port = addresses.split(target)
+            self.server: dict[str, Any] = {"server.address": host, "server.port": port}
+        except ValueError:  # a target that is not host:port (unix:, dns:///): said as it is
+            self.server = {"server.address": target}
+        self.ending: set[asyncio.Task[None]] = set()
+
+    async def call(self, continuation: Any, details: Any, request: Any) -> Any:
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        if not method.startswith(TRACED_METHODS):
+            return await continuation(details, request)
+        name = method.lstrip("/")
+        service, _, rpc = name.partition("/")
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc, **self.server}
+        span = self.traced.tracer.start_span(name, kind=trace.SpanKind.CLIENT, attributes=attributes)
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, trace.set_span_in_context(span))
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        for key, value in carrier.items():
+            metadata[key] = value
+        try:
+            call = await continuation(details._replace(metadata=metadata), request)
+        except BaseException as error:
+            failed(span, error)
+            span.end()
+            raise
+        call.add_done_callback(functools.partial(self._done, span))
+        return call
+
+    def _done(self, span: trace.Span, call: Any) -> None:
+        # The call's status is read with an await (grpc.aio has no other way); it is there already.
+        ended = time.time_ns()
+        task = asyncio.get_running_loop().create_task(self._end(span, call, ended))
+        self.ending.add(task)
+        task.add_done_callback(self.ending.discard)
+
+    @staticmethod
+    async def _end(span: trace.Span, call: Any, ended: int) -> None:
+        code = await call.code()
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code != grpc.StatusCode.OK:  # a client's span: every status but OK is its error (OpenTelemetry's gRPC rule)
+            span.set_attribute("error.type", code.name)
+            span.set_status(trace.StatusCode.ERROR, f"{code.name}: {await call.details()}")
+        span.end(ended)
+
+
+class UnaryCallSpans(CallSpans, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await self.call(continuation, details, request)
+
+
+class StreamCallSpans(CallSpans, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await self.call(continuation, details, request)
 
 
 def _status(error: BaseException | None) -> grpc.StatusCode:

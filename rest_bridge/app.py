@@ -38,7 +38,8 @@ traced = tracing.part("bridge")
 
 @contextlib.asynccontextmanager
 async def _gateway_channel(app: FastAPI) -> AsyncIterator[None]:
-    async with open_channel(app.state.settings.gateway_address) as channel:
+    address = app.state.settings.gateway_address
+    async with open_channel(address, traced.channel_interceptors(address)) as channel:
         app.state.stub = api_pb2_grpc.InferenceServiceStub(channel)
         app.state.health = health_pb2_grpc.HealthStub(channel)
         yield

@@ -18,7 +18,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from common import errors, tracing
+from common import errors
 from common.errors import ApiError
 from common.observability import REQUEST_ID_HEADER, request_id
 from rest_bridge import keepalive
@@ -82,11 +82,11 @@ def stream_flag(body: dict[str, Any]) -> bool:
 
 
 def call_metadata(request: Request) -> tuple[tuple[str, str], ...]:
-    """What the gateway needs from the HTTP request: the key, the request id, and its trace context."""
+    """What the gateway needs from the HTTP request: the key and the request id (the trace
+    context goes with the call's client span: ``tracing.CallSpans`` on the bridge's channel)."""
     authorization = request.headers.get("authorization")
     rid = (REQUEST_ID_HEADER, request_id.get())
-    metadata = (("authorization", authorization), rid) if authorization else (rid,)
-    return metadata + tracing.call_metadata()
+    return (("authorization", authorization), rid) if authorization else (rid,)
 
 
 def request_timeout(request: Request, stream: bool) -> float | None:

@@ -101,12 +101,16 @@ def named(spans: list[Span], name: str) -> list[Span]:
 def whole_trace(
     spans: Receiver, trace_id: str, entry: str = "POST /v1/chat/completions", workers: int = 1
 ) -> list[Span]:
-    """The trace's spans once its entry span (the first hop's, which ends last) and every worker's
-    phases have come: each part exports its spans as they end."""
+    """The trace's spans once they are all in: its entry span, every worker's phases, and every
+    other span's parent (each part exports its spans as they end, and the parts' exports arrive
+    in any order; a part's spans arrive in the order they ended)."""
 
     def complete(received: list[Span]) -> list[Span] | None:
         mine = [s for s in received if s.trace_id == trace_id]
-        return mine if len(named(mine, "decode")) >= workers and named(mine, entry) else None
+        ids = {s.span_id for s in mine}
+        orphans = [s for s in mine if s.parent_id not in ids]
+        whole = len(orphans) == 1 and orphans[0].name == entry and len(named(mine, "decode")) >= workers
+        return mine if whole else None
 
     return spans.wait_for(complete, f"the spans of trace {trace_id}")
 
@@ -122,6 +126,34 @@ def children(spans: list[Span], parent: Span) -> list[Span]:
     return sorted((s for s in spans if s.parent_id == parent.span_id), key=lambda s: s.start)
 
 
+def hops(spans: list[Span], rpc: str, worker_rpc: str) -> tuple[Span, Span, Span, Span, Span]:
+    """A request's spans from the bridge to the worker, each hop's server and client side, after
+    asserting that each is the child of the one before: the bridge's HTTP span, its call to the
+    gateway, the gateway's call span, its call to the worker (``dispatch``), the worker's call span."""
+    http = one(spans, "tokenwire-bridge", "server", "POST /v1/chat/completions")
+    call = one(spans, "tokenwire-bridge", "client", f"tokenwire.v1.InferenceService/{rpc}")
+    gateway = one(spans, "tokenwire-gateway", "server", f"tokenwire.v1.InferenceService/{rpc}")
+    dispatch = one(spans, "tokenwire-gateway", "client", "dispatch")
+    worker = one(spans, "tokenwire-worker", "server", f"tokenwire.v1.WorkerService/{worker_rpc}")
+    assert call.parent_id == http.span_id
+    # The traceparent the bridge sent is its client span's.
+    assert gateway.parent_id == call.span_id
+    assert dispatch.parent_id == gateway.span_id
+    assert worker.parent_id == dispatch.span_id
+    return http, call, gateway, dispatch, worker
+
+
+def assert_bridge_call(call: Span, rpc: str, gateway_address: str, code: grpc.StatusCode) -> None:
+    """The bridge's client span by OpenTelemetry's RPC names, with the call's status."""
+    host, port = gateway_address.rsplit(":", 1)
+    assert call.attributes["rpc.system"] == "grpc"
+    assert call.attributes["rpc.service"] == "tokenwire.v1.InferenceService"
+    assert call.attributes["rpc.method"] == rpc
+    assert (call.attributes["server.address"], call.attributes["server.port"]) == (host, int(port))
+    assert call.attributes["rpc.grpc.status_code"] == code.value[0]
+    assert call.error == (code != grpc.StatusCode.OK)
+
+
 def test_a_streamed_chat_is_one_trace_from_the_bridge_through_the_gateway_to_the_worker(
     by_environment: Traced,
 ) -> None:
@@ -129,15 +161,14 @@ def test_a_streamed_chat_is_one_trace_from_the_bridge_through_the_gateway_to_the
     assert text
     spans = whole_trace(by_environment.spans, trace_of_request(by_environment.spans, "trace-one-chat"))
 
-    http = one(spans, "tokenwire-bridge", "server", "POST /v1/chat/completions")
-    gateway = one(spans, "tokenwire-gateway", "server", "tokenwire.v1.InferenceService/StreamChatCompletion")
+    http, call, gateway, dispatch, worker = hops(spans, "StreamChatCompletion", "Generate")
     admission = one(spans, "tokenwire-gateway", "internal", "admission")
-    dispatch = one(spans, "tokenwire-gateway", "client", "dispatch")
-    worker = one(spans, "tokenwire-worker", "server", "tokenwire.v1.WorkerService/Generate")
     # No traceparent came: the bridge started the trace, and each hop is the child of the one before.
     assert http.parent_id == ""
-    assert gateway.parent_id == http.span_id
-    assert admission.parent_id == dispatch.parent_id == gateway.span_id
+    assert admission.parent_id == gateway.span_id
+    assert_bridge_call(call, "StreamChatCompletion", by_environment.system.grpc_address, grpc.StatusCode.OK)
+    # The client span lasts the whole stream: it ends after the gateway's, within the HTTP request's.
+    assert http.start <= call.start <= gateway.start and gateway.end <= call.end <= http.end
     assert worker.parent_id == dispatch.span_id
     phases = children(spans, worker)
     assert [s.name for s in phases] == WORKER_PHASES
@@ -158,9 +189,26 @@ def test_a_streamed_chat_is_one_trace_from_the_bridge_through_the_gateway_to_the
     assert dispatch.attributes["tokenwire.dispatch.attempt"] == 1
     assert http.attributes["http.response.status_code"] == 200
     # A stream is counted, not a span a token.
-    assert len(spans) == 9
+    assert len(spans) == 10
     # The prompt is nowhere without --trace-content.
     assert not [s.name for s in spans if SECRET in s.text()]
+
+
+def test_a_non_streamed_chat_is_one_trace_from_the_bridge_through_the_gateway_to_the_worker(
+    by_environment: Traced,
+) -> None:
+    reply = by_environment.client().chat.completions.create(
+        model=CHAT_MODEL, messages=[{"role": "user", "content": "hello"}], extra_headers={"X-Request-Id": "trace-unary"}
+    )
+    assert reply.choices[0].message.content
+    spans = whole_trace(by_environment.spans, trace_of_request(by_environment.spans, "trace-unary"))
+    http, call, gateway, _, worker = hops(spans, "CreateChatCompletion", "GenerateChoice")
+    assert http.parent_id == ""
+    assert {s.attributes[tracing.REQUEST_ID] for s in (http, gateway, worker)} == {"trace-unary"}
+    assert_bridge_call(call, "CreateChatCompletion", by_environment.system.grpc_address, grpc.StatusCode.OK)
+    assert [s.name for s in children(spans, worker)] == WORKER_PHASES
+    assert not any(s.error for s in spans)
+    assert len(spans) == 10
 
 
 def test_an_incoming_traceparent_is_continued_over_http_and_over_grpc(by_environment: Traced) -> None:
@@ -199,16 +247,22 @@ def test_a_request_the_keys_refuse_is_traced_with_its_reason(by_environment: Tra
         )
     trace_id = trace_of_request(by_environment.spans, "refused")
     spans = harness.wait_until(
-        lambda: len(found := by_environment.spans.trace(trace_id)) == 2 and found, what="the refused request's spans"
+        lambda: len(found := by_environment.spans.trace(trace_id)) == 3 and found, what="the refused request's spans"
     )
     http = one(spans, "tokenwire-bridge", "server")
+    call = one(spans, "tokenwire-bridge", "client", "tokenwire.v1.InferenceService/CreateChatCompletion")
     gateway = one(spans, "tokenwire-gateway", "server", "tokenwire.v1.InferenceService/CreateChatCompletion")
-    assert gateway.parent_id == http.span_id and gateway.attributes[tracing.REQUEST_ID] == "refused"
+    assert call.parent_id == http.span_id and gateway.parent_id == call.span_id
+    assert gateway.attributes[tracing.REQUEST_ID] == "refused"
     assert gateway.attributes["error.type"] == "invalid_api_key"
     assert gateway.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
     assert http.attributes["http.response.status_code"] == 401
-    # The client's mistake, not the server's failure.
+    # The client's mistake, not the server's failure; the bridge's call failed, by OpenTelemetry's
+    # rule for a client span (every status but OK).
     assert not gateway.error and not http.error
+    assert_bridge_call(
+        call, "CreateChatCompletion", by_environment.system.grpc_address, grpc.StatusCode.UNAUTHENTICATED
+    )
 
 
 def test_prompt_and_completion_text_are_recorded_only_with_trace_content(by_flags: Traced) -> None:
@@ -242,6 +296,9 @@ def test_a_client_that_leaves_mid_stream_stops_the_worker_and_its_spans_say_so(b
     assert decode.error and decode.attributes["error.type"] == "cancelled"
     assert one(spans, "tokenwire-gateway", "server").attributes["error.type"] == "cancelled"
     assert one(spans, "tokenwire-bridge", "server").error  # the client left before the end
+    # The bridge cancelled its call to the gateway, and its client span ended with it.
+    call = one(spans, "tokenwire-bridge", "client")
+    assert_bridge_call(call, "StreamChatCompletion", by_flags.system.grpc_address, grpc.StatusCode.CANCELLED)
 
 
 def test_a_failover_shows_both_attempts(by_flags: Traced) -> None:
@@ -334,11 +391,7 @@ def test_serve_traces_each_of_its_parts_as_a_service_of_its_own() -> None:
                 model=CHAT_MODEL, messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Request-Id": "served"}
             )
             trace = whole_trace(spans, trace_of_request(spans, "served"))
-            http = one(trace, "tokenwire-bridge", "server")
-            gateway = one(trace, "tokenwire-gateway", "server", "tokenwire.v1.InferenceService/CreateChatCompletion")
-            dispatch = one(trace, "tokenwire-gateway", "client", "dispatch")
-            worker = one(trace, "tokenwire-worker", "server", "tokenwire.v1.WorkerService/GenerateChoice")
-            assert (gateway.parent_id, worker.parent_id) == (http.span_id, dispatch.span_id)
+            hops(trace, "CreateChatCompletion", "GenerateChoice")
         finally:
             assert serve.stop() == 0
 
@@ -357,6 +410,7 @@ def test_off_by_default_and_the_standard_switches() -> None:
     off = tracing.configure("a part never turned on", None, True, environ={})
     assert not off.on and off.start_span("admission") is trace.INVALID_SPAN
     assert tracing.call_metadata() == ()  # nothing of this process traces: calls carry no trace context
+    assert off.channel_interceptors("127.0.0.1:50051") == []  # nor does a channel get an interceptor
 
 
 @pytest.mark.parametrize(
