@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -46,7 +47,7 @@ async def serve(messages: int) -> None:
     async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return request
 
-    async def stream(request: bytes, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+    async def stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         for _ in range(messages):
             yield PAYLOAD
 
@@ -127,7 +128,7 @@ def main() -> None:
         asyncio.run(serve(args.serve))
         return
     python = str(venv.PROJECT_PYTHON)
-    started = []
+    started: list[subprocess.Popen[str]] = []
     try:
         for command in (
             [python, "-m", "bench.experiments.call_spans", "--serve", str(args.messages)],
@@ -135,7 +136,8 @@ def main() -> None:
         ):
             process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
             started.append(process)
-        address, sink = (process.stdout.readline().split()[-1] for process in started)  # type: ignore[union-attr]
+        # Each says READY and its address first.
+        address, sink = (process.stdout.readline().split()[-1] for process in started if process.stdout)
         asyncio.run(compare(args, address, sink))
     finally:
         for process in started:
