@@ -179,10 +179,26 @@ def store_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def tracing_flags(parser: argparse.ArgumentParser) -> None:
+    """OpenTelemetry traces (common/tracing.py): the gateway's, a worker's, the bridge's, and serve's."""
+    parser.add_argument(
+        "--otlp-traces-endpoint",
+        default=None,
+        help="send traces over OTLP/gRPC to this collector, e.g. http://127.0.0.1:4317 (default: "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT; neither: no traces)",
+    )
+    parser.add_argument(
+        "--trace-content",
+        action="store_true",
+        help="record prompt and completion text on the spans (default: never)",
+    )
+
+
 def member_flags(parser: argparse.ArgumentParser) -> None:
     """What a cluster member serving gRPC and dialing its peers takes (the gateway, a worker)."""
     message_limit_flags(parser)
     metrics_flag(parser)
+    tracing_flags(parser)
     tls_server_flags(parser)
     tls_client_flag(parser)
     cluster_flags(parser, serving=True)

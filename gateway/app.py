@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from common import tracing
 from common.grpc_server import GrpcServer
 from common.observability import serve_metrics
 from common.sampling import Limits
@@ -98,7 +99,7 @@ async def run_gateway(
         0,
         (api_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(inference, limiter), INFERENCE_SERVICE),
     )
-    server = GrpcServer(services, interceptors=[AuthInterceptor(api_keys, limiter)])
+    server = GrpcServer(services, interceptors=[AuthInterceptor(api_keys, limiter)], traced=tracing.part("gateway"))
     bound = server.bind(f"{host}:{port}", tls)
     registry_where = controller_address or "in-process, same port"
     if registry_server is not None:

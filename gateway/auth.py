@@ -22,7 +22,6 @@ import grpc
 
 from common import errors
 from common.authorization import bearer_key, parse_authorization
-from common.grpc_server import abort_with
 from gateway import metrics
 
 if TYPE_CHECKING:
@@ -147,13 +146,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _deny(handler: grpc.RpcMethodHandler, error: errors.ApiError) -> grpc.RpcMethodHandler:
+    """A handler that raises ``error``: the call wrapper around it (common/grpc_server.py) answers it."""
     metrics.ERRORS.labels("-", error.code or error.type).inc()
 
     async def deny_unary(request: object, context: grpc.aio.ServicerContext) -> None:
-        await abort_with(context, error)
+        raise error
 
     async def deny_stream(request: object, context: grpc.aio.ServicerContext):
-        await abort_with(context, error)
+        raise error
         yield  # pragma: no cover - makes this an async generator
 
     if handler.unary_stream is not None:

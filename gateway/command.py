@@ -108,11 +108,12 @@ def serving(
     args: argparse.Namespace, stop: asyncio.Event, on_ready: Callable[[int], None] | None = None
 ) -> Coroutine[Any, Any, None]:
     """The gateway until ``stop``; ``on_ready(port)`` once it serves (after its READY line)."""
-    from common import store
+    from common import store, tracing
     from common.grpc_server import server_credentials
     from gateway.app import run_gateway
     from gateway.key_reload import KeysSource
 
+    tracing.configure("gateway", args.otlp_traces_endpoint, args.trace_content)
     registry_host = args.registry_host or args.host
 
     def registry_ready(host: str, port: int) -> None:

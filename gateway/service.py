@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from common import observability as obs
+from common import tracing
 from common.errors import ApiError
 from gateway import cluster_status, metrics
 from gateway.auth import current_key
@@ -23,6 +24,15 @@ from gateway.rate_limits import RateLimiter
 from tokenwire.v1 import api_pb2, api_pb2_grpc, common_pb2
 
 log = logging.getLogger("tokenwire.gateway")
+traced = tracing.part("gateway")
+# gen_ai.operation.name of each kind of request (OpenTelemetry's GenAI conventions).
+OPERATIONS = {
+    "chat": "chat",
+    "chat_stream": "chat",
+    "completion": "text_completion",
+    "completion_stream": "text_completion",
+    "embedding": "embeddings",
+}
 
 
 class Observed:
@@ -66,6 +76,20 @@ class Observed:
             fields["ttft_ms"] = round((self.watch.first - self.watch.start) * 1000, 1)
         fields["latency_ms"] = round(elapsed * 1000, 1)
         obs.log_request(log, "request", **fields)
+        if traced.on:
+            self._trace()
+
+    def _trace(self) -> None:
+        """The request's figures on its span (the call's server span, which has its status), by
+        OpenTelemetry's GenAI names."""
+        attributes: dict[str, str | int] = {
+            "gen_ai.operation.name": OPERATIONS[self.kind],
+            "gen_ai.request.model": self.requested,
+        }
+        if self.usage is not None:
+            attributes["gen_ai.usage.input_tokens"] = self.usage.prompt_tokens
+            attributes["gen_ai.usage.output_tokens"] = self.usage.completion_tokens
+        tracing.set_on_current_span(traced, attributes)
 
 
 class InferenceServicer(api_pb2_grpc.InferenceServiceServicer):

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2_grpc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from common import tracing
 from common.errors import ApiError
 from common.grpc_server import open_channel
 from common.store import Store
@@ -32,6 +33,8 @@ from rest_bridge.middleware import RequestMiddleware
 from rest_bridge.responses import routes as responses
 from rest_bridge.responses.store import MemoryResponseStore, RedisResponseStore
 from tokenwire.v1 import api_pb2_grpc
+
+traced = tracing.part("bridge")
 
 
 @contextlib.asynccontextmanager
@@ -45,7 +48,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await shared.start()
         app.state.responses = RedisResponseStore(shared, *settings.responses_store_bounds)
     try:
-        async with open_channel(settings.gateway_address) as channel:
+        address = settings.gateway_address
+        async with open_channel(address, traced.channel_interceptors(address)) as channel:
             app.state.stub = api_pb2_grpc.InferenceServiceStub(channel)
             app.state.health = health_pb2_grpc.HealthStub(channel)
             yield
@@ -56,7 +60,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: BridgeSettings | None = None) -> FastAPI:
     settings = settings or BridgeSettings()
-    app = FastAPI(title="tokenwire", version="0.1.0", lifespan=_lifespan)
+    app = FastAPI(title="tokenwire", version="0.1.0", lifespan=_lifespan, telemetry=traced.fastapi_telemetry())
     app.state.settings = settings
     app.add_middleware(
         CORSMiddleware,

@@ -31,6 +31,7 @@ def bridge_flags(parser: argparse.ArgumentParser) -> None:
     sampling.limit_flags(parser)
     settings.store_flags(parser)
     settings.tls_client_flag(parser)
+    settings.tracing_flags(parser)
     settings.logging_flags(parser)
 
 
@@ -95,11 +96,12 @@ def server(args: argparse.Namespace) -> tuple[uvicorn.Server, socket.socket]:
     """The bridge's uvicorn server, and its socket, bound to --host/--port."""
     import uvicorn
 
-    from common import store
+    from common import store, tracing
     from rest_bridge import connections
     from rest_bridge.app import create_app
     from rest_bridge.config import BridgeSettings
 
+    tracing.configure("bridge", args.otlp_traces_endpoint, args.trace_content)
     bridge_settings = BridgeSettings(
         gateway_address=args.gateway_address,
         limits=sampling.limits(args),

@@ -82,7 +82,8 @@ def stream_flag(body: dict[str, Any]) -> bool:
 
 
 def call_metadata(request: Request) -> tuple[tuple[str, str], ...]:
-    """What the gateway needs from the HTTP request: the key and the request id."""
+    """What the gateway needs from the HTTP request: the key and the request id (the trace
+    context goes with the call's client span: ``tracing.CallSpans`` on the bridge's channel)."""
     authorization = request.headers.get("authorization")
     rid = (REQUEST_ID_HEADER, request_id.get())
     return (("authorization", authorization), rid) if authorization else (rid,)

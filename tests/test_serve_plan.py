@@ -42,6 +42,8 @@ BRIDGE_FLAGS = {
     "--max-tokens-limit": "4096",
     "--log-level": "debug",
     "--log-format": "json",
+    "--otlp-traces-endpoint": "http://collector.example:4317",
+    "--trace-content": None,
 }
 GATEWAY_FLAGS = {
     "--grpc-port": "50999",
@@ -123,6 +125,15 @@ def test_the_message_limits_follow_the_body_limit_unless_given() -> None:
     for process, part in ((planned.front, "gateway"), *((worker, "worker") for worker in planned.workers)):
         args = child_view(process, part)
         assert (args.max_receive_message_length, args.max_send_message_length) == (123456, 123456)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-process", "split"])
+def test_the_tracing_flags_reach_every_part(split: bool) -> None:
+    flags = ["--otlp-traces-endpoint", "http://collector.example:4317", "--trace-content", "--echo"]
+    planned = make_plan(*flags, *(["--split-front-end"] if split else []))
+    views = [child_view(planned.front, "gateway"), child_view(planned.bridge or planned.front, "bridge")]
+    views += [child_view(worker, "worker") for worker in planned.workers]
+    assert [(v.otlp_traces_endpoint, v.trace_content) for v in views] == [("http://collector.example:4317", True)] * 4
 
 
 def test_secrets_go_by_the_environment_never_argv() -> None:
