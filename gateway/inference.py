@@ -358,18 +358,29 @@ class _UsageSum:
         self.n = n or choices  # choices per prompt (chat: all of them share one)
         self.prompt = [0] * choices
         self.completion = [0] * choices
+        self.cached: list[int | None] = [None] * choices  # None: the worker did not say
 
     def accepted(self, response: worker_pb2.GenerateResponse) -> None:
         if response.HasField("accepted") and response.index % self.n == 0:
             self.prompt[response.index] = response.accepted.prompt_tokens
 
     def ended(self, response: worker_pb2.GenerateResponse) -> None:
-        if response.HasField("end"):
-            self.completion[response.index] = response.end.usage.completion_tokens
+        if not response.HasField("end"):
+            return
+        i, usage = response.index, response.end.usage
+        self.completion[i] = usage.completion_tokens
+        if i % self.n == 0:
+            # The end's count is the engine's last word (an upstream's own, template included).
+            self.prompt[i] = usage.prompt_tokens or self.prompt[i]
+            if usage.HasField("prompt_tokens_details"):
+                self.cached[i] = usage.prompt_tokens_details.cached_tokens
 
     def total(self) -> common_pb2.Usage:
         prompt, completion = sum(self.prompt), sum(self.completion)
-        return common_pb2.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        out = common_pb2.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        if any(c is not None for c in self.cached):
+            out.prompt_tokens_details.cached_tokens = sum(c or 0 for c in self.cached)
+        return out
 
 
 def _sampling(
