@@ -18,6 +18,7 @@ from common.grpc_server import outgoing_metadata
 from common.sampling import Limits, copy_sampling
 from gateway.dispatch import Dispatcher
 from gateway.pool import WorkerHandle, WorkerPool
+from gateway.routing import Route, Router, chat_chain, completion_chains
 from gateway.validation import check_chat, check_completion, check_embedding
 from tokenwire.v1 import api_pb2, common_pb2, worker_pb2
 
@@ -27,10 +28,16 @@ def completion_id(prefix: str) -> str:
 
 
 class Inference:
-    def __init__(self, pool: WorkerPool, limits: Limits | None = None) -> None:
+    def __init__(self, pool: WorkerPool, limits: Limits | None = None, router: Router | None = None) -> None:
         self.pool = pool
         self.dispatch = Dispatcher(pool)
         self.limits = limits or Limits()
+        self.router = router  # None: least-loaded dispatch
+
+    def _chat_route(self, request: api_pb2.CreateChatCompletionRequest, n: int) -> Route | None:
+        if self.router is None:
+            return None
+        return self.router.route(request.model, [chat_chain(request)], n)
 
     def _require_kind(self, model: str, generation: bool) -> common_pb2.ModelInfo:
         info = self.pool.model_info(model)
@@ -81,7 +88,8 @@ class Inference:
             )
 
         usage = _UsageSum(len(requests))
-        async for response in self.dispatch.choices(model, requests, timeout, stream=True):
+        route = self._chat_route(request, len(requests))
+        async for response in self.dispatch.choices(model, requests, timeout, stream=True, prefer=route):
             i = response.index
             if response.HasField("accepted"):
                 usage.accepted(response)
@@ -116,7 +124,8 @@ class Inference:
             r.request_id = response_id
         choices: list[api_pb2.ChatCompletionChoice] = [api_pb2.ChatCompletionChoice() for _ in requests]
         usage = _UsageSum(len(requests))
-        async for response in self.dispatch.choices(request.model, requests, timeout, stream=False):
+        route = self._chat_route(request, len(requests))
+        async for response in self.dispatch.choices(request.model, requests, timeout, stream=False, prefer=route):
             usage.accepted(response)
             usage.ended(response)
             output = response.delta
@@ -173,7 +182,10 @@ class Inference:
         for r in requests:
             r.request_id = response_id
         offsets = [0] * len(requests)
-        async for response in self.dispatch.choices(request.model, requests, timeout, stream):
+        route = None
+        if self.router is not None:
+            route = self.router.route(request.model, completion_chains(request), len(requests) // len(request.prompt))
+        async for response in self.dispatch.choices(request.model, requests, timeout, stream, prefer=route):
             for entry in response.delta.logprobs:
                 entry.text_offset = offsets[response.index]
                 offsets[response.index] += len(entry.token)
