@@ -32,6 +32,7 @@ import statistics
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -40,6 +41,7 @@ import httpx
 from bench.servers import Group, Server, free_port, machine_busy, tokenwire
 
 MODEL = "smollm2"
+BENCH_SMG = Path(__file__).resolve().parent / ".venv" / "bin" / "smg"  # make bench's venv has it
 WORDS = (
     "river garden stone window market letter winter silver forest harbor engine pocket candle "
     "meadow ladder basket thunder pepper violin orchard lantern mirror blanket saddle compass "
@@ -358,7 +360,9 @@ def main() -> None:
     parser.add_argument("--random-requests", type=int, default=60)
     parser.add_argument("--random-words", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--smg", default="smg", help="smg's command, for the smg-<policy> routings")
+    parser.add_argument(
+        "--smg", default=str(BENCH_SMG), help="smg's command, for the smg-<policy> routings (deps/bench.in)"
+    )
     parser.add_argument("--index", action="store_true", help="measure the index alone")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()

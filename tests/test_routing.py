@@ -15,8 +15,10 @@ from tokenwire.v1 import api_pb2, common_pb2, registry_pb2, worker_pb2
 SYSTEM = "You are a helpful assistant. " * 40
 
 
-def chat(*turns: str, model: str = "m", key: str = "", **extra: Any) -> api_pb2.CreateChatCompletionRequest:
-    messages = [common_pb2.ChatMessage(role="system", content=SYSTEM)]
+def chat(
+    *turns: str, model: str = "m", key: str = "", system: str = SYSTEM, **extra: Any
+) -> api_pb2.CreateChatCompletionRequest:
+    messages = [common_pb2.ChatMessage(role="system", content=system)]
     for i, text in enumerate(turns):
         messages.append(common_pb2.ChatMessage(role="user" if i % 2 == 0 else "assistant", content=text))
     return api_pb2.CreateChatCompletionRequest(model=model, messages=messages, prompt_cache_key=key, **extra)
@@ -59,7 +61,7 @@ def test_a_later_turn_extends_the_earlier_chain() -> None:
     first, second = chat_chain(chat("hello")), chat_chain(chat("hello", "hi there", "and then?"))
     assert second.hashes[: len(first.hashes)] == first.hashes
     assert len(second.hashes) > len(first.hashes)
-    assert first.anchor == second.anchor  # the prefix through the first user message
+    assert first.anchor == second.anchor == first.hashes[0]  # the system prompt (its first KiB)
 
 
 def test_what_the_prompt_depends_on_changes_every_hash() -> None:
@@ -71,9 +73,10 @@ def test_what_the_prompt_depends_on_changes_every_hash() -> None:
         chat("hello", model="other"),
     ):
         assert not set(chat_chain(other).hashes) & set(base.hashes)
-    # A different first user message: the system prompt is shared, the anchor is not.
+    # A different first user message: the system prompt and the anchor are shared.
     sibling = chat_chain(chat("goodbye"))
-    assert sibling.hashes[0] == base.hashes[0] and sibling.anchor != base.anchor
+    assert sibling.hashes[0] == base.hashes[0] and sibling.anchor == base.anchor
+    assert sibling.hashes[-1] != base.hashes[-1]
 
 
 def test_long_messages_are_cut_in_blocks_and_share_their_beginning() -> None:
@@ -145,6 +148,8 @@ def test_a_conversations_turns_stay_on_one_worker() -> None:
 
 def test_a_busy_worker_loses_its_affinity_past_the_margin() -> None:
     router, pool = Router(MemoryIndex(2**20), Margin(calls=2, ratio=1.5)), workers(3)
+    for worker in pool:
+        worker.status.capacity = 8
     home = serve(router, chat("hi"), pool)
     home.in_flight = 2  # 2 more than the idle ones: within the margin
     assert serve(router, chat("hi", "yo", "again"), pool) is home
@@ -155,21 +160,34 @@ def test_a_busy_worker_loses_its_affinity_past_the_margin() -> None:
     assert other is not home and decisions[-1].reason == "load"
     # Busy everywhere alike: the margin is relative too.
     for worker in pool:
-        worker.in_flight = 10
-    home = serve(router, chat("hello"), pool)
+        worker.status.capacity, worker.in_flight = 16, 10
+    home = serve(router, chat("hello", system="another tenant"), pool)
     home.in_flight = 13
-    assert serve(router, chat("hello", "yo", "again"), pool) is home
+    assert serve(router, chat("hello", "yo", "again", system="another tenant"), pool) is home
 
 
 def test_no_match_spreads_by_anchor_and_two_routers_agree() -> None:
     pool = workers(3)
     one, two = Router(MemoryIndex(2**20)), Router(MemoryIndex(2**20))
     homes = set()
-    for session in range(30):
-        first = serve(one, chat(f"session {session}"), pool)
-        assert serve(two, chat(f"session {session}", "a reply", "the next turn"), pool) is first
+    for tenant in range(30):
+        system = f"tenant {tenant}'s assistant"
+        first = serve(one, chat("hello", system=system), pool)
+        # The other router has not seen this conversation: the same anchor, the same worker.
+        assert serve(two, chat("hello", "a reply", "the next turn", system=system), pool) is first
         homes.add(first.status.address)
-    assert len(homes) == 3  # one tenant's sessions spread over the workers
+    assert len(homes) == 3  # tenants spread over the workers
+
+
+def test_a_tenants_sessions_gather_where_its_system_prompt_is_until_the_margin() -> None:
+    router, pool = Router(MemoryIndex(2**20)), workers(3)
+    home = serve(router, chat("first session"), pool)
+    assert all(serve(router, chat(f"session {i}"), pool) is home for i in range(5))
+    home.in_flight = home.status.capacity  # full, while the others have free slots
+    spilled = serve(router, chat("one more session"), pool)
+    assert spilled is not home
+    # Now both hold the system prompt: the less loaded of them takes the next session.
+    assert serve(router, chat("and another"), pool) is spilled
 
 
 def test_prompt_cache_key_pins_different_conversations_together() -> None:

@@ -48,8 +48,10 @@ def gateway_metrics(system: EchoSystem) -> dict[str, float]:
     return harness.scrape(f"http://{system.gateway.metrics_address}/metrics")
 
 
-def conversation(client: openai.OpenAI, first: str, turns: int, **extra: Any) -> list[dict[str, Any]]:
-    messages: list[dict[str, Any]] = [SYSTEM, {"role": "user", "content": first}]
+def conversation(
+    client: openai.OpenAI, first: str, turns: int, system: dict[str, str] = SYSTEM, **extra: Any
+) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = [system, {"role": "user", "content": first}]
     for turn in range(turns):
         reply = client.chat.completions.create(model=CHAT_MODEL, messages=messages, max_tokens=4, **extra)  # type: ignore[arg-type]
         messages += [{"role": "assistant", "content": reply.choices[0].message.content}]
@@ -60,13 +62,13 @@ def conversation(client: openai.OpenAI, first: str, turns: int, **extra: Any) ->
 def test_a_conversations_turns_land_on_one_worker(system: EchoSystem) -> None:
     sdk = client(system)
     homes = set()
-    for session in range(6):
+    for tenant in range(6):
         before = served(system)
-        conversation(sdk, f"session {session}", 4)
+        conversation(sdk, "hello", 4, system={"role": "system", "content": f"Tenant {tenant}'s assistant."})
         where = landed(system, before)
         assert len(where) == 1, where
         homes |= set(where)
-    assert len(homes) >= 2  # sessions that share only the system prompt still spread
+    assert len(homes) >= 2  # tenants spread over the workers
     decisions = gateway_metrics(system)
     assert decisions[f'tokenwire_routing_decisions_total{{model="{CHAT_MODEL}",reason="prefix"}}'] == 18
     assert decisions[f'tokenwire_routing_decisions_total{{model="{CHAT_MODEL}",reason="anchor"}}'] == 6
