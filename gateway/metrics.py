@@ -53,8 +53,8 @@ WORKER_QUEUE = Gauge(
 
 ROUTING_DECISIONS = Counter(
     "tokenwire_routing_decisions_total",
-    "Cache-aware routing decisions by reason (prefix, anchor, load)",
-    ["model", "reason"],
+    "Cache-aware routing decisions by reason (prefix, anchor, load) and chosen worker",
+    ["model", "reason", "worker"],
     registry=REGISTRY,
 )
 ROUTING_PREDICTED = Counter(

@@ -305,7 +305,7 @@ class Route:
             passed_over = passed_over or fits is not ranked[0]
             decision = Decision(fits.status.address, "load" if passed_over else "anchor")
         self._predicted[index] = decision.matched_tokens
-        metrics.ROUTING_DECISIONS.labels(self.model, decision.reason).inc()
+        metrics.ROUTING_DECISIONS.labels(self.model, decision.reason, decision.worker).inc()
         decisions = current_decisions.get()
         if decisions is not None:
             decisions.append(decision)
