@@ -15,7 +15,7 @@
   agree; else the least loaded. The anchor is ``prompt_cache_key`` when given, else the first
   prefix (the system prompt, or the first message or block). A tenant's sessions thus gather where
   its system prompt is cached, as long as the margin allows: on the bench's bounded-KV trace that
-  evaluated 17.8 % of the prompt tokens sent, against 24.6 % when sessions spread by their first
+  evaluated 16-18 % of the prompt tokens sent, against 24.6 % when sessions spread by their first
   user message (bench/RESULTS.md). The margin also never queues a call on a full worker while
   another has a free slot.
 - **feedback**: after each choice its chain is recorded for the worker that served it; a worker
