@@ -12,7 +12,8 @@
 - **route**: the longest prefix held by a live worker within the load margin wins (the least loaded
   among its holders), down to a shared system prompt alone; with none, rendezvous hashing of the
   request's *anchor* over the workers within the margin, so that gateways that share no state
-  agree; else the least loaded. The anchor is ``prompt_cache_key`` when given, else the first
+  agree; else the least loaded. ``prompt_cache_key``, when given, is the anchor and decides alone
+  (requests that share it share a worker, within the margin); else the anchor is the first
   prefix (the system prompt, or the first message or block). A tenant's sessions thus gather where
   its system prompt is cached, as long as the margin allows: on the bench's bounded-KV trace that
   evaluated 16-18 % of the prompt tokens sent, against 24.6 % when sessions spread by their first
@@ -40,7 +41,7 @@ from gateway import metrics
 from gateway.pool import WorkerHandle, least_loaded
 from tokenwire.v1 import api_pb2, worker_pb2
 
-# Cut every BLOCK bytes inside long messages too (bench/routing.py measures the choice).
+# Cut every BLOCK bytes inside long messages too: long prompts that share a beginning (bench/RESULTS.md).
 BLOCK = 1024
 _DIGEST = 16
 _FIELD, _RECORD = b"\x1f", b"\x1e"  # ASCII unit and record separators
@@ -55,6 +56,7 @@ class Chain:
     ends: tuple[int, ...]  # where each prefix ends in the canonical stream (bytes)
     size: int  # bytes of the whole stream
     anchor: bytes  # what rendezvous hashing uses when no worker holds a prefix
+    pinned: bool = False  # the anchor is the caller's prompt_cache_key: it decides, not the prefixes
 
     def tokens(self, prompt_tokens: int) -> list[int]:
         """Each prefix's estimated tokens: the prompt's, scaled by its share of the bytes."""
@@ -87,7 +89,7 @@ class _ChainBuilder:
         """The anchor is the caller's key, else the first prefix (the first message, or block)."""
         self.cut()
         anchor = b"key" + _FIELD + cache_key.encode() if cache_key else self.hashes[0]
-        return Chain(tuple(self.hashes), tuple(self.ends), self._size, anchor)
+        return Chain(tuple(self.hashes), tuple(self.ends), self._size, anchor, bool(cache_key))
 
 
 def _header(model: str, *parts: bytes) -> _ChainBuilder:
@@ -288,9 +290,9 @@ class Route:
         margin, least = self.router.margin, least_loaded(candidates)
         by_address = {w.status.address: w for w in candidates}
         decision: Decision | None = None
-        chain = self.chains[index // self.n]
+        chain, holders = self.chains[index // self.n], self._chain_holders(index // self.n)
         passed_over = False  # a worker that holds the prefix, or the anchor's, was over the margin
-        for held in reversed(self._chain_holders(index // self.n)):
+        for held in reversed([] if chain.pinned else holders):
             live = [by_address[a] for a in held if a in by_address]
             if live:
                 best = least_loaded(live)
@@ -303,7 +305,10 @@ class Route:
             ranked = sorted(candidates, key=lambda w: _rendezvous(chain.anchor, w.status.address), reverse=True)
             fits = next((w for w in ranked if not margin.over(w, least)), least)
             passed_over = passed_over or fits is not ranked[0]
-            decision = Decision(fits.status.address, "load" if passed_over else "anchor")
+            held_there = next(
+                (held[fits.status.address] for held in reversed(holders) if fits.status.address in held), 0
+            )
+            decision = Decision(fits.status.address, "load" if passed_over else "anchor", held_there)
         self._predicted[index] = decision.matched_tokens
         metrics.ROUTING_DECISIONS.labels(self.model, decision.reason, decision.worker).inc()
         decisions = current_decisions.get()
