@@ -25,8 +25,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Protocol, TypeVar
 
 import grpc
+from opentelemetry import trace
 
-from common import errors
+from common import errors, tracing
 from common.grpc_server import outgoing_metadata, really_cancelled
 from gateway.metrics import current_watch
 from gateway.pool import WorkerHandle, WorkerPool, least_loaded
@@ -38,6 +39,8 @@ T = TypeVar("T")
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 MAX_ATTEMPTS = 3
 
+traced = tracing.part("gateway")
+
 
 class Preference(Protocol):
     """Chooses a choice's worker, and hears which worker ended it."""
@@ -45,6 +48,10 @@ class Preference(Protocol):
     def choose(self, candidates: list[WorkerHandle], index: int) -> WorkerHandle: ...
 
     def served(self, worker: WorkerHandle, response: worker_pb2.GenerateResponse) -> None: ...
+
+    def reason(self, index: int) -> str:
+        """Why choice ``index`` went where it last went (for its span)."""
+        ...
 
 
 class _ChannelClosed(grpc.aio.AioRpcError):
@@ -68,6 +75,31 @@ class Dispatcher:
         if prefer is not None:
             return prefer.choose(candidates, index)
         return least_loaded(candidates)
+
+    @staticmethod
+    def _attempt(
+        model: str, handle: WorkerHandle, attempt: int, index: int | None = None, reason: str = "least_loaded"
+    ) -> trace.Span:
+        """The span of one attempt at a worker call (the call's client span): which worker, why,
+        and the how-manieth. Not the current span (it lives across a stream's yields):
+        :func:`_calling` makes it current while the call is made, which sends its context."""
+        span = traced.start_span("dispatch", kind=trace.SpanKind.CLIENT)
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "rpc.system": "grpc",
+                    "rpc.service": "tokenwire.v1.WorkerService",
+                    "gen_ai.request.model": model,
+                    "tokenwire.dispatch.attempt": attempt,
+                    "tokenwire.dispatch.reason": reason,
+                    "tokenwire.worker.id": handle.worker_id,
+                    "tokenwire.worker.load": handle.load(),
+                    "server.address": handle.status.address,
+                }
+            )
+            if index is not None:
+                span.set_attribute("tokenwire.choice.index", index)
+        return span
 
     @staticmethod
     @contextlib.contextmanager
@@ -100,15 +132,21 @@ class Dispatcher:
         tried: frozenset[str] = frozenset()
         for attempt in range(1, MAX_ATTEMPTS + 1):
             handle = self.pick(model, tried, prefer, index)
+            span = self._attempt(model, handle, attempt, reason=_reason(prefer, index))
             with self.lease(handle):
                 try:
-                    return await call(handle)
+                    with _calling(span):
+                        return await call(handle)
                 except grpc.aio.AioRpcError as error:
+                    _failed(span, error)
                     tried = self._failover(error, handle, tried, attempt, model)
                 except asyncio.CancelledError:
                     if really_cancelled():
                         raise
+                    _failed(span, _ChannelClosed())
                     tried = self._failover(_ChannelClosed(), handle, tried, attempt, model)
+                finally:
+                    span.end()
         raise AssertionError("unreachable")
 
     async def _stream(
@@ -120,8 +158,10 @@ class Dispatcher:
         watch = current_watch.get()  # the request's token timing
         for attempt in range(1, MAX_ATTEMPTS + 1):
             handle = self.pick(model, tried, prefer, request.index)
+            span = self._attempt(model, handle, attempt, request.index, _reason(prefer, request.index))
             with self.lease(handle):
-                call = handle.stub.Generate(request, timeout=_remaining(deadline), metadata=outgoing_metadata())
+                with _calling(span):
+                    call = handle.stub.Generate(request, timeout=_remaining(deadline), metadata=outgoing_metadata())
                 try:
                     async for response in call:
                         if response.HasField("accepted"):
@@ -137,15 +177,18 @@ class Dispatcher:
                         yield response
                     return
                 except grpc.aio.AioRpcError as error:
+                    _failed(span, error)
                     if produced:
                         raise errors.ApiError.from_rpc_error(error) from None
                     tried = self._failover(error, handle, tried, attempt, model)
                 except asyncio.CancelledError:
                     if produced or really_cancelled():
                         raise
+                    _failed(span, _ChannelClosed())
                     tried = self._failover(_ChannelClosed(), handle, tried, attempt, model)
                 finally:
                     call.cancel()
+                    span.end()
 
     async def _whole(
         self, model: str, request: worker_pb2.GenerateRequest, deadline: float | None, prefer: Preference | None
@@ -233,6 +276,21 @@ class Dispatcher:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _calling(span: trace.Span) -> contextlib.AbstractContextManager[object]:
+    """``span`` current while a worker call is made: the call's metadata carries its context."""
+    if not span.is_recording():
+        return contextlib.nullcontext()
+    return trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False)
+
+
+def _failed(span: trace.Span, error: grpc.aio.AioRpcError) -> None:
+    tracing.failed(span, error, error.code().name)
+
+
+def _reason(prefer: Preference | None, index: int) -> str:
+    return "least_loaded" if prefer is None else prefer.reason(index)
 
 
 def _remaining(deadline: float | None) -> float | None:

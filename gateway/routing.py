@@ -280,6 +280,10 @@ class Route:
     n: int
     _holders: dict[int, list[dict[str, int]]] = field(default_factory=dict)
     _predicted: dict[int, int] = field(default_factory=dict)
+    _reasons: dict[int, str] = field(default_factory=dict)
+
+    def reason(self, index: int) -> str:
+        return self._reasons.get(index, "least_loaded")
 
     def _chain_holders(self, prompt: int) -> list[dict[str, int]]:
         if prompt not in self._holders:  # once per prompt, also across failover
@@ -310,6 +314,7 @@ class Route:
             )
             decision = Decision(fits.status.address, "load" if passed_over else "anchor", held_there)
         self._predicted[index] = decision.matched_tokens
+        self._reasons[index] = decision.reason
         metrics.ROUTING_DECISIONS.labels(self.model, decision.reason, decision.worker).inc()
         decisions = current_decisions.get()
         if decisions is not None:
