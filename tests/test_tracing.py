@@ -65,7 +65,8 @@ def by_flags() -> Iterator[Traced]:
         system = start_echo_system(
             tokens=40,
             delay=0.01,
-            gateway_args=(*flag, "--heartbeat-expiry", "120"),
+            # Least-loaded: the failover test's two choices must go to the two workers.
+            gateway_args=(*flag, "--heartbeat-expiry", "120", "--routing", "least-loaded"),
             worker_args=(*flag, "--trace-content"),
             bridge_args=flag,
         )

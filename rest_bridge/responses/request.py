@@ -232,6 +232,12 @@ def parse_request(body: dict[str, Any], previous: Stored | None) -> ResponseRequ
     history = previous.history if previous is not None else []
     chat: dict[str, Any] = {k: body[k] for k in PASSTHROUGH if body.get(k) is not None}
     chat["messages"] = [*head, *history, *new_input.messages]
+    # A chain keeps the key its first turn gave, so that its turns share a worker (docs/api.md).
+    cache_key = body.get("prompt_cache_key")
+    if cache_key is None and previous is not None:
+        cache_key = previous.response.get("prompt_cache_key")
+    if cache_key is not None:
+        chat["prompt_cache_key"] = require_str(cache_key, "prompt_cache_key")
     if not chat["messages"]:
         raise errors.invalid_request("'input' must not be empty.", "input")
     limit = body.get("max_output_tokens")
@@ -259,6 +265,7 @@ def parse_request(body: dict[str, Any], previous: Stored | None) -> ResponseRequ
         "metadata": _metadata(body.get("metadata")),
         "parallel_tool_calls": body.get("parallel_tool_calls", True),
         "previous_response_id": body.get("previous_response_id"),
+        "prompt_cache_key": chat.get("prompt_cache_key"),
         "temperature": body.get("temperature", 1.0),
         "text": {"format": (text or {}).get("format") or {"type": "text"}, "verbosity": "medium"},
         "tool_choice": body.get("tool_choice") or "auto",
