@@ -53,6 +53,10 @@ class Preference(Protocol):
         """Why choice ``index`` went where it last went (for its span)."""
         ...
 
+    def predicted_tokens(self, index: int) -> int:
+        """How many of choice ``index``'s prompt tokens its worker was expected to hold (for its span)."""
+        ...
+
 
 class _ChannelClosed(grpc.aio.AioRpcError):
     """A worker call cut short by its channel closing (the worker left the pool)."""
@@ -78,7 +82,7 @@ class Dispatcher:
 
     @staticmethod
     def _attempt(
-        model: str, handle: WorkerHandle, attempt: int, index: int | None = None, reason: str = "least_loaded"
+        model: str, handle: WorkerHandle, attempt: int, index: int = 0, prefer: Preference | None = None
     ) -> trace.Span:
         """The span of one attempt at a worker call (the call's client span): which worker, why,
         and the how-manieth. Not the current span (it lives across a stream's yields):
@@ -91,14 +95,14 @@ class Dispatcher:
                     "rpc.service": "tokenwire.v1.WorkerService",
                     "gen_ai.request.model": model,
                     "tokenwire.dispatch.attempt": attempt,
-                    "tokenwire.dispatch.reason": reason,
+                    "tokenwire.dispatch.reason": "least_loaded" if prefer is None else prefer.reason(index),
+                    "tokenwire.dispatch.prefix_tokens": 0 if prefer is None else prefer.predicted_tokens(index),
                     "tokenwire.worker.id": handle.worker_id,
                     "tokenwire.worker.load": handle.load(),
                     "server.address": handle.status.address,
                 }
             )
-            if index is not None:
-                span.set_attribute("tokenwire.choice.index", index)
+            span.set_attribute("tokenwire.choice.index", index)
         return span
 
     @staticmethod
@@ -132,7 +136,7 @@ class Dispatcher:
         tried: frozenset[str] = frozenset()
         for attempt in range(1, MAX_ATTEMPTS + 1):
             handle = self.pick(model, tried, prefer, index)
-            span = self._attempt(model, handle, attempt, reason=_reason(prefer, index))
+            span = self._attempt(model, handle, attempt, index, prefer)
             with self.lease(handle):
                 try:
                     with _calling(span):
@@ -158,7 +162,7 @@ class Dispatcher:
         watch = current_watch.get()  # the request's token timing
         for attempt in range(1, MAX_ATTEMPTS + 1):
             handle = self.pick(model, tried, prefer, request.index)
-            span = self._attempt(model, handle, attempt, request.index, _reason(prefer, request.index))
+            span = self._attempt(model, handle, attempt, request.index, prefer)
             with self.lease(handle):
                 with _calling(span):
                     call = handle.stub.Generate(request, timeout=_remaining(deadline), metadata=outgoing_metadata())
@@ -287,10 +291,6 @@ def _calling(span: trace.Span) -> contextlib.AbstractContextManager[object]:
 
 def _failed(span: trace.Span, error: grpc.aio.AioRpcError) -> None:
     tracing.failed(span, error, error.code().name)
-
-
-def _reason(prefer: Preference | None, index: int) -> str:
-    return "least_loaded" if prefer is None else prefer.reason(index)
 
 
 def _remaining(deadline: float | None) -> float | None:

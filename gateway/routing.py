@@ -285,6 +285,9 @@ class Route:
     def reason(self, index: int) -> str:
         return self._reasons.get(index, "least_loaded")
 
+    def predicted_tokens(self, index: int) -> int:
+        return self._predicted.get(index, 0)
+
     def _chain_holders(self, prompt: int) -> list[dict[str, int]]:
         if prompt not in self._holders:  # once per prompt, also across failover
             self._holders[prompt] = self.router.index.holders(self.chains[prompt].hashes)
