@@ -224,7 +224,9 @@ def test_a_conversations_next_turn_says_it_was_routed_by_its_prefix_and_how_long
     dispatched = []
     for turn in ("trace-turn-1", "trace-turn-2"):
         reply = by_environment.client().chat.completions.create(
-            model=CHAT_MODEL, messages=messages, extra_headers={"X-Request-Id": turn}  # type: ignore[arg-type]
+            model=CHAT_MODEL,
+            messages=messages,
+            extra_headers={"X-Request-Id": turn},  # type: ignore[arg-type]
         )
         messages += [
             {"role": "assistant", "content": reply.choices[0].message.content or ""},

@@ -167,7 +167,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             status = "internal_error"
             raise
         finally:
-            spans.end(request, choice.prompt_tokens, choice.cached_tokens, choice.completion_tokens, choice.finish, status)
+            spans.end(
+                request, choice.prompt_tokens, choice.cached_tokens, choice.completion_tokens, choice.finish, status
+            )
             metrics.ENGINE_REQUESTS.labels(self.model, "generate", status).inc()
             metrics.ENGINE_TOKENS.labels(self.model).inc(generation.tokens)
             if choice.finish:
