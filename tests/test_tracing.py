@@ -225,8 +225,8 @@ def test_a_conversations_next_turn_says_it_was_routed_by_its_prefix_and_how_long
     for turn in ("trace-turn-1", "trace-turn-2"):
         reply = by_environment.client().chat.completions.create(
             model=CHAT_MODEL,
-            messages=messages,
-            extra_headers={"X-Request-Id": turn},  # type: ignore[arg-type]
+            messages=messages,  # type: ignore[arg-type]
+            extra_headers={"X-Request-Id": turn},
         )
         messages += [
             {"role": "assistant", "content": reply.choices[0].message.content or ""},
