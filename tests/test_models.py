@@ -517,3 +517,12 @@ def test_unusable_references_are_400_naming_them(
     error = caught.value.body
     assert named in error["message"] and "$ref" in error["message"]
     assert error["param"] == "tools[1].function.parameters"
+
+
+@pytest.mark.parametrize("token", [49152, 99999999])
+def test_logit_bias_outside_the_vocabulary_is_400(client: openai.OpenAI, token: int) -> None:
+    # SmolLM2's vocabulary: 49,152 ids, 0..49151.
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=CHAT, messages=FRANCE, logit_bias={str(token): -100}, max_tokens=2)
+    assert caught.value.param == "logit_bias"
+    assert str(token) in caught.value.message
