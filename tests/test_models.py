@@ -131,6 +131,12 @@ def test_completion_echo_and_logprobs(client: openai.OpenAI) -> None:
     assert reply.usage.completion_tokens == 4
 
 
+def test_completion_logprobs_0_gives_the_sampled_token(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model=CHAT, prompt="1, 2, 3,", temperature=0, max_tokens=4, logprobs=0)
+    logprobs = reply.choices[0].logprobs
+    assert logprobs.top_logprobs == [{t: v} for t, v in zip(logprobs.tokens, logprobs.token_logprobs, strict=True)]
+
+
 def test_json_object(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model=CHAT,

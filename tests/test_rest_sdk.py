@@ -103,6 +103,16 @@ def test_completions_stream_and_logprobs(client: openai.OpenAI) -> None:
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+@pytest.mark.parametrize("logprobs", [0, 2])
+def test_completions_top_logprobs_hold_the_sampled_token(client: openai.OpenAI, logprobs: int) -> None:
+    reply = client.completions.create(model=CHAT_MODEL, prompt="one two three", max_tokens=3, logprobs=logprobs)
+    lp = reply.choices[0].logprobs
+    assert len(lp.tokens) == 3
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert top[token] == value  # up to logprobs + 1 entries: the sampled token always among them
+        assert 1 <= len(top) <= logprobs + 1
+
+
 def test_completions_echo(client: openai.OpenAI) -> None:
     reply = client.completions.create(model=CHAT_MODEL, prompt="x y", max_tokens=2, echo=True, logprobs=1)
     choice = reply.choices[0]
