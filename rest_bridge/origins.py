@@ -79,11 +79,13 @@ class HostCheck:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             # No Host at all (HTTP/1.0): not a browser, which always sends one.
-            header = next((value for key, value in scope["headers"] if key == _HOST), None)
-            if header is not None and not self._served(header):
-                response = error_response(errors.host_not_allowed(header.decode("latin-1")))
-                await response(scope, receive, send)
-                return
+            for key, value in scope["headers"]:
+                if key == _HOST:
+                    if not self._served(value):
+                        response = error_response(errors.host_not_allowed(value.decode("latin-1")))
+                        await response(scope, receive, send)
+                        return
+                    break
         await self.app(scope, receive, send)
 
 

@@ -499,6 +499,24 @@ def test_json_schema_with_defs_and_multi_line_text(client: openai.OpenAI) -> Non
     jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
 
 
+def test_json_schema_pattern_with_a_negated_class(client: openai.OpenAI) -> None:
+    # "[^,]" alone would take quotes, backslashes and newlines; in a JSON string it may not.
+    schema = {
+        "type": "object",
+        "properties": {"quote": {"type": "string", "pattern": "^[^,]{1,60}$"}},
+        "required": ["quote"],
+    }
+    reply = client.chat.completions.create(
+        model=CHAT,
+        messages=[{"role": "user", "content": 'Quote a famous line of dialogue, in "double quotes", then a new line.'}],
+        response_format={"type": "json_schema", "json_schema": {"name": "quote", "schema": schema}},
+        temperature=0,
+        max_tokens=80,  # {"quote":"<=60 characters"}
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+
+
 @pytest.mark.parametrize(
     ("parameters", "named"),
     [

@@ -45,6 +45,10 @@ JSON_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} )'
 # A pattern's "." (any character but a line break), as one JSON string character.
 JSON_DOT = r'[^"\\\x7F\x00-\x1F] | "\\" ( ["\\/bft] | "u" [0-9a-fA-F]{4} )'
 
+# A pattern's negated character class (not an escaped "\\[^"), and what it must exclude besides.
+_NEGATED_CLASS = re.compile(r"(?<!\\)\[\^")
+_NOT_JSON_CHARS = r'[^"\\\x00-\x1F\x7F'
+
 JSON_OBJECT_GBNF = rf"""
 root   ::= object
 value  ::= object | array | string | number | "true" | "false" | "null"
@@ -92,6 +96,10 @@ def _converter_class() -> type:
         def __init__(self) -> None:
             super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
             self._ref_rules: dict[str, str] = {}
+
+        def _visit_pattern(self, pattern: str, name: str) -> str:
+            # A negated class ("[^,]") would take '"', '\\' and control characters: not in a JSON string.
+            return super()._visit_pattern(_NEGATED_CLASS.sub(lambda _: _NOT_JSON_CHARS, pattern), name)
 
         def _resolve_ref(self, ref: str) -> str:
             rule = self._ref_rules.get(ref)
