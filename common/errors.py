@@ -152,11 +152,26 @@ def invalid_request(message: str, param: str | None = None, code: str | None = N
 
 
 def request_too_large(limit: int) -> ApiError:
+    return _refused_body(f"The request body is larger than the limit of {limit} bytes.", "request_too_large", 413)
+
+
+def unsupported_media_type(given: str) -> ApiError:
+    message = f"The request body must be JSON, sent with 'Content-Type: application/json', not {given!r}."
+    return _refused_body(message, "unsupported_media_type", 415)
+
+
+def _refused_body(message: str, code: str, http_status: int) -> ApiError:
+    """A body the bridge refuses before reading it: an HTTP status of its own, no gRPC one."""
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message, code=code, http_status=http_status)
+
+
+def host_not_allowed(host: str) -> ApiError:
     return ApiError(
-        grpc.StatusCode.INVALID_ARGUMENT,
-        f"The request body is larger than the limit of {limit} bytes.",
-        code="request_too_large",
-        http_status=413,
+        grpc.StatusCode.PERMISSION_DENIED,
+        f"Requests for host {host!r} are not served here: this server answers its loopback names "
+        "and the names given with --allowed-hosts.",
+        code="host_not_allowed",
+        type="invalid_request_error",
     )
 
 

@@ -154,9 +154,19 @@ def legacy_logprobs(entries: Iterable[common_pb2.TokenLogprob]) -> dict[str, Any
     return {
         "tokens": [e.token for e in entries],
         "token_logprobs": [e.logprob if e.HasField("logprob") else None for e in entries],
-        "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} if e.top_logprobs else None for e in entries],
+        "top_logprobs": [_legacy_top(e) for e in entries],
         "text_offset": [e.text_offset for e in entries],
     }
+
+
+def _legacy_top(entry: common_pb2.TokenLogprob) -> dict[str, float] | None:
+    """The alternatives and, as OpenAI documents for completions (up to ``logprobs + 1``, so with
+    ``logprobs: 0`` too), the sampled token; None for an echoed first token, which nothing predicted."""
+    if not entry.HasField("logprob"):
+        return None
+    top = {t.token: t.logprob for t in entry.top_logprobs}
+    top.setdefault(entry.token, entry.logprob)
+    return top
 
 
 def legacy_logprobs_from_json(data: Any) -> list[common_pb2.TokenLogprob]:

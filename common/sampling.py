@@ -66,7 +66,7 @@ class Field:
     maximum: float | None = None
     exclusive_minimum: bool = False  # the minimum itself is out of range
     cap: str | None = None  # the Limits attribute (an operator's flag) that is its maximum
-    max_items: int | None = None  # strings: at most this many
+    max_items: int | None = None  # strings, bias: at most this many
     default: Any = None  # what OpenAI assumes when it is unset (None: the engine's own)
     aliases: tuple[str, ...] = ()  # other names upstream servers read it by
 
@@ -80,7 +80,14 @@ class Field:
             if self.max_items is not None and len(value) > self.max_items:
                 raise errors.invalid_request(f"'{name}' accepts at most {self.max_items} sequences.", name)
         elif self.kind == "bias":
+            # Counted first: each id costs the engine work, and OpenAI allows 300.
+            if self.max_items is not None and len(value) > self.max_items:
+                raise errors.invalid_request(
+                    f"'{name}' accepts at most {self.max_items} tokens; this one has {len(value)}.", name
+                )
             for token, bias in value.items():
+                if token < 0:  # the engines check the other end: only they know their vocabulary
+                    raise errors.invalid_request(f"{name} names token {token}, which is not a token id.", name)
                 if not low <= bias <= high:
                     raise errors.invalid_request(f"{name} for token {token} must be between {low} and {high}.", name)
         elif self.exclusive_minimum:
@@ -104,7 +111,10 @@ class Field:
             return {"anyOf": [{"type": "string"}, items, {"type": "null"}]}
         if self.kind == "bias":
             values = {"type": "number", "minimum": low, "maximum": high}
-            return {"type": ["object", "null"], "additionalProperties": values}
+            bias: dict[str, Any] = {"type": ["object", "null"], "additionalProperties": values}
+            if self.max_items is not None:
+                bias["maxProperties"] = self.max_items
+            return bias
         schema: dict[str, Any] = {"type": [self.kind, "null"]}
         if low is not None:
             schema["exclusiveMinimum" if self.exclusive_minimum else "minimum"] = low
@@ -131,8 +141,8 @@ SAMPLING: tuple[Field, ...] = (
     Field("top_k", "integer", -1),
     Field("min_p", "number", 0, 1),
     Field("stop", "strings", max_items=4),
-    Field("logit_bias", "bias", -100, 100),
-    Field("seed", "integer"),
+    Field("logit_bias", "bias", -100, 100, max_items=300),
+    Field("seed", "integer", -(2**63), 2**63 - 1),  # int64, OpenAI's bounds
 )
 # Bounds of the parameters one API has and the other has not (checked after SAMPLING).
 CHAT_ONLY: tuple[Field, ...] = (

@@ -33,6 +33,7 @@ LIST_FLAGS = {
     "allowed_origins": "--allowed-origins",
     "allowed_methods": "--allowed-methods",
     "allowed_headers": "--allowed-headers",
+    "allowed_hosts": "--allowed-hosts",
 }
 # Flags that take an address, in FastChat's URL form too (addresses.from_url).
 ADDRESS_FLAGS = ("controller_address", "gateway_address", "worker_address")

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 from fastapi import FastAPI, Request
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from grpc_health.v1 import health_pb2_grpc
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -26,7 +25,7 @@ from common import tracing
 from common.errors import ApiError
 from common.grpc_server import open_channel
 from common.store import Store
-from rest_bridge import embeddings, generation, metrics, models, operations, page, tokens
+from rest_bridge import embeddings, generation, metrics, models, operations, origins, page, tokens
 from rest_bridge.config import BridgeSettings
 from rest_bridge.exchange import ClientGone, error_response, json_response
 from rest_bridge.middleware import RequestMiddleware
@@ -62,14 +61,7 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
     settings = settings or BridgeSettings()
     app = FastAPI(title="tokenwire", version="0.1.0", lifespan=_lifespan, telemetry=traced.fastapi_telemetry())
     app.state.settings = settings
-    app.add_middleware(
-        CORSMiddleware,
-        allow_origins=settings.allowed_origins,
-        allow_credentials=settings.allow_credentials,
-        allow_methods=settings.allowed_methods,
-        allow_headers=settings.allowed_headers,
-        expose_headers=["X-Request-Id"],
-    )
+    origins.install(app, settings)  # inside RequestMiddleware: refusals are logged and counted too
     app.add_middleware(RequestMiddleware)
 
     @app.exception_handler(ApiError)

@@ -38,7 +38,18 @@ def bridge_flags(parser: argparse.ArgumentParser) -> None:
 def api_flags(parser: argparse.ArgumentParser) -> None:
     """CORS, body, connection and Responses-store settings (the bridge's, and serve's)."""
     parser.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
-    parser.add_argument("--allowed-origins", default="*", help="CORS: origins, comma-separated or a JSON list")
+    parser.add_argument(
+        "--allowed-origins",
+        default="",
+        help="CORS: the web origins whose pages may call the API, comma-separated or a JSON list ('*': any); "
+        "default none (the chat page at / is same-origin)",
+    )
+    parser.add_argument(
+        "--allowed-hosts",
+        default="",
+        help="Host names served besides loopback ones, comma-separated or a JSON list ('*': any); on a loopback "
+        "bind other names are refused (DNS rebinding), on a public one any name is served unless this is given",
+    )
     parser.add_argument("--allowed-methods", default="*", help="CORS: methods, comma-separated or a JSON list")
     parser.add_argument("--allowed-headers", default="*", help="CORS: headers, comma-separated or a JSON list")
     parser.add_argument(
@@ -97,7 +108,7 @@ def server(args: argparse.Namespace) -> tuple[uvicorn.Server, socket.socket]:
     import uvicorn
 
     from common import store, tracing
-    from rest_bridge import connections
+    from rest_bridge import connections, origins
     from rest_bridge.app import create_app
     from rest_bridge.config import BridgeSettings
 
@@ -109,6 +120,7 @@ def server(args: argparse.Namespace) -> tuple[uvicorn.Server, socket.socket]:
         allowed_origins=settings.list_flag(args.allowed_origins, "--allowed-origins"),
         allowed_methods=settings.list_flag(args.allowed_methods, "--allowed-methods"),
         allowed_headers=settings.list_flag(args.allowed_headers, "--allowed-headers"),
+        allowed_hosts=origins.allowed_hosts(args.host, settings.list_flag(args.allowed_hosts, "--allowed-hosts")),
         max_body_bytes=args.max_body_bytes,
         responses_store_size=args.responses_store_size,
         responses_store_bytes=args.responses_store_bytes,

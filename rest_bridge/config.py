@@ -14,10 +14,13 @@ class BridgeSettings:
     gateway_address: str = "127.0.0.1:50051"
     # The gateway's --max-n / --max-tokens-limit, for /openapi.json (the gateway enforces them).
     limits: Limits = field(default_factory=Limits)
+    # Browsers (rest_bridge/origins.py): no foreign origin, only loopback Host names, by default.
     allow_credentials: bool = False
-    allowed_origins: list[str] = field(default_factory=lambda: ["*"])
+    allowed_origins: list[str] = field(default_factory=list)
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    # Host names served besides loopback ones; None: any Host.
+    allowed_hosts: frozenset[str] | None = frozenset()
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # The Responses API's store of responses (rest_bridge/responses/store.py): in memory, or in
     # the shared store (None: memory).

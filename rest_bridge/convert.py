@@ -152,6 +152,12 @@ def _check_single(value: Any, field: FieldDescriptor, path: str) -> None:
         raise _wrong_type(path, "a string", value)
     elif field.type == FieldDescriptor.TYPE_BOOL and not isinstance(value, bool):
         raise _wrong_type(path, "a boolean", value)
+    elif field.type in _INTS and isinstance(value, float) and not -(2**63) < value < 2**63:
+        # orjson reads an integer beyond 64 bits as a float: -2**63 - 1 would become -2**63, in range.
+        param = _openai_path(path)
+        raise errors.invalid_request(
+            f"'{param}' is out of range: it must be an integer between {-(2**63)} and {2**63 - 1}.", param
+        )
     elif field.type in _INTS and not (
         (isinstance(value, int) and not isinstance(value, bool))
         or (isinstance(value, float) and value.is_integer())
@@ -289,8 +295,14 @@ def detokenize_request(body: dict[str, Any]) -> api_pb2.DetokenizeRequest:
     return parse(body, api_pb2.DetokenizeRequest())
 
 
-def stream_options(body: dict[str, Any]) -> api_pb2.StreamOptions:
+def stream_options(body: dict[str, Any], streaming: bool) -> api_pb2.StreamOptions:
+    """The body's ``stream_options``: only with ``stream: true``, as OpenAI says (a gRPC
+    caller of a Stream RPC always streams, so this is the bridge's rule)."""
     options = body.get("stream_options")
     if options is None:
         return api_pb2.StreamOptions()
+    if not streaming:
+        raise errors.invalid_request(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options"
+        )
     return parse(_require_object(options, "stream_options"), api_pb2.StreamOptions())

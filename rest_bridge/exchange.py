@@ -41,7 +41,18 @@ def gateway_stub(request: Request) -> api_pb2_grpc.InferenceServiceStub:
 
 
 async def read_json(request: Request) -> dict[str, Any]:
-    """The request's JSON object, at most ``--max-body-bytes`` of it."""
+    """The request's JSON object, at most ``--max-body-bytes`` of it, sent as JSON.
+
+    Another content type is a 415 before the body is read: a web page may send ``text/plain``
+    or a form anywhere without a CORS preflight, ``application/json`` it may not
+    (rest_bridge/origins.py).
+    """
+    content_type = request.headers.get("content-type", "")
+    media_type = content_type.partition(";")[0].strip().lower()
+    if media_type != "application/json" and not (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
+        raise errors.unsupported_media_type(content_type)
     max_bytes = settings(request).max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:

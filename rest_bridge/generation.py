@@ -33,10 +33,10 @@ async def generate(request: Request, api: GenerationApi) -> Response:
     body = await exchange.read_json(request)
     message = api.parse(body)
     streaming = exchange.stream_flag(body)
+    options = convert.stream_options(body, streaming)
     timeout = exchange.request_timeout(request, streaming)
     gateway = exchange.gateway_stub(request)
     if streaming:
-        options = convert.stream_options(body)
         include_usage = options.include_usage
         stream_request = getattr(api_pb2, f"Stream{api.rpc}Request")
         call = getattr(gateway, f"Stream{api.rpc}")(

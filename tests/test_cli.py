@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import openai
 
 from tests import harness
@@ -28,7 +29,19 @@ def test_serve_echo_with_keys_from_env() -> None:
     """`tokenwire serve` starts everything, prints how to use it, and stops on Ctrl-C."""
     env = {**os.environ, "TOKENWIRE_API_KEYS": "k1,k2", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "tokenwire_cli", "serve", "--echo", "--port", "0", "--grpc-port", "0"],
+        # With keys, '*' origins bring no warning.
+        [
+            sys.executable,
+            "-m",
+            "tokenwire_cli",
+            "serve",
+            "--echo",
+            "--port",
+            "0",
+            "--grpc-port",
+            "0",
+            *["--allowed-origins", "*"],
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -46,6 +59,7 @@ def test_serve_echo_with_keys_from_env() -> None:
         text = "".join(output)
         url = re.search(r"OpenAI REST API\s+(http://\S+/v1)", text).group(1)  # type: ignore[union-attr]
         assert "grpcurl -plaintext" in text and "curl " in text
+        assert "CORS allows all origins" not in text
         client = openai.OpenAI(base_url=url, api_key="k2", max_retries=0)
         reply = client.chat.completions.create(
             model="echo-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=1
@@ -145,3 +159,14 @@ def test_each_part_runs_on_its_own() -> None:
     finally:
         for proc in (bridge, worker, gateway):
             proc.stop()
+
+
+def test_serve_warns_of_every_origin_without_keys() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENWIRE_")}
+    serve = harness.Serve(["--echo", "--no-embeddings", "--allowed-origins", '["*"]'], env=env).start(timeout=120)
+    try:
+        assert "warning: no API key is set and CORS allows all origins" in serve.log()
+        reply = httpx.get(f"{serve.url}/v1/models", headers={"Origin": "http://evil.example"})
+        assert reply.headers["access-control-allow-origin"] == "*"  # as it was told
+    finally:
+        assert serve.stop() == 0

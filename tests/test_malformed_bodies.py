@@ -55,7 +55,7 @@ BODIES: dict[str, dict[str, Any]] = {
         "logprobs": True,
         "top_logprobs": 2,
         "stream": False,
-        "stream_options": {"include_usage": True},
+        "stream_options": None,  # only with stream: true
         "user": "u",
     },
     "/v1/completions": {

@@ -131,6 +131,12 @@ def test_completion_echo_and_logprobs(client: openai.OpenAI) -> None:
     assert reply.usage.completion_tokens == 4
 
 
+def test_completion_logprobs_0_gives_the_sampled_token(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model=CHAT, prompt="1, 2, 3,", temperature=0, max_tokens=4, logprobs=0)
+    logprobs = reply.choices[0].logprobs
+    assert logprobs.top_logprobs == [{t: v} for t, v in zip(logprobs.tokens, logprobs.token_logprobs, strict=True)]
+
+
 def test_json_object(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model=CHAT,
@@ -385,3 +391,169 @@ def test_tool_call_cut_by_max_tokens(client: openai.OpenAI, stream: bool) -> Non
     assert arguments.startswith("{")
     with pytest.raises(ValueError):
         json.loads(arguments)  # partial, as OpenAI returns it
+
+
+# -- strings in grammars are JSON strings; $ref/$defs under every tool_choice ----
+#
+# A model that writes code or verse wants a raw newline inside a string, which
+# json.loads refuses ("Invalid control character"). Every grammar's strings
+# allow only what JSON does. The budgets cover what the grammars allow: the
+# strings are bounded (maxLength), so each call ends within max_tokens.
+
+PYTHON_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "python",
+        "description": "Run Python code.",
+        "parameters": {
+            "type": "object",
+            "properties": {"code": {"type": "string", "maxLength": 80}},
+            "required": ["code"],
+        },
+    },
+}
+
+
+def item_tool(name: str, prop: str, item: dict[str, object]) -> dict[str, object]:
+    """A tool whose parameters refer to their own ``#/$defs/Item``, as pydantic writes them."""
+    parameters = {
+        "type": "object",
+        "properties": {prop: {"$ref": "#/$defs/Item"}},
+        "required": [prop],
+        "$defs": {"Item": item},
+    }
+    return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+
+LINES = {"type": "string", "maxLength": 80}
+# Two tools, each with a $defs/Item of its own: the names clash once both are under one anyOf.
+NOTE_TOOL = item_tool(
+    "save_note",
+    "note",
+    {"type": "object", "properties": {"title": LINES, "body": LINES}, "required": ["title", "body"]},
+)
+CODE_TOOL = item_tool(
+    "save_code",
+    "snippet",
+    {"type": "object", "properties": {"language": {"enum": ["python", "c"]}, "code": LINES}, "required": ["code"]},
+)
+
+
+# With the converter's own string rule, greedy SmolLM2 answered both with a raw newline inside
+# the string ("...print(i)}\n\nThis is...", "...):\n    def __init__..."): not JSON.
+@pytest.mark.parametrize(
+    "prompt",
+    ["Write a Python for loop that prints 1 to 3, on two lines.", "Define a Python class Dog with a method bark."],
+)
+def test_forced_code_call_is_json(client: openai.OpenAI, prompt: str) -> None:
+    # A grammar step checks the whole vocabulary: on a loaded machine 100 of them can take minutes.
+    choice = (
+        client.with_options(timeout=600)
+        .chat.completions.create(
+            model=CHAT,
+            messages=[{"role": "user", "content": prompt}],
+            tools=[PYTHON_TOOL],
+            tool_choice={"type": "function", "function": {"name": "python"}},
+            temperature=0,
+            max_tokens=100,  # {"code":"<=80 characters"}: at most one token a character, and the rest
+        )
+        .choices[0]
+    )
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "python"
+    jsonschema.validate(json.loads(call.function.arguments), PYTHON_TOOL["function"]["parameters"])
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["Write a Python function that adds two numbers.", "Save a note with a short poem about the sea, a verse a line."],
+)
+def test_required_choice_of_tools_with_clashing_defs(client: openai.OpenAI, prompt: str) -> None:
+    tools = [NOTE_TOOL, CODE_TOOL]
+    choice = client.chat.completions.create(
+        model=CHAT,
+        messages=[{"role": "user", "content": prompt}],
+        tools=tools,
+        tool_choice="required",
+        temperature=0,
+        max_tokens=220,  # two strings of <= 80 characters and the call around them
+    ).choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    tool = next(t for t in tools if t["function"]["name"] == call.function.name)
+    # jsonschema resolves the tool's own #/$defs/Item: the arguments follow that tool's Item.
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+
+def test_json_schema_with_defs_and_multi_line_text(client: openai.OpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"poems": {"type": "array", "items": {"$ref": "#/$defs/Poem"}, "minItems": 1, "maxItems": 2}},
+        "required": ["poems"],
+        "$defs": {
+            "Poem": {"type": "object", "properties": {"title": LINES, "text": LINES}, "required": ["title", "text"]}
+        },
+    }
+    reply = client.chat.completions.create(
+        model=CHAT,
+        messages=[{"role": "user", "content": "Write a short poem about the sea, with its verses on separate lines."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "poems", "schema": schema}},
+        temperature=0,
+        max_tokens=400,  # two poems of two strings of <= 80 characters
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+
+
+def test_json_schema_pattern_with_a_negated_class(client: openai.OpenAI) -> None:
+    # "[^,]" alone would take quotes, backslashes and newlines; in a JSON string it may not.
+    schema = {
+        "type": "object",
+        "properties": {"quote": {"type": "string", "pattern": "^[^,]{1,60}$"}},
+        "required": ["quote"],
+    }
+    reply = client.chat.completions.create(
+        model=CHAT,
+        messages=[{"role": "user", "content": 'Quote a famous line of dialogue, in "double quotes", then a new line.'}],
+        response_format={"type": "json_schema", "json_schema": {"name": "quote", "schema": schema}},
+        temperature=0,
+        max_tokens=80,  # {"quote":"<=60 characters"}
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+
+
+@pytest.mark.parametrize(
+    ("parameters", "named"),
+    [
+        # A cycle of references that never reaches a value.
+        ({"$ref": "#/$defs/A", "$defs": {"A": {"$ref": "#/$defs/B"}, "B": {"anyOf": [{"$ref": "#/$defs/A"}]}}}, "A"),
+        ({"type": "object", "properties": {"x": {"$ref": "https://example.com/item.json"}}}, "example.com"),
+        ({"type": "object", "properties": {"x": {"$ref": "#/$defs/Missing"}}}, "Missing"),
+    ],
+)
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "second"}}])
+def test_unusable_references_are_400_naming_them(
+    client: openai.OpenAI, parameters: dict[str, object], named: str, tool_choice: object
+) -> None:
+    tools = [
+        {"type": "function", "function": {"name": "first", "parameters": {"type": "object"}}},
+        {"type": "function", "function": {"name": "second", "parameters": parameters}},
+    ]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=CHAT, messages=[{"role": "user", "content": "Hi"}], tools=tools, tool_choice=tool_choice, max_tokens=8
+        )
+    error = caught.value.body
+    assert named in error["message"] and "$ref" in error["message"]
+    assert error["param"] == "tools[1].function.parameters"
+
+
+@pytest.mark.parametrize("token", [49152, 99999999])
+def test_logit_bias_outside_the_vocabulary_is_400(client: openai.OpenAI, token: int) -> None:
+    # SmolLM2's vocabulary: 49,152 ids, 0..49151.
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=CHAT, messages=FRANCE, logit_bias={str(token): -100}, max_tokens=2)
+    assert caught.value.param == "logit_bias"
+    assert str(token) in caught.value.message

@@ -103,6 +103,16 @@ def test_completions_stream_and_logprobs(client: openai.OpenAI) -> None:
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+@pytest.mark.parametrize("logprobs", [0, 2])
+def test_completions_top_logprobs_hold_the_sampled_token(client: openai.OpenAI, logprobs: int) -> None:
+    reply = client.completions.create(model=CHAT_MODEL, prompt="one two three", max_tokens=3, logprobs=logprobs)
+    lp = reply.choices[0].logprobs
+    assert len(lp.tokens) == 3
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert top[token] == value  # up to logprobs + 1 entries: the sampled token always among them
+        assert 1 <= len(top) <= logprobs + 1
+
+
 def test_completions_echo(client: openai.OpenAI) -> None:
     reply = client.completions.create(model=CHAT_MODEL, prompt="x y", max_tokens=2, echo=True, logprobs=1)
     choice = reply.choices[0]
@@ -166,6 +176,18 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
         ({"presence_penalty": -3}, "presence_penalty"),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"response_format": {"type": "yaml"}}, "response_format.type"),
+        # What vLLM refuses too: stream_options only with stream: true, seed within int64
+        # (orjson reads -2**63 - 1 as a float that rounds into range), logit_bias within the
+        # vocabulary (echo's has 32000 ids) and at most 300 of them.
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"seed": 2**63}, "seed"),
+        ({"seed": -1e19}, "seed"),
+        ({"logit_bias": {"32000": 1}}, "logit_bias"),
+        ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+        ({"logit_bias": {"-1": 1}}, "logit_bias"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
     ],
 )
 def test_bad_chat_params_are_400(client: openai.OpenAI, extra: dict, param: str) -> None:
@@ -174,6 +196,39 @@ def test_bad_chat_params_are_400(client: openai.OpenAI, extra: dict, param: str)
         client.chat.completions.create(**body)
     assert caught.value.status_code == 400
     assert caught.value.param == param
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"logit_bias": {"32000": 1}}, "logit_bias"),
+        ({"logit_bias": {str(i): 1 for i in range(5000)}}, "logit_bias"),
+    ],
+)
+def test_bad_completion_params_are_400(client: openai.OpenAI, extra: dict, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=CHAT_MODEL, prompt="x", **extra)
+    assert caught.value.status_code == 400
+    assert caught.value.param == param
+
+
+def test_edges_of_the_ranges_are_accepted(client: openai.OpenAI) -> None:
+    for seed in (-(2**63), 2**63 - 1):
+        client.chat.completions.create(model=CHAT_MODEL, messages=[{"role": "user", "content": "x"}], seed=seed)
+    bias = {str(i): -1 for i in range(31700, 32000)}  # 300 ids, the last one the vocabulary's last
+    reply = client.completions.create(model=CHAT_MODEL, prompt="x", logit_bias=bias, max_tokens=2)  # type: ignore[arg-type]
+    assert reply.choices[0].finish_reason == "length"
+    chunks = list(
+        client.chat.completions.create(
+            model=CHAT_MODEL,
+            messages=[{"role": "user", "content": "x"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].usage is not None
 
 
 def test_malformed_json_is_400_envelope(echo_system: EchoSystem) -> None:

@@ -395,6 +395,11 @@ def test_bad_input_is_400_naming_the_param(bounded_system: EchoSystem, path: str
 
 def test_invalid_utf8_is_400(bounded_system: EchoSystem) -> None:
     body = b'{"model": "echo-chat", "messages": [{"role": "user", "content": "\xff\xfe"}]}'
-    reply = post(bounded_system, "/v1/chat/completions", content=body)
+    reply = httpx.post(
+        f"{bounded_system.url}/v1/chat/completions",
+        content=body,
+        headers={**HEADERS, "Content-Type": "application/json"},
+        timeout=30,
+    )
     assert reply.status_code == 400
     assert set(reply.json()["error"]) == {"message", "type", "param", "code"}

@@ -28,6 +28,7 @@ BRIDGE_FLAGS = {
     "--allowed-origins": '["http://a.example", "http://b.example"]',
     "--allowed-methods": "GET,POST",
     "--allowed-headers": "X-Custom",
+    "--allowed-hosts": "tokenwire.lan,box.lan",
     "--max-body-bytes": "123456",
     "--request-read-timeout": "2.5",
     "--max-connections": "77",

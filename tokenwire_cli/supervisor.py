@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 import grpc
 import httpx
 
-from common import addresses, cluster
+from common import addresses, cluster, settings
 from common.grpc_server import open_sync_channel
 from common.launcher import Launched, NotReady
 from tokenwire.v1 import registry_pb2, registry_pb2_grpc
@@ -263,6 +263,9 @@ def serve(args: argparse.Namespace) -> None:
     from gateway.command import api_keys
 
     keys = [spec.key for spec in api_keys(args)]
+    if "*" in settings.list_flag(args.allowed_origins, "--allowed-origins") and not keys:
+        # As llama.cpp's server warns: every web page the user opens may use this server.
+        _say("warning: no API key is set and CORS allows all origins (--allowed-origins '*'): any web page can use it")
     # The parts prove to each other that they belong together: a random token
     # unless one is given (to join a registry elsewhere). The operator's copy,
     # for `tokenwire status`, is a file only this user can read.

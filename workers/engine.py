@@ -24,7 +24,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -182,7 +182,7 @@ class Engine(abc.ABC):
         raise errors.ApiError(grpc.StatusCode.UNIMPLEMENTED, f"The model `{self.info.name}` cannot detokenize.")
 
 
-def check_token_ids(token_ids: Sequence[int], vocab_size: int, param: str = "tokens") -> None:
+def check_token_ids(token_ids: Iterable[int], vocab_size: int, param: str = "tokens") -> None:
     """Refuse ids outside ``0..vocab_size-1`` with a 400 naming the first one."""
     bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
     if bad is not None:

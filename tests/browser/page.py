@@ -50,11 +50,13 @@ if (!window.__watching) {
 """
 
 
-def start_chromium(profile: Path, log: Path, width: int = 1280, height: int = 900) -> webdriver.Chrome:
+def start_chromium(
+    profile: Path, log: Path, width: int = 1280, height: int = 900, extra_flags: tuple[str, ...] = ()
+) -> webdriver.Chrome:
     os.environ.setdefault("SE_OFFLINE", "true")  # belt and braces: selenium-manager stays offline
     options = Options()
     options.binary_location = CHROMIUM
-    for flag in FLAGS:
+    for flag in (*FLAGS, *extra_flags):
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={profile}")
     options.add_argument(f"--window-size={width},{height}")

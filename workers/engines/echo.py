@@ -60,6 +60,7 @@ class EchoEngine(Engine):
         return (prompt if prompt is not None else self.render(messages)).split()
 
     async def prepare(self, request: worker_pb2.GenerateRequest) -> Prepared:
+        check_token_ids(request.sampling.logit_bias, VOCAB_SIZE, "logit_bias")
         if request.messages:
             words = self._words(None, request.messages)
             source = message_text(request.messages[-1]).split()

@@ -20,6 +20,7 @@ Also here: reading back a forced tool call, complete or cut short, and
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -29,55 +30,110 @@ from google.protobuf.json_format import MessageToDict
 
 from common import errors
 from tokenwire.v1 import worker_pb2
+from workers.engines.llama_cpp.schema_refs import Bundle
 
 # After ':' and ','. Measured on SmolLM2-135M (bench/experiments/grammar_compact.py, figures in
 # bench/RESULTS.md): with one space allowed, JSON mode answers took 31.9 tokens on
 # average and 7/8 were valid within 128 tokens; with none, 58.5 and 6/8; stock, 68.8 and 5/8.
 SEPARATOR = '" "?'
 
+# One character of a JSON string, as JSON defines it: anything but '"', '\' and the control
+# characters U+0000-U+001F (DEL too: allowed, never wanted), or an escape. Every grammar's strings
+# are made of these: llama-cpp-python's converter allows raw control characters, and a model
+# that writes code puts a raw newline in a string, which json.loads refuses.
+JSON_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} )'
+# A pattern's "." (any character but a line break), as one JSON string character.
+JSON_DOT = r'[^"\\\x7F\x00-\x1F] | "\\" ( ["\\/bft] | "u" [0-9a-fA-F]{4} )'
+
+# A pattern's negated character class (not an escaped "\\[^"), and what it must exclude besides.
+_NEGATED_CLASS = re.compile(r"(?<!\\)\[\^")
+_NOT_JSON_CHARS = r'[^"\\\x00-\x1F\x7F'
+
 JSON_OBJECT_GBNF = rf"""
 root   ::= object
 value  ::= object | array | string | number | "true" | "false" | "null"
 object ::= "{{" ( string ":" sep value ( "," sep string ":" sep value )* )? "}}"
 array  ::= "[" ( value ( "," sep value )* )? "]"
-string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{{4}} ) )* "\""
+string ::= "\"" char* "\""
+char   ::= {JSON_CHAR}
 number ::= "-"? ( [0-9] | [1-9] [0-9]{{0,15}} ) ( "." [0-9]{{1,15}} )? ( [eE] [-+]? [0-9]{{1,15}} )?
 sep    ::= {SEPARATOR}
 """
 
 
 def schema_gbnf(schema: dict[str, Any]) -> str:
-    """A GBNF grammar for JSON conforming to ``schema``, with no free whitespace.
+    """A GBNF grammar for JSON conforming to ``schema`` (its references bundled: schema_refs.py),
+    with no free whitespace and JSON strings.
 
     llama-cpp-python's converter puts its ``space`` rule after every literal;
     here it is empty, and the separators after ``:`` and ``,`` get SEPARATOR.
     Property order is the schema's own order (the grammar imposes it).
     """
-    from llama_cpp.llama_grammar import SchemaConverter
-
-    converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
-    converter._rules["space"] = '""'
+    converter = _converter_class()()
     converter.visit(converter.resolve_refs(schema, "schema"), "")
+    for rule, body in (("space", '""'), ("char", JSON_CHAR), ("dot", JSON_DOT)):
+        if rule in converter._rules:  # reserved names: no schema's rule is called so
+            converter._rules[rule] = body
     gbnf = converter.format_grammar()
     # The converter writes every separator as `":" space` / `"," space`.
     gbnf = gbnf.replace('":" space', '":" sep').replace('"," space', '"," sep')
     return gbnf + f"\nsep ::= {SEPARATOR}\n"
 
 
-def tool_call_schema(schemas: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The schema of a forced call: the function's arguments, or a {name, arguments} union."""
+@functools.cache
+def _converter_class() -> type:
+    """Made on first use: importing llama_cpp loads its library."""
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    class Converter(SchemaConverter):
+        """llama-cpp-python's converter, with a rule name of its own for each reference.
+
+        The stock one names a reference's rule after the last segment of its path and
+        reuses any rule of that name already made: a property called ``Item`` and
+        ``$defs/Item`` became one rule.
+        """
+
+        def __init__(self) -> None:
+            super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+            self._ref_rules: dict[str, str] = {}
+
+        def _visit_pattern(self, pattern: str, name: str) -> str:
+            # A negated class ("[^,]") would take '"', '\\' and control characters: not in a JSON string.
+            return super()._visit_pattern(_NEGATED_CLASS.sub(lambda _: _NOT_JSON_CHARS, pattern), name)
+
+        def _resolve_ref(self, ref: str) -> str:
+            rule = self._ref_rules.get(ref)
+            if rule is None:
+                # Named before its schema is visited: a recursive schema refers to it.
+                rule = self._ref_rules[ref] = self._add_rule(ref.rsplit("/", 1)[-1], f"<{ref}>")
+                self._rules[rule] = self.visit(self._refs[ref], rule)
+            return rule
+
+    return Converter
+
+
+def tool_call_schema(functions: list[tuple[str, dict[str, Any], str]]) -> dict[str, Any]:
+    """The schema of a forced call: the function's arguments, or a {name, arguments} union.
+
+    ``functions`` holds (name, parameters schema, the param it came in); each one's
+    references are bundled under its own name, so they combine.
+    """
+    bundle = Bundle()
+    schemas = {name: bundle.add(schema, name, param) for name, schema, param in functions}
     if len(schemas) == 1:
-        return next(iter(schemas.values()))
-    return {
-        "anyOf": [
-            {
-                "type": "object",
-                "properties": {"name": {"const": name}, "arguments": arguments},
-                "required": ["name", "arguments"],
-            }
-            for name, arguments in schemas.items()
-        ]
-    }
+        return bundle.document(next(iter(schemas.values())))
+    return bundle.document(
+        {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": name}, "arguments": arguments},
+                    "required": ["name", "arguments"],
+                }
+                for name, arguments in schemas.items()
+            ]
+        }
+    )
 
 
 @dataclass
@@ -161,17 +217,19 @@ class Constraints:
         """The grammar the output must follow, the forced tool call if any, and what to tell the model."""
         tools = forced_tools(request)
         if tools is not None:
-            functions = []
-            for tool in request.tools:
+            functions, described = [], []
+            for i, tool in enumerate(request.tools):
                 if tool.function.name in tools.names:
                     params = (
                         struct_to_json(MessageToDict(tool.function.parameters))
                         if tool.function.HasField("parameters")
                         else {}
                     )
-                    functions.append((tool.function.name, tool.function.description, params or {"type": "object"}))
-            grammar = self._schema_grammar(tool_call_schema({n: p for n, _, p in functions}), "tools")
-            instructions = "" if self._shows_tools else tool_instructions(functions)
+                    params = params or {"type": "object"}
+                    functions.append((tool.function.name, params, f"tools[{i}].function.parameters"))
+                    described.append((tool.function.name, tool.function.description, params))
+            grammar = self._schema_grammar(tool_call_schema(functions), "tools")
+            instructions = "" if self._shows_tools else tool_instructions(described)
             return grammar, tools, instructions
         kind = request.response_format.type
         if kind in ("", "text"):
@@ -180,6 +238,8 @@ class Constraints:
             return self._grammar("json_object", lambda: JSON_OBJECT_GBNF, "response_format"), None, ""
         if kind == "json_schema":
             schema = struct_to_json(MessageToDict(request.response_format.json_schema.schema))
+            bundle = Bundle()
+            schema = bundle.document(bundle.add(schema, "schema", "response_format.json_schema.schema"))
             # Not told the schema: that made SmolLM2 worse (2/4 valid, against 3/4 untold).
             return self._schema_grammar(schema, "response_format"), None, ""
         raise errors.invalid_request(

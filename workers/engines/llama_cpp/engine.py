@@ -161,6 +161,7 @@ class LlamaCppEngine(Engine):
         return self._prompts.render(messages, tools, instructions)
 
     def _prepare(self, request: worker_pb2.GenerateRequest) -> Prepared:
+        check_token_ids(request.sampling.logit_bias, self._vocab.size, "logit_bias")
         grammar, tools, instructions = self._constraints.of(request)
         tokens, text = self._prompts.tokens(request, instructions)
         plan = _Plan(tokens=tokens, echo_text=text, grammar=grammar, tools=tools)
