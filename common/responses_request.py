@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common import errors
-from rest_bridge import exchange
-from rest_bridge.responses.output import new_id
-from rest_bridge.responses.store import Stored
+from common.openai_requests import stream_flag
+from common.responses_output import new_id
 
 ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -211,7 +210,8 @@ class ResponseRequest:
     stream: bool
 
 
-def parse_request(body: dict[str, Any], previous: Stored | None) -> ResponseRequest:
+def parse_request(body: dict[str, Any], history: list[dict[str, Any]] | None) -> ResponseRequest:
+    """``history``: the conversation of ``previous_response_id`` as chat messages (None: no previous response)."""
     for name in ("background",):
         if body.get(name):
             raise errors.invalid_request(f"'{name}' is not supported.", name)
@@ -220,7 +220,7 @@ def parse_request(body: dict[str, Any], previous: Stored | None) -> ResponseRequ
             raise errors.invalid_request(
                 f"'{name}' is not supported; use previous_response_id for conversations.", name
             )
-    if "input" not in body and previous is None:
+    if "input" not in body and history is None:
         raise errors.invalid_request("'input' is required.", "input")
     new_input = read_input(body.get("input", []))
     instructions = body.get("instructions")
@@ -229,9 +229,8 @@ def parse_request(body: dict[str, Any], previous: Stored | None) -> ResponseRequ
         head = [{"role": "system", "content": instructions}]
     elif instructions is not None:
         head = read_input(instructions, "instructions").messages
-    history = previous.history if previous is not None else []
     chat: dict[str, Any] = {k: body[k] for k in PASSTHROUGH if body.get(k) is not None}
-    chat["messages"] = [*head, *history, *new_input.messages]
+    chat["messages"] = [*head, *(history or []), *new_input.messages]
     if not chat["messages"]:
         raise errors.invalid_request("'input' must not be empty.", "input")
     limit = body.get("max_output_tokens")
@@ -251,7 +250,7 @@ def parse_request(body: dict[str, Any], previous: Stored | None) -> ResponseRequ
     store = body.get("store", True)
     if store is not None and not isinstance(store, bool):
         raise errors.invalid_request("'store' must be a boolean.", "store")
-    stream = exchange.stream_flag(body)
+    stream = stream_flag(body)
     echo = {
         "model": body.get("model"),
         "instructions": instructions,
