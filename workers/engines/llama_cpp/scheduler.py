@@ -96,6 +96,8 @@ class Seq:
     logits: bool = False
     # Hand the deltas over together at the end (a non-streamed choice).
     buffered: bool = False
+    # Batch tier: admitted and prefilled after interactive sequences.
+    batch: bool = False
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     released: asyncio.Event = field(default_factory=asyncio.Event)
@@ -226,7 +228,9 @@ class Scheduler:
 
     def _admit(self) -> None:
         while self._waiting and len(self._active) < self.parallel:
-            seq = self._waiting.popleft()
+            # Interactive first: a batch sequence waits while an interactive one does.
+            seq = next((s for s in self._waiting if not s.batch), self._waiting[0])
+            self._waiting.remove(seq)
             self._kv.admit(seq, {s.seq_id for s in self._active})
             self.stats.prompt_tokens_reused += seq.n_past  # what a cached prompt gave it
             seq.tokens = list(seq.prompt)
@@ -305,7 +309,8 @@ class Scheduler:
                 add(seq.last, seq.n_past, seq.seq_id, True)
                 seq.tokens.append(seq.last)
         budget = self.prefill_budget
-        for seq in active:
+        # An interactive prompt's chunks go ahead of batch prompts' (a stable sort keeps the order within a tier).
+        for seq in sorted(active, key=lambda s: s.batch):
             if seq.decoding or seq.leader is not None:
                 continue
             # As many whole chunks as the budget holds (the last one may end the prompt).
