@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import tempfile
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,16 +17,20 @@ from common.observability import serve_metrics
 from common.sampling import Limits
 from gateway import metrics
 from gateway.auth import ApiKeys, AuthInterceptor, KeyLimits, KeySpec
+from gateway.batches.runner import BatchLimits, BatchRunner
+from gateway.batches.service import BatchServicer
+from gateway.batches.store import BatchStore
 from gateway.inference import Inference
 from gateway.pool import WorkerPool, remote_source
 from gateway.registry import Registry, RegistryServicer
 from gateway.service import InferenceServicer
-from tokenwire.v1 import api_pb2_grpc, registry_pb2_grpc
+from tokenwire.v1 import api_pb2_grpc, batch_pb2_grpc, registry_pb2_grpc
 
 log = logging.getLogger("tokenwire.gateway")
 
 INFERENCE_SERVICE = "tokenwire.v1.InferenceService"
 REGISTRY_SERVICE = "tokenwire.v1.RegistryService"
+BATCH_SERVICE = "tokenwire.v1.BatchService"
 
 
 async def run_gateway(
@@ -39,6 +45,8 @@ async def run_gateway(
     shutdown_grace: float = 10.0,
     expect_models: list[str] | None = None,
     metrics_port: int | None = None,
+    data_dir: Path | None = None,
+    batch_limits: BatchLimits | None = None,
     tls: grpc.ServerCredentials | None = None,
     registry_port: int | None = None,
     registry_host: str | None = None,
@@ -76,10 +84,14 @@ async def run_gateway(
             registry_server = GrpcServer([registry_service])
     pool = WorkerPool(source)
     inference = Inference(pool, limits)
-    services.insert(
-        0, (api_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(inference), INFERENCE_SERVICE)
-    )
-    server = GrpcServer(services, interceptors=[AuthInterceptor(ApiKeys(api_keys, default_limits))])
+    keys = ApiKeys(api_keys, default_limits)
+    store = BatchStore(data_dir or Path(tempfile.mkdtemp(prefix="tokenwire-data-")))
+    runner = BatchRunner(store, inference, keys, batch_limits or BatchLimits())
+    services[:0] = [
+        (api_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(inference), INFERENCE_SERVICE),
+        (batch_pb2_grpc.add_BatchServiceServicer_to_server, BatchServicer(runner), BATCH_SERVICE),
+    ]
+    server = GrpcServer(services, interceptors=[AuthInterceptor(keys)])
     bound = server.bind(f"{host}:{port}", tls)
     registry_where = controller_address or "in-process, same port"
     if registry_server is not None:
@@ -94,6 +106,7 @@ async def run_gateway(
             on_registry_ready(registry_on, registry_bound)
     await server.start()
     readiness = asyncio.create_task(_follow_readiness(server, pool, expect_models or []))
+    running_batches = asyncio.create_task(runner.run(), name="batch-runner")
     if metrics_port is not None:
         serve_metrics(host, metrics_port, metrics.REGISTRY)
     log.info("gateway serving on %s:%d (registry: %s)", host, bound, registry_where)
@@ -104,7 +117,11 @@ async def run_gateway(
     finally:
         log.info("gateway shutting down (grace %.0f s)", shutdown_grace)
         readiness.cancel()
+        running_batches.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running_batches
         await server.stop(shutdown_grace)
+        store.close()
         if registry_server is not None:
             await registry_server.stop(1.0)
         if expiry_task is not None:

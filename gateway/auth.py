@@ -27,7 +27,7 @@ from common.authorization import bearer_key, parse_authorization
 from common.grpc_server import abort_with
 from gateway import metrics
 
-PROTECTED_PREFIX = "/tokenwire.v1.InferenceService/"
+PROTECTED_PREFIXES = ("/tokenwire.v1.InferenceService/", "/tokenwire.v1.BatchService/")
 WINDOW = 60.0
 
 
@@ -58,9 +58,11 @@ def parse_key_line(line: str, default: KeyLimits) -> KeySpec:
 class KeyState:
     """One key's sliding windows."""
 
-    def __init__(self, label: str, limits: KeyLimits) -> None:
+    def __init__(self, label: str, limits: KeyLimits, owner: str = "") -> None:
         self.label = label  # for logs: never the key itself
         self.limits = limits
+        # Whose stored objects (batches, files) are: the key's digest, "" when the API is open.
+        self.owner = owner
         self._requests: deque[float] = deque()
         self._tokens: deque[tuple[float, int]] = deque()
         self._token_sum = 0
@@ -109,13 +111,23 @@ def _digest(key: str) -> bytes:
 class ApiKeys:
     def __init__(self, specs: Iterable[KeySpec], default: KeyLimits | None = None) -> None:
         default = default or KeyLimits()
-        self._keys = [(_digest(s.key), KeyState(f"key#{i + 1}", s.limits)) for i, s in enumerate(specs) if s.key]
+        self._keys = [
+            (_digest(s.key), KeyState(f"key#{i + 1}", s.limits, _digest(s.key).hex()))
+            for i, s in enumerate(specs)
+            if s.key
+        ]
         # With no keys, everyone shares the default limits (if any).
         self._anonymous = KeyState("anonymous", default)
 
     @property
     def enabled(self) -> bool:
         return bool(self._keys)
+
+    def by_owner(self, owner: str) -> KeyState | None:
+        """The key that owns stored objects (None: the key is no longer configured)."""
+        if not self._keys:
+            return self._anonymous
+        return next((state for _, state in self._keys if state.owner == owner), None)
 
     def lookup(self, authorization: str | None) -> KeyState | None:
         """The key's state, the anonymous one when the API is open, or None."""
@@ -142,7 +154,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(PROTECTED_PREFIX):
+        if handler is None or not handler_call_details.method.startswith(PROTECTED_PREFIXES):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
         authorization = metadata.get("authorization")

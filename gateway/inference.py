@@ -16,7 +16,7 @@ import shortuuid
 from common import errors, limits
 from common.grpc_server import outgoing_metadata
 from common.sampling import Limits, copy_sampling
-from gateway.dispatch import Dispatcher
+from gateway.dispatch import Dispatcher, current_priority
 from gateway.pool import WorkerHandle, WorkerPool
 from gateway.validation import check_chat, check_completion, check_embedding
 from tokenwire.v1 import api_pb2, common_pb2, worker_pb2
@@ -240,7 +240,7 @@ class Inference:
     ) -> api_pb2.CreateEmbeddingResponse:
         check_embedding(request, self.limits)
         limits.check_embedding_inputs(request.input, self._require_kind(request.model, generation=False))
-        worker_request = worker_pb2.EmbedRequest(input=request.input)
+        worker_request = worker_pb2.EmbedRequest(input=request.input, priority=current_priority.get())
         if request.HasField("dimensions"):
             worker_request.dimensions = request.dimensions
         reply = await self.dispatch.unary(

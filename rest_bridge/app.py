@@ -24,19 +24,20 @@ from starlette.requests import ClientDisconnect
 
 from common.errors import ApiError
 from common.grpc_server import open_channel
-from rest_bridge import embeddings, generation, models, operations, page, tokens
+from rest_bridge import batches, embeddings, generation, models, operations, page, tokens
 from rest_bridge.config import BridgeSettings
 from rest_bridge.exchange import ClientGone, error_response, json_response
 from rest_bridge.middleware import RequestMiddleware
 from rest_bridge.responses import routes as responses
 from rest_bridge.responses.store import ResponseStore
-from tokenwire.v1 import api_pb2_grpc
+from tokenwire.v1 import api_pb2_grpc, batch_pb2_grpc
 
 
 @contextlib.asynccontextmanager
 async def _gateway_channel(app: FastAPI) -> AsyncIterator[None]:
     async with open_channel(app.state.settings.gateway_address) as channel:
         app.state.stub = api_pb2_grpc.InferenceServiceStub(channel)
+        app.state.batch_stub = batch_pb2_grpc.BatchServiceStub(channel)
         app.state.health = health_pb2_grpc.HealthStub(channel)
         yield
 
@@ -84,6 +85,7 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
         tokens.router,
         page.router,
         responses.router,
+        batches.router,
     ):
         # The routers' own routes, not include_router: FastAPI (0.165) keeps an included
         # router as a nested one, and matching through seven costs ~50 us a request.
