@@ -11,6 +11,8 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -283,3 +285,24 @@ def test_a_restart_of_every_process_loses_nothing_and_runs_nothing_twice() -> No
             assert output[custom_id] == json.loads(result)
     finally:
         assert second.stop() == 0
+
+
+def test_tokenwire_batch_submits_a_file_and_saves_the_results(served: harness.Serve, tmp_path: Path) -> None:
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(
+        jsonl([chat_line("cli-1"), line("cli-2", "/v1/chat/completions", {"model": "no-such-model", "messages": []})])
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenwire_cli", "batch", str(requests), "--url", f"{served.url}/v1"],
+        env={**os.environ, "TOKENWIRE_API_KEY": KEY},
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "2/2 (1 failed) completed" in done.stderr
+    output = [json.loads(text) for text in (tmp_path / "requests.output.jsonl").read_text().splitlines()]
+    errors = [json.loads(text) for text in (tmp_path / "requests.errors.jsonl").read_text().splitlines()]
+    assert [o["custom_id"] for o in output] == ["cli-1"] and output[0]["response"]["status_code"] == 200
+    assert [e["custom_id"] for e in errors] == ["cli-2"] and errors[0]["response"]["status_code"] == 404

@@ -266,22 +266,24 @@ class BatchRunner:
             running[request.custom_id] = task
 
     async def _run_one(self, batch: Any, request: Request, model: str) -> None:
-        started = time.monotonic()
         try:
             body = await execute(self.inference, batch["endpoint"], request.body)
             ok, line = True, output_line(request.custom_id, 200, body)
+            text = orjson.dumps(line, option=orjson.OPT_SERIALIZE_NUMPY).decode()  # embeddings are numpy arrays
         except errors.ApiError as error:
             if _transient(error):
                 self._retry_at[model] = time.monotonic() + 1.0
                 return
             ok, line = False, output_line(request.custom_id, error.http_status, error.envelope())
+            text = orjson.dumps(line).decode()
         except Exception:
             log.exception("batch %s: request %s failed", batch["id"], request.custom_id)
             ok, line = False, output_line(request.custom_id, 500, errors.internal().envelope())
+            text = orjson.dumps(line).decode()
         finally:
             self._running.get(batch["id"], {}).pop(request.custom_id, None)
             self.wake()
-        if not self.store.commit(request, ok, line):
+        if not self.store.commit(request, ok, text):
             return
         metrics.BATCH_REQUESTS.labels("completed" if ok else "failed").inc()
         tokens = (line["response"]["body"].get("usage") or {}).get("total_tokens", 0) if ok else 0
@@ -290,7 +292,6 @@ class BatchRunner:
             key = self.keys.by_owner(batch["owner"])
             if key is not None:
                 key.record(tokens)
-        log.debug("batch %s: %s in %.2f s", batch["id"], request.custom_id, time.monotonic() - started)
 
     def _finalize(self, batch: Any, status: str) -> None:
         """Write the output and error files, then the final status (redone whole after a crash)."""

@@ -221,11 +221,11 @@ class BatchStore:
         found = [Request(batch_id, r["line"], r["custom_id"], json.loads(r["body"])) for r in rows]
         return [r for r in found if r.custom_id not in skip][:limit]
 
-    def commit(self, request: Request, ok: bool, result: dict[str, Any]) -> bool:
-        """Its one result: False when it already had one (nothing is written twice)."""
+    def commit(self, request: Request, ok: bool, result: str) -> bool:
+        """Its one result (a JSON line): False when it already had one (nothing is written twice)."""
         cursor = self.db.execute(
             "UPDATE requests SET state = ?, result = ? WHERE batch_id = ? AND custom_id = ? AND state = 'pending'",
-            ("completed" if ok else "failed", json.dumps(result), request.batch_id, request.custom_id),
+            ("completed" if ok else "failed", result, request.batch_id, request.custom_id),
         )
         return cursor.rowcount == 1
 
