@@ -86,7 +86,7 @@ async def run_gateway(
     inference = Inference(pool, limits)
     keys = ApiKeys(api_keys, default_limits)
     store = BatchStore(data_dir or Path(tempfile.mkdtemp(prefix="tokenwire-data-")))
-    runner = BatchRunner(store, inference, keys, batch_limits or BatchLimits())
+    runner = BatchRunner(store, inference, keys, batch_limits or BatchLimits(), expect_models)
     services[:0] = [
         (api_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(inference), INFERENCE_SERVICE),
         (batch_pb2_grpc.add_BatchServiceServicer_to_server, BatchServicer(runner), BATCH_SERVICE),

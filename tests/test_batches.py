@@ -107,6 +107,8 @@ def test_a_chat_batch_runs_and_its_output_has_one_line_per_request(client: opena
         assert body["choices"][0]["message"]["role"] == "assistant"
         assert 0 < body["usage"]["completion_tokens"] <= 8
     assert client.files.retrieve(done.output_file_id).purpose == "batch_output"
+    with pytest.raises(openai.BadRequestError):  # completed: nothing left to cancel
+        client.batches.cancel(batch.id)
 
 
 @pytest.mark.parametrize(
@@ -162,7 +164,11 @@ def test_a_file_with_bad_lines_fails_validation_with_each_line_named(client: ope
 def test_requests_the_api_refuses_go_to_the_error_file(client: openai.OpenAI) -> None:
     lines = [
         chat_line("good"),
-        line("unknown-model", "/v1/chat/completions", {"model": "no-such-model", "messages": []}),
+        line(
+            "unknown-model",
+            "/v1/chat/completions",
+            {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]},
+        ),
         line(
             "bad-param",
             "/v1/chat/completions",
@@ -229,7 +235,7 @@ def test_bad_create_requests_are_400(client: openai.OpenAI) -> None:
 
 
 def test_cancel_mid_run_keeps_the_results_made(client: openai.OpenAI) -> None:
-    batch = submit(client, [chat_line(f"long-{i}", "Write a long story.", max_tokens=64) for i in range(40)])
+    batch = submit(client, [chat_line(f"long-{i}", "Write a long story.", max_tokens=48) for i in range(16)])
     harness.wait_until(
         lambda: client.batches.retrieve(batch.id).request_counts.completed >= 2, 300, interval=0.2, what="2 done"
     )
@@ -238,11 +244,10 @@ def test_cancel_mid_run_keeps_the_results_made(client: openai.OpenAI) -> None:
     done = finished(client, batch.id)
     assert done.status == "cancelled" and done.cancelled_at
     made = done.request_counts.completed
-    assert 2 <= made < 40
+    assert 2 <= made < 16
     output = results(client, done.output_file_id)
-    assert len(output) == made and set(output) <= {f"long-{i}" for i in range(40)}
-    with pytest.raises(openai.BadRequestError):  # finished: nothing left to cancel
-        client.batches.cancel(batch.id)
+    assert len(output) == made and set(output) <= {f"long-{i}" for i in range(16)}
+    assert client.batches.cancel(batch.id).status == "cancelled"  # again: the same answer
 
 
 def committed(data_dir: Path, batch_id: str) -> dict[str, str]:
@@ -257,13 +262,14 @@ def committed(data_dir: Path, batch_id: str) -> dict[str, str]:
         db.close()
 
 
+@pytest.mark.timeout(900)  # two starts of serve on a loaded machine
 def test_a_restart_of_every_process_loses_nothing_and_runs_nothing_twice() -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="tokenwire-restart-"))
     first = serve(data_dir)
     try:
         client = sdk(first)
         batch = submit(
-            client, [chat_line(f"r-{i}", f"Tell me about the number {i}.", max_tokens=32) for i in range(24)]
+            client, [chat_line(f"r-{i}", f"Tell me about the number {i}.", max_tokens=24) for i in range(12)]
         )
         harness.wait_until(
             lambda: client.batches.retrieve(batch.id).request_counts.completed >= 3, 300, interval=0.2, what="3 done"
@@ -273,14 +279,14 @@ def test_a_restart_of_every_process_loses_nothing_and_runs_nothing_twice() -> No
         os.killpg(first.process.pid, signal.SIGKILL)  # every process at once, mid-run
         first.stop(5)
     before = committed(data_dir, batch.id)
-    assert 3 <= len(before) < 24
+    assert 3 <= len(before) < 12
     second = serve(data_dir)
     try:
         client = sdk(second)
         done = finished(client, batch.id)
-        assert done.status == "completed" and done.request_counts.completed == 24
+        assert done.status == "completed" and done.request_counts.completed == 12
         output = results(client, done.output_file_id)
-        assert sorted(output) == sorted(f"r-{i}" for i in range(24))
+        assert sorted(output) == sorted(f"r-{i}" for i in range(12))
         for custom_id, result in before.items():  # the same result line, not a second run
             assert output[custom_id] == json.loads(result)
     finally:
@@ -290,7 +296,16 @@ def test_a_restart_of_every_process_loses_nothing_and_runs_nothing_twice() -> No
 def test_tokenwire_batch_submits_a_file_and_saves_the_results(served: harness.Serve, tmp_path: Path) -> None:
     requests = tmp_path / "requests.jsonl"
     requests.write_bytes(
-        jsonl([chat_line("cli-1"), line("cli-2", "/v1/chat/completions", {"model": "no-such-model", "messages": []})])
+        jsonl(
+            [
+                chat_line("cli-1"),
+                line(
+                    "cli-2",
+                    "/v1/chat/completions",
+                    {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]},
+                ),
+            ]
+        )
     )
     done = subprocess.run(
         [sys.executable, "-m", "tokenwire_cli", "batch", str(requests), "--url", f"{served.url}/v1"],

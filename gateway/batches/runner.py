@@ -164,8 +164,18 @@ def validate(content: bytes, endpoint: str, max_lines: int) -> tuple[list[tuple[
 
 
 class BatchRunner:
-    def __init__(self, store: BatchStore, inference: Inference, keys: ApiKeys, limits: BatchLimits) -> None:
+    def __init__(
+        self,
+        store: BatchStore,
+        inference: Inference,
+        keys: ApiKeys,
+        limits: BatchLimits,
+        expected_models: list[str] | None = None,
+    ) -> None:
         self.store = store
+        # Nothing runs before the gateway is ready (each of --expect-models, else some model, has a
+        # live worker): after a restart, a model whose worker has not registered yet is not unknown.
+        self.expected_models = expected_models or []
         self.inference = inference
         self.keys = keys
         self.limits = limits
@@ -251,6 +261,8 @@ class BatchRunner:
         return max(room, 0)
 
     def _feed(self, batch: Any, running: dict[str, asyncio.Task[None]]) -> None:
+        if not self.inference.pool.ready(self.expected_models):
+            return
         now = time.monotonic()
         room: dict[str, int] = {}
         for request in self.store.pending(batch["id"], 64, set(running)):
