@@ -198,9 +198,10 @@ class BatchRunner:
             while True:
                 self._wake.clear()
                 busy = False
+                room: dict[str, int] = {}  # model -> batch calls it can take now, shared by the batches
                 # Unclaimed: another gateway runs this directory's batches (until it ends).
                 for batch in self.store.active() if self.store.claim() else []:
-                    busy = self._advance(batch) or busy
+                    busy = self._advance(batch, room) or busy
                 # Idle, a batch created by another gateway sharing the directory is found within IDLE_POLL.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), POLL if busy else IDLE_POLL)
@@ -210,7 +211,7 @@ class BatchRunner:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _advance(self, batch: Any) -> bool:
+    def _advance(self, batch: Any, room: dict[str, int]) -> bool:
         """One look at a batch: whether it still has work."""
         batch_id, status = batch["id"], batch["status"]
         running = self._running.setdefault(batch_id, {})
@@ -222,7 +223,7 @@ class BatchRunner:
             self.cancel(batch_id)
             status = "expiring"
         if status == "in_progress":
-            self._feed(batch, running)
+            self._feed(batch, running, room)
             counts = self.store.counts(batch_id)
             for state, count in counts.items():
                 metrics.BATCH_PROGRESS.labels(batch_id, state).set(count)
@@ -260,11 +261,10 @@ class BatchRunner:
         room = sum(max(w.status.capacity - 1, 1) - w.in_flight - w.status.queue_length for w in workers)
         return max(room, 0)
 
-    def _feed(self, batch: Any, running: dict[str, asyncio.Task[None]]) -> None:
+    def _feed(self, batch: Any, running: dict[str, asyncio.Task[None]], room: dict[str, int]) -> None:
         if not self.inference.pool.ready(self.expected_models):
             return
         now = time.monotonic()
-        room: dict[str, int] = {}
         for request in self.store.pending(batch["id"], 64, set(running)):
             model = request.body.get("model")
             if not isinstance(model, str) or model not in self.inference.pool.known_models():
