@@ -72,7 +72,16 @@ browser:
 		$$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
 	fi
 
-test: $(DEV) browser
+# The shared store's tests (and `make serve ARGS="--store redis://..."` on one machine) run
+# Debian's redis-server, started by the tests on a free port; installed (as root) when missing.
+redis:
+	@if [ ! -x /usr/bin/redis-server ]; then \
+		echo "[tokenwire] installing Debian's redis-server for the shared store's tests"; \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; \
+	fi
+
+test: $(DEV) browser redis
 	$(BIN)/python -m pytest $(ARGS)
 
 proto: $(DEV)
@@ -100,4 +109,4 @@ lock: $(TOOLS)
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-.PHONY: help install browser serve test proto lint lock bench clean
+.PHONY: help install browser redis serve test proto lint lock bench clean

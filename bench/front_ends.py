@@ -51,6 +51,7 @@ CEILING_LOADS = {
 class Stack:
     base: str  # the REST base URL
     front: list[Server]  # the front end's processes
+    workers: list[Server]
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Window:
     rate: float  # requests (tokens) a second
     cpu_us: float  # the front end's CPU a request (a token)
     other: float  # the share of the machine other processes used
+    workers_cpu_us: float  # the stack's workers' CPU a request (a token)
 
 
 def echo_workers() -> dict[str, tuple[str, ...]]:
@@ -76,16 +78,19 @@ def start(
     every process with ``env`` added to its environment."""
     (model, (engine, *engine_args)), *others = workers.items()
     stack = start_engine_stack(group, model, engine, *engine_args, prefix=name, split=split, env=env)
+    started = [stack.worker]
     for model, (engine, *engine_args) in others:
-        group.start(
-            servers.tokenwire(
-                f"{name}-worker-{model}", "worker", "--port", "0", "--controller-address", stack.gateway_address,
-                "--engine", engine, "--model-name", model, "--log-level", "warning", *engine_args, env=env,
-            ),
-            timeout=300,
+        started.append(
+            group.start(
+                servers.tokenwire(
+                    f"{name}-worker-{model}", "worker", "--port", "0", "--controller-address", stack.gateway_address,
+                    "--engine", engine, "--model-name", model, "--log-level", "warning", *engine_args, env=env,
+                ),
+                timeout=300,
+            )
         )  # fmt: skip
     wait_models(stack.base, list(workers))
-    return Stack(stack.base, stack.front)
+    return Stack(stack.base, stack.front, started)
 
 
 async def measure_ceiling(
@@ -106,8 +111,11 @@ async def measure_ceiling(
                     result = await loadgen.run(load, op, LOADS[load][1], warmup, duration, group.servers)
                     count = result.requests * (STREAM_TOKENS if unit == "token" else 1)
                     front = sum(result.server_cpu[server.name] for server in stack.front)
+                    behind = sum(result.server_cpu[server.name] for server in stack.workers)
                     other = result.other_cpu / (result.duration * capacity)
-                    window = Window(count / result.duration, 1e6 * front / max(1, count), other)
+                    window = Window(
+                        count / result.duration, 1e6 * front / max(1, count), other, 1e6 * behind / max(1, count)
+                    )
                     figures.setdefault((load, name), []).append(window)
                     print(
                         f"[{round_ + 1}/{rounds}] {load:15s} {name:12s} {window.rate:7.0f} {unit}s/s, front end "

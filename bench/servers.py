@@ -61,6 +61,7 @@ class Server:
     cwd: str | None = None
     ready_http: str | None = None  # poll this URL instead of reading a READY line
     ready_check: Callable[[bytes], bool] | None = None
+    ready_probe: Callable[[], bool] | None = None  # or call this until it is true
     address: str = ""
     log_path: Path = field(init=False)
     launched: Launched | None = None
@@ -79,9 +80,8 @@ class Server:
             with_parent=True,
         ).start()
         try:
-            self.launched.wait_ready(
-                timeout, until=self._http_ready if self.ready_http is not None else None, poll=0.05
-            )
+            until = self.ready_probe or (self._http_ready if self.ready_http is not None else None)
+            self.launched.wait_ready(timeout, until=until, poll=0.05)
         except NotReady as error:
             if error.reason == "exited":
                 raise RuntimeError(f"{self.name} exited with {error.returncode}:\n{self.log()[-4000:]}") from None
@@ -175,6 +175,28 @@ class Group:
 
 def tokenwire(name: str, *argv: str, env: dict[str, str] | None = None) -> Server:
     return Server(name, [str(PROJECT_PYTHON), "-m", "tokenwire_cli", *argv], env=env or {})
+
+
+# -- Redis (the shared store) ----------------------------------------------------------
+
+
+def redis_server(name: str) -> Server:
+    """Debian's redis-server (``make redis``) on a free port, its files in the bench's log folder,
+    persistence off: the store of ``--store redis://`` + its ``address``."""
+    port = free_port()
+
+    def answers() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    argv = ["/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    server = Server(name, [*argv, "--dir", str(LOG_DIR)], ready_probe=answers)
+    server.address = f"127.0.0.1:{port}"
+    return server
 
 
 # -- FastChat (bench venv) -------------------------------------------------------------

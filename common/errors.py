@@ -276,6 +276,11 @@ def unavailable(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.UNAVAILABLE, message, code="service_unavailable")
 
 
+def store_unavailable(message: str) -> ApiError:
+    """The shared store (--store redis://...) did not answer: what needs it cannot be done now."""
+    return ApiError(grpc.StatusCode.UNAVAILABLE, f"{message} Retry shortly.", code="store_unavailable", retry_after=1)
+
+
 def too_many_connections(limit: int, retry_after: int = 1) -> ApiError:
     """The REST bridge holds its cap of open connections (``--max-connections``)."""
     return ApiError(

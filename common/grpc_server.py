@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import math
@@ -17,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common import cluster
+from common import cluster, tracing
 from common.errors import ApiError, internal, unavailable
 from common.observability import REQUEST_ID_HEADER, clean_request_id, request_id
 from common.settings import DEFAULT_MAX_BODY_BYTES
@@ -175,11 +176,13 @@ def server_credentials(
     return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=True)
 
 
-def open_channel(address: str) -> grpc.aio.Channel:
+def open_channel(address: str, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> grpc.aio.Channel:
     """An aio channel to a tokenwire peer, with TLS when the process trusts a CA."""
     if _client_credentials is not None:
-        return grpc.aio.secure_channel(address, _client_credentials, options=channel_options())
-    return grpc.aio.insecure_channel(address, options=channel_options())
+        return grpc.aio.secure_channel(
+            address, _client_credentials, options=channel_options(), interceptors=interceptors
+        )
+    return grpc.aio.insecure_channel(address, options=channel_options(), interceptors=interceptors)
 
 
 def open_sync_channel(address: str) -> grpc.Channel:
@@ -231,10 +234,14 @@ async def _answered(context: grpc.aio.ServicerContext, method: str) -> AsyncIter
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
     """Every call's request id (the caller's ``x-request-id``, or a new one) for logs and
-    onward calls, and every way it can fail as the status its caller gets: handlers raise,
-    only this aborts. One wrapper a call (a stream's messages pass one generator), for unary
-    and server-streaming methods alike.
+    onward calls, its span while ``traced`` is on (the request path's calls: common/tracing.py),
+    and every way it can fail as the status its caller gets: handlers raise, only this aborts.
+    One wrapper a call (a stream's messages pass one generator), for unary and server-streaming
+    methods alike.
     """
+
+    def __init__(self, traced: tracing.Part | None = None) -> None:
+        self.traced = traced
 
     async def intercept_service(
         self,
@@ -246,8 +253,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method
         rid: str | None = None  # health and reflection calls keep none
+        spanned: Callable[[], contextlib.AbstractContextManager[object]] = _no_span
         if not method.startswith("/grpc."):
-            rid = clean_request_id(dict(handler_call_details.invocation_metadata or ()).get(REQUEST_ID_HEADER))
+            metadata = dict(handler_call_details.invocation_metadata or ())
+            rid = clean_request_id(metadata.get(REQUEST_ID_HEADER))
+            traced = self.traced
+            if traced is not None and traced.on and method.startswith(tracing.TRACED_METHODS):
+                spanned = functools.partial(tracing.ServedCall, traced, method, metadata, rid)
         if handler.unary_unary is not None:
             unary_behavior = handler.unary_unary
 
@@ -255,7 +267,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 if rid is not None:
                     request_id.set(rid)
                 async with _answered(context, method):
-                    return await unary_behavior(request, context)
+                    with spanned():
+                        return await unary_behavior(request, context)
 
             return handler._replace(unary_unary=unary)
         if handler.unary_stream is not None:
@@ -265,21 +278,29 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 if rid is not None:
                     request_id.set(rid)
                 async with _answered(context, method):
-                    responses = stream_behavior(request, context)
-                    if inspect.isawaitable(responses):
-                        # A handler that sends with context.write() (grpc.health.v1 Watch): it returns nothing.
-                        await responses
-                        return
-                    async for response in responses:
-                        yield response
+                    with spanned():
+                        responses = stream_behavior(request, context)
+                        if inspect.isawaitable(responses):
+                            # A handler that sends with context.write() (grpc.health.v1 Watch): it returns nothing.
+                            await responses
+                            return
+                        async for response in responses:
+                            yield response
 
             return handler._replace(unary_stream=stream)
         return handler
 
 
+def _no_span() -> contextlib.AbstractContextManager[object]:
+    return _NO_SPAN
+
+
+_NO_SPAN = contextlib.nullcontext()
+
+
 def outgoing_metadata() -> tuple[tuple[str, str], ...]:
-    """Metadata for a call to a worker made on behalf of the current request."""
-    return ((REQUEST_ID_HEADER, request_id.get()), *cluster.call_metadata())
+    """Metadata for a call to a worker made on behalf of the current request (and its span)."""
+    return ((REQUEST_ID_HEADER, request_id.get()), *cluster.call_metadata(), *tracing.call_metadata())
 
 
 class GrpcServer:
@@ -290,9 +311,12 @@ class GrpcServer:
         services: Sequence[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]],
         *,
         interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+        traced: tracing.Part | None = None,
     ) -> None:
         self.server = grpc.aio.server(
-            interceptors=[cluster.ClusterAuthInterceptor(), *interceptors, CallInterceptor()],
+            # The call wrapper before the part's own (the gateway's keys): a call they refuse is
+            # answered, logged under its request id and traced like any other.
+            interceptors=[cluster.ClusterAuthInterceptor(), CallInterceptor(traced), *interceptors],
             options=server_options(),
         )
         self.health = health.aio.HealthServicer()

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
-from common import addresses
+from common import addresses, store
 
 ENV_PREFIX = "TOKENWIRE_"
 DEFAULT_GRPC_PORT = 50051
@@ -157,10 +157,48 @@ def metrics_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def store_flags(parser: argparse.ArgumentParser) -> None:
+    """The shared store (common/store.py): every part that keeps shared state (the gateway, the
+    bridge) declares it, and serve, which passes it to both."""
+    parser.add_argument(
+        "--store",
+        default=store.MEMORY,
+        help="where state the front ends share lives: memory (this process) or redis://host:port/db "
+        "(rediss:// for TLS), one Redis or Valkey for every replica",
+    )
+    parser.add_argument(
+        "--store-password-file",
+        default=None,
+        help=f"file holding the store's password (or {store.PASSWORD_ENV}; never in --store)",
+    )
+    parser.add_argument(
+        "--store-timeout-ms",
+        type=positive_int,
+        default=store.DEFAULT_TIMEOUT_MS,
+        help="deadline of one store command, in milliseconds; past it the store counts as down",
+    )
+
+
+def tracing_flags(parser: argparse.ArgumentParser) -> None:
+    """OpenTelemetry traces (common/tracing.py): the gateway's, a worker's, the bridge's, and serve's."""
+    parser.add_argument(
+        "--otlp-traces-endpoint",
+        default=None,
+        help="send traces over OTLP/gRPC to this collector, e.g. http://127.0.0.1:4317 (default: "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT; neither: no traces)",
+    )
+    parser.add_argument(
+        "--trace-content",
+        action="store_true",
+        help="record prompt and completion text on the spans (default: never)",
+    )
+
+
 def member_flags(parser: argparse.ArgumentParser) -> None:
     """What a cluster member serving gRPC and dialing its peers takes (the gateway, a worker)."""
     message_limit_flags(parser)
     metrics_flag(parser)
+    tracing_flags(parser)
     tls_server_flags(parser)
     tls_client_flag(parser)
     cluster_flags(parser, serving=True)
@@ -255,6 +293,8 @@ def configure_process(parser: argparse.ArgumentParser, args: argparse.Namespace,
         getattr(args, "max_send_message_length", None) or body,
     )
     configure_keepalive(keepalive)
+    if hasattr(args, "store"):
+        store.check_flags(args, argv)
     if hasattr(args, "cluster_token"):
         if any(arg.split("=", 1)[0] == "--cluster-token" for arg in argv):
             logging.getLogger("tokenwire").warning(

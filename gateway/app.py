@@ -6,22 +6,26 @@ import asyncio
 import contextlib
 import logging
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from common import tracing
 from common.grpc_server import GrpcServer
 from common.observability import serve_metrics
 from common.sampling import Limits
+from common.store import Store, StoreConfig
 from gateway import metrics
-from gateway.auth import ApiKeys, AuthInterceptor, KeyLimits, KeySpec
+from gateway.auth import ApiKeys, AuthInterceptor, KeyLimits
 from gateway.batches.runner import BatchLimits, BatchRunner
 from gateway.batches.service import BatchServicer
 from gateway.batches.store import BatchStore
 from gateway.inference import Inference
+from gateway.key_reload import KeyReloader, KeysSource, MemoryRevocations, RedisRevocations, Revocations
 from gateway.pool import WorkerPool, remote_source
+from gateway.rate_limits import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.registry import Registry, RegistryServicer
 from gateway.service import InferenceServicer
 from tokenwire.v1 import api_pb2_grpc, batch_pb2_grpc, registry_pb2_grpc
@@ -38,8 +42,10 @@ async def run_gateway(
     host: str,
     port: int,
     controller_address: str | None,
-    api_keys: Iterable[KeySpec] = (),
+    keys: KeysSource | None = None,
     default_limits: KeyLimits | None = None,
+    store: StoreConfig | None = None,
+    limits_when_store_down: str = "local",
     heartbeat_expiry: float = 15.0,
     limits: Limits | None = None,
     shutdown_grace: float = 10.0,
@@ -64,7 +70,20 @@ async def run_gateway(
     Health: the process ("") is SERVING while it runs; InferenceService is
     SERVING only while each expected model (default: each model seen) has a
     live worker, which is what the bridge's /ready reports.
+
+    With ``store`` (redis://...), the per-key limits and the revoked keys live there, shared
+    by every gateway that names the same store.
     """
+    keys = keys or KeysSource(list, None)
+    shared = Store(store, "gateway", metrics.REGISTRY) if store is not None else None
+    limiter: RateLimiter = MemoryRateLimiter()
+    revocations: Revocations = MemoryRevocations()
+    if shared is not None:
+        await shared.start()
+        limiter = RedisRateLimiter(shared, limits_when_store_down)
+        revocations = RedisRevocations(shared)
+    api_keys = ApiKeys(keys.read(), default_limits)
+    reloader = KeyReloader(api_keys, keys, revocations)
     services: list[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]] = []
     registry: Registry | None = None
     registry_server: GrpcServer | None = None
@@ -84,14 +103,13 @@ async def run_gateway(
             registry_server = GrpcServer([registry_service])
     pool = WorkerPool(source)
     inference = Inference(pool, limits)
-    keys = ApiKeys(api_keys, default_limits)
-    store = BatchStore(data_dir or Path(tempfile.mkdtemp(prefix="tokenwire-data-")))
-    runner = BatchRunner(store, inference, keys, batch_limits or BatchLimits(), expect_models)
+    batch_store = BatchStore(data_dir or Path(tempfile.mkdtemp(prefix="tokenwire-data-")))
+    runner = BatchRunner(batch_store, inference, api_keys, limiter, batch_limits or BatchLimits(), expect_models)
     services[:0] = [
-        (api_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(inference), INFERENCE_SERVICE),
+        (api_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(inference, limiter), INFERENCE_SERVICE),
         (batch_pb2_grpc.add_BatchServiceServicer_to_server, BatchServicer(runner), BATCH_SERVICE),
     ]
-    server = GrpcServer(services, interceptors=[AuthInterceptor(keys)])
+    server = GrpcServer(services, interceptors=[AuthInterceptor(api_keys, limiter)], traced=tracing.part("gateway"))
     bound = server.bind(f"{host}:{port}", tls)
     registry_where = controller_address or "in-process, same port"
     if registry_server is not None:
@@ -99,6 +117,7 @@ async def run_gateway(
         registry_bound = registry_server.bind(f"{registry_on}:{registry_port}", registry_tls)
         registry_where = f"in-process, on {registry_on}:{registry_bound}"
     pool.start()
+    reloading = asyncio.create_task(reloader.run())
     expiry_task = asyncio.create_task(registry.run_expiry()) if registry is not None else None
     if registry_server is not None:
         await registry_server.start()
@@ -117,11 +136,12 @@ async def run_gateway(
     finally:
         log.info("gateway shutting down (grace %.0f s)", shutdown_grace)
         readiness.cancel()
+        reloading.cancel()
         running_batches.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await running_batches
         await server.stop(shutdown_grace)
-        store.close()
+        batch_store.close()
         if registry_server is not None:
             await registry_server.stop(1.0)
         if expiry_task is not None:
@@ -129,6 +149,8 @@ async def run_gateway(
             with contextlib.suppress(asyncio.CancelledError):
                 await expiry_task
         await pool.close()
+        if shared is not None:
+            await shared.close()
 
 
 async def _follow_readiness(server: GrpcServer, pool: WorkerPool, expected: list[str]) -> None:

@@ -3,10 +3,10 @@
 Keys arrive as ``authorization: Bearer <key>`` metadata (the REST bridge
 passes its header through). They are kept as SHA-256 digests and compared in
 constant time; with no keys configured the API is open. Each key may carry
-limits: requests per minute and tokens (prompt + completion) per minute, over
-a sliding 60-second window; past them the request is refused with 429 and a
-Retry-After. Health, reflection and the registry are not behind the keys
-(probes and workers must reach them).
+limits: requests per minute and tokens (prompt + completion) per minute, counted
+by a rate limiter (gateway/rate_limits.py); past them the request is refused with
+429 and a Retry-After. Health, reflection and the registry are not behind the
+keys (probes and workers must reach them).
 """
 
 from __future__ import annotations
@@ -14,21 +14,20 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import hmac
-import math
-import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 
 from common import errors
 from common.authorization import bearer_key, parse_authorization
-from common.grpc_server import abort_with
 from gateway import metrics
 
+if TYPE_CHECKING:
+    from gateway.rate_limits import RateLimiter
+
 PROTECTED_PREFIXES = ("/tokenwire.v1.InferenceService/", "/tokenwire.v1.BatchService/")
-WINDOW = 60.0
 
 
 @dataclass(frozen=True)
@@ -55,53 +54,17 @@ def parse_key_line(line: str, default: KeyLimits) -> KeySpec:
     return KeySpec(key, KeyLimits(**values))
 
 
-class KeyState:
-    """One key's sliding windows."""
+@dataclass(frozen=True)
+class ApiKey:
+    """A configured key, as the rest of the gateway knows it: never the key itself."""
 
-    def __init__(self, label: str, limits: KeyLimits, owner: str = "") -> None:
-        self.label = label  # for logs: never the key itself
-        self.limits = limits
-        # Whose stored objects (batches, files) are: the key's digest, "" when the API is open.
-        self.owner = owner
-        self._requests: deque[float] = deque()
-        self._tokens: deque[tuple[float, int]] = deque()
-        self._token_sum = 0
-
-    def _prune(self, now: float) -> None:
-        horizon = now - WINDOW
-        while self._requests and self._requests[0] <= horizon:
-            self._requests.popleft()
-        while self._tokens and self._tokens[0][0] <= horizon:
-            self._token_sum -= self._tokens.popleft()[1]
-
-    def admit(self, now: float | None = None) -> None:
-        """Count a request, or raise 429 with the seconds until one fits."""
-        now = time.monotonic() if now is None else now
-        self._prune(now)
-        rpm, tpm = self.limits.rpm, self.limits.tpm
-        if rpm is not None and len(self._requests) >= rpm:
-            wait = self._requests[0] + WINDOW - now
-            raise errors.rate_limited(f"Rate limit reached: {rpm} requests per minute for this key.", math.ceil(wait))
-        if tpm is not None and self._token_sum >= tpm:
-            excess, wait = self._token_sum - tpm, WINDOW
-            for stamp, tokens in self._tokens:
-                excess -= tokens
-                if excess < 0:
-                    wait = stamp + WINDOW - now
-                    break
-            raise errors.rate_limited(f"Rate limit reached: {tpm} tokens per minute for this key.", math.ceil(wait))
-        self._requests.append(now)
-
-    def record(self, tokens: int, now: float | None = None) -> None:
-        if self.limits.tpm is None or tokens <= 0:
-            return
-        now = time.monotonic() if now is None else now
-        self._tokens.append((now, tokens))
-        self._token_sum += tokens
+    label: str  # for logs
+    id: str  # the hex SHA-256 of the key: its name in the shared store
+    limits: KeyLimits
 
 
 # The key of the request being served (its limits), set by the interceptor.
-current_key: contextvars.ContextVar[KeyState | None] = contextvars.ContextVar("current_key", default=None)
+current_key: contextvars.ContextVar[ApiKey | None] = contextvars.ContextVar("current_key", default=None)
 
 
 def _digest(key: str) -> bytes:
@@ -109,29 +72,45 @@ def _digest(key: str) -> bytes:
 
 
 class ApiKeys:
+    """The keys the API accepts: loaded at start, loaded again when the keys file changes
+    (gateway/key_reload.py), less the revoked ones (a key another replica's file dropped)."""
+
     def __init__(self, specs: Iterable[KeySpec], default: KeyLimits | None = None) -> None:
         default = default or KeyLimits()
-        self._keys = [
-            (_digest(s.key), KeyState(f"key#{i + 1}", s.limits, _digest(s.key).hex()))
-            for i, s in enumerate(specs)
-            if s.key
-        ]
+        self._keys: list[tuple[bytes, ApiKey]] = []
         # With no keys, everyone shares the default limits (if any).
-        self._anonymous = KeyState("anonymous", default)
+        self._anonymous = ApiKey("anonymous", "anonymous", default)
+        # Once it had keys, the API stays closed: a keys file that loses its last key is no way to open it.
+        self._required = False
+        self.revoked: frozenset[str] = frozenset()
+        self.load(specs)
 
     @property
     def enabled(self) -> bool:
-        return bool(self._keys)
+        return self._required or bool(self._keys)
 
-    def by_owner(self, owner: str) -> KeyState | None:
-        """The key that owns stored objects (None: the key is no longer configured)."""
-        if not self._keys:
+    def load(self, specs: Iterable[KeySpec]) -> tuple[set[str], set[str]]:
+        """Accept ``specs`` from now on; the ids of the keys (removed, added)."""
+        before = {key.id for _, key in self._keys}
+        specs = [s for s in specs if s.key]
+        self._keys = [
+            (digest, ApiKey(f"key#{i + 1}", digest.hex(), s.limits))
+            for i, (digest, s) in enumerate((_digest(s.key), s) for s in specs)
+        ]
+        after = {key.id for _, key in self._keys}
+        self._required = self._required or bool(after)
+        return before - after, after - before
+
+    def by_id(self, key_id: str) -> ApiKey | None:
+        """The key whose objects (batches, files) these are; None once it is no longer accepted."""
+        if not self.enabled:
             return self._anonymous
-        return next((state for _, state in self._keys if state.owner == owner), None)
+        found = next((key for _, key in self._keys if key.id == key_id), None)
+        return None if found is None or found.id in self.revoked else found
 
-    def lookup(self, authorization: str | None) -> KeyState | None:
-        """The key's state, the anonymous one when the API is open, or None."""
-        if not self._keys:
+    def lookup(self, authorization: str | None) -> ApiKey | None:
+        """The key, the anonymous one when the API is open, or None."""
+        if not self.enabled:
             return self._anonymous
         key = bearer_key(authorization)
         if key is None:
@@ -141,12 +120,15 @@ class ApiKeys:
         for digest, state in self._keys:  # no early exit: constant time in the key list
             if hmac.compare_digest(candidate, digest):
                 found = state
+        if found is not None and found.id in self.revoked:
+            return None
         return found
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, keys: ApiKeys) -> None:
+    def __init__(self, keys: ApiKeys, limiter: RateLimiter) -> None:
         self.keys = keys
+        self.limiter = limiter
 
     async def intercept_service(
         self,
@@ -163,7 +145,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             given = bool(parse_authorization(authorization)[1])
             return _deny(handler, errors.invalid_api_key() if given else errors.missing_api_key())
         try:
-            state.admit()
+            await self.limiter.admit(state)
         except errors.ApiError as error:
             return _deny(handler, error)
         current_key.set(state)
@@ -171,13 +153,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _deny(handler: grpc.RpcMethodHandler, error: errors.ApiError) -> grpc.RpcMethodHandler:
+    """A handler that raises ``error``: the call wrapper around it (common/grpc_server.py) answers it."""
     metrics.ERRORS.labels("-", error.code or error.type).inc()
 
     async def deny_unary(request: object, context: grpc.aio.ServicerContext) -> None:
-        await abort_with(context, error)
+        raise error
 
     async def deny_stream(request: object, context: grpc.aio.ServicerContext):
-        await abort_with(context, error)
+        raise error
         yield  # pragma: no cover - makes this an async generator
 
     if handler.unary_stream is not None:

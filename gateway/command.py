@@ -26,6 +26,13 @@ def api_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate-limit-rpm", type=int, default=None, help="requests per minute per key (default: none)")
     parser.add_argument("--rate-limit-tpm", type=int, default=None, help="tokens per minute per key (default: none)")
     parser.add_argument(
+        "--limits-when-store-down",
+        choices=("local", "closed"),
+        default="local",
+        help="while the shared store (--store redis://...) is down: local = each replica counts the limits "
+        "alone (a key gets them once per replica), closed = limited keys get 503 store_unavailable",
+    )
+    parser.add_argument(
         "--heartbeat-expiry", type=float, default=15.0, help="drop a worker after this many seconds without heartbeat"
     )
     sampling.limit_flags(parser)  # --max-n, --max-tokens-limit (the bridge takes them too, for its schema)
@@ -71,6 +78,7 @@ def gateway_flags(parser: argparse.ArgumentParser) -> None:
         help="serve the registry on this internal port instead of the public one (0 = any free port)",
     )
     parser.add_argument("--registry-host", default=None, help="address of --registry-port (default: --host)")
+    settings.store_flags(parser)
     settings.member_flags(parser)
 
 
@@ -127,10 +135,13 @@ def serving(
     args: argparse.Namespace, stop: asyncio.Event, on_ready: Callable[[int], None] | None = None
 ) -> Coroutine[Any, Any, None]:
     """The gateway until ``stop``; ``on_ready(port)`` once it serves (after its READY line)."""
+    from common import store, tracing
     from common.grpc_server import server_credentials
     from gateway.app import run_gateway
     from gateway.batches.runner import BatchLimits
+    from gateway.key_reload import KeysSource
 
+    tracing.configure("gateway", args.otlp_traces_endpoint, args.trace_content)
     registry_host = args.registry_host or args.host
 
     def registry_ready(host: str, port: int) -> None:
@@ -145,8 +156,10 @@ def serving(
         host=args.host,
         port=args.port,
         controller_address=args.controller_address,
-        api_keys=api_keys(args),
+        keys=KeysSource(lambda: api_keys(args), args.api_keys_file),
         default_limits=key_limits(args),
+        store=store.config(args),
+        limits_when_store_down=args.limits_when_store_down,
         heartbeat_expiry=args.heartbeat_expiry,
         limits=sampling.limits(args),
         shutdown_grace=args.shutdown_grace,

@@ -25,8 +25,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import grpc
+from opentelemetry import trace
 
-from common import errors
+from common import errors, tracing
 from common.grpc_server import outgoing_metadata, really_cancelled
 from gateway.metrics import current_watch
 from gateway.pool import WorkerHandle, WorkerPool
@@ -43,6 +44,8 @@ current_priority: contextvars.ContextVar[worker_pb2.Priority.ValueType] = contex
 # Worker errors that mean "try another worker" when nothing was produced yet.
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 MAX_ATTEMPTS = 3
+
+traced = tracing.part("gateway")
 
 
 class _ChannelClosed(grpc.aio.AioRpcError):
@@ -63,6 +66,29 @@ class Dispatcher:
             raise errors.no_worker(model)
         best = min(w.load() for w in candidates)
         return random.choice([w for w in candidates if w.load() == best])
+
+    @staticmethod
+    def _attempt(model: str, handle: WorkerHandle, attempt: int, index: int | None = None) -> trace.Span:
+        """The span of one attempt at a worker call (the call's client span): which worker, why,
+        and the how-manieth. Not the current span (it lives across a stream's yields):
+        :func:`_calling` makes it current while the call is made, which sends its context."""
+        span = traced.start_span("dispatch", kind=trace.SpanKind.CLIENT)
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "rpc.system": "grpc",
+                    "rpc.service": "tokenwire.v1.WorkerService",
+                    "gen_ai.request.model": model,
+                    "tokenwire.dispatch.attempt": attempt,
+                    "tokenwire.dispatch.reason": "least_loaded",
+                    "tokenwire.worker.id": handle.worker_id,
+                    "tokenwire.worker.load": handle.load(),
+                    "server.address": handle.status.address,
+                }
+            )
+            if index is not None:
+                span.set_attribute("tokenwire.choice.index", index)
+        return span
 
     @staticmethod
     @contextlib.contextmanager
@@ -93,15 +119,21 @@ class Dispatcher:
         tried: frozenset[str] = frozenset()
         for attempt in range(1, MAX_ATTEMPTS + 1):
             handle = self.pick(model, tried)
+            span = self._attempt(model, handle, attempt)
             with self.lease(handle):
                 try:
-                    return await call(handle)
+                    with _calling(span):
+                        return await call(handle)
                 except grpc.aio.AioRpcError as error:
+                    _failed(span, error)
                     tried = self._failover(error, handle, tried, attempt, model)
                 except asyncio.CancelledError:
                     if really_cancelled():
                         raise
+                    _failed(span, _ChannelClosed())
                     tried = self._failover(_ChannelClosed(), handle, tried, attempt, model)
+                finally:
+                    span.end()
         raise AssertionError("unreachable")
 
     async def _stream(
@@ -113,8 +145,10 @@ class Dispatcher:
         watch = current_watch.get()  # the request's token timing
         for attempt in range(1, MAX_ATTEMPTS + 1):
             handle = self.pick(model, tried)
+            span = self._attempt(model, handle, attempt, request.index)
             with self.lease(handle):
-                call = handle.stub.Generate(request, timeout=_remaining(deadline), metadata=outgoing_metadata())
+                with _calling(span):
+                    call = handle.stub.Generate(request, timeout=_remaining(deadline), metadata=outgoing_metadata())
                 try:
                     async for response in call:
                         if response.HasField("accepted"):
@@ -128,15 +162,18 @@ class Dispatcher:
                         yield response
                     return
                 except grpc.aio.AioRpcError as error:
+                    _failed(span, error)
                     if produced:
                         raise errors.ApiError.from_rpc_error(error) from None
                     tried = self._failover(error, handle, tried, attempt, model)
                 except asyncio.CancelledError:
                     if produced or really_cancelled():
                         raise
+                    _failed(span, _ChannelClosed())
                     tried = self._failover(_ChannelClosed(), handle, tried, attempt, model)
                 finally:
                     call.cancel()
+                    span.end()
 
     async def _whole(
         self, model: str, request: worker_pb2.GenerateRequest, deadline: float | None
@@ -213,6 +250,17 @@ class Dispatcher:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _calling(span: trace.Span) -> contextlib.AbstractContextManager[object]:
+    """``span`` current while a worker call is made: the call's metadata carries its context."""
+    if not span.is_recording():
+        return contextlib.nullcontext()
+    return trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False)
+
+
+def _failed(span: trace.Span, error: grpc.aio.AioRpcError) -> None:
+    tracing.failed(span, error, error.code().name)
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -12,14 +12,19 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import shortuuid
+from opentelemetry import trace
 
-from common import errors, limits
+from common import errors, limits, tracing
+from common import sampling as sampling_fields
 from common.grpc_server import outgoing_metadata
 from common.sampling import Limits, copy_sampling
+from gateway.auth import current_key
 from gateway.dispatch import Dispatcher, current_priority
 from gateway.pool import WorkerHandle, WorkerPool
 from gateway.validation import check_chat, check_completion, check_embedding
 from tokenwire.v1 import api_pb2, common_pb2, worker_pb2
+
+traced = tracing.part("gateway")
 
 
 def completion_id(prefix: str) -> str:
@@ -44,6 +49,12 @@ class Inference:
     # -- chat -------------------------------------------------------------------
 
     def _chat_requests(self, request: api_pb2.CreateChatCompletionRequest) -> list[worker_pb2.GenerateRequest]:
+        with tracing.Block(traced, "admission") as span:
+            out = self._admit_chat(request)
+            _admitted(span, out)
+            return out
+
+    def _admit_chat(self, request: api_pb2.CreateChatCompletionRequest) -> list[worker_pb2.GenerateRequest]:
         check_chat(request, self.limits)
         info = self._require_kind(request.model, generation=True)
         sampling = _sampling(request)
@@ -142,6 +153,12 @@ class Inference:
     # -- completions --------------------------------------------------------------
 
     def _completion_requests(self, request: api_pb2.CreateCompletionRequest) -> list[worker_pb2.GenerateRequest]:
+        with tracing.Block(traced, "admission") as span:
+            out = self._admit_completion(request)
+            _admitted(span, out)
+            return out
+
+    def _admit_completion(self, request: api_pb2.CreateCompletionRequest) -> list[worker_pb2.GenerateRequest]:
         check_completion(request, self.limits)
         info = self._require_kind(request.model, generation=True)
         sampling = _sampling(request)
@@ -370,6 +387,27 @@ class _UsageSum:
     def total(self) -> common_pb2.Usage:
         prompt, completion = sum(self.prompt), sum(self.completion)
         return common_pb2.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+# The sampling fields that have a GenAI attribute (gen_ai.request.<name>).
+_TRACED_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty")
+
+
+def _admitted(span: trace.Span, requests: list[worker_pb2.GenerateRequest]) -> None:
+    """What admission settled, on its span: the sampling parameters, the choices, the key's label."""
+    if not span.is_recording():
+        return
+    sampling = requests[0].sampling
+    attributes: dict[str, str | int | float] = {"gen_ai.request.choice.count": len(requests)}
+    attributes.update(
+        (f"gen_ai.request.{name}", getattr(sampling, name))
+        for name in _TRACED_SAMPLING
+        if sampling_fields.is_set(sampling, sampling_fields.BY_NAME[name])
+    )
+    key = current_key.get()
+    if key is not None:
+        attributes["tokenwire.api_key"] = key.label  # "key#2": never the key
+    span.set_attributes(attributes)
 
 
 def _sampling(

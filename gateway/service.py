@@ -15,13 +15,24 @@ from typing import Any
 import grpc
 
 from common import observability as obs
+from common import tracing
 from common.errors import ApiError
 from gateway import cluster_status, metrics
 from gateway.auth import current_key
 from gateway.inference import Inference
+from gateway.rate_limits import RateLimiter
 from tokenwire.v1 import api_pb2, api_pb2_grpc, common_pb2
 
 log = logging.getLogger("tokenwire.gateway")
+traced = tracing.part("gateway")
+# gen_ai.operation.name of each kind of request (OpenTelemetry's GenAI conventions).
+OPERATIONS = {
+    "chat": "chat",
+    "chat_stream": "chat",
+    "completion": "text_completion",
+    "completion_stream": "text_completion",
+    "embedding": "embeddings",
+}
 
 
 class Observed:
@@ -57,9 +68,6 @@ class Observed:
         metrics.E2E.labels(self.kind, self.model).observe(elapsed)
         fields: dict[str, object] = {"kind": self.kind, "model": self.requested, "status": status}
         if self.usage is not None:
-            key = current_key.get()
-            if key is not None:
-                key.record(self.usage.total_tokens)
             metrics.PROMPT_TOKENS.labels(self.model).inc(self.usage.prompt_tokens)
             metrics.COMPLETION_TOKENS.labels(self.model).inc(self.usage.completion_tokens)
             fields["prompt_tokens"] = self.usage.prompt_tokens
@@ -68,16 +76,38 @@ class Observed:
             fields["ttft_ms"] = round((self.watch.first - self.watch.start) * 1000, 1)
         fields["latency_ms"] = round(elapsed * 1000, 1)
         obs.log_request(log, "request", **fields)
+        if traced.on:
+            self._trace()
+
+    def _trace(self) -> None:
+        """The request's figures on its span (the call's server span, which has its status), by
+        OpenTelemetry's GenAI names."""
+        attributes: dict[str, str | int] = {
+            "gen_ai.operation.name": OPERATIONS[self.kind],
+            "gen_ai.request.model": self.requested,
+        }
+        if self.usage is not None:
+            attributes["gen_ai.usage.input_tokens"] = self.usage.prompt_tokens
+            attributes["gen_ai.usage.output_tokens"] = self.usage.completion_tokens
+        tracing.set_on_current_span(traced, attributes)
 
 
 class InferenceServicer(api_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, inference: Inference) -> None:
+    def __init__(self, inference: Inference, limiter: RateLimiter) -> None:
         self.inference = inference
+        self.limiter = limiter
+
+    async def _count(self, usage: common_pb2.Usage) -> None:
+        """The key's tokens, counted before the call ends: its next request sees them."""
+        key = current_key.get()
+        if key is not None:
+            await self.limiter.record(key, usage.total_tokens)
 
     async def _unary(self, kind: str, request: Any, serve: Callable[..., Awaitable[Any]], context: Any) -> Any:
         with Observed(self.inference, kind, request.model) as observed:
             reply = await serve(request, context.time_remaining())
             observed.usage = reply.usage
+            await self._count(reply.usage)
             return reply
 
     async def _stream(
@@ -90,6 +120,8 @@ class InferenceServicer(api_pb2_grpc.InferenceServiceServicer):
                     if not request.stream_options.include_usage:
                         continue
                 yield chunk
+            if observed.usage is not None:
+                await self._count(observed.usage)
 
     async def ListModels(
         self, request: api_pb2.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -22,31 +22,47 @@ from grpc_health.v1 import health_pb2_grpc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from common import tracing
 from common.errors import ApiError
 from common.grpc_server import open_channel
-from rest_bridge import batches, embeddings, generation, models, operations, page, tokens
+from common.store import Store
+from rest_bridge import batches, embeddings, generation, metrics, models, operations, page, tokens
 from rest_bridge.config import BridgeSettings
 from rest_bridge.exchange import ClientGone, error_response, json_response
 from rest_bridge.middleware import RequestMiddleware
 from rest_bridge.responses import routes as responses
-from rest_bridge.responses.store import ResponseStore
+from rest_bridge.responses.store import MemoryResponseStore, RedisResponseStore
 from tokenwire.v1 import api_pb2_grpc, batch_pb2_grpc
+
+traced = tracing.part("bridge")
 
 
 @contextlib.asynccontextmanager
-async def _gateway_channel(app: FastAPI) -> AsyncIterator[None]:
-    async with open_channel(app.state.settings.gateway_address) as channel:
-        app.state.stub = api_pb2_grpc.InferenceServiceStub(channel)
-        app.state.batch_stub = batch_pb2_grpc.BatchServiceStub(channel)
-        app.state.health = health_pb2_grpc.HealthStub(channel)
-        yield
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The channel to the gateway, and the shared store if any, for the app's lifetime."""
+    settings: BridgeSettings = app.state.settings
+    shared = Store(settings.store, "bridge", metrics.REGISTRY) if settings.store is not None else None
+    if shared is None:
+        app.state.responses = MemoryResponseStore(*settings.responses_store_bounds)
+    else:
+        await shared.start()
+        app.state.responses = RedisResponseStore(shared, *settings.responses_store_bounds)
+    try:
+        address = settings.gateway_address
+        async with open_channel(address, traced.channel_interceptors(address)) as channel:
+            app.state.stub = api_pb2_grpc.InferenceServiceStub(channel)
+            app.state.batch_stub = batch_pb2_grpc.BatchServiceStub(channel)
+            app.state.health = health_pb2_grpc.HealthStub(channel)
+            yield
+    finally:
+        if shared is not None:
+            await shared.close()
 
 
 def create_app(settings: BridgeSettings | None = None) -> FastAPI:
     settings = settings or BridgeSettings()
-    app = FastAPI(title="tokenwire", version="0.1.0", lifespan=_gateway_channel)
+    app = FastAPI(title="tokenwire", version="0.1.0", lifespan=_lifespan, telemetry=traced.fastapi_telemetry())
     app.state.settings = settings
-    app.state.responses = ResponseStore(settings.responses_store_size, settings.responses_store_bytes)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.allowed_origins,

@@ -29,7 +29,9 @@ def bridge_flags(parser: argparse.ArgumentParser) -> None:
     api_flags(parser)
     # The gateway's bounds, for /openapi.json: `tokenwire serve` passes the bridge the gateway's values.
     sampling.limit_flags(parser)
+    settings.store_flags(parser)
     settings.tls_client_flag(parser)
+    settings.tracing_flags(parser)
     settings.logging_flags(parser)
 
 
@@ -51,6 +53,12 @@ def api_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=64 * 1024 * 1024,
         help="bytes of stored responses and their conversations kept (LRU)",
+    )
+    parser.add_argument(
+        "--responses-store-ttl",
+        type=positive_seconds,
+        default=30 * 24 * 3600.0,
+        help="seconds a stored response is kept after its last use (default: 30 days)",
     )
 
 
@@ -88,10 +96,12 @@ def server(args: argparse.Namespace) -> tuple[uvicorn.Server, socket.socket]:
     """The bridge's uvicorn server, and its socket, bound to --host/--port."""
     import uvicorn
 
+    from common import store, tracing
     from rest_bridge import connections
     from rest_bridge.app import create_app
     from rest_bridge.config import BridgeSettings
 
+    tracing.configure("bridge", args.otlp_traces_endpoint, args.trace_content)
     bridge_settings = BridgeSettings(
         gateway_address=args.gateway_address,
         limits=sampling.limits(args),
@@ -102,6 +112,8 @@ def server(args: argparse.Namespace) -> tuple[uvicorn.Server, socket.socket]:
         max_body_bytes=args.max_body_bytes,
         responses_store_size=args.responses_store_size,
         responses_store_bytes=args.responses_store_bytes,
+        responses_store_ttl=args.responses_store_ttl,
+        store=store.config(args),
         sse_keepalive_interval=args.sse_keepalive_interval,
     )
     # IPPROTO_TCP explicitly: only then does the event loop set TCP_NODELAY on

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from common.sampling import Limits
 from common.settings import DEFAULT_MAX_BODY_BYTES
+from common.store import StoreConfig
 
 
 @dataclass
@@ -18,8 +19,16 @@ class BridgeSettings:
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    # The Responses API's store of responses (rest_bridge/responses/store.py).
+    # The Responses API's store of responses (rest_bridge/responses/store.py): in memory, or in
+    # the shared store (None: memory).
+    store: StoreConfig | None = None
     responses_store_size: int = 1000
     responses_store_bytes: int = 64 * 1024 * 1024
+    responses_store_ttl: float = 30 * 24 * 3600.0
+
+    @property
+    def responses_store_bounds(self) -> tuple[int, int, float]:
+        return self.responses_store_size, self.responses_store_bytes, self.responses_store_ttl
+
     # Seconds of silence after which an SSE stream sends ": keep-alive" (0: never).
     sse_keepalive_interval: float = 15.0

@@ -9,7 +9,7 @@ stub in the app's state; routes reach them through :func:`settings` and :func:`g
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +72,8 @@ def error_response(error: ApiError) -> Response:
 
 
 def call_metadata(request: Request) -> tuple[tuple[str, str], ...]:
-    """What the gateway needs from the HTTP request: the key and the request id."""
+    """What the gateway needs from the HTTP request: the key and the request id (the trace
+    context goes with the call's client span: ``tracing.CallSpans`` on the bridge's channel)."""
     authorization = request.headers.get("authorization")
     rid = (REQUEST_ID_HEADER, request_id.get())
     return (("authorization", authorization), rid) if authorization else (rid,)
@@ -150,6 +151,7 @@ class SseEvents:
     chunk: Callable[[Any], bytes]  # one gRPC message
     opening: bytes = b""  # before the first message
     finish: Callable[[], bytes] = lambda: SSE_DONE  # after the last message
+    settle: Callable[[], Awaitable[None]] | None = None  # awaited after the last message, before finish
     fail: Callable[[ApiError], bytes] = _error_then_done  # an error once started; it ends the stream
 
 
@@ -184,6 +186,8 @@ async def open_stream(request: Request, call: grpc.aio.UnaryStreamCall, events: 
         finally:
             first.cancel()
             call.cancel()
+        if events.settle is not None:
+            await events.settle()
         yield events.finish()
 
     return keepalive.KeepAliveResponse(body(), interval, SSE_HEADERS)

@@ -1,5 +1,5 @@
 """Per-request plumbing of the bridge, as plain ASGI (no per-request objects
-beyond what it needs): the request id, metrics and the one log line."""
+beyond what it needs): the request id (also on the request's span), metrics and the one log line."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import time
 from typing import Any
 
 from common import observability as obs
+from common import tracing
 from rest_bridge import metrics
 
 log = logging.getLogger("tokenwire.bridge")
+traced = tracing.part("bridge")
 
 _HEADER = obs.REQUEST_ID_HEADER.encode()
 
@@ -26,6 +28,7 @@ class RequestMiddleware:
         given = next((v for k, v in scope["headers"] if k == _HEADER), None)
         rid = obs.clean_request_id(given.decode("latin-1") if given else None)
         obs.request_id.set(rid)
+        tracing.set_on_current_span(traced, {tracing.REQUEST_ID: rid})  # FastAPI's HTTP span
         started = time.perf_counter()
         status = 500
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests import harness
+from tests.redis_server import RedisServer
 
 API_KEY = "test-key-1"
 CHAT_MODEL = "echo-chat"
@@ -76,3 +77,11 @@ def slow_system() -> Iterator[EchoSystem]:
     system = start_echo_system(delay=0.02, tokens=200)
     yield system
     stop_system(system)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh redis-server of the test's own (tests/redis_server.py)."""
+    server = RedisServer().start()
+    yield server
+    server.stop()

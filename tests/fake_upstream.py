@@ -6,6 +6,7 @@ toy: words drawn from a short list, one word a token, a token a streamed chunk,
 and a whitespace tokenizer (vLLM's ``/tokenize`` and ``/detokenize``). It
 honours every parameter the openai engine probes for, except the ones named
 with ``--ignore``, which it drops silently, as real upstreams do.
+``GET /_traceparents`` lists the ``traceparent`` header of each generation request.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ DEFAULT_TOKENS = 8  # what it writes when max_tokens is unset; then finish_reaso
 CONTEXT = 4096
 
 _vocab: dict[str, int] = {}
+# The W3C traceparent header of each generation request (None: it had none), at GET /_traceparents.
+_traceparents: list[str | None] = []
 _lock = threading.Lock()
 
 
@@ -76,7 +79,11 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self) -> None:
-        if self.path == "/v1/models":
+        if self.path == "/_traceparents":  # for the tests of trace propagation
+            with _lock:
+                seen = list(_traceparents)
+            self._json(200, seen)
+        elif self.path == "/v1/models":
             self._json(200, {"object": "list", "data": [{"id": "fake", "object": "model", "max_model_len": CONTEXT}]})
         else:
             self._json(404, {"error": {"message": f"no route {self.path}"}})
@@ -93,6 +100,8 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 self._json(200, {"prompt": " ".join(word_of(t) for t in body.get("tokens") or [])})
         elif self.path in ("/v1/completions", "/v1/chat/completions"):
+            with _lock:
+                _traceparents.append(self.headers.get("traceparent"))
             self._stream(body, chat=self.path.endswith("/chat/completions"))
         else:
             self._json(404, {"error": {"message": f"no route {self.path}"}})

@@ -65,6 +65,10 @@ class Proc:
     def address(self) -> str:
         return self._announced("READY")
 
+    def part_address(self, part: str) -> str:
+        """Where ``part`` of a process holding two (the front end: gateway, bridge) serves."""
+        return self.launched.part_address(part) if self.launched else ""
+
     @property
     def metrics_address(self) -> str:
         return self._announced("METRICS")
@@ -127,6 +131,17 @@ def echo_worker(controller: str, model: str, *extra: str) -> Proc:
 
 def bridge(gateway_address: str, *extra: str, env: dict[str, str] | None = None) -> Proc:
     return Proc(["bridge", "--port", "0", "--gateway-address", gateway_address, *extra], env=env or {}).start()
+
+
+def front_end(gateway_args: Iterable[str], bridge_args: Iterable[str] = (), env: dict[str, str] | None = None) -> Proc:
+    """``tokenwire front-end``: the gateway and the bridge in one process, as serve runs them;
+    ready once both are (its bridge at ``part_address("bridge")``)."""
+    argv = ["front-end", "--port", "0", *gateway_args, "--bridge", "--port", "0", *bridge_args]
+    proc = Proc(argv, env=env or {}).start()
+    wait_until(lambda: proc.part_address("bridge") or not proc.alive(), what="the front end's bridge ready")
+    if not proc.alive():
+        raise RuntimeError(f"tokenwire front-end exited:\n{proc.log()}")
+    return proc
 
 
 def wait_for_models(url: str, models: Iterable[str], key: str | None = None, timeout: float = WAIT_TIMEOUT) -> None:

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPS = ROOT / "deps"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PIN = re.compile(r"^([A-Za-z0-9._-]+)==([^ \\]+)")
-RUNTIME_EXTRAS = ("embeddings", "llama")
+RUNTIME_EXTRAS = ("embeddings", "llama", "tracing")
 
 
 def pins(lock: str) -> dict[str, Version]:

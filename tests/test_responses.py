@@ -6,14 +6,18 @@ in test_responses_models.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import openai
 import pytest
+from prometheus_client import CollectorRegistry
 
-from rest_bridge.responses.store import ResponseStore
+from common.store import Store, StoreConfig
+from rest_bridge.responses.store import MemoryResponseStore, RedisResponseStore, ResponseStore, Stored
 from tests.conftest import API_KEY, CHAT_MODEL, EchoSystem, start_echo_system, stop_system
+from tests.redis_server import RedisServer
 from tests.test_cancellation import leave_while_waiting, one_cancel, settled
 
 OTHER_KEY = "test-key-2"
@@ -243,20 +247,49 @@ def test_bad_requests_are_400(system: EchoSystem, body: dict, param: str) -> Non
     assert reply.json()["error"]["param"] == param
 
 
-def test_store_bounds_count_and_bytes() -> None:
-    store = ResponseStore(max_count=3, max_bytes=2000)
-    owner = b"k"
+@pytest.fixture(params=["memory", "redis"])
+async def response_store(request: pytest.FixtureRequest) -> AsyncIterator[ResponseStore]:
+    """Each implementation, with the same bounds (3 responses, 2000 bytes, an hour)."""
+    if request.param == "memory":
+        yield MemoryResponseStore(max_count=3, max_bytes=2000, ttl=3600)
+        return
+    server = RedisServer().start()
+    shared = Store(StoreConfig(server.url, None, 2000), "test", CollectorRegistry())
+    try:
+        yield RedisResponseStore(shared, max_count=3, max_bytes=2000, ttl=3600)
+    finally:
+        await shared.close()
+        server.stop()
 
-    def put(i: int, size: int) -> None:
-        store.put(owner, {"id": f"r{i}"}, [{"content": "x" * size}])
+
+async def test_store_bounds_count_and_bytes(response_store: ResponseStore) -> None:
+    store, owner = response_store, b"k"
+
+    async def put(i: int, size: int) -> bool:
+        return await store.put(owner, Stored({"id": f"r{i}"}, [{"content": "x" * size}], []))
 
     for i in range(4):
-        put(i, 10)
-    assert len(store) == 3 and store.get("r0", owner) is None  # count bound
-    put(4, 1500)  # bytes bound: the older ones make room
-    assert store.get("r4", owner) is not None and store.bytes <= 2000
-    assert store.get("r1", owner) is None
-    put(5, 5000)  # larger than the whole store: not kept, nothing evicted for it
-    assert store.get("r5", owner) is None and store.get("r4", owner) is not None
-    assert store.get("r4", b"someone else") is None
-    assert store.delete("r4", owner) and not store.delete("r4", owner)
+        assert await put(i, 10)
+    assert await store.get("r0", owner) is None  # count bound
+    assert all([await store.get(f"r{i}", owner) for i in (1, 2, 3)])
+    assert await put(4, 1500)  # bytes bound: the older ones make room
+    assert await store.get("r4", owner) is not None
+    assert await store.get("r1", owner) is None
+    assert not await put(5, 5000)  # larger than the whole store: not kept, nothing evicted for it
+    assert await store.get("r5", owner) is None and await store.get("r4", owner) is not None
+    assert await store.get("r4", b"someone else") is None
+    assert not await store.delete("r4", b"someone else")
+    assert await store.delete("r4", owner) and not await store.delete("r4", owner)
+
+
+async def test_store_drops_what_was_unused_for_its_ttl(redis_server: RedisServer) -> None:
+    shared = Store(StoreConfig(redis_server.url, None, 2000), "test", CollectorRegistry())
+    try:
+        for store in (MemoryResponseStore(10, 10_000, ttl=0.5), RedisResponseStore(shared, 10, 10_000, ttl=0.5)):
+            assert await store.put(b"k", Stored({"id": "old"}, [], []))
+            assert await store.get("old", b"k") is not None
+            # The time is the behaviour under test: a get would keep it alive, so none until then.
+            await asyncio.sleep(1.0)
+            assert await store.get("old", b"k") is None
+    finally:
+        await shared.close()

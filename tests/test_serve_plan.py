@@ -34,10 +34,16 @@ BRIDGE_FLAGS = {
     "--sse-keepalive-interval": "4",
     "--responses-store-size": "9",
     "--responses-store-bytes": "99999",
+    "--responses-store-ttl": "3600",
+    "--store": "redis://127.0.0.9:6390/2",
+    "--store-password-file": "/run/store-password",
+    "--store-timeout-ms": "150",
     "--max-n": "3",
     "--max-tokens-limit": "4096",
     "--log-level": "debug",
     "--log-format": "json",
+    "--otlp-traces-endpoint": "http://collector.example:4317",
+    "--trace-content": None,
 }
 GATEWAY_FLAGS = {
     "--grpc-port": "50999",
@@ -49,6 +55,7 @@ GATEWAY_FLAGS = {
     "--api-keys-file": "keys.txt",
     "--rate-limit-rpm": "60",
     "--rate-limit-tpm": "6000",
+    "--limits-when-store-down": "closed",
 }
 
 
@@ -120,6 +127,15 @@ def test_the_message_limits_follow_the_body_limit_unless_given() -> None:
         assert (args.max_receive_message_length, args.max_send_message_length) == (123456, 123456)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-process", "split"])
+def test_the_tracing_flags_reach_every_part(split: bool) -> None:
+    flags = ["--otlp-traces-endpoint", "http://collector.example:4317", "--trace-content", "--echo"]
+    planned = make_plan(*flags, *(["--split-front-end"] if split else []))
+    views = [child_view(planned.front, "gateway"), child_view(planned.bridge or planned.front, "bridge")]
+    views += [child_view(worker, "worker") for worker in planned.workers]
+    assert [(v.otlp_traces_endpoint, v.trace_content) for v in views] == [("http://collector.example:4317", True)] * 4
+
+
 def test_secrets_go_by_the_environment_never_argv() -> None:
     planned = make_plan(*argv(GATEWAY_FLAGS), "--split-front-end")
     processes = [planned.front, *filter(None, [planned.bridge]), *planned.workers]
@@ -132,6 +148,19 @@ def test_secrets_go_by_the_environment_never_argv() -> None:
         assert child_view(worker, "worker").cluster_token == TOKEN
     # The token serve gives, not a file serve was given: the file is not passed on to a member.
     assert all("TOKENWIRE_CLUSTER_TOKEN_FILE" not in p.env for p in [planned.front, *planned.workers])
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-process", "split"])
+def test_the_store_reaches_both_parts_by_the_environment(split: bool) -> None:
+    # A password in the store's URL may come from serve's environment: it goes on by the environment.
+    url = "redis://:store-secret@127.0.0.9:6390/2"
+    with mock.patch.dict(os.environ, {"TOKENWIRE_STORE": url}):
+        given = build_parser(with_engines=False).parse_args(["serve", *(["--split-front-end"] if split else [])])
+    planned = plan.plan(given, TOKEN, ENVIRON, plan.Ports.asked(given))
+    processes = [planned.front, *filter(None, [planned.bridge]), *planned.workers]
+    assert not [arg for process in processes for arg in process.argv if "store-secret" in arg]
+    assert child_view(planned.front, "gateway").store == url
+    assert child_view(planned.bridge or planned.front, "bridge").store == url
 
 
 def test_split_front_end_gives_two_processes_and_the_default_one() -> None:

@@ -117,7 +117,9 @@ def build_parser(with_engines: bool = True) -> argparse.ArgumentParser:
     settings.cluster_flags(serve, serving=False)
     gateway_command.api_flags(serve)
     bridge_command.api_flags(serve)
+    settings.store_flags(serve)
     settings.message_limit_flags(serve)
+    settings.tracing_flags(serve)
     settings.logging_flags(serve)
     serve.set_defaults(func=cmd_serve)
 

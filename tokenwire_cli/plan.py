@@ -21,7 +21,8 @@ from tokenwire_cli.front_end import BRIDGE
 from workers import command as worker_command
 from workers.model_names import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL, model_name_for
 
-# The API keys and their limits travel together, with the cluster token, by the environment.
+# The API keys and their limits travel together, with the cluster token, by the environment;
+# so does the store's address, which may hold its password.
 BY_ENVIRONMENT = (
     "api_keys",
     "api_keys_file",
@@ -29,6 +30,7 @@ BY_ENVIRONMENT = (
     "rate_limit_tpm",
     "cluster_token",
     "cluster_token_file",
+    "store",
 )
 
 Declare = Callable[[argparse.ArgumentParser], None]

@@ -75,11 +75,12 @@ def _worker_flags(parser: argparse.ArgumentParser, with_engines: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from common import cluster
+    from common import cluster, tracing
     from common.grpc_server import server_credentials
     from workers.server import run_worker
 
     cluster.check_listen("worker", [args.host], insecure=args.insecure_cluster)
+    tracing.instrument_httpx(tracing.configure("worker", args.otlp_traces_endpoint, args.trace_content))
     tls = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
     engine = importlib.import_module(ENGINES[args.engine]).build(args)
     settings.run_server(

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from common import addresses, errors, limits
+from common import addresses, errors, limits, tracing
 from common import observability as obs
 from common.grpc_server import GrpcServer
 from tokenwire.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -18,8 +18,10 @@ from workers import admission, metrics
 from workers.engine import BatchStats, Delta, Engine, Generation
 from workers.registration import RegistryLink
 from workers.slots import Slots
+from workers.spans import ChoiceSpans
 
 log = logging.getLogger("tokenwire.worker")
+traced = tracing.part("worker")
 
 
 class WorkerStats:
@@ -108,21 +110,27 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         started = time.perf_counter()
         status = "ok"
         choice = _Choice(request.index)
+        spans = ChoiceSpans(self.model)
         try:
             limits.check_generate(request, self.engine.info)  # before a slot, before tokenizing
             async with contextlib.AsyncExitStack() as stack:
+                spans.begin("queue")
                 await stack.enter_async_context(self.slots.acquire(_is_batch(request.priority)))
+                spans.begin("tokenize")
                 prepared = await self.engine.prepare(request)
                 max_tokens = admission.resolve_max_tokens(self.engine, request, prepared.prompt_tokens, prepared.param)
                 accepted = choice.accepted(prepared.prompt_tokens)
+                spans.begin("prefill", {"gen_ai.usage.input_tokens": prepared.prompt_tokens})
                 # Closed as soon as we stop (an engine's sequence must leave its batch then, not at
                 # garbage collection).
                 ready = await stack.enter_async_context(
-                    contextlib.aclosing(self.engine.generate(request, prepared, max_tokens, generation))
+                    contextlib.aclosing(spans.captured(self.engine.generate(request, prepared, max_tokens, generation)))
                 )
                 if generation.whole:
                     # Not streamed to anyone: the whole choice in one message.
-                    whole = choice.message([delta async for deltas in ready for delta in deltas])
+                    first: list[Delta] = await anext(ready, [])  # the prompt is evaluated
+                    spans.begin("decode")
+                    whole = choice.message([*first, *[delta async for deltas in ready for delta in deltas]])
                     whole.accepted.CopyFrom(accepted.accepted)
                     yield whole
                 else:
@@ -130,17 +138,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     yield accepted
                     # One message per list the engine hands over, except that each but the first
                     # and the last waits until it carries --stream-interval tokens.
-                    pending: list[Delta] = []
-                    first = True
+                    pending: list[Delta] = await anext(ready, [])  # the prompt is evaluated
+                    spans.begin("decode")
+                    if pending:
+                        yield choice.message(pending)
+                        pending = []
                     async for deltas in ready:
                         pending += deltas
-                        if (
-                            first
-                            or pending[-1].finish_reason
-                            or sum(d.token_count for d in pending) >= self.stream_interval
-                        ):
+                        if pending[-1].finish_reason or sum(d.token_count for d in pending) >= self.stream_interval:
                             yield choice.message(pending)
-                            pending, first = [], False
+                            pending = []
                     if pending:
                         yield choice.message(pending)
         except (asyncio.CancelledError, GeneratorExit):
@@ -157,6 +164,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             status = "internal_error"
             raise
         finally:
+            spans.end(request, choice.prompt_tokens, choice.completion_tokens, choice.finish, status)
             metrics.ENGINE_REQUESTS.labels(self.model, "generate", status).inc()
             metrics.ENGINE_TOKENS.labels(self.model).inc(generation.tokens)
             obs.log_request(
@@ -293,7 +301,10 @@ async def run_worker(
     """Load the model, serve WorkerService, register, and run until ``stop``."""
     slots = Slots(limit_worker_concurrency, max_queue, reserved_slots)
     servicer = WorkerServicer(engine, slots, stream_interval)
-    server = GrpcServer([(worker_pb2_grpc.add_WorkerServiceServicer_to_server, servicer, "tokenwire.v1.WorkerService")])
+    server = GrpcServer(
+        [(worker_pb2_grpc.add_WorkerServiceServicer_to_server, servicer, "tokenwire.v1.WorkerService")],
+        traced=traced,
+    )
     bound = server.bind(f"{host}:{port}", tls)
     await server.start()
     # NOT_SERVING while the model loads.

@@ -36,6 +36,7 @@ from gateway.auth import ApiKeys
 from gateway.batches.store import BatchStore, Request
 from gateway.dispatch import current_priority
 from gateway.inference import Inference
+from gateway.rate_limits import RateLimiter
 from tokenwire.v1 import worker_pb2
 
 log = logging.getLogger("tokenwire.gateway.batch")
@@ -169,6 +170,7 @@ class BatchRunner:
         store: BatchStore,
         inference: Inference,
         keys: ApiKeys,
+        limiter: RateLimiter,
         limits: BatchLimits,
         expected_models: list[str] | None = None,
     ) -> None:
@@ -178,6 +180,7 @@ class BatchRunner:
         self.expected_models = expected_models or []
         self.inference = inference
         self.keys = keys
+        self.limiter = limiter
         self.limits = limits
         # batch id -> custom_id -> the task running it
         self._running: dict[str, dict[str, asyncio.Task[None]]] = {}
@@ -301,9 +304,9 @@ class BatchRunner:
         tokens = (line["response"]["body"].get("usage") or {}).get("total_tokens", 0) if ok else 0
         if tokens:
             metrics.BATCH_TOKENS.inc(tokens)
-            key = self.keys.by_owner(batch["owner"])
+            key = self.keys.by_id(batch["owner"])
             if key is not None:
-                key.record(tokens)
+                await self.limiter.record(key, tokens)
 
     def _finalize(self, batch: Any, status: str) -> None:
         """Write the output and error files, then the final status (redone whole after a crash)."""

@@ -1,6 +1,6 @@
 """BatchService: thin gRPC handlers over the store and the runner.
 
-Every object belongs to the caller's key (its digest; "" when the API is open):
+Every object belongs to the caller's key (its id, the key's digest):
 another key's file or batch is NOT_FOUND, as an unknown one.
 """
 
@@ -21,8 +21,9 @@ PURPOSES = ("batch",)
 
 
 def _owner() -> str:
+    """The caller's key id (its digest; "anonymous" when the API is open)."""
     key = current_key.get()
-    return key.owner if key is not None else ""
+    return key.id if key is not None else "anonymous"
 
 
 def _file(row: sqlite3.Row) -> batch_pb2.File:

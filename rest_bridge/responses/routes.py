@@ -30,7 +30,7 @@ async def check_key(request: Request) -> None:
 
 
 async def lookup(request: Request, response_id: str, param: str | None) -> Stored:
-    stored = _store(request).get(response_id, owner_of(request.headers.get("authorization")))
+    stored = await _store(request).get(response_id, owner_of(request.headers.get("authorization")))
     if stored is None:
         await check_key(request)  # a wrong key is a 401, not a 404
         raise errors.response_not_found(response_id, param)
@@ -50,16 +50,19 @@ async def create_response(request: Request) -> Response:
     owner = owner_of(request.headers.get("authorization"))
     history = [*(previous.history if previous else []), *parsed.new_input.messages]
 
-    def keep() -> None:
+    async def keep() -> None:
+        """Store the response; one the store could not keep says so (``"store": false``)."""
         if parsed.store:
-            _store(request).put(owner, turn.response(), [*history, turn.history_message()], parsed.new_input.items)
+            stored = Stored(turn.response(), [*history, turn.history_message()], parsed.new_input.items)
+            if not await _store(request).put(owner, stored):
+                turn.echo["store"] = False
 
     timeout = exchange.request_timeout(request, parsed.stream)
     gateway = exchange.gateway_stub(request)
     if not parsed.stream:
         call = gateway.CreateChatCompletion(message, metadata=exchange.call_metadata(request), timeout=timeout)
         from_completion(turn, await exchange.cancel_on_disconnect(request, call))
-        keep()
+        await keep()
         return exchange.json_response(turn.response())
 
     stream_call = gateway.StreamChatCompletion(
@@ -68,20 +71,16 @@ async def create_response(request: Request) -> Response:
         timeout=timeout,
     )
     events = EventStream(turn)
-
-    def finish() -> bytes:
-        final = events.finish()
-        keep()
-        return final
-
     return await exchange.open_stream(
-        request, stream_call, exchange.SseEvents(events.chunk, opening=events.start(), finish=finish, fail=events.fail)
+        request,
+        stream_call,
+        exchange.SseEvents(events.chunk, opening=events.start(), finish=events.finish, fail=events.fail, settle=keep),
     )
 
 
 @router.get("/v1/responses/{response_id}")
 async def get_response(response_id: str, request: Request) -> Response:
-    """A stored response (this bridge's store; see the README)."""
+    """A stored response (this bridge's store, or the replicas' shared one: docs/fleet.md)."""
     stored = await lookup(request, response_id, None)
     await check_key(request)
     return exchange.json_response(stored.response)
@@ -124,5 +123,5 @@ async def list_input_items(response_id: str, request: Request) -> Response:
 async def delete_response(response_id: str, request: Request) -> Response:
     await lookup(request, response_id, None)
     await check_key(request)
-    _store(request).delete(response_id, owner_of(request.headers.get("authorization")))
+    await _store(request).delete(response_id, owner_of(request.headers.get("authorization")))
     return exchange.json_response({"id": response_id, "object": "response", "deleted": True})

@@ -1,0 +1,134 @@
+"""What one use of the shared store costs the front end's process: CPU and time an operation, in-process.
+
+The classes the gateway and the bridge use (``gateway/rate_limits.py``,
+``rest_bridge/responses/store.py``) called directly on uvloop, as the front end runs them, against
+a redis-server of its own (``make redis``) and against their memory twins: a bare ``PING``, a
+limited key's admission (one script), its admission and the count of its tokens (two), a stored
+response's put and get (two). Each operation ``--calls`` times one after another (concurrency 1:
+what a request waits) and in batches of 32 at once (what a busy front end pays a call), in
+``--rounds`` rounds with the operations in turn. The figure is this process's own CPU
+(``time.process_time``) a call, which other processes on a shared machine disturb far less than
+a rate; Redis's CPU is not in it.
+
+    .venv/bin/python -m bench.experiments.store_client_cost --calls 3000 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+
+from bench import servers
+from bench.servers import Group
+from common.store import Store, StoreConfig
+from gateway.auth import ApiKey, KeyLimits
+from gateway.rate_limits import MemoryRateLimiter, RedisRateLimiter
+from rest_bridge.responses.store import MemoryResponseStore, RedisResponseStore, Stored
+
+HIGH = 10**12  # limits no load reaches: every call is admitted
+BATCH = 32
+
+Operation = Callable[[int], Awaitable[object]]
+
+
+def operations(store: Store) -> dict[str, tuple[Operation, Operation]]:
+    """name -> (its memory twin, the store's); each takes the call's number."""
+    rpm = ApiKey("rpm", "a" * 64, KeyLimits(HIGH, None))
+    both = ApiKey("rpm+tpm", "b" * 64, KeyLimits(HIGH, HIGH))
+    memory_limits, redis_limits = MemoryRateLimiter(), RedisRateLimiter(store)
+    memory_responses = MemoryResponseStore(10**6, 10**9, 3600)
+    redis_responses = RedisResponseStore(store, 10**6, 10**9, 3600)
+    owner = bytes(32)
+    ids = itertools.count()
+
+    async def nothing(_: int) -> None:
+        return None
+
+    async def ping(_: int) -> object:
+        return await store.run(store.client.ping())
+
+    def admit_and_record(limits: MemoryRateLimiter | RedisRateLimiter) -> Operation:
+        async def operation(_: int) -> None:
+            await limits.admit(both)
+            await limits.record(both, 40)
+
+        return operation
+
+    def put_and_get(responses: MemoryResponseStore | RedisResponseStore) -> Operation:
+        async def operation(_: int) -> None:
+            response_id = f"resp_bench{next(ids)}"
+            history = [{"role": "user", "content": "Hello from the benchmark, how are you today?"}]
+            stored = Stored({"id": response_id, "object": "response", "output": []}, history, [])
+            assert await responses.put(owner, stored)
+            assert await responses.get(response_id, owner) is not None
+
+        return operation
+
+    return {
+        "ping": (nothing, ping),
+        "admit (rpm)": (lambda _: memory_limits.admit(rpm), lambda _: redis_limits.admit(rpm)),
+        "admit + record (rpm+tpm)": (admit_and_record(memory_limits), admit_and_record(redis_limits)),
+        "response put + get": (put_and_get(memory_responses), put_and_get(redis_responses)),
+    }
+
+
+async def timed(operation: Operation, calls: int, batch: int) -> tuple[float, float]:
+    """(µs of this process's CPU, µs of wall time) a call."""
+    calls -= calls % batch
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for start in range(0, calls, batch):
+        if batch == 1:
+            await operation(start)
+        else:
+            await asyncio.gather(*(operation(start + n) for n in range(batch)))
+    return 1e6 * (time.process_time() - cpu0) / calls, 1e6 * (time.perf_counter() - wall0) / calls
+
+
+async def main_async(address: str, calls: int, rounds: int) -> None:
+    from prometheus_client import CollectorRegistry
+
+    store = Store(StoreConfig(f"redis://{address}/0", None, 1000), "bench", CollectorRegistry())
+    await store.start()
+    ops = operations(store)
+    figures: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
+    for memory, redis in ops.values():  # warm up: scripts loaded, connections open
+        for operation in (memory, redis):
+            await timed(operation, BATCH * 4, BATCH)
+    for round_ in range(rounds):
+        for name, (memory, redis) in ops.items():
+            for batch in (1, BATCH):
+                for where, operation in (("memory", memory), ("redis", redis)):
+                    figures.setdefault((name, where, batch), []).append(await timed(operation, calls, batch))
+        print(f"round {round_ + 1}/{rounds} done", flush=True)
+    await store.close()
+    print(f"\nthis process's CPU a call (µs), median of {rounds} rounds of {calls} calls (range); wall time a call")
+    for name in ops:
+        for batch in (1, BATCH):
+            line = f"  {name:26s} {batch:2d} at once:"
+            cpus = {}
+            for where in ("memory", "redis"):
+                cpu = [c for c, _ in figures[(name, where, batch)]]
+                wall = statistics.median(w for _, w in figures[(name, where, batch)])
+                cpus[where] = statistics.median(cpu)
+                line += f"  {where} {cpus[where]:6.1f} ({min(cpu):.1f}-{max(cpu):.1f}), {wall:6.1f} wall"
+            print(line + f"  +{cpus['redis'] - cpus['memory']:.0f} µs")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=3000, help="calls of each operation a round (3000)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (3)")
+    args = parser.parse_args()
+    import uvloop
+
+    with Group() as group:
+        redis = group.start(servers.redis_server("redis"))
+        uvloop.run(main_async(redis.address, args.calls, args.rounds))
+
+
+if __name__ == "__main__":
+    main()
