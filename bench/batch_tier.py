@@ -15,7 +15,7 @@ as :func:`bench.suite.start_engine_stack` starts them). Two measurements, in one
 Each phase reports the share of the machine's CPU other processes used during it (the machine is
 shared). Rerun with:
 
-    .venv/bin/python -m bench.batch_tier [--quick]
+    .venv/bin/python -m bench.batch_tier [--quick]   # runs itself in bench/.venv, as bench.run
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import sys
 import tempfile
 import time
 from typing import Any
 
 import httpx
 
+from bench import venv
 from bench.concurrency import STREAM_TOKENS, closed_loop
 from bench.servers import Group
 
@@ -102,6 +104,7 @@ def client_loop(base: str, n: int, tokens: int, concurrency: int) -> float:
 
 
 def main() -> None:
+    venv.run_inside("bench.batch_tier", sys.argv[1:])  # the load client's venv, as bench.run
     from bench.suite import NoiseMeter, start_engine_stack
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
