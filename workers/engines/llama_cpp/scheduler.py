@@ -96,7 +96,7 @@ class Seq:
     logits: bool = False
     # Hand the deltas over together at the end (a non-streamed choice).
     buffered: bool = False
-    # Batch tier: admitted and prefilled after interactive sequences.
+    # Batch tier: admitted after interactive sequences, paused while any runs.
     batch: bool = False
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
@@ -303,14 +303,18 @@ class Scheduler:
             n += 1
 
         active = self._kv.batch_order(self._active)
+        if any(not s.batch for s in active):
+            # Batch sequences pause while an interactive one runs, their KV kept: on a CPU each
+            # sequence in a step slows the step, and that time would be the interactive stream's.
+            # (A batch sequence another one follows goes on, or its follower would wait forever.)
+            active = [s for s in active if not s.batch or s.followers]
         for seq in active:
             if seq.decoding:
                 seq.chunk = (n, 1)
                 add(seq.last, seq.n_past, seq.seq_id, True)
                 seq.tokens.append(seq.last)
         budget = self.prefill_budget
-        # An interactive prompt's chunks go ahead of batch prompts' (a stable sort keeps the order within a tier).
-        for seq in sorted(active, key=lambda s: s.batch):
+        for seq in active:
             if seq.decoding or seq.leader is not None:
                 continue
             # As many whole chunks as the budget holds (the last one may end the prompt).
