@@ -86,7 +86,9 @@ def interactive(base: str, clients: int, duration: float) -> dict[str, Any]:
 
     with NoiseMeter() as noise:
         result = closed_loop(base, MODEL, clients, duration)
-    return {**result, "other_cpu_share": round(noise.share, 2)}
+    result = {**result, "other_cpu_share": round(noise.share, 2)}
+    log(json.dumps(result))  # each phase as it ends: a long run cut short keeps what it measured
+    return result
 
 
 def client_loop(base: str, n: int, tokens: int, concurrency: int) -> float:
@@ -135,6 +137,7 @@ def main() -> None:
             results[f"with_batch_{clients}"] = interactive(base, clients, args.duration)
         beside = batch(base, running)["request_counts"]["completed"] - before
         results["batch_beside_interactive_req_s"] = beside / (time.perf_counter() - started)
+        log(f"the batch beside them: {results['batch_beside_interactive_req_s']:.3f} req/s")
         httpx.post(f"{base}/v1/batches/{running}/cancel")
         wait_for(base, running)
         n, tokens = args.throughput_requests, args.batch_tokens
@@ -144,12 +147,14 @@ def main() -> None:
             final = wait_for(base, submit(base, n, tokens))
             results["batch_req_s"] = n / (time.perf_counter() - start)
         results["batch_other_cpu_share"] = round(noise.share, 2)
+        log(f"batch: {results['batch_req_s']:.3f} req/s, other processes {noise.share:.0%} of the CPU")
         assert final["request_counts"]["completed"] == n, final
         for level in (int(c) for c in args.loop_concurrency.split(",")):
             log(f"batch throughput: {n} requests by a client loop of {level}")
             with NoiseMeter() as noise:
                 results[f"loop_{level}_req_s"] = client_loop(base, n, tokens, level)
             results[f"loop_{level}_other_cpu_share"] = round(noise.share, 2)
+            log(f"loop of {level}: {results[f'loop_{level}_req_s']:.3f} req/s, other processes {noise.share:.0%}")
     report(results)
 
 
