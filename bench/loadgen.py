@@ -22,7 +22,7 @@ import aiohttp
 import grpc
 import orjson
 
-from bench.servers import TICKS, Server
+from bench.servers import Server, machine_busy
 
 # A stream's chunk count, its time to first content token and to first event.
 Sample = tuple[int, float | None, float | None]
@@ -93,15 +93,6 @@ class Result:
 
 def _ms(value: float | None) -> float | None:
     return None if value is None else 1000 * value
-
-
-def machine_busy() -> float:
-    """Seconds of CPU the whole machine spent busy (all cores), from /proc/stat."""
-    with open("/proc/stat") as handle:
-        values = [int(v) for v in handle.readline().split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    # guest time is already counted in user.
-    return (sum(values[:8]) - idle) / TICKS
 
 
 def _own_cpu() -> float:

@@ -41,6 +41,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def machine_busy() -> float:
+    """Seconds of CPU the whole machine spent busy (all cores), from /proc/stat."""
+    with open("/proc/stat") as handle:
+        values = [int(v) for v in handle.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    # guest time is already counted in user.
+    return (sum(values[:8]) - idle) / TICKS
+
+
 def memory_kb(pid: int) -> dict[str, int]:
     out = {}
     with open(f"/proc/{pid}/status") as handle:

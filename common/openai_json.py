@@ -23,8 +23,15 @@ from tokenwire.v1 import api_pb2, common_pb2
 # -- Usage -----------------------------------------------------------------------
 
 
-def usage(u: common_pb2.Usage) -> dict[str, int]:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}
+def usage(u: common_pb2.Usage) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+    }
+    if u.HasField("prompt_tokens_details"):  # unset: the engine did not say what it reused
+        out["prompt_tokens_details"] = {"cached_tokens": u.prompt_tokens_details.cached_tokens}
+    return out
 
 
 # -- Messages and tools (requests) ------------------------------------------------

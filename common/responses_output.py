@@ -8,7 +8,7 @@ from typing import Any
 
 import shortuuid
 
-from tokenwire.v1 import api_pb2
+from tokenwire.v1 import api_pb2, common_pb2
 
 
 def new_id(prefix: str) -> str:
@@ -55,10 +55,12 @@ class Turn:
             items.append(self.message_item("incomplete" if self.incomplete else "completed", text))
         return [*items, *self.calls]
 
-    def set_usage(self, prompt: int, completion: int) -> None:
+    def set_usage(self, usage: common_pb2.Usage) -> None:
+        prompt, completion = usage.prompt_tokens, usage.completion_tokens
         self.usage = {
             "input_tokens": prompt,
-            "input_tokens_details": {"cached_tokens": 0},
+            # Required by OpenAI's schema: 0 where the engine does not say what it reused.
+            "input_tokens_details": {"cached_tokens": usage.prompt_tokens_details.cached_tokens},
             "output_tokens": completion,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt + completion,
@@ -105,5 +107,5 @@ def from_completion(turn: Turn, reply: api_pb2.CreateChatCompletionResponse) -> 
     for call in choice.message.tool_calls:
         turn.add_call(call.id, call.function.name, call.function.arguments)
     turn.finish = choice.finish_reason
-    turn.set_usage(reply.usage.prompt_tokens, reply.usage.completion_tokens)
+    turn.set_usage(reply.usage)
     return turn

@@ -210,8 +210,11 @@ class ResponseRequest:
     stream: bool
 
 
-def parse_request(body: dict[str, Any], history: list[dict[str, Any]] | None) -> ResponseRequest:
-    """``history``: the conversation of ``previous_response_id`` as chat messages (None: no previous response)."""
+def parse_request(
+    body: dict[str, Any], history: list[dict[str, Any]] | None, previous_cache_key: str | None = None
+) -> ResponseRequest:
+    """``history``: the conversation of ``previous_response_id`` as chat messages (None: no previous
+    response); ``previous_cache_key``: that response's ``prompt_cache_key``."""
     for name in ("background",):
         if body.get(name):
             raise errors.invalid_request(f"'{name}' is not supported.", name)
@@ -231,6 +234,12 @@ def parse_request(body: dict[str, Any], history: list[dict[str, Any]] | None) ->
         head = read_input(instructions, "instructions").messages
     chat: dict[str, Any] = {k: body[k] for k in PASSTHROUGH if body.get(k) is not None}
     chat["messages"] = [*head, *(history or []), *new_input.messages]
+    # A chain keeps the key its first turn gave, so that its turns share a worker (docs/api.md).
+    cache_key = body.get("prompt_cache_key")
+    if cache_key is None:
+        cache_key = previous_cache_key
+    if cache_key is not None:
+        chat["prompt_cache_key"] = require_str(cache_key, "prompt_cache_key")
     if not chat["messages"]:
         raise errors.invalid_request("'input' must not be empty.", "input")
     limit = body.get("max_output_tokens")
@@ -258,6 +267,7 @@ def parse_request(body: dict[str, Any], history: list[dict[str, Any]] | None) ->
         "metadata": _metadata(body.get("metadata")),
         "parallel_tool_calls": body.get("parallel_tool_calls", True),
         "previous_response_id": body.get("previous_response_id"),
+        "prompt_cache_key": chat.get("prompt_cache_key"),
         "temperature": body.get("temperature", 1.0),
         "text": {"format": (text or {}).get("format") or {"type": "text"}, "verbosity": "medium"},
         "tool_choice": body.get("tool_choice") or "auto",

@@ -27,6 +27,7 @@ from gateway.key_reload import KeyReloader, KeysSource, MemoryRevocations, Redis
 from gateway.pool import WorkerPool, remote_source
 from gateway.rate_limits import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.registry import Registry, RegistryServicer
+from gateway.routing import Router
 from gateway.service import InferenceServicer
 from tokenwire.v1 import api_pb2_grpc, batch_pb2_grpc, registry_pb2_grpc
 
@@ -48,6 +49,7 @@ async def run_gateway(
     limits_when_store_down: str = "local",
     heartbeat_expiry: float = 15.0,
     limits: Limits | None = None,
+    router: Router | None = None,
     shutdown_grace: float = 10.0,
     expect_models: list[str] | None = None,
     metrics_port: int | None = None,
@@ -101,8 +103,8 @@ async def run_gateway(
             services.append(registry_service)
         else:
             registry_server = GrpcServer([registry_service])
-    pool = WorkerPool(source)
-    inference = Inference(pool, limits)
+    pool = WorkerPool(source, on_leave=router.worker_left if router is not None else None)
+    inference = Inference(pool, limits, router)
     batch_store = BatchStore(data_dir or Path(tempfile.mkdtemp(prefix="tokenwire-data-")))
     runner = BatchRunner(batch_store, inference, api_keys, limiter, batch_limits or BatchLimits(), expect_models)
     services[:0] = [

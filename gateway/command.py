@@ -13,6 +13,7 @@ from common import addresses, sampling, settings
 
 if TYPE_CHECKING:  # imported when a gateway starts: a process's metrics are its own part's only
     from gateway.auth import KeyLimits, KeySpec
+    from gateway.routing import Router
 
 
 def api_flags(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +37,7 @@ def api_flags(parser: argparse.ArgumentParser) -> None:
         "--heartbeat-expiry", type=float, default=15.0, help="drop a worker after this many seconds without heartbeat"
     )
     sampling.limit_flags(parser)  # --max-n, --max-tokens-limit (the bridge takes them too, for its schema)
+    routing_flags(parser)
     parser.add_argument(
         "--data-dir",
         default=None,
@@ -59,6 +61,31 @@ def api_flags(parser: argparse.ArgumentParser) -> None:
         "--expect-models",
         default="",
         help="comma-separated models that must have a live worker for readiness (default: every model seen)",
+    )
+
+
+def routing_flags(parser: argparse.ArgumentParser) -> None:
+    """How the gateway picks a worker among a model's (docs/configuration.md#routing)."""
+    parser.add_argument(
+        "--routing",
+        choices=("cache-aware", "least-loaded"),
+        default="cache-aware",
+        help="cache-aware: a conversation's next turn goes to the worker holding its prefix; least-loaded: load only",
+    )
+    parser.add_argument(
+        "--routing-margin-calls",
+        type=int,
+        default=2,
+        help="a worker holding the prefix loses it when it runs more than this many calls more than the least loaded",
+    )
+    parser.add_argument(
+        "--routing-margin-ratio",
+        type=float,
+        default=1.5,
+        help="... and more than this many times as many (both must hold)",
+    )
+    parser.add_argument(
+        "--routing-index-mib", type=float, default=64.0, help="memory cap of the prefix index (LRU beyond it)"
     )
 
 
@@ -112,6 +139,16 @@ def data_dir(args: argparse.Namespace) -> Path:
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "tokenwire"
 
 
+def router(args: argparse.Namespace) -> Router | None:
+    """The cache-aware router the flags ask for (None: least-loaded)."""
+    from gateway.routing import Margin, MemoryIndex, Router
+
+    if args.routing == "least-loaded":
+        return None
+    index = MemoryIndex(int(args.routing_index_mib * 2**20))
+    return Router(index, Margin(args.routing_margin_calls, args.routing_margin_ratio))
+
+
 def key_limits(args: argparse.Namespace) -> KeyLimits:
     from gateway.auth import KeyLimits
 
@@ -162,6 +199,7 @@ def serving(
         limits_when_store_down=args.limits_when_store_down,
         heartbeat_expiry=args.heartbeat_expiry,
         limits=sampling.limits(args),
+        router=router(args),
         shutdown_grace=args.shutdown_grace,
         expect_models=settings.split(args.expect_models),
         metrics_port=args.metrics_port,

@@ -1,7 +1,9 @@
 """Dispatch: which worker runs a call, what happens when it fails, and fan-out.
 
 - **pick**: the least-loaded live worker of the model (ties broken at random),
-  from the pool's view; no control round trip per request.
+  from the pool's view; no control round trip per request. A request may bring
+  a :class:`Preference` (cache-aware routing, gateway/routing.py) that chooses
+  among the same candidates instead; failover still skips the workers tried.
 - **lease**: a call counts in its worker's in-flight load while it runs.
 - **failover**: a worker that refuses a call (full) or fails before producing
   anything (unreachable, killed) is replaced by another, up to three attempts;
@@ -19,10 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 from opentelemetry import trace
@@ -30,7 +31,7 @@ from opentelemetry import trace
 from common import errors, tracing
 from common.grpc_server import outgoing_metadata, really_cancelled
 from gateway.metrics import current_watch
-from gateway.pool import WorkerHandle, WorkerPool
+from gateway.pool import WorkerHandle, WorkerPool, least_loaded
 from tokenwire.v1 import worker_pb2
 
 T = TypeVar("T")
@@ -48,6 +49,22 @@ MAX_ATTEMPTS = 3
 traced = tracing.part("gateway")
 
 
+class Preference(Protocol):
+    """Chooses a choice's worker, and hears which worker ended it."""
+
+    def choose(self, candidates: list[WorkerHandle], index: int) -> WorkerHandle: ...
+
+    def served(self, worker: WorkerHandle, response: worker_pb2.GenerateResponse) -> None: ...
+
+    def reason(self, index: int) -> str:
+        """Why choice ``index`` went where it last went (for its span)."""
+        ...
+
+    def predicted_tokens(self, index: int) -> int:
+        """How many of choice ``index``'s prompt tokens its worker was expected to hold (for its span)."""
+        ...
+
+
 class _ChannelClosed(grpc.aio.AioRpcError):
     """A worker call cut short by its channel closing (the worker left the pool)."""
 
@@ -59,16 +76,21 @@ class Dispatcher:
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
 
-    def pick(self, model: str, exclude: frozenset[str] = frozenset()) -> WorkerHandle:
+    def pick(
+        self, model: str, exclude: frozenset[str] = frozenset(), prefer: Preference | None = None, index: int = 0
+    ) -> WorkerHandle:
         candidates = [w for w in self.pool.workers(model) if w.worker_id not in exclude]
         if not candidates:
             self.pool.model_info(model)  # 404 for a model never served
             raise errors.no_worker(model)
-        best = min(w.load() for w in candidates)
-        return random.choice([w for w in candidates if w.load() == best])
+        if prefer is not None:
+            return prefer.choose(candidates, index)
+        return least_loaded(candidates)
 
     @staticmethod
-    def _attempt(model: str, handle: WorkerHandle, attempt: int, index: int | None = None) -> trace.Span:
+    def _attempt(
+        model: str, handle: WorkerHandle, attempt: int, index: int = 0, prefer: Preference | None = None
+    ) -> trace.Span:
         """The span of one attempt at a worker call (the call's client span): which worker, why,
         and the how-manieth. Not the current span (it lives across a stream's yields):
         :func:`_calling` makes it current while the call is made, which sends its context."""
@@ -80,14 +102,14 @@ class Dispatcher:
                     "rpc.service": "tokenwire.v1.WorkerService",
                     "gen_ai.request.model": model,
                     "tokenwire.dispatch.attempt": attempt,
-                    "tokenwire.dispatch.reason": "least_loaded",
+                    "tokenwire.dispatch.reason": "least_loaded" if prefer is None else prefer.reason(index),
+                    "tokenwire.dispatch.prefix_tokens": 0 if prefer is None else prefer.predicted_tokens(index),
                     "tokenwire.worker.id": handle.worker_id,
                     "tokenwire.worker.load": handle.load(),
                     "server.address": handle.status.address,
                 }
             )
-            if index is not None:
-                span.set_attribute("tokenwire.choice.index", index)
+            span.set_attribute("tokenwire.choice.index", index)
         return span
 
     @staticmethod
@@ -114,12 +136,14 @@ class Dispatcher:
             raise ours from None
         return tried
 
-    async def unary(self, model: str, call: Callable[[WorkerHandle], Awaitable[T]]) -> T:
+    async def unary(
+        self, model: str, call: Callable[[WorkerHandle], Awaitable[T]], prefer: Preference | None = None, index: int = 0
+    ) -> T:
         """One unary worker call, failed over like a choice."""
         tried: frozenset[str] = frozenset()
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            handle = self.pick(model, tried)
-            span = self._attempt(model, handle, attempt)
+            handle = self.pick(model, tried, prefer, index)
+            span = self._attempt(model, handle, attempt, index, prefer)
             with self.lease(handle):
                 try:
                     with _calling(span):
@@ -137,15 +161,15 @@ class Dispatcher:
         raise AssertionError("unreachable")
 
     async def _stream(
-        self, model: str, request: worker_pb2.GenerateRequest, deadline: float | None
+        self, model: str, request: worker_pb2.GenerateRequest, deadline: float | None, prefer: Preference | None
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         """One streamed choice; a replacement worker's ``accepted`` is not passed on."""
         tried: frozenset[str] = frozenset()
         accepted = produced = False
         watch = current_watch.get()  # the request's token timing
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            handle = self.pick(model, tried)
-            span = self._attempt(model, handle, attempt, request.index)
+            handle = self.pick(model, tried, prefer, request.index)
+            span = self._attempt(model, handle, attempt, request.index, prefer)
             with self.lease(handle):
                 with _calling(span):
                     call = handle.stub.Generate(request, timeout=_remaining(deadline), metadata=outgoing_metadata())
@@ -159,6 +183,8 @@ class Dispatcher:
                             produced = True
                             if watch is not None and response.delta.text:
                                 watch.token()
+                            if prefer is not None and response.HasField("end"):
+                                prefer.served(handle, response)
                         yield response
                     return
                 except grpc.aio.AioRpcError as error:
@@ -176,26 +202,34 @@ class Dispatcher:
                     span.end()
 
     async def _whole(
-        self, model: str, request: worker_pb2.GenerateRequest, deadline: float | None
+        self, model: str, request: worker_pb2.GenerateRequest, deadline: float | None, prefer: Preference | None
     ) -> worker_pb2.GenerateResponse:
         """One non-streamed choice: accepted, all its output and its end, in one message."""
 
-        def call(handle: WorkerHandle) -> Awaitable[worker_pb2.GenerateChoiceResponse]:
-            return handle.stub.GenerateChoice(
+        async def call(handle: WorkerHandle) -> worker_pb2.GenerateResponse:
+            reply = await handle.stub.GenerateChoice(
                 worker_pb2.GenerateChoiceRequest(request=request),
                 timeout=_remaining(deadline),
                 metadata=outgoing_metadata(),
             )
+            if prefer is not None:
+                prefer.served(handle, reply.choice)
+            return reply.choice
 
-        return (await self.unary(model, call)).choice
+        return await self.unary(model, call, prefer, request.index)
 
     async def _whole_stream(
-        self, model: str, request: worker_pb2.GenerateRequest, deadline: float | None
+        self, model: str, request: worker_pb2.GenerateRequest, deadline: float | None, prefer: Preference | None
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        yield await self._whole(model, request, deadline)
+        yield await self._whole(model, request, deadline, prefer)
 
     def choices(
-        self, model: str, requests: list[worker_pb2.GenerateRequest], timeout: float | None, stream: bool
+        self,
+        model: str,
+        requests: list[worker_pb2.GenerateRequest],
+        timeout: float | None,
+        stream: bool,
+        prefer: Preference | None = None,
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         """Every choice's worker messages, merged as they come; nothing before
         every choice is accepted. Non-streamed choices yield one message each.
@@ -204,20 +238,25 @@ class Dispatcher:
         for request in requests:
             request.priority = current_priority.get()
         if len(requests) > 1:
-            return self._fan_out(model, requests, deadline, stream)
+            return self._fan_out(model, requests, deadline, stream, prefer)
         if stream:
-            return self._stream(model, requests[0], deadline)
-        return self._whole_stream(model, requests[0], deadline)
+            return self._stream(model, requests[0], deadline, prefer)
+        return self._whole_stream(model, requests[0], deadline, prefer)
 
     async def _fan_out(
-        self, model: str, requests: list[worker_pb2.GenerateRequest], deadline: float | None, stream: bool
+        self,
+        model: str,
+        requests: list[worker_pb2.GenerateRequest],
+        deadline: float | None,
+        stream: bool,
+        prefer: Preference | None,
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         queue: asyncio.Queue[worker_pb2.GenerateResponse | BaseException | None] = asyncio.Queue()
         choice = self._stream if stream else self._whole_stream
 
         async def run(request: worker_pb2.GenerateRequest) -> None:
             try:
-                async for response in choice(model, request, deadline):
+                async for response in choice(model, request, deadline, prefer):
                     queue.put_nowait(response)
             except Exception as error:
                 queue.put_nowait(error)

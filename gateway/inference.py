@@ -21,6 +21,7 @@ from common.sampling import Limits, copy_sampling
 from gateway.auth import current_key
 from gateway.dispatch import Dispatcher, current_priority
 from gateway.pool import WorkerHandle, WorkerPool
+from gateway.routing import Route, Router, chat_chain, completion_chains
 from gateway.validation import check_chat, check_completion, check_embedding
 from tokenwire.v1 import api_pb2, common_pb2, worker_pb2
 
@@ -32,10 +33,16 @@ def completion_id(prefix: str) -> str:
 
 
 class Inference:
-    def __init__(self, pool: WorkerPool, limits: Limits | None = None) -> None:
+    def __init__(self, pool: WorkerPool, limits: Limits | None = None, router: Router | None = None) -> None:
         self.pool = pool
         self.dispatch = Dispatcher(pool)
         self.limits = limits or Limits()
+        self.router = router  # None: least-loaded dispatch
+
+    def _chat_route(self, request: api_pb2.CreateChatCompletionRequest, n: int) -> Route | None:
+        if self.router is None:
+            return None
+        return self.router.route(request.model, [chat_chain(request)], n)
 
     def _require_kind(self, model: str, generation: bool) -> common_pb2.ModelInfo:
         info = self.pool.model_info(model)
@@ -92,7 +99,8 @@ class Inference:
             )
 
         usage = _UsageSum(len(requests))
-        async for response in self.dispatch.choices(model, requests, timeout, stream=True):
+        route = self._chat_route(request, len(requests))
+        async for response in self.dispatch.choices(model, requests, timeout, stream=True, prefer=route):
             i = response.index
             if response.HasField("accepted"):
                 usage.accepted(response)
@@ -127,7 +135,8 @@ class Inference:
             r.request_id = response_id
         choices: list[api_pb2.ChatCompletionChoice] = [api_pb2.ChatCompletionChoice() for _ in requests]
         usage = _UsageSum(len(requests))
-        async for response in self.dispatch.choices(request.model, requests, timeout, stream=False):
+        route = self._chat_route(request, len(requests))
+        async for response in self.dispatch.choices(request.model, requests, timeout, stream=False, prefer=route):
             usage.accepted(response)
             usage.ended(response)
             output = response.delta
@@ -190,7 +199,10 @@ class Inference:
         for r in requests:
             r.request_id = response_id
         offsets = [0] * len(requests)
-        async for response in self.dispatch.choices(request.model, requests, timeout, stream):
+        route = None
+        if self.router is not None:
+            route = self.router.route(request.model, completion_chains(request), len(requests) // len(request.prompt))
+        async for response in self.dispatch.choices(request.model, requests, timeout, stream, prefer=route):
             for entry in response.delta.logprobs:
                 entry.text_offset = offsets[response.index]
                 offsets[response.index] += len(entry.token)
@@ -375,18 +387,29 @@ class _UsageSum:
         self.n = n or choices  # choices per prompt (chat: all of them share one)
         self.prompt = [0] * choices
         self.completion = [0] * choices
+        self.cached: list[int | None] = [None] * choices  # None: the worker did not say
 
     def accepted(self, response: worker_pb2.GenerateResponse) -> None:
         if response.HasField("accepted") and response.index % self.n == 0:
             self.prompt[response.index] = response.accepted.prompt_tokens
 
     def ended(self, response: worker_pb2.GenerateResponse) -> None:
-        if response.HasField("end"):
-            self.completion[response.index] = response.end.usage.completion_tokens
+        if not response.HasField("end"):
+            return
+        i, usage = response.index, response.end.usage
+        self.completion[i] = usage.completion_tokens
+        if i % self.n == 0:
+            # The end's count is the engine's last word (an upstream's own, template included).
+            self.prompt[i] = usage.prompt_tokens or self.prompt[i]
+            if usage.HasField("prompt_tokens_details"):
+                self.cached[i] = usage.prompt_tokens_details.cached_tokens
 
     def total(self) -> common_pb2.Usage:
         prompt, completion = sum(self.prompt), sum(self.completion)
-        return common_pb2.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        out = common_pb2.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        if any(c is not None for c in self.cached):
+            out.prompt_tokens_details.cached_tokens = sum(c or 0 for c in self.cached)
+        return out
 
 
 # The sampling fields that have a GenAI attribute (gen_ai.request.<name>).

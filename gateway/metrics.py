@@ -63,6 +63,34 @@ BATCH_PROGRESS = Gauge(
     ["batch", "state"],
     registry=REGISTRY,
 )
+ROUTING_DECISIONS = Counter(
+    "tokenwire_routing_decisions_total",
+    "Cache-aware routing decisions by reason (prefix, anchor, load) and chosen worker",
+    ["model", "reason", "worker"],
+    registry=REGISTRY,
+)
+ROUTING_PREDICTED = Counter(
+    "tokenwire_routing_predicted_cached_tokens_total",
+    "Cached prompt tokens the routing index predicted on the worker it chose",
+    ["model"],
+    registry=REGISTRY,
+)
+ROUTING_CACHED = Counter(
+    "tokenwire_routing_reported_cached_tokens_total",
+    "Cached prompt tokens those workers reported (usage.prompt_tokens_details.cached_tokens)",
+    ["model"],
+    registry=REGISTRY,
+)
+ROUTING_FORGOTTEN = Counter(
+    "tokenwire_routing_forgotten_prefixes_total",
+    "Index entries forgotten because their worker reported far fewer cached tokens than predicted",
+    ["model"],
+    registry=REGISTRY,
+)
+ROUTING_INDEX_ENTRIES = Gauge("tokenwire_routing_index_entries", "Prefixes in the routing index", registry=REGISTRY)
+ROUTING_INDEX_BYTES = Gauge(
+    "tokenwire_routing_index_bytes", "The routing index's estimated memory (its cap's measure)", registry=REGISTRY
+)
 
 _timing_children: dict[str, tuple[Histogram, Histogram]] = {}
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 
@@ -48,9 +49,16 @@ class WorkerHandle:
         return (self.in_flight + self.status.queue_length) / max(self.status.capacity, 1)
 
 
+def least_loaded(candidates: Sequence[WorkerHandle]) -> WorkerHandle:
+    """The least-loaded worker (ties broken at random)."""
+    best = min(w.load() for w in candidates)
+    return random.choice([w for w in candidates if w.load() == best])
+
+
 class WorkerPool:
-    def __init__(self, source: WatchSource) -> None:
+    def __init__(self, source: WatchSource, on_leave: Callable[[str], None] | None = None) -> None:
         self._source = source
+        self._on_leave = on_leave  # called with the address of each worker that leaves
         self._workers: dict[str, WorkerHandle] = {}
         # Models ever served, so that "no live worker" (503) differs from
         # "no such model" (404).
@@ -88,10 +96,13 @@ class WorkerPool:
             if worker_id not in live:
                 handle = self._workers.pop(worker_id)
                 log.info("worker %s left the pool", worker_id)
+                self._left(handle)
                 asyncio.get_running_loop().create_task(handle.channel.close(grace=30))
         for worker_id, status in live.items():
             known = self._workers.get(worker_id)
             if known is None or known.status.address != status.address:
+                if known is not None:
+                    self._left(known)
                 self._workers[worker_id] = WorkerHandle(status)
                 log.info("worker %s joined the pool (%s at %s)", worker_id, status.model.name, status.address)
             else:
@@ -117,10 +128,15 @@ class WorkerPool:
         handle = self._workers.pop(worker_id, None)
         if handle is not None:
             log.warning("worker %s is unreachable; removed from the pool", worker_id)
+            self._left(handle)
             metrics.LIVE_WORKERS.labels(handle.model.name).set(len(self.workers(handle.model.name)))
             # With a grace period: closing a channel cancels the calls still on
             # it, and those belong to other requests that fail over by themselves.
             asyncio.get_running_loop().create_task(handle.channel.close(grace=30))
+
+    def _left(self, handle: WorkerHandle) -> None:
+        if self._on_leave is not None:
+            self._on_leave(handle.status.address)
 
     # -- queries --------------------------------------------------------------
 

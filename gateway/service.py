@@ -17,7 +17,7 @@ import grpc
 from common import observability as obs
 from common import tracing
 from common.errors import ApiError
-from gateway import cluster_status, metrics
+from gateway import cluster_status, metrics, routing
 from gateway.auth import current_key
 from gateway.inference import Inference
 from gateway.rate_limits import RateLimiter
@@ -45,11 +45,13 @@ class Observed:
         self.requested = model
         self.usage: common_pb2.Usage | None = None
         self.watch = metrics.Stopwatch(self.model)
+        self.routes: list[routing.Decision] = []
 
     def __enter__(self) -> Observed:
         # Token timing exists only where tokens are streamed: a non-streamed
         # choice comes from its worker in one message.
         metrics.current_watch.set(self.watch if self.kind.endswith("_stream") else None)
+        routing.current_decisions.set(self.routes)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
@@ -72,6 +74,8 @@ class Observed:
             metrics.COMPLETION_TOKENS.labels(self.model).inc(self.usage.completion_tokens)
             fields["prompt_tokens"] = self.usage.prompt_tokens
             fields["completion_tokens"] = self.usage.completion_tokens
+        if self.routes:  # each choice's worker: address, reason, tokens matched (cache-aware routing)
+            fields["route"] = ",".join(f"{d.worker}:{d.reason}:{d.matched_tokens}" for d in self.routes)
         if self.watch.first is not None:
             fields["ttft_ms"] = round((self.watch.first - self.watch.start) * 1000, 1)
         fields["latency_ms"] = round(elapsed * 1000, 1)

@@ -28,6 +28,8 @@ _GENERATION: dict[str, Any] = {
     "stream": {"type": ["boolean", "null"]},
     "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}},
     "user": {"type": "string"},
+    # Requests that share a key go to one worker, whose prefix cache serves them all (docs/api.md).
+    "prompt_cache_key": {"type": "string"},
 }
 _MODEL = {"type": "string", "examples": ["echo-chat", "smollm2-135m-instruct"]}
 _MESSAGE = {
@@ -195,6 +197,7 @@ RESPONSE = {
         "store": {"type": ["boolean", "null"]},
         "stream": {"type": ["boolean", "null"]},
         "user": {"type": "string"},
+        "prompt_cache_key": {"type": "string"},
     },
 }
 BATCH = {

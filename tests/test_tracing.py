@@ -65,7 +65,8 @@ def by_flags() -> Iterator[Traced]:
         system = start_echo_system(
             tokens=40,
             delay=0.01,
-            gateway_args=(*flag, "--heartbeat-expiry", "120"),
+            # Least-loaded: the failover test's two choices must go to the two workers.
+            gateway_args=(*flag, "--heartbeat-expiry", "120", "--routing", "least-loaded"),
             worker_args=(*flag, "--trace-content"),
             bridge_args=flag,
         )
@@ -209,6 +210,35 @@ def test_a_non_streamed_chat_is_one_trace_from_the_bridge_through_the_gateway_to
     assert [s.name for s in children(spans, worker)] == WORKER_PHASES
     assert not any(s.error for s in spans)
     assert len(spans) == 10
+
+
+def test_a_conversations_next_turn_says_it_was_routed_by_its_prefix_and_how_long_a_one(
+    by_environment: Traced,
+) -> None:
+    """Cache-aware routing (the default): the first turn goes by its anchor, the next by the
+    prefix the index holds, and the dispatch span says how many tokens it expected held."""
+    messages: list[dict[str, str]] = [
+        {"role": "system", "content": "You answer questions about the weather. " * 3},
+        {"role": "user", "content": "Will it rain in Lyon today?"},
+    ]
+    dispatched = []
+    for turn in ("trace-turn-1", "trace-turn-2"):
+        reply = by_environment.client().chat.completions.create(
+            model=CHAT_MODEL,
+            messages=messages,  # type: ignore[arg-type]
+            extra_headers={"X-Request-Id": turn},
+        )
+        messages += [
+            {"role": "assistant", "content": reply.choices[0].message.content or ""},
+            {"role": "user", "content": "And tomorrow?"},
+        ]
+        spans = whole_trace(by_environment.spans, trace_of_request(by_environment.spans, turn))
+        dispatched.append(one(spans, "tokenwire-gateway", "client", "dispatch").attributes)
+    first, second = dispatched
+    assert (first["tokenwire.dispatch.reason"], first["tokenwire.dispatch.prefix_tokens"]) == ("anchor", 0)
+    assert second["tokenwire.dispatch.reason"] == "prefix"
+    # At least the system prompt (21 words) was expected in the worker's cache.
+    assert second["tokenwire.dispatch.prefix_tokens"] >= 10
 
 
 def test_an_incoming_traceparent_is_continued_over_http_and_over_grpc(by_environment: Traced) -> None:

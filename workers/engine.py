@@ -50,6 +50,11 @@ class Delta:
     # Completion tokens this delta accounts for (defaults to len(token_ids),
     # or 1 for an engine that does not expose ids).
     tokens: int | None = None
+    # What the engine learnt of the prompt by the end (on the last delta): its tokens as an
+    # upstream counted them (None: prepare's count stands), and those taken from a prefix cache
+    # rather than evaluated (None: the engine cannot tell).
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
 
     @property
     def token_count(self) -> int:

@@ -44,6 +44,7 @@ class _Choice:
         self.index = index
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens: int | None = None  # unknown until the engine says
         self.finish = ""
 
     def accepted(self, prompt_tokens: int) -> worker_pb2.GenerateResponse:
@@ -62,6 +63,10 @@ class _Choice:
             delta.logprobs.extend(d.logprobs)
             delta.tool_calls.extend(d.tool_calls)
             self.finish = d.finish_reason or self.finish
+            if d.prompt_tokens is not None:
+                self.prompt_tokens = d.prompt_tokens
+            if d.cached_tokens is not None:
+                self.cached_tokens = d.cached_tokens
         delta.text = "".join(d.text for d in deltas)
         self.completion_tokens += delta.completion_tokens
         if self.finish:
@@ -69,6 +74,8 @@ class _Choice:
             usage = response.end.usage
             usage.prompt_tokens, usage.completion_tokens = self.prompt_tokens, self.completion_tokens
             usage.total_tokens = self.prompt_tokens + self.completion_tokens
+            if self.cached_tokens is not None:
+                usage.prompt_tokens_details.cached_tokens = self.cached_tokens
         return response
 
 
@@ -164,15 +171,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             status = "internal_error"
             raise
         finally:
-            spans.end(request, choice.prompt_tokens, choice.completion_tokens, choice.finish, status)
+            spans.end(
+                request, choice.prompt_tokens, choice.cached_tokens, choice.completion_tokens, choice.finish, status
+            )
             metrics.ENGINE_REQUESTS.labels(self.model, "generate", status).inc()
             metrics.ENGINE_TOKENS.labels(self.model).inc(generation.tokens)
+            if choice.finish:
+                metrics.ENGINE_PROMPT_TOKENS.labels(self.model).inc(choice.prompt_tokens)
+                metrics.ENGINE_CACHED_TOKENS.labels(self.model).inc(choice.cached_tokens or 0)
             obs.log_request(
                 log,
                 "generate",
                 status=status,
                 finish_reason=choice.finish or "-",
                 prompt_tokens=choice.prompt_tokens,
+                cached_tokens="-" if choice.cached_tokens is None else choice.cached_tokens,
                 completion_tokens=choice.completion_tokens,
                 generated=generation.tokens,
                 after_cancel=generation.tokens_after_cancel,

@@ -61,7 +61,13 @@ class ChoiceSpans:
             await ready.aclose()
 
     def end(
-        self, request: worker_pb2.GenerateRequest, prompt_tokens: int, completion_tokens: int, finish: str, status: str
+        self,
+        request: worker_pb2.GenerateRequest,
+        prompt_tokens: int,
+        cached_tokens: int | None,
+        completion_tokens: int,
+        finish: str,
+        status: str,
     ) -> None:
         """The last phase's end, and the choice's attributes on its call's span."""
         if not self.on:
@@ -74,6 +80,8 @@ class ChoiceSpans:
             "gen_ai.usage.input_tokens": prompt_tokens,
             "gen_ai.usage.output_tokens": completion_tokens,
         }
+        if cached_tokens is not None:  # known once the prompt is evaluated; said with the last delta
+            attributes["gen_ai.usage.cache_read.input_tokens"] = cached_tokens
         if finish:
             attributes["gen_ai.response.finish_reasons"] = [finish]
             self.phase.set_attribute("gen_ai.response.finish_reasons", [finish])

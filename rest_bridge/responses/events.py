@@ -65,7 +65,7 @@ class EventStream:
     def chunk(self, chunk: api_pb2.StreamChatCompletionResponse) -> bytes:
         out: list[bytes] = []
         if chunk.HasField("usage"):
-            self.turn.set_usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+            self.turn.set_usage(chunk.usage)
         for choice in chunk.choices:
             delta = choice.delta
             if delta.HasField("content") and delta.content:

@@ -44,7 +44,11 @@ async def create_response(request: Request) -> Response:
     previous = None
     if previous_id is not None:
         previous = await lookup(request, require_str(previous_id, "previous_response_id"), "previous_response_id")
-    parsed = parse_request(body, previous.history if previous else None)
+    parsed = parse_request(
+        body,
+        previous.history if previous else None,
+        previous.response.get("prompt_cache_key") if previous else None,
+    )
     message = openai_requests.chat_request(parsed.chat)
     turn = Turn(new_id("resp"), int(time.time()), parsed.echo)
     owner = owner_of(request.headers.get("authorization"))

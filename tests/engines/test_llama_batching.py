@@ -330,12 +330,15 @@ async def test_prefix_cache_hits_on_a_second_turn(engine: LlamaCppEngine) -> Non
     turn2_prompt = (await engine.prepare(turn2)).prompt_tokens
     before = stats(engine)
     evaluated, reused = before.prompt_tokens_evaluated, before.prompt_tokens_reused
-    await together(engine, [Call(turn2, 4)])
+    second = (await together(engine, [Call(turn2, 4)]))[0]
     s = stats(engine)
     # The first prompt's whole chunks (at least) came from the cache; only the rest was evaluated.
     assert turn1_prompt >= CHUNK
     assert s.prompt_tokens_reused - reused >= turn1_prompt // CHUNK * CHUNK
     assert s.prompt_tokens_evaluated - evaluated == turn2_prompt - (s.prompt_tokens_reused - reused)
+    # Usage says the same, on the last delta (usage.prompt_tokens_details.cached_tokens).
+    assert first[-1].cached_tokens == 0
+    assert second[-1].cached_tokens == s.prompt_tokens_reused - reused
 
 
 async def test_seeded_request_alone_repeats_from_an_empty_cache(engine: LlamaCppEngine) -> None:

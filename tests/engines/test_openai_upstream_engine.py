@@ -359,7 +359,15 @@ async def test_vllm_discovery_body_tool_calls_and_usage() -> None:
         {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}}]},
         {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}}]},
         chunk | {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
-        {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16}},
+        {
+            "choices": [],
+            "usage": {
+                "prompt_tokens": 7,
+                "completion_tokens": 9,
+                "total_tokens": 16,
+                "prompt_tokens_details": {"cached_tokens": 5},
+            },
+        },
         "[DONE]",
     )
     eng = await mock_engine(lambda r: stream, seen)
@@ -386,6 +394,39 @@ async def test_vllm_discovery_body_tool_calls_and_usage() -> None:
         ("call_1", "get", '{"city": "Paris"}')
     ]
     assert sum(d.token_count for d in deltas) == 9  # the upstream's usage wins
+    assert (last.prompt_tokens, last.cached_tokens) == (7, 5)  # and its prompt count and cache hits
+
+
+@pytest.mark.parametrize(
+    ("chunk", "expected"),
+    [
+        # llama-server: usage with details, and its timings.
+        (
+            {
+                "usage": {"prompt_tokens": 40, "prompt_tokens_details": {"cached_tokens": 32}},
+                "timings": {"cache_n": 32},
+            },
+            (40, 32),
+        ),
+        # An older llama-server: the cache hits only in its timings.
+        ({"usage": {"prompt_tokens": 40}, "timings": {"cache_n": 12, "prompt_n": 28}}, (40, 12)),
+        # An upstream that says nothing of its cache: unknown, not 0.
+        ({"usage": {"prompt_tokens": 40, "completion_tokens": 2}}, (40, None)),
+        ({"usage": None}, (None, None)),
+    ],
+)
+async def test_the_upstreams_own_prompt_usage(chunk: dict[str, Any], expected: tuple[int | None, int | None]) -> None:
+    stream = sse(
+        {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]},
+        {"choices": [], **chunk},
+        "[DONE]",
+    )
+    eng = await mock_engine(lambda r: stream, [])
+    try:
+        deltas = await run(eng, chat_request("hello"))
+    finally:
+        await eng.close()
+    assert (deltas[-1].prompt_tokens, deltas[-1].cached_tokens) == expected
 
 
 @pytest.mark.parametrize(

@@ -200,6 +200,30 @@ class _Counting:
 
 
 @dataclass
+class _UpstreamPrompt:
+    """What the upstream says of the prompt: its own count (the template's tokens included, which
+    ours may only estimate) and the tokens it took from its prefix cache (None: it did not say)."""
+
+    tokens: int | None = None
+    cached: int | None = None
+
+    def read(self, chunk: dict[str, Any]) -> None:
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.tokens = _count(usage.get("prompt_tokens"), self.tokens)
+            details = usage.get("prompt_tokens_details")  # vLLM, SGLang, llama-server
+            if isinstance(details, dict):
+                self.cached = _count(details.get("cached_tokens"), self.cached)
+        timings = chunk.get("timings")  # llama-server, also where its usage has no details
+        if self.cached is None and isinstance(timings, dict):
+            self.cached = _count(timings.get("cache_n"), None)
+
+
+def _count(value: Any, default: int | None) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+
+
+@dataclass
 class _ToolCallAcc:
     id: str = ""
     type: str = "function"
@@ -522,6 +546,7 @@ class OpenAIUpstreamEngine(Engine):
         counted = 0  # tokens carried by the deltas yielded so far
         unyielded = 0  # chunks that only carried tool-call fragments
         usage_tokens: int | None = None
+        prompt = _UpstreamPrompt()
         calls: dict[int, _ToolCallAcc] = {}
         done = False
         async for line in response.aiter_lines():
@@ -539,6 +564,7 @@ class OpenAIUpstreamEngine(Engine):
                 raise _inband_error(chunk, self.info.name)
             if isinstance(chunk.get("usage"), dict) and chunk["usage"].get("completion_tokens") is not None:
                 usage_tokens = int(chunk["usage"]["completion_tokens"])
+            prompt.read(chunk)
             for choice in chunk.get("choices") or []:
                 if choice.get("index", 0) != 0:
                     continue
@@ -566,7 +592,7 @@ class OpenAIUpstreamEngine(Engine):
             if done:  # llama-cpp-python does this when another request interrupts the stream
                 raise errors.unavailable("upstream ended the stream without a finish_reason (interrupted?)")
             raise errors.unavailable("upstream closed the stream before it finished")
-        last = Delta(finish_reason=finish, tokens=unyielded)
+        last = Delta(finish_reason=finish, tokens=unyielded, prompt_tokens=prompt.tokens, cached_tokens=prompt.cached)
         if calls:
             last.finish_reason = "tool_calls"
             last.tool_calls = [

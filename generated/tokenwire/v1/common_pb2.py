@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tokenwire/v1/common.proto\x12\x0ctokenwire.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"P\n\x0cTextOrTokens\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x06tokens\x18\x02 \x01(\x0b\x32\x16.tokenwire.v1.TokenIdsH\x00\x42\x06\n\x04kind\"T\n\x0b\x43ontentPart\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\timage_url\x18\x03 \x01(\x0b\x32\x16.tokenwire.v1.ImageUrl\"\'\n\x08ImageUrl\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"8\n\x0c\x43ontentParts\x12(\n\x05parts\x18\x01 \x03(\x0b\x32\x19.tokenwire.v1.ContentPart\"/\n\x0c\x46unctionCall\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\targuments\x18\x02 \x01(\t\"R\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12,\n\x08\x66unction\x18\x03 \x01(\x0b\x32\x1a.tokenwire.v1.FunctionCall\"\xc3\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x11\n\x07\x63ontent\x18\x02 \x01(\tH\x00\x12\x33\n\rcontent_parts\x18\x03 \x01(\x0b\x32\x1a.tokenwire.v1.ContentPartsH\x00\x12\x0c\n\x04name\x18\x04 \x01(\t\x12*\n\ntool_calls\x18\x05 \x03(\x0b\x32\x16.tokenwire.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x06 \x01(\tB\x0e\n\x0c\x63ontent_kind\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tokenwire.v1.ChatMessage\"\x84\x01\n\x12\x46unctionDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x06strict\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_strict\"H\n\x04Tool\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x32\n\x08\x66unction\x18\x02 \x01(\x0b\x32 .tokenwire.v1.FunctionDefinition\"s\n\x0fNamedToolChoice\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x38\n\x08\x66unction\x18\x02 \x01(\x0b\x32&.tokenwire.v1.NamedToolChoice.Function\x1a\x18\n\x08\x46unction\x12\x0c\n\x04name\x18\x01 \x01(\t\"W\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x31\n\x08\x66unction\x18\x02 \x01(\x0b\x32\x1d.tokenwire.v1.NamedToolChoiceH\x00\x42\x06\n\x04kind\"x\n\nJsonSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\'\n\x06schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x06strict\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_strict\"M\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12-\n\x0bjson_schema\x18\x02 \x01(\x0b\x32\x18.tokenwire.v1.JsonSchema\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\";\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\"\x93\x01\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x14\n\x07logprob\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\x12.\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x18.tokenwire.v1.TopLogprob\x12\x13\n\x0btext_offset\x18\x05 \x01(\x05\x42\n\n\x08_logprob\"\xcd\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.tokenwire.v1.ModelKind\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x12\n\ndimensions\x18\x05 \x01(\x05\x12\x17\n\x0fmax_token_bytes\x18\x06 \x01(\x05\x12\x36\n\x0c\x63\x61pabilities\x18\x07 \x01(\x0b\x32 .tokenwire.v1.EngineCapabilities\"X\n\x13ParameterCapability\x12\x10\n\x08upstream\x18\x01 \x01(\x08\x12/\n\x07support\x18\x02 \x01(\x0e\x32\x1e.tokenwire.v1.ParameterSupport\"\xb0\x01\n\x12\x45ngineCapabilities\x12\x44\n\nparameters\x18\x01 \x03(\x0b\x32\x30.tokenwire.v1.EngineCapabilities.ParametersEntry\x1aT\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x30\n\x05value\x18\x02 \x01(\x0b\x32!.tokenwire.v1.ParameterCapability:\x02\x38\x01*q\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODEL_KIND_CHAT\x10\x01\x12\x19\n\x15MODEL_KIND_COMPLETION\x10\x02\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x03*\xb3\x01\n\x10ParameterSupport\x12!\n\x1dPARAMETER_SUPPORT_UNSPECIFIED\x10\x00\x12\x1c\n\x18PARAMETER_SUPPORT_NATIVE\x10\x01\x12\x1e\n\x1aPARAMETER_SUPPORT_EMULATED\x10\x02\x12\x1d\n\x19PARAMETER_SUPPORT_REFUSED\x10\x03\x12\x1f\n\x1bPARAMETER_SUPPORT_ESTIMATED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tokenwire/v1/common.proto\x12\x0ctokenwire.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"P\n\x0cTextOrTokens\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x06tokens\x18\x02 \x01(\x0b\x32\x16.tokenwire.v1.TokenIdsH\x00\x42\x06\n\x04kind\"T\n\x0b\x43ontentPart\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\timage_url\x18\x03 \x01(\x0b\x32\x16.tokenwire.v1.ImageUrl\"\'\n\x08ImageUrl\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"8\n\x0c\x43ontentParts\x12(\n\x05parts\x18\x01 \x03(\x0b\x32\x19.tokenwire.v1.ContentPart\"/\n\x0c\x46unctionCall\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\targuments\x18\x02 \x01(\t\"R\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12,\n\x08\x66unction\x18\x03 \x01(\x0b\x32\x1a.tokenwire.v1.FunctionCall\"\xc3\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x11\n\x07\x63ontent\x18\x02 \x01(\tH\x00\x12\x33\n\rcontent_parts\x18\x03 \x01(\x0b\x32\x1a.tokenwire.v1.ContentPartsH\x00\x12\x0c\n\x04name\x18\x04 \x01(\t\x12*\n\ntool_calls\x18\x05 \x03(\x0b\x32\x16.tokenwire.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x06 \x01(\tB\x0e\n\x0c\x63ontent_kind\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tokenwire.v1.ChatMessage\"\x84\x01\n\x12\x46unctionDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x06strict\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_strict\"H\n\x04Tool\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x32\n\x08\x66unction\x18\x02 \x01(\x0b\x32 .tokenwire.v1.FunctionDefinition\"s\n\x0fNamedToolChoice\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x38\n\x08\x66unction\x18\x02 \x01(\x0b\x32&.tokenwire.v1.NamedToolChoice.Function\x1a\x18\n\x08\x46unction\x12\x0c\n\x04name\x18\x01 \x01(\t\"W\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x31\n\x08\x66unction\x18\x02 \x01(\x0b\x32\x1d.tokenwire.v1.NamedToolChoiceH\x00\x42\x06\n\x04kind\"x\n\nJsonSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\'\n\x06schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x06strict\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_strict\"M\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12-\n\x0bjson_schema\x18\x02 \x01(\x0b\x32\x18.tokenwire.v1.JsonSchema\"\x91\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12@\n\x15prompt_tokens_details\x18\x04 \x01(\x0b\x32!.tokenwire.v1.PromptTokensDetails\",\n\x13PromptTokensDetails\x12\x15\n\rcached_tokens\x18\x01 \x01(\x05\";\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\"\x93\x01\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x14\n\x07logprob\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\x12.\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x18.tokenwire.v1.TopLogprob\x12\x13\n\x0btext_offset\x18\x05 \x01(\x05\x42\n\n\x08_logprob\"\xcd\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.tokenwire.v1.ModelKind\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x12\n\ndimensions\x18\x05 \x01(\x05\x12\x17\n\x0fmax_token_bytes\x18\x06 \x01(\x05\x12\x36\n\x0c\x63\x61pabilities\x18\x07 \x01(\x0b\x32 .tokenwire.v1.EngineCapabilities\"X\n\x13ParameterCapability\x12\x10\n\x08upstream\x18\x01 \x01(\x08\x12/\n\x07support\x18\x02 \x01(\x0e\x32\x1e.tokenwire.v1.ParameterSupport\"\xb0\x01\n\x12\x45ngineCapabilities\x12\x44\n\nparameters\x18\x01 \x03(\x0b\x32\x30.tokenwire.v1.EngineCapabilities.ParametersEntry\x1aT\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x30\n\x05value\x18\x02 \x01(\x0b\x32!.tokenwire.v1.ParameterCapability:\x02\x38\x01*q\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODEL_KIND_CHAT\x10\x01\x12\x19\n\x15MODEL_KIND_COMPLETION\x10\x02\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x03*\xb3\x01\n\x10ParameterSupport\x12!\n\x1dPARAMETER_SUPPORT_UNSPECIFIED\x10\x00\x12\x1c\n\x18PARAMETER_SUPPORT_NATIVE\x10\x01\x12\x1e\n\x1aPARAMETER_SUPPORT_EMULATED\x10\x02\x12\x1d\n\x19PARAMETER_SUPPORT_REFUSED\x10\x03\x12\x1f\n\x1bPARAMETER_SUPPORT_ESTIMATED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENGINECAPABILITIES_PARAMETERSENTRY']._loaded_options = None
   _globals['_ENGINECAPABILITIES_PARAMETERSENTRY']._serialized_options = b'8\001'
-  _globals['_MODELKIND']._serialized_start=2142
-  _globals['_MODELKIND']._serialized_end=2255
-  _globals['_PARAMETERSUPPORT']._serialized_start=2258
-  _globals['_PARAMETERSUPPORT']._serialized_end=2437
+  _globals['_MODELKIND']._serialized_start=2255
+  _globals['_MODELKIND']._serialized_end=2368
+  _globals['_PARAMETERSUPPORT']._serialized_start=2371
+  _globals['_PARAMETERSUPPORT']._serialized_end=2550
   _globals['_TOKENIDS']._serialized_start=73
   _globals['_TOKENIDS']._serialized_end=96
   _globals['_TEXTORTOKENS']._serialized_start=98
@@ -70,18 +70,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JSONSCHEMA']._serialized_end=1292
   _globals['_RESPONSEFORMAT']._serialized_start=1294
   _globals['_RESPONSEFORMAT']._serialized_end=1371
-  _globals['_USAGE']._serialized_start=1373
-  _globals['_USAGE']._serialized_end=1452
-  _globals['_TOPLOGPROB']._serialized_start=1454
-  _globals['_TOPLOGPROB']._serialized_end=1513
-  _globals['_TOKENLOGPROB']._serialized_start=1516
-  _globals['_TOKENLOGPROB']._serialized_end=1663
-  _globals['_MODELINFO']._serialized_start=1666
-  _globals['_MODELINFO']._serialized_end=1871
-  _globals['_PARAMETERCAPABILITY']._serialized_start=1873
-  _globals['_PARAMETERCAPABILITY']._serialized_end=1961
-  _globals['_ENGINECAPABILITIES']._serialized_start=1964
-  _globals['_ENGINECAPABILITIES']._serialized_end=2140
-  _globals['_ENGINECAPABILITIES_PARAMETERSENTRY']._serialized_start=2056
-  _globals['_ENGINECAPABILITIES_PARAMETERSENTRY']._serialized_end=2140
+  _globals['_USAGE']._serialized_start=1374
+  _globals['_USAGE']._serialized_end=1519
+  _globals['_PROMPTTOKENSDETAILS']._serialized_start=1521
+  _globals['_PROMPTTOKENSDETAILS']._serialized_end=1565
+  _globals['_TOPLOGPROB']._serialized_start=1567
+  _globals['_TOPLOGPROB']._serialized_end=1626
+  _globals['_TOKENLOGPROB']._serialized_start=1629
+  _globals['_TOKENLOGPROB']._serialized_end=1776
+  _globals['_MODELINFO']._serialized_start=1779
+  _globals['_MODELINFO']._serialized_end=1984
+  _globals['_PARAMETERCAPABILITY']._serialized_start=1986
+  _globals['_PARAMETERCAPABILITY']._serialized_end=2074
+  _globals['_ENGINECAPABILITIES']._serialized_start=2077
+  _globals['_ENGINECAPABILITIES']._serialized_end=2253
+  _globals['_ENGINECAPABILITIES_PARAMETERSENTRY']._serialized_start=2169
+  _globals['_ENGINECAPABILITIES_PARAMETERSENTRY']._serialized_end=2253
 # @@protoc_insertion_point(module_scope)

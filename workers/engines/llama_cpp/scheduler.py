@@ -105,6 +105,8 @@ class Seq:
     seq_id: int = -1
     tokens: list[int] = field(default_factory=list)  # what the KV cache holds, position by position
     n_past: int = 0
+    # Prompt positions this sequence ran through the model (the rest came from a cache or a leader).
+    evaluated: int = 0
     generated: int = 0
     last: int = -1
     decoding: bool = False
@@ -347,6 +349,7 @@ class Scheduler:
                 self._sample(seq, first)
                 continue
             stats.prompt_tokens_evaluated += count
+            seq.evaluated += count
             if seq.prompt_rows:
                 seq.rows.extend(self._row(first + i).copy() for i in range(count))
             seq.n_past += count
@@ -486,6 +489,9 @@ class Scheduler:
             items = seq.held + items
             seq.held = []
         if done:
+            last = next((item for item in reversed(items) if isinstance(item, Delta)), None)
+            if last is not None:  # usage's cached_tokens: the prompt positions not evaluated
+                last.cached_tokens = max(len(seq.prompt) - seq.evaluated, 0)
             items = [*items, _END]
         if items:
             self._out.setdefault(seq.loop, []).append((seq, items))

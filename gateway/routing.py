@@ -1,0 +1,352 @@
+"""Cache-aware routing: send a request to the worker most likely to hold its prompt in its prefix cache.
+
+- **chain**: a request as the hashes of its successive prefixes. The canonical stream is the model
+  name, tools, tool choice and response format (what the worker renders into the prompt besides the
+  messages), then each message as role, name, content and tool calls, with separators and no length
+  prefixes, so that two requests that share a beginning share bytes. It is cut at each message's end
+  and every ``BLOCK`` bytes (long messages and completion prompts); a change to anything earlier
+  changes every later hash.
+- **index** (:class:`PrefixIndex`): prefix hash -> the workers that served it last (by address,
+  stable across gateways and registry restarts) with the tokens that prefix is estimated to hold;
+  LRU under a memory cap. A worker that leaves the pool leaves the index.
+- **route**: the longest prefix held by a live worker within the load margin wins (the least loaded
+  among its holders), down to a shared system prompt alone; with none, rendezvous hashing of the
+  request's *anchor* over the workers within the margin, so that gateways that share no state
+  agree; else the least loaded. ``prompt_cache_key``, when given, is the anchor and decides alone
+  (requests that share it share a worker, within the margin); else the anchor is the first
+  prefix (the system prompt, or the first message or block). A tenant's sessions thus gather where
+  its system prompt is cached, as long as the margin allows: on the bench's bounded-KV trace that
+  evaluated 16-18 % of the prompt tokens sent, against 24.6 % when sessions spread by their first
+  user message (bench/RESULTS.md). The margin also never queues a call on a full worker while
+  another has a free slot.
+- **feedback**: after each choice its chain is recorded for the worker that served it; a worker
+  that reports far fewer cached tokens than the index predicted has evicted them, and the index
+  forgets those entries for it before recording what it now holds.
+
+Dispatch knows none of this: it gets a :class:`Route` as its preference (gateway/dispatch.py).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from google.protobuf.message import Message
+
+from gateway import metrics
+from gateway.pool import WorkerHandle, least_loaded
+from tokenwire.v1 import api_pb2, worker_pb2
+
+# Cut every BLOCK bytes inside long messages too: long prompts that share a beginning (bench/RESULTS.md).
+BLOCK = 1024
+_DIGEST = 16
+_FIELD, _RECORD = b"\x1f", b"\x1e"  # ASCII unit and record separators
+
+
+# -- chains -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Chain:
+    hashes: tuple[bytes, ...]  # of each prefix, shortest first
+    ends: tuple[int, ...]  # where each prefix ends in the canonical stream (bytes)
+    size: int  # bytes of the whole stream
+    anchor: bytes  # what rendezvous hashing uses when no worker holds a prefix
+    pinned: bool = False  # the anchor is the caller's prompt_cache_key: it decides, not the prefixes
+
+    def tokens(self, prompt_tokens: int) -> list[int]:
+        """Each prefix's estimated tokens: the prompt's, scaled by its share of the bytes."""
+        return [prompt_tokens * end // max(self.size, 1) for end in self.ends]
+
+
+class _ChainBuilder:
+    def __init__(self) -> None:
+        self._hash = hashlib.blake2b(digest_size=_DIGEST)
+        self._size = 0
+        self.hashes: list[bytes] = []
+        self.ends: list[int] = []
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes, cutting at each BLOCK boundary of the stream."""
+        while data:
+            room = BLOCK - self._size % BLOCK
+            part, data = data[:room], data[room:]
+            self._hash.update(part)
+            self._size += len(part)
+            if self._size % BLOCK == 0:
+                self.cut()
+
+    def cut(self) -> None:
+        if not self.ends or self.ends[-1] != self._size:
+            self.hashes.append(self._hash.copy().digest())
+            self.ends.append(self._size)
+
+    def chain(self, cache_key: str) -> Chain:
+        """The anchor is the caller's key, else the first prefix (the first message, or block)."""
+        self.cut()
+        anchor = b"key" + _FIELD + cache_key.encode() if cache_key else self.hashes[0]
+        return Chain(tuple(self.hashes), tuple(self.ends), self._size, anchor, bool(cache_key))
+
+
+def _header(model: str, *parts: bytes) -> _ChainBuilder:
+    builder = _ChainBuilder()
+    builder.feed(model.encode() + _FIELD + _FIELD.join(parts) + _RECORD)
+    return builder
+
+
+def _bytes(message: Message) -> bytes:
+    return message.SerializeToString(deterministic=True)
+
+
+def chat_chain(request: api_pb2.CreateChatCompletionRequest) -> Chain:
+    builder = _header(
+        request.model,
+        b"".join(_bytes(tool) for tool in request.tools),
+        _bytes(request.tool_choice),
+        _bytes(request.response_format),
+    )
+    for message in request.messages:
+        if message.HasField("content_parts"):
+            content = b"".join(_bytes(part) for part in message.content_parts.parts)
+        else:
+            content = message.content.encode()
+        builder.feed(message.role.encode() + _FIELD + message.name.encode() + _FIELD + content)
+        calls = b"".join(_bytes(call) for call in message.tool_calls)
+        builder.feed(_FIELD + calls + _FIELD + message.tool_call_id.encode() + _RECORD)
+        builder.cut()
+    return builder.chain(request.prompt_cache_key)
+
+
+def completion_chains(request: api_pb2.CreateCompletionRequest) -> list[Chain]:
+    """One chain per prompt."""
+    out = []
+    for prompt in request.prompt:
+        builder = _header(request.model, _bytes(request.response_format))
+        if prompt.HasField("tokens"):
+            builder.feed(b"".join(t.to_bytes(4, "little", signed=True) for t in prompt.tokens.ids))
+        else:
+            builder.feed(prompt.text.encode())
+        out.append(builder.chain(request.prompt_cache_key))
+    return out
+
+
+# -- the index ------------------------------------------------------------------------
+
+
+class PrefixIndex(Protocol):
+    """Where chains and their workers are kept (in memory here; shared by replicas later)."""
+
+    def holders(self, hashes: Sequence[bytes]) -> list[dict[str, int]]:
+        """For each hash: worker address -> estimated cached tokens ({} when none holds it)."""
+        ...
+
+    def record(self, hashes: Sequence[bytes], tokens: Sequence[int], worker: str) -> None: ...
+
+    def forget(self, hashes: Sequence[bytes], worker: str) -> None: ...
+
+    def forget_worker(self, worker: str) -> None: ...
+
+
+# Bytes an entry costs, as tracemalloc measured it on CPython 3.12: 385 to 590 with its 16-byte key
+# (the LRU's slot, the holders dict, the reverse set's slot), depending on where the hash tables are
+# in their growth and on eviction's churn; a second holder adds about 32. Rounded up, so that the cap
+# holds (tests/test_routing.py checks it with 100,000 distinct prefixes).
+ENTRY_BYTES = 640
+HOLDER_BYTES = 64
+
+
+class MemoryIndex:
+    """The index in this gateway's memory: an LRU of prefixes under a byte cap."""
+
+    def __init__(self, cap_bytes: int) -> None:
+        self.cap_bytes = cap_bytes
+        self._entries: OrderedDict[bytes, dict[str, int]] = OrderedDict()
+        self._by_worker: dict[str, set[bytes]] = {}
+        self._holders = 0  # (entry, worker) pairs
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self._entries) * ENTRY_BYTES + max(self._holders - len(self._entries), 0) * HOLDER_BYTES
+
+    def holders(self, hashes: Sequence[bytes]) -> list[dict[str, int]]:
+        get = self._entries.get
+        return [get(h) or {} for h in hashes]
+
+    def record(self, hashes: Sequence[bytes], tokens: Sequence[int], worker: str) -> None:
+        mine = self._by_worker.setdefault(worker, set())
+        for h, count in zip(hashes, tokens, strict=True):
+            entry = self._entries.get(h)
+            if entry is None:
+                entry = self._entries[h] = {}
+            else:
+                self._entries.move_to_end(h)
+            if worker not in entry:
+                self._holders += 1
+                mine.add(h)
+            entry[worker] = count
+        while self._entries and self.size_bytes > self.cap_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def forget(self, hashes: Sequence[bytes], worker: str) -> None:
+        mine = self._by_worker.get(worker, set())
+        for h in hashes:
+            entry = self._entries.get(h)
+            if entry is not None and entry.pop(worker, None) is not None:
+                self._holders -= 1
+                mine.discard(h)
+                if not entry:
+                    del self._entries[h]
+
+    def forget_worker(self, worker: str) -> None:
+        self.forget(list(self._by_worker.pop(worker, ())), worker)
+
+    def _drop(self, h: bytes) -> None:
+        for worker in self._entries.pop(h):
+            self._holders -= 1
+            self._by_worker[worker].discard(h)
+
+
+# -- routing ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Margin:
+    """How much busier than the least-loaded worker a preferred worker may be: over the margin
+    when it runs more than ``calls`` calls more *and* more than ``ratio`` times as many, or when
+    all its slots are taken while the least-loaded worker has one free."""
+
+    calls: int = 2
+    ratio: float = 1.5
+
+    def over(self, worker: WorkerHandle, least: WorkerHandle) -> bool:
+        mine, theirs = _calls(worker), _calls(least)
+        if mine >= worker.status.capacity and theirs < least.status.capacity:
+            return True  # it would queue the call while another worker has a free slot
+        return mine - theirs > self.calls and mine > self.ratio * theirs
+
+
+def _calls(worker: WorkerHandle) -> int:
+    return worker.in_flight + worker.status.queue_length
+
+
+@dataclass
+class Decision:
+    """Where one choice went, and why: "prefix" (it holds the longest prefix held within the
+    margin), "anchor" (none does: rendezvous hashing of the anchor), "load" (a worker holding the
+    prefix, or the anchor's first choice, was over the margin: the next within it, by rendezvous)."""
+
+    worker: str
+    reason: str
+    matched_tokens: int = 0
+
+
+# The decisions of the API request being served (the gateway's log line reads them).
+current_decisions: contextvars.ContextVar[list[Decision] | None] = contextvars.ContextVar(
+    "current_decisions", default=None
+)
+
+# Cached tokens a worker must fall short of the prediction by, at least, before the index forgets:
+# half the prediction, and at least this many (a block's worth of tokens or so).
+FEEDBACK_MIN_TOKENS = 64
+
+
+class Router:
+    def __init__(self, index: PrefixIndex, margin: Margin | None = None) -> None:
+        self.index = index
+        self.margin = margin or Margin()
+
+    def route(self, model: str, chains: Sequence[Chain], n: int) -> Route:
+        return Route(self, model, chains, n)
+
+    def worker_left(self, address: str) -> None:
+        self.index.forget_worker(address)
+        _export(self.index)
+
+
+@dataclass
+class Route:
+    """One request's routing: choice ``i`` uses chain ``i // n`` (completions: one per prompt)."""
+
+    router: Router
+    model: str
+    chains: Sequence[Chain]
+    n: int
+    _holders: dict[int, list[dict[str, int]]] = field(default_factory=dict)
+    _predicted: dict[int, int] = field(default_factory=dict)
+    _reasons: dict[int, str] = field(default_factory=dict)
+
+    def reason(self, index: int) -> str:
+        return self._reasons.get(index, "least_loaded")
+
+    def predicted_tokens(self, index: int) -> int:
+        return self._predicted.get(index, 0)
+
+    def _chain_holders(self, prompt: int) -> list[dict[str, int]]:
+        if prompt not in self._holders:  # once per prompt, also across failover
+            self._holders[prompt] = self.router.index.holders(self.chains[prompt].hashes)
+        return self._holders[prompt]
+
+    def choose(self, candidates: Sequence[WorkerHandle], index: int) -> WorkerHandle:
+        margin, least = self.router.margin, least_loaded(candidates)
+        by_address = {w.status.address: w for w in candidates}
+        decision: Decision | None = None
+        chain, holders = self.chains[index // self.n], self._chain_holders(index // self.n)
+        passed_over = False  # a worker that holds the prefix, or the anchor's, was over the margin
+        for held in reversed([] if chain.pinned else holders):
+            live = [by_address[a] for a in held if a in by_address]
+            if live:
+                best = least_loaded(live)
+                if not margin.over(best, least):
+                    decision = Decision(best.status.address, "prefix", held[best.status.address])
+                    break
+                passed_over = True
+        if decision is None:
+            # Rendezvous: every gateway ranks the workers alike for this anchor.
+            ranked = sorted(candidates, key=lambda w: _rendezvous(chain.anchor, w.status.address), reverse=True)
+            fits = next((w for w in ranked if not margin.over(w, least)), least)
+            passed_over = passed_over or fits is not ranked[0]
+            held_there = next(
+                (held[fits.status.address] for held in reversed(holders) if fits.status.address in held), 0
+            )
+            decision = Decision(fits.status.address, "load" if passed_over else "anchor", held_there)
+        self._predicted[index] = decision.matched_tokens
+        self._reasons[index] = decision.reason
+        metrics.ROUTING_DECISIONS.labels(self.model, decision.reason, decision.worker).inc()
+        decisions = current_decisions.get()
+        if decisions is not None:
+            decisions.append(decision)
+        return by_address[decision.worker]
+
+    def served(self, worker: WorkerHandle, response: worker_pb2.GenerateResponse) -> None:
+        """A choice ended on ``worker``: check the prediction, and record what it now holds."""
+        usage, index = response.end.usage, self.router.index
+        chain = self.chains[response.index // self.n]
+        tokens = chain.tokens(usage.prompt_tokens)
+        address = worker.status.address
+        if usage.HasField("prompt_tokens_details"):
+            predicted, actual = self._predicted.get(response.index, 0), usage.prompt_tokens_details.cached_tokens
+            metrics.ROUTING_PREDICTED.labels(self.model).inc(predicted)
+            metrics.ROUTING_CACHED.labels(self.model).inc(actual)
+            if predicted - actual >= max(FEEDBACK_MIN_TOKENS, predicted // 2):  # it evicted them
+                stale = [h for h, t in zip(chain.hashes, tokens, strict=True) if t > actual]
+                index.forget(stale, address)
+                metrics.ROUTING_FORGOTTEN.labels(self.model).inc(len(stale))
+        index.record(chain.hashes, tokens, address)
+        _export(index)
+
+
+def _rendezvous(anchor: bytes, address: str) -> bytes:
+    return hashlib.blake2b(anchor + _FIELD + address.encode(), digest_size=8).digest()
+
+
+def _export(index: PrefixIndex) -> None:
+    if isinstance(index, MemoryIndex):
+        metrics.ROUTING_INDEX_ENTRIES.set(len(index))
+        metrics.ROUTING_INDEX_BYTES.set(index.size_bytes)

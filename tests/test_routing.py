@@ -1,0 +1,225 @@
+"""Cache-aware routing's domain code (gateway/routing.py), without processes: chains, the index
+under its memory cap, and the decisions. tests/test_routing_cluster.py drives it through real ones."""
+
+from __future__ import annotations
+
+import os
+import tracemalloc
+from typing import Any
+
+from gateway import routing
+from gateway.pool import WorkerHandle
+from gateway.routing import Margin, MemoryIndex, Router, chat_chain, completion_chains
+from tokenwire.v1 import api_pb2, common_pb2, registry_pb2, worker_pb2
+
+SYSTEM = "You are a helpful assistant. " * 40
+
+
+def chat(
+    *turns: str, model: str = "m", key: str = "", system: str = SYSTEM, **extra: Any
+) -> api_pb2.CreateChatCompletionRequest:
+    messages = [common_pb2.ChatMessage(role="system", content=system)]
+    for i, text in enumerate(turns):
+        messages.append(common_pb2.ChatMessage(role="user" if i % 2 == 0 else "assistant", content=text))
+    return api_pb2.CreateChatCompletionRequest(model=model, messages=messages, prompt_cache_key=key, **extra)
+
+
+class Worker:
+    """What routing reads of a WorkerHandle, without its channel."""
+
+    def __init__(self, address: str, in_flight: int = 0) -> None:
+        self.status = registry_pb2.WorkerStatus(worker_id=address, address=address, capacity=4)
+        self.in_flight = in_flight
+
+    load = WorkerHandle.load
+
+
+def workers(count: int) -> list[Any]:
+    return [Worker(f"127.0.0.1:{5000 + i}") for i in range(count)]
+
+
+def ended(index: int, prompt_tokens: int, cached: int | None) -> worker_pb2.GenerateResponse:
+    response = worker_pb2.GenerateResponse(index=index)
+    response.end.usage.prompt_tokens = prompt_tokens
+    if cached is not None:
+        response.end.usage.prompt_tokens_details.cached_tokens = cached
+    return response
+
+
+def serve(router: Router, request: api_pb2.CreateChatCompletionRequest, pool: list[Any], cached: int = 0) -> Any:
+    """Route one request and report it served; the chosen worker."""
+    route = router.route(request.model, [chat_chain(request)], 1)
+    chosen = route.choose(pool, 0)
+    route.served(chosen, ended(0, 1000, cached))
+    return chosen
+
+
+# -- chains ---------------------------------------------------------------------------
+
+
+def test_a_later_turn_extends_the_earlier_chain() -> None:
+    first, second = chat_chain(chat("hello")), chat_chain(chat("hello", "hi there", "and then?"))
+    assert second.hashes[: len(first.hashes)] == first.hashes
+    assert len(second.hashes) > len(first.hashes)
+    assert first.anchor == second.anchor == first.hashes[0]  # the system prompt (its first KiB)
+
+
+def test_what_the_prompt_depends_on_changes_every_hash() -> None:
+    base = chat_chain(chat("hello"))
+    tool = common_pb2.Tool(type="function", function=common_pb2.FunctionDefinition(name="get"))
+    for other in (
+        chat("hello", tools=[tool]),
+        chat("hello", response_format=common_pb2.ResponseFormat(type="json_object")),
+        chat("hello", model="other"),
+    ):
+        assert not set(chat_chain(other).hashes) & set(base.hashes)
+    # A different first user message: the system prompt and the anchor are shared.
+    sibling = chat_chain(chat("goodbye"))
+    assert sibling.hashes[0] == base.hashes[0] and sibling.anchor == base.anchor
+    assert sibling.hashes[-1] != base.hashes[-1]
+
+
+def test_long_messages_are_cut_in_blocks_and_share_their_beginning() -> None:
+    document = "lorem ipsum " * 1000
+    a = chat_chain(chat(document + "first question"))
+    b = chat_chain(chat(document + "second question"))
+    shared = [x for x, y in zip(a.hashes, b.hashes, strict=False) if x == y]
+    assert len(shared) >= len(document) // routing.BLOCK  # block cuts inside the one user message
+    assert a.hashes[-1] != b.hashes[-1]
+
+
+def test_completion_prompts_have_a_chain_each_and_the_key_anchors() -> None:
+    request = api_pb2.CreateCompletionRequest(
+        model="m",
+        prompt=[common_pb2.TextOrTokens(text="x" * 3000), common_pb2.TextOrTokens(tokens=common_pb2.TokenIds(ids=[1]))],
+        prompt_cache_key="tenant-a",
+    )
+    text, tokens = completion_chains(request)
+    assert len(text.hashes) == 3 and len(tokens.hashes) == 1
+    assert text.anchor == tokens.anchor == chat_chain(chat("x", key="tenant-a")).anchor
+
+
+# -- the index ------------------------------------------------------------------------
+
+
+def test_the_index_stays_under_its_cap_with_100000_distinct_prefixes() -> None:
+    cap = 8 * 2**20
+    pool = [f"127.0.0.1:{5000 + i}" for i in range(3)]
+    tracemalloc.start()
+    try:
+        index = MemoryIndex(cap)
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(0, 100_000, 10):
+            hashes = [os.urandom(16) for _ in range(10)]
+            index.record(hashes, list(range(1000, 1010)), pool[i % 3])
+            index.record(hashes[:5], list(range(1000, 1005)), pool[(i + 1) % 3])  # a second holder
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert 0 < len(index) < 100_000  # the cap evicted, LRU first
+    assert index.size_bytes <= cap
+    assert used <= cap, (used, cap, len(index))
+    assert used >= cap * 0.5  # and the estimate is not so generous that the cap means little
+
+
+def test_lru_eviction_keeps_the_recent_prefixes() -> None:
+    index = MemoryIndex(routing.ENTRY_BYTES * 10)
+    old, new = [os.urandom(16) for _ in range(5)], [os.urandom(16) for _ in range(10)]
+    index.record(old, [1] * 5, "w")
+    index.record(new, [1] * 10, "w")
+    assert index.holders(old) == [{}] * 5
+    assert index.holders(new) == [{"w": 1}] * 10
+
+
+# -- decisions ------------------------------------------------------------------------
+
+
+def test_a_conversations_turns_stay_on_one_worker() -> None:
+    router, pool = Router(MemoryIndex(2**20)), workers(3)
+    turns = ["hi", "hello!", "how are you?", "fine.", "and now?", "now this."]
+    chosen = {serve(router, chat(*turns[: k + 1]), pool).status.address for k in range(0, len(turns), 2)}
+    assert len(chosen) == 1
+    decisions: list[routing.Decision] = []
+    routing.current_decisions.set(decisions)
+    route = router.route("m", [chat_chain(chat(*turns, "one more"))], 1)
+    assert route.choose(pool, 0).status.address in chosen
+    assert decisions[0].reason == "prefix" and decisions[0].matched_tokens > 0
+
+
+def test_a_busy_worker_loses_its_affinity_past_the_margin() -> None:
+    router, pool = Router(MemoryIndex(2**20), Margin(calls=2, ratio=1.5)), workers(3)
+    for worker in pool:
+        worker.status.capacity = 8
+    home = serve(router, chat("hi"), pool)
+    home.in_flight = 2  # 2 more than the idle ones: within the margin
+    assert serve(router, chat("hi", "yo", "again"), pool) is home
+    home.in_flight = 3  # past it: the least loaded
+    decisions: list[routing.Decision] = []
+    routing.current_decisions.set(decisions)
+    other = serve(router, chat("hi", "yo", "again", "ok", "more"), pool)
+    assert other is not home and decisions[-1].reason == "load"
+    # Busy everywhere alike: the margin is relative too.
+    for worker in pool:
+        worker.status.capacity, worker.in_flight = 16, 10
+    home = serve(router, chat("hello", system="another tenant"), pool)
+    home.in_flight = 13
+    assert serve(router, chat("hello", "yo", "again", system="another tenant"), pool) is home
+
+
+def test_no_match_spreads_by_anchor_and_two_routers_agree() -> None:
+    pool = workers(3)
+    one, two = Router(MemoryIndex(2**20)), Router(MemoryIndex(2**20))
+    homes = set()
+    for tenant in range(30):
+        system = f"tenant {tenant}'s assistant"
+        first = serve(one, chat("hello", system=system), pool)
+        # The other router has not seen this conversation: the same anchor, the same worker.
+        assert serve(two, chat("hello", "a reply", "the next turn", system=system), pool) is first
+        homes.add(first.status.address)
+    assert len(homes) == 3  # tenants spread over the workers
+
+
+def test_a_tenants_sessions_gather_where_its_system_prompt_is_until_the_margin() -> None:
+    router, pool = Router(MemoryIndex(2**20)), workers(3)
+    home = serve(router, chat("first session"), pool)
+    assert all(serve(router, chat(f"session {i}"), pool) is home for i in range(5))
+    home.in_flight = home.status.capacity  # full, while the others have free slots
+    spilled = serve(router, chat("one more session"), pool)
+    assert spilled is not home
+    # Now both hold the system prompt: the less loaded of them takes the next session.
+    assert serve(router, chat("and another"), pool) is spilled
+
+
+def test_prompt_cache_key_pins_different_conversations_together() -> None:
+    router, pool = Router(MemoryIndex(2**20)), workers(3)
+    serve(router, chat("warm up"), pool)  # the shared system prompt is held somewhere now
+    # Different system prompts, which would spread without a key; and the shared one, held elsewhere
+    # perhaps: the key decides.
+    homes = {serve(router, chat("q", key="tenant-7", system=f"prompt {i}"), pool).status.address for i in range(10)}
+    homes.add(serve(router, chat("q", key="tenant-7"), pool).status.address)
+    assert len(homes) == 1
+
+
+def test_an_evicted_prefix_is_forgotten() -> None:
+    router, pool = Router(MemoryIndex(2**20)), workers(2)
+    request = chat("hi", "hello", "more")
+    home = serve(router, request, pool)
+    chain = chat_chain(request)
+    # The next turn matches it; the worker says it had evicted it all.
+    route = router.route("m", [chat_chain(chat("hi", "hello", "more", "ok", "again"))], 1)
+    assert route.choose(pool, 0) is home
+    forgotten = []
+    original = router.index.forget
+    router.index.forget = lambda hashes, worker: (forgotten.extend(hashes), original(hashes, worker))  # type: ignore[method-assign]
+    route.served(home, ended(0, 1200, 0))
+    assert set(chain.hashes) <= set(forgotten)
+    # It re-evaluated them, so it holds them again: recorded anew, the estimate refreshed.
+    assert all(home.status.address in held for held in router.index.holders(chain.hashes))
+
+
+def test_a_departed_worker_leaves_the_index() -> None:
+    router, pool = Router(MemoryIndex(2**20)), workers(2)
+    home = serve(router, chat("hi"), pool)
+    router.worker_left(home.status.address)
+    assert len(router.index) == 0  # type: ignore[arg-type]
+    assert router.index.holders(chat_chain(chat("hi")).hashes) == [{}] * len(chat_chain(chat("hi")).hashes)
