@@ -35,7 +35,7 @@ _HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
 }
 
 # OpenAI codes whose HTTP status differs from their gRPC status's.
-_HTTP_BY_CODE = {"request_too_large": 413}
+_HTTP_BY_CODE = {"request_too_large": 413, "file_too_large": 413}
 
 
 class ApiError(Exception):

@@ -7,8 +7,8 @@ side where both are needed, so the two parts cannot drift apart.
 
 Written out by hand rather than with ``MessageToDict``: OpenAI wants explicit
 ``null``s, integers (not int64 strings) and a few legacy shapes. Request
-*parsing* (JSON -> proto with OpenAI-style type errors) stays in the bridge's
-``convert.py``: only the bridge parses untrusted JSON.
+*parsing* (JSON -> proto with OpenAI-style type errors) is in
+``openai_requests.py``, for untrusted JSON (the bridge's bodies, batch input files).
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,6 +19,9 @@ from common.sampling import Limits
 from common.store import Store, StoreConfig
 from gateway import metrics
 from gateway.auth import ApiKeys, AuthInterceptor, KeyLimits
+from gateway.batches.runner import BatchLimits, BatchRunner
+from gateway.batches.service import BatchServicer
+from gateway.batches.store import BatchStore
 from gateway.inference import Inference
 from gateway.key_reload import KeyReloader, KeysSource, MemoryRevocations, RedisRevocations, Revocations
 from gateway.pool import WorkerPool, remote_source
@@ -24,12 +29,13 @@ from gateway.rate_limits import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.registry import Registry, RegistryServicer
 from gateway.routing import Router
 from gateway.service import InferenceServicer
-from tokenwire.v1 import api_pb2_grpc, registry_pb2_grpc
+from tokenwire.v1 import api_pb2_grpc, batch_pb2_grpc, registry_pb2_grpc
 
 log = logging.getLogger("tokenwire.gateway")
 
 INFERENCE_SERVICE = "tokenwire.v1.InferenceService"
 REGISTRY_SERVICE = "tokenwire.v1.RegistryService"
+BATCH_SERVICE = "tokenwire.v1.BatchService"
 
 
 async def run_gateway(
@@ -47,6 +53,8 @@ async def run_gateway(
     shutdown_grace: float = 10.0,
     expect_models: list[str] | None = None,
     metrics_port: int | None = None,
+    data_dir: Path | None = None,
+    batch_limits: BatchLimits | None = None,
     tls: grpc.ServerCredentials | None = None,
     registry_port: int | None = None,
     registry_host: str | None = None,
@@ -97,10 +105,12 @@ async def run_gateway(
             registry_server = GrpcServer([registry_service])
     pool = WorkerPool(source, on_leave=router.worker_left if router is not None else None)
     inference = Inference(pool, limits, router)
-    services.insert(
-        0,
+    batch_store = BatchStore(data_dir or Path(tempfile.mkdtemp(prefix="tokenwire-data-")))
+    runner = BatchRunner(batch_store, inference, api_keys, limiter, batch_limits or BatchLimits(), expect_models)
+    services[:0] = [
         (api_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(inference, limiter), INFERENCE_SERVICE),
-    )
+        (batch_pb2_grpc.add_BatchServiceServicer_to_server, BatchServicer(runner), BATCH_SERVICE),
+    ]
     server = GrpcServer(services, interceptors=[AuthInterceptor(api_keys, limiter)], traced=tracing.part("gateway"))
     bound = server.bind(f"{host}:{port}", tls)
     registry_where = controller_address or "in-process, same port"
@@ -117,6 +127,7 @@ async def run_gateway(
             on_registry_ready(registry_on, registry_bound)
     await server.start()
     readiness = asyncio.create_task(_follow_readiness(server, pool, expect_models or []))
+    running_batches = asyncio.create_task(runner.run(), name="batch-runner")
     if metrics_port is not None:
         serve_metrics(host, metrics_port, metrics.REGISTRY)
     log.info("gateway serving on %s:%d (registry: %s)", host, bound, registry_where)
@@ -128,7 +139,11 @@ async def run_gateway(
         log.info("gateway shutting down (grace %.0f s)", shutdown_grace)
         readiness.cancel()
         reloading.cancel()
+        running_batches.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running_batches
         await server.stop(shutdown_grace)
+        batch_store.close()
         if registry_server is not None:
             await registry_server.stop(1.0)
         if expiry_task is not None:

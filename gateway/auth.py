@@ -27,7 +27,7 @@ from gateway import metrics
 if TYPE_CHECKING:
     from gateway.rate_limits import RateLimiter
 
-PROTECTED_PREFIX = "/tokenwire.v1.InferenceService/"
+PROTECTED_PREFIXES = ("/tokenwire.v1.InferenceService/", "/tokenwire.v1.BatchService/")
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,13 @@ class ApiKeys:
         self._required = self._required or bool(after)
         return before - after, after - before
 
+    def by_id(self, key_id: str) -> ApiKey | None:
+        """The key whose objects (batches, files) these are; None once it is no longer accepted."""
+        if not self.enabled:
+            return self._anonymous
+        found = next((key for _, key in self._keys if key.id == key_id), None)
+        return None if found is None or found.id in self.revoked else found
+
     def lookup(self, authorization: str | None) -> ApiKey | None:
         """The key, the anonymous one when the API is open, or None."""
         if not self.enabled:
@@ -129,7 +136,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(PROTECTED_PREFIX):
+        if handler is None or not handler_call_details.method.startswith(PROTECTED_PREFIXES):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
         authorization = metadata.get("authorization")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common import addresses, sampling, settings
@@ -36,6 +38,25 @@ def api_flags(parser: argparse.ArgumentParser) -> None:
     )
     sampling.limit_flags(parser)  # --max-n, --max-tokens-limit (the bridge takes them too, for its schema)
     routing_flags(parser)
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="where files and batches live, a SQLite database and a files directory "
+        "(default: $XDG_DATA_HOME/tokenwire, else ~/.local/share/tokenwire)",
+    )
+    parser.add_argument(
+        "--batch-max-file-bytes",
+        type=settings.positive_int,
+        default=settings.DEFAULT_MAX_BODY_BYTES,
+        help="largest file POST /v1/files takes (default: the bridge's --max-body-bytes default, "
+        f"{settings.DEFAULT_MAX_BODY_BYTES}; a larger file needs a larger --max-body-bytes too)",
+    )
+    parser.add_argument(
+        "--batch-max-lines",
+        type=settings.positive_int,
+        default=50_000,
+        help="most requests in one batch's input file (default 50000, as OpenAI)",
+    )
     parser.add_argument(
         "--expect-models",
         default="",
@@ -112,6 +133,12 @@ def api_keys(args: argparse.Namespace) -> list[KeySpec]:
     return specs
 
 
+def data_dir(args: argparse.Namespace) -> Path:
+    if args.data_dir:
+        return Path(args.data_dir)
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "tokenwire"
+
+
 def router(args: argparse.Namespace) -> Router | None:
     """The cache-aware router the flags ask for (None: least-loaded)."""
     from gateway.routing import Margin, MemoryIndex, Router
@@ -148,6 +175,7 @@ def serving(
     from common import store, tracing
     from common.grpc_server import server_credentials
     from gateway.app import run_gateway
+    from gateway.batches.runner import BatchLimits
     from gateway.key_reload import KeysSource
 
     tracing.configure("gateway", args.otlp_traces_endpoint, args.trace_content)
@@ -175,6 +203,8 @@ def serving(
         shutdown_grace=args.shutdown_grace,
         expect_models=settings.split(args.expect_models),
         metrics_port=args.metrics_port,
+        data_dir=data_dir(args),
+        batch_limits=BatchLimits(args.batch_max_file_bytes, args.batch_max_lines),
         tls=server_credentials(args.tls_cert, args.tls_key),
         registry_port=args.registry_port,
         registry_host=registry_host,

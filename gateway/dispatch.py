@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Protocol, TypeVar
@@ -34,6 +35,12 @@ from gateway.pool import WorkerHandle, WorkerPool, least_loaded
 from tokenwire.v1 import worker_pb2
 
 T = TypeVar("T")
+
+# The tier of the request being served: the batch runner sets PRIORITY_BATCH,
+# and every worker call it makes carries it (workers/slots.py honours it).
+current_priority: contextvars.ContextVar[worker_pb2.Priority.ValueType] = contextvars.ContextVar(
+    "current_priority", default=worker_pb2.PRIORITY_UNSPECIFIED
+)
 
 # Worker errors that mean "try another worker" when nothing was produced yet.
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -228,6 +235,8 @@ class Dispatcher:
         every choice is accepted. Non-streamed choices yield one message each.
         One choice is its worker call's own stream, with no merging around it."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        for request in requests:
+            request.priority = current_priority.get()
         if len(requests) > 1:
             return self._fan_out(model, requests, deadline, stream, prefer)
         if stream:

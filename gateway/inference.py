@@ -19,7 +19,7 @@ from common import sampling as sampling_fields
 from common.grpc_server import outgoing_metadata
 from common.sampling import Limits, copy_sampling
 from gateway.auth import current_key
-from gateway.dispatch import Dispatcher
+from gateway.dispatch import Dispatcher, current_priority
 from gateway.pool import WorkerHandle, WorkerPool
 from gateway.routing import Route, Router, chat_chain, completion_chains
 from gateway.validation import check_chat, check_completion, check_embedding
@@ -269,7 +269,7 @@ class Inference:
     ) -> api_pb2.CreateEmbeddingResponse:
         check_embedding(request, self.limits)
         limits.check_embedding_inputs(request.input, self._require_kind(request.model, generation=False))
-        worker_request = worker_pb2.EmbedRequest(input=request.input)
+        worker_request = worker_pb2.EmbedRequest(input=request.input, priority=current_priority.get())
         if request.HasField("dimensions"):
             worker_request.dimensions = request.dimensions
         reply = await self.dispatch.unary(

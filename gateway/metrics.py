@@ -51,6 +51,18 @@ WORKER_QUEUE = Gauge(
     "tokenwire_worker_queue_depth", "Calls queued on a worker (heartbeat)", ["model", "worker"], registry=REGISTRY
 )
 
+BATCH_REQUESTS = Counter(
+    "tokenwire_batch_requests_total", "Batch requests with a result, by status", ["status"], registry=REGISTRY
+)
+BATCH_TOKENS = Counter(
+    "tokenwire_batch_tokens_total", "Tokens (prompt + completion) of batch requests", registry=REGISTRY
+)
+BATCH_PROGRESS = Gauge(
+    "tokenwire_batch_progress",
+    "Requests of each running batch by state (completed, failed, pending)",
+    ["batch", "state"],
+    registry=REGISTRY,
+)
 ROUTING_DECISIONS = Counter(
     "tokenwire_routing_decisions_total",
     "Cache-aware routing decisions by reason (prefix, anchor, load) and chosen worker",

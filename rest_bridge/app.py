@@ -25,13 +25,13 @@ from common import tracing
 from common.errors import ApiError
 from common.grpc_server import open_channel
 from common.store import Store
-from rest_bridge import embeddings, generation, metrics, models, operations, origins, page, tokens
+from rest_bridge import batches, embeddings, generation, metrics, models, operations, origins, page, tokens
 from rest_bridge.config import BridgeSettings
 from rest_bridge.exchange import ClientGone, error_response, json_response
 from rest_bridge.middleware import RequestMiddleware
 from rest_bridge.responses import routes as responses
 from rest_bridge.responses.store import MemoryResponseStore, RedisResponseStore
-from tokenwire.v1 import api_pb2_grpc
+from tokenwire.v1 import api_pb2_grpc, batch_pb2_grpc
 
 traced = tracing.part("bridge")
 
@@ -50,6 +50,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         address = settings.gateway_address
         async with open_channel(address, traced.channel_interceptors(address)) as channel:
             app.state.stub = api_pb2_grpc.InferenceServiceStub(channel)
+            app.state.batch_stub = batch_pb2_grpc.BatchServiceStub(channel)
             app.state.health = health_pb2_grpc.HealthStub(channel)
             yield
     finally:
@@ -92,6 +93,7 @@ def create_app(settings: BridgeSettings | None = None) -> FastAPI:
         tokens.router,
         page.router,
         responses.router,
+        batches.router,
     ):
         # The routers' own routes, not include_router: FastAPI (0.165) keeps an included
         # router as a nested one, and matching through seven costs ~50 us a request.

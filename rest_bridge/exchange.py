@@ -79,16 +79,6 @@ def error_response(error: ApiError) -> Response:
     return json_response(error.envelope(), error.http_status, headers)
 
 
-def stream_flag(body: dict[str, Any]) -> bool:
-    """The body's ``stream``: false when absent or null."""
-    stream = body.get("stream")
-    if stream is None:
-        return False
-    if not isinstance(stream, bool):
-        raise errors.invalid_request("'stream' must be a boolean.", "stream")
-    return stream
-
-
 # -- The gateway call -------------------------------------------------------------------
 
 

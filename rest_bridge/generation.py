@@ -9,8 +9,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from common import openai_objects, openai_requests
 from common.sampling import Limits
-from rest_bridge import convert, exchange, openapi, render
+from rest_bridge import exchange, openapi
 from tokenwire.v1 import api_pb2
 
 
@@ -25,15 +26,19 @@ class GenerationApi:
     render_chunk: Callable[[Any, bool], dict[str, Any]]
 
 
-CHAT = GenerationApi("ChatCompletion", convert.chat_request, render.chat_completion, render.chat_chunk)
-COMPLETION = GenerationApi("Completion", convert.completion_request, render.completion, render.completion_chunk)
+CHAT = GenerationApi(
+    "ChatCompletion", openai_requests.chat_request, openai_objects.chat_completion, openai_objects.chat_chunk
+)
+COMPLETION = GenerationApi(
+    "Completion", openai_requests.completion_request, openai_objects.completion, openai_objects.completion_chunk
+)
 
 
 async def generate(request: Request, api: GenerationApi) -> Response:
     body = await exchange.read_json(request)
     message = api.parse(body)
-    streaming = exchange.stream_flag(body)
-    options = convert.stream_options(body, streaming)
+    streaming = openai_requests.stream_flag(body)
+    options = openai_requests.stream_options(body, streaming)
     timeout = exchange.request_timeout(request, streaming)
     gateway = exchange.gateway_stub(request)
     if streaming:

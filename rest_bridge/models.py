@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from rest_bridge import exchange, render
+from common import openai_objects
+from rest_bridge import exchange
 from tokenwire.v1 import api_pb2
 
 router = APIRouter(tags=["models"])
@@ -16,7 +17,7 @@ async def list_models(request: Request) -> Response:
     reply = await exchange.gateway_stub(request).ListModels(
         api_pb2.ListModelsRequest(), metadata=exchange.call_metadata(request)
     )
-    return exchange.json_response(render.models(reply))
+    return exchange.json_response(openai_objects.models(reply))
 
 
 @router.get("/v1/models/{model:path}")
@@ -24,4 +25,4 @@ async def get_model(model: str, request: Request) -> Response:
     reply = await exchange.gateway_stub(request).GetModel(
         api_pb2.GetModelRequest(model=model), metadata=exchange.call_metadata(request)
     )
-    return exchange.json_response(render.model(reply.model))
+    return exchange.json_response(openai_objects.model(reply.model))

@@ -200,6 +200,36 @@ RESPONSE = {
         "prompt_cache_key": {"type": "string"},
     },
 }
+BATCH = {
+    "type": "object",
+    "required": ["input_file_id", "endpoint", "completion_window"],
+    "properties": {
+        "input_file_id": {"type": "string"},
+        "endpoint": {
+            "type": "string",
+            "enum": ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"],
+        },
+        "completion_window": {"type": "string", "enum": ["24h"]},
+        "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string", "maxLength": 512}},
+    },
+}
+FILE_UPLOAD = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "purpose": {"type": "string", "enum": ["batch"]},
+                    },
+                }
+            }
+        },
+    }
+}
 INPUT_ITEMS_QUERY = {
     "parameters": [
         {"name": "order", "in": "query", "required": False, "schema": {"type": "string", "enum": ["asc", "desc"]}},

@@ -8,7 +8,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from rest_bridge import convert, exchange, openapi, render
+from common import openai_objects, openai_requests
+from rest_bridge import exchange, openapi
 
 router = APIRouter(tags=["tokens"], responses=openapi.ERROR_RESPONSES)
 
@@ -24,15 +25,15 @@ async def _call(
 
 @router.post("/api/v1/token_check", openapi_extra=openapi.body(openapi.TOKEN_CHECK))
 async def token_check(request: Request) -> Response:
-    return await _call(request, "CheckTokens", convert.token_check_request, render.token_check)
+    return await _call(request, "CheckTokens", openai_requests.token_check_request, openai_objects.token_check)
 
 
 @router.post("/tokenize", openapi_extra=openapi.body(openapi.TOKENIZE))
 async def tokenize(request: Request) -> Response:
     """vLLM's tokenize: the ids of a prompt, or of messages in the model's chat template."""
-    return await _call(request, "Tokenize", convert.tokenize_request, render.tokenize)
+    return await _call(request, "Tokenize", openai_requests.tokenize_request, openai_objects.tokenize)
 
 
 @router.post("/detokenize", openapi_extra=openapi.body(openapi.DETOKENIZE))
 async def detokenize(request: Request) -> Response:
-    return await _call(request, "Detokenize", convert.detokenize_request, render.detokenize)
+    return await _call(request, "Detokenize", openai_requests.detokenize_request, openai_objects.detokenize)

@@ -45,7 +45,8 @@ class Proc:
     def start(self, wait: bool = True) -> Proc:
         self.launched = Launched(
             [sys.executable, "-m", self.module, *self.argv],
-            env={**os.environ, **self.env},
+            # Each process its own default --data-dir (a gateway's files and batches).
+            env={**os.environ, "XDG_DATA_HOME": tempfile.mkdtemp(prefix="tokenwire-data-"), **self.env},
             stderr=self.log_path,
             on_line=self.stdout_lines.append,
         ).start()

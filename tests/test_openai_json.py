@@ -1,6 +1,6 @@
 """common/openai_json.py: each OpenAI shape's two directions are inverses.
 
-The bridge parses client JSON into protobuf (rest_bridge/convert.py); the
+The bridge parses client JSON into protobuf (common/openai_requests.py); the
 openai engine writes that protobuf back out as JSON for its upstream, and
 reads the upstream's logprobs back in. A request that crosses both must reach
 the upstream as the client wrote it.
@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common import openai_json
-from rest_bridge import convert
+from common import openai_json, openai_requests
 from tokenwire.v1 import common_pb2
 
 MESSAGES: list[dict[str, Any]] = [
@@ -52,12 +51,14 @@ SCHEMA = {
 def test_a_chat_request_crosses_the_bridge_and_the_engine_unchanged() -> None:
     for choice in ("auto", "none", {"type": "function", "function": {"name": "get"}}):
         body = {"model": "m", "messages": MESSAGES, "tools": TOOLS, "tool_choice": choice, "response_format": SCHEMA}
-        request = convert.chat_request(body)
+        request = openai_requests.chat_request(body)
         assert [openai_json.message(m) for m in request.messages] == MESSAGES
         assert [openai_json.tool(t) for t in request.tools] == TOOLS
         assert openai_json.tool_choice(request.tool_choice) == choice
         assert openai_json.response_format(request.response_format) == SCHEMA
-    request = convert.chat_request({"model": "m", "messages": MESSAGES, "response_format": {"type": "json_object"}})
+    request = openai_requests.chat_request(
+        {"model": "m", "messages": MESSAGES, "response_format": {"type": "json_object"}}
+    )
     assert openai_json.tool_choice(request.tool_choice) is None  # unset stays unset
     assert openai_json.response_format(request.response_format) == {"type": "json_object"}
 

@@ -8,6 +8,7 @@
     tokenwire front-end  a gateway and a bridge in one process, as serve runs them:
                          <gateway flags> --bridge <bridge flags>
     tokenwire status     the live workers, their models, load and health
+    tokenwire batch      run a JSONL file of requests as a batch (OpenAI's Batch API), with a progress bar
 
 The composition root: nothing imports it. Each part declares its own flags
 (``gateway.command``, ``workers.command``, ``rest_bridge.command``) and runs
@@ -43,6 +44,26 @@ def cmd_status(args: argparse.Namespace) -> None:
                 "(--cluster-token-file, TOKENWIRE_CLUSTER_TOKEN, or --tls-cert/--tls-key with --tls-ca)"
             ) from None
         raise SystemExit(f"cannot reach the registry at {args.controller_address}: {error.code().name}") from None
+
+
+def cmd_batch(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from tokenwire_cli.batch import run_batch
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise SystemExit(f"no such file: {path}")
+    batch = run_batch(
+        args.url,
+        path,
+        api_key=args.api_key,
+        endpoint=args.endpoint,
+        output=Path(args.output or path.with_suffix(".output.jsonl")),
+        errors=Path(args.errors or path.with_suffix(".errors.jsonl")),
+    )
+    if batch["status"] != "completed":
+        raise SystemExit(1)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -131,6 +152,20 @@ def build_parser(with_engines: bool = True) -> argparse.ArgumentParser:
     settings.cluster_flags(status, serving=False)
     settings.logging_flags(status)
     status.set_defaults(func=cmd_status)
+
+    batch = sub.add_parser(
+        "batch", help="run a JSONL file of requests as a batch, with a progress bar (Ctrl-C cancels it)"
+    )
+    batch.add_argument("file", help="the requests, one per line: {custom_id, method, url, body}, as OpenAI's")
+    batch.add_argument(
+        "--url", default=f"http://127.0.0.1:{settings.DEFAULT_HTTP_PORT}/v1", help="the REST API (default: %(default)s)"
+    )
+    batch.add_argument("--api-key", default=None, help="the key to use (TOKENWIRE_API_KEY)")
+    batch.add_argument("--endpoint", default=None, help="the batch's endpoint (default: the first line's url)")
+    batch.add_argument("--output", default=None, help="where the results go (default: <file>.output.jsonl)")
+    batch.add_argument("--errors", default=None, help="where failed requests go (default: <file>.errors.jsonl)")
+    settings.logging_flags(batch)
+    batch.set_defaults(func=cmd_batch)
 
     for subparser in sub.choices.values():
         settings.defaults_from_env(subparser)  # FlagParsers, like their parent

@@ -53,6 +53,12 @@ def _worker_flags(parser: argparse.ArgumentParser, with_engines: bool) -> None:
     )
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 429")
     parser.add_argument(
+        "--reserved-slots",
+        type=int,
+        default=1,
+        help="slots batch work never takes, kept for interactive requests (default 1; batch keeps at least one)",
+    )
+    parser.add_argument(
         "--stream-interval",
         type=settings.positive_int,
         default=1,
@@ -86,6 +92,7 @@ def run(args: argparse.Namespace) -> None:
             worker_address=args.worker_address,
             limit_worker_concurrency=args.limit_worker_concurrency or getattr(engine, "parallel", 5),
             max_queue=args.max_queue,
+            reserved_slots=args.reserved_slots,
             stream_interval=args.stream_interval,
             heartbeat_interval=args.heartbeat_interval,
             shutdown_grace=args.shutdown_grace,

@@ -79,6 +79,10 @@ class _Choice:
         return response
 
 
+def _is_batch(priority: int) -> bool:
+    return priority == worker_pb2.PRIORITY_BATCH
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, engine: Engine, slots: Slots, stream_interval: int = 1) -> None:
         self.engine = engine
@@ -118,7 +122,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             limits.check_generate(request, self.engine.info)  # before a slot, before tokenizing
             async with contextlib.AsyncExitStack() as stack:
                 spans.begin("queue")
-                await stack.enter_async_context(self.slots.acquire())
+                await stack.enter_async_context(self.slots.acquire(_is_batch(request.priority)))
                 spans.begin("tokenize")
                 prepared = await self.engine.prepare(request)
                 max_tokens = admission.resolve_max_tokens(self.engine, request, prepared.prompt_tokens, prepared.param)
@@ -195,7 +199,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         status = "ok"
         try:
             limits.check_embedding_inputs(request.input, self.engine.info)
-            async with self.slots.acquire():
+            async with self.slots.acquire(_is_batch(request.priority)):
                 dimensions = request.dimensions if request.HasField("dimensions") else None
                 vectors, tokens = await self.engine.embed(request.input, dimensions)
         except errors.ApiError as error:
@@ -298,6 +302,7 @@ async def run_worker(
     worker_address: str | None = None,
     limit_worker_concurrency: int = 5,
     max_queue: int = 128,
+    reserved_slots: int = 1,
     stream_interval: int = 1,
     heartbeat_interval: float = 5.0,
     shutdown_grace: float = 10.0,
@@ -307,7 +312,7 @@ async def run_worker(
     on_ready: Callable[[int], None] | None = None,
 ) -> None:
     """Load the model, serve WorkerService, register, and run until ``stop``."""
-    slots = Slots(limit_worker_concurrency, max_queue)
+    slots = Slots(limit_worker_concurrency, max_queue, reserved_slots)
     servicer = WorkerServicer(engine, slots, stream_interval)
     server = GrpcServer(
         [(worker_pb2_grpc.add_WorkerServiceServicer_to_server, servicer, "tokenwire.v1.WorkerService")],

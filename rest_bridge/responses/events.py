@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 
 from common.errors import ApiError
-from rest_bridge.responses.output import Turn
+from common.responses_output import Turn
 from tokenwire.v1 import api_pb2
 
 

@@ -7,11 +7,11 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from common import errors
-from rest_bridge import convert, exchange, openapi
+from common import errors, openai_requests
+from common.responses_output import Turn, from_completion, new_id
+from common.responses_request import parse_request, require_str
+from rest_bridge import exchange, openapi
 from rest_bridge.responses.events import EventStream
-from rest_bridge.responses.output import Turn, from_completion, new_id
-from rest_bridge.responses.request import parse_request, require_str
 from rest_bridge.responses.store import ResponseStore, Stored, owner_of
 from tokenwire.v1 import api_pb2
 
@@ -44,8 +44,12 @@ async def create_response(request: Request) -> Response:
     previous = None
     if previous_id is not None:
         previous = await lookup(request, require_str(previous_id, "previous_response_id"), "previous_response_id")
-    parsed = parse_request(body, previous)
-    message = convert.chat_request(parsed.chat)
+    parsed = parse_request(
+        body,
+        previous.history if previous else None,
+        previous.response.get("prompt_cache_key") if previous else None,
+    )
+    message = openai_requests.chat_request(parsed.chat)
     turn = Turn(new_id("resp"), int(time.time()), parsed.echo)
     owner = owner_of(request.headers.get("authorization"))
     history = [*(previous.history if previous else []), *parsed.new_input.messages]

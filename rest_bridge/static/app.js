@@ -407,10 +407,32 @@
     $("cluster").tBodies[0].replaceChildren(...rows);
   }
 
+  function renderBatches(page) {
+    const rows = page.data.map((batch) => {
+      const row = document.createElement("tr");
+      row.dataset.batch = batch.id;
+      const counts = batch.request_counts;
+      cell(row, batch.id);
+      cell(row, batch.endpoint);
+      cell(row, batch.status, batch.status === "failed" ? "health-bad" : "");
+      cell(row, `${counts.completed}/${counts.total}`);
+      cell(row, String(counts.failed));
+      const bar = document.createElement("progress");
+      bar.max = Math.max(counts.total, 1);
+      bar.value = counts.completed + counts.failed;
+      const td = document.createElement("td");
+      td.append(bar);
+      row.append(td);
+      return row;
+    });
+    $("batches").tBodies[0].replaceChildren(...rows);
+  }
+
   async function refreshCluster() {
     const updated = $("cluster-updated");
     try {
       renderCluster(await (await api("/v1/status")).json());
+      renderBatches(await (await api("/v1/batches?limit=20")).json());
       updated.textContent = `Updated ${new Date().toLocaleTimeString()}.`;
       updated.classList.remove("error");
     } catch (error) {

@@ -5,6 +5,7 @@ in test_chat_page_models.py."""
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -237,6 +238,33 @@ def test_cluster_view_lists_workers(system: PageSystem, page: Page) -> None:
     assert page.wait_answer() == "stopped"
     page.el("#tab-cluster").click()
     page.wait(lambda: "0/5" in page.cluster_rows().get(DOOMED_MODEL, ""), "in flight back to 0", timeout=15)
+
+
+def test_cluster_view_shows_the_keys_batches(system: PageSystem, page: Page) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    lines = "".join(
+        json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions", "body": body}) + "\n"
+        for i, body in enumerate(
+            [{"model": FAST_MODEL, "prompt": "hi", "max_tokens": 4}, {"model": "nope", "prompt": "x"}]
+        )
+    )
+    uploaded = httpx.post(
+        f"{system.url}/v1/files", files={"file": ("b.jsonl", lines)}, data={"purpose": "batch"}, headers=headers
+    ).json()
+    body = {"input_file_id": uploaded["id"], "endpoint": "/v1/completions", "completion_window": "24h"}
+    batch_id = httpx.post(f"{system.url}/v1/batches", json=body, headers=headers).json()["id"]
+    page.open(system.url, key=API_KEY)
+    page.el("#tab-cluster").click()
+
+    def row() -> str:
+        return page.js(
+            f"const r = document.querySelector('#batches tr[data-batch=\"{batch_id}\"]'); return r ? r.innerText : ''"
+        )  # type: ignore[no-any-return]
+
+    page.wait(lambda: "completed" in row(), "the batch completed in the table", timeout=30)
+    cells = row().split("\t")
+    assert cells[:5] == [batch_id, "/v1/completions", "completed", "1/2", "1"]
+    page.shot("cluster-batches")
 
 
 def test_status_endpoint_hides_workers_and_needs_a_key(system: PageSystem) -> None:

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from tokenwire.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +19,26 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _Priority:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Priority.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRIORITY_UNSPECIFIED: _Priority.ValueType  # 0
+    PRIORITY_INTERACTIVE: _Priority.ValueType  # 1
+    PRIORITY_BATCH: _Priority.ValueType  # 2
+    """The gateway's batch runner: runs only on capacity interactive work leaves free."""
+
+class Priority(_Priority, metaclass=_PriorityEnumTypeWrapper):
+    """A call's priority on the worker. Unspecified is interactive."""
+
+PRIORITY_UNSPECIFIED: Priority.ValueType  # 0
+PRIORITY_INTERACTIVE: Priority.ValueType  # 1
+PRIORITY_BATCH: Priority.ValueType  # 2
+"""The gateway's batch runner: runs only on capacity interactive work leaves free."""
+Global___Priority: _TypeAlias = Priority  # noqa: Y015
 
 @_typing.final
 class SamplingParams(_message.Message):
@@ -141,6 +162,7 @@ class GenerateRequest(_message.Message):
     RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
     TOOL_CHOICE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     index: _builtins.int
     """The choice index, echoed on every response."""
@@ -151,6 +173,10 @@ class GenerateRequest(_message.Message):
     top_logprobs: _builtins.int
     echo: _builtins.bool
     """Completions: return the prompt (and its logprobs) before the output."""
+    priority: Global___Priority.ValueType
+    """Who waits for it: interactive work is admitted first, and batch work
+    never takes the slots kept for it (workers/slots.py).
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
         """Chat: messages to render with the model's template. Completion: prompt."""
@@ -179,10 +205,11 @@ class GenerateRequest(_message.Message):
         response_format: _common_pb2.ResponseFormat | None = ...,
         tools: _abc.Iterable[_common_pb2.Tool] | None = ...,
         tool_choice: _common_pb2.ToolChoice | None = ...,
+        priority: Global___Priority.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["prompt", b"prompt", "response_format", b"response_format", "sampling", b"sampling", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["echo", b"echo", "index", b"index", "logprobs", b"logprobs", "messages", b"messages", "prompt", b"prompt", "request_id", b"request_id", "response_format", b"response_format", "sampling", b"sampling", "tool_choice", b"tool_choice", "tools", b"tools", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["echo", b"echo", "index", b"index", "logprobs", b"logprobs", "messages", b"messages", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "response_format", b"response_format", "sampling", b"sampling", "tool_choice", b"tool_choice", "tools", b"tools", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -367,8 +394,10 @@ class EmbedRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
     DIMENSIONS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     dimensions: _builtins.int
+    priority: Global___Priority.ValueType
     @_builtins.property
     def input(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.TextOrTokens]: ...
     def __init__(
@@ -377,10 +406,11 @@ class EmbedRequest(_message.Message):
         request_id: _builtins.str = ...,
         input: _abc.Iterable[_common_pb2.TextOrTokens] | None = ...,
         dimensions: _builtins.int | None = ...,
+        priority: Global___Priority.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "dimensions", b"dimensions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "dimensions", b"dimensions", "input", b"input", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "dimensions", b"dimensions", "input", b"input", "priority", b"priority", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
     _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015

@@ -199,6 +199,7 @@ class LlamaCppEngine(Engine):
             prompt_rows=echo and request.logprobs,
             logits=request.logprobs,
             buffered=generation.whole,
+            batch=request.priority == worker_pb2.PRIORITY_BATCH,
         )
         # The scheduler's own lists, straight to the worker (which closes them when it stops).
         return stream(self._scheduler, seq)

@@ -96,6 +96,8 @@ class Seq:
     logits: bool = False
     # Hand the deltas over together at the end (a non-streamed choice).
     buffered: bool = False
+    # Batch tier: admitted after interactive sequences, paused while any runs.
+    batch: bool = False
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     released: asyncio.Event = field(default_factory=asyncio.Event)
@@ -228,7 +230,9 @@ class Scheduler:
 
     def _admit(self) -> None:
         while self._waiting and len(self._active) < self.parallel:
-            seq = self._waiting.popleft()
+            # Interactive first: a batch sequence waits while an interactive one does.
+            seq = next((s for s in self._waiting if not s.batch), self._waiting[0])
+            self._waiting.remove(seq)
             self._kv.admit(seq, {s.seq_id for s in self._active})
             self.stats.prompt_tokens_reused += seq.n_past  # what a cached prompt gave it
             seq.tokens = list(seq.prompt)
@@ -301,6 +305,11 @@ class Scheduler:
             n += 1
 
         active = self._kv.batch_order(self._active)
+        if any(not s.batch for s in active):
+            # Batch sequences pause while an interactive one runs, their KV kept: on a CPU each
+            # sequence in a step slows the step, and that time would be the interactive stream's.
+            # (A batch sequence another one follows goes on, or its follower would wait forever.)
+            active = [s for s in active if not s.batch or s.followers]
         for seq in active:
             if seq.decoding:
                 seq.chunk = (n, 1)

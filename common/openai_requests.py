@@ -295,6 +295,16 @@ def detokenize_request(body: dict[str, Any]) -> api_pb2.DetokenizeRequest:
     return parse(body, api_pb2.DetokenizeRequest())
 
 
+def stream_flag(body: dict[str, Any]) -> bool:
+    """The body's ``stream``: false when absent or null."""
+    stream = body.get("stream")
+    if stream is None:
+        return False
+    if not isinstance(stream, bool):
+        raise errors.invalid_request("'stream' must be a boolean.", "stream")
+    return stream
+
+
 def stream_options(body: dict[str, Any], streaming: bool) -> api_pb2.StreamOptions:
     """The body's ``stream_options``: only with ``stream: true``, as OpenAI says (a gRPC
     caller of a Stream RPC always streams, so this is the bridge's rule)."""

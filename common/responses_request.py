@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common import errors
-from rest_bridge import exchange
-from rest_bridge.responses.output import new_id
-from rest_bridge.responses.store import Stored
+from common.openai_requests import stream_flag
+from common.responses_output import new_id
 
 ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -211,7 +210,11 @@ class ResponseRequest:
     stream: bool
 
 
-def parse_request(body: dict[str, Any], previous: Stored | None) -> ResponseRequest:
+def parse_request(
+    body: dict[str, Any], history: list[dict[str, Any]] | None, previous_cache_key: str | None = None
+) -> ResponseRequest:
+    """``history``: the conversation of ``previous_response_id`` as chat messages (None: no previous
+    response); ``previous_cache_key``: that response's ``prompt_cache_key``."""
     for name in ("background",):
         if body.get(name):
             raise errors.invalid_request(f"'{name}' is not supported.", name)
@@ -220,7 +223,7 @@ def parse_request(body: dict[str, Any], previous: Stored | None) -> ResponseRequ
             raise errors.invalid_request(
                 f"'{name}' is not supported; use previous_response_id for conversations.", name
             )
-    if "input" not in body and previous is None:
+    if "input" not in body and history is None:
         raise errors.invalid_request("'input' is required.", "input")
     new_input = read_input(body.get("input", []))
     instructions = body.get("instructions")
@@ -229,13 +232,12 @@ def parse_request(body: dict[str, Any], previous: Stored | None) -> ResponseRequ
         head = [{"role": "system", "content": instructions}]
     elif instructions is not None:
         head = read_input(instructions, "instructions").messages
-    history = previous.history if previous is not None else []
     chat: dict[str, Any] = {k: body[k] for k in PASSTHROUGH if body.get(k) is not None}
-    chat["messages"] = [*head, *history, *new_input.messages]
+    chat["messages"] = [*head, *(history or []), *new_input.messages]
     # A chain keeps the key its first turn gave, so that its turns share a worker (docs/api.md).
     cache_key = body.get("prompt_cache_key")
-    if cache_key is None and previous is not None:
-        cache_key = previous.response.get("prompt_cache_key")
+    if cache_key is None:
+        cache_key = previous_cache_key
     if cache_key is not None:
         chat["prompt_cache_key"] = require_str(cache_key, "prompt_cache_key")
     if not chat["messages"]:
@@ -257,7 +259,7 @@ def parse_request(body: dict[str, Any], previous: Stored | None) -> ResponseRequ
     store = body.get("store", True)
     if store is not None and not isinstance(store, bool):
         raise errors.invalid_request("'store' must be a boolean.", "store")
-    stream = exchange.stream_flag(body)
+    stream = stream_flag(body)
     echo = {
         "model": body.get("model"),
         "instructions": instructions,

@@ -1,0 +1,65 @@
+"""The batch tier's rules that hold whatever the model (echo workers, real processes):
+
+- batch requests are not subject to the key's requests per minute, but their tokens count
+  to its tokens per minute;
+- progress shows in the gateway's metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests import harness
+from tests.conftest import CHAT_MODEL, EchoSystem, start_echo_system, stop_system
+
+REQUESTS = 12
+
+
+LIMITED_KEY = "limited-batch-key"
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EchoSystem]:
+    """LIMITED_KEY at 3 requests and 100 tokens a minute."""
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text(f"{LIMITED_KEY} rpm=3 tpm=100\n")
+    system = start_echo_system(gateway_args=("--api-keys-file", str(keys), "--metrics-port", "0"), tokens=8)
+    yield system
+    stop_system(system)
+
+
+def metric(system: EchoSystem, name: str) -> float:
+    text = httpx.get(f"http://{system.gateway.metrics_address}/metrics", timeout=10).text
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_batch_is_not_held_to_rpm_and_its_tokens_count_to_the_key(limited: EchoSystem) -> None:
+    client = openai.OpenAI(base_url=f"{limited.url}/v1", api_key=LIMITED_KEY, max_retries=0)
+    lines = "".join(
+        json.dumps(
+            {
+                "custom_id": f"t{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": CHAT_MODEL, "messages": [{"role": "user", "content": f"word {i}"}]},
+            }
+        )
+        + "\n"
+        for i in range(REQUESTS)
+    )
+    uploaded = client.files.create(file=("t.jsonl", lines.encode()), purpose="batch")  # request 1 of 3
+    client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")  # 2
+    done = 'tokenwire_batch_requests_total{status="completed"}'
+    harness.wait_until(lambda: metric(limited, done) == REQUESTS, 60, what=f"{REQUESTS} batch requests done")
+    assert metric(limited, "tokenwire_batch_tokens_total") > 100
+    # Four times the key's requests per minute ran; their tokens are the key's: the next call is over its tpm.
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.models.list()  # request 3 of 3: within rpm
+    assert "tokens per minute" in str(refused.value)
