@@ -35,8 +35,11 @@ def stack() -> Iterator[Stack]:
         proc.stop()
 
 
+# A hang guard, not a bound: 200 real-model streams took more than the suite's 300 s on a 2-core
+# machine at load average 20 (a fresh clone's make test beside six others' suites); CI's whole suite takes 674 s.
+@pytest.mark.timeout(900)
 def test_200_cancels_under_8_way_batching_leave_nothing_behind(stack: Stack) -> None:
-    client = openai.OpenAI(base_url=f"http://{stack.bridge.address}/v1", api_key="none", max_retries=0, timeout=300)
+    client = openai.OpenAI(base_url=f"http://{stack.bridge.address}/v1", api_key="none", max_retries=0, timeout=600)
     assert stack.stats().parallel == 8
     rng = random.Random(200)
     stops = [rng.randint(1, 12) for _ in range(STREAMS)]
