@@ -29,6 +29,7 @@ def bridge_flags(parser: argparse.ArgumentParser) -> None:
     api_flags(parser)
     # The gateway's bounds, for /openapi.json: `tokenwire serve` passes the bridge the gateway's values.
     sampling.limit_flags(parser)
+    settings.keepalive_flags(parser)
     settings.tls_client_flag(parser)
     settings.logging_flags(parser)
 
