@@ -74,7 +74,7 @@ async def run_gateway(
             services.append(registry_service)
         else:
             registry_server = GrpcServer([registry_service])
-    pool = WorkerPool(source)
+    pool = WorkerPool(source, rejoin_grace=heartbeat_expiry)
     inference = Inference(pool, limits)
     services.insert(
         0, (api_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(inference), INFERENCE_SERVICE)

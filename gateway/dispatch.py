@@ -5,7 +5,9 @@
 - **lease**: a call counts in its worker's in-flight load while it runs.
 - **failover**: a worker that refuses a call (full) or fails before producing
   anything (unreachable, killed) is replaced by another, up to three attempts;
-  the caller sees one uninterrupted call.
+  the caller sees one uninterrupted call. A worker a call found unreachable
+  (UNAVAILABLE, before or after it produced) leaves dispatch until it answers
+  a health probe (``WorkerHandle.mark_unreachable``).
 - **accepted**: a worker says so in a message of its own (``accepted``: prompt
   rendered, context checked). A fan-out yields nothing until every choice is
   accepted, so request errors are answered before the first byte of a response.
@@ -75,7 +77,7 @@ class Dispatcher:
         if error.code() not in _RETRYABLE or ours.code == "request_too_large" or attempt == MAX_ATTEMPTS:
             raise ours from None
         if error.code() == grpc.StatusCode.UNAVAILABLE:
-            self.pool.remove(handle.worker_id)
+            handle.mark_unreachable(error.details() or "UNAVAILABLE")
         tried |= {handle.worker_id}
         if not any(w.worker_id not in tried for w in self.pool.workers(model)):
             raise ours from None
@@ -122,6 +124,8 @@ class Dispatcher:
                     return
                 except grpc.aio.AioRpcError as error:
                     if produced:
+                        if error.code() == grpc.StatusCode.UNAVAILABLE:
+                            handle.mark_unreachable(error.details() or "UNAVAILABLE")
                         raise errors.ApiError.from_rpc_error(error) from None
                     tried = self._failover(error, handle, tried, attempt, model)
                 except asyncio.CancelledError:
