@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -34,6 +35,7 @@ from gateway.pool import WorkerHandle, WorkerPool
 from tokenwire.v1 import worker_pb2
 
 T = TypeVar("T")
+log = logging.getLogger("tokenwire.gateway")
 
 # Worker errors that mean "try another worker" when nothing was produced yet.
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -81,6 +83,7 @@ class Dispatcher:
         tried |= {handle.worker_id}
         if not any(w.worker_id not in tried for w in self.pool.workers(model)):
             raise ours from None
+        log.info("a call moves from worker %s (%s) to another", handle.worker_id, error.code().name)
         return tried
 
     async def unary(self, model: str, call: Callable[[WorkerHandle], Awaitable[T]]) -> T:
