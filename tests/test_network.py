@@ -256,7 +256,7 @@ def test_latency_jitter_and_loss_slow_the_first_token_by_a_round_trip_and_break_
 # -- the registry cut off for 60 s --------------------------------------------------------
 
 
-def test_a_registry_cut_off_for_a_minute_changes_nothing_for_clients_and_everyone_registers_again() -> None:
+def test_a_registry_cut_off_for_a_minute_or_restarted_fails_no_request_and_everyone_registers_again() -> None:
     with netcluster.cluster(workers=3, spare=1) as cluster:
         failures: list[str] = []
         served = 0
@@ -292,7 +292,24 @@ def test_a_registry_cut_off_for_a_minute_changes_nothing_for_clients_and_everyon
         log = cluster.registry.log(registry_mark)
         for host in cluster.worker_hosts:
             assert f"registered (echo-chat at {host.address}:" in log, host.name
-        print(f"\nregistry: {served} chats over {REGISTRY_OUTAGE:.0f} s cut off, 0 failed; all 4 in {back:.1f} s")
+
+        # Killed, and started again empty on its address: the same, at once.
+        cluster.registry.kill()
+        cluster.registry = cluster.registry_proc().start()
+        restarted = time.monotonic()
+
+        def all_back() -> bool:
+            keep_chatting(time.monotonic() + 0.5)
+            return cluster.registry is not None and cluster.registry.log().count("registered (echo-chat") == 4
+
+        harness.wait_until(all_back, what="every worker registered with the new registry")
+        refilled = time.monotonic() - restarted
+        assert failures == [], failures[:3]
+        assert cluster.live_workers() == 4
+        print(
+            f"\nregistry: {served} chats over {REGISTRY_OUTAGE:.0f} s cut off and a restart, 0 failed; "
+            f"all 4 workers back {back:.1f} s after it returned, {refilled:.1f} s after the restart"
+        )
 
 
 # -- the gateway killed with streams in flight (split front end) ---------------------------
