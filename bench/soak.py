@@ -521,9 +521,12 @@ async def soak(serve: Serve, args: argparse.Namespace) -> dict[str, Any]:
     load = Load(serve.url, tally, args.seed, args.burst_rpm)
     started = time.monotonic()
     running = asyncio.create_task(load.run(args.minutes * 60))
+    log = out / "samples.jsonl"
+    await asyncio.to_thread(_write, log, "")
     while not running.done():
         record = await sample(serve, tally, started)
         samples.append(record)
+        await asyncio.to_thread(_append, log, json.dumps(record) + "\n")  # as it comes: a crash keeps them
         rss = ", ".join(f"{n} {p['rss_mib']:.0f}" for n, p in record["processes"].items())
         print(f"[soak] {record['minute']:6.2f} min: {record['requests']:,} requests, {tally.fives()} x 5xx; "
               f"RSS MiB: {rss}; load {record['load_average']:.1f}", file=sys.stderr, flush=True)  # fmt: skip
@@ -540,7 +543,7 @@ async def soak(serve: Serve, args: argparse.Namespace) -> dict[str, Any]:
     settled = {"workers": workers, "seconds": time.monotonic() - settle_started}
     final = await sample(serve, tally, started)
     samples.append(final)
-    await asyncio.to_thread(_write, out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+    await asyncio.to_thread(_append, log, json.dumps(final) + "\n")
     ttft = sorted(tally.ttft)
     return {
         "minutes": args.minutes,
@@ -562,6 +565,11 @@ async def soak(serve: Serve, args: argparse.Namespace) -> dict[str, Any]:
 
 def _write(path: Path, text: str) -> None:
     path.write_text(text)
+
+
+def _append(path: Path, text: str) -> None:
+    with path.open("a") as handle:
+        handle.write(text)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
