@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import re
 import secrets
@@ -55,13 +56,21 @@ TOOLS = ("ip", "nft", "unshare", "nsenter", "setpriv")
 DIE_WITH_TEST = ["setpriv", "--pdeathsig", "KILL", "--"]
 
 
+@functools.cache
 def unavailable() -> str | None:
     """Why the network tests cannot run here (None: they can)."""
     if os.geteuid() != 0:
         return "network namespaces, veth pairs and nftables need root (make test runs as root in CI)"
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
-        return f"missing {', '.join(missing)}: `make nettools` installs Debian's iproute2 and nftables"
+        return f"missing {', '.join(missing)}: `make nettools` installs Debian's iproute2, nftables and libfaketime"
+    if not os.path.exists(FAKETIME_LIBRARY):
+        return f"missing {FAKETIME_LIBRARY}: `make nettools` installs Debian's libfaketime"
+    # What the kernel must allow: a namespace, a veth pair, a bridge, nftables on it.
+    probe = "ip link add p0 type veth peer name p1 && ip link add s0 type bridge && nft add table bridge probe"
+    done = subprocess.run(["unshare", "--net", "sh", "-c", probe], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        return f"this kernel refuses a namespace, a veth pair, a bridge or nftables on it: {done.stderr.strip()}"
     return None
 
 
