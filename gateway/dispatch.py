@@ -5,9 +5,10 @@
 - **lease**: a call counts in its worker's in-flight load while it runs.
 - **failover**: a worker that refuses a call (full) or fails before producing
   anything (unreachable, killed) is replaced by another, up to three attempts;
-  the caller sees one uninterrupted call. A worker a call found unreachable
-  (UNAVAILABLE, before or after it produced) leaves dispatch until it answers
-  a health probe (``WorkerHandle.mark_unreachable``).
+  the caller sees one uninterrupted call. A worker a call could not reach
+  (gRPC's own UNAVAILABLE, before or after it produced; not the worker's own
+  answer, such as an openai engine's upstream being down) leaves dispatch until
+  it answers a health probe (``WorkerHandle.mark_unreachable``).
 - **accepted**: a worker says so in a message of its own (``accepted``: prompt
   rendered, context checked). A fan-out yields nothing until every choice is
   accepted, so request errors are answered before the first byte of a response.
@@ -78,7 +79,7 @@ class Dispatcher:
         # A message over gRPC's size limit is RESOURCE_EXHAUSTED too, and no other worker takes it.
         if error.code() not in _RETRYABLE or ours.code == "request_too_large" or attempt == MAX_ATTEMPTS:
             raise ours from None
-        if error.code() == grpc.StatusCode.UNAVAILABLE:
+        if errors.unreachable(error):
             handle.mark_unreachable(error.details() or "UNAVAILABLE")
         tried |= {handle.worker_id}
         if not any(w.worker_id not in tried for w in self.pool.workers(model)):
@@ -127,7 +128,7 @@ class Dispatcher:
                     return
                 except grpc.aio.AioRpcError as error:
                     if produced:
-                        if error.code() == grpc.StatusCode.UNAVAILABLE:
+                        if errors.unreachable(error):
                             handle.mark_unreachable(error.details() or "UNAVAILABLE")
                         raise errors.ApiError.from_rpc_error(error) from None
                     tried = self._failover(error, handle, tried, attempt, model)
