@@ -7,9 +7,8 @@ appears and closed when it goes.
 The gateway also trusts what it sees itself: a worker it cannot reach (its
 connection lost, which keepalive notices within interval + timeout of the worker
 going silent, or refused; or a call to it failing for want of reaching it) is out
-of dispatch at once,
-while the registry may still list it, and comes back when it answers a health
-probe again. A registry that comes back after an outage (restarted, or cut off)
+of dispatch at once, while the registry may still list it, and comes back when it
+answers a health probe again. A registry that comes back after an outage (restarted, or cut off)
 may list fewer workers than are alive until they register again: for a grace
 (``rejoin_grace``, the gateway's --heartbeat-expiry) the pool keeps the workers
 it knew.
