@@ -102,7 +102,7 @@ lint: $(DEV)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_generated.py
 
 bench: $(DEV)
-	$(BIN)/python bench/run.py $(ARGS)
+	$(BIN)/python -m bench.run $(ARGS)
 
 lock: $(TOOLS)
 	$(BIN)/python deps/lock.py $(ARGS)

@@ -19,7 +19,7 @@ measures it with those defaults, as a reference. Both run with flash attention o
 (:mod:`llama_server`). Both run without weight repacking (``--no-repack``; tokenwire
 loads with ``use_extra_bufts=False``): on this AMX machine ggml's AMX path crashed.
 
-    .venv/bin/python bench/run.py --sections concurrency
+    .venv/bin/python -m bench.run --sections concurrency
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ import threading
 import time
 from typing import Any
 
-import servers
-from engine_raw import stream_timing
-from llama_server import ensure_llama_server
-from servers import Group
+from bench import servers
+from bench.engine_raw import StreamClock, stream_timing
+from bench.llama_server import ensure_llama_server
+from bench.servers import Group
 
 STREAM_TOKENS = 128
 CONCURRENCY = (1, 4, 8, 16)
@@ -82,7 +82,6 @@ def one_stream(base: str, model: str, k: int, sampling: dict[str, float] | None 
 def one_worker_stream(address: str, k: int) -> dict[str, float]:
     """The same stream straight from the worker's ``Generate`` (gRPC): the engine without the front end."""
     import grpc
-    from engine_raw import StreamClock
 
     from tokenwire.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
@@ -96,9 +95,10 @@ def one_worker_stream(address: str, k: int) -> dict[str, float]:
     clock = StreamClock()
     tokens = 0
     for message in stub.Generate(request, timeout=600):
-        tokens = message.usage.completion_tokens
-        if message.text:
+        if message.delta.text:
             clock.content()
+        if message.HasField("end"):
+            tokens = message.end.usage.completion_tokens
     return clock.record(tokens)
 
 
@@ -183,7 +183,7 @@ TARGETS = ("tokenwire", "tokenwire-worker", "llama-server", "llama-server-own")
 
 def section_concurrency(args: argparse.Namespace, results: dict[str, Any]) -> None:
     """Every level, each target in turn, ``--concurrency-rounds`` times over (the rounds interleave)."""
-    from suite import NoiseMeter, project_eval, start_engine_stack, wait_quiet
+    from bench.suite import NoiseMeter, project_eval, start_engine_stack, wait_quiet
 
     parallel = args.parallel
     threads = int(project_eval("from workers.engines.llama_cpp import default_threads; print(default_threads())"))
@@ -269,7 +269,7 @@ def _span(values: list[float], fmt: str = "{:.0f}") -> str:
 
 
 def render(section: dict[str, Any]) -> str:
-    """The RESULTS.md part of this section: medians over the rounds, ranges in brackets."""
+    """This section in the report (RESULTS.generated.md): medians over the rounds, ranges in brackets."""
     runs = section["runs"]
     rounds = section.get("rounds", 1)
     has_worker = bool(runs.get("tokenwire-worker"))

@@ -3,9 +3,9 @@
 Run by ``bench/run.py`` on the project's Python (it has llama-cpp-python and torch);
 prints one JSON object on stdout.
 
-    python bench/engine_raw.py llama --model-path X.gguf --threads 2 --n-ctx 2048 --max-tokens 128 --runs 3
-    python bench/engine_raw.py llama --model-path X.gguf --threads 2 --serve   # one run per stdin line
-    python bench/engine_raw.py embed --model-path DIR --threads 2 --inputs 8 --clients 1 --duration 8
+    .venv/bin/python -m bench.engine_raw llama --model-path X.gguf --threads 2 --n-ctx 2048 --max-tokens 128 --runs 3
+    .venv/bin/python -m bench.engine_raw llama --model-path X.gguf --threads 2 --serve   # one run per stdin line
+    .venv/bin/python -m bench.engine_raw embed --model-path DIR --threads 2 --inputs 8 --clients 1 --duration 8
 
 ``llama`` measures, from the same GGUF with the same threads, context and sampling
 (greedy; every end-of-generation token banned where the ban is native, so that every

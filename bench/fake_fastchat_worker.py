@@ -28,7 +28,7 @@ what it can: its own CPU use is reported apart from the API server's and control
 Prints ``READY fake-worker <host>:<port>`` once it serves, like tokenwire's parts.
 
 Run it with a Python that has uvicorn (the bench venv):
-    python bench/fake_fastchat_worker.py --controller-address http://127.0.0.1:21001 --model-name echo-chat
+    bench/.venv/bin/python -m bench.fake_fastchat_worker --controller-address http://127.0.0.1:21001 --model-name echo-chat
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ pass-through interceptors (tokenwire's servers run three: request id, auth, erro
 
 Prints one JSON object. Run by ``bench/run.py`` (section ``floor``), or alone:
 
-    bench/.venv/bin/python bench/grpc_floor.py --concurrency 32 --duration 3
+    bench/.venv/bin/python -m bench.grpc_floor --concurrency 32 --duration 3
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Any
 import grpc
 import uvloop
 from google.protobuf import wrappers_pb2
-from servers import cpu_seconds
+
+from bench.servers import cpu_seconds
 
 # Any small generated message will do: protobuf's own wrappers.
 Request = wrappers_pb2.Int32Value

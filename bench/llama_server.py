@@ -8,7 +8,7 @@ into ``bench/.cache`` with the project's own build flags (``deps/llama-cpp.cmake
 project's llama-cpp-python build): about 6-7 minutes on 2 cores, once; later runs find the
 binary there.
 
-    python bench/llama_server.py          # build (or find) it and print its path
+    .venv/bin/python -m bench.llama_server   # build (or find) it and print its path
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ from typing import Any
 import aiohttp
 import grpc
 import orjson
-from servers import TICKS, Server
+
+from bench.servers import TICKS, Server
 
 # A stream's chunk count, its time to first content token and to first event.
 Sample = tuple[int, float | None, float | None]
@@ -63,29 +64,9 @@ class Result:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
     @property
-    def p50(self) -> float | None:
-        return self.pct(self.latencies, 0.50)
-
-    @property
-    def p99(self) -> float | None:
-        return self.pct(self.latencies, 0.99)
-
-    @property
-    def ttft_p50(self) -> float | None:
-        return self.pct(self.ttfts, 0.50)
-
-    @property
-    def ttft_p99(self) -> float | None:
-        return self.pct(self.ttfts, 0.99)
-
-    def cpu_total(self, names: Sequence[str] | None = None) -> float:
-        return sum(v for k, v in self.server_cpu.items() if names is None or k in names)
-
-    def cpu_ms_per_request(self, names: Sequence[str] | None = None) -> float | None:
-        return 1000 * self.cpu_total(names) / self.requests if self.requests else None
-
-    def cpu_us_per_chunk(self, names: Sequence[str] | None = None) -> float | None:
-        return 1e6 * self.cpu_total(names) / self.chunks if self.chunks else None
+    def other_cpu(self) -> float:
+        """What other processes used in the window."""
+        return max(0.0, self.machine_cpu - self.client_cpu - sum(self.server_cpu.values()))
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -96,17 +77,17 @@ class Result:
             "errors": self.errors,
             "first_error": self.first_error,
             "rps": self.rps,
-            "p50_ms": _ms(self.p50),
-            "p99_ms": _ms(self.p99),
+            "p50_ms": _ms(self.pct(self.latencies, 0.50)),
+            "p99_ms": _ms(self.pct(self.latencies, 0.99)),
             "chunks": self.chunks,
             "chunks_per_s": self.chunks_per_s,
-            "ttft_p50_ms": _ms(self.ttft_p50),
-            "ttft_p99_ms": _ms(self.ttft_p99),
+            "ttft_p50_ms": _ms(self.pct(self.ttfts, 0.50)),
+            "ttft_p99_ms": _ms(self.pct(self.ttfts, 0.99)),
             "first_event_p50_ms": _ms(self.pct(self.first_events, 0.5)),
             "server_cpu_s": self.server_cpu,
             "client_cpu_s": self.client_cpu,
             "machine_cpu_s": self.machine_cpu,
-            "other_cpu_s": max(0.0, self.machine_cpu - self.client_cpu - sum(self.server_cpu.values())),
+            "other_cpu_s": self.other_cpu,
         }
 
 

@@ -1,4 +1,4 @@
-"""Figures out of ``results.json``: the stdout table, RESULTS.md and results.png."""
+"""Figures out of ``results.json``: the stdout table, the report (RESULTS.generated.md) and results.png."""
 
 from __future__ import annotations
 
@@ -264,7 +264,7 @@ def engine_lines(engines: dict[str, Any]) -> list[str]:
     return out
 
 
-# -- RESULTS.md ----------------------------------------------------------------------------------
+# -- RESULTS.generated.md --------------------------------------------------------------------------
 
 
 def render(results: dict[str, Any]) -> str:
@@ -272,9 +272,13 @@ def render(results: dict[str, Any]) -> str:
     settings = results["settings"]
     sc = results["scenarios"]
     md: list[str] = []
-    md.append("# tokenwire benchmark results\n")
+    md.append("# tokenwire benchmark: the latest recorded run\n")
     md.append(
-        f"Recorded {env['date']} by `make bench` (`bench/run.py`"
+        "Written by `make bench`, which replaces this file at each full run: what the figures mean, the runs "
+        "before this one and the one-off experiments are in [RESULTS.md](RESULTS.md).\n"
+    )
+    md.append(
+        f"Recorded {env['date']} by `make bench` (`python -m bench.run`"
         + (" --quick" if settings["quick"] else "")
         + f"), tokenwire at `{env['tokenwire_commit']}`; total run time {results.get('total_s', 0):.0f} s"
         + (
@@ -283,7 +287,7 @@ def render(results: dict[str, Any]) -> str:
             else ""
         )
         + ". "
-        "Rerun with `make bench`; `.venv/bin/python bench/run.py --quick` is a 2-minute smoke run.\n"
+        "Rerun with `make bench`; `.venv/bin/python -m bench.run --quick` is a 2-minute smoke run.\n"
     )
     md.append("## The machine and the method\n")
     md.append(
@@ -309,7 +313,8 @@ def render(results: dict[str, Any]) -> str:
     md.append(
         "- **The front end** in this REST section is the bridge and the gateway as two processes (`tokenwire "
         "serve --split-front-end`), so that each part can be measured; `tokenwire serve`'s default, one process, "
-        "is measured against it with `bench/front_end_variants.py --ceiling` (in the engine-concurrency section)."
+        "is measured against it with `bench/experiments/front_end_variants.py --ceiling` (in RESULTS.md, engine "
+        "concurrency)."
     )
     md.append(
         "- **Server CPU** is read from `/proc/<pid>/stat` (utime + stime, all threads) of each server process at "

@@ -1,56 +1,56 @@
-"""tokenwire's benchmark: gateway overhead, FastChat side by side, and the engine path.
+"""tokenwire's benchmark (``make bench``): gateway overhead, FastChat side by side, and the engine path.
 
-    make bench                                 # the full run, records bench/RESULTS.md and bench/results.png
-    .venv/bin/python bench/run.py --quick      # a short smoke run, writes bench/out/ only
-    .venv/bin/python bench/run.py --sections fastchat --merge   # measure one section again, keep the rest
-    .venv/bin/python bench/run.py --help       # sections, durations, output
+    make bench                                  # the full run: records bench/RESULTS.generated.md and results.png
+    .venv/bin/python -m bench.run --quick       # a short smoke run, writes bench/out/ only
+    .venv/bin/python -m bench.run --sections fastchat --merge   # measure one section again, keep the rest
+    .venv/bin/python -m bench.run --help        # sections, durations, output
 
-On a quiet machine the full run takes about 7 minutes and --quick about 2 (plus about 20 s
-to build bench/.venv the first time); while other processes keep the machine busy it waits
-for quiet and measures noisy windows again (up to 2 minutes each), so it can take longer.
+Run from the repository root. The tokenwire servers run on the project's ``.venv``; everything
+else runs in the bench's own venv, ``bench/.venv`` (``venv.py``: FastChat 0.2.36, the load client,
+py-spy and matplotlib), which this builds the first time (a minute or two) and re-executes itself in.
 
-It runs on the project's ``.venv`` for the tokenwire servers and builds its own venv,
-``bench/.venv``, for everything else: FastChat 0.2.36 (``fschat`` needs pydantic 1 and
-an older FastAPI, so it cannot live in the project's venv), the load client (aiohttp,
-grpcio), py-spy and matplotlib. It re-executes itself in that venv.
+The sections, in the order they run (``--sections`` picks them). The loads are closed loops:
+N clients, each sending its next request when the last one is answered.
 
-What it measures, on one machine, one scenario at a time (closed loop: N clients, each
-sending its next request when the last one is answered):
+- ``overhead``: tokenwire's gateway and bridge (two processes, to measure each) over echo
+  workers. Non-streamed chat at 1 and 32 clients, streamed chat at 8 (from an instant engine, and
+  from one making a token a millisecond: the paced stream) and embeddings at 8, each through the
+  REST bridge, through the gateway over gRPC, and straight at a worker; then the paced stream
+  through the bridge from a worker run with ``--stream-interval 4``; then every process's memory.
+- ``profile`` (only with ``overhead``, on its stack after its loads): py-spy on the bridge and
+  the gateway under three of the REST loads (``profiling.py``).
+- ``fastchat``: FastChat's ``openai_api_server`` + ``controller`` over a zero-cost fake worker
+  (``fake_fastchat_worker.py``) under the same REST loads.
+- ``engines``: SmolLM2 (llama.cpp) and all-MiniLM-L6-v2 through tokenwire against the same
+  libraries in-process (``engine_raw.py``), in interleaved runs.
+- ``floor``: what an empty grpc.aio server and client cost per call here (``grpc_floor.py``), the
+  part of every hop no application code can remove.
+- ``concurrency``: the batching llama_cpp worker beside llama.cpp's own ``llama-server`` (built
+  once into ``bench/.cache``: ``llama_server.py``) at 1, 4, 8 and 16 streams (1 and 4 with
+  ``--quick``; ``concurrency.py``).
 
-1. gateway overhead on tokenwire's echo workers: the same load through the REST
-   bridge, through the gateway over gRPC, and straight at a worker;
-2. FastChat's ``openai_api_server`` + ``controller`` over a zero-cost fake worker
-   (``fake_fastchat_worker.py``) with the same REST loads, and the ratios;
-3. the engine path: SmolLM2 (llama.cpp) and all-MiniLM-L6-v2 through tokenwire
-   against the same libraries in-process (interleaved runs);
-4. the floor: what an empty grpc.aio server and client cost per call here
-   (``grpc_floor.py``), the part of every hop no application code can remove;
-5. engine concurrency: the batching llama_cpp worker beside llama.cpp's own
-   ``llama-server`` (built once into ``bench/.cache``) at 1, 4, 8 and 16 streams
-   (``concurrency.py``).
+Every figure comes with the server CPU it cost, from ``/proc/<pid>/stat`` before and after the
+measurement window. While other processes keep the machine busy, a section waits for quiet and
+measures noisy windows again (up to 2 minutes each), so a run can take much longer than on a
+quiet machine.
 
-Every figure comes with the server CPU it cost, from ``/proc/<pid>/stat`` before and
-after the measurement window. Results: ``bench/out/results.json``, a table on stdout,
-``RESULTS.md`` and ``results.png`` (in ``bench/out/``, and in ``bench/`` for a full run).
+Output: ``results.json``, ``RESULTS.generated.md`` (the report), ``results.png`` and the profiles
+in ``bench/out/``, and a table on stdout. A full run (neither ``--quick`` nor ``--no-record``)
+copies the report and the chart into ``bench/``, as the latest recorded run. The analyses stay in
+``bench/RESULTS.md``, which no run writes.
+
+Not run here: ``bench/before_after.py`` (the front end's CPU before and after a change) and the
+one-off experiments of ``bench/experiments/`` (its README says what each measured).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-VENV = BENCH / ".venv"
-VENV_PYTHON = VENV / "bin" / "python"
-PROJECT_PYTHON = Path(os.environ.get("TOKENWIRE_PYTHON", ROOT / ".venv" / "bin" / "python"))
-# bench/.venv installs deps/bench.lock: FastChat 0.2.36 (it needs pydantic 1 and an older
-# FastAPI, so it cannot live in the project's venv), the load client, py-spy and matplotlib.
-BENCH_LOCK = ROOT / "deps" / "bench.lock"
+from bench import venv
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -74,7 +74,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--concurrency-targets",
         default="",
-        help="concurrency section: tokenwire, tokenwire-worker, llama-server (default: all three)",
+        help="concurrency section: tokenwire, tokenwire-worker, llama-server, llama-server-own (default: all four)",
     )
     parser.add_argument("--concurrency-rounds", type=int, default=1, help="concurrency section: interleaved rounds (1)")
     parser.add_argument(
@@ -89,9 +89,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--engine-runs", type=int, default=None, help="interleaved rounds of generations per engine figure (5; quick 1)"
     )
-    parser.add_argument("--out", type=Path, default=BENCH / "out", help="where results.json, RESULTS.md and the PNG go")
     parser.add_argument(
-        "--no-record", action="store_true", help="do not copy RESULTS.md and results.png into bench/ (a full run does)"
+        "--out", type=Path, default=venv.BENCH / "out", help="where results.json, the report and the PNG go"
+    )
+    parser.add_argument(
+        "--no-record",
+        action="store_true",
+        help="do not copy RESULTS.generated.md and results.png into bench/ (a full run does)",
     )
     parser.add_argument(
         "--merge",
@@ -107,40 +111,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-# -- the bench venv ----------------------------------------------------------------------
-
-
-def ensure_venv() -> None:
-    if not PROJECT_PYTHON.exists():
-        sys.exit(f"{PROJECT_PYTHON} is missing: run `make install` (or `make bench`) first.")
-    stamp = VENV / ".bench-lock"
-    lock = BENCH_LOCK.read_text()
-    if stamp.is_file() and stamp.read_text() == lock:
-        return
-    print(f"[bench] installing {BENCH_LOCK.relative_to(ROOT)} into {VENV}", flush=True)
-    if not VENV_PYTHON.exists():
-        subprocess.check_call([sys.executable, "-m", "venv", str(VENV)])
-    pip = [str(VENV_PYTHON), "-m", "pip", "install", "--quiet", "--require-hashes"]
-    subprocess.check_call([*pip, "-r", str(ROOT / "deps" / "tools.lock")])
-    subprocess.check_call([*pip, "--no-build-isolation", "-r", str(BENCH_LOCK)])
-    stamp.write_text(lock)
-
-
-def in_bench_venv() -> bool:
-    return Path(sys.prefix).resolve() == VENV.resolve()
-
-
 def main() -> None:
     argv = sys.argv[1:]
     args = parse_args(argv)  # --help before any install
-    if not in_bench_venv():
-        ensure_venv()
-        os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), str(Path(__file__).resolve()), *argv])
-    # The load client imports tokenwire's generated stubs, and servers.py common/launcher.py;
-    # the bench venv does not install tokenwire (it needs pydantic 1 for FastChat), so it
-    # reads them in place.
-    sys.path[:0] = [str(ROOT / "generated"), str(ROOT)]
-    from suite import run_suite
+    venv.run_inside("bench.run", argv)
+    # Only in bench/.venv: the load client needs its packages.
+    from bench.suite import run_suite
 
     started = time.monotonic()
     run_suite(args, started)

@@ -20,11 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.launcher import Launched, NotReady  # stdlib only: run.py puts the repository on sys.path
+from bench.venv import PROJECT_PYTHON, ROOT
+from common.launcher import Launched, NotReady  # standard library only: bench/.venv has no tokenwire dependencies
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-PROJECT_PYTHON = Path(os.environ.get("TOKENWIRE_PYTHON", ROOT / ".venv" / "bin" / "python"))
 TICKS = os.sysconf("SC_CLK_TCK")
 LOG_DIR = Path(tempfile.mkdtemp(prefix="tokenwire-bench-"))
 
@@ -71,9 +69,14 @@ class Server:
         self.log_path = LOG_DIR / f"{self.name}.log"
 
     def start(self, timeout: float = 180.0) -> Server:
-        # stderr and stdout (but the READY line) go to the log.
+        # stderr and stdout (but the READY line) go to the log; a bench killed takes its servers with it.
         self.launched = Launched(
-            self.argv, env={**os.environ, **self.env}, cwd=self.cwd, stderr=self.log_path, on_line=self._log_line
+            self.argv,
+            env={**os.environ, **self.env},
+            cwd=self.cwd,
+            stderr=self.log_path,
+            on_line=self._log_line,
+            with_parent=True,
         ).start()
         try:
             self.launched.wait_ready(
@@ -218,9 +221,11 @@ def fake_fastchat_worker(name: str, controller_port: int, *argv: str) -> Server:
         name,
         [
             sys.executable,
-            str(BENCH / "fake_fastchat_worker.py"),
+            "-m",
+            "bench.fake_fastchat_worker",
             "--controller-address",
             f"http://127.0.0.1:{controller_port}",
             *argv,
         ],
+        cwd=str(ROOT),
     )

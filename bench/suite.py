@@ -20,14 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import loadgen
 import orjson
-import profiling
-import report
-import servers
 import uvloop
-from engine_raw import StreamClock, prompt, stream_timing
-from servers import PROJECT_PYTHON, ROOT, Group, Server
+
+from bench import loadgen, profiling, report, servers
+from bench.engine_raw import StreamClock, prompt, stream_timing
+from bench.servers import Group, Server
+from bench.venv import BENCH, PROJECT_PYTHON, ROOT
 
 WORDS = "Hello from the benchmark, how are you today?"
 SENTENCES = [f"Sentence number {i} of the embedding benchmark, about ten words long." for i in range(32)]
@@ -316,6 +315,9 @@ def tokenwire_ops(
     def has_content(m: Any) -> bool:
         return bool(m.choices) and m.choices[0].delta.content != ""
 
+    def has_text(m: Any) -> bool:  # a worker's message
+        return m.delta.text != ""
+
     def generate(max_tokens: int) -> Any:
         return worker_pb2.GenerateRequest(
             request_id="bench", messages=messages, sampling=worker_pb2.SamplingParams(max_tokens=max_tokens)
@@ -334,8 +336,8 @@ def tokenwire_ops(
             "chat": loadgen.grpc_unary(
                 chat_worker.GenerateChoice, worker_pb2.GenerateChoiceRequest(request=generate(CHAT_TOKENS))
             ),
-            "stream": loadgen.grpc_stream(chat_worker.Generate, generate(STREAM_TOKENS), lambda m: m.text != ""),
-            "stream_paced": loadgen.grpc_stream(paced_worker.Generate, generate(STREAM_TOKENS), lambda m: m.text != ""),
+            "stream": loadgen.grpc_stream(chat_worker.Generate, generate(STREAM_TOKENS), has_text),
+            "stream_paced": loadgen.grpc_stream(paced_worker.Generate, generate(STREAM_TOKENS), has_text),
             "embed": loadgen.grpc_unary(embed_worker.Embed, worker_pb2.EmbedRequest(request_id="bench", input=inputs)),
         },
     }
@@ -572,7 +574,7 @@ def engines_available() -> tuple[bool, str]:
 
 def engine_raw(*argv: str, timeout: float = 900) -> dict[str, Any]:
     reply = subprocess.run(
-        [str(PROJECT_PYTHON), str(servers.BENCH / "engine_raw.py"), *argv],
+        [str(PROJECT_PYTHON), "-m", "bench.engine_raw", *argv],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -667,7 +669,8 @@ class RawLlama:
         self.proc = subprocess.Popen(
             [
                 str(PROJECT_PYTHON),
-                str(servers.BENCH / "engine_raw.py"),
+                "-m",
+                "bench.engine_raw",
                 "llama",
                 "--model-path",
                 gguf,
@@ -721,9 +724,10 @@ async def worker_stream_timing(address: str, text: str, max_tokens: int, bias: d
         clock = StreamClock()
         tokens = 0
         async for message in stub.Generate(request):
-            tokens = message.usage.completion_tokens
-            if message.text:
+            if message.delta.text:
                 clock.content()
+            if message.HasField("end"):
+                tokens = message.end.usage.completion_tokens
         return clock.record(tokens)
 
 
@@ -927,8 +931,9 @@ def section_floor(args: argparse.Namespace, results: dict[str, Any]) -> None:
     wait_quiet()
     try:
         reply = subprocess.run(
-            [sys.executable, str(servers.BENCH / "grpc_floor.py"), "--duration", str(max(2.0, args.duration / 2))],
+            [sys.executable, "-m", "bench.grpc_floor", "--duration", str(max(2.0, args.duration / 2))],
             capture_output=True,
+            cwd=ROOT,
             text=True,
             timeout=300,
             check=True,
@@ -940,6 +945,8 @@ def section_floor(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
 
 # -- entry -------------------------------------------------------------------------------------------
+
+REPORT = "RESULTS.generated.md"
 
 
 def run_suite(args: argparse.Namespace, started: float) -> None:
@@ -981,7 +988,7 @@ def run_suite(args: argparse.Namespace, started: float) -> None:
         if "floor" in args.sections:
             section_floor(args, results)
         if "concurrency" in args.sections:
-            from concurrency import section_concurrency
+            from bench.concurrency import section_concurrency
 
             section_concurrency(args, results)
     finally:
@@ -991,16 +998,17 @@ def run_suite(args: argparse.Namespace, started: float) -> None:
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     text = report.render(results)
     if "concurrency" in results:
-        from concurrency import render
+        from bench.concurrency import render
 
         text = text.rstrip("\n") + "\n\n" + render(results["concurrency"])
     print(report.table(results), flush=True)
-    (out / "RESULTS.md").write_text(text)
+    (out / REPORT).write_text(text)
     png = report.chart(results, out / "results.png")
     if not args.quick and not args.no_record:
-        shutil.copy(out / "RESULTS.md", servers.BENCH / "RESULTS.md")
+        # The latest recorded run; the hand-written analyses (RESULTS.md) are never written here.
+        shutil.copy(out / REPORT, BENCH / REPORT)
         if png:
-            shutil.copy(png, servers.BENCH / "results.png")
-        log("recorded bench/RESULTS.md and bench/results.png")
+            shutil.copy(png, BENCH / "results.png")
+        log(f"recorded bench/{REPORT} and bench/results.png")
     log(f"done in {results['total_s']:.0f} s; results in {out}")
     sys.stdout.flush()

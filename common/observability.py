@@ -20,6 +20,8 @@ import sys
 import shortuuid
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, start_http_server
 
+from common import addresses
+
 REQUEST_ID_HEADER = "x-request-id"
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -111,5 +113,5 @@ def serve_metrics(host: str, port: int, registry: CollectorRegistry) -> int:
     """Expose ``registry`` as /metrics on its own port (a thread); returns the bound port."""
     server, _ = start_http_server(port, addr=host, registry=registry)
     bound = int(server.server_address[1])
-    print(f"METRICS {host}:{bound}", flush=True)
+    print(f"METRICS {addresses.join(host, bound)}", flush=True)
     return bound

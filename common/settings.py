@@ -19,6 +19,8 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
+from common import addresses
+
 ENV_PREFIX = "TOKENWIRE_"
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
@@ -32,12 +34,12 @@ LIST_FLAGS = {
     "allowed_methods": "--allowed-methods",
     "allowed_headers": "--allowed-headers",
 }
-# FastChat writes addresses as URLs (http://localhost:21001); gRPC wants host:port.
+# Flags that take an address, in FastChat's URL form too (addresses.from_url).
 ADDRESS_FLAGS = ("controller_address", "gateway_address", "worker_address")
 
 
 def ready(part: str, host: str, port: int) -> None:
-    print(f"READY {part} {host}:{port}", flush=True)
+    print(f"READY {part} {addresses.join(host, port)}", flush=True)
 
 
 def positive_int(value: str) -> int:
@@ -77,12 +79,6 @@ def list_flag(value: str | None, flag: str) -> list[str]:
     raise ValueError(f"{flag} must be a JSON list of strings ('[\"*\"]') or comma-separated (a,b), not {value!r}")
 
 
-def _address(value: str | None) -> str | None:
-    if value and value.startswith(("http://", "https://")):
-        return value.split("://", 1)[1].rstrip("/")
-    return value
-
-
 def check_flag_forms(args: argparse.Namespace) -> None:
     """Normalise FastChat's flag forms in place; ValueError names a bad flag."""
     for dest, flag in LIST_FLAGS.items():
@@ -90,7 +86,7 @@ def check_flag_forms(args: argparse.Namespace) -> None:
             list_flag(getattr(args, dest), flag)
     for dest in ADDRESS_FLAGS:
         if hasattr(args, dest):
-            setattr(args, dest, _address(getattr(args, dest)))
+            setattr(args, dest, addresses.from_url(getattr(args, dest)))
 
 
 # -- flags more than one part declares ------------------------------------------------
@@ -179,6 +175,17 @@ def metrics_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def member_flags(parser: argparse.ArgumentParser) -> None:
+    """What a cluster member serving gRPC and dialing its peers takes (the gateway, a worker)."""
+    message_limit_flags(parser)
+    keepalive_flags(parser)
+    metrics_flag(parser)
+    tls_server_flags(parser)
+    tls_client_flag(parser)
+    cluster_flags(parser, serving=True)
+    logging_flags(parser)
+
+
 class FlagAdder(Protocol):
     """What declares flags: a parser, or one of its argument groups."""
 
@@ -219,12 +226,17 @@ class FlagParser(argparse.ArgumentParser):
         return _RecordingGroup(group, self.flags) if self.declaring else group
 
 
+def env_name(dest: str) -> str:
+    """The environment variable of the flag whose destination is ``dest``: TOKENWIRE_<FLAG>."""
+    return ENV_PREFIX + dest.upper()
+
+
 def defaults_from_env(parser: FlagParser) -> None:
     """TOKENWIRE_<FLAG> sets the default of --flag."""
     for action in parser.flags:
         if not action.option_strings or action.dest == "help":
             continue
-        value = os.environ.get(ENV_PREFIX + action.dest.upper())
+        value = os.environ.get(env_name(action.dest))
         if value is None:
             continue
         if action.nargs == 0 and action.const is True:  # store_true

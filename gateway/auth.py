@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import grpc
 
 from common import errors
+from common.authorization import bearer_key, parse_authorization
 from common.grpc_server import abort_with
 from gateway import metrics
 
@@ -120,10 +121,10 @@ class ApiKeys:
         """The key's state, the anonymous one when the API is open, or None."""
         if not self._keys:
             return self._anonymous
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        key = bearer_key(authorization)
+        if key is None:
             return None
-        candidate = _digest(token.strip())
+        candidate = _digest(key)
         found = None
         for digest, state in self._keys:  # no early exit: constant time in the key list
             if hmac.compare_digest(candidate, digest):
@@ -147,7 +148,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         authorization = metadata.get("authorization")
         state = self.keys.lookup(authorization)
         if state is None:
-            given = bool(str(authorization or "").partition(" ")[2].strip())
+            given = bool(parse_authorization(authorization)[1])
             return _deny(handler, errors.invalid_api_key() if given else errors.missing_api_key())
         try:
             state.admit()

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from common import sampling, settings
+from common import addresses, sampling, settings
 
 if TYPE_CHECKING:  # imported when a gateway starts: a process's metrics are its own part's only
     from gateway.auth import KeyLimits, KeySpec
@@ -50,13 +50,7 @@ def gateway_flags(parser: argparse.ArgumentParser) -> None:
         help="serve the registry on this internal port instead of the public one (0 = any free port)",
     )
     parser.add_argument("--registry-host", default=None, help="address of --registry-port (default: --host)")
-    settings.message_limit_flags(parser)
-    settings.keepalive_flags(parser)
-    settings.metrics_flag(parser)
-    settings.tls_server_flags(parser)
-    settings.tls_client_flag(parser)
-    settings.cluster_flags(parser, serving=True)
-    settings.logging_flags(parser)
+    settings.member_flags(parser)
 
 
 def registry_flags(parser: argparse.ArgumentParser) -> None:
@@ -113,7 +107,7 @@ def serving(
     registry_host = args.registry_host or args.host
 
     def registry_ready(host: str, port: int) -> None:
-        print(f"REGISTRY {host}:{port}", flush=True)
+        print(f"REGISTRY {addresses.join(host, port)}", flush=True)
 
     def ready(port: int) -> None:
         settings.ready("gateway", args.host, port)

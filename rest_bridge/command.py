@@ -90,7 +90,8 @@ def server(args: argparse.Namespace) -> tuple[uvicorn.Server, socket.socket]:
     import uvicorn
 
     from rest_bridge import connections
-    from rest_bridge.app import BridgeSettings, create_app
+    from rest_bridge.app import create_app
+    from rest_bridge.config import BridgeSettings
 
     bridge_settings = BridgeSettings(
         gateway_address=args.gateway_address,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import APIRouter
 from fastapi.responses import FileResponse, Response
 from starlette.staticfiles import StaticFiles
 
@@ -28,10 +28,10 @@ PAGE_HEADERS = {
     "Cache-Control": "no-cache",
 }
 
+router = APIRouter(include_in_schema=False)
+router.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-def add_page(app: FastAPI) -> None:
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.get("/", include_in_schema=False)
-    async def index() -> Response:
-        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+@router.get("/")
+async def index() -> Response:
+    return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)

@@ -37,19 +37,26 @@ def models(response: api_pb2.ListModelsResponse) -> dict[str, Any]:
     return {"object": "list", "data": [model(m) for m in response.data]}
 
 
-def _header(r: Any, object_name: str) -> dict[str, Any]:
-    """The fields every completion object and chunk starts with."""
-    return {"id": r.id, "object": object_name, "created": r.created, "model": r.model, "system_fingerprint": None}
+def _header(r: Any) -> dict[str, Any]:
+    """The fields every completion object and chunk starts with (the gateway names the object)."""
+    return {"id": r.id, "object": r.object, "created": r.created, "model": r.model, "system_fingerprint": None}
 
 
 def _chunk(out: dict[str, Any], r: Any, include_usage: bool) -> dict[str, Any]:
-    # With include_usage every chunk has "usage": null but the last, which has it.
-    if include_usage:
-        out["usage"] = usage(r.usage) if r.HasField("usage") else None
+    # The gateway sends the usage chunk only with include_usage; then every other chunk has "usage": null.
+    if r.HasField("usage"):
+        out["usage"] = usage(r.usage)
+    elif include_usage:
+        out["usage"] = None
     return out
 
 
-def chat_completion(r: api_pb2.CreateChatCompletionResponse, want_logprobs: bool) -> dict[str, Any]:
+def _chat_logprobs(c: api_pb2.ChatCompletionChoice | api_pb2.ChatCompletionChunkChoice) -> dict[str, Any] | None:
+    # Set by the gateway exactly when the caller asked for logprobs.
+    return {"content": token_logprobs(c.logprobs.content), "refusal": None} if c.HasField("logprobs") else None
+
+
+def chat_completion(r: api_pb2.CreateChatCompletionResponse) -> dict[str, Any]:
     choices = []
     for c in r.choices:
         message: dict[str, Any] = {
@@ -60,17 +67,12 @@ def chat_completion(r: api_pb2.CreateChatCompletionResponse, want_logprobs: bool
         if c.message.tool_calls:
             message["tool_calls"] = [tool_call(t) for t in c.message.tool_calls]
         choices.append(
-            {
-                "index": c.index,
-                "message": message,
-                "logprobs": {"content": token_logprobs(c.logprobs.content), "refusal": None} if want_logprobs else None,
-                "finish_reason": c.finish_reason,
-            }
+            {"index": c.index, "message": message, "logprobs": _chat_logprobs(c), "finish_reason": c.finish_reason}
         )
-    return {**_header(r, "chat.completion"), "choices": choices, "usage": usage(r.usage)}
+    return {**_header(r), "choices": choices, "usage": usage(r.usage)}
 
 
-def chat_chunk(r: api_pb2.StreamChatCompletionResponse, want_logprobs: bool, include_usage: bool) -> dict[str, Any]:
+def chat_chunk(r: api_pb2.StreamChatCompletionResponse, include_usage: bool) -> dict[str, Any]:
     choices = []
     for c in r.choices:
         delta: dict[str, Any] = {}
@@ -80,37 +82,35 @@ def chat_chunk(r: api_pb2.StreamChatCompletionResponse, want_logprobs: bool, inc
             delta["content"] = c.delta.content
         if c.delta.tool_calls:
             delta["tool_calls"] = [{"index": t.index, **tool_call(t)} for t in c.delta.tool_calls]
-        logprobs = None
-        if want_logprobs and c.logprobs.content:
-            logprobs = {"content": token_logprobs(c.logprobs.content), "refusal": None}
         choices.append(
             {
                 "index": c.index,
                 "delta": delta,
-                "logprobs": logprobs,
+                "logprobs": _chat_logprobs(c),
                 "finish_reason": c.finish_reason if c.HasField("finish_reason") else None,
             }
         )
-    return _chunk({**_header(r, "chat.completion.chunk"), "choices": choices}, r, include_usage)
+    return _chunk({**_header(r), "choices": choices}, r, include_usage)
 
 
-def _completion_choice(c: api_pb2.CompletionChoice, want_logprobs: bool) -> dict[str, Any]:
+def _completion_choice(c: api_pb2.CompletionChoice) -> dict[str, Any]:
     return {
         "index": c.index,
         "text": c.text,
-        "logprobs": legacy_logprobs(c.logprobs.content) if want_logprobs else None,
+        # Set by the gateway exactly when the caller asked for logprobs.
+        "logprobs": legacy_logprobs(c.logprobs.content) if c.HasField("logprobs") else None,
         "finish_reason": c.finish_reason if c.HasField("finish_reason") else None,
     }
 
 
-def completion(r: api_pb2.CreateCompletionResponse, want_logprobs: bool) -> dict[str, Any]:
-    choices = [_completion_choice(c, want_logprobs) for c in r.choices]
-    return {**_header(r, "text_completion"), "choices": choices, "usage": usage(r.usage)}
+def completion(r: api_pb2.CreateCompletionResponse) -> dict[str, Any]:
+    choices = [_completion_choice(c) for c in r.choices]
+    return {**_header(r), "choices": choices, "usage": usage(r.usage)}
 
 
-def completion_chunk(r: api_pb2.StreamCompletionResponse, want_logprobs: bool, include_usage: bool) -> dict[str, Any]:
-    choices = [_completion_choice(c, want_logprobs) for c in r.choices]
-    return _chunk({**_header(r, "text_completion"), "choices": choices}, r, include_usage)
+def completion_chunk(r: api_pb2.StreamCompletionResponse, include_usage: bool) -> dict[str, Any]:
+    choices = [_completion_choice(c) for c in r.choices]
+    return _chunk({**_header(r), "choices": choices}, r, include_usage)
 
 
 def _vector(values: Iterable[float], as_base64: bool) -> str | np.ndarray:

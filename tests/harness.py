@@ -19,6 +19,7 @@ from typing import TypeVar
 import grpc
 import httpx
 
+from common import addresses
 from common.launcher import Launched, NotReady
 from tokenwire.v1 import worker_pb2, worker_pb2_grpc
 
@@ -85,7 +86,7 @@ class Proc:
 
     @property
     def port(self) -> int:
-        return int(self.address.rsplit(":", 1)[1])
+        return addresses.split(self.address)[1]
 
     def log(self, since: int = 0) -> str:
         """The process's log, or what it wrote after ``since`` (a :meth:`log_mark`)."""

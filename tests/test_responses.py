@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from rest_bridge.responses import ResponseStore
+from rest_bridge.responses.store import ResponseStore
 from tests.conftest import API_KEY, CHAT_MODEL, EchoSystem, start_echo_system, stop_system
 from tests.test_cancellation import leave_while_waiting, one_cancel, settled
 

@@ -22,7 +22,7 @@ import signal
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from common import settings
+from common import addresses, settings
 from gateway import command as gateway_command
 from rest_bridge import command as bridge_command
 
@@ -54,11 +54,6 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, argparse.Namespace]:
     return parsed["gateway"], parsed["bridge"]
 
 
-def local_address(host: str, port: int | str) -> str:
-    """Where a process on this machine reaches a server bound to ``host``: loopback for a wildcard."""
-    return f"127.0.0.1:{port}" if host in ("0.0.0.0", "::", "") else f"{host}:{port}"
-
-
 async def serve(gateway_args: argparse.Namespace, bridge_args: argparse.Namespace) -> None:
     stop = asyncio.Event()  # the gateway's
     bridge: uvicorn.Server | None = None
@@ -77,7 +72,7 @@ async def serve(gateway_args: argparse.Namespace, bridge_args: argparse.Namespac
     await asyncio.wait([gateway, bound], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
     try:
         if bound.done() and not stop.is_set():
-            bridge_args.gateway_address = local_address(gateway_args.host, bound.result())
+            bridge_args.gateway_address = addresses.local(gateway_args.host, bound.result())
             bridge, sock = bridge_command.server(bridge_args)
             await bridge_command.serving(bridge_args, bridge, sock)
     finally:

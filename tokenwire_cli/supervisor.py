@@ -6,9 +6,10 @@ each worker a process of its own; waits until the models answer, prints how to
 reach them, and stops everything cleanly on Ctrl-C / SIGTERM. With
 ``--split-front-end`` the gateway and the bridge are two processes, as
 before: on a machine with cores to spare that keeps more of the front end's
-ceiling for non-streamed requests. API keys and the cluster token (made here,
-random, unless one is given) reach the children through the environment,
-never their command lines.
+ceiling for non-streamed requests. What each child runs, its command line and
+its environment, is planned in ``tokenwire_cli/plan.py``; this file carries
+the plan out. API keys and the cluster token (made here, random, unless one
+is given) reach the children through the environment, never their command lines.
 
 A part that crashes is started again after a back-off (1 s, doubling, at most
 30 s); a crashed worker is first taken out of the registry, so the gateway
@@ -28,16 +29,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import grpc
 import httpx
 
-from common import cluster
+from common import addresses, cluster
 from common.grpc_server import open_sync_channel
 from common.launcher import Launched, NotReady
 from tokenwire.v1 import registry_pb2, registry_pb2_grpc
-from tokenwire_cli.front_end import local_address
+from tokenwire_cli.plan import Plan, Ports, Process, plan
 
 READY_TIMEOUT = 600.0
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0
@@ -48,17 +50,22 @@ CRASH_LIMIT, CRASH_WINDOW = 5, 60.0
 class Child:
     name: str
     argv: list[str]
+    env: Mapping[str, str] | None = None  # None: serve's own
     launched: Launched | None = None
     started_at: float = 0.0
     backoff: float = BACKOFF_FIRST
     restart_at: float | None = None  # crashed: start again at this time
 
-    def start(self, env: dict[str, str]) -> None:
+    @classmethod
+    def planned(cls, process: Process) -> Child:
+        return cls(process.name, list(process.argv), process.env)
+
+    def start(self) -> None:
         self.started_at = time.monotonic()
         # The same Launched each time: a restarted part keeps its last addresses until it prints new ones.
         argv = [sys.executable, "-m", "tokenwire_cli", *self.argv]
         if self.launched is None:
-            self.launched = Launched(argv, env=env, on_line=_echo, with_parent=True)
+            self.launched = Launched(argv, env=self.env, on_line=_echo, with_parent=True)
         self.launched.argv = argv
         self.launched.start()
 
@@ -138,10 +145,9 @@ def _wait_models(url: str, models: list[str], key: str | None, deadline: float) 
     raise SystemExit("stopped while starting" if _Stop.requested else f"the models {models} did not register in time")
 
 
-def _banner(
-    http: str, grpc_address: str, chat_model: str, embed_model: str | None, keys: bool, registry: str, token_file: str
-) -> str:
+def _banner(http: str, grpc_address: str, models: tuple[str, ...], keys: bool, registry: str, token_file: str) -> str:
     url = f"http://{http}"
+    chat_model = models[0]
     auth = ' -H "Authorization: Bearer $TOKENWIRE_API_KEY"' if keys else ""
     grpc_auth = ' -H "authorization: Bearer $TOKENWIRE_API_KEY"' if keys else ""
     lines = [
@@ -149,7 +155,7 @@ def _banner(
         "tokenwire is ready.",
         f"  OpenAI REST API  {url}/v1   (docs: {url}/docs)",
         f"  gRPC gateway     {grpc_address}  (reflection on; service tokenwire.v1.InferenceService)",
-        f"  models           {chat_model}" + (f", {embed_model}" if embed_model else ""),
+        f"  models           {', '.join(models)}",
         f"  cluster          registry {registry}  (token: {token_file})",
         "",
         "Try it:",
@@ -168,39 +174,6 @@ def _banner(
         "Press Ctrl-C to stop.",
     ]
     return "\n".join(lines)
-
-
-def _models(args: argparse.Namespace) -> tuple[str, list[str], str | None, list[str]]:
-    """(chat model, chat worker flags, embedding model, embedding worker flags)."""
-    if args.echo:
-        return (
-            "echo-chat",
-            ["--engine", "echo", "--model-name", "echo-chat"],
-            "echo-embedding",
-            ["--engine", "echo", "--echo-kind", "embedding", "--model-name", "echo-embedding"],
-        )
-    chat_model, chat = "smollm2-135m-instruct", ["--engine", "llama_cpp"]
-    if args.chat_model_path:
-        chat_model = os.path.splitext(os.path.basename(args.chat_model_path))[0].lower()
-        chat += ["--model-path", args.chat_model_path, "--model-name", chat_model]
-    # Concurrent embedding requests share forward passes: let them in together.
-    embed_model, embed = "all-minilm-l6-v2", ["--engine", "embeddings", "--limit-worker-concurrency", "32"]
-    if args.embedding_model_path:
-        embed_model = os.path.basename(os.path.normpath(args.embedding_model_path)).lower()
-        embed += ["--model-path", args.embedding_model_path, "--model-name", embed_model]
-    return chat_model, chat, embed_model, embed
-
-
-def _pin(argv: list[str], flag: str, value: str) -> list[str]:
-    """``argv`` with ``flag``'s value replaced: a restarted part keeps its port."""
-    argv = list(argv)
-    argv[argv.index(flag) + 1] = value
-    return argv
-
-
-def _front_end_argv(gateway_argv: list[str], bridge_argv: list[str]) -> list[str]:
-    """``tokenwire front-end``: the gateway's flags, then the bridge's."""
-    return ["front-end", *gateway_argv[1:], "--bridge", *bridge_argv[1:]]
 
 
 def _exit_reason(code: int | None) -> str:
@@ -244,7 +217,7 @@ class Crashes:
         return delay
 
 
-def _supervise(children: list[Child], workers: list[Child], registry: str, env: dict[str, str]) -> int:
+def _supervise(children: list[Child], workers: list[Child], registry: str) -> int:
     """Restart crashed parts until Ctrl-C / SIGTERM (0) or a crash loop (1)."""
     crashes = Crashes()
     while not _Stop.requested:
@@ -255,7 +228,7 @@ def _supervise(children: list[Child], workers: list[Child], registry: str, env: 
                 if now >= child.restart_at:
                     child.restart_at = None
                     _say(f"restarting the {child.name}")
-                    child.start(env)
+                    child.start()
                 continue
             if child.alive():
                 continue
@@ -275,6 +248,17 @@ def _supervise(children: list[Child], workers: list[Child], registry: str, env: 
     return 0
 
 
+def _port(address: str) -> int:
+    return addresses.split(address)[1]
+
+
+def _pin(planned: Plan, front: Child, bridge: Child | None) -> None:
+    """Restart the front end as ``planned``: made with the ports it bound, it comes back on them."""
+    front.argv = list(planned.front.argv)
+    if bridge is not None and planned.bridge is not None:
+        bridge.argv = list(planned.bridge.argv)
+
+
 def serve(args: argparse.Namespace) -> None:
     from gateway.command import api_keys
 
@@ -288,70 +272,12 @@ def serve(args: argparse.Namespace) -> None:
     token_file = os.path.join(private, "cluster-token")
     with open(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
         handle.write(token + "\n")
-    env = dict(os.environ)
-    env["TOKENWIRE_CLUSTER_TOKEN"] = token
-    env.pop("TOKENWIRE_CLUSTER_TOKEN_FILE", None)
-    # The children read the same settings from the environment, never argv (ps shows argv).
-    env["TOKENWIRE_API_KEYS"] = args.api_keys or ""
-    env["TOKENWIRE_API_KEYS_FILE"] = os.path.abspath(args.api_keys_file) if args.api_keys_file else ""
-    for name in ("rate_limit_rpm", "rate_limit_tpm"):
-        value = getattr(args, name)
-        env.pop(f"TOKENWIRE_{name.upper()}", None)
-        if value is not None:
-            env[f"TOKENWIRE_{name.upper()}"] = str(value)
-    env["PYTHONUNBUFFERED"] = "1"
-    # What the bridge accepts as a body must also get through the gateway and the workers.
-    message_limits = [
-        "--max-receive-message-length",
-        str(args.max_receive_message_length or args.max_body_bytes),
-        "--max-send-message-length",
-        str(args.max_send_message_length or args.max_body_bytes),
-    ]
-    common = [
-        "--log-level",
-        args.log_level,
-        "--log-format",
-        args.log_format,
-        "--shutdown-grace",
-        str(args.shutdown_grace),
-    ]
-    # The gateway enforces these; the bridge states them in /openapi.json: both get the same values.
-    limits = ["--max-n", str(args.max_n), "--max-tokens-limit", str(args.max_tokens_limit)]
-    chat_model, chat_flags, embed_model, embed_flags = _models(args)
-    if args.no_embeddings:
-        embed_model = None
-
-    expected = ",".join(m for m in (chat_model, embed_model) if m)
-    gateway_argv = ["gateway", "--host", args.host, "--port", str(args.grpc_port), "--expect-models", expected, *common]
-    gateway_argv += limits
-    if args.controller_address:
-        gateway_argv += ["--controller-address", args.controller_address]
-    else:
-        # The registry on a port of its own: the public port carries only the public API.
-        gateway_argv += ["--registry-port", str(args.registry_port)]
-    gateway_argv += [*message_limits, "--heartbeat-expiry", str(args.heartbeat_expiry)]
-    # What the bridge needs but the gateway's address (the front end gives it its own gateway's).
-    bridge_argv = [
-        "bridge",
-        "--host", args.host,
-        "--port", str(args.port),
-        "--allowed-origins", args.allowed_origins,
-        "--allowed-methods", args.allowed_methods,
-        "--allowed-headers", args.allowed_headers,
-        "--max-body-bytes", str(args.max_body_bytes),
-        "--responses-store-size", str(args.responses_store_size),
-        "--responses-store-bytes", str(args.responses_store_bytes),
-        "--request-read-timeout", str(args.request_read_timeout),
-        "--max-connections", str(args.max_connections),
-        "--sse-keepalive-interval", str(args.sse_keepalive_interval),
-        *(["--allow-credentials"] if args.allow_credentials else []),
-        *limits,
-        *common,
-    ]  # fmt: skip
-    split = args.split_front_end
+    ports = Ports.asked(args)
+    planned = plan(args, token, os.environ, ports)
+    split = planned.bridge is not None
     # The front end: one process for both parts, or the gateway alone (the bridge follows once it
-    # knows the gateway's address).
-    front = Child("gateway", gateway_argv) if split else Child("front end", _front_end_argv(gateway_argv, bridge_argv))
+    # knows the gateway's address); the workers follow once they know the registry's.
+    front = Child.planned(planned.front)
     workers: list[Child] = []
     bridge: Child | None = None
 
@@ -361,51 +287,40 @@ def serve(args: argparse.Namespace) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     exit_code = 0
     try:
+        grpc_asked, http_asked = addresses.join(args.host, args.grpc_port), addresses.join(args.host, args.port)
         if split:
-            _say(f"starting the gateway on {args.host}:{args.grpc_port}")
+            _say(f"starting the gateway on {grpc_asked}")
         else:
-            _say(f"starting the gateway ({args.host}:{args.grpc_port}) and the REST bridge ({args.host}:{args.port})")
-        front.start(env)
+            _say(f"starting the gateway ({grpc_asked}) and the REST bridge ({http_asked})")
+        front.start()
         _wait_ready([front], deadline)  # the gateway's READY comes first
         grpc_address = front.part_address("gateway")
-        local_grpc = local_address(args.host, grpc_address.rsplit(":", 1)[1])
-        gateway_argv = _pin(gateway_argv, "--port", grpc_address.rsplit(":", 1)[1])
-        # The registry: the standalone one given, or the gateway's own port (pinned too).
-        registry_address = registry = args.controller_address or front.registry_address
+        # The registry: the standalone one given, or the gateway's own port.
+        registry_address = args.controller_address or front.registry_address
+        ports = replace(ports, grpc=_port(grpc_address))
         if not args.controller_address:
-            registry_port = front.registry_address.rsplit(":", 1)[1]
-            gateway_argv = _pin(gateway_argv, "--registry-port", registry_port)
-            registry = local_address(args.host, registry_port)  # how the local parts reach it
-        worker_common = ["worker", "--host", "127.0.0.1", "--port", "0", "--controller-address", registry, *common]
-        worker_common += message_limits
-        workers = [Child("chat worker", [*worker_common, *chat_flags])]
-        if embed_model:
-            workers.append(Child("embedding worker", [*worker_common, *embed_flags]))
-        _say("starting the workers: loading " + ", ".join(m for m in (chat_model, embed_model) if m))
+            ports = replace(ports, registry=_port(registry_address))
+        planned = plan(args, token, os.environ, ports)
+        _pin(planned, front, bridge)
+        workers = [Child.planned(worker) for worker in planned.workers]
+        _say("starting the workers: loading " + ", ".join(planned.models))
         for worker in workers:
-            worker.start(env)
-        if split:
-            bridge = Child("bridge", [*bridge_argv, "--gateway-address", local_grpc])
-            _say(f"starting the REST bridge on {args.host}:{args.port}")
-            bridge.start(env)
+            worker.start()
+        if planned.bridge is not None:
+            bridge = Child.planned(planned.bridge)
+            _say(f"starting the REST bridge on {http_asked}")
+            bridge.start()
         http_part = bridge or front
         _wait_ready(workers, deadline)
         _wait_ready([http_part], deadline, part="bridge")
         http = http_part.part_address("bridge")
-        # A restarted part comes back on the same ports.
-        bridge_argv = _pin(bridge_argv, "--port", http.rsplit(":", 1)[1])
-        if bridge is not None:
-            front.argv, bridge.argv = gateway_argv, [*bridge_argv, "--gateway-address", local_grpc]
-        else:
-            front.argv = _front_end_argv(gateway_argv, bridge_argv)
-        local_http = local_address(args.host, http.rsplit(":", 1)[1])
-        _wait_models(
-            f"http://{local_http}", [m for m in (chat_model, embed_model) if m], keys[0] if keys else None, deadline
-        )
-        print(
-            _banner(http, grpc_address, chat_model, embed_model, bool(keys), registry_address, token_file), flush=True
-        )
-        exit_code = _supervise([front, *workers, *([bridge] if bridge else [])], workers, registry, env)
+        ports = replace(ports, http=_port(http))
+        planned = plan(args, token, os.environ, ports)
+        _pin(planned, front, bridge)
+        local_http = addresses.local(args.host, ports.http)
+        _wait_models(f"http://{local_http}", list(planned.models), keys[0] if keys else None, deadline)
+        print(_banner(http, grpc_address, planned.models, bool(keys), registry_address, token_file), flush=True)
+        exit_code = _supervise([front, *workers, *([bridge] if bridge else [])], workers, planned.registry)
     except SystemExit as error:
         _say(str(error))
         exit_code = 0 if _Stop.requested else 1

@@ -28,13 +28,7 @@ def worker_flags(parser: argparse.ArgumentParser, with_engines: bool = True) -> 
     )
     parser.add_argument("--shutdown-grace", type=float, default=10.0)
     _worker_flags(parser, with_engines)
-    settings.message_limit_flags(parser)
-    settings.keepalive_flags(parser)
-    settings.metrics_flag(parser)
-    settings.tls_server_flags(parser)
-    settings.tls_client_flag(parser)
-    settings.cluster_flags(parser, serving=True)
-    settings.logging_flags(parser)
+    settings.member_flags(parser)
     parser.set_defaults(process_environment=process_environment)
 
 

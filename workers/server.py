@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from common import errors, limits
+from common import addresses, errors, limits
 from common import observability as obs
 from common.grpc_server import GrpcServer
 from tokenwire.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -300,7 +300,7 @@ async def run_worker(
     await engine.start()
     log.info("model %s loaded in %.1f s", engine.info.name, time.monotonic() - started)
     await server.set_serving(True)
-    address = worker_address or f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{bound}"
+    address = worker_address or addresses.local(host, bound)
     link = RegistryLink(controller_address, address, engine.info, slots, interval=heartbeat_interval)
     link.start()
     log.info("worker for %s serving on %s, registering with %s", engine.info.name, address, controller_address)

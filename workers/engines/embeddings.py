@@ -34,13 +34,12 @@ from common import errors, limits
 from common.settings import FlagAdder
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Engine, Generation, Prepared, check_token_ids, message_text, run_blocking
+from workers.model_names import model_name_for
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("tokenwire.engines.embeddings")
-
-DEFAULT_MODEL_NAME = "all-minilm-l6-v2"
 
 
 def default_model_path() -> str:
@@ -79,11 +78,8 @@ class EmbeddingsEngine(Engine):
         if not context:
             limit = _read_json(path / "tokenizer_config.json").get("model_max_length", 512)
             context = min(int(limit), int(config.get("max_position_embeddings", 512)))
-        if not model_name:
-            same = path.resolve() == Path(default_model_path()).resolve()
-            model_name = DEFAULT_MODEL_NAME if same else path.resolve().name
         self.info = common_pb2.ModelInfo(
-            name=model_name,
+            name=model_name or model_name_for(model_path),
             kind=common_pb2.MODEL_KIND_EMBEDDING,
             context_length=int(context),
             engine="embeddings",

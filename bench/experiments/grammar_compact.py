@@ -3,7 +3,9 @@
 For each grammar variant and each prompt (JSON mode, JSON schema, forced tool
 calls; greedy), it counts the tokens of the answer and whether it finished
 as valid JSON (schema-valid for schemas, a parseable call for tools) within
-the budget. Run: ``.venv/bin/python bench/grammar_compact.py``.
+the budget.
+
+    .venv/bin/python -m bench.experiments.grammar_compact
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def use(separator: str | None, told: bool) -> None:
 
 async def answer(engine: llama_cpp.LlamaCppEngine, request: worker_pb2.GenerateRequest) -> tuple[str, int, str, list]:
     prepared = await engine.prepare(request)
-    deltas = [d async for d in engine.generate(request, prepared, BUDGET, Generation())]
+    deltas = [d async for ready in engine.generate(request, prepared, BUDGET, Generation()) for d in ready]
     text = "".join(d.text for d in deltas)
     return text, sum(d.token_count for d in deltas), deltas[-1].finish_reason, deltas[-1].tool_calls
 

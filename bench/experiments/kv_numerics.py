@@ -5,7 +5,7 @@ prompt is evaluated the reference way (one batch, 32-token micro-batches, from a
 KV cache) and then again with one thing changed; the figure is the largest logit difference
 over the prompt's last token and 8 greedy decoding steps (0: bit for bit the same).
 
-    .venv/bin/python bench/kv_numerics.py [--flash-attn off|on] [--per-sequence-kv] [--long]
+    .venv/bin/python -m bench.experiments.kv_numerics [--flash-attn off|on] [--per-sequence-kv] [--long]
 
 ``--long`` repeats the prompt to 300 tokens; ``--per-sequence-kv`` gives each sequence its
 own KV stream (``kv_unified=false``) instead of one shared pool.
@@ -14,13 +14,9 @@ own KV stream (``kv_unified=false``) instead of one shared pool.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workers.engines.llama_cpp import default_model_path
 

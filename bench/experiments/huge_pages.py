@@ -5,7 +5,7 @@
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (what the llama_cpp worker restarts itself
 with where the kernel gives huge pages on request). Prints the median ms a step of each.
 
-    .venv/bin/python bench/huge_pages.py [--rounds 8] [--sequences 1]
+    .venv/bin/python -m bench.experiments.huge_pages [--rounds 8] [--sequences 1]
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ import re
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
-DECODE_STEPS = Path(__file__).with_name("decode_steps.py")
+from bench.venv import ROOT
+
 HUGE = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
 def step_ms(sequences: int, env: dict[str, str]) -> float:
-    argv = [sys.executable, str(DECODE_STEPS), "--sequences", str(sequences), "--per-sequence-kv",
+    argv = [sys.executable, "-m", "bench.experiments.decode_steps", "--sequences", str(sequences), "--per-sequence-kv",
             "--streams", "8", "--n-ctx", str(8 * 8192)]  # fmt: skip
     base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    out = subprocess.run(argv, env={**base, **env}, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(argv, env={**base, **env}, cwd=ROOT, capture_output=True, text=True, check=True).stdout
     found = re.search(r"([\d.]+) ms a step", out)
     if not found:
         raise RuntimeError(f"decode_steps.py printed no step time: {out!r}")

@@ -4,7 +4,7 @@ The embedded SmolLM2 GGUF through llama-cpp-python's low-level API: S sequences 
 bench's chat prompt, then ``--steps`` steps decode one token of every sequence in one batch,
 each sequence sampled by its own chain. Prints the best of 3 runs (after a warm-up).
 
-    .venv/bin/python bench/decode_steps.py --sequences 8 [--per-sequence-kv] [--flash-attn off|on|auto]
+    .venv/bin/python -m bench.experiments.decode_steps --sequences 8 [--per-sequence-kv] [--flash-attn off|on|auto]
         [--sampler whole|top-k] [--id-stride 2] [--streams 8 --n-ctx 65536]
 
 ``whole`` samples temperature 0.7 over the whole vocabulary (an OpenAI request with only a
@@ -12,21 +12,16 @@ temperature: what tokenwire does); ``top-k`` cuts to top_k 40 / top_p 0.95 / min
 llama-server does by default. ``--id-stride K`` gives sequence s the id s*K: with per-sequence KV,
 llama.cpp puts only consecutive ids into one micro-batch, so gaps between running ids cost steps.
 ``--streams 8 --n-ctx 65536`` gives the context 8 streams of 8192 cells whatever ``--sequences`` runs,
-as the worker has (``bench/huge_pages.py`` runs it with and without huge pages).
+as the worker has (``huge_pages.py`` runs it with and without huge pages).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kv_numerics import CHAT  # the same chat prompt
-
+from bench.experiments.kv_numerics import CHAT  # the same chat prompt
 from workers.engines.llama_cpp import FLASH_ATTN, default_model_path
 
 EOG_BAN = (0, 2, 4)

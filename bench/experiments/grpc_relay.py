@@ -12,10 +12,10 @@ Prints, as JSON, the source's and relay's CPU per message (utime + stime from /p
 their context switches per message (every thread's). Options go to both servers and the
 channels; grpc's own settings come from the environment, so a setting can be compared:
 
-    bench/.venv/bin/python bench/grpc_relay.py
+    bench/.venv/bin/python -m bench.experiments.grpc_relay
     GRPC_EXPERIMENTS=-event_engine_client,-event_engine_listener,-event_engine_for_all_other_endpoints \\
-        bench/.venv/bin/python bench/grpc_relay.py
-    bench/.venv/bin/python bench/grpc_relay.py --option grpc.http2.bdp_probe=0 --unix
+        bench/.venv/bin/python -m bench.experiments.grpc_relay
+    bench/.venv/bin/python -m bench.experiments.grpc_relay --option grpc.http2.bdp_probe=0 --unix
 """
 
 from __future__ import annotations

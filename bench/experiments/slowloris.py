@@ -7,8 +7,8 @@ connections the bridge has not closed yet at a few marks up to ``--hold``
 seconds, while one client (the openai SDK) keeps making ordinary requests, and
 reports how many of those succeeded and their worst latency.
 
-    .venv/bin/python bench/slowloris.py --connections 2000 --hold 30
-    .venv/bin/python bench/slowloris.py --connections 2000 --hold 30 --bridge-args --read-timeout 5
+    .venv/bin/python -m bench.experiments.slowloris --connections 2000 --hold 30
+    .venv/bin/python -m bench.experiments.slowloris --connections 2000 --hold 30 --bridge-args --request-read-timeout 5
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import threading
 import time
 
 import openai
-import servers
-from servers import Group
+
+from bench import servers
+from bench.servers import Group
 
 HALF_REQUEST = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 MODEL = "echo-chat"

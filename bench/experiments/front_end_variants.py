@@ -1,6 +1,6 @@
 """What the front end costs the engine when both share the cores: variants of the stack, side by side.
 
-The concurrency section's load (``concurrency.py``: N clients in a closed loop, chat streams of
+The concurrency section's load (``bench/concurrency.py``: N clients in a closed loop, chat streams of
 128 tokens at temperature 0.7) against several tokenwire stacks and llama-server in one run,
 the windows interleaved round by round. Each stack is a front end (gateway and bridge) and a
 llama_cpp worker as ``make serve`` runs them; a variant changes one thing:
@@ -17,15 +17,16 @@ llama_cpp worker as ``make serve`` runs them; a variant changes one thing:
 Prints one line per window (tokens/s, TTFT, the front end's CPU per token), then each variant's
 ratios to llama-server's window of the same round and level.
 
-``--ceiling`` measures what the front end alone can carry: stacks over echo workers (an instant
-one and one making a token a millisecond, as in the REST section of ``make bench``) take the REST
-section's non-streamed chat at 32 clients and its paced stream at 8, interleaved round by round;
+``--ceiling`` measures what the front end alone can carry (``bench/front_ends.py``): stacks over
+echo workers (an instant one and one making a token a millisecond, as in the REST section of
+``make bench``) take the REST section's non-streamed chat at 32 clients and its paced stream at 8,
+interleaved round by round; it prints the front end's CPU a request and a streamed token.
 ``--variants`` picks them among ``default``, ``split`` and ``event-engine`` (``default,split``, the
 one-process trade, when not given).
 
-    bench/.venv/bin/python bench/front_end_variants.py [--levels 1,8] [--rounds 3] [--duration 20]
+    bench/.venv/bin/python -m bench.experiments.front_end_variants [--levels 1,8] [--rounds 3] [--duration 20]
         [--variants default,split,interval-2,sched-idle]
-    bench/.venv/bin/python bench/front_end_variants.py --ceiling [--rounds 3] [--duration 8]
+    bench/.venv/bin/python -m bench.experiments.front_end_variants --ceiling [--rounds 3] [--duration 8]
         [--variants default,event-engine]
 
 It runs in the bench's own venv (its load client; ``bench/run.py`` builds it the first time), and
@@ -38,14 +39,13 @@ import argparse
 import asyncio
 import statistics
 import subprocess
-import sys
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from servers import Group, Server
+from bench import concurrency, front_ends
+from bench.front_ends import Stack
+from bench.llama_server import ensure_llama_server
+from bench.servers import Group, Server
+from bench.suite import project_eval
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("default", "split", "interval-2", "event-engine", "sched-batch", "sched-idle")
 CEILING_VARIANTS = ("default", "split", "event-engine")
 POLICY = {"sched-batch": "-b", "sched-idle": "-i"}
@@ -60,35 +60,9 @@ def llama_workers(variant: str) -> dict[str, tuple[str, ...]]:
     return {"chat": ("llama_cpp", *WORKER_ARGS, *extra)}
 
 
-def echo_workers() -> dict[str, tuple[str, ...]]:
-    """The REST section's instant and paced echo chat workers, for the ceiling."""
-    from suite import CHAT_MODEL, MAX_QUEUE, PACE, PACED_MODEL, STREAM_TOKENS, WORKER_CONCURRENCY
-
-    common = ("--limit-worker-concurrency", WORKER_CONCURRENCY, "--max-queue", MAX_QUEUE)
-    return {
-        model: ("echo", *common, "--echo-tokens", str(STREAM_TOKENS), "--echo-delay", str(delay))
-        for model, delay in ((CHAT_MODEL, 0), (PACED_MODEL, PACE))
-    }
-
-
-def start_variant(group: Group, variant: str, workers: dict[str, tuple[str, ...]]) -> tuple[str, list[Server]]:
-    """A stack for ``variant`` over ``workers``: (its REST base URL, its front-end processes)."""
-    import servers
-    from suite import start_engine_stack, wait_models
-
+def start_variant(group: Group, variant: str, workers: dict[str, tuple[str, ...]]) -> Stack:
     env = EVENT_ENGINE if variant == "event-engine" else None
-    (model, (engine, *engine_args)), *others = workers.items()
-    stack = start_engine_stack(group, model, engine, *engine_args, prefix=variant, split=variant == "split", env=env)
-    for model, (engine, *engine_args) in others:
-        group.start(
-            servers.tokenwire(
-                f"{variant}-worker-{model}", "worker", "--port", "0", "--controller-address", stack.gateway_address,
-                "--engine", engine, "--model-name", model, "--log-level", "warning", *engine_args, env=env,
-            ),
-            timeout=300,
-        )  # fmt: skip
-    wait_models(stack.base, list(workers))
-    return stack.base, stack.front
+    return front_ends.start(group, variant, workers, split=variant == "split", env=env)
 
 
 def set_policy(front: list[Server], flag: str) -> None:
@@ -97,50 +71,11 @@ def set_policy(front: list[Server], flag: str) -> None:
 
 
 async def ceiling(variants: list[str], rounds: int, duration: float) -> None:
-    """Each front end's throughput and CPU over echo workers, one line per window, then medians
-    against the first variant's."""
-    import loadgen
-    from servers import Group
-    from suite import CHAT_TOKENS, LOADS, PACED_MODEL, STREAM_TOKENS, chat_body
-
-    bodies = {
-        "chat_c32": ("/v1/chat/completions", chat_body(CHAT_TOKENS), False),
-        "stream_paced_c8": ("/v1/chat/completions", chat_body(STREAM_TOKENS, stream=True, model=PACED_MODEL), True),
-    }
-    figures: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    """Each front end's rate and CPU over echo workers, one line a window, then against the first variant's."""
     with Group() as group:
-        stacks = {variant: start_variant(group, variant, echo_workers()) for variant in variants}
-        clients = {variant: loadgen.HttpClient(base) for variant, (base, _) in stacks.items()}
-        try:
-            for round_ in range(rounds):
-                for load, (path, body, stream) in bodies.items():
-                    for variant, (_, front) in stacks.items():
-                        http = clients[variant]
-                        op = http.stream(path, body) if stream else http.post(path, body)
-                        result = await loadgen.run(load, op, LOADS[load][1], 2.0, duration, front)
-                        per_second = (result.chunks if stream else result.requests) / result.duration
-                        cpu_us = sum(result.server_cpu.values()) * 1e6 / max(1, result.chunks)
-                        figures.setdefault((load, variant), []).append((per_second, cpu_us))
-                        unit = "SSE chunks" if stream else "requests"
-                        print(
-                            f"[{round_ + 1}/{rounds}] {load:15s} {variant:12s} {per_second:7.0f} {unit}/s, "
-                            f"front end {cpu_us:5.0f} µs of CPU per {unit[:-1]}, {result.errors} errors",
-                            flush=True,
-                        )
-        finally:
-            for http in clients.values():
-                await http.close()
-    first, *others = variants
-    print(f"\nmedians, against {first}'s:")
-    for load in bodies:
-        rates = {v: statistics.median(r for r, _ in figures[(load, v)]) for v in stacks}
-        cpus = {v: statistics.median(c for _, c in figures[(load, v)]) for v in stacks}
-        print(f"  {load:15s} {first:12s} {rates[first]:7.0f}/s at {cpus[first]:5.0f} µs")
-        for v in others:
-            print(
-                f"  {load:15s} {v:12s} {rates[v]:7.0f}/s at {cpus[v]:5.0f} µs "
-                f"({rates[v] / rates[first]:.2f}x the rate, {cpus[v] / cpus[first]:.2f}x the CPU)"
-            )
+        stacks = {variant: start_variant(group, variant, front_ends.echo_workers()) for variant in variants}
+        figures = await front_ends.measure_ceiling(group, stacks, rounds, duration)
+    front_ends.print_summary(figures, variants)
 
 
 def main() -> None:
@@ -151,7 +86,6 @@ def main() -> None:
     parser.add_argument("--variants", help="default,split,interval-2,sched-idle (--ceiling: default,split)")
     parser.add_argument("--ceiling", action="store_true", help="the front end alone over echo workers (see above)")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))  # the bench's modules import the launcher from common/, as run.py lets them
     known = CEILING_VARIANTS if args.ceiling else VARIANTS
     default = "default,split" if args.ceiling else "default,split,interval-2,sched-idle"
     variants = (args.variants or default).split(",")
@@ -161,23 +95,18 @@ def main() -> None:
     if args.ceiling:
         asyncio.run(ceiling(variants, args.rounds, args.duration))
         return
-    import concurrency
-    from llama_server import ensure_llama_server
-    from servers import Group
-    from suite import project_eval
-
     levels = [int(level) for level in args.levels.split(",")]
     gguf = project_eval("from workers.engines.llama_cpp import default_model_path; print(default_model_path())")
     binary = str(ensure_llama_server(log=print))
     with Group() as group:
-        stacks: dict[str, tuple[str, list[Server]]] = {}
+        stacks: dict[str, Stack] = {}
         for variant in variants:  # the sched-* variants reuse the default stack
             key = "default" if variant in POLICY else variant
             if key not in stacks:
                 stacks[key] = start_variant(group, key, llama_workers(key))
         llama = concurrency.start_llama_server(group, binary, gguf, 2, 8, 8192)
         targets: dict[str, tuple[str, str, dict[str, float] | None]] = {
-            v: (stacks["default" if v in POLICY else v][0], "chat", None) for v in variants
+            v: (stacks["default" if v in POLICY else v].base, "chat", None) for v in variants
         }
         targets["llama-server"] = (llama, "smollm2", concurrency.WHOLE_VOCABULARY)
         for base, model, sampling in targets.values():
@@ -186,7 +115,7 @@ def main() -> None:
         for round_ in range(args.rounds):
             for clients in levels:
                 for name, (base, model, sampling) in targets.items():
-                    front = stacks["default" if name in POLICY else name][1] if name != "llama-server" else []
+                    front = stacks["default" if name in POLICY else name].front if name != "llama-server" else []
                     set_policy(front, POLICY.get(name, "-o"))
                     cpu0 = sum(server.cpu() for server in front)
                     run = concurrency.closed_loop(base, model, clients, args.duration, sampling)

@@ -5,7 +5,7 @@ with ``--sse-keepalive-interval 15`` (the default) and one with ``0`` (off). Str
 each bridge in turn, several rounds; the figure is the bridge process's CPU
 (``/proc/<pid>/stat``) divided by the SSE chunks it sent.
 
-    .venv/bin/python bench/sse_keepalive.py --streams 20 --rounds 3
+    .venv/bin/python -m bench.experiments.sse_keepalive --streams 20 --rounds 3
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import statistics
 import time
 
 import httpx
-import servers
-from servers import Group
+
+from bench import servers
+from bench.servers import Group
 
 MODEL = "echo-chat"
 

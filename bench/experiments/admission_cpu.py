@@ -6,7 +6,7 @@ completion over gRPC (the generated stubs), and a chat through the bridge
 (a 6 MB body, under its 10 MiB limit). For each it reads the CPU (utime + stime
 from /proc) of the gateway and the worker before and after, and the answer.
 
-    .venv/bin/python bench/admission_cpu.py [--mb 6]
+    .venv/bin/python -m bench.experiments.admission_cpu [--mb 6] [--text prose|letters]
 
 Figures are recorded in bench/RESULTS.md ("Refusing what cannot fit").
 """
@@ -21,8 +21,8 @@ import urllib.error
 import urllib.request
 
 import grpc
-from servers import Group, tokenwire
 
+from bench.servers import Group, tokenwire
 from tokenwire.v1 import api_pb2, api_pb2_grpc, common_pb2
 
 MODEL = "smollm2-135m-instruct"

@@ -7,7 +7,7 @@ stops, logprobs) and the hand-off to the event loop. Everything but the decode i
 every batched sequence waits for. Right after a decode has streamed the model's weights
 through the caches, each of these costs several times what it costs in a warm loop.
 
-    .venv/bin/python bench/step_costs.py [--clients 1] [--duration 10] [--sampler draw|chain]
+    .venv/bin/python -m bench.experiments.step_costs [--clients 1] [--duration 10] [--sampler draw|chain]
 
 ``--sampler chain`` gives every request llama.cpp's sampler chain (the same distribution).
 Prints one JSON object: µs per step of each phase, and tokens/s.
@@ -23,8 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from engine_batch import closed_loop
-
+from bench.experiments.engine_batch import closed_loop
 from workers.engines import llama_batch, llama_cpp, llama_sampling
 
 spent: Counter[str] = Counter()

@@ -1,12 +1,12 @@
 """The batching llama_cpp engine alone, in-process: no gRPC, no gateway, no bridge.
 
-The same load as the concurrency section (``concurrency.py``: N clients in a closed
+The same load as the concurrency section (``bench/concurrency.py``: N clients in a closed
 loop, chat streams of 128 tokens at temperature 0.7, a seed per request, the end
 tokens banned), driven straight into :class:`workers.engines.llama_cpp.LlamaCppEngine`
 on one event loop. Set beside the same load through the worker's gRPC stream and
 through the whole stack, it splits the engine's cost from the front end's.
 
-    .venv/bin/python bench/engine_batch.py --clients 1,4,8,16 --duration 15 [--parallel 8] [--prefill-budget 64]
+    .venv/bin/python -m bench.experiments.engine_batch --clients 1,4,8,16 --duration 15 [--parallel 8] [--prefill-budget 64]
 
 Prints one JSON line per level: aggregate tokens/s, TTFT p50/p99, steps and tokens per step.
 """
@@ -45,10 +45,10 @@ async def one(engine: llama_cpp.LlamaCppEngine, k: int) -> dict[str, float]:
     prepared = await engine.prepare(req)
     first = 0.0
     tokens = 0
-    async for delta in engine.generate(req, prepared, STREAM_TOKENS, Generation()):
-        if delta.text and not first:
+    async for deltas in engine.generate(req, prepared, STREAM_TOKENS, Generation()):
+        if not first and any(delta.text for delta in deltas):
             first = time.perf_counter()
-        tokens += delta.token_count
+        tokens += sum(delta.token_count for delta in deltas)
     end = time.perf_counter()
     return {"ttft_s": first - sent, "tokens": tokens, "decode_tok_s": (tokens - 1) / (end - first) if tokens > 1 else 0}
 

@@ -1,0 +1,1 @@
+"""One-off experiments: each measured one question once, and backs a decision (README.md here)."""
