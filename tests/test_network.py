@@ -92,15 +92,22 @@ def chats(cluster: Cluster, count: int, max_tokens: int = 3) -> list[httpx.Respo
 # -- teardown ---------------------------------------------------------------------------
 
 
+def machine_links() -> str:
+    return subprocess.run(["ip", "-brief", "link"], capture_output=True, text=True, check=True).stdout
+
+
 def test_teardown_leaves_no_namespace_when_the_test_fails() -> None:
+    links = machine_links()
     with pytest.raises(RuntimeError, match="a failing test"):
         with netcluster.Network() as network:
             network.host("a")
             network.host("b")
             inodes = network.inodes()
             assert netcluster.live_namespaces(inodes) == inodes
+            assert machine_links() == links  # the bridge and the veths are in the namespaces, not here
             raise RuntimeError("a failing test")
     assert netcluster.live_namespaces(inodes) == set()
+    assert machine_links() == links
 
 
 def test_teardown_leaves_no_namespace_when_the_test_process_is_killed() -> None:
