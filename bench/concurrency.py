@@ -186,8 +186,10 @@ def section_concurrency(args: argparse.Namespace, results: dict[str, Any]) -> No
     from bench.suite import NoiseMeter, project_eval, start_engine_stack, wait_quiet
 
     parallel = args.parallel
-    threads = int(project_eval("from workers.engines.llama_cpp import default_threads; print(default_threads())"))
-    gguf = project_eval("from workers.engines.llama_cpp import default_model_path; print(default_model_path())")
+    threads = int(
+        project_eval("from workers.engines.llama_cpp.loading import default_threads; print(default_threads())")
+    )
+    gguf = project_eval("from workers.engines.llama_cpp.loading import default_model_path; print(default_model_path())")
     n_ctx = 8192
     binary = str(ensure_llama_server(log=log))
     duration = max(args.duration, 4.0 if args.quick else 20.0)

@@ -562,7 +562,9 @@ def project_eval(code: str) -> str:
 
 
 def engines_available() -> tuple[bool, str]:
-    missing = [p for p in ("workers/engines/llama_cpp.py", "workers/engines/embeddings.py") if not (ROOT / p).is_file()]
+    missing = [
+        p for p in ("workers/engines/llama_cpp/engine.py", "workers/engines/embeddings.py") if not (ROOT / p).is_file()
+    ]
     if missing:
         return False, f"missing: {', '.join(missing)}"
     try:
@@ -739,8 +741,10 @@ def section_engines(args: argparse.Namespace, results: dict[str, Any]) -> None:
         return
     engines: dict[str, Any] = {}
     results["engines"] = engines
-    threads = int(project_eval("from workers.engines.llama_cpp import default_threads; print(default_threads())"))
-    gguf = project_eval("from workers.engines.llama_cpp import default_model_path; print(default_model_path())")
+    threads = int(
+        project_eval("from workers.engines.llama_cpp.loading import default_threads; print(default_threads())")
+    )
+    gguf = project_eval("from workers.engines.llama_cpp.loading import default_model_path; print(default_model_path())")
     minilm = project_eval("from workers.engines.embeddings import default_model_path; print(default_model_path())")
     max_tokens, n_ctx = 128, 2048
     engines["setup"] = {"threads": threads, "gguf": Path(gguf).name, "n_ctx": n_ctx, "max_tokens": max_tokens}

@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from tests import harness
-from workers.engines import llama_cpp
+from workers.engines.llama_cpp import loading
 
 pytestmark = pytest.mark.models
 
@@ -83,7 +83,7 @@ def idle(stack: Stack):  # type: ignore[no-untyped-def]
 
 def test_the_worker_keeps_its_kv_cache_in_huge_pages(stack: Stack) -> None:
     """The worker restarted itself, in place, with glibc's huge pages: its KV cache is in them."""
-    if not llama_cpp._thp_on_request():
+    if not loading._thp_on_request():
         pytest.skip("this kernel gives transparent huge pages to all memory or to none")
     assert stack.worker.process is not None
     proc = Path(f"/proc/{stack.worker.process.pid}")  # the pid we started: the restart was an exec

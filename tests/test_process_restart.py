@@ -20,6 +20,7 @@ import pytest
 
 from tests import harness
 from workers.engines import llama_cpp
+from workers.engines.llama_cpp import loading
 
 TOKEN = "restart-test-cluster-token-0123456789abcdef"
 
@@ -51,7 +52,7 @@ def thp_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[n
             path.unlink(missing_ok=True)
         else:
             path.write_text(text)
-        monkeypatch.setattr(llama_cpp, "THP_MODE", path)
+        monkeypatch.setattr(loading, "THP_MODE", path)
 
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     return set_mode
@@ -83,7 +84,7 @@ def test_llama_cpp_leaves_the_environment_alone_otherwise(thp_mode, monkeypatch:
 @pytest.mark.models
 def test_a_llama_worker_restarts_before_it_reads_a_token_file_that_gives_its_secret_once(tmp_path: Path) -> None:
     """``--cluster-token-file`` from a pipe (``<(vault read ...)``): read after the restart, once."""
-    if not llama_cpp._thp_on_request():
+    if not loading._thp_on_request():
         pytest.skip("no restart here: this kernel gives transparent huge pages to all memory or to none")
     fifo = tmp_path / "token"
     os.mkfifo(fifo)

@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from bench.experiments.kv_numerics import CHAT  # the same chat prompt
-from workers.engines.llama_cpp import FLASH_ATTN, default_model_path
+from workers.engines.llama_cpp.loading import FLASH_ATTN, default_model_path
 
 EOG_BAN = (0, 2, 4)
 

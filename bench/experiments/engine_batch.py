@@ -2,7 +2,7 @@
 
 The same load as the concurrency section (``bench/concurrency.py``: N clients in a closed
 loop, chat streams of 128 tokens at temperature 0.7, a seed per request, the end
-tokens banned), driven straight into :class:`workers.engines.llama_cpp.LlamaCppEngine`
+tokens banned), driven straight into :class:`workers.engines.llama_cpp.engine.LlamaCppEngine`
 on one event loop. Set beside the same load through the worker's gRPC stream and
 through the whole stack, it splits the engine's cost from the front end's.
 
@@ -20,7 +20,8 @@ import time
 
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Generation
-from workers.engines import llama_cpp
+from workers.engines.llama_cpp import loading
+from workers.engines.llama_cpp.engine import LlamaCppEngine
 
 STREAM_TOKENS = 128
 EOG_BAN = {0: -100.0, 2: -100.0, 4: -100.0}
@@ -39,7 +40,7 @@ def request(k: int) -> worker_pb2.GenerateRequest:
     )
 
 
-async def one(engine: llama_cpp.LlamaCppEngine, k: int) -> dict[str, float]:
+async def one(engine: LlamaCppEngine, k: int) -> dict[str, float]:
     req = request(k)
     sent = time.perf_counter()
     prepared = await engine.prepare(req)
@@ -53,7 +54,7 @@ async def one(engine: llama_cpp.LlamaCppEngine, k: int) -> dict[str, float]:
     return {"ttft_s": first - sent, "tokens": tokens, "decode_tok_s": (tokens - 1) / (end - first) if tokens > 1 else 0}
 
 
-async def closed_loop(engine: llama_cpp.LlamaCppEngine, clients: int, duration: float) -> dict[str, float]:
+async def closed_loop(engine: LlamaCppEngine, clients: int, duration: float) -> dict[str, float]:
     records: list[dict[str, float]] = []
     counter = iter(range(1 << 30))
     start = time.perf_counter()
@@ -84,15 +85,15 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="1,4,8,16")
     parser.add_argument("--duration", type=float, default=15.0)
-    parser.add_argument("--parallel", type=int, default=llama_cpp.DEFAULT_PARALLEL)
-    parser.add_argument("--prefill-budget", type=int, default=llama_cpp.DEFAULT_PREFILL_BUDGET)
+    parser.add_argument("--parallel", type=int, default=loading.DEFAULT_PARALLEL)
+    parser.add_argument("--prefill-budget", type=int, default=loading.DEFAULT_PREFILL_BUDGET)
     parser.add_argument("--n-ctx", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--kv-cache", choices=("auto", *llama_cpp.KV_CACHES), default="auto")
+    parser.add_argument("--kv-cache", choices=("auto", *loading.KV_CACHES), default="auto")
     parser.add_argument("--prefix-cache", type=int, default=0)
     args = parser.parse_args()
-    engine = llama_cpp.LlamaCppEngine(
-        llama_cpp.default_model_path(),
+    engine = LlamaCppEngine(
+        loading.default_model_path(),
         n_ctx=args.n_ctx,
         n_threads=args.threads,
         n_threads_batch=args.threads,

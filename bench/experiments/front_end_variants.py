@@ -96,7 +96,7 @@ def main() -> None:
         asyncio.run(ceiling(variants, args.rounds, args.duration))
         return
     levels = [int(level) for level in args.levels.split(",")]
-    gguf = project_eval("from workers.engines.llama_cpp import default_model_path; print(default_model_path())")
+    gguf = project_eval("from workers.engines.llama_cpp.loading import default_model_path; print(default_model_path())")
     binary = str(ensure_llama_server(log=print))
     with Group() as group:
         stacks: dict[str, Stack] = {}

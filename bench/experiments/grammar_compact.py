@@ -19,7 +19,9 @@ import jsonschema
 
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Generation
-from workers.engines import grammars, llama_cpp
+from workers.engines.llama_cpp import constraints as grammars
+from workers.engines.llama_cpp import loading
+from workers.engines.llama_cpp.engine import LlamaCppEngine
 
 BUDGET = 128
 
@@ -102,7 +104,7 @@ def use(separator: str | None, told: bool) -> None:
     grammars.schema_gbnf = schema_gbnf  # type: ignore[assignment]
 
 
-async def answer(engine: llama_cpp.LlamaCppEngine, request: worker_pb2.GenerateRequest) -> tuple[str, int, str, list]:
+async def answer(engine: LlamaCppEngine, request: worker_pb2.GenerateRequest) -> tuple[str, int, str, list]:
     prepared = await engine.prepare(request)
     deltas = [d async for ready in engine.generate(request, prepared, BUDGET, Generation()) for d in ready]
     text = "".join(d.text for d in deltas)
@@ -117,11 +119,11 @@ def chat(prompt: str, **kwargs: Any) -> worker_pb2.GenerateRequest:
     )
 
 
-async def measure(engine: llama_cpp.LlamaCppEngine) -> dict[str, dict[str, tuple[float, int, int]]]:
+async def measure(engine: LlamaCppEngine) -> dict[str, dict[str, tuple[float, int, int]]]:
     results: dict[str, dict[str, tuple[float, int, int]]] = {}
     for label, variant in VARIANTS.items():
         use(*variant)
-        engine._grammars.clear()
+        engine._constraints.grammars.clear()
         rows: dict[str, list[tuple[int, bool]]] = {"json_object": [], "json_schema": [], "tools (2, required)": []}
         for prompt in JSON_PROMPTS:
             text, n, finish, _ = await answer(engine, chat(prompt, response_format={"type": "json_object"}))
@@ -153,7 +155,7 @@ async def measure(engine: llama_cpp.LlamaCppEngine) -> dict[str, dict[str, tuple
 
 
 def main() -> None:
-    engine = llama_cpp.LlamaCppEngine(llama_cpp.default_model_path())
+    engine = LlamaCppEngine(loading.default_model_path())
     asyncio.run(engine.start())
     results = asyncio.run(measure(engine))
     asyncio.run(engine.close())

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.engines.llama_cpp import default_model_path
+from workers.engines.llama_cpp.loading import default_model_path
 
 CHAT = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"

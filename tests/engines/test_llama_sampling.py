@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tokenwire.v1 import worker_pb2
-from workers.engines.llama_sampling import ChainSampler, VocabularyDraw, llama_chain, make_sampler
+from workers.engines.llama_cpp.sampling import ChainSampler, VocabularyDraw, llama_chain, make_sampler
 
 VOCAB = 49152
 DRAWS = 10_000

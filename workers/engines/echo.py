@@ -4,7 +4,9 @@ Its output is derived from the request so that tests can predict it: the
 words of the last message (or prompt) repeated, starting at an offset given by
 the choice index, one word per token, as many as ``--echo-tokens`` (or fewer
 when max_tokens says so). Tokens are whitespace-separated words. A per-token
-delay makes streams slow enough to cancel mid-way.
+delay makes streams slow enough to cancel mid-way. Stop strings are cut by the
+code the llama_cpp engine uses (:mod:`workers.engines.stop_strings`), so tests
+on echo exercise it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from common import errors
 from common.settings import FlagAdder
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Engine, Generation, Prepared, check_token_ids, iterate_in_task, message_text
+from workers.engines.stop_strings import ChoiceText
 
 VOCAB_SIZE = 32000
 
@@ -84,8 +87,7 @@ class EchoEngine(Engine):
         if max_tokens is None and self.info.context_length:  # unset: up to the end of the context
             max_tokens = self.info.context_length - prepared.prompt_tokens
         count = self.tokens if max_tokens is None else min(self.tokens, max_tokens)
-        stops = list(request.sampling.stop)
-        text = ""
+        text = ChoiceText(request.sampling.stop)
         for i in range(count):
             if self.delay:
                 await asyncio.sleep(self.delay)
@@ -94,16 +96,14 @@ class EchoEngine(Engine):
             word = source[(i + request.index) % len(source)]
             piece = word if i == 0 and not (request.echo and echoed) else " " + word
             generation.produced()
-            candidate = text + piece
-            hit = next((s for s in stops if s and s in candidate), None)
-            if hit is not None:
-                tail = candidate[: candidate.index(hit)][len(text) :]
-                yield Delta(text=tail, token_ids=[token_id(word)], finish_reason="stop")
-                return
-            text = candidate
             logprobs = self._logprobs([piece], request) if request.logprobs else []
-            yield Delta(text=piece, token_ids=[token_id(word)], logprobs=logprobs)
-        yield Delta(finish_reason="length" if count == max_tokens else "stop", tokens=0)
+            deltas, stopped = text.token(piece, token_id(word), logprobs)
+            for delta in deltas:
+                yield delta
+            if stopped:
+                return
+        for delta in text.end("length" if count == max_tokens else "stop"):
+            yield delta
 
     def _logprobs(
         self, pieces: Sequence[str], request: worker_pb2.GenerateRequest, first_is_prompt: bool = False

@@ -6,7 +6,7 @@ Most requests ask for a temperature and nothing else, or a ``logit_bias`` beside
 (or ``greedy``) samplers compute, in a few vector passes over the row of logits.
 ``llama_sampler_sample`` builds a candidate array of the whole vocabulary (49152 entries)
 and walks it once per sampler. Where sampling runs, on the compute thread right after a
-decode, the draw takes 290-320 µs a token here and the chain 470 (``bench/step_costs.py``);
+decode, the draw takes 290-320 µs a token here and the chain 470 (``bench/experiments/step_costs.py``);
 every batched sequence waits for it.
 
 Anything more (top_k, top_p, min_p, penalties, a grammar) runs llama.cpp's own chain,

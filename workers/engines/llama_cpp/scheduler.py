@@ -7,8 +7,8 @@ scheduler runs on the engine's one compute thread (see
 1. drops the sequences whose caller went away (their KV cells are freed with
    ``llama_memory_seq_rm``, so a cancel costs at most the step in flight);
 2. admits waiting sequences while fewer than ``parallel`` run, each reusing the
-   longest prefix it shares with a cached or running sequence (``seq_cp``: in a
-   unified KV cache that only tags the cells, nothing is copied), or following a
+   longest prefix it shares with a cached or running sequence (in a unified KV
+   cache that only tags the cells, nothing is copied), or following a
    sequence being prefilled with the same prompt (``n > 1``: one prompt evaluation,
    its KV shared when it completes) or with a longer shared prefix (the template's
    system prompt: copied when the leader's KV holds it, the rest prefilled after);
@@ -16,7 +16,7 @@ scheduler runs on the engine's one compute thread (see
    of the sequences being prefilled, up to ``prefill_budget`` prompt tokens, so a
    long prompt never stalls the streams already decoding;
 4. decodes it, samples every sequence with its own sampler
-   (:mod:`workers.engines.llama_sampling`), and hands the deltas of all sequences
+   (:mod:`workers.engines.llama_cpp.sampling`), and hands the deltas of all sequences
    to their event loops in one call per loop.
 
 Prompt chunks end on multiples of :data:`CHUNK` positions, a sequence gets as many
@@ -27,39 +27,31 @@ so "same seed, same request, same text" holds. Prefixes shared with running
 sequences are reused at any length: a request beside others is not alone. Batched with others, numerics differ slightly (the matrix kernels depend
 on the batch shape), as in every batching server.
 
-Two KV layouts (``--kv-cache``). Unified: one pool of ``n_ctx`` cells for all
-sequences; a request alone can use the whole context, and cached prefixes cost
-nothing until space is needed. When a step finds no room, cached prefixes are
-evicted first; if that is not enough, the running sequence holding the most cells
-ends with ``length`` and the others go on.
-
-Per-sequence (``per_sequence``): every sequence id has a KV stream of its own. A
-finished stream keeps only the positions evaluated as prompt, with the last one's
-logits (:class:`Cached`): a request with the same prompt samples its first token
-from them at admission, and one whose prompt extends it takes the stream over and
-evaluates the rest. When its stream is needed, a cached prompt is saved to host
-memory (its sequence state, up to ``host_cache_bytes``) and restored into a free
-stream when a prompt shares it. Copies between streams go through the sequence's
-state (``_copy``), and a micro-batch takes only consecutive ids, so a new sequence
-takes the lowest stream no running one uses (``_place``) and the batch is ordered by id.
+Where the KV lives, unified or a stream per sequence (``--kv-cache``), and which finished
+prompts stay cached, is the KV layout's business (:mod:`workers.engines.llama_cpp.kv_layout`,
+:mod:`workers.engines.llama_cpp.prompt_cache`): the scheduler asks it for ids, copies and
+cached prefixes. When a step finds no room, cached prefixes are evicted first; if that is
+not enough, the running sequence holding the most cells ends with ``length`` and the others go on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from workers.engine import BatchStats, Delta, Generation
-from workers.engines.llama_sampling import Sampler
+from workers.engines.llama_cpp.sampling import Sampler
+
+if TYPE_CHECKING:
+    from workers.engines.llama_cpp.kv_layout import KvLayout
 
 log = logging.getLogger("tokenwire.engine.llama_cpp")
 
@@ -95,7 +87,7 @@ class Seq:
     max_tokens: int
     generation: Generation
     handler: Handler
-    # The request's sampler (llama_sampling.make_sampler), built on the compute thread at
+    # The request's sampler (sampling.make_sampler), built on the compute thread at
     # admission and closed when the sequence leaves.
     make_sampler: Callable[[], Sampler]
     # Every prompt row's logits (echo with logprobs): no prefix reuse, no sharing.
@@ -127,73 +119,35 @@ class Seq:
     first_logits: np.ndarray | None = None
 
 
-@dataclass(eq=False)
-class Cached:
-    """A finished prompt's KV kept for reuse: in its idle stream, or saved to host memory."""
-
-    tokens: list[int]
-    # The last prompt position's logits (per-sequence KV): a request for the same prompt
-    # samples its first token from them, with nothing to evaluate.
-    logits: np.ndarray | None = None
-    # Host memory: the sequence's state (llama_state_seq_get_data), None while in its stream.
-    state: Any = None
-
-    @property
-    def nbytes(self) -> int:
-        return (len(self.state) if self.state is not None else 0) + (0 if self.logits is None else self.logits.nbytes)
-
-    def reusable(self, prompt: list[int]) -> int:
-        """The positions of ``prompt`` this entry gives: all of it with the logits, else whole chunks."""
-        if self.logits is not None and self.tokens == prompt:
-            return len(prompt)
-        # Whole chunks: the rest is evaluated in the groups it would be with nothing cached, so the
-        # same request gives the same text (at least the last token is evaluated: its logits).
-        return min(_common_prefix(self.tokens, prompt), len(prompt) - 1) // CHUNK * CHUNK
-
-
 class Scheduler:
     def __init__(
         self,
         ctx: Any,
         n_vocab: int,
+        kv: KvLayout,
         *,
         parallel: int,
-        cache_slots: int,
         prefill_budget: int,
         pool: Executor,
         stats: BatchStats | None = None,
-        per_sequence: bool = False,
-        host_cache_bytes: int = 0,
     ) -> None:
         from llama_cpp import llama_cpp as C
 
         self._C = C
         self._ctx = ctx  # a llama_context pointer
-        self._memory = C.llama_get_memory(ctx)
-        # Per-sequence KV: every sequence id has a stream of its own (kv_unified=false).
-        self.per_sequence = per_sequence
-        self._n_ctx = C.llama_n_ctx_seq(ctx) if per_sequence else C.llama_n_ctx(ctx)
+        self._kv = kv
+        self._n_ctx = kv.n_ctx
         self._n_vocab = n_vocab
         self.parallel = parallel
         self.prefill_budget = max(prefill_budget, CHUNK)
         self._pool = pool
         self._capacity = parallel + self.prefill_budget
         self._batch = C.llama_batch_init(self._capacity, 0, 1)
-        # Per-sequence KV: cache_slots is every stream, and a new sequence takes the lowest one
-        # not running (_place). Unified KV: _free_ids are the ids no sequence or cached prefix holds.
-        self._cache_slots = cache_slots
-        self._free_ids = list(range(parallel + cache_slots)) if not per_sequence else []
         self._lock = threading.Lock()
         self._inbox: list[Seq] = []
         self._looping = False
         self._waiting: deque[Seq] = deque()
         self._active: list[Seq] = []
-        # Finished sequences whose KV is kept for prefix reuse, in their streams: seq_id -> entry, oldest first.
-        self._cache: OrderedDict[int, Cached] = OrderedDict()
-        # Per-sequence KV: prompts saved to host memory when their stream is needed, oldest first.
-        self._saved: OrderedDict[tuple[int, ...], Cached] = OrderedDict()
-        self._saved_bytes = 0
-        self._host_cache_bytes = host_cache_bytes if per_sequence else 0
         self._out: dict[asyncio.AbstractEventLoop, list[tuple[Seq, list[Any]]]] = {}
         self.stats = stats or BatchStats(parallel=parallel)
 
@@ -273,10 +227,8 @@ class Scheduler:
     def _admit(self) -> None:
         while self._waiting and len(self._active) < self.parallel:
             seq = self._waiting.popleft()
-            if self.per_sequence:
-                self._place(seq)
-            else:
-                seq.seq_id = self._take_id()
+            self._kv.admit(seq, {s.seq_id for s in self._active})
+            self.stats.prompt_tokens_reused += seq.n_past  # what a cached prompt gave it
             seq.tokens = list(seq.prompt)
             try:
                 seq.sampler = seq.make_sampler()
@@ -303,72 +255,22 @@ class Scheduler:
                     continue
                 self._reuse_prefix(seq)
 
-    def _place(self, seq: Seq) -> None:
-        """Per-sequence KV: the lowest stream no running sequence uses, starting from the cached
-        prompt that gives the most of ours.
-
-        Running sequences keep consecutive ids, which llama.cpp's micro-batches need (ids 0, 2,
-        4, 6 made half the tokens/s of 0-3). A cached prompt holds only positions evaluated as
-        prompt, at the cells a fresh run puts them in, and is reused whole with its logits or in
-        whole chunks (Cached.reusable): the request gives the same text as with nothing cached.
-        It is used in place, copied from its idle stream, or restored from host memory; what the
-        stream held before is saved to host memory first.
-        """
-        running = {s.seq_id for s in self._active if s is not seq}
-        target = next(i for i in range(self._cache_slots) if i not in running)
-        best, entry, source = 0, None, -1  # source: an idle stream, -1 for host memory
-        if not seq.prompt_rows:  # those need every prompt row's logits: evaluated whole
-            candidates = [*self._cache.items(), *((-1, c) for c in self._saved.values())]
-            for sid, cached in candidates:
-                reuse = cached.reusable(seq.prompt)
-                if reuse > best:
-                    best, entry, source = reuse, cached, sid
-        held = self._cache.pop(target, None)
-        if held is not None and (entry is not held or _common_prefix(held.tokens, seq.prompt) < len(held.tokens)):
-            self._save(target, held)  # it holds more than what we reuse of it
-        if entry is None:
-            self._C.llama_memory_seq_rm(self._memory, target, -1, -1)
-        elif source >= 0 and source != target:
-            self._copy(source, target, best)
-            self._cache.move_to_end(source)
-        elif source < 0:
-            self._saved.move_to_end(tuple(entry.tokens))
-            if not self._C.llama_state_seq_set_data(self._ctx, entry.state, len(entry.state), target):
-                log.warning("llama_cpp: could not restore a cached prompt of %d tokens", len(entry.tokens))
-                self._C.llama_memory_seq_rm(self._memory, target, -1, -1)
-                best, entry = 0, None
-        self._C.llama_memory_seq_rm(self._memory, target, best, -1)
-        seq.seq_id, seq.n_past = target, best
-        if entry is not None and best == len(seq.prompt):
-            seq.first_logits = entry.logits
-        self.stats.prompt_tokens_reused += best
-
     def _reuse_prefix(self, seq: Seq) -> None:
         """Start from the longest prefix of the prompt some sequence's KV already holds,
         or follow a sequence being prefilled up to the longer prefix it shares."""
         last = len(seq.prompt) - 1  # at least the last prompt token is evaluated: its logits give the first token
-        best, source = seq.n_past, -1  # per-sequence KV: what _place gave it from the cached prompts
-        if not self.per_sequence:
-            for sid, cached in self._cache.items():
-                common = _common_prefix(cached.tokens, seq.prompt)
-                if common > best:
-                    best, source = common, sid
-            # From a cached prefix, whole chunks only: what is left is evaluated in the
-            # same chunks as with nothing cached, so the same request gives the same text.
-            best = min(best, last) // CHUNK * CHUNK
+        best, source = self._kv.cached_prefix(seq)
         # Beside running sequences a request is not alone (batched numerics differ
         # anyway): any shared prefix is reused, such as the template's system prompt.
         leader, pending = None, 0
         for s in self._active:
             if s is seq or s.leader is not None:
                 continue
-            # Per-sequence KV copies only what was evaluated as prompt (exact, see _place).
-            held = s.prompt[: s.n_past] if self.per_sequence else s.tokens[: s.n_past]
-            common = min(_common_prefix(held, seq.prompt), last)
+            common = min(common_prefix(self._kv.shareable(s), seq.prompt), last)
             if common > best:
                 best, source = common, s.seq_id
             if not s.decoding and not s.prompt_rows:
-                ahead = min(_common_prefix(s.prompt, seq.prompt), last)
+                ahead = min(common_prefix(s.prompt, seq.prompt), last)
                 if ahead > pending:
                     leader, pending = s, ahead
         if leader is not None and pending >= best + MIN_SHARE:
@@ -378,11 +280,10 @@ class Scheduler:
             return
         if source < 0 or best <= 0:
             return
-        self._copy(source, seq.seq_id, best)
+        self._kv.copy(source, seq.seq_id, best)
         seq.n_past = best
         self.stats.prompt_tokens_reused += best
-        if source in self._cache:
-            self._cache.move_to_end(source)
+        self._kv.cache.touch(source)
 
     def _fill(self) -> int:
         """Put this step's tokens into the batch; return how many."""
@@ -397,8 +298,7 @@ class Scheduler:
             b.logits[n] = logits
             n += 1
 
-        # Per-sequence KV: llama.cpp puts consecutive ids, in batch order, into one micro-batch.
-        active = sorted(self._active, key=lambda s: s.seq_id) if self.per_sequence else self._active
+        active = self._kv.batch_order(self._active)
         for seq in active:
             if seq.decoding:
                 seq.chunk = (n, 1)
@@ -448,7 +348,7 @@ class Scheduler:
             # The prompt is evaluated: it and every follower start decoding.
             last = first + count - 1
             for follower in seq.followers:
-                self._copy(seq.seq_id, follower.seq_id, seq.n_past)
+                self._kv.copy(seq.seq_id, follower.seq_id, seq.n_past)
                 follower.n_past = seq.n_past
                 follower.leader = None
                 stats.prompt_tokens_reused += seq.n_past
@@ -466,7 +366,7 @@ class Scheduler:
         """The prompt is in the KV cache: sample the first token from ``row``, or the ``saved`` logits."""
         seq.rows = []
         seq.decoding = True
-        if self.per_sequence and saved is None and not seq.prompt_rows:
+        if self._kv.keeps_prompt_logits and saved is None and not seq.prompt_rows:
             seq.first_logits = self._row(row).copy()  # kept with the prompt when it is cached
         try:
             deltas = seq.handler.prompt_done(rows)
@@ -510,8 +410,7 @@ class Scheduler:
     def _relieve(self) -> None:
         """No KV slot for the step: evict a cached prefix, or end the biggest running sequence."""
         self.stats.kv_exhausted_total += 1
-        if self._cache:
-            self._free(self._evict())
+        if self._kv.evict_oldest():
             return
         for seq in self._active:  # undo what _fill appended for this step
             if seq.decoding and seq.chunk[1]:
@@ -538,58 +437,9 @@ class Scheduler:
         leader.followers.remove(follower)
         follower.leader, follower.share = None, 0
         if n > 0:
-            self._copy(leader.seq_id, follower.seq_id, n)
+            self._kv.copy(leader.seq_id, follower.seq_id, n)
             follower.n_past = n
             self.stats.prompt_tokens_reused += n
-
-    def _copy(self, source: int, target: int, n: int) -> None:
-        """Give ``target`` the first ``n`` positions of ``source``'s KV."""
-        if not self.per_sequence:
-            self._C.llama_memory_seq_cp(self._memory, source, target, 0, n)  # tags the same cells
-            return
-        # Across streams llama_memory_seq_cp copies whole buffers (all --n-ctx cells); the sequence's
-        # state holds only its own cells. Restored into an empty stream they land where a fresh run puts them.
-        state = self._state(source)
-        if not self._C.llama_state_seq_set_data(self._ctx, state, len(state), target):
-            raise RuntimeError(f"llama.cpp could not copy sequence {source}'s KV")
-        self._C.llama_memory_seq_rm(self._memory, target, n, -1)
-
-    def _state(self, seq_id: int) -> Any:
-        size = self._C.llama_state_seq_get_size(self._ctx, seq_id)
-        state = (ctypes.c_uint8 * size)()
-        self._C.llama_state_seq_get_data(self._ctx, state, size, seq_id)
-        return state
-
-    def _evict(self) -> int:
-        """Empty the stream of the oldest cached prompt, saving it to host memory first; return its id."""
-        seq_id, cached = self._cache.popitem(last=False)
-        self._save(seq_id, cached)
-        self._C.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
-        return seq_id
-
-    def _save(self, seq_id: int, cached: Cached) -> None:
-        """Per-sequence KV: keep a prompt in host memory, if it can give a later request anything."""
-        if not self._host_cache_bytes or (cached.logits is None and len(cached.tokens) < CHUNK):
-            return
-        key = tuple(cached.tokens)
-        if key in self._saved:
-            self._saved.move_to_end(key)
-            return
-        saved = Cached(cached.tokens, cached.logits, self._state(seq_id))
-        self._saved[key] = saved
-        self._saved_bytes += saved.nbytes
-        while self._saved_bytes > self._host_cache_bytes:
-            _, old = self._saved.popitem(last=False)
-            self._saved_bytes -= old.nbytes
-
-    def _take_id(self) -> int:
-        """Unified KV: a free id, or the oldest cached prefix's."""
-        return self._free_ids.pop() if self._free_ids else self._evict()
-
-    def _free(self, seq_id: int) -> None:
-        self._C.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
-        if not self.per_sequence:  # per-sequence KV takes streams by position (_place)
-            self._free_ids.append(seq_id)
 
     def _drop(self, seq: Seq, keep: bool) -> None:
         """Take a sequence out of the batch; keep its KV as a cached prefix, or free it."""
@@ -604,7 +454,7 @@ class Scheduler:
         if seq.followers:
             # The first follower of the same prompt takes over.
             heir, *rest = seq.followers
-            self._copy(seq.seq_id, heir.seq_id, seq.n_past)
+            self._kv.copy(seq.seq_id, heir.seq_id, seq.n_past)
             heir.n_past, heir.leader, heir.followers = seq.n_past, None, rest
             for follower in rest:
                 follower.leader = heir
@@ -614,22 +464,7 @@ class Scheduler:
             seq.sampler = None
         if seq.seq_id < 0:
             return
-        tokens = seq.tokens[: seq.n_past]
-        if self.per_sequence:
-            # Only what was evaluated as prompt stays: decoded positions differ in their bits.
-            tokens = tokens[: len(seq.prompt)]
-            self._C.llama_memory_seq_rm(self._memory, seq.seq_id, len(tokens), -1)
-        if keep and tokens and self._cache_slots:
-            # A cached prefix that this one extends is redundant.
-            for sid, cached in list(self._cache.items()):
-                if _common_prefix(cached.tokens, tokens) == len(cached.tokens):
-                    del self._cache[sid]
-                    self._save(sid, cached)  # per-sequence KV: its logits still start that prompt at once
-                    self._free(sid)
-            whole = self.per_sequence and len(tokens) == len(seq.prompt)
-            self._cache[seq.seq_id] = Cached(tokens, seq.first_logits if whole else None)
-        else:
-            self._free(seq.seq_id)
+        self._kv.release(seq, keep)
         seq.seq_id = -1
 
     # -- hand-off --
@@ -663,20 +498,13 @@ class Scheduler:
         if not cells:
             return
         # Read from llama.cpp's own KV metadata (what tests check is really freed), once a step.
-        stats.kv_cells_in_use = sum(self._cells(s.seq_id) for s in self._active if s.seq_id >= 0)
-        stats.kv_cells_cached = sum(self._cells(sid) for sid in self._cache)
-        stats.prompt_cache_bytes = self._saved_bytes
-
-    def _cells(self, seq_id: int) -> int:
-        top = self._C.llama_memory_seq_pos_max(self._memory, seq_id)
-        return 0 if top < 0 else top - self._C.llama_memory_seq_pos_min(self._memory, seq_id) + 1
+        stats.kv_cells_in_use = sum(self._kv.cells(s.seq_id) for s in self._active if s.seq_id >= 0)
+        stats.kv_cells_cached = sum(self._kv.cells(sid) for sid in self._kv.cache)
+        stats.prompt_cache_bytes = self._kv.cache.saved_bytes
 
     def clear_cache(self) -> None:
         """Forget every cached prefix, in streams and in host memory (compute thread)."""
-        self._saved.clear()
-        self._saved_bytes = 0
-        while self._cache:
-            self._free(self._cache.popitem(last=False)[0])
+        self._kv.clear()
         self._update_counts()
 
 
@@ -688,7 +516,7 @@ def _deliver(batch: list[tuple[Seq, list[Any]]]) -> None:
         seq.queue.put_nowait(items)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
