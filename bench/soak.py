@@ -169,9 +169,9 @@ def _part_name(cmdline: str) -> str:
         return "gateway"
     if " bridge" in cmdline:
         return "bridge"
-    if "--engine llama_cpp" in cmdline:
+    if re.search(r"--engine[ =]llama_cpp\b", cmdline):
         return "chat worker"
-    if "--engine embeddings" in cmdline:
+    if re.search(r"--engine[ =]embeddings\b", cmdline):
         return "embedding worker"
     return ""
 
