@@ -65,7 +65,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
-def _fix_mmap_threshold(size: int = 1 << 20) -> None:
+def fix_mmap_threshold(size: int = 1 << 20) -> None:
     """Blocks of ``size`` or more are mmapped and unmapped when freed, whatever was freed before."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     if hasattr(libc, "mallopt"):  # glibc; other C libraries keep their own policy
@@ -136,7 +136,7 @@ class EmbeddingsEngine(Engine):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         # Read by oneDNN when it builds its first kernel, so before the first forward pass.
         os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(self.onednn_cache_capacity)
-        _fix_mmap_threshold()
+        fix_mmap_threshold()
         import torch
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
