@@ -22,8 +22,9 @@ compiles and keeps a kernel per shape (1,024 by default), and glibc served the p
 tensors (up to a few MB) from a heap those long-lived kernels pinned, since its mmap
 threshold rises to the largest block freed. So ``--onednn-cache-capacity`` bounds the
 kernels (one compiles again when its shape returns) and the engine fixes the mmap
-threshold at 1 MiB: big tensors go back to the system when freed. A kernel compiled
-again gives the same vectors to the last bit.
+threshold at 1 MiB: big tensors go back to the system when freed (at a price: they are
+faulted in afresh each pass, 10-15 % more CPU a pass in bench/RESULTS.md's "Soak"). A
+kernel compiled again gives the same vectors to the last bit.
 """
 
 from __future__ import annotations
