@@ -81,7 +81,17 @@ redis:
 		$$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; \
 	fi
 
-test: $(DEV) browser redis
+# The network tests (tests/test_network.py) build hosts out of network namespaces with iproute2,
+# cut and thin their links with nftables, and skew a host's clock with libfaketime: Debian's
+# packages, installed (as root, as CI runs) when missing.
+nettools:
+	@if ! command -v ip >/dev/null || ! command -v nft >/dev/null || [ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]; then \
+		echo "[tokenwire] installing Debian's iproute2, nftables and libfaketime for the network tests"; \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q iproute2 nftables libfaketime; \
+	fi
+
+test: $(DEV) browser redis nettools
 	$(BIN)/python -m pytest $(ARGS)
 
 proto: $(DEV)
@@ -109,4 +119,4 @@ lock: $(TOOLS)
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-.PHONY: help install browser redis serve test proto lint lock bench clean
+.PHONY: help install browser redis nettools serve test proto lint lock bench clean

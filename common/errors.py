@@ -147,6 +147,13 @@ class ApiError(Exception):
 # -- Constructors: the errors tokenwire raises ------------------------------
 
 
+def unreachable(error: grpc.RpcError) -> bool:
+    """Whether a call failed because its peer could not be reached (gRPC's own UNAVAILABLE: the
+    connection refused, lost, or given up by keepalive), not because the peer answered so."""
+    sent = any(key == _DETAILS_KEY for key, _ in error.trailing_metadata() or ())
+    return bool(error.code() == grpc.StatusCode.UNAVAILABLE) and not sent
+
+
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message, param=param, code=code)
 

@@ -34,48 +34,75 @@ _message_limits = {
     "grpc.max_send_message_length": DEFAULT_MAX_BODY_BYTES,
 }
 
-# HTTP/2 keepalive, set on both ends so that they agree (the values are in the
-# README's Limits table), all from one interval: TOKENWIRE_GRPC_KEEPALIVE_INTERVAL
-# seconds (20 by default; every part reads it, see common/settings.py):
+# HTTP/2 keepalive, set on both ends so that they agree (the values are in
+# docs/limits-and-robustness.md), all from two figures every part takes as flags
+# (--grpc-keepalive-interval, --grpc-keepalive-timeout) or from the environment
+# (TOKENWIRE_GRPC_KEEPALIVE_INTERVAL, TOKENWIRE_GRPC_KEEPALIVE_TIMEOUT):
 # - channels (gateway -> workers, workers -> registry, bridge -> gateway) ping
-#   after an interval without traffic and give the connection up when a ping is
-#   not answered within 10 s, also with no call open (a dead worker is noticed
-#   before a request is sent to it) and however long a stream is silent
+#   after an interval without traffic, also with no call open (a dead worker is
+#   noticed before a request is sent to it) and however long a stream is silent
 #   (queued, evaluating a long prompt): max_pings_without_data 0 = no cap;
+# - a ping unanswered for the timeout closes the connection, and so does any
+#   other ping (grpc's flow-control pings, sent as data arrives, are unanswered
+#   first when a peer stops: their own timeout is a minute unless set), and data
+#   unacknowledged that long (grpc sets TCP_USER_TIMEOUT to it): a peer gone
+#   silent (blackholed, SIGSTOPped) is given up within interval + timeout,
+#   12 s by default, and its calls fail UNAVAILABLE;
+# - a peer that was given up (or refused a connection) is dialled again at most
+#   an interval later (grpc's own back-off grows to 120 s);
 # - servers accept such pings (permit_without_calls, and a minimum interval
 #   of half the channels', so a client is never told "too many pings"), and
 #   ping their own clients after 1.5 intervals of silence, so a client that
 #   vanished without closing its connection has its calls cancelled and the
-#   slots they held freed within 40 s (by default).
+#   slots they held freed within 1.5 intervals + the timeout (16 s).
 KEEPALIVE_INTERVAL_ENV = "TOKENWIRE_GRPC_KEEPALIVE_INTERVAL"
-DEFAULT_KEEPALIVE_INTERVAL = 20.0
-KEEPALIVE_TIMEOUT_MS = 10_000
+KEEPALIVE_TIMEOUT_ENV = "TOKENWIRE_GRPC_KEEPALIVE_TIMEOUT"
+DEFAULT_KEEPALIVE_INTERVAL = 8.0
+DEFAULT_KEEPALIVE_TIMEOUT = 4.0
+
+
+def _seconds(text: str | None, default: float, names: str) -> float:
+    """A positive number of seconds; a ValueError naming the setting otherwise."""
+    text = (text or "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{names} must be a positive number of seconds, not {text!r}")
+    return value
 
 
 @dataclass(frozen=True)
 class Keepalive:
-    """A process's gRPC keepalive: every figure follows from ``interval`` (seconds)."""
+    """A process's gRPC keepalive: every figure follows from ``interval`` and ``timeout`` (seconds)."""
 
     interval: float = DEFAULT_KEEPALIVE_INTERVAL
+    timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
+
+    @classmethod
+    def parse(cls, interval: str | None, timeout: str | None) -> Keepalive:
+        """From the flags' text (empty: the default); a ValueError naming the flag and its variable."""
+        return cls(
+            _seconds(interval, DEFAULT_KEEPALIVE_INTERVAL, f"--grpc-keepalive-interval ({KEEPALIVE_INTERVAL_ENV})"),
+            _seconds(timeout, DEFAULT_KEEPALIVE_TIMEOUT, f"--grpc-keepalive-timeout ({KEEPALIVE_TIMEOUT_ENV})"),
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Keepalive:
-        """From TOKENWIRE_GRPC_KEEPALIVE_INTERVAL; a ValueError naming it if it is no positive number."""
-        text = environ.get(KEEPALIVE_INTERVAL_ENV, "").strip()
-        if not text:
-            return cls()
-        try:
-            interval = float(text)
-        except ValueError:
-            interval = math.nan
-        if not (math.isfinite(interval) and interval > 0):
-            raise ValueError(f"{KEEPALIVE_INTERVAL_ENV} must be a positive number of seconds, not {text!r}")
-        return cls(interval)
+        """From TOKENWIRE_GRPC_KEEPALIVE_INTERVAL and _TIMEOUT (for a command without the flags)."""
+        return cls.parse(environ.get(KEEPALIVE_INTERVAL_ENV), environ.get(KEEPALIVE_TIMEOUT_ENV))
 
     @property
     def time_ms(self) -> int:
         """Channels ping after this much silence (2 ms or more: half of it is a server's minimum)."""
         return max(2, round(self.interval * 1000))
+
+    @property
+    def timeout_ms(self) -> int:
+        return max(1, round(self.timeout * 1000))
 
     @property
     def min_ping_interval_ms(self) -> int:
@@ -87,21 +114,35 @@ class Keepalive:
         """Servers ping a silent client after this long."""
         return self.time_ms * 3 // 2
 
+    @property
+    def detection(self) -> float:
+        """The longest a channel takes to give up a peer gone silent, in seconds."""
+        return self.interval + self.timeout
+
+    def _common(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.keepalive_timeout_ms", self.timeout_ms),
+            # Every ping's answer, not only keepalive's (a flow-control ping in flight holds keepalive's back).
+            ("grpc.http2.ping_timeout_ms", self.timeout_ms),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+
     def channel_options(self) -> list[tuple[str, Any]]:
         return [
             ("grpc.keepalive_time_ms", self.time_ms),
-            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
+            *self._common(),
+            ("grpc.initial_reconnect_backoff_ms", min(1000, self.time_ms)),
+            ("grpc.max_reconnect_backoff_ms", self.time_ms),
+            # Long-lived: never idle (grpc drops an idle channel's connection after 30 min without calls).
+            ("grpc.client_idle_timeout_ms", 2**31 - 1),
         ]
 
     def server_options(self) -> list[tuple[str, Any]]:
         return [
             ("grpc.keepalive_time_ms", self.server_time_ms),
-            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-            ("grpc.keepalive_permit_without_calls", 1),
+            *self._common(),
             ("grpc.http2.min_ping_interval_without_data_ms", self.min_ping_interval_ms),
-            ("grpc.http2.max_pings_without_data", 0),
         ]
 
 
@@ -112,6 +153,11 @@ def configure_keepalive(keepalive: Keepalive) -> None:
     """This process's gRPC keepalive (its channels and its servers alike)."""
     global _keepalive
     _keepalive = keepalive
+
+
+def keepalive() -> Keepalive:
+    """This process's gRPC keepalive."""
+    return _keepalive
 
 
 def configure_message_limits(receive: int | None = None, send: int | None = None) -> None:

@@ -152,6 +152,24 @@ def message_limit_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def keepalive_flags(parser: argparse.ArgumentParser) -> None:
+    """gRPC keepalive of a part's channels and servers (common/grpc_server.py, Keepalive)."""
+    parser.add_argument(
+        "--grpc-keepalive-interval",
+        default=None,
+        metavar="SECONDS",
+        help="gRPC channels ping a peer after this long without traffic, and dial a lost one again at most this "
+        "far apart; servers accept pings half as far apart (default 8; give every part the same)",
+    )
+    parser.add_argument(
+        "--grpc-keepalive-timeout",
+        default=None,
+        metavar="SECONDS",
+        help="a ping (or data) unanswered this long closes the connection: a peer gone silent is given up "
+        "within interval + timeout, and its calls fail (default 4)",
+    )
+
+
 def metrics_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (0 = any free port)"
@@ -198,6 +216,7 @@ def tracing_flags(parser: argparse.ArgumentParser) -> None:
 def member_flags(parser: argparse.ArgumentParser) -> None:
     """What a cluster member serving gRPC and dialing its peers takes (the gateway, a worker)."""
     message_limit_flags(parser)
+    keepalive_flags(parser)
     metrics_flag(parser)
     tracing_flags(parser)
     tls_server_flags(parser)
@@ -282,7 +301,10 @@ def configure_process(parser: argparse.ArgumentParser, args: argparse.Namespace,
         restart_with(environment(args))
     try:
         check_flag_forms(args)
-        keepalive = Keepalive.from_env(os.environ)  # no flag (yet): the environment only
+        if hasattr(args, "grpc_keepalive_interval"):  # flags (their defaults from the environment)
+            keepalive = Keepalive.parse(args.grpc_keepalive_interval, args.grpc_keepalive_timeout)
+        else:  # serve and status: the environment, which serve's parts inherit
+            keepalive = Keepalive.from_env(os.environ)
     except ValueError as error:
         parser.error(str(error))
     setup_logging(args.log_level, args.log_format)

@@ -103,7 +103,9 @@ async def run_gateway(
             services.append(registry_service)
         else:
             registry_server = GrpcServer([registry_service])
-    pool = WorkerPool(source, on_leave=router.worker_left if router is not None else None)
+    pool = WorkerPool(
+        source, rejoin_grace=heartbeat_expiry, on_leave=router.worker_left if router is not None else None
+    )
     inference = Inference(pool, limits, router)
     batch_store = BatchStore(data_dir or Path(tempfile.mkdtemp(prefix="tokenwire-data-")))
     runner = BatchRunner(batch_store, inference, api_keys, limiter, batch_limits or BatchLimits(), expect_models)

@@ -114,6 +114,7 @@ def registry_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=21001)
     parser.add_argument("--heartbeat-expiry", type=float, default=15.0)
+    settings.keepalive_flags(parser)
     settings.tls_server_flags(parser)
     settings.cluster_flags(parser, serving=True)
     settings.logging_flags(parser)

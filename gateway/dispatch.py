@@ -7,7 +7,10 @@
 - **lease**: a call counts in its worker's in-flight load while it runs.
 - **failover**: a worker that refuses a call (full) or fails before producing
   anything (unreachable, killed) is replaced by another, up to three attempts;
-  the caller sees one uninterrupted call.
+  the caller sees one uninterrupted call. A worker a call could not reach
+  (gRPC's own UNAVAILABLE, before or after it produced; not the worker's own
+  answer, such as an openai engine's upstream being down) leaves dispatch until
+  it answers a health probe (``WorkerHandle.mark_unreachable``).
 - **accepted**: a worker says so in a message of its own (``accepted``: prompt
   rendered, context checked). A fan-out yields nothing until every choice is
   accepted, so request errors are answered before the first byte of a response.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Protocol, TypeVar
@@ -35,6 +39,7 @@ from gateway.pool import WorkerHandle, WorkerPool, least_loaded
 from tokenwire.v1 import worker_pb2
 
 T = TypeVar("T")
+log = logging.getLogger("tokenwire.gateway")
 
 # The tier of the request being served: the batch runner sets PRIORITY_BATCH,
 # and every worker call it makes carries it (workers/slots.py honours it).
@@ -129,11 +134,12 @@ class Dispatcher:
         # A message over gRPC's size limit is RESOURCE_EXHAUSTED too, and no other worker takes it.
         if error.code() not in _RETRYABLE or ours.code == "request_too_large" or attempt == MAX_ATTEMPTS:
             raise ours from None
-        if error.code() == grpc.StatusCode.UNAVAILABLE:
-            self.pool.remove(handle.worker_id)
+        if errors.unreachable(error):
+            handle.mark_unreachable(error.details() or "UNAVAILABLE")
         tried |= {handle.worker_id}
         if not any(w.worker_id not in tried for w in self.pool.workers(model)):
             raise ours from None
+        log.info("a call moves from worker %s (%s) to another", handle.worker_id, error.code().name)
         return tried
 
     async def unary(
@@ -190,6 +196,8 @@ class Dispatcher:
                 except grpc.aio.AioRpcError as error:
                     _failed(span, error)
                     if produced:
+                        if errors.unreachable(error):
+                            handle.mark_unreachable(error.details() or "UNAVAILABLE")
                         raise errors.ApiError.from_rpc_error(error) from None
                     tried = self._failover(error, handle, tried, attempt, model)
                 except asyncio.CancelledError:

@@ -30,6 +30,7 @@ def bridge_flags(parser: argparse.ArgumentParser) -> None:
     # The gateway's bounds, for /openapi.json: `tokenwire serve` passes the bridge the gateway's values.
     sampling.limit_flags(parser)
     settings.store_flags(parser)
+    settings.keepalive_flags(parser)
     settings.tls_client_flag(parser)
     settings.tracing_flags(parser)
     settings.logging_flags(parser)

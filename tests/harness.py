@@ -38,13 +38,15 @@ class Proc:
     env: dict[str, str] = field(default_factory=dict)
     # What runs it: the `tokenwire` command, or a part's own `python -m <part>`.
     module: str = "tokenwire_cli"
+    # A command it runs under (tests/netcluster.py: nsenter into a host's network namespace).
+    prefix: list[str] = field(default_factory=list)
     log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(prefix="tokenwire-", suffix=".log")[1]))
     stdout_lines: list[str] = field(default_factory=list)
     launched: Launched | None = None
 
     def start(self, wait: bool = True) -> Proc:
         self.launched = Launched(
-            [sys.executable, "-m", self.module, *self.argv],
+            [*self.prefix, sys.executable, "-m", self.module, *self.argv],
             # Each process its own default --data-dir (a gateway's files and batches).
             env={**os.environ, "XDG_DATA_HOME": tempfile.mkdtemp(prefix="tokenwire-data-"), **self.env},
             stderr=self.log_path,

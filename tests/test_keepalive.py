@@ -4,7 +4,7 @@ longer than the ping intervals is kept, pings and all (common/grpc_server.py).
 A health Watch is such a stream: one message, then nothing until the status
 changes. gRPC's server default accepts a ping without data only every 5 min
 and sends GOAWAY (too_many_pings) after two early ones; tokenwire's servers
-accept one every half keepalive interval (10 s by default), so a client pinging
+accept one every half keepalive interval (4 s by default), so a client pinging
 at that rate keeps its stream, and one pinging faster is sent away.
 
 The gateways here run with a short interval (TOKENWIRE_GRPC_KEEPALIVE_INTERVAL),
@@ -23,7 +23,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.grpc_server import KEEPALIVE_INTERVAL_ENV, KEEPALIVE_TIMEOUT_MS, Keepalive
+from common.grpc_server import KEEPALIVE_INTERVAL_ENV, KEEPALIVE_TIMEOUT_ENV, Keepalive
 from tests import harness
 
 # A grpc client sends at most one ping a second, whatever its keepalive time:
@@ -91,33 +91,44 @@ def test_a_client_pinging_faster_is_sent_away() -> None:
 
 
 def test_the_default_settings_are_the_documented_ones() -> None:
-    # The README's Limits table: channels ping after 20 s and wait 10 s for the
-    # answer; servers accept a ping every 10 s and ping a silent client after 30 s.
+    # docs/limits-and-robustness.md: channels ping after 8 s and wait 4 s for the answer (any
+    # ping's: grpc's flow-control pings too), so a silent peer is given up within 12 s, and
+    # dial a lost one again at most 8 s apart; servers accept a ping every 4 s and ping a
+    # silent client after 12 s.
     default = Keepalive.from_env({})
-    assert (default.time_ms, KEEPALIVE_TIMEOUT_MS, default.min_ping_interval_ms, default.server_time_ms) == (
-        20_000,
-        10_000,
-        10_000,
-        30_000,
+    assert (default.time_ms, default.timeout_ms, default.min_ping_interval_ms, default.server_time_ms) == (
+        8_000,
+        4_000,
+        4_000,
+        12_000,
     )
-    assert dict(default.channel_options())["grpc.keepalive_time_ms"] == 20_000
-    assert dict(default.server_options())["grpc.http2.min_ping_interval_without_data_ms"] == 10_000
+    assert default.detection == 12.0
+    channel = dict(default.channel_options())
+    assert (channel["grpc.keepalive_time_ms"], channel["grpc.http2.ping_timeout_ms"]) == (8_000, 4_000)
+    assert channel["grpc.max_reconnect_backoff_ms"] == 8_000
+    assert dict(default.server_options())["grpc.http2.min_ping_interval_without_data_ms"] == 4_000
     assert Keepalive.from_env({KEEPALIVE_INTERVAL_ENV: "0.5"}).min_ping_interval_ms == 250
+    assert Keepalive.from_env({KEEPALIVE_TIMEOUT_ENV: "2"}).detection == 10.0
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "soon", "nan", "inf"])
-def test_an_interval_that_is_no_positive_number_is_refused(value: str) -> None:
-    with pytest.raises(ValueError, match=f"{KEEPALIVE_INTERVAL_ENV} must be a positive number of seconds"):
-        Keepalive.from_env({KEEPALIVE_INTERVAL_ENV: value})
+@pytest.mark.parametrize("variable", [KEEPALIVE_INTERVAL_ENV, KEEPALIVE_TIMEOUT_ENV])
+def test_a_setting_that_is_no_positive_number_is_refused(variable: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"{variable}\\) must be a positive number of seconds"):
+        Keepalive.from_env({variable: value})
 
 
-def test_a_part_given_a_bad_interval_stops_naming_the_variable() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "gateway", "--port", "0"],
-        env={**os.environ, KEEPALIVE_INTERVAL_ENV: "soon"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2
-    assert f"{KEEPALIVE_INTERVAL_ENV} must be a positive number of seconds, not 'soon'" in result.stderr
+def test_a_part_given_a_bad_interval_stops_naming_the_flag_and_the_variable() -> None:
+    for argv, env in (([], {KEEPALIVE_INTERVAL_ENV: "soon"}), (["--grpc-keepalive-interval", "soon"], {})):
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", "--port", "0", *argv],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2
+        assert (
+            f"--grpc-keepalive-interval ({KEEPALIVE_INTERVAL_ENV}) must be a positive number of seconds, not 'soon'"
+            in result.stderr
+        )

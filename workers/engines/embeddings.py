@@ -15,12 +15,24 @@ with short sentences: one pass costs ~10 ms for 1 sentence, ~31 ms for 8, ~117 m
 for 32; 5 clients sending one sentence each get 174-193 sentences/s shared vs
 64-88 with a pass per request. Big requests gain nothing (8 concurrent x 32
 sentences: ~250/s, the same as sequential), so passes run one at a time.
+
+Every pass of a new shape (batch size x sequence length) left the worker bigger: an hour
+of varied requests grew its RSS by 187 MiB. torch runs BERT's GELU through oneDNN, which
+compiles and keeps a kernel per shape (1,024 by default), and glibc served the pass's
+tensors (up to a few MB) from a heap those long-lived kernels pinned, since its mmap
+threshold rises to the largest block freed. So ``--onednn-cache-capacity`` bounds the
+kernels (one compiles again when its shape returns) and the engine fixes the mmap
+threshold at 1 MiB: big tensors go back to the system when freed (at a price: they are
+faulted in afresh each pass, 10-15 % more CPU a pass in bench/RESULTS.md's "Soak"). A
+kernel compiled again gives the same vectors to the last bit.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import ctypes.util
 import importlib.resources
 import json
 import logging
@@ -51,6 +63,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def fix_mmap_threshold(size: int = 1 << 20) -> None:
+    """Blocks of ``size`` or more are mmapped and unmapped when freed, whatever was freed before."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if hasattr(libc, "mallopt"):  # glibc; other C libraries keep their own policy
+        libc.mallopt(M_MMAP_THRESHOLD, size)
+
+
 class EmbeddingsEngine(Engine):
     def __init__(
         self,
@@ -60,6 +82,7 @@ class EmbeddingsEngine(Engine):
         torch_threads: int | None = None,
         max_batch_size: int = 32,
         batch_window_ms: float = 2.0,
+        onednn_cache_capacity: int = 64,
     ) -> None:
         path = Path(model_path)
         if not (path / "config.json").is_file():
@@ -89,6 +112,7 @@ class EmbeddingsEngine(Engine):
         self.torch_threads = torch_threads or os.cpu_count() or 1
         self.max_batch_size = max(1, max_batch_size)
         self.batch_window = max(0.0, batch_window_ms) / 1000
+        self.onednn_cache_capacity = max(0, onednn_cache_capacity)
         # Micro-batching: inputs of concurrent requests wait here and share
         # forward passes, run one at a time by a single runner task. On 2 cores
         # one pass of 8 short sentences costs 3x one of 1 sentence, not 8x.
@@ -111,6 +135,9 @@ class EmbeddingsEngine(Engine):
     def _load(self) -> None:
         started = time.monotonic()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # Read by oneDNN when it builds its first kernel, so before the first forward pass.
+        os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(self.onednn_cache_capacity)
+        fix_mmap_threshold()
         import torch
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -306,6 +333,12 @@ def add_arguments(group: FlagAdder) -> None:
         default=2.0,
         help="how long a pass may wait for requests still being tokenized to join it (default 2)",
     )
+    group.add_argument(
+        "--onednn-cache-capacity",
+        type=int,
+        default=64,
+        help="compiled oneDNN kernels kept, one per input shape; bounds the worker's RSS (default 64)",
+    )
 
 
 def build(args: argparse.Namespace) -> Engine:
@@ -315,4 +348,5 @@ def build(args: argparse.Namespace) -> Engine:
         torch_threads=getattr(args, "torch_threads", None),
         max_batch_size=getattr(args, "max_batch_size", 32) or 32,
         batch_window_ms=getattr(args, "batch_window_ms", 2.0),
+        onednn_cache_capacity=getattr(args, "onednn_cache_capacity", 64),
     )
