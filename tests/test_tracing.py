@@ -454,3 +454,45 @@ def test_a_setting_tokenwire_cannot_honour_stops_it_at_start(variable: str, valu
     )  # fmt: skip
     assert done.returncode != 0
     assert f"{variable}={value}" in done.stderr
+
+
+@pytest.mark.models
+def test_a_real_engines_cached_prompt_tokens_are_on_the_workers_span() -> None:
+    """llama.cpp's second turn reuses the first's prompt: the worker's call span says how many
+    prompt tokens came from its cache, as the response's usage does."""
+    model = "smollm2-135m-instruct"
+    with receiver() as (spans, endpoint), pytest.MonkeyPatch.context() as env:
+        for name, value in {**EXPORT_AT_ONCE, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}.items():
+            env.setenv(name, value)
+        gateway = harness.gateway()
+        worker = harness.worker(gateway.address, "--engine", "llama_cpp", "--n-ctx", "2048", "--parallel", "1")
+        bridge = harness.bridge(gateway.address)
+        try:
+            harness.wait_for_workers(f"http://{bridge.address}", model, 1)
+            client = openai.OpenAI(base_url=f"http://{bridge.address}/v1", api_key="none", max_retries=0, timeout=300)
+            messages = [
+                {"role": "system", "content": "You are a gardening assistant for people who live by rivers. " * 6},
+                {"role": "user", "content": "What grows well in wet soil?"},
+            ]
+            for turn in ("cached-1", "cached-2"):
+                reply = client.chat.completions.create(
+                    model=model,
+                    messages=messages,  # type: ignore[arg-type]
+                    max_tokens=8,
+                    temperature=0,
+                    extra_headers={"X-Request-Id": turn},
+                )
+                messages += [
+                    {"role": "assistant", "content": reply.choices[0].message.content or ""},
+                    {"role": "user", "content": "And in dry soil?"},
+                ]
+            assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
+            cached = reply.usage.prompt_tokens_details.cached_tokens
+            assert cached and cached > 0  # the system prompt and the first turn, at least
+            trace_id = trace_of_request(spans, "cached-2")
+            call = one(whole_trace(spans, trace_id), "tokenwire-worker", "server")
+            assert call.attributes["gen_ai.usage.cache_read.input_tokens"] == cached
+            assert call.attributes["gen_ai.usage.input_tokens"] == reply.usage.prompt_tokens
+        finally:
+            for proc in (bridge, worker, gateway):
+                proc.stop()
