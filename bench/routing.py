@@ -186,8 +186,9 @@ def llama_server_evaluated(base: str) -> int:
 
 
 def llama_server_requests(server: Server) -> int:
-    """Chat requests a llama-server answered, from its log (its metrics count tokens, not requests)."""
-    return sum(1 for line in server.log().splitlines() if "POST /v1/chat/completions" in line)
+    """Tasks a llama-server's slots took, from its log: its metrics count tokens, not requests, and at
+    the default verbosity it logs no request lines, but a slot's start of each task."""
+    return sum(1 for line in server.log().splitlines() if "launch_slot_" in line and "processing task" in line)
 
 
 def engine_counters(stack: Stack) -> tuple[int, list[int]]:
