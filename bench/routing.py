@@ -186,8 +186,9 @@ def llama_server_evaluated(base: str) -> int:
 
 
 def llama_server_requests(server: Server) -> int:
-    """Chat requests a llama-server answered, from its log (its metrics count tokens, not requests)."""
-    return sum(1 for line in server.log().splitlines() if "POST /v1/chat/completions" in line)
+    """Tasks a llama-server's slots took, from its log: its metrics count tokens, not requests, and at
+    the default verbosity it logs no request lines, but a slot's start of each task."""
+    return sum(1 for line in server.log().splitlines() if "launch_slot_" in line and "processing task" in line)
 
 
 def engine_counters(stack: Stack) -> tuple[int, list[int]]:
@@ -265,14 +266,15 @@ def measure(args: argparse.Namespace, routing: str) -> dict[str, Any]:
         stack = start_stack(group, args, routing)
         evaluated0, served0 = engine_counters(stack)
         figures = Figures()
-        busy0, t0 = machine_busy(), time.perf_counter()
+        busy0, t0, client0 = machine_busy(), time.perf_counter(), time.process_time()
         cpu0 = sum(s.cpu() for s in group.servers)
         if args.workload == "trace":
             asyncio.run(run_trace(stack.url, trace(args), args, figures))
         else:
             asyncio.run(run_random(stack.url, args, figures))
         elapsed = time.perf_counter() - t0
-        ours = sum(s.cpu() for s in group.servers) - cpu0
+        # Ours: the servers' CPU and this load client's own.
+        ours = sum(s.cpu() for s in group.servers) - cpu0 + time.process_time() - client0
         others = max(machine_busy() - busy0 - ours, 0.0)
         evaluated1, served1 = engine_counters(stack)
     served = [b - a for a, b in zip(served0, served1, strict=True)]
