@@ -220,29 +220,45 @@ class MemoryIndex:
             self._by_worker[worker].discard(h)
 
 
-# Each prefix is one hash, worker address -> tokens, touched at each record: TTL is its bound.
-_LOOKUP = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  out[i] = redis.call('HGETALL', key)
+# Each prefix is one Redis hash, worker address -> tokens, its TTL renewed at each record: the TTL
+# is the bound. The scripts get a request's prefixes as one string of hex digests and compute the
+# keys: one argument, not one a prefix (redis-py's encoding of each argument was most of the cost).
+_KEY = f"{PREFIX}routing:"
+_HEX = 2 * _DIGEST
+_KEY_LUA = (
+    f"local function key(hashes, i) return '{_KEY}' .. string.sub(hashes, {_HEX} * i - {_HEX - 1}, {_HEX} * i) end"
+)
+_LOOKUP = f"""
+{_KEY_LUA}
+local hashes, out = ARGV[1], {{}}
+for i = 1, #hashes / {_HEX} do
+  out[i] = redis.call('HGETALL', key(hashes, i))
 end
 return out
 """
-# ARGV[1]: the TTL in ms; then for each key, a worker and its tokens (-1: forget the worker there).
-_UPDATE = """
-for i, key in ipairs(KEYS) do
-  local worker, tokens = ARGV[2 * i], ARGV[2 * i + 1]
-  if tokens == '-1' then
-    redis.call('HDEL', key, worker)
+# ARGV[1]: the TTL in ms; then (worker, digests, tokens): the tokens comma-separated, or empty to
+# forget the worker at those prefixes.
+_UPDATE = f"""
+{_KEY_LUA}
+for r = 2, #ARGV, 3 do
+  local worker, hashes, tokens = ARGV[r], ARGV[r + 1], ARGV[r + 2]
+  if tokens == '' then
+    for i = 1, #hashes / {_HEX} do
+      redis.call('HDEL', key(hashes, i), worker)
+    end
   else
-    redis.call('HSET', key, worker, tokens)
-    redis.call('PEXPIRE', key, ARGV[1])
+    local i = 0
+    for count in string.gmatch(tokens, '[^,]+') do
+      i = i + 1
+      redis.call('HSET', key(hashes, i), worker, count)
+      redis.call('PEXPIRE', key(hashes, i), ARGV[1])
+    end
   end
 end
-return #KEYS
+return 1
 """
-# Updates waiting for the store, at most: beyond it they are dropped (the index is advice; a store
-# that does not keep up must not grow the gateway's memory, nor block Redis with one huge script).
+# Prefixes waiting for the store, at most: beyond it updates are dropped (the index is advice; a
+# store that does not keep up must not grow the gateway's memory, nor block Redis with one huge script).
 MAX_PENDING = 2048
 DEFAULT_TTL = 600.0  # seconds: about what the memory index's default cap holds at 150 new prefixes/s
 
@@ -250,7 +266,7 @@ DEFAULT_TTL = 600.0  # seconds: about what the memory index's default cap holds 
 class RedisIndex:
     """The index in the shared store, for every gateway that names it (``--store redis://``).
 
-    Lookups are awaited before dispatch (one script, every hash of the request); records and
+    Lookups are awaited before dispatch (one script, every prefix of the request); records and
     forgets are queued and written by one background task, in batches as they accumulate, so that
     a response never waits on the store. A departed worker's entries are not deleted: routing
     filters holders to live workers, and the TTL ends them."""
@@ -259,14 +275,15 @@ class RedisIndex:
         self.store = store
         self.ttl_ms = int(ttl * 1000)
         self._lookup = store.script(_LOOKUP)
-        self._pending: list[tuple[bytes, str, int]] = []  # (prefix, worker, tokens or -1)
+        self._pending: list[str] = [str(self.ttl_ms)]  # the update's arguments
+        self._pending_prefixes = 0
         self._writer: asyncio.Task[None] | None = None
 
     async def holders(self, chains: Sequence[Chain]) -> list[list[dict[str, int]]] | None:
         """Each chain's holders, or None while the store is down."""
-        keys = [_key(h) for chain in chains for h in chain.hashes]
+        hashes = b"".join(h for chain in chains for h in chain.hashes).hex()
         try:
-            replies = await self.store.run(self._lookup(keys=keys))
+            replies = await self.store.run(self._lookup(args=[hashes]))
         except StoreUnavailable:
             return None
         held = [{reply[i].decode(): int(reply[i + 1]) for i in range(0, len(reply), 2)} for reply in replies]
@@ -277,35 +294,28 @@ class RedisIndex:
         return out
 
     def record(self, hashes: Sequence[bytes], tokens: Sequence[int], worker: str) -> None:
-        self._queue([(h, worker, count) for h, count in zip(hashes, tokens, strict=True)])
+        self._queue(worker, hashes, ",".join(map(str, tokens)))
 
     def forget(self, hashes: Sequence[bytes], worker: str) -> None:
-        self._queue([(h, worker, -1) for h in hashes])
+        self._queue(worker, hashes, "")
 
-    def _queue(self, updates: list[tuple[bytes, str, int]]) -> None:
-        if len(self._pending) + len(updates) > MAX_PENDING:
+    def _queue(self, worker: str, hashes: Sequence[bytes], tokens: str) -> None:
+        if not hashes or self._pending_prefixes + len(hashes) > MAX_PENDING:
             return
-        self._pending += updates
+        self._pending += (worker, b"".join(hashes).hex(), tokens)
+        self._pending_prefixes += len(hashes)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write())
 
     async def _write(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            keys_args: list[str | int] = [_key(h) for h, _, _ in batch]
-            keys_args.append(self.ttl_ms)
-            for _, worker, count in batch:
-                keys_args += (worker, count)
+        while self._pending_prefixes:
+            args, self._pending, self._pending_prefixes = self._pending, [str(self.ttl_ms)], 0
             try:
                 # EVAL, not the script's digest: after a Redis restart EVALSHA takes two more round
                 # trips (NOSCRIPT, SCRIPT LOAD), and the next turn, at another gateway, may look first.
-                await self.store.run(self.store.client.eval(_UPDATE, len(batch), *keys_args))
+                await self.store.run(self.store.client.eval(_UPDATE, 0, *args))
             except StoreUnavailable:
                 pass  # dropped: each gateway's own index has them, and later turns record again
-
-
-def _key(prefix: bytes) -> str:
-    return f"{PREFIX}routing:{prefix.hex()}"
 
 
 # -- routing ----------------------------------------------------------------------------

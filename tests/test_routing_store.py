@@ -1,6 +1,7 @@
 """Cache-aware routing shared by two front ends through a real Redis (``--store redis://``).
 
-A standalone registry, three echo workers, and two ``tokenwire front-end`` processes over them;
+First the shared index alone (gateway/routing.py's RedisIndex under two Routers, as two gateways
+hold them) over a real redis-server; then through real processes. A standalone registry, three echo workers, and two ``tokenwire front-end`` processes over them;
 a client alternates between the front ends. Rendezvous hashing alone already keeps a plain
 conversation on one worker, so the test makes the two views differ: front end A holds three long
 streams on the conversation's anchor worker, so that A sends its first turn elsewhere, past the
@@ -11,22 +12,115 @@ own view, with no error) and started again (shared again).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import openai
 import pytest
+from prometheus_client import CollectorRegistry
 
+from common.store import Store, StoreConfig
+from gateway.routing import MemoryIndex, RedisIndex, Router, chat_chain, completion_chains
 from tests import harness
 from tests.conftest import CHAT_MODEL
 from tests.redis_server import RedisServer
+from tests.test_routing import chat, ended, workers
+from tokenwire.v1 import api_pb2
 
 KEY = "routing-key"
 TURNS = 10
 HELD = 3  # streams held on the anchor's worker: past the default margin (2 calls and 1.5 times)
+
+
+# -- the index alone -----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def routers(redis_server: RedisServer) -> AsyncIterator[tuple[Router, Router]]:
+    """Two gateways' routers over one store (each its own connection, as two processes have)."""
+    stores = [Store(StoreConfig(redis_server.url, None, 2000), "gateway", CollectorRegistry()) for _ in range(2)]
+    for store in stores:
+        await store.start()
+    yield (
+        Router(MemoryIndex(2**20), shared=RedisIndex(stores[0])),
+        Router(MemoryIndex(2**20), shared=RedisIndex(stores[1])),
+    )
+    for store in stores:
+        await store.close()
+
+
+async def written(router: Router) -> None:
+    """Until the router's background writes are in the store."""
+    assert router.shared is not None
+    while router.shared._writer is not None and not router.shared._writer.done():
+        await router.shared._writer
+
+
+async def test_what_one_gateway_records_another_routes_by(
+    routers: tuple[Router, Router], redis_server: RedisServer
+) -> None:
+    one, two = routers
+    pool = workers(3)
+    request = chat("hello", "hi there", "more")
+    route = await one.fetch_route("m", [chat_chain(request)], 1)
+    home = pool[2]
+    route.served(home, ended(0, 900, None))  # as if the margin had sent it to the third worker
+    await written(one)
+    later = await two.fetch_route("m", [chat_chain(chat("hello", "hi there", "more", "ok", "and?"))], 1)
+    assert later.choose(pool, 0) is home and later.reason(0) == "prefix"
+    assert two.index.holders(chat_chain(request).hashes)[0] == {}  # the other gateway's own index saw none of it
+    # One hash a prefix, with a TTL.
+    keys = [k for k in redis_server.keys() if k.startswith("tokenwire:routing:")]
+    assert len(keys) == len(chat_chain(request).hashes)
+    assert 0 < int(redis_server.command(None, "PTTL", keys[0])) <= 600_000
+    # Completions: one chain a prompt, looked up together, each its own holders.
+    prompts = api_pb2.CreateCompletionRequest(model="m")
+    prompts.prompt.add(text="first prompt")
+    prompts.prompt.add(text="second prompt")
+    first, second = completion_chains(prompts)
+    one.record(first.hashes, [5] * len(first.hashes), "127.0.0.1:5000")
+    one.record(second.hashes, [7] * len(second.hashes), "127.0.0.1:5001")
+    await written(one)
+    assert await two.shared.holders([first, second]) == [  # type: ignore[union-attr]
+        [{"127.0.0.1:5000": 5}] * len(first.hashes),
+        [{"127.0.0.1:5001": 7}] * len(second.hashes),
+    ]
+
+
+async def test_what_one_gateway_forgets_all_forget(routers: tuple[Router, Router]) -> None:
+    one, two = routers
+    chain = chat_chain(chat("a long conversation", "with replies", "and questions"))
+    one.record(chain.hashes, [10] * len(chain.hashes), "127.0.0.1:5000")
+    one.record(chain.hashes, [20] * len(chain.hashes), "127.0.0.1:5001")
+    await written(one)
+    two.forget(chain.hashes[1:], "127.0.0.1:5000")  # it evicted all but the first prefix
+    await written(two)
+    held = await one.shared.holders([chain])  # type: ignore[union-attr]
+    assert held == [[{"127.0.0.1:5000": 10, "127.0.0.1:5001": 20}] + [{"127.0.0.1:5001": 20}] * (len(chain.hashes) - 1)]
+
+
+async def test_a_store_down_leaves_each_gateway_its_own_view(
+    routers: tuple[Router, Router], redis_server: RedisServer
+) -> None:
+    one, two = routers
+    pool = workers(3)
+    redis_server.kill()
+    request = chat("while down", "reply", "next")
+    route = await one.fetch_route("m", [chat_chain(request)], 1)  # falls back at once
+    home = route.choose(pool, 0)
+    route.served(home, ended(0, 500, None))
+    await written(one)
+    assert one.index.holders(chat_chain(request).hashes)[0] == {home.status.address: chat_chain(request).tokens(500)[0]}
+    again = await one.fetch_route("m", [chat_chain(chat("while down", "reply", "next", "r", "n"))], 1)
+    assert again.choose(pool, 0) is home and again.reason(0) == "prefix"  # its own index
+    await asyncio.wait_for(two.fetch_route("m", [chat_chain(request)], 1), 5)  # no hang at the other either
+
+
+# -- through real processes -----------------------------------------------------------------
 
 
 @dataclass
@@ -81,9 +175,9 @@ def diverted_conversation(fleet: Fleet, midway: Callable[[], None] = lambda: Non
     A, B, A, ..., begun while A holds HELD streams on its anchor's worker (``midway`` runs after
     half of them)."""
     harness.wait_until(lambda: not any(fleet.in_flight()), what="no call left from before")
-    system = {"role": "system", "content": f"You are assistant {uuid.uuid4()}. " * 8}
+    system: Any = {"role": "system", "content": f"You are assistant {uuid.uuid4()}. " * 8}
     a, b = fleet.client(0), fleet.client(1)
-    held = [
+    held: list[Any] = [
         a.chat.completions.create(
             model=CHAT_MODEL, messages=[system, {"role": "user", "content": f"hold {i}"}], max_tokens=2000, stream=True
         )
@@ -146,7 +240,8 @@ def test_redis_killed_then_restarted_under_the_routing(shared: tuple[Fleet, Redi
         assert "down (gateway)" in front.log(since=mark)
 
     redis.start()
-    for front in fleet.front_ends:
-        harness.wait_until(lambda f=front: "up again (gateway)" in f.log(), what="the store up again")
+    harness.wait_until(
+        lambda: all("up again (gateway)" in front.log() for front in fleet.front_ends), what="the store up again"
+    )
     anchor, landed = diverted_conversation(fleet)
     assert len(landed) == 1 and landed != [anchor], (anchor, landed)
