@@ -68,7 +68,7 @@ def routing_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--routing-index-ttl",
-        type=float,
+        type=settings.positive_seconds,
         default=600.0,
         help="with --store redis://...: seconds the shared prefix index keeps a prefix nobody sent again",
     )
