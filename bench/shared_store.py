@@ -179,7 +179,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 quiet = ("--port", "0", "--log-level", "warning")
                 argv = ("front-end", *quiet, "--controller-address", gateway, "--bridge", *quiet)
                 second_front = group.start(servers.tokenwire("fleet-b-front-end", *argv, env=redis_env))
-                second = front_ends.Stack(f"http://{second_front.part_address('bridge')}", [second_front])
+                second = front_ends.Stack(f"http://{second_front.part_address('bridge')}", [second_front], [])
                 wait_models(second.base, list(front_ends.echo_workers()))
                 setups = {
                     "one": ([client(first)], first.front),

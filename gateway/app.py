@@ -27,7 +27,7 @@ from gateway.key_reload import KeyReloader, KeysSource, MemoryRevocations, Redis
 from gateway.pool import WorkerPool, remote_source
 from gateway.rate_limits import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.registry import Registry, RegistryServicer
-from gateway.routing import Router
+from gateway.routing import DEFAULT_TTL, RedisIndex, Router
 from gateway.service import InferenceServicer
 from tokenwire.v1 import api_pb2_grpc, batch_pb2_grpc, registry_pb2_grpc
 
@@ -50,6 +50,7 @@ async def run_gateway(
     heartbeat_expiry: float = 15.0,
     limits: Limits | None = None,
     router: Router | None = None,
+    routing_index_ttl: float = DEFAULT_TTL,
     shutdown_grace: float = 10.0,
     expect_models: list[str] | None = None,
     metrics_port: int | None = None,
@@ -73,8 +74,8 @@ async def run_gateway(
     SERVING only while each expected model (default: each model seen) has a
     live worker, which is what the bridge's /ready reports.
 
-    With ``store`` (redis://...), the per-key limits and the revoked keys live there, shared
-    by every gateway that names the same store.
+    With ``store`` (redis://...), the per-key limits, the revoked keys and the routing index
+    live there, shared by every gateway that names the same store.
     """
     keys = keys or KeysSource(list, None)
     shared = Store(store, "gateway", metrics.REGISTRY) if store is not None else None
@@ -84,6 +85,8 @@ async def run_gateway(
         await shared.start()
         limiter = RedisRateLimiter(shared, limits_when_store_down)
         revocations = RedisRevocations(shared)
+        if router is not None:
+            router.shared = RedisIndex(shared, routing_index_ttl)
     api_keys = ApiKeys(keys.read(), default_limits)
     reloader = KeyReloader(api_keys, keys, revocations)
     services: list[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]] = []

@@ -87,6 +87,12 @@ def routing_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--routing-index-mib", type=float, default=64.0, help="memory cap of the prefix index (LRU beyond it)"
     )
+    parser.add_argument(
+        "--routing-index-ttl",
+        type=settings.positive_seconds,
+        default=600.0,
+        help="with --store redis://...: seconds the shared prefix index keeps a prefix nobody sent again",
+    )
 
 
 def gateway_flags(parser: argparse.ArgumentParser) -> None:
@@ -201,6 +207,7 @@ def serving(
         heartbeat_expiry=args.heartbeat_expiry,
         limits=sampling.limits(args),
         router=router(args),
+        routing_index_ttl=args.routing_index_ttl,
         shutdown_grace=args.shutdown_grace,
         expect_models=settings.split(args.expect_models),
         metrics_port=args.metrics_port,

@@ -39,10 +39,10 @@ class Inference:
         self.limits = limits or Limits()
         self.router = router  # None: least-loaded dispatch
 
-    def _chat_route(self, request: api_pb2.CreateChatCompletionRequest, n: int) -> Route | None:
+    async def _chat_route(self, request: api_pb2.CreateChatCompletionRequest, n: int) -> Route | None:
         if self.router is None:
             return None
-        return self.router.route(request.model, [chat_chain(request)], n)
+        return await self.router.fetch_route(request.model, [chat_chain(request)], n)
 
     def _require_kind(self, model: str, generation: bool) -> common_pb2.ModelInfo:
         info = self.pool.model_info(model)
@@ -99,7 +99,7 @@ class Inference:
             )
 
         usage = _UsageSum(len(requests))
-        route = self._chat_route(request, len(requests))
+        route = await self._chat_route(request, len(requests))
         async for response in self.dispatch.choices(model, requests, timeout, stream=True, prefer=route):
             i = response.index
             if response.HasField("accepted"):
@@ -135,7 +135,7 @@ class Inference:
             r.request_id = response_id
         choices: list[api_pb2.ChatCompletionChoice] = [api_pb2.ChatCompletionChoice() for _ in requests]
         usage = _UsageSum(len(requests))
-        route = self._chat_route(request, len(requests))
+        route = await self._chat_route(request, len(requests))
         async for response in self.dispatch.choices(request.model, requests, timeout, stream=False, prefer=route):
             usage.accepted(response)
             usage.ended(response)
@@ -201,7 +201,8 @@ class Inference:
         offsets = [0] * len(requests)
         route = None
         if self.router is not None:
-            route = self.router.route(request.model, completion_chains(request), len(requests) // len(request.prompt))
+            chains, n = completion_chains(request), len(requests) // len(request.prompt)
+            route = await self.router.fetch_route(request.model, chains, n)
         async for response in self.dispatch.choices(request.model, requests, timeout, stream, prefer=route):
             for entry in response.delta.logprobs:
                 entry.text_offset = offsets[response.index]

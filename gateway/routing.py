@@ -22,12 +22,18 @@
 - **feedback**: after each choice its chain is recorded for the worker that served it; a worker
   that reports far fewer cached tokens than the index predicted has evicted them, and the index
   forgets those entries for it before recording what it now holds.
+- **shared** (:class:`RedisIndex`, with ``--store redis://``): replicas share the index, so that a
+  conversation whose turns reach different gateways stays on one worker. A request's holders come
+  from the store in one round trip before dispatch; what is recorded and forgotten goes to it in
+  the background, never holding a response. Each gateway keeps its own :class:`MemoryIndex` too,
+  and routes by it while the store is down.
 
 Dispatch knows none of this: it gets a :class:`Route` as its preference (gateway/dispatch.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hashlib
 from collections import OrderedDict
@@ -37,6 +43,7 @@ from typing import Protocol
 
 from google.protobuf.message import Message
 
+from common.store import PREFIX, Store, StoreUnavailable
 from gateway import metrics
 from gateway.pool import WorkerHandle, least_loaded
 from tokenwire.v1 import api_pb2, worker_pb2
@@ -138,7 +145,7 @@ def completion_chains(request: api_pb2.CreateCompletionRequest) -> list[Chain]:
 
 
 class PrefixIndex(Protocol):
-    """Where chains and their workers are kept (in memory here; shared by replicas later)."""
+    """Where chains and their workers are kept, in this gateway's memory (shared: :class:`RedisIndex`)."""
 
     def holders(self, hashes: Sequence[bytes]) -> list[dict[str, int]]:
         """For each hash: worker address -> estimated cached tokens ({} when none holds it)."""
@@ -213,6 +220,104 @@ class MemoryIndex:
             self._by_worker[worker].discard(h)
 
 
+# Each prefix is one Redis hash, worker address -> tokens, its TTL renewed at each record: the TTL
+# is the bound. The scripts get a request's prefixes as one string of hex digests and compute the
+# keys: one argument, not one a prefix (less for redis-py to encode: about 10 % of a write's CPU).
+_KEY = f"{PREFIX}routing:"
+_HEX = 2 * _DIGEST
+_KEY_LUA = (
+    f"local function key(hashes, i) return '{_KEY}' .. string.sub(hashes, {_HEX} * i - {_HEX - 1}, {_HEX} * i) end"
+)
+_LOOKUP = f"""
+{_KEY_LUA}
+local hashes, out = ARGV[1], {{}}
+for i = 1, #hashes / {_HEX} do
+  out[i] = redis.call('HGETALL', key(hashes, i))
+end
+return out
+"""
+# ARGV[1]: the TTL in ms; then (worker, digests, tokens): the tokens comma-separated, or empty to
+# forget the worker at those prefixes.
+_UPDATE = f"""
+{_KEY_LUA}
+for r = 2, #ARGV, 3 do
+  local worker, hashes, tokens = ARGV[r], ARGV[r + 1], ARGV[r + 2]
+  if tokens == '' then
+    for i = 1, #hashes / {_HEX} do
+      redis.call('HDEL', key(hashes, i), worker)
+    end
+  else
+    local i = 0
+    for count in string.gmatch(tokens, '[^,]+') do
+      i = i + 1
+      redis.call('HSET', key(hashes, i), worker, count)
+      redis.call('PEXPIRE', key(hashes, i), ARGV[1])
+    end
+  end
+end
+return 1
+"""
+# Prefixes waiting for the store, at most: beyond it updates are dropped (the index is advice; a
+# store that does not keep up must not grow the gateway's memory, nor block Redis with one huge script).
+MAX_PENDING = 2048
+DEFAULT_TTL = 600.0  # seconds: about what the memory index's default cap holds at 150 new prefixes/s
+
+
+class RedisIndex:
+    """The index in the shared store, for every gateway that names it (``--store redis://``).
+
+    Lookups are awaited before dispatch (one script, every prefix of the request); records and
+    forgets are queued and written by one background task, in batches as they accumulate, so that
+    a response never waits on the store. A departed worker's entries are not deleted: routing
+    filters holders to live workers, and the TTL ends them."""
+
+    def __init__(self, store: Store, ttl: float = DEFAULT_TTL) -> None:
+        self.store = store
+        self.ttl_ms = int(ttl * 1000)
+        self._lookup = store.script(_LOOKUP)
+        self._pending: list[str] = [str(self.ttl_ms)]  # the update's arguments
+        self._pending_prefixes = 0
+        self._writer: asyncio.Task[None] | None = None
+
+    async def holders(self, chains: Sequence[Chain]) -> list[list[dict[str, int]]] | None:
+        """Each chain's holders, or None while the store is down."""
+        hashes = b"".join(h for chain in chains for h in chain.hashes).hex()
+        try:
+            replies = await self.store.run(self._lookup(args=[hashes]))
+        except StoreUnavailable:
+            return None
+        held = [{reply[i].decode(): int(reply[i + 1]) for i in range(0, len(reply), 2)} for reply in replies]
+        out, start = [], 0
+        for chain in chains:
+            out.append(held[start : start + len(chain.hashes)])
+            start += len(chain.hashes)
+        return out
+
+    def record(self, hashes: Sequence[bytes], tokens: Sequence[int], worker: str) -> None:
+        self._queue(worker, hashes, ",".join(map(str, tokens)))
+
+    def forget(self, hashes: Sequence[bytes], worker: str) -> None:
+        self._queue(worker, hashes, "")
+
+    def _queue(self, worker: str, hashes: Sequence[bytes], tokens: str) -> None:
+        if not hashes or self._pending_prefixes + len(hashes) > MAX_PENDING:
+            return
+        self._pending += (worker, b"".join(hashes).hex(), tokens)
+        self._pending_prefixes += len(hashes)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def _write(self) -> None:
+        while self._pending_prefixes:
+            args, self._pending, self._pending_prefixes = self._pending, [str(self.ttl_ms)], 0
+            try:
+                # EVAL, not the script's digest: after a Redis restart EVALSHA takes two more round
+                # trips (NOSCRIPT, SCRIPT LOAD), and the next turn, at another gateway, may look first.
+                await self.store.run(self.store.client.eval(_UPDATE, 0, *args))
+            except StoreUnavailable:
+                pass  # dropped: each gateway's own index has them, and later turns record again
+
+
 # -- routing ----------------------------------------------------------------------------
 
 
@@ -258,15 +363,37 @@ FEEDBACK_MIN_TOKENS = 64
 
 
 class Router:
-    def __init__(self, index: PrefixIndex, margin: Margin | None = None) -> None:
-        self.index = index
+    def __init__(self, index: PrefixIndex, margin: Margin | None = None, shared: RedisIndex | None = None) -> None:
+        self.index = index  # this gateway's own (with a shared one: its view while the store is down)
         self.margin = margin or Margin()
+        self.shared = shared
 
     def route(self, model: str, chains: Sequence[Chain], n: int) -> Route:
+        """A route by this gateway's own index."""
         return Route(self, model, chains, n)
 
+    async def fetch_route(self, model: str, chains: Sequence[Chain], n: int) -> Route:
+        """A route by the shared index when there is one and it answers (one round trip), else :meth:`route`."""
+        route = self.route(model, chains, n)
+        if self.shared is not None:
+            held = await self.shared.holders(chains)
+            if held is not None:
+                route._holders.update(enumerate(held))
+        return route
+
+    def record(self, hashes: Sequence[bytes], tokens: Sequence[int], worker: str) -> None:
+        self.index.record(hashes, tokens, worker)
+        if self.shared is not None:
+            self.shared.record(hashes, tokens, worker)
+        _export(self.index)
+
+    def forget(self, hashes: Sequence[bytes], worker: str) -> None:
+        self.index.forget(hashes, worker)
+        if self.shared is not None:
+            self.shared.forget(hashes, worker)
+
     def worker_left(self, address: str) -> None:
-        self.index.forget_worker(address)
+        self.index.forget_worker(address)  # the shared index's entries for it end with their TTL
         _export(self.index)
 
 
@@ -326,7 +453,7 @@ class Route:
 
     def served(self, worker: WorkerHandle, response: worker_pb2.GenerateResponse) -> None:
         """A choice ended on ``worker``: check the prediction, and record what it now holds."""
-        usage, index = response.end.usage, self.router.index
+        usage, router = response.end.usage, self.router
         chain = self.chains[response.index // self.n]
         tokens = chain.tokens(usage.prompt_tokens)
         address = worker.status.address
@@ -336,10 +463,9 @@ class Route:
             metrics.ROUTING_CACHED.labels(self.model).inc(actual)
             if predicted - actual >= max(FEEDBACK_MIN_TOKENS, predicted // 2):  # it evicted them
                 stale = [h for h, t in zip(chain.hashes, tokens, strict=True) if t > actual]
-                index.forget(stale, address)
+                router.forget(stale, address)
                 metrics.ROUTING_FORGOTTEN.labels(self.model).inc(len(stale))
-        index.record(chain.hashes, tokens, address)
-        _export(index)
+        router.record(chain.hashes, tokens, address)
 
 
 def _rendezvous(anchor: bytes, address: str) -> bytes:

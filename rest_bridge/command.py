@@ -68,24 +68,17 @@ def api_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--responses-store-ttl",
-        type=positive_seconds,
+        type=settings.positive_seconds,
         default=30 * 24 * 3600.0,
         help="seconds a stored response is kept after its last use (default: 30 days)",
     )
-
-
-def positive_seconds(value: str) -> float:
-    seconds = float(value)
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {value}")
-    return seconds
 
 
 def connection_flags(parser: argparse.ArgumentParser) -> None:
     """Connection limits and stream keep-alives (rest_bridge/connections.py, rest_bridge/keepalive.py)."""
     parser.add_argument(
         "--request-read-timeout",
-        type=positive_seconds,
+        type=settings.positive_seconds,
         default=5.0,
         help="seconds a new connection has to send a whole request head, and a body may pause between reads; "
         "past it the connection is closed (408 if part of a request came)",

@@ -229,6 +229,13 @@ def test_redis_killed_then_restarted_under_both_replicas(fleet: Fleet) -> None:
             return False
 
     harness.wait_until(stored_again, what="responses stored again after Redis came back")
+    # Each part's probe finds it back on its own (every 0.5 s): the gateways' too, before their limits are read.
+    harness.wait_until(
+        lambda: all(
+            "up again (gateway)" in front.log(since=mark) for front, mark in zip(fleet.front_ends, marks, strict=True)
+        ),
+        what="the gateways' store up again",
+    )
     # What Redis had kept (its append-only file) is there again, from either replica.
     for _, client in itertools.islice(fleet.clients("plain-key"), 2):
         assert _turn(client, "and then?", before.id).status == "completed"

@@ -4,7 +4,8 @@ The classes the gateway and the bridge use (``gateway/rate_limits.py``,
 ``rest_bridge/responses/store.py``) called directly on uvloop, as the front end runs them, against
 a redis-server of its own (``make redis``) and against their memory twins: a bare ``PING``, a
 limited key's admission (one script), its admission and the count of its tokens (two), a stored
-response's put and get (two). Each operation ``--calls`` times one after another (concurrency 1:
+response's put and get (two), cache-aware routing's lookup, decision and record of a chat request
+(``gateway/routing.py``: one script awaited, one written in the background, batched). Each operation ``--calls`` times one after another (concurrency 1:
 what a request waits) and in batches of 32 at once (what a busy front end pays a call), in
 ``--rounds`` rounds with the operations in turn. The figure is this process's own CPU
 (``time.process_time``) a call, which other processes on a shared machine disturb far less than
@@ -21,12 +22,14 @@ import itertools
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from bench import servers
 from bench.servers import Group
 from common.store import Store, StoreConfig
 from gateway.auth import ApiKey, KeyLimits
 from gateway.rate_limits import MemoryRateLimiter, RedisRateLimiter
+from gateway.routing import MemoryIndex, RedisIndex, Router, chat_chain
 from rest_bridge.responses.store import MemoryResponseStore, RedisResponseStore, Stored
 
 HIGH = 10**12  # limits no load reaches: every call is admitted
@@ -70,10 +73,31 @@ def operations(store: Store) -> dict[str, tuple[Operation, Operation]]:
 
     return {
         "ping": (nothing, ping),
+        "route (chat, 9 turns)": (
+            route_chat(Router(MemoryIndex(2**28))),
+            route_chat(Router(MemoryIndex(2**28), shared=RedisIndex(store))),
+        ),
         "admit (rpm)": (lambda _: memory_limits.admit(rpm), lambda _: redis_limits.admit(rpm)),
         "admit + record (rpm+tpm)": (admit_and_record(memory_limits), admit_and_record(redis_limits)),
         "response put + get": (put_and_get(memory_responses), put_and_get(redis_responses)),
     }
+
+
+def route_chat(router: Router) -> Operation:
+    """A conversation's next turn: its chain, the holders (from the store: one script), the choice,
+    and the record of what the worker now holds (to the store: in the background)."""
+    from tests.test_routing import Worker, chat, ended
+
+    pool: list[Any] = [Worker(f"127.0.0.1:{5000 + i}") for i in range(3)]
+    turns = [f"turn {t}: " + "words " * 40 for t in range(9)]  # a 1 KiB system prompt, 9 messages
+    requests = [chat(*turns, system=f"Tenant {c}'s assistant. " + "rules " * 160) for c in range(64)]
+
+    async def operation(call: int) -> None:
+        request = requests[call % len(requests)]
+        route = await router.fetch_route(request.model, [chat_chain(request)], 1)
+        route.served(route.choose(pool, 0), ended(0, 600, None))
+
+    return operation
 
 
 async def timed(operation: Operation, calls: int, batch: int) -> tuple[float, float]:
