@@ -333,11 +333,17 @@ def test_a_client_that_leaves_mid_stream_stops_the_worker_and_its_spans_say_so(b
 
 def test_a_failover_shows_both_attempts(by_flags: Traced) -> None:
     dead = by_flags.system.chat_workers[0]
-    dead.signal(signal.SIGKILL)  # no deregistration: the gateway still has it in its view
-    # Two choices: each goes to another worker (the first's call holds its worker's load), so
-    # one of them meets the dead worker first, and fails over to the live one.
-    chat_stream(by_flags, "hello", {"X-Request-Id": "trace-failover"}, n=2)
-    spans = whole_trace(by_flags.spans, trace_of_request(by_flags.spans, "trace-failover"), workers=2)
+    # Stopped, not killed: a killed worker's connection is reset, and the gateway takes it out of
+    # dispatch before any call. A stopped one keeps its connection until keepalive gives it up
+    # (within 12 s), so the call sent to it fails then (UNAVAILABLE) and moves to the live worker.
+    dead.signal(signal.SIGSTOP)
+    try:
+        # Two choices: each goes to another worker (the first's call holds its worker's load), so
+        # one of them meets the stopped worker, and fails over to the live one.
+        chat_stream(by_flags, "hello", {"X-Request-Id": "trace-failover"}, n=2)
+        spans = whole_trace(by_flags.spans, trace_of_request(by_flags.spans, "trace-failover"), workers=2)
+    finally:
+        dead.signal(signal.SIGKILL)  # never to answer the call it was sent
 
     gateway = one(spans, "tokenwire-gateway", "server")
     attempts = named(spans, "dispatch")
