@@ -52,12 +52,12 @@ def operations(store: Store) -> dict[str, tuple[Operation, Operation]]:
         return None
 
     async def ping(_: int) -> object:
-        return await store.run(store.client.ping())
+        return await store.ping()
 
     def admit_and_record(limits: MemoryRateLimiter | RedisRateLimiter) -> Operation:
         async def operation(_: int) -> None:
             await limits.admit(both)
-            await limits.record(both, 40)
+            limits.record(both, 40)
 
         return operation
 
