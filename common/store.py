@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import contextvars
 import hashlib
@@ -155,6 +156,96 @@ def redacted(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{parts.netloc.rsplit('@', 1)[1]}").geturl()
 
 
+class _Link:
+    """One connection to the store, pipelined across callers: whatever every caller sends in one
+    turn of the event loop goes in one write, and one reader hands each its replies in order (as
+    StackExchange.Redis and ioredis's auto-pipelining do). redis-py's connection (its TLS, its
+    AUTH, its hiredis parser) without its client's per-command work: a connection from a pool,
+    checked as it is taken, retries and metrics hooks, a lock; that costs the front end as much
+    as the request's Redis work several times over (bench/RESULTS.md). A read that passes the
+    deadline, or a connection that fails, fails every call in flight; the next one reconnects."""
+
+    def __init__(self, client: Any, errors: tuple[type[BaseException], ...], refusal: type[BaseException]) -> None:
+        self._pool = client.connection_pool
+        self._errors, self._refusal = errors, refusal
+        self._connection: Any = None
+        self._outbox: list[tuple[list[tuple[Any, ...]], asyncio.Future[list[Any]]]] = []
+        self._in_flight: collections.deque[tuple[int, asyncio.Future[list[Any]]]] = collections.deque()
+        self._sender: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Each command's reply (a refusal as its exception object); raises when the link fails."""
+        reply: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._outbox.append((commands, reply))
+        if self._sender is None:  # it starts on the next turn: this turn's calls go with this one
+            self._sender = _background(self._send_waiting())
+        return await reply
+
+    async def _send_waiting(self) -> None:
+        try:
+            while self._outbox:
+                batch, self._outbox = self._outbox, []
+                try:
+                    if self._connection is None:
+                        self._connection = self._pool.make_connection()
+                    connection = self._connection
+                    packed = connection.pack_commands([command for commands, _ in batch for command in commands])
+                    await connection.send_packed_command(packed, check_health=False)
+                except self._errors as error:
+                    self._break(error, batch)
+                    continue
+                self._in_flight.extend((len(commands), reply) for commands, reply in batch)
+                if self._reader is None:
+                    self._reader = _background(self._read(connection))
+        finally:
+            self._sender = None
+
+    async def _read(self, connection: Any) -> None:
+        try:
+            while self._in_flight and connection is self._connection:
+                count, reply = self._in_flight[0]
+                replies = []
+                for _ in range(count):
+                    try:
+                        replies.append(await connection.read_response())
+                    except self._refusal as refusal:  # an error reply: the connection is fine
+                        replies.append(refusal)
+                if connection is not self._connection:  # broken meanwhile: what was in flight failed
+                    return
+                self._in_flight.popleft()
+                if not reply.done():  # its caller may have left (cancelled): its replies are read all the same
+                    reply.set_result(replies)
+        except self._errors as error:
+            if connection is self._connection:
+                self._break(error, [])
+        finally:
+            self._reader = None
+            if self._in_flight and self._connection is not None and self._connection is not connection:
+                self._reader = _background(self._read(self._connection))  # a new connection's replies
+
+    def _break(
+        self, error: BaseException, batch: list[tuple[list[tuple[Any, ...]], asyncio.Future[list[Any]]]]
+    ) -> None:
+        failed = [reply for _, reply in batch] + [reply for _, reply in self._in_flight]
+        self._in_flight.clear()
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            _background(connection.disconnect(nowait=True))
+        for reply in failed:
+            if not reply.done():
+                reply.set_exception(error)
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.disconnect()
+
+
+def _background(coroutine: Any) -> asyncio.Task[Any]:
+    """A task in a context of its own: never a request's (its deferred calls are the request's to send)."""
+    return asyncio.get_running_loop().create_task(coroutine, context=contextvars.Context())
+
+
 class Store:
     """One part's connection to the shared store: round trips with a deadline, its health followed."""
 
@@ -195,6 +286,7 @@ class Store:
         self._probe: asyncio.Task[None] | None = None
         self._writes: list[Callable[[], list[Write]]] = []
         self._scripts: list[Script] = []
+        self._link = _Link(self.client, self._errors, self._refusal)
         self._writer: asyncio.Task[None] | None = None
 
     def script(self, source: str) -> Script:
@@ -255,9 +347,7 @@ class Store:
     def wake(self) -> None:
         """Writes wait: send them soon, in the background."""
         if self._writer is None or self._writer.done():
-            # A context of its own: never the request's (its deferred calls are the request's to send).
-            context = contextvars.Context()
-            self._writer = asyncio.get_running_loop().create_task(self._write(), context=context)
+            self._writer = _background(self._write())
 
     async def writes_sent(self) -> None:
         """Until the writes waiting now are sent (or dropped: the store down)."""
@@ -300,15 +390,7 @@ class Store:
         return replies
 
     async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        if len(commands) == 1:  # no pipeline object to build for one
-            try:
-                return [await self.client.execute_command(*commands[0])]
-            except self._refusal as refusal:
-                return [refusal]
-        pipeline = self.client.pipeline(transaction=False)
-        for command in commands:
-            pipeline.execute_command(*command)
-        return list(await pipeline.execute(raise_on_error=False))
+        return await self._link.send(commands)
 
     def _failed(self, error: BaseException) -> StoreUnavailable:
         if isinstance(error, self._connection_errors):
@@ -359,6 +441,7 @@ class Store:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
+        await self._link.close()
         await self.client.aclose()
 
 
