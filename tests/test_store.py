@@ -173,22 +173,28 @@ async def test_store_down_local_counts_per_replica_and_closed_refuses(redis_serv
 
 async def test_a_hung_store_costs_one_deadline_then_fails_fast(redis_server: RedisServer) -> None:
     shared = _store(redis_server, timeout_ms=200)
+    echo = shared.script("return ARGV[1]")
     await shared.start()
     try:
+        assert await shared.run(echo(args=["before"])) == b"before"
         redis_server.pause()
         started = time.monotonic()
-        with pytest.raises(StoreUnavailable):
-            await shared.ping()
+        # Calls pipelined on the one connection together: each fails at the deadline, none hangs.
+        outcomes = await asyncio.gather(*(shared.run(echo(args=[str(n)])) for n in range(10)), return_exceptions=True)
         first = time.monotonic() - started
+        assert all(isinstance(outcome, StoreUnavailable) for outcome in outcomes), outcomes
         # The deadline, not the kernel's TCP timeout (the time is the behaviour under test).
         assert 0.15 <= first < 2.0
         started = time.monotonic()
         for _ in range(20):
             with pytest.raises(StoreUnavailable):
+                await shared.run(echo(args=["down"]))
+            with pytest.raises(StoreUnavailable):
                 await shared.ping()
         assert time.monotonic() - started < 0.1  # down: nobody waits on it
         redis_server.resume()
         await asyncio.to_thread(harness.wait_until, lambda: shared.up, what="the store up again")
+        assert await shared.run(echo(args=["after"])) == b"after"  # a new connection
         assert await shared.ping()
     finally:
         redis_server.resume()
