@@ -166,7 +166,10 @@ class _Link:
     deadline, or a connection that fails, fails every call in flight; the next one reconnects."""
 
     def __init__(self, client: Any, errors: tuple[type[BaseException], ...], refusal: type[BaseException]) -> None:
+        from hiredis import pack_command
+
         self._pool = client.connection_pool
+        self._pack = pack_command
         self._errors, self._refusal = errors, refusal
         self._connection: Any = None
         self._outbox: list[tuple[list[tuple[Any, ...]], asyncio.Future[list[Any]]]] = []
@@ -190,7 +193,8 @@ class _Link:
                     if self._connection is None:
                         self._connection = self._pool.make_connection()
                     connection = self._connection
-                    packed = connection.pack_commands([command for commands, _ in batch for command in commands])
+                    # hiredis's packer in C, not redis-py's: it encodes each argument in Python first.
+                    packed = b"".join(self._pack(command) for commands, _ in batch for command in commands)
                     await connection.send_packed_command(packed, check_health=False)
                 except self._errors as error:
                     self._break(error, batch)

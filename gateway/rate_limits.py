@@ -197,7 +197,8 @@ class RedisRateLimiter:
         self._admit = store.script(_ADMIT)
         self._record = store.script(_RECORD)
         # Unique request ids: this process's, then a counter.
-        self._ids = (f"{os.getpid():x}.{os.urandom(4).hex()}.{n}" for n in itertools.count())
+        process = f"{os.getpid():x}.{os.urandom(4).hex()}."
+        self._ids = (f"{process}{n}" for n in itertools.count())
         self._window_us = int(WINDOW * 1_000_000)
         self._tokens: dict[str, tuple[ApiKey, int]] = {}  # key id -> tokens not yet written
         store.add_writes(self._waiting)
