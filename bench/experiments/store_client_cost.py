@@ -183,6 +183,7 @@ async def main_async(address: str, calls: int, rounds: int) -> None:
     python_parser.client = Redis.from_url(
         config.url, socket_timeout=1, socket_connect_timeout=1, parser_class=_AsyncRESP2Parser
     )
+    python_parser._link = type(store._link)(python_parser.client, store._errors, store._refusal)
     STORES[:] = [store, python_parser]
     ops = operations(store, python_parser)
     for shared in STORES:
