@@ -7,13 +7,24 @@ Responses. Each concern has its own small interface with a memory and a Redis im
 beside it; this module is only their plumbing.
 
 The client is redis-py's asyncio client (with hiredis parsing replies): maintained by Redis
-itself, it speaks RESP to Redis and Valkey alike, runs Lua scripts by their digest
-(``EVALSHA``, loading them again after a Redis restart), and reconnects by itself on the next
-command. Every command has a deadline of ``--store-timeout-ms``; a command that fails or passes
-it marks the store down: the gauge ``tokenwire_store_up`` goes to 0 and one warning is logged.
-While it is down, callers get :class:`StoreUnavailable` at once, without waiting on Redis, and
-a probe pings it every :data:`PROBE_INTERVAL` seconds; the first answer marks it up again
-(one more log line). So a hung Redis costs one request its deadline, not every request.
+itself, it speaks RESP to Redis and Valkey alike, and reconnects by itself on the next command.
+Every command has a deadline of ``--store-timeout-ms``; a command that fails or passes it marks
+the store down: the gauge ``tokenwire_store_up`` goes to 0 and one warning is logged. While it
+is down, callers get :class:`StoreUnavailable` at once, without waiting on Redis, and a probe
+pings it every :data:`PROBE_INTERVAL` seconds; the first answer marks it up again (one more log
+line). So a hung Redis costs one request its deadline, not every request.
+
+**Round trips.** Everything is a Lua :class:`Script` run by its digest (``EVALSHA``; once more
+by its source after a Redis restart lost it), and this module owns every round trip:
+
+- Redis learns the scripts at start and whenever it comes back after an outage.
+- :meth:`Store.run` is a request's one awaited round trip. It carries, in one pipeline (no
+  transaction: each script is atomic on its own), what was *deferred* for the same request
+  (:meth:`Store.defer`: the gateway's admission rides with the routing lookup) and the writes
+  waiting to go (so this process's counts are in before its next check).
+- writes (:meth:`Store.add_writes`: a limited key's tokens, the routing index's records) are
+  never awaited by a request: one background task sends whatever is waiting in one pipeline,
+  each concern's writes merged into one script call.
 
 The password comes from ``--store-password-file`` or ``TOKENWIRE_STORE_PASSWORD``, never the
 command line (ps shows it): a ``--store`` URL with a password in it is refused there.
@@ -23,12 +34,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import contextvars
+import hashlib
 import logging
 import os
-from collections.abc import Awaitable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
@@ -43,11 +57,59 @@ PROBE_INTERVAL = 0.5  # seconds between pings while the store is down
 PREFIX = "tokenwire:"
 
 log = logging.getLogger("tokenwire.store")
-T = TypeVar("T")
 
 
 class StoreUnavailable(Exception):
     """The store did not answer in time, or refused the command."""
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script: ``script(keys, args)`` is one :class:`Call` of it, for :meth:`Store.run`."""
+
+    source: str
+    sha: str
+
+    def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Call:
+        return Call(self, tuple(keys), tuple(args))
+
+
+@dataclass(frozen=True)
+class Call:
+    script: Script
+    keys: tuple[Any, ...]
+    args: tuple[Any, ...]
+
+    def command(self, by_digest: bool = True) -> tuple[Any, ...]:
+        head = ("EVALSHA", self.script.sha) if by_digest else ("EVAL", self.script.source)
+        return (*head, len(self.keys), *self.keys, *self.args)
+
+
+@dataclass(frozen=True)
+class Write:
+    """A call sent in the background; ``failed`` runs if it could not be (the store down)."""
+
+    call: Call
+    failed: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class _Deferred:
+    store: Store
+    call: Call
+    settle: Callable[[Any], None]  # gets the reply, or StoreUnavailable; may raise (a refusal)
+
+
+# The calls deferred by the request being served, until its round trip (Store.defer).
+_deferred: contextvars.ContextVar[list[_Deferred] | None] = contextvars.ContextVar("store_deferred", default=None)
+
+
+async def send_deferred() -> None:
+    """Send what the request being served deferred, if no round trip carried it yet: call it
+    before the work the deferred calls guard (the gateway: before dispatch)."""
+    pending = _deferred.get()
+    if pending:
+        await pending[0].store.run()
 
 
 @dataclass(frozen=True)
@@ -94,14 +156,109 @@ def redacted(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{parts.netloc.rsplit('@', 1)[1]}").geturl()
 
 
+class _Link:
+    """One connection to the store, pipelined across callers: whatever every caller sends in one
+    turn of the event loop goes in one write, and one reader hands each its replies in order (as
+    StackExchange.Redis and ioredis's auto-pipelining do). redis-py's connection (its TLS, its
+    AUTH, its hiredis parser) without its client's per-command work: a connection from a pool,
+    checked as it is taken, retries and metrics hooks, a lock; that costs the front end as much
+    as the request's Redis work several times over (bench/RESULTS.md). A read that passes the
+    deadline, or a connection that fails, fails every call in flight; the next one reconnects."""
+
+    def __init__(self, client: Any, errors: tuple[type[BaseException], ...], refusal: type[BaseException]) -> None:
+        from hiredis import pack_command
+
+        self._pool = client.connection_pool
+        self._pack = pack_command
+        self._errors, self._refusal = errors, refusal
+        self._connection: Any = None
+        self._outbox: list[tuple[list[tuple[Any, ...]], asyncio.Future[list[Any]]]] = []
+        self._in_flight: collections.deque[tuple[int, asyncio.Future[list[Any]]]] = collections.deque()
+        self._sender: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Each command's reply (a refusal as its exception object); raises when the link fails."""
+        reply: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._outbox.append((commands, reply))
+        if self._sender is None:  # it starts on the next turn: this turn's calls go with this one
+            self._sender = _background(self._send_waiting())
+        return await reply
+
+    async def _send_waiting(self) -> None:
+        try:
+            while self._outbox:
+                batch, self._outbox = self._outbox, []
+                try:
+                    if self._connection is None:
+                        self._connection = self._pool.make_connection()
+                    connection = self._connection
+                    # hiredis's packer in C, not redis-py's: it encodes each argument in Python first.
+                    packed = b"".join(self._pack(command) for commands, _ in batch for command in commands)
+                    await connection.send_packed_command(packed, check_health=False)
+                except self._errors as error:
+                    self._break(error, batch)
+                    continue
+                self._in_flight.extend((len(commands), reply) for commands, reply in batch)
+                if self._reader is None:
+                    self._reader = _background(self._read(connection))
+        finally:
+            self._sender = None
+
+    async def _read(self, connection: Any) -> None:
+        try:
+            while self._in_flight and connection is self._connection:
+                count, reply = self._in_flight[0]
+                replies = []
+                for _ in range(count):
+                    try:
+                        replies.append(await connection.read_response())
+                    except self._refusal as refusal:  # an error reply: the connection is fine
+                        replies.append(refusal)
+                if connection is not self._connection:  # broken meanwhile: what was in flight failed
+                    return
+                self._in_flight.popleft()
+                if not reply.done():  # its caller may have left (cancelled): its replies are read all the same
+                    reply.set_result(replies)
+        except self._errors as error:
+            if connection is self._connection:
+                self._break(error, [])
+        finally:
+            self._reader = None
+            if self._in_flight and self._connection is not None and self._connection is not connection:
+                self._reader = _background(self._read(self._connection))  # a new connection's replies
+
+    def _break(
+        self, error: BaseException, batch: list[tuple[list[tuple[Any, ...]], asyncio.Future[list[Any]]]]
+    ) -> None:
+        failed = [reply for _, reply in batch] + [reply for _, reply in self._in_flight]
+        self._in_flight.clear()
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            _background(connection.disconnect(nowait=True))
+        for reply in failed:
+            if not reply.done():
+                reply.set_exception(error)
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.disconnect()
+
+
+def _background(coroutine: Any) -> asyncio.Task[Any]:
+    """A task in a context of its own: never a request's (its deferred calls are the request's to send)."""
+    return asyncio.get_running_loop().create_task(coroutine, context=contextvars.Context())
+
+
 class Store:
-    """One part's connection to the shared store: commands with a deadline, its health followed."""
+    """One part's connection to the shared store: round trips with a deadline, its health followed."""
 
     def __init__(self, config: StoreConfig, part: str, registry: CollectorRegistry) -> None:
         import redis.asyncio
         from prometheus_client import Gauge
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
+        from redis.exceptions import NoScriptError
 
         timeout = config.timeout_ms / 1000
         self.part = part
@@ -123,35 +280,139 @@ class Store:
             OSError,
             asyncio.TimeoutError,
         )
+        self._refusal: type[BaseException] = redis.ResponseError
+        self._no_script: type[BaseException] = NoScriptError
         self.up = True
         self._gauge = Gauge(
             "tokenwire_store_up", "1 while the shared store (--store) answers, else 0", registry=registry
         )
         self._gauge.set(1)
         self._probe: asyncio.Task[None] | None = None
+        self._writes: list[Callable[[], list[Write]]] = []
+        self._scripts: list[Script] = []
+        self._link = _Link(self.client, self._errors, self._refusal)
+        self._writer: asyncio.Task[None] | None = None
 
-    def script(self, source: str) -> Any:
-        """A Lua script, run atomically on the store by its digest: ``await store.run(script(keys, args))``."""
-        return self.client.register_script(source)
+    def script(self, source: str) -> Script:
+        """A Lua script, run atomically on the store: ``await store.run(script(keys, args))``."""
+        script = Script(source, hashlib.sha1(source.encode()).hexdigest())
+        self._scripts.append(script)
+        return script
 
-    async def run(self, command: Awaitable[T]) -> T:
-        """``command``'s result, or :class:`StoreUnavailable` (at once while the store is down)."""
+    async def _load_scripts(self) -> None:
+        """Redis learns every script now, not on a request's round trip: at start, and when it is
+        back (a restarted Redis has none), so that the first write after it is not two round trips
+        behind another gateway's next lookup."""
+        if self._scripts:
+            pipeline = self.client.pipeline(transaction=False)
+            for script in self._scripts:
+                pipeline.script_load(script.source)
+            await pipeline.execute()
+
+    async def run(self, call: Call | None = None) -> Any:
+        """``call``'s reply, or :class:`StoreUnavailable` (at once while the store is down), in one
+        round trip with this request's deferred calls and the writes waiting. A deferred call's
+        refusal (its ``settle`` raised) is raised here, after every call is settled."""
+        pending = _deferred.get() or []
+        deferred = [d for d in pending if d.store is self]
+        pending[:] = [d for d in pending if d.store is not self]
+        writes = self._waiting_writes()
+        calls = [w.call for w in writes] + [d.call for d in deferred] + ([call] if call is not None else [])
+        replies = await self._round_trip(calls)
+        _settle_writes(writes, replies)
+        refusal: Exception | None = None
+        for entry, reply in zip(deferred, replies[len(writes) :], strict=False):
+            try:
+                entry.settle(reply)
+            except Exception as error:  # raised below, once every call is settled
+                refusal = refusal or error
+        if refusal is not None:
+            raise refusal
+        if call is None:
+            return None
+        if isinstance(replies[-1], StoreUnavailable):
+            raise replies[-1]
+        return replies[-1]
+
+    def defer(self, call: Call, settle: Callable[[Any], None]) -> None:
+        """Send ``call`` with the request's next round trip (:meth:`run`, at the latest
+        :func:`send_deferred`), not in one of its own; ``settle`` gets its reply or StoreUnavailable."""
+        pending = _deferred.get()
+        if pending is None:
+            pending = []
+            _deferred.set(pending)
+        pending.append(_Deferred(self, call, settle))
+
+    def add_writes(self, waiting: Callable[[], list[Write]]) -> None:
+        """A concern's background writes: ``waiting()`` hands over what waits (and forgets it)
+        whenever the store sends; :meth:`wake` says there is some."""
+        self._writes.append(waiting)
+
+    def wake(self) -> None:
+        """Writes wait: send them soon, in the background."""
+        if self._writer is None or self._writer.done():
+            self._writer = _background(self._write())
+
+    async def writes_sent(self) -> None:
+        """Until the writes waiting now are sent (or dropped: the store down)."""
+        while self._writer is not None and not self._writer.done():
+            await self._writer
+
+    async def ping(self) -> bool:
         if not self.up:
-            _discard(command)
             raise StoreUnavailable("the store is down")
         try:
-            return await command
+            return bool(await self.client.ping())
         except self._errors as error:
-            if isinstance(error, self._connection_errors):
-                self._went_down(error)
-            else:  # it answered, with an error: a misconfiguration (a full Redis, a replica), not an outage
-                log.warning("store %s refused a command: %s", self.url, error)
-            raise StoreUnavailable(str(error) or type(error).__name__) from error
+            raise self._failed(error) from error
+
+    def _waiting_writes(self) -> list[Write]:
+        return [write for waiting in self._writes for write in waiting()]
+
+    async def _write(self) -> None:
+        while writes := self._waiting_writes():
+            _settle_writes(writes, await self._round_trip([w.call for w in writes]))
+
+    async def _round_trip(self, calls: list[Call]) -> list[Any]:
+        """Each call's reply, or StoreUnavailable for it; one pipeline (two after a Redis restart
+        lost the scripts: those are sent again by their source, which Redis then keeps)."""
+        if not calls:
+            return []
+        if not self.up:
+            return [StoreUnavailable("the store is down")] * len(calls)
+        try:
+            replies = await self._send([c.command() for c in calls])
+            lost = [i for i, reply in enumerate(replies) if isinstance(reply, self._no_script)]
+            if lost:
+                for i, reply in zip(lost, await self._send([calls[i].command(False) for i in lost]), strict=True):
+                    replies[i] = reply
+        except self._errors as error:
+            return [self._failed(error)] * len(calls)
+        for i, reply in enumerate(replies):
+            if isinstance(reply, self._refusal):
+                replies[i] = self._failed(reply)
+        return replies
+
+    async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        return await self._link.send(commands)
+
+    def _failed(self, error: BaseException) -> StoreUnavailable:
+        if isinstance(error, self._connection_errors):
+            self._went_down(error)
+        else:  # it answered, with an error: a misconfiguration (a full Redis, a replica), not an outage
+            log.warning("store %s refused a command: %s", self.url, error)
+        unavailable = StoreUnavailable(str(error) or type(error).__name__)
+        unavailable.__cause__ = error
+        return unavailable
 
     async def start(self) -> None:
         """Check the store once, so a wrong address is said at start (a part starts anyway, down)."""
         with contextlib.suppress(StoreUnavailable):
-            await self.run(self.client.ping())
+            await self.ping()
+            try:
+                await self._load_scripts()
+            except self._errors as error:
+                raise self._failed(error) from error
         if self.up:
             log.info("store %s: up (%s)", self.url, self.part)
 
@@ -170,6 +431,7 @@ class Store:
             await asyncio.sleep(PROBE_INTERVAL)
             try:
                 await self.client.ping()
+                await self._load_scripts()
             except self._errors:
                 continue
             self.up = True
@@ -178,15 +440,16 @@ class Store:
             return
 
     async def close(self) -> None:
+        await self.writes_sent()
         if self._probe is not None:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
+        await self._link.close()
         await self.client.aclose()
 
 
-def _discard(command: Awaitable[Any]) -> None:
-    """A command not run: close its coroutine, so that Python does not warn it was never awaited."""
-    close = getattr(command, "close", None)
-    if close is not None:
-        close()
+def _settle_writes(writes: list[Write], replies: list[Any]) -> None:
+    for write, reply in zip(writes, replies, strict=False):
+        if isinstance(reply, StoreUnavailable) and write.failed is not None:
+            write.failed()

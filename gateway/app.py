@@ -82,11 +82,11 @@ async def run_gateway(
     limiter: RateLimiter = MemoryRateLimiter()
     revocations: Revocations = MemoryRevocations()
     if shared is not None:
-        await shared.start()
         limiter = RedisRateLimiter(shared, limits_when_store_down)
         revocations = RedisRevocations(shared)
         if router is not None:
             router.shared = RedisIndex(shared, routing_index_ttl)
+        await shared.start()  # after its scripts are made: it loads them
     api_keys = ApiKeys(keys.read(), default_limits)
     reloader = KeyReloader(api_keys, keys, revocations)
     services: list[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]] = []

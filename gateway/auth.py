@@ -5,7 +5,8 @@ passes its header through). They are kept as SHA-256 digests and compared in
 constant time; with no keys configured the API is open. Each key may carry
 limits: requests per minute and tokens (prompt + completion) per minute, counted
 by a rate limiter (gateway/rate_limits.py); past them the request is refused with
-429 and a Retry-After. Health, reflection and the registry are not behind the
+429 and a Retry-After. A chat or completion's admission is decided with its routing lookup (one
+round trip to a shared store), so there its 400s and 404s come first. Health, reflection and the registry are not behind the
 keys (probes and workers must reach them).
 """
 
@@ -28,6 +29,12 @@ if TYPE_CHECKING:
     from gateway.rate_limits import RateLimiter
 
 PROTECTED_PREFIXES = ("/tokenwire.v1.InferenceService/", "/tokenwire.v1.BatchService/")
+# Calls whose admission is decided in the round trip to the store that fetches their route, not
+# one of its own (gateway/inference.py sends it before dispatch, also without a routing lookup).
+ADMITTED_WITH_ROUTE = frozenset(
+    f"/tokenwire.v1.InferenceService/{name}"
+    for name in ("CreateChatCompletion", "StreamChatCompletion", "CreateCompletion", "StreamCompletion")
+)
 
 
 @dataclass(frozen=True)
@@ -145,7 +152,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             given = bool(parse_authorization(authorization)[1])
             return _deny(handler, errors.invalid_api_key() if given else errors.missing_api_key())
         try:
-            await self.limiter.admit(state)
+            if handler_call_details.method in ADMITTED_WITH_ROUTE:
+                self.limiter.admit_deferred(state)
+            else:
+                await self.limiter.admit(state)
         except errors.ApiError as error:
             return _deny(handler, error)
         current_key.set(state)

@@ -8,7 +8,7 @@ merges their messages. This module only builds and assembles.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import shortuuid
@@ -18,10 +18,11 @@ from common import errors, limits, tracing
 from common import sampling as sampling_fields
 from common.grpc_server import outgoing_metadata
 from common.sampling import Limits, copy_sampling
+from common.store import send_deferred
 from gateway.auth import current_key
 from gateway.dispatch import Dispatcher, current_priority
 from gateway.pool import WorkerHandle, WorkerPool
-from gateway.routing import Route, Router, chat_chain, completion_chains
+from gateway.routing import Chain, Route, Router, chat_chain, completion_chains
 from gateway.validation import check_chat, check_completion, check_embedding
 from tokenwire.v1 import api_pb2, common_pb2, worker_pb2
 
@@ -40,9 +41,14 @@ class Inference:
         self.router = router  # None: least-loaded dispatch
 
     async def _chat_route(self, request: api_pb2.CreateChatCompletionRequest, n: int) -> Route | None:
-        if self.router is None:
-            return None
-        return await self.router.fetch_route(request.model, [chat_chain(request)], n)
+        return await self._route(request.model, lambda: [chat_chain(request)], n)
+
+    async def _route(self, model: str, chains: Callable[[], list[Chain]], n: int) -> Route | None:
+        """The request's route, fetched in one round trip to a shared store with its key's admission
+        (deferred by gateway/auth.py), which is sent alone when no lookup carries it: before dispatch."""
+        route = None if self.router is None else await self.router.fetch_route(model, chains(), n)
+        await send_deferred()
+        return route
 
     def _require_kind(self, model: str, generation: bool) -> common_pb2.ModelInfo:
         info = self.pool.model_info(model)
@@ -199,10 +205,8 @@ class Inference:
         for r in requests:
             r.request_id = response_id
         offsets = [0] * len(requests)
-        route = None
-        if self.router is not None:
-            chains, n = completion_chains(request), len(requests) // len(request.prompt)
-            route = await self.router.fetch_route(request.model, chains, n)
+        n = len(requests) // len(request.prompt)
+        route = await self._route(request.model, lambda: completion_chains(request), n)
         async for response in self.dispatch.choices(request.model, requests, timeout, stream, prefer=route):
             for entry in response.delta.logprobs:
                 entry.text_offset = offsets[response.index]

@@ -3,8 +3,11 @@
 A :class:`RateLimiter` admits a request (or raises 429 with the seconds until one fits) and
 records its tokens when it ends. :class:`MemoryRateLimiter` counts in this process: one front
 end. :class:`RedisRateLimiter` counts in the shared store, so the limits hold across every
-replica: the check and the count are one Lua script (one round trip, atomic, on Redis's clock,
-so replicas whose clocks differ still agree). A key without limits never reaches the store.
+replica: the check and the count are one Lua script (atomic, on Redis's clock, so replicas whose
+clocks differ still agree), sent with the request's routing lookup in one round trip
+(:meth:`RateLimiter.admit_deferred`); the tokens at the end are written after the response, in
+the background, merged with other requests' (common/store.py). A key without limits never
+reaches the store.
 
 When the store is down, ``--limits-when-store-down`` decides: ``local`` (the default) counts in
 each replica's memory meanwhile, so a key gets at most its limits once per replica and never
@@ -19,10 +22,11 @@ import math
 import os
 import time
 from collections import deque
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from common import errors
-from common.store import PREFIX, Store, StoreUnavailable
+from common.store import PREFIX, Call, Store, StoreUnavailable, Write
 from gateway.auth import ApiKey
 
 WINDOW = 60.0
@@ -41,8 +45,13 @@ class RateLimiter(Protocol):
     async def admit(self, key: ApiKey) -> None:
         """Count a request of ``key``, or raise 429 (with Retry-After) when it is over a limit."""
 
-    async def record(self, key: ApiKey, tokens: int) -> None:
-        """Count the tokens (prompt + completion) of a request of ``key`` that ended."""
+    def admit_deferred(self, key: ApiKey) -> None:
+        """:meth:`admit`, decided with the request's next round trip to the store (the 429 raised
+        there), or now when no store is asked (gateway/inference.py sends it before dispatch)."""
+
+    def record(self, key: ApiKey, tokens: int) -> None:
+        """Count the tokens (prompt + completion) of a request of ``key`` that ended: never
+        awaited (a write to the store goes in the background)."""
 
 
 class _Windows:
@@ -104,7 +113,10 @@ class MemoryRateLimiter:
     async def admit(self, key: ApiKey) -> None:
         self.admit_now(key)
 
-    async def record(self, key: ApiKey, tokens: int) -> None:
+    def admit_deferred(self, key: ApiKey) -> None:
+        self.admit_now(key)
+
+    def record(self, key: ApiKey, tokens: int) -> None:
         self.record_now(key, tokens)
 
 
@@ -158,15 +170,19 @@ return {0}
 """
 )
 
-# KEYS as above; ARGV: the tokens, the window in microseconds, this request's id.
+# Several requests' tokens in one call: KEYS, two a key: its tokens, their sum (as above); ARGV:
+# the window in microseconds, then the tokens and a unique id of each.
 _RECORD = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local ttl = math.ceil(tonumber(ARGV[2]) / 1000)
-redis.call('ZADD', KEYS[2], now, ARGV[3] .. ':' .. ARGV[1])
-redis.call('INCRBY', KEYS[3], ARGV[1])
-redis.call('PEXPIRE', KEYS[2], ttl)
-redis.call('PEXPIRE', KEYS[3], ttl)
+local ttl = math.ceil(tonumber(ARGV[1]) / 1000)
+for k = 1, #KEYS / 2 do
+  local tokens = ARGV[2 * k]
+  redis.call('ZADD', KEYS[2 * k - 1], now, ARGV[2 * k + 1] .. ':' .. tokens)
+  redis.call('INCRBY', KEYS[2 * k], tokens)
+  redis.call('PEXPIRE', KEYS[2 * k - 1], ttl)
+  redis.call('PEXPIRE', KEYS[2 * k], ttl)
+end
 return 1
 """
 
@@ -181,39 +197,72 @@ class RedisRateLimiter:
         self._admit = store.script(_ADMIT)
         self._record = store.script(_RECORD)
         # Unique request ids: this process's, then a counter.
-        self._ids = (f"{os.getpid():x}.{os.urandom(4).hex()}.{n}" for n in itertools.count())
+        process = f"{os.getpid():x}.{os.urandom(4).hex()}."
+        self._ids = (f"{process}{n}" for n in itertools.count())
         self._window_us = int(WINDOW * 1_000_000)
+        self._tokens: dict[str, tuple[ApiKey, int]] = {}  # key id -> tokens not yet written
+        store.add_writes(self._waiting)
 
     @staticmethod
     def _keys(key: ApiKey) -> list[str]:
         base = f"{PREFIX}limits:{key.id}:"
         return [base + "requests", base + "tokens", base + "token_sum"]
 
-    def _down(self) -> None:
-        if self.when_down == "closed":
-            raise errors.store_unavailable("Rate limits cannot be checked: the shared store is unavailable.")
-
-    async def admit(self, key: ApiKey) -> None:
+    def _admission(self, key: ApiKey) -> tuple[Call, Callable[[Any], None]] | None:
+        """The script's call and what decides by its reply; None for a key without limits."""
         rpm, tpm = key.limits.rpm, key.limits.tpm
         if rpm is None and tpm is None:
-            return
+            return None
         args = [-1 if rpm is None else rpm, -1 if tpm is None else tpm, self._window_us, next(self._ids)]
-        try:
-            verdict = await self.store.run(self._admit(keys=self._keys(key), args=args))
-        except StoreUnavailable:
-            self._down()
-            self.local.admit_now(key)
-            return
-        if verdict[0] == 1:
-            raise _rpm_exceeded(rpm or 0, int(verdict[1]) / 1_000_000)
-        if verdict[0] == 2:
-            raise _tpm_exceeded(tpm or 0, int(verdict[1]) / 1_000_000)
 
-    async def record(self, key: ApiKey, tokens: int) -> None:
+        def settle(verdict: Any) -> None:
+            if isinstance(verdict, StoreUnavailable):
+                if self.when_down == "closed":
+                    raise errors.store_unavailable("Rate limits cannot be checked: the shared store is unavailable.")
+                self.local.admit_now(key)
+            elif verdict[0] == 1:
+                raise _rpm_exceeded(rpm or 0, int(verdict[1]) / 1_000_000)
+            elif verdict[0] == 2:
+                raise _tpm_exceeded(tpm or 0, int(verdict[1]) / 1_000_000)
+
+        return self._admit(keys=self._keys(key), args=args), settle
+
+    async def admit(self, key: ApiKey) -> None:
+        admission = self._admission(key)
+        if admission is None:
+            return
+        call, settle = admission
+        try:
+            verdict = await self.store.run(call)
+        except StoreUnavailable as error:
+            verdict = error
+        settle(verdict)
+
+    def admit_deferred(self, key: ApiKey) -> None:
+        admission = self._admission(key)
+        if admission is not None:
+            self.store.defer(*admission)
+
+    def record(self, key: ApiKey, tokens: int) -> None:
         if key.limits.tpm is None or tokens <= 0:
             return
-        try:
-            await self.store.run(self._record(keys=self._keys(key), args=[tokens, self._window_us, next(self._ids)]))
-        except StoreUnavailable:
+        _, waiting = self._tokens.get(key.id, (key, 0))
+        self._tokens[key.id] = (key, waiting + tokens)  # a key's requests that end together: one entry
+        self.store.wake()
+
+    def _waiting(self) -> list[Write]:
+        if not self._tokens:
+            return []
+        counts, self._tokens = self._tokens, {}
+        keys: list[str] = []
+        args: list[object] = [self._window_us]
+        for key, tokens in counts.values():
+            keys += self._keys(key)[1:]
+            args += [tokens, next(self._ids)]
+
+        def failed() -> None:
             if self.when_down == "local":
-                self.local.record_now(key, tokens)
+                for key, tokens in counts.values():
+                    self.local.record_now(key, tokens)
+
+        return [Write(self._record(keys=keys, args=args), failed)]

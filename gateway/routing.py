@@ -24,8 +24,8 @@
   forgets those entries for it before recording what it now holds.
 - **shared** (:class:`RedisIndex`, with ``--store redis://``): replicas share the index, so that a
   conversation whose turns reach different gateways stays on one worker. A request's holders come
-  from the store in one round trip before dispatch; what is recorded and forgotten goes to it in
-  the background, never holding a response. Each gateway keeps its own :class:`MemoryIndex` too,
+  from the store before dispatch, in the request's one round trip (with its key's admission); what
+  is recorded and forgotten goes to it in the background, never holding a response. Each gateway keeps its own :class:`MemoryIndex` too,
   and routes by it while the store is down.
 
 Dispatch knows none of this: it gets a :class:`Route` as its preference (gateway/dispatch.py).
@@ -33,7 +33,6 @@ Dispatch knows none of this: it gets a :class:`Route` as its preference (gateway
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import hashlib
 from collections import OrderedDict
@@ -43,7 +42,7 @@ from typing import Protocol
 
 from google.protobuf.message import Message
 
-from common.store import PREFIX, Store, StoreUnavailable
+from common.store import PREFIX, Store, StoreUnavailable, Write
 from gateway import metrics
 from gateway.pool import WorkerHandle, least_loaded
 from tokenwire.v1 import api_pb2, worker_pb2
@@ -266,18 +265,20 @@ DEFAULT_TTL = 600.0  # seconds: about what the memory index's default cap holds 
 class RedisIndex:
     """The index in the shared store, for every gateway that names it (``--store redis://``).
 
-    Lookups are awaited before dispatch (one script, every prefix of the request); records and
-    forgets are queued and written by one background task, in batches as they accumulate, so that
-    a response never waits on the store. A departed worker's entries are not deleted: routing
-    filters holders to live workers, and the TTL ends them."""
+    Lookups are awaited before dispatch (one script, every prefix of the request, in the request's
+    one round trip: common/store.py); records and forgets wait here, merged into one script call,
+    until the store's background writer sends them, so that a response never waits on the store.
+    A departed worker's entries are not deleted: routing filters holders to live workers, and the
+    TTL ends them."""
 
     def __init__(self, store: Store, ttl: float = DEFAULT_TTL) -> None:
         self.store = store
         self.ttl_ms = int(ttl * 1000)
         self._lookup = store.script(_LOOKUP)
+        self._update = store.script(_UPDATE)
         self._pending: list[str] = [str(self.ttl_ms)]  # the update's arguments
         self._pending_prefixes = 0
-        self._writer: asyncio.Task[None] | None = None
+        store.add_writes(self._waiting)
 
     async def holders(self, chains: Sequence[Chain]) -> list[list[dict[str, int]]] | None:
         """Each chain's holders, or None while the store is down."""
@@ -304,18 +305,14 @@ class RedisIndex:
             return
         self._pending += (worker, b"".join(hashes).hex(), tokens)
         self._pending_prefixes += len(hashes)
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(self._write())
+        self.store.wake()
 
-    async def _write(self) -> None:
-        while self._pending_prefixes:
-            args, self._pending, self._pending_prefixes = self._pending, [str(self.ttl_ms)], 0
-            try:
-                # EVAL, not the script's digest: after a Redis restart EVALSHA takes two more round
-                # trips (NOSCRIPT, SCRIPT LOAD), and the next turn, at another gateway, may look first.
-                await self.store.run(self.store.client.eval(_UPDATE, 0, *args))
-            except StoreUnavailable:
-                pass  # dropped: each gateway's own index has them, and later turns record again
+    def _waiting(self) -> list[Write]:
+        if not self._pending_prefixes:
+            return []
+        args, self._pending, self._pending_prefixes = self._pending, [str(self.ttl_ms)], 0
+        # Dropped if the store is down: each gateway's own index has them, and later turns record again.
+        return [Write(self._update(args=args))]
 
 
 # -- routing ----------------------------------------------------------------------------

@@ -101,17 +101,17 @@ class InferenceServicer(api_pb2_grpc.InferenceServiceServicer):
         self.inference = inference
         self.limiter = limiter
 
-    async def _count(self, usage: common_pb2.Usage) -> None:
-        """The key's tokens, counted before the call ends: its next request sees them."""
+    def _count(self, usage: common_pb2.Usage) -> None:
+        """The key's tokens, counted as the response leaves (a store's write is sent in the background)."""
         key = current_key.get()
         if key is not None:
-            await self.limiter.record(key, usage.total_tokens)
+            self.limiter.record(key, usage.total_tokens)
 
     async def _unary(self, kind: str, request: Any, serve: Callable[..., Awaitable[Any]], context: Any) -> Any:
         with Observed(self.inference, kind, request.model) as observed:
             reply = await serve(request, context.time_remaining())
             observed.usage = reply.usage
-            await self._count(reply.usage)
+            self._count(reply.usage)
             return reply
 
     async def _stream(
@@ -121,11 +121,10 @@ class InferenceServicer(api_pb2_grpc.InferenceServiceServicer):
             async for chunk in serve(request.request, context.time_remaining()):
                 if chunk.HasField("usage"):  # the last chunk
                     observed.usage = chunk.usage
+                    self._count(chunk.usage)
                     if not request.stream_options.include_usage:
                         continue
                 yield chunk
-            if observed.usage is not None:
-                await self._count(observed.usage)
 
     async def ListModels(
         self, request: api_pb2.ListModelsRequest, context: grpc.aio.ServicerContext

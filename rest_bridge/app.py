@@ -44,8 +44,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if shared is None:
         app.state.responses = MemoryResponseStore(*settings.responses_store_bounds)
     else:
-        await shared.start()
         app.state.responses = RedisResponseStore(shared, *settings.responses_store_bounds)
+        await shared.start()  # after its scripts are made: it loads them
     try:
         address = settings.gateway_address
         async with open_channel(address, traced.channel_interceptors(address)) as channel:

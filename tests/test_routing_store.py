@@ -56,8 +56,7 @@ async def routers(redis_server: RedisServer) -> AsyncIterator[tuple[Router, Rout
 async def written(router: Router) -> None:
     """Until the router's background writes are in the store."""
     assert router.shared is not None
-    while router.shared._writer is not None and not router.shared._writer.done():
-        await router.shared._writer
+    await router.shared.store.writes_sent()
 
 
 async def test_what_one_gateway_records_another_routes_by(

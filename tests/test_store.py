@@ -15,12 +15,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from common import errors
-from common.store import Store, StoreConfig, StoreUnavailable, redacted
+from common.store import Store, StoreConfig, StoreUnavailable, redacted, send_deferred
 from gateway.auth import ApiKey, ApiKeys, KeyLimits, KeySpec
 from gateway.key_reload import KeyReloader, KeysSource, RedisRevocations
 from gateway.rate_limits import MemoryRateLimiter, RedisRateLimiter
+from gateway.routing import RedisIndex, chat_chain
 from tests import harness
 from tests.redis_server import RedisServer
+from tests.test_routing import chat
 
 
 def _store(server: RedisServer, timeout_ms: int = 2000) -> Store:
@@ -74,9 +76,9 @@ async def test_tpm_counts_recorded_tokens_and_says_when_they_leave_the_window(st
     limiter = RedisRateLimiter(store)
     key = _key("k2", tpm=100)
     await limiter.admit(key)
-    await limiter.record(key, 60)
+    limiter.record(key, 60)  # not awaited: the next admission carries it if not yet sent
     await limiter.admit(key)  # 60 < 100
-    await limiter.record(key, 60)
+    limiter.record(key, 60)
     with pytest.raises(errors.ApiError) as refused:
         await limiter.admit(key)
     assert refused.value.retry_after is not None and 55 <= refused.value.retry_after <= 60
@@ -85,6 +87,51 @@ async def test_tpm_counts_recorded_tokens_and_says_when_they_leave_the_window(st
     for _ in range(3):
         await limiter.admit(_key("free"))
     assert await store.client.dbsize() == before
+
+
+async def test_a_limited_keys_request_is_one_round_trip_and_its_tokens_go_after(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The admission rides with the routing lookup; the count at the end, and the index's record,
+    go in the background, merged, and in before this process's next admission."""
+    trips: list[list[str]] = []
+    send = store._send
+
+    async def counted(commands: list[tuple[object, ...]]) -> list[object]:
+        trips.append([str(command[0]) for command in commands])
+        return await send(commands)
+
+    limiter, index = RedisRateLimiter(store), RedisIndex(store)
+    key, chain = _key("k6", rpm=2, tpm=100), chat_chain(chat("hello", "hi"))
+    await index.holders([chain])  # made after the store started: Redis learns them on first use, by their source
+    await limiter.admit(_key("warm", rpm=1))
+    monkeypatch.setattr(store, "_send", counted)
+    limiter.admit_deferred(key)
+    assert await index.holders([chain]) == [[{}] * len(chain.hashes)]
+    assert trips == [["EVALSHA", "EVALSHA"]]  # admission and lookup: one round trip
+    await send_deferred()
+    assert len(trips) == 1  # nothing left to send
+    limiter.record(key, 60)
+    limiter.record(key, 50)  # two requests of one key ending together: one entry
+    index.record(chain.hashes, [10] * len(chain.hashes), "127.0.0.1:5000")
+    await store.writes_sent()
+    assert trips[1] == ["EVALSHA", "EVALSHA"]  # the tokens and the index's record: one call each
+    assert int(await store.client.get(limiter._keys(key)[2])) == 110
+    # Over the tpm now: the next request is refused in its lookup's round trip.
+    limiter.admit_deferred(key)
+    with pytest.raises(errors.ApiError) as refused:
+        await index.holders([chain])
+    assert refused.value.code == "rate_limit_exceeded" and "tokens per minute" in refused.value.message
+    # Without a lookup, send_deferred sends the admission alone; a Redis that lost its scripts
+    # (a restart) gets them by their source once.
+    await store.client.script_flush()
+    other = _key("k7", rpm=1)
+    limiter.admit_deferred(other)
+    await send_deferred()
+    limiter.admit_deferred(other)
+    with pytest.raises(errors.ApiError):
+        await send_deferred()
+    assert trips[-3:] == [["EVALSHA"], ["EVAL"], ["EVALSHA"]]
 
 
 async def test_limits_window_slides_on_the_stores_clock(store: Store) -> None:
@@ -126,23 +173,29 @@ async def test_store_down_local_counts_per_replica_and_closed_refuses(redis_serv
 
 async def test_a_hung_store_costs_one_deadline_then_fails_fast(redis_server: RedisServer) -> None:
     shared = _store(redis_server, timeout_ms=200)
+    echo = shared.script("return ARGV[1]")
     await shared.start()
     try:
+        assert await shared.run(echo(args=["before"])) == b"before"
         redis_server.pause()
         started = time.monotonic()
-        with pytest.raises(StoreUnavailable):
-            await shared.run(shared.client.ping())
+        # Calls pipelined on the one connection together: each fails at the deadline, none hangs.
+        outcomes = await asyncio.gather(*(shared.run(echo(args=[str(n)])) for n in range(10)), return_exceptions=True)
         first = time.monotonic() - started
+        assert all(isinstance(outcome, StoreUnavailable) for outcome in outcomes), outcomes
         # The deadline, not the kernel's TCP timeout (the time is the behaviour under test).
         assert 0.15 <= first < 2.0
         started = time.monotonic()
         for _ in range(20):
             with pytest.raises(StoreUnavailable):
-                await shared.run(shared.client.ping())
+                await shared.run(echo(args=["down"]))
+            with pytest.raises(StoreUnavailable):
+                await shared.ping()
         assert time.monotonic() - started < 0.1  # down: nobody waits on it
         redis_server.resume()
         await asyncio.to_thread(harness.wait_until, lambda: shared.up, what="the store up again")
-        assert await shared.run(shared.client.ping())
+        assert await shared.run(echo(args=["after"])) == b"after"  # a new connection
+        assert await shared.ping()
     finally:
         redis_server.resume()
         await shared.close()

@@ -26,7 +26,7 @@ from typing import Any
 
 from bench import servers
 from bench.servers import Group
-from common.store import Store, StoreConfig
+from common.store import Store, StoreConfig, send_deferred
 from gateway.auth import ApiKey, KeyLimits
 from gateway.rate_limits import MemoryRateLimiter, RedisRateLimiter
 from gateway.routing import MemoryIndex, RedisIndex, Router, chat_chain
@@ -34,11 +34,12 @@ from rest_bridge.responses.store import MemoryResponseStore, RedisResponseStore,
 
 HIGH = 10**12  # limits no load reaches: every call is admitted
 BATCH = 32
+STORES: list[Store] = []
 
 Operation = Callable[[int], Awaitable[object]]
 
 
-def operations(store: Store) -> dict[str, tuple[Operation, Operation]]:
+def operations(store: Store, python_parser: Store) -> dict[str, tuple[Operation, Operation]]:
     """name -> (its memory twin, the store's); each takes the call's number."""
     rpm = ApiKey("rpm", "a" * 64, KeyLimits(HIGH, None))
     both = ApiKey("rpm+tpm", "b" * 64, KeyLimits(HIGH, HIGH))
@@ -52,12 +53,12 @@ def operations(store: Store) -> dict[str, tuple[Operation, Operation]]:
         return None
 
     async def ping(_: int) -> object:
-        return await store.run(store.client.ping())
+        return await store.ping()
 
     def admit_and_record(limits: MemoryRateLimiter | RedisRateLimiter) -> Operation:
         async def operation(_: int) -> None:
             await limits.admit(both)
-            await limits.record(both, 40)
+            limits.record(both, 40)
 
         return operation
 
@@ -71,8 +72,41 @@ def operations(store: Store) -> dict[str, tuple[Operation, Operation]]:
 
         return operation
 
+    admission = redis_limits._admission(rpm)
+    assert admission is not None
+    call = admission[0]
+    redis_py_script = store.client.register_script(call.script.source)
+
+    async def pipeline_of_one(_: int) -> object:
+        pipeline = store.client.pipeline(transaction=False)
+        pipeline.execute_command(*call.command())
+        return await pipeline.execute()
+
+    async def python_ping(_: int) -> object:
+        return await python_parser.ping()
+
     return {
         "ping": (nothing, ping),
+        "ping, Python parser": (nothing, python_ping),
+        "limited chat, 1 round trip": (
+            limited_chat(Router(MemoryIndex(2**28)), memory_limits, both, together=True),
+            limited_chat(Router(MemoryIndex(2**28), shared=RedisIndex(store)), redis_limits, both, together=True),
+        ),
+        "limited chat, 3 round trips": (
+            limited_chat(Router(MemoryIndex(2**28)), memory_limits, both, together=False),
+            limited_chat(Router(MemoryIndex(2**28), shared=RedisIndex(store)), redis_limits, both, together=False),
+        ),
+        "limited chat, Python parser": (
+            nothing,
+            limited_chat(
+                Router(MemoryIndex(2**28), shared=RedisIndex(python_parser)),
+                RedisRateLimiter(python_parser),
+                both,
+                together=True,
+            ),
+        ),
+        "admit, pipeline of one": (nothing, pipeline_of_one),
+        "admit, redis-py Script": (nothing, lambda _: redis_py_script(keys=call.keys, args=call.args)),
         "route (chat, 9 turns)": (
             route_chat(Router(MemoryIndex(2**28))),
             route_chat(Router(MemoryIndex(2**28), shared=RedisIndex(store))),
@@ -81,6 +115,29 @@ def operations(store: Store) -> dict[str, tuple[Operation, Operation]]:
         "admit + record (rpm+tpm)": (admit_and_record(memory_limits), admit_and_record(redis_limits)),
         "response put + get": (put_and_get(memory_responses), put_and_get(redis_responses)),
     }
+
+
+def limited_chat(
+    router: Router, limits: MemoryRateLimiter | RedisRateLimiter, key: ApiKey, together: bool
+) -> Operation:
+    """A limited key's chat as the gateway runs it (``together``): its admission deferred to its
+    routing lookup's round trip, its tokens and the index's record written after it, in the
+    background; else each of the three awaited in a round trip of its own."""
+    route = route_chat(router)
+    shared = router.shared.store if router.shared is not None else None
+
+    async def operation(call: int) -> None:
+        if together:
+            limits.admit_deferred(key)
+        else:
+            await limits.admit(key)
+        await route(call)
+        await send_deferred()
+        limits.record(key, 640)
+        if not together and shared is not None:
+            await shared.writes_sent()
+
+    return operation
 
 
 def route_chat(router: Router) -> Operation:
@@ -109,15 +166,28 @@ async def timed(operation: Operation, calls: int, batch: int) -> tuple[float, fl
             await operation(start)
         else:
             await asyncio.gather(*(operation(start + n) for n in range(batch)))
+    for store in STORES:  # the background writes are the operations' too
+        await store.writes_sent()
     return 1e6 * (time.process_time() - cpu0) / calls, 1e6 * (time.perf_counter() - wall0) / calls
 
 
 async def main_async(address: str, calls: int, rounds: int) -> None:
     from prometheus_client import CollectorRegistry
+    from redis._parsers import _AsyncRESP2Parser
+    from redis.asyncio import Redis
 
-    store = Store(StoreConfig(f"redis://{address}/0", None, 1000), "bench", CollectorRegistry())
-    await store.start()
-    ops = operations(store)
+    config = StoreConfig(f"redis://{address}/0", None, 1000)
+    store = Store(config, "bench", CollectorRegistry())
+    python_parser = Store(config, "bench", CollectorRegistry())
+    # The same client with redis-py's pure-Python parser instead of hiredis (an experiment only).
+    python_parser.client = Redis.from_url(
+        config.url, socket_timeout=1, socket_connect_timeout=1, parser_class=_AsyncRESP2Parser
+    )
+    python_parser._link = type(store._link)(python_parser.client, store._errors, store._refusal)
+    STORES[:] = [store, python_parser]
+    ops = operations(store, python_parser)
+    for shared in STORES:
+        await shared.start()
     figures: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
     for memory, redis in ops.values():  # warm up: scripts loaded, connections open
         for operation in (memory, redis):
@@ -128,11 +198,12 @@ async def main_async(address: str, calls: int, rounds: int) -> None:
                 for where, operation in (("memory", memory), ("redis", redis)):
                     figures.setdefault((name, where, batch), []).append(await timed(operation, calls, batch))
         print(f"round {round_ + 1}/{rounds} done", flush=True)
-    await store.close()
+    for shared in STORES:
+        await shared.close()
     print(f"\nthis process's CPU a call (µs), median of {rounds} rounds of {calls} calls (range); wall time a call")
     for name in ops:
         for batch in (1, BATCH):
-            line = f"  {name:26s} {batch:2d} at once:"
+            line = f"  {name:30s} {batch:2d} at once:"
             cpus = {}
             for where in ("memory", "redis"):
                 cpu = [c for c, _ in figures[(name, where, batch)]]

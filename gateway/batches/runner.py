@@ -306,7 +306,7 @@ class BatchRunner:
             metrics.BATCH_TOKENS.inc(tokens)
             key = self.keys.by_id(batch["owner"])
             if key is not None:
-                await self.limiter.record(key, tokens)
+                self.limiter.record(key, tokens)
 
     def _finalize(self, batch: Any, status: str) -> None:
         """Write the output and error files, then the final status (redone whole after a crash)."""
