@@ -157,6 +157,10 @@ class PrefixIndex(Protocol):
 
     def forget_worker(self, worker: str) -> None: ...
 
+    def held(self, worker: str) -> int:
+        """How many prefixes the worker holds (what placing a new conversation balances)."""
+        ...
+
 
 # Bytes an entry costs, as tracemalloc measured it on CPython 3.12: 385 to 590 with its 16-byte key
 # (the LRU's slot, the holders dict, the reverse set's slot), depending on where the hash tables are
@@ -213,6 +217,9 @@ class MemoryIndex:
 
     def forget_worker(self, worker: str) -> None:
         self.forget(list(self._by_worker.pop(worker, ())), worker)
+
+    def held(self, worker: str) -> int:
+        return len(self._by_worker.get(worker, ()))
 
     def _drop(self, h: bytes) -> None:
         for worker in self._entries.pop(h):
@@ -325,15 +332,17 @@ class RedisIndex:
 class Margin:
     """How much busier than the least-loaded worker a preferred worker may be: over the margin
     when it runs more than ``calls`` calls more *and* more than ``ratio`` times as many, or when
-    all its slots are taken while the least-loaded worker has one free."""
+    the call would queue more than ``queue`` calls beyond its slots while the least-loaded worker
+    has one free."""
 
-    calls: int = 2
+    calls: int = 4
     ratio: float = 1.5
+    queue: int = 2
 
     def over(self, worker: WorkerHandle, least: WorkerHandle) -> bool:
         mine, theirs = _calls(worker), _calls(least)
-        if mine >= worker.status.capacity and theirs < least.status.capacity:
-            return True  # it would queue the call while another worker has a free slot
+        if mine + 1 - worker.status.capacity > self.queue and theirs < least.status.capacity:
+            return True  # it would queue the call (past the allowance) while another worker has a free slot
         return mine - theirs > self.calls and mine > self.ratio * theirs
 
 
@@ -434,15 +443,28 @@ class Route:
                     decision = Decision(best.status.address, "prefix", held[best.status.address])
                     break
                 passed_over = True
-        if decision is None:
-            # Rendezvous: every gateway ranks the workers alike for this anchor.
-            ranked = sorted(candidates, key=lambda w: _rendezvous(chain.anchor, w.status.address), reverse=True)
+        if decision is None and chain.pinned:
+            # Rendezvous on the caller's key: every gateway ranks the workers alike, sharing no state.
+            ranked = sorted(candidates, key=lambda w: -_rendezvous(chain.anchor, w.status.address))
             fits = next((w for w in ranked if not margin.over(w, least)), least)
             passed_over = passed_over or fits is not ranked[0]
+            decision = Decision(fits.status.address, "load" if passed_over else "anchor")
+        elif decision is None:
+            # A new conversation (or its holders are over the margin): the least loaded, then the one
+            # holding the fewest prefixes, so that new prefix families spread; then the anchor's hash,
+            # so that gateways with the same view choose alike. Its anchor is recorded at once, so
+            # that its family's next requests, even those sent before this one ends, follow it.
+            index_ = self.router.index
+            fits = min(
+                candidates,
+                key=lambda w: (w.load(), index_.held(w.status.address), -_rendezvous(chain.anchor, w.status.address)),
+            )
             held_there = next(
                 (held[fits.status.address] for held in reversed(holders) if fits.status.address in held), 0
             )
             decision = Decision(fits.status.address, "load" if passed_over else "anchor", held_there)
+            if not held_there:
+                self.router.record(chain.hashes[:1], [0], decision.worker)
         self._predicted[index] = decision.matched_tokens
         self._reasons[index] = decision.reason
         metrics.ROUTING_DECISIONS.labels(self.model, decision.reason, decision.worker).inc()
@@ -468,8 +490,9 @@ class Route:
         router.record(chain.hashes, tokens, address)
 
 
-def _rendezvous(anchor: bytes, address: str) -> bytes:
-    return hashlib.blake2b(anchor + _FIELD + address.encode(), digest_size=8).digest()
+def _rendezvous(anchor: bytes, address: str) -> int:
+    """The worker's weight for this anchor: the highest wins (rendezvous hashing)."""
+    return int.from_bytes(hashlib.blake2b(anchor + _FIELD + address.encode(), digest_size=8).digest())
 
 
 def _export(index: PrefixIndex) -> None:
