@@ -10,15 +10,15 @@
   stable across gateways and registry restarts) with the tokens that prefix is estimated to hold;
   LRU under a memory cap. A worker that leaves the pool leaves the index.
 - **route**: the longest prefix held by a live worker within the load margin wins (the least loaded
-  among its holders), down to a shared system prompt alone; with none, rendezvous hashing of the
-  request's *anchor* over the workers within the margin, so that gateways that share no state
-  agree; else the least loaded. ``prompt_cache_key``, when given, is the anchor and decides alone
-  (requests that share it share a worker, within the margin); else the anchor is the first
-  prefix (the system prompt, or the first message or block). A tenant's sessions thus gather where
-  its system prompt is cached, as long as the margin allows: on the bench's bounded-KV trace that
-  evaluated 16-18 % of the prompt tokens sent, against 24.6 % when sessions spread by their first
-  user message (bench/RESULTS.md). The margin also never queues a call on a full worker while
-  another has a free slot.
+  among its holders), down to a shared system prompt alone. With none (a new conversation): the
+  least-loaded worker holding the fewest prefixes, so that new prefix families spread, ties broken
+  by rendezvous hashing of the request's *anchor* (its first prefix); that prefix is recorded at
+  once, so that its family's requests sent meanwhile follow it. ``prompt_cache_key``, when given,
+  is the anchor and decides alone by its hash (within the margin), so that gateways that share no
+  state agree; without it they agree through the shared index, or while their views agree. A
+  tenant's sessions thus gather where its system prompt is cached, as long as the margin allows:
+  within it a turn queues behind the holder rather than evaluate the prefix again elsewhere
+  (measured against passing it on as soon as the holder is full: bench/RESULTS.md).
 - **feedback**: after each choice its chain is recorded for the worker that served it; a worker
   that reports far fewer cached tokens than the index predicted has evicted them, and the index
   forgets those entries for it before recording what it now holds.
@@ -353,8 +353,8 @@ def _calls(worker: WorkerHandle) -> int:
 @dataclass
 class Decision:
     """Where one choice went, and why: "prefix" (it holds the longest prefix held within the
-    margin), "anchor" (none does: rendezvous hashing of the anchor), "load" (a worker holding the
-    prefix, or the anchor's first choice, was over the margin: the next within it, by rendezvous)."""
+    margin), "anchor" (none does: placed as a new conversation, or by the prompt_cache_key's hash),
+    "load" (a worker holding the prefix, or the key's first choice, was over the margin)."""
 
     worker: str
     reason: str
