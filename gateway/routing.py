@@ -347,7 +347,9 @@ class Margin:
 
 
 def _calls(worker: WorkerHandle) -> int:
-    return worker.in_flight + worker.status.queue_length
+    """Calls at the worker: this gateway's own (exact), or the worker's last report of all it runs
+    and queues when that is more (other gateways' calls). Not their sum: the report counts ours too."""
+    return max(worker.in_flight, worker.status.in_flight + worker.status.queue_length)
 
 
 @dataclass

@@ -167,12 +167,18 @@ def test_a_busy_worker_loses_its_affinity_past_the_margin() -> None:
 
 
 def test_a_full_worker_holding_the_prefix_may_queue_as_many_calls_as_the_margin_allows() -> None:
-    router, pool = Router(MemoryIndex(2**20), Margin(calls=8, ratio=1.5, queue=1)), workers(3)
+    router, pool = Router(MemoryIndex(2**20), Margin(calls=8, ratio=1.5, queue=2)), workers(3)
     home = serve(router, chat("hi"), pool)
-    home.in_flight = home.status.capacity  # all its slots taken, the others idle: one call may queue
+    # All its slots taken and one call queued, all this gateway's (which the worker's report counts
+    # too: once, not twice), the others idle: a second may queue.
+    home.in_flight = home.status.capacity + 1
+    home.status.in_flight, home.status.queue_length = home.status.capacity, 1
     assert serve(router, chat("hi", "yo", "again"), pool) is home
-    home.in_flight += 1  # a second would queue: past the margin
+    home.in_flight += 1  # a third would queue: past the margin
     assert serve(router, chat("hi", "yo", "again", "ok", "more"), pool) is not home
+    # Calls of other gateways, which only the worker's report shows, count too.
+    home.in_flight, home.status.queue_length = 0, 3
+    assert serve(router, chat("hi", "yo", "again", "ok", "more", "yes", "then"), pool) is not home
 
 
 def test_new_conversations_spread_and_two_routers_with_the_same_view_agree() -> None:
