@@ -87,7 +87,7 @@ def routing_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--routing-margin-queue",
         type=int,
-        default=2,
+        default=4,
         help="calls a worker holding the prefix may queue beyond its slots while another worker has a free one",
     )
     parser.add_argument(

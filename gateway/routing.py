@@ -337,7 +337,7 @@ class Margin:
 
     calls: int = 4
     ratio: float = 1.5
-    queue: int = 2
+    queue: int = 4
 
     def over(self, worker: WorkerHandle, least: WorkerHandle) -> bool:
         mine, theirs = _calls(worker), _calls(least)

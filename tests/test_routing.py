@@ -221,7 +221,7 @@ def test_a_tenants_sessions_gather_where_its_system_prompt_is_until_the_margin()
     router, pool = Router(MemoryIndex(2**20)), workers(3)
     home = serve(router, chat("first session"), pool)
     assert all(serve(router, chat(f"session {i}"), pool) is home for i in range(5))
-    home.in_flight = home.status.capacity + 2  # full and 2 queued (the default margin), the others idle
+    home.in_flight = home.status.capacity + 2  # full, 2 queued, the others idle: past 4 calls more
     spilled = serve(router, chat("one more session"), pool)
     assert spilled is not home
     # Now both hold the system prompt: the less loaded of them takes the next session.
