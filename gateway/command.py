@@ -91,6 +91,13 @@ def routing_flags(parser: argparse.ArgumentParser) -> None:
         help="calls a worker holding the prefix may queue beyond its slots while another worker has a free one",
     )
     parser.add_argument(
+        "--routing-placement",
+        choices=("spread", "hash"),
+        default="spread",
+        help="a new conversation goes to the least-loaded worker holding the fewest prefixes (spread), or by "
+        "the hash of its first prefix (hash: replicas that share no --store still agree)",
+    )
+    parser.add_argument(
         "--routing-index-mib", type=float, default=64.0, help="memory cap of the prefix index (LRU beyond it)"
     )
     parser.add_argument(
@@ -159,7 +166,8 @@ def router(args: argparse.Namespace) -> Router | None:
     if args.routing == "least-loaded":
         return None
     index = MemoryIndex(int(args.routing_index_mib * 2**20))
-    return Router(index, Margin(args.routing_margin_calls, args.routing_margin_ratio, args.routing_margin_queue))
+    margin = Margin(args.routing_margin_calls, args.routing_margin_ratio, args.routing_margin_queue)
+    return Router(index, margin, placement=args.routing_placement)
 
 
 def key_limits(args: argparse.Namespace) -> KeyLimits:

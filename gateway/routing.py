@@ -371,10 +371,17 @@ FEEDBACK_MIN_TOKENS = 64
 
 
 class Router:
-    def __init__(self, index: PrefixIndex, margin: Margin | None = None, shared: RedisIndex | None = None) -> None:
+    def __init__(
+        self,
+        index: PrefixIndex,
+        margin: Margin | None = None,
+        shared: RedisIndex | None = None,
+        placement: str = "spread",
+    ) -> None:
         self.index = index  # this gateway's own (with a shared one: its view while the store is down)
         self.margin = margin or Margin()
         self.shared = shared
+        self.placement = placement  # of new conversations: "spread" by load and prefixes held, or "hash"
 
     def route(self, model: str, chains: Sequence[Chain], n: int) -> Route:
         """A route by this gateway's own index."""
@@ -442,8 +449,9 @@ class Route:
                     decision = Decision(best.status.address, "prefix", held[best.status.address])
                     break
                 passed_over = True
-        if decision is None and chain.pinned:
-            # Rendezvous on the caller's key: every gateway ranks the workers alike, sharing no state.
+        if decision is None and (chain.pinned or self.router.placement == "hash"):
+            # Rendezvous on the caller's key, or with "hash" placement on the first prefix: every
+            # gateway ranks the workers alike, sharing no state.
             ranked = sorted(candidates, key=lambda w: -_rendezvous(chain.anchor, w.status.address))
             fits = next((w for w in ranked if not margin.over(w, least)), least)
             passed_over = passed_over or fits is not ranked[0]

@@ -208,6 +208,17 @@ def test_routers_that_share_nothing_agree_on_a_prompt_cache_key_only() -> None:
     assert any(a is not b for a, b in places)
 
 
+def test_hash_placement_agrees_without_shared_state() -> None:
+    pool = workers(3)
+    seasoned, fresh = Router(MemoryIndex(2**20), placement="hash"), Router(MemoryIndex(2**20), placement="hash")
+    for tenant in range(5):  # views that differ, as above
+        serve(seasoned, chat("hello", system=f"tenant {tenant}"), pool)
+    for i in range(12):
+        first = serve(seasoned, chat("q", system=f"new {i}"), pool)
+        # The other router has never seen this conversation: the first prefix's hash decides alike.
+        assert serve(fresh, chat("q", "a reply", "the next turn", system=f"new {i}"), pool) is first
+
+
 def test_a_new_familys_requests_sent_at_once_gather() -> None:
     router, pool = Router(MemoryIndex(2**20)), workers(3)
     # Both routed before either ends: the first's anchor is recorded when it is chosen.

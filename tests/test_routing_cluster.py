@@ -166,9 +166,22 @@ def test_two_gateways_that_share_no_state_but_see_the_same_conversations_agree()
     """Turns alternate between the gateways, so each has seen every conversation: the same view of
     what is held where, and both place a new conversation alike (nothing held there: the least
     loaded, the fewest prefixes held, the anchor's hash). Views that differ agree through the
-    shared index (tests/test_routing_store.py) or a prompt_cache_key."""
+    shared index (tests/test_routing_store.py), a prompt_cache_key, or hash placement (below)."""
+    homes = sessions_over_two_gateways(warm_up_first=0)
+    assert sorted(homes.count(i) for i in range(3)) == [2, 2, 2]  # new conversations spread
+
+
+def test_two_gateways_with_hash_placement_agree_whatever_each_has_seen() -> None:
+    """Only the first gateway saw the warm-up conversations, so their views differ; with
+    --routing-placement hash a new conversation's first prefix decides alike on both."""
+    sessions_over_two_gateways(warm_up_first=4, gateway_args=("--routing-placement", "hash"))
+
+
+def sessions_over_two_gateways(warm_up_first: int, gateway_args: tuple[str, ...] = ()) -> list[int]:
+    """Six conversations of 4 turns, alternating between two gateways that share no state (the
+    second gateway takes each first turn); asserts each stayed on one worker, returns where."""
     registry = harness.Proc(["registry", "--port", "0", "--heartbeat-expiry", "3"]).start()
-    gateways = [harness.gateway("--controller-address", registry.address) for _ in range(2)]
+    gateways = [harness.gateway("--controller-address", registry.address, *gateway_args) for _ in range(2)]
     workers = [harness.echo_worker(registry.address, CHAT_MODEL, "--echo-tokens", "3") for _ in range(3)]
     try:
         stubs = []
@@ -179,6 +192,13 @@ def test_two_gateways_that_share_no_state_but_see_the_same_conversations_agree()
             harness.wait_until(
                 lambda s=stub: s.GetModel(api_pb2.GetModelRequest(model=CHAT_MODEL), timeout=5).model.workers == 3
             )
+
+        def ask(stub: api_pb2_grpc.InferenceServiceStub, messages: list[common_pb2.ChatMessage]) -> str:
+            request = api_pb2.CreateChatCompletionRequest(model=CHAT_MODEL, messages=messages, max_tokens=3)
+            return stub.CreateChatCompletion(request, timeout=30).choices[0].message.content
+
+        for warm in range(warm_up_first):  # seen by the first gateway only
+            ask(stubs[0], [common_pb2.ChatMessage(role="system", content=f"Warm-up {warm}.")])
         requests = lambda: [harness.worker_stats(w.address).requests_total for w in workers]  # noqa: E731
         homes = []
         for session in range(6):
@@ -187,17 +207,15 @@ def test_two_gateways_that_share_no_state_but_see_the_same_conversations_agree()
                 common_pb2.ChatMessage(role="user", content=f"session {session}"),
             ]
             before = requests()
-            for turn in range(4):  # turns alternate between the gateways
-                reply = stubs[turn % 2].CreateChatCompletion(
-                    api_pb2.CreateChatCompletionRequest(model=CHAT_MODEL, messages=messages, max_tokens=3), timeout=30
-                )
-                messages.append(common_pb2.ChatMessage(role="assistant", content=reply.choices[0].message.content))
+            for turn in range(4):  # turns alternate between the gateways, the second one first
+                reply = ask(stubs[(turn + 1) % 2], messages)
+                messages.append(common_pb2.ChatMessage(role="assistant", content=reply))
                 messages.append(common_pb2.ChatMessage(role="user", content=f"turn {turn}"))
             after = requests()
             landed = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if b > a]
-            assert len(landed) == 1, (before, after)
+            assert len(landed) == 1, (session, before, after)
             homes += landed
-        assert sorted(homes.count(i) for i in range(3)) == [2, 2, 2]  # new conversations spread
+        return homes
     finally:
         for proc in (*workers, *gateways, registry):
             proc.stop()
