@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> None:
             limit_worker_concurrency=args.limit_worker_concurrency or getattr(engine, "parallel", 5),
             max_queue=args.max_queue,
             reserved_slots=args.reserved_slots,
+            preempt_batch=getattr(engine, "preempts_batch", False),
             stream_interval=args.stream_interval,
             heartbeat_interval=args.heartbeat_interval,
             shutdown_grace=args.shutdown_grace,
