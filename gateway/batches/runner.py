@@ -54,6 +54,8 @@ MAX_REPORTED_PROBLEMS = 100
 class BatchLimits:
     max_file_bytes: int = 100 * 1024 * 1024
     max_lines: int = 50_000
+    # How long the "24h" completion window lasts (--batch-window-seconds; tests shorten it).
+    window_seconds: int = WINDOWS["24h"]
 
 
 # -- one request -------------------------------------------------------------

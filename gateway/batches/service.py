@@ -148,9 +148,8 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
             ) from None
         if source["purpose"] != "batch":
             raise errors.invalid_request("The input file's purpose must be 'batch'.", "input_file_id")
-        row = self.store.add_batch(
-            owner, request.endpoint, request.input_file_id, WINDOWS[request.completion_window], dict(request.metadata)
-        )
+        window = self.runner.limits.window_seconds
+        row = self.store.add_batch(owner, request.endpoint, request.input_file_id, window, dict(request.metadata))
         self.runner.wake()
         return batch_pb2.CreateBatchResponse(batch=self._batch(row))
 
