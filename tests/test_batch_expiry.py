@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests import harness
-from tests.conftest import API_KEY, CHAT_MODEL, EchoSystem, start_echo_system, stop_system
+from tests.conftest import API_KEY, EchoSystem, chat_batch_file, start_echo_system, stop_system
 
 WINDOW = 4
 REQUESTS = 60
@@ -31,19 +31,7 @@ def system() -> Iterator[EchoSystem]:
 
 def test_a_batch_past_its_window_expires_keeping_what_it_made(system: EchoSystem) -> None:
     client = openai.OpenAI(base_url=f"{system.url}/v1", api_key=API_KEY, max_retries=0)
-    lines = "".join(
-        json.dumps(
-            {
-                "custom_id": f"e{i}",
-                "method": "POST",
-                "url": "/v1/chat/completions",
-                "body": {"model": CHAT_MODEL, "messages": [{"role": "user", "content": f"word {i}"}]},
-            }
-        )
-        + "\n"
-        for i in range(REQUESTS)
-    )
-    uploaded = client.files.create(file=("e.jsonl", lines.encode()), purpose="batch")
+    uploaded = client.files.create(file=("e.jsonl", chat_batch_file(REQUESTS, "e")), purpose="batch")
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
     assert batch.expires_at == batch.created_at + WINDOW
     done = harness.wait_until(
