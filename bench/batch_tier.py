@@ -222,6 +222,8 @@ def report(r: dict[str, Any], variants: list[str]) -> None:
     for variant in variants:
         for clients in (1, 4):
             rows = [w for w in r["windows"] if w["variant"] == variant and w["clients"] == clients]
+            if not rows:  # --rounds 0: the throughput alone
+                continue
             alone = sorted((w for w in rows if not w["batch"]), key=lambda w: w["round"])
             beside = sorted((w for w in rows if w["batch"]), key=lambda w: w["round"])
             ttft = [b["ttft_p50_ms"] / a["ttft_p50_ms"] for a, b in zip(alone, beside, strict=True)]

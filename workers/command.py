@@ -56,7 +56,8 @@ def _worker_flags(parser: argparse.ArgumentParser, with_engines: bool) -> None:
         "--reserved-slots",
         type=int,
         default=1,
-        help="slots batch work never takes, kept for interactive requests (default 1; batch keeps at least one)",
+        help="slots batch work never takes, kept for interactive requests (default 1; batch keeps at least one; "
+        "none with the llama.cpp engine's --batch-yield preempt, which makes room for them)",
     )
     parser.add_argument(
         "--stream-interval",

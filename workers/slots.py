@@ -6,9 +6,10 @@ Two tiers share the slots. Interactive calls are admitted first: a freed slot
 goes to a waiting interactive call before any batch call. Batch calls (the
 gateway's batch runner) never hold more than ``capacity - reserved`` slots, so
 an interactive request finds a slot at once beside a batch. With an engine that
-preempts batch work (llama.cpp's ``--batch-yield preempt``), slots batch calls hold
-do not count against interactive ones at all: the engine ends a batch sequence
-when an interactive one needs its place, and the runner retries it later.
+preempts batch work (llama.cpp's ``--batch-yield preempt``), no slot is reserved and
+slots batch calls hold do not count against interactive ones at all: the engine
+ends a batch sequence when an interactive one needs its place, and the runner
+retries it later.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ class Slots:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
         self.max_queue = max_queue
-        # At least one slot for batch work, whatever the reserve.
-        self.batch_limit = max(capacity - reserved, 1)
+        # At least one slot for batch work, whatever the reserve; none kept when the engine
+        # preempts batch work (an interactive call gets in anyway).
+        self.batch_limit = capacity if preempt_batch else max(capacity - reserved, 1)
         self.preempt_batch = preempt_batch
         self.in_flight = 0
         self.batch_in_flight = 0
