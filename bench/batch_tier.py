@@ -1,19 +1,24 @@
 """The batch tier: does a running batch slow interactive chat, and how fast is a batch on its own?
 
-One tokenwire stack with the real llama.cpp worker (SmolLM2-135M, the front end and one worker,
-as :func:`bench.suite.start_engine_stack` starts them). Two measurements, in one run:
+Tokenwire stacks with the real llama.cpp worker (SmolLM2-135M, the front end and one worker, as
+:func:`bench.suite.start_engine_stack` starts them), one per ``--batch-yield`` variant of the
+worker (``preempt``, ``reserve``: docs/architecture.md), all started at once and measured in
+turn, so that what else runs on the shared machine falls alike on each. Two measurements:
 
-1. **Interactive latency**: N clients (1, then 4) in a closed loop streaming chat completions
-   of 128 tokens (:func:`bench.concurrency.closed_loop`): TTFT p50/p99 and aggregate tokens/s,
-   first alone, then while a batch of ``--batch-requests`` (2,000) chat requests runs. The batch is
-   cancelled afterwards. Targets: TTFT p50 at most +10%, tokens/s at least 0.9x.
-2. **Batch throughput** on an otherwise idle stack: ``--throughput-requests`` chat requests of
-   ``--batch-tokens`` tokens as one batch (upload to the last result), against the same
-   requests sent by a client loop (non-streamed, ``--loop-concurrency`` threads, each level in
-   turn; the best counts). Target: at least 0.95x the best loop.
+1. **Interactive latency**, ``--rounds`` rounds; in each, for each variant (the order turned
+   round every round): N clients (1, then 4) in a closed loop streaming chat completions of 128
+   tokens (:func:`bench.concurrency.closed_loop`) for ``--duration`` s: TTFT p50/p99 and aggregate
+   tokens/s, alone, then while a batch of ``--batch-requests`` (2,000) chat requests runs on that
+   stack (submitted before the two windows, cancelled after them: it need not finish, and a
+   batch left running would load the other variant's windows). Targets: TTFT p50 at most +10%,
+   tokens/s at least 0.9x, each round's "beside" against the same round's "alone".
+2. **Batch throughput** on an otherwise idle stack (the first variant's), ``--throughput-rounds``
+   rounds: ``--throughput-requests`` chat requests of ``--batch-tokens`` tokens as one batch
+   (upload to the last result), then the same requests sent by a client loop (non-streamed,
+   ``--loop-concurrency`` threads, each level in turn). Target: at least 0.95x the best loop.
 
-Each phase reports the share of the machine's CPU other processes used during it (the machine is
-shared). Rerun with:
+Every window logs its figures as it ends, with the load average and the share of the machine's
+CPU other processes used during it (the machine is shared). Rerun with:
 
     .venv/bin/python -m bench.batch_tier [--quick]   # runs itself in bench/.venv, as bench.run
 """
@@ -23,6 +28,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -36,6 +43,7 @@ from bench.servers import Group
 
 MODEL = "smollm2-135m-instruct"
 TOPICS = ["rivers", "bread", "the moon", "trains", "owls", "glass", "tea", "maps"]
+VARIANTS = ("preempt", "reserve")
 
 
 def log(message: str) -> None:
@@ -81,13 +89,35 @@ def wait_for(base: str, batch_id: str, done: int | None = None) -> dict[str, Any
         time.sleep(0.2)  # the pace of the polls
 
 
-def interactive(base: str, clients: int, duration: float) -> dict[str, Any]:
-    from bench.suite import NoiseMeter
+class Window:
+    """What else ran during a measurement: other processes' share of the CPU, the load average."""
 
-    with NoiseMeter() as noise:
+    def __init__(self, group: Group) -> None:
+        from bench.suite import NoiseMeter
+
+        self.noise = NoiseMeter(group)
+
+    def __enter__(self) -> Window:
+        self.noise.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.noise.__exit__(*exc)
+        self.figures = {"other_cpu_share": round(self.noise.share, 2), "load_1m": round(os.getloadavg()[0], 1)}
+
+
+def save(results: dict[str, Any]) -> None:
+    if results["args"]["out"]:
+        with open(results["args"]["out"], "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def interactive(group: Group, base: str, clients: int, duration: float, what: str) -> dict[str, Any]:
+    with Window(group) as window:
         result = closed_loop(base, MODEL, clients, duration)
-    result = {**result, "other_cpu_share": round(noise.share, 2)}
-    log(json.dumps(result))  # each phase as it ends: a long run cut short keeps what it measured
+    result = {**result, **window.figures}
+    # Each window as it ends: a long run cut short keeps what it measured.
+    log(f"{what}: " + json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}))
     return result
 
 
@@ -107,76 +137,116 @@ def client_loop(base: str, n: int, tokens: int, concurrency: int) -> float:
 
 def main() -> None:
     venv.run_inside("bench.batch_tier", sys.argv[1:])  # the load client's venv, as bench.run
-    from bench.suite import NoiseMeter, start_engine_stack
+    from bench.suite import start_engine_stack
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="shorter windows, smaller batches (a smoke run)")
-    parser.add_argument("--duration", type=float, default=40.0, help="seconds of each interactive window")
+    parser.add_argument("--quick", action="store_true", help="one round, short windows, small batches (a smoke run)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="the workers' --batch-yield values to compare")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the interactive windows")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of each interactive window")
     parser.add_argument("--batch-requests", type=int, default=2000)
     parser.add_argument("--batch-tokens", type=int, default=32, help="tokens of each batch request")
-    parser.add_argument("--throughput-requests", type=int, default=96)
-    parser.add_argument("--loop-concurrency", default="4,8")
+    parser.add_argument("--throughput-rounds", type=int, default=2)
+    parser.add_argument("--throughput-requests", type=int, default=100)
+    parser.add_argument("--loop-concurrency", default="1,2,4,8")
+    parser.add_argument("--out", default="", help="a JSON file the figures are written to as each window ends")
+    parser.add_argument(
+        "--n-threads",
+        default="1",
+        help="the workers' llama.cpp threads (default 1: on the shared 2-core machine, a worker of 2 threads "
+        "waits for the second at every step while other engineers' load holds a core; '' for the engine's default)",
+    )
     args = parser.parse_args()
     if args.quick:
-        args.duration, args.batch_requests, args.throughput_requests = 10.0, 200, 24
-    results: dict[str, Any] = {"args": vars(args), "stream_tokens": STREAM_TOKENS}
-    env = {"XDG_DATA_HOME": tempfile.mkdtemp(prefix="bench-batch-")}
+        args.rounds, args.throughput_rounds, args.duration = 1, 1, 8.0
+        args.batch_requests, args.throughput_requests, args.loop_concurrency = 200, 24, "4,8"
+    variants = args.variants.split(",")
+    threads = ("--n-threads", args.n_threads, "--n-threads-batch", args.n_threads) if args.n_threads else ()
+    levels = [int(c) for c in args.loop_concurrency.split(",")]
+    results: dict[str, Any] = {"args": vars(args), "stream_tokens": STREAM_TOKENS, "windows": [], "throughput": []}
     with Group() as group:
-        stack = start_engine_stack(group, MODEL, "llama_cpp", prefix="tw", env=env)
-        base = stack.base
-        for clients in (1, 4):
-            log(f"interactive alone, {clients} clients")
-            results[f"alone_{clients}"] = interactive(base, clients, args.duration)
-        log(f"a batch of {args.batch_requests} requests")
-        running = submit(base, args.batch_requests, args.batch_tokens)
-        wait_for(base, running, done=1)
-        before = batch(base, running)["request_counts"]["completed"]
-        started = time.perf_counter()
-        for clients in (1, 4):
-            log(f"interactive beside the batch, {clients} clients")
-            results[f"with_batch_{clients}"] = interactive(base, clients, args.duration)
-        beside = batch(base, running)["request_counts"]["completed"] - before
-        results["batch_beside_interactive_req_s"] = beside / (time.perf_counter() - started)
-        log(f"the batch beside them: {results['batch_beside_interactive_req_s']:.3f} req/s")
-        httpx.post(f"{base}/v1/batches/{running}/cancel")
-        wait_for(base, running)
-        n, tokens = args.throughput_requests, args.batch_tokens
-        log(f"batch throughput: {n} requests as a batch")
-        with NoiseMeter() as noise:
-            start = time.perf_counter()
-            final = wait_for(base, submit(base, n, tokens))
-            results["batch_req_s"] = n / (time.perf_counter() - start)
-        results["batch_other_cpu_share"] = round(noise.share, 2)
-        log(f"batch: {results['batch_req_s']:.3f} req/s, other processes {noise.share:.0%} of the CPU")
-        assert final["request_counts"]["completed"] == n, final
-        for level in (int(c) for c in args.loop_concurrency.split(",")):
-            log(f"batch throughput: {n} requests by a client loop of {level}")
-            with NoiseMeter() as noise:
-                results[f"loop_{level}_req_s"] = client_loop(base, n, tokens, level)
-            results[f"loop_{level}_other_cpu_share"] = round(noise.share, 2)
-            log(f"loop of {level}: {results[f'loop_{level}_req_s']:.3f} req/s, other processes {noise.share:.0%}")
-    report(results)
+        stacks = {
+            variant: start_engine_stack(
+                group, MODEL, "llama_cpp", "--batch-yield", variant, *threads, prefix=f"tw-{variant}",
+                env={"XDG_DATA_HOME": tempfile.mkdtemp(prefix=f"bench-batch-{variant}-")},
+            ).base
+            for variant in variants
+        }  # fmt: skip
+        for r in range(args.rounds):
+            for variant in variants if r % 2 == 0 else variants[::-1]:
+                base = stacks[variant]
+                for clients in (1, 4):
+                    what = f"round {r + 1} {variant}: {clients} clients alone"
+                    figures = interactive(group, base, clients, args.duration, what)
+                    results["windows"].append({"round": r, "variant": variant, "batch": False, **figures})
+                    save(results)
+                running = submit(base, args.batch_requests, args.batch_tokens)
+                wait_for(base, running, done=1)
+                before, started = batch(base, running)["request_counts"]["completed"], time.perf_counter()
+                for clients in (1, 4):
+                    what = f"round {r + 1} {variant}: {clients} clients beside the batch"
+                    figures = interactive(group, base, clients, args.duration, what)
+                    results["windows"].append({"round": r, "variant": variant, "batch": True, **figures})
+                    save(results)
+                done = batch(base, running)["request_counts"]["completed"] - before
+                rate = done / (time.perf_counter() - started)
+                results.setdefault("batch_beside_req_s", {}).setdefault(variant, []).append(rate)
+                log(f"round {r + 1} {variant}: the batch beside them, {done} requests, {rate:.3f} req/s")
+                httpx.post(f"{base}/v1/batches/{running}/cancel")
+                wait_for(base, running)
+        base, n, tokens = stacks[variants[0]], args.throughput_requests, args.batch_tokens
+        for r in range(args.throughput_rounds):
+            with Window(group) as window:
+                start = time.perf_counter()
+                final = wait_for(base, submit(base, n, tokens))
+                rate = n / (time.perf_counter() - start)
+            assert final["request_counts"]["completed"] == n, final
+            results["throughput"].append({"round": r, "mode": "batch", "req_s": rate, **window.figures})
+            save(results)
+            log(f"throughput round {r + 1}: {n} requests as a batch, {rate:.3f} req/s, {window.figures}")
+            for level in levels:
+                with Window(group) as window:
+                    rate = client_loop(base, n, tokens, level)
+                results["throughput"].append({"round": r, "mode": f"loop {level}", "req_s": rate, **window.figures})
+                save(results)
+                log(f"throughput round {r + 1}: a client loop of {level}, {rate:.3f} req/s, {window.figures}")
+    report(results, variants)
 
 
-def report(r: dict[str, Any]) -> None:
+def report(r: dict[str, Any], variants: list[str]) -> None:
     print(json.dumps(r, indent=2))
-    print(
-        "\n| clients | TTFT p50 alone / with batch (ms) | TTFT p99 alone / with batch (ms) | tok/s alone / with batch | ratio |"
-    )
-    print("|---|---|---|---|---|")
-    for c in (1, 4):
-        a, b = r[f"alone_{c}"], r[f"with_batch_{c}"]
-        ratio = b["aggregate_tok_s"] / a["aggregate_tok_s"] if a["aggregate_tok_s"] else 0.0
-        print(
-            f"| {c} | {a['ttft_p50_ms']:.0f} / {b['ttft_p50_ms']:.0f} | {a['ttft_p99_ms']:.0f} / {b['ttft_p99_ms']:.0f}"
-            f" | {a['aggregate_tok_s']:.1f} / {b['aggregate_tok_s']:.1f} | {ratio:.2f}x tok/s,"
-            f" {b['ttft_p50_ms'] / a['ttft_p50_ms'] if a['ttft_p50_ms'] else 0:.2f}x TTFT p50 |"
-        )
-    loops = {k: v for k, v in r.items() if k.startswith("loop_") and k.endswith("_req_s")}
-    best = max(loops.values()) if loops else 0.0
-    print(
-        f"\nbatch alone {r['batch_req_s']:.2f} req/s; client loops {loops}; ratio {r['batch_req_s'] / best:.2f}x the best"
-    )
+    med = statistics.median
+    print("\n| variant | clients | TTFT p50 alone / beside (ms) | TTFT p99 alone / beside (ms) | tok/s alone / beside |"
+          " TTFT p50 ratio (per round) | tok/s ratio (per round) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for variant in variants:
+        for clients in (1, 4):
+            rows = [w for w in r["windows"] if w["variant"] == variant and w["clients"] == clients]
+            if not rows:  # --rounds 0: the throughput alone
+                continue
+            alone = sorted((w for w in rows if not w["batch"]), key=lambda w: w["round"])
+            beside = sorted((w for w in rows if w["batch"]), key=lambda w: w["round"])
+            ttft = [b["ttft_p50_ms"] / a["ttft_p50_ms"] for a, b in zip(alone, beside, strict=True)]
+            tok = [b["aggregate_tok_s"] / a["aggregate_tok_s"] for a, b in zip(alone, beside, strict=True)]
+
+            def both(key: str, fmt: str = ".0f", a: list[Any] = alone, b: list[Any] = beside) -> str:
+                return f"{med(w[key] for w in a):{fmt}} / {med(w[key] for w in b):{fmt}}"
+
+            print(
+                f"| {variant} | {clients} | {both('ttft_p50_ms')} | {both('ttft_p99_ms')} | {both('aggregate_tok_s', '.1f')}"
+                f" | {med(ttft):.2f}x ({', '.join(f'{x:.2f}' for x in ttft)})"
+                f" | {med(tok):.2f}x ({', '.join(f'{x:.2f}' for x in tok)}) |"
+            )
+    modes: dict[str, list[float]] = {}
+    for t in r["throughput"]:
+        modes.setdefault(t["mode"], []).append(t["req_s"])
+    print("\n| mode | req/s (median, rounds) |\n|---|---|")
+    for mode, rates in modes.items():
+        print(f"| {mode} | {med(rates):.3f} ({', '.join(f'{x:.3f}' for x in rates)}) |")
+    loops = {m: med(v) for m, v in modes.items() if m.startswith("loop")}
+    if loops and "batch" in modes:
+        best = max(loops, key=lambda m: loops[m])
+        print(f"\nbatch / best loop ({best}): {med(modes['batch']) / loops[best]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,13 @@ def api_flags(parser: argparse.ArgumentParser) -> None:
         help="most requests in one batch's input file (default 50000, as OpenAI)",
     )
     parser.add_argument(
+        "--batch-window-seconds",
+        type=settings.positive_int,
+        default=24 * 3600,
+        help="how long a batch's completion window ('24h', the one OpenAI offers) lasts, in seconds; its "
+        "unfinished requests then end with batch_expired (default 86400; tests shorten it)",
+    )
+    parser.add_argument(
         "--expect-models",
         default="",
         help="comma-separated models that must have a live worker for readiness (default: every model seen)",
@@ -226,7 +233,7 @@ def serving(
         expect_models=settings.split(args.expect_models),
         metrics_port=args.metrics_port,
         data_dir=data_dir(args),
-        batch_limits=BatchLimits(args.batch_max_file_bytes, args.batch_max_lines),
+        batch_limits=BatchLimits(args.batch_max_file_bytes, args.batch_max_lines, args.batch_window_seconds),
         tls=server_credentials(args.tls_cert, args.tls_key),
         registry_port=args.registry_port,
         registry_host=registry_host,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from starlette.datastructures import UploadFile
 
 from common import errors
@@ -144,8 +146,22 @@ async def get_file(file_id: str, request: Request) -> Response:
 
 @router.get("/v1/files/{file_id}/content")
 async def get_file_content(file_id: str, request: Request) -> Response:
-    reply = await _call(request, "GetFileContent", batch_pb2.GetFileContentRequest(file_id=file_id))
-    return Response(reply.content, media_type="application/octet-stream")
+    """Streamed as the gateway reads it from disk: a file of any size, never whole in memory."""
+    call = _stub(request).ReadFileContent(
+        batch_pb2.ReadFileContentRequest(file_id=file_id), metadata=exchange.call_metadata(request)
+    )
+    first = await call.read()  # an unknown file fails here, before the response starts (404)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            message = first
+            while message is not grpc.aio.EOF:  # read() throughout: grpc.aio forbids mixing it with async for
+                yield message.chunk
+                message = await call.read()
+        finally:
+            call.cancel()  # the client went away: the gateway stops reading
+
+    return StreamingResponse(chunks(), media_type="application/octet-stream")
 
 
 @router.delete("/v1/files/{file_id}")

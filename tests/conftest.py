@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -57,6 +58,15 @@ def start_echo_system(
     harness.wait_for_workers(system.url, CHAT_MODEL, chat_workers, key=API_KEY)
     harness.wait_for_workers(system.url, EMBED_MODEL, 1, key=API_KEY)
     return system
+
+
+def chat_batch_file(n: int, prefix: str) -> bytes:
+    """A batch input file of ``n`` chat requests to the echo model, custom_ids ``{prefix}0``..."""
+    body = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "word"}]}
+    lines = (
+        {"custom_id": f"{prefix}{i}", "method": "POST", "url": "/v1/chat/completions", "body": body} for i in range(n)
+    )
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
 
 
 def stop_system(system: EchoSystem) -> None:

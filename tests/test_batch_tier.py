@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 
@@ -16,7 +15,7 @@ import openai
 import pytest
 
 from tests import harness
-from tests.conftest import CHAT_MODEL, EchoSystem, start_echo_system, stop_system
+from tests.conftest import EchoSystem, chat_batch_file, start_echo_system, stop_system
 
 REQUESTS = 12
 
@@ -42,19 +41,7 @@ def metric(system: EchoSystem, name: str) -> float:
 
 def test_a_batch_is_not_held_to_rpm_and_its_tokens_count_to_the_key(limited: EchoSystem) -> None:
     client = openai.OpenAI(base_url=f"{limited.url}/v1", api_key=LIMITED_KEY, max_retries=0)
-    lines = "".join(
-        json.dumps(
-            {
-                "custom_id": f"t{i}",
-                "method": "POST",
-                "url": "/v1/chat/completions",
-                "body": {"model": CHAT_MODEL, "messages": [{"role": "user", "content": f"word {i}"}]},
-            }
-        )
-        + "\n"
-        for i in range(REQUESTS)
-    )
-    uploaded = client.files.create(file=("t.jsonl", lines.encode()), purpose="batch")  # request 1 of 3
+    uploaded = client.files.create(file=("t.jsonl", chat_batch_file(REQUESTS, "t")), purpose="batch")  # request 1 of 3
     client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")  # 2
     done = 'tokenwire_batch_requests_total{status="completed"}'
     harness.wait_until(lambda: metric(limited, done) == REQUESTS, 60, what=f"{REQUESTS} batch requests done")

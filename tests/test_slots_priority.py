@@ -65,3 +65,28 @@ async def test_a_cancelled_waiter_leaks_no_slot_and_batch_waiters_do_not_fill_th
     await asyncio.gather(running, queued_batch)
     assert started == ["b1", "b2"]
     assert slots.in_flight == 0 and slots.waiting == 0
+
+
+async def test_with_an_engine_that_preempts_batch_slots_do_not_hold_interactive_calls_back() -> None:
+    slots = Slots(capacity=2, max_queue=8, reserved=1, preempt_batch=True)
+    started: list[str] = []
+    release = {name: asyncio.Event() for name in ("b1", "b2", "b3", "i1", "i2", "i3")}
+    tasks = [asyncio.create_task(hold(slots, True, started, n, release[n])) for n in ("b1", "b2", "b3")]
+    await asyncio.sleep(0)
+    assert started == ["b1", "b2"] and slots.batch_waiting == 1  # no slot reserved: the engine preempts
+    tasks += [asyncio.create_task(hold(slots, False, started, n, release[n])) for n in ("i1", "i2", "i3")]
+    await asyncio.sleep(0)
+    assert started == ["b1", "b2", "i1", "i2"]  # both slots again, beside the batch calls
+    assert slots.waiting == 2  # i3 waits for an interactive call, b3 too
+    release["b1"].set()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert started[-1] == "i2" and slots.batch_waiting == 1  # b3 waits while i3 does
+    release["i1"].set()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert started[-1] == "i3"
+    for event in release.values():
+        event.set()
+    await asyncio.gather(*tasks)
+    assert slots.in_flight == 0 and slots.batch_in_flight == 0 and slots.waiting == 0

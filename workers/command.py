@@ -56,7 +56,8 @@ def _worker_flags(parser: argparse.ArgumentParser, with_engines: bool) -> None:
         "--reserved-slots",
         type=int,
         default=1,
-        help="slots batch work never takes, kept for interactive requests (default 1; batch keeps at least one)",
+        help="slots batch work never takes, kept for interactive requests (default 1; batch keeps at least one; "
+        "none with the llama.cpp engine's --batch-yield preempt, which makes room for them)",
     )
     parser.add_argument(
         "--stream-interval",
@@ -93,6 +94,7 @@ def run(args: argparse.Namespace) -> None:
             limit_worker_concurrency=args.limit_worker_concurrency or getattr(engine, "parallel", 5),
             max_queue=args.max_queue,
             reserved_slots=args.reserved_slots,
+            preempt_batch=getattr(engine, "preempts_batch", False),
             stream_interval=args.stream_interval,
             heartbeat_interval=args.heartbeat_interval,
             shutdown_grace=args.shutdown_grace,

@@ -72,6 +72,12 @@ ENGINE_PROMPT_EVALUATED = Gauge(
     ["model"],
     registry=REGISTRY,
 )
+ENGINE_BATCH_PREEMPTED = Gauge(
+    "tokenwire_engine_batch_preempted",
+    "Batch sequences preempted for interactive ones since start (each retried by the batch runner)",
+    ["model"],
+    registry=REGISTRY,
+)
 ENGINE_PROMPT_REUSED = Gauge(
     "tokenwire_engine_prompt_tokens_reused",
     "Prompt tokens whose KV was reused since start",

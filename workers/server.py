@@ -280,6 +280,7 @@ def _batch_metrics(model: str, batch: BatchStats) -> None:
     metrics.ENGINE_WAITING.labels(model).set_function(lambda: batch.waiting)
     metrics.ENGINE_PROMPT_EVALUATED.labels(model).set_function(lambda: batch.prompt_tokens_evaluated)
     metrics.ENGINE_PROMPT_REUSED.labels(model).set_function(lambda: batch.prompt_tokens_reused)
+    metrics.ENGINE_BATCH_PREEMPTED.labels(model).set_function(lambda: batch.batch_preempted_total)
     metrics.ENGINE_KV_IN_USE.labels(model).set_function(lambda: batch.kv_cells_in_use)
     metrics.ENGINE_KV_CACHED.labels(model).set_function(lambda: batch.kv_cells_cached)
     metrics.ENGINE_PROMPT_CACHE_BYTES.labels(model).set_function(lambda: batch.prompt_cache_bytes)
@@ -303,6 +304,7 @@ async def run_worker(
     limit_worker_concurrency: int = 5,
     max_queue: int = 128,
     reserved_slots: int = 1,
+    preempt_batch: bool = False,
     stream_interval: int = 1,
     heartbeat_interval: float = 5.0,
     shutdown_grace: float = 10.0,
@@ -312,7 +314,7 @@ async def run_worker(
     on_ready: Callable[[int], None] | None = None,
 ) -> None:
     """Load the model, serve WorkerService, register, and run until ``stop``."""
-    slots = Slots(limit_worker_concurrency, max_queue, reserved_slots)
+    slots = Slots(limit_worker_concurrency, max_queue, reserved_slots, preempt_batch)
     servicer = WorkerServicer(engine, slots, stream_interval)
     server = GrpcServer(
         [(worker_pb2_grpc.add_WorkerServiceServicer_to_server, servicer, "tokenwire.v1.WorkerService")],

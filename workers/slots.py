@@ -5,10 +5,11 @@ grows without bound; every slot is released in ``finally``.
 Two tiers share the slots. Interactive calls are admitted first: a freed slot
 goes to a waiting interactive call before any batch call. Batch calls (the
 gateway's batch runner) never hold more than ``capacity - reserved`` slots, so
-an interactive request finds a slot at once even while a batch fills the
-worker: reserved slots, not preemption (a preempted llama.cpp sequence would
-lose its KV cells and redo its prompt, and the reserve costs a batch only one
-of the slots).
+an interactive request finds a slot at once beside a batch. With an engine that
+preempts batch work (llama.cpp's ``--batch-yield preempt``), no slot is reserved and
+slots batch calls hold do not count against interactive ones at all: the engine
+ends a batch sequence when an interactive one needs its place, and the runner
+retries it later.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ from common import errors
 
 
 class Slots:
-    def __init__(self, capacity: int, max_queue: int, reserved: int = 1) -> None:
+    def __init__(self, capacity: int, max_queue: int, reserved: int = 1, preempt_batch: bool = False) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
         self.max_queue = max_queue
-        # At least one slot for batch work, whatever the reserve.
-        self.batch_limit = max(capacity - reserved, 1)
+        # At least one slot for batch work, whatever the reserve; none kept when the engine
+        # preempts batch work (an interactive call gets in anyway).
+        self.batch_limit = capacity if preempt_batch else max(capacity - reserved, 1)
+        self.preempt_batch = preempt_batch
         self.in_flight = 0
         self.batch_in_flight = 0
         self._interactive: deque[asyncio.Future[None]] = deque()
@@ -46,6 +49,8 @@ class Slots:
         return any(not f.done() for f in self._interactive)
 
     def _may_start(self, batch: bool) -> bool:
+        if not batch and self.preempt_batch:
+            return self.in_flight - self.batch_in_flight < self.capacity
         if self.in_flight >= self.capacity:
             return False
         return not batch or (self.batch_in_flight < self.batch_limit and not self._interactive_waiting())

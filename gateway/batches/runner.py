@@ -6,12 +6,14 @@ request is an ordinary call of :class:`gateway.inference.Inference`, marked
 The store (:mod:`gateway.batches.store`) is its only state, so a restart resumes
 where the last committed result left off.
 
-Feeding: a model's batch requests run only while its workers have a free slot
-beyond one per worker (left for interactive requests; the worker enforces its own
-``--reserved-slots``), counted from the gateway's own in-flight calls and the
-heartbeats' queues. Nothing is queued on a worker ahead of people. A request the
-cluster cannot take now (429, no live worker) stays pending and is tried again;
-any other error is its result, a line of the error file.
+Feeding: a model's batch requests run only while its workers have a free slot,
+counted from the gateway's own in-flight calls and the heartbeats' queues; what
+room interactive requests keep beyond that is each worker's business (its
+``--reserved-slots``, or the llama.cpp engine's preemption of batch sequences), and
+a batch call the worker does not start at once waits behind every interactive one.
+Nothing is queued on a worker ahead of people. A request the cluster cannot take
+now (429, no live worker, preempted) stays pending and is tried again; any other
+error is its result, a line of the error file.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ MAX_REPORTED_PROBLEMS = 100
 class BatchLimits:
     max_file_bytes: int = 100 * 1024 * 1024
     max_lines: int = 50_000
+    # How long the "24h" completion window lasts (--batch-window-seconds; tests shorten it).
+    window_seconds: int = WINDOWS["24h"]
 
 
 # -- one request -------------------------------------------------------------
@@ -220,6 +224,7 @@ class BatchRunner:
         running = self._running.setdefault(batch_id, {})
         if status == "validating":
             self._validate(batch)
+            self.wake()  # its requests start at the next pass, not a poll later
             return True
         if status == "in_progress" and time.time() >= batch["expires_at"]:
             self.store.set_status(batch_id, "cancelling")  # stop as a cancel does, then expire
@@ -259,10 +264,9 @@ class BatchRunner:
             log.info("batch %s: %d requests", batch["id"], len(requests))
 
     def _free_slots(self, model: str) -> int:
-        """Batch calls this model's workers can take now beside what they run: one slot each stays free."""
+        """Batch calls this model's workers can take now beside what they run (each keeps its own reserve)."""
         workers = self.inference.pool.workers(model)
-        room = sum(max(w.status.capacity - 1, 1) - w.in_flight - w.status.queue_length for w in workers)
-        return max(room, 0)
+        return max(sum(w.status.capacity - w.in_flight - w.status.queue_length for w in workers), 0)
 
     def _feed(self, batch: Any, running: dict[str, asyncio.Task[None]], room: dict[str, int]) -> None:
         if not self.inference.pool.ready(self.expected_models):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -18,6 +19,8 @@ from gateway.batches.store import TIMESTAMPS
 from tokenwire.v1 import batch_pb2, batch_pb2_grpc
 
 PURPOSES = ("batch",)
+# A file's content is sent in messages of this size, far below any --max-send-message-length.
+CONTENT_CHUNK = 32 * 1024
 
 
 def _owner() -> str:
@@ -114,6 +117,13 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
     ) -> batch_pb2.GetFileContentResponse:
         return batch_pb2.GetFileContentResponse(content=self.store.content(_owner(), request.file_id))
 
+    async def ReadFileContent(
+        self, request: batch_pb2.ReadFileContentRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[batch_pb2.ReadFileContentResponse]:
+        with self.store.open_content(_owner(), request.file_id) as content:
+            while chunk := content.read(CONTENT_CHUNK):  # a local file: no wait worth a thread
+                yield batch_pb2.ReadFileContentResponse(chunk=chunk)
+
     async def DeleteFile(
         self, request: batch_pb2.DeleteFileRequest, context: grpc.aio.ServicerContext
     ) -> batch_pb2.DeleteFileResponse:
@@ -138,9 +148,8 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
             ) from None
         if source["purpose"] != "batch":
             raise errors.invalid_request("The input file's purpose must be 'batch'.", "input_file_id")
-        row = self.store.add_batch(
-            owner, request.endpoint, request.input_file_id, WINDOWS[request.completion_window], dict(request.metadata)
-        )
+        window = self.runner.limits.window_seconds
+        row = self.store.add_batch(owner, request.endpoint, request.input_file_id, window, dict(request.metadata))
         self.runner.wake()
         return batch_pb2.CreateBatchResponse(batch=self._batch(row))
 

@@ -17,7 +17,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 import grpc
 import shortuuid
@@ -140,6 +140,11 @@ class BatchStore:
     def content(self, owner: str, file_id: str) -> bytes:
         self.file(owner, file_id)
         return (self.files_dir / file_id).read_bytes()
+
+    def open_content(self, owner: str, file_id: str) -> BinaryIO:
+        """The file to read in pieces (still readable if it is deleted meanwhile)."""
+        self.file(owner, file_id)
+        return (self.files_dir / file_id).open("rb")
 
     def delete_file(self, owner: str, file_id: str) -> None:
         self.file(owner, file_id)

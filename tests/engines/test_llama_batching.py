@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import jsonschema
 import pytest
 
+from common import errors
 from tests import harness
 from tokenwire.v1 import common_pb2, worker_pb2
 from workers.engine import Delta, Generation, run_blocking
@@ -533,3 +534,45 @@ async def test_per_sequence_text_is_the_same_beside_neighbours(engine: LlamaCppE
     batched = await together(engine, [Call(others[0], 30), Call(request, 24), Call(others[1], 12)])
     assert stats(engine).max_sequences_per_step >= 3
     assert text_of(batched[1]) == alone and alone
+
+
+# -- the batch tier ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_yield", ["preempt", "reserve"])
+async def test_an_interactive_request_beside_batch_sequences_holding_every_id(batch_yield: str) -> None:
+    """Two batch sequences hold both sequence ids when an interactive request comes: preempt ends the
+    one with the fewest tokens (a 429 its runner retries) at once; reserve lets the request wait for one."""
+    small = LlamaCppEngine(MODEL_PATH, n_ctx=1024, parallel=2, kv_cache="unified", batch_yield=batch_yield)
+    await small.start()
+    try:
+        batch = [Call(long_request(p, seed=1), 40) for p in (STORY, "Describe a walk on the beach.")]
+        for call in batch:
+            call.request.priority = worker_pb2.PRIORITY_BATCH
+        running = asyncio.gather(*(consume(small, c) for c in batch), return_exceptions=True)
+        await asyncio.to_thread(
+            harness.wait_until,
+            lambda: all(c.generation is not None and c.generation.tokens >= 2 for c in batch),
+            what="both batch sequences decoding",
+        )
+        interactive = await consume(small, Call(long_request("Tell me about the moon."), 16))
+        assert sum(d.token_count for d in interactive) == 16
+        results = await running
+        preempted = [r for r in results if isinstance(r, errors.ApiError)]
+        finished = [r for r in results if not isinstance(r, BaseException)]
+        if batch_yield == "preempt":
+            assert len(preempted) == 1 and preempted[0].http_status == 429
+            assert stats(small).batch_preempted_total == 1
+        else:
+            assert not preempted and stats(small).batch_preempted_total == 0
+        assert all(sum(d.token_count for d in r) == 40 for r in finished)
+        assert len(finished) == (1 if batch_yield == "preempt" else 2)
+        assert stats(small).running == 0 and stats(small).kv_cells_in_use == 0
+    finally:
+        await small.close()
+
+
+async def consume(engine: LlamaCppEngine, call: Call) -> list[Delta]:
+    call.generation = call.generation or Generation()
+    prepared = await engine.prepare(call.request)
+    return [d async for ds in engine.generate(call.request, prepared, call.max_tokens, call.generation) for d in ds]

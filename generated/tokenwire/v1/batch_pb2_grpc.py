@@ -61,6 +61,11 @@ class BatchServiceStub:
                 request_serializer=tokenwire_dot_v1_dot_batch__pb2.GetFileContentRequest.SerializeToString,
                 response_deserializer=tokenwire_dot_v1_dot_batch__pb2.GetFileContentResponse.FromString,
                 _registered_method=True)
+        self.ReadFileContent = channel.unary_stream(
+                '/tokenwire.v1.BatchService/ReadFileContent',
+                request_serializer=tokenwire_dot_v1_dot_batch__pb2.ReadFileContentRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_batch__pb2.ReadFileContentResponse.FromString,
+                _registered_method=True)
         self.DeleteFile = channel.unary_unary(
                 '/tokenwire.v1.BatchService/DeleteFile',
                 request_serializer=tokenwire_dot_v1_dot_batch__pb2.DeleteFileRequest.SerializeToString,
@@ -120,7 +125,14 @@ class BatchServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetFileContent(self, request, context):
-        """GET /v1/files/{file_id}/content
+        """The whole file in one message (at most the gateway's --max-send-message-length); see ReadFileContent
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadFileContent(self, request, context):
+        """GET /v1/files/{file_id}/content: the file in chunks read from disk, a file of any size
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -183,6 +195,11 @@ def add_BatchServiceServicer_to_server(servicer, server):
                     servicer.GetFileContent,
                     request_deserializer=tokenwire_dot_v1_dot_batch__pb2.GetFileContentRequest.FromString,
                     response_serializer=tokenwire_dot_v1_dot_batch__pb2.GetFileContentResponse.SerializeToString,
+            ),
+            'ReadFileContent': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadFileContent,
+                    request_deserializer=tokenwire_dot_v1_dot_batch__pb2.ReadFileContentRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_batch__pb2.ReadFileContentResponse.SerializeToString,
             ),
             'DeleteFile': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteFile,
@@ -325,6 +342,33 @@ class BatchService:
             '/tokenwire.v1.BatchService/GetFileContent',
             tokenwire_dot_v1_dot_batch__pb2.GetFileContentRequest.SerializeToString,
             tokenwire_dot_v1_dot_batch__pb2.GetFileContentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadFileContent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tokenwire.v1.BatchService/ReadFileContent',
+            tokenwire_dot_v1_dot_batch__pb2.ReadFileContentRequest.SerializeToString,
+            tokenwire_dot_v1_dot_batch__pb2.ReadFileContentResponse.FromString,
             options,
             channel_credentials,
             insecure,

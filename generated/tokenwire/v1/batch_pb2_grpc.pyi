@@ -47,7 +47,9 @@ class BatchServiceStub:
     GetFile: _grpc.UnaryUnaryMultiCallable[_batch_pb2.GetFileRequest, _batch_pb2.GetFileResponse]
     """GET /v1/files/{file_id}"""
     GetFileContent: _grpc.UnaryUnaryMultiCallable[_batch_pb2.GetFileContentRequest, _batch_pb2.GetFileContentResponse]
-    """GET /v1/files/{file_id}/content"""
+    """The whole file in one message (at most the gateway's --max-send-message-length); see ReadFileContent"""
+    ReadFileContent: _grpc.UnaryStreamMultiCallable[_batch_pb2.ReadFileContentRequest, _batch_pb2.ReadFileContentResponse]
+    """GET /v1/files/{file_id}/content: the file in chunks read from disk, a file of any size"""
     DeleteFile: _grpc.UnaryUnaryMultiCallable[_batch_pb2.DeleteFileRequest, _batch_pb2.DeleteFileResponse]
     """DELETE /v1/files/{file_id}"""
     CreateBatch: _grpc.UnaryUnaryMultiCallable[_batch_pb2.CreateBatchRequest, _batch_pb2.CreateBatchResponse]
@@ -78,7 +80,9 @@ class BatchServiceAsyncStub(BatchServiceStub):
     GetFile: _aio.UnaryUnaryMultiCallable[_batch_pb2.GetFileRequest, _batch_pb2.GetFileResponse]  # type: ignore[assignment]
     """GET /v1/files/{file_id}"""
     GetFileContent: _aio.UnaryUnaryMultiCallable[_batch_pb2.GetFileContentRequest, _batch_pb2.GetFileContentResponse]  # type: ignore[assignment]
-    """GET /v1/files/{file_id}/content"""
+    """The whole file in one message (at most the gateway's --max-send-message-length); see ReadFileContent"""
+    ReadFileContent: _aio.UnaryStreamMultiCallable[_batch_pb2.ReadFileContentRequest, _batch_pb2.ReadFileContentResponse]  # type: ignore[assignment]
+    """GET /v1/files/{file_id}/content: the file in chunks read from disk, a file of any size"""
     DeleteFile: _aio.UnaryUnaryMultiCallable[_batch_pb2.DeleteFileRequest, _batch_pb2.DeleteFileResponse]  # type: ignore[assignment]
     """DELETE /v1/files/{file_id}"""
     CreateBatch: _aio.UnaryUnaryMultiCallable[_batch_pb2.CreateBatchRequest, _batch_pb2.CreateBatchResponse]  # type: ignore[assignment]
@@ -130,7 +134,15 @@ class BatchServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _batch_pb2.GetFileContentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_batch_pb2.GetFileContentResponse, _abc.Awaitable[_batch_pb2.GetFileContentResponse]]:
-        """GET /v1/files/{file_id}/content"""
+        """The whole file in one message (at most the gateway's --max-send-message-length); see ReadFileContent"""
+
+    @_abc_1.abstractmethod
+    def ReadFileContent(
+        self,
+        request: _batch_pb2.ReadFileContentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_batch_pb2.ReadFileContentResponse], _abc.AsyncIterator[_batch_pb2.ReadFileContentResponse]]:
+        """GET /v1/files/{file_id}/content: the file in chunks read from disk, a file of any size"""
 
     @_abc_1.abstractmethod
     def DeleteFile(

@@ -30,6 +30,7 @@ from workers.engines.llama_cpp.loading import (
     default_model_path,
     huge_pages_environment,
 )
+from workers.engines.llama_cpp.scheduler import BATCH_YIELDS, DEFAULT_BATCH_YIELD
 
 
 def add_arguments(group: FlagAdder) -> None:
@@ -97,6 +98,15 @@ def add_arguments(group: FlagAdder) -> None:
         f"{DEFAULT_PREFILL_BUDGET}): higher favours time to first token, lower the streams already running.",
     )
     group.add_argument(
+        "--batch-yield",
+        choices=BATCH_YIELDS,
+        default=DEFAULT_BATCH_YIELD,
+        help=f"How batch work (the gateway's batch runner) yields to interactive requests (default "
+        f"{DEFAULT_BATCH_YIELD}, measured in bench/batch_tier.py): preempt pauses batch sequences while an "
+        "interactive one runs and ends one (retried later) when an interactive request needs its place; "
+        "reserve lets them decode beside interactive ones in all but --reserved-slots slots.",
+    )
+    group.add_argument(
         "--no-huge-pages",
         action="store_true",
         help="Keep the KV cache in 4 KB pages. By default, where the kernel gives transparent huge pages on "
@@ -124,6 +134,7 @@ def build(args: argparse.Namespace) -> Engine:
         flash_attn=getattr(args, "flash_attn", None) or DEFAULT_FLASH_ATTN,
         kv_cache=getattr(args, "kv_cache", None) or "auto",
         prompt_cache_mib=_given(getattr(args, "prompt_cache_mib", None), DEFAULT_PROMPT_CACHE_MIB),
+        batch_yield=getattr(args, "batch_yield", None) or DEFAULT_BATCH_YIELD,
     )
 
 

@@ -52,7 +52,7 @@ from workers.engines.llama_cpp.loading import (
 )
 from workers.engines.llama_cpp.output import Output
 from workers.engines.llama_cpp.prompt import Prompts, Vocab
-from workers.engines.llama_cpp.scheduler import Scheduler, Seq, stream
+from workers.engines.llama_cpp.scheduler import BATCH_YIELDS, DEFAULT_BATCH_YIELD, Scheduler, Seq, stream
 from workers.model_names import model_name_for
 
 
@@ -80,6 +80,7 @@ class LlamaCppEngine(Engine):
         flash_attn: str = DEFAULT_FLASH_ATTN,
         kv_cache: str = "auto",
         prompt_cache_mib: int = DEFAULT_PROMPT_CACHE_MIB,
+        batch_yield: str = DEFAULT_BATCH_YIELD,
     ) -> None:
         if parallel < 1:
             raise ValueError("parallel must be at least 1")
@@ -87,6 +88,8 @@ class LlamaCppEngine(Engine):
             raise ValueError(f"flash_attn must be one of {', '.join(FLASH_ATTN)}")
         if kv_cache not in ("auto", *KV_CACHES):
             raise ValueError(f"kv_cache must be auto or one of {', '.join(KV_CACHES)}")
+        if batch_yield not in BATCH_YIELDS:
+            raise ValueError(f"batch_yield must be one of {', '.join(BATCH_YIELDS)}")
         self.model_path = model_path
         self.n_ctx = n_ctx
         self.n_threads = n_threads or default_threads()
@@ -100,6 +103,8 @@ class LlamaCppEngine(Engine):
         if prompt_cache_mib < 0:
             raise ValueError("prompt_cache_mib must be 0 or more")
         self.prompt_cache_mib = prompt_cache_mib
+        # The worker's slots let interactive calls past batch ones when the scheduler preempts those.
+        self.preempts_batch = batch_yield == "preempt"
         self.info = common_pb2.ModelInfo(
             name=model_name or model_name_for(model_path), kind=common_pb2.MODEL_KIND_CHAT, engine="llama_cpp"
         )
@@ -132,6 +137,7 @@ class LlamaCppEngine(Engine):
             prefill_budget=self.prefill_budget,
             pool=self._compute,
             stats=self._stats,
+            preempt_batch=self.preempts_batch,
         )
         self.info.context_length = self._scheduler.n_ctx
         self.info.max_token_bytes = self._prompts.max_token_bytes()

@@ -32,6 +32,13 @@ prompts stay cached, is the KV layout's business (:mod:`workers.engines.llama_cp
 :mod:`workers.engines.llama_cpp.prompt_cache`): the scheduler asks it for ids, copies and
 cached prefixes. When a step finds no room, cached prefixes are evicted first; if that is
 not enough, the running sequence holding the most cells ends with ``length`` and the others go on.
+
+Batch tier (``--batch-yield``): interactive sequences are admitted and prefilled first. With
+``preempt`` (the default), batch sequences pause (their KV kept) while an interactive one runs,
+and when an interactive sequence finds every sequence id taken, the batch sequence with the
+fewest generated tokens is preempted: it ends with a 429, so the gateway's batch runner tries it
+again later. With ``reserve``, batch sequences decode beside interactive ones and are never
+stopped; only the worker's reserved slots (``--reserved-slots``) keep room for people.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from common import errors
 from workers.engine import BatchStats, Delta, Generation
 from workers.engines.llama_cpp.sampling import Sampler
 
@@ -55,6 +63,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tokenwire.engine.llama_cpp")
 
+# How batch sequences yield to interactive ones (see the module's docstring); chosen by bench/batch_tier.py.
+BATCH_YIELDS = ("preempt", "reserve")
+DEFAULT_BATCH_YIELD = "preempt"
 # Prompt evaluation granularity (32-token batches run prompt eval as fast as 512-token ones here).
 CHUNK = 32
 # Prompt tokens worth waiting one step for, to copy them from a sequence being prefilled.
@@ -134,6 +145,7 @@ class Scheduler:
         prefill_budget: int,
         pool: Executor,
         stats: BatchStats | None = None,
+        preempt_batch: bool = True,
     ) -> None:
         from llama_cpp import llama_cpp as C
 
@@ -154,6 +166,7 @@ class Scheduler:
         self._active: list[Seq] = []
         self._out: dict[asyncio.AbstractEventLoop, list[tuple[Seq, list[Any]]]] = {}
         self.stats = stats or BatchStats(parallel=parallel)
+        self.preempt_batch = preempt_batch
 
     @property
     def n_ctx(self) -> int:
@@ -229,6 +242,8 @@ class Scheduler:
             self._drop(seq, keep=False)
 
     def _admit(self) -> None:
+        if self.preempt_batch:
+            self._preempt_for_interactive()
         while self._waiting and len(self._active) < self.parallel:
             # Interactive first: a batch sequence waits while an interactive one does.
             seq = next((s for s in self._waiting if not s.batch), self._waiting[0])
@@ -260,6 +275,21 @@ class Scheduler:
                     leader.followers.append(seq)
                     continue
                 self._reuse_prefix(seq)
+
+    def _preempt_for_interactive(self) -> None:
+        """Free a sequence id for each interactive sequence that waits for one, taken from batch sequences."""
+        wanted = sum(not s.batch for s in self._waiting) - (self.parallel - len(self._active))
+        while wanted > 0:
+            # The one that loses least work; a sequence others follow keeps going (they need its KV).
+            victims = [s for s in self._active if s.batch and not s.followers and s.leader is None]
+            if not victims:
+                return
+            victim = min(victims, key=lambda s: len(s.tokens) - len(s.prompt))
+            self.stats.batch_preempted_total += 1
+            victim.held = []  # a buffered choice's deltas: the retry makes them again
+            self._emit(victim, [errors.rate_limited("Preempted by an interactive request; retry.")], done=True)
+            self._drop(victim, keep=False)
+            wanted -= 1
 
     def _reuse_prefix(self, seq: Seq) -> None:
         """Start from the longest prefix of the prompt some sequence's KV already holds,
@@ -305,7 +335,7 @@ class Scheduler:
             n += 1
 
         active = self._kv.batch_order(self._active)
-        if any(not s.batch for s in active):
+        if self.preempt_batch and any(not s.batch for s in active):
             # Batch sequences pause while an interactive one runs, their KV kept: on a CPU each
             # sequence in a step slows the step, and that time would be the interactive stream's.
             # (A batch sequence another one follows goes on, or its follower would wait forever.)
@@ -566,4 +596,4 @@ async def stream(scheduler: Scheduler, seq: Seq) -> Any:
             await asyncio.shield(seq.released.wait())
 
 
-__all__ = ["CHUNK", "BatchStats", "Handler", "Scheduler", "Seq", "stream"]
+__all__ = ["BATCH_YIELDS", "CHUNK", "DEFAULT_BATCH_YIELD", "BatchStats", "Handler", "Scheduler", "Seq", "stream"]

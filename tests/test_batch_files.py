@@ -1,0 +1,53 @@
+"""A file's content is streamed from the gateway's disk (echo workers, real processes).
+
+The gateway here sends gRPC messages of at most 64 KiB: a file larger than that could not
+come back in one message (the old bound), and comes back whole through the bridge in chunks.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+
+import grpc
+import openai
+import pytest
+
+from tests.conftest import API_KEY, EchoSystem, start_echo_system, stop_system
+from tokenwire.v1 import batch_pb2, batch_pb2_grpc
+
+MESSAGE_LIMIT = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def system() -> Iterator[EchoSystem]:
+    data_dir = tempfile.mkdtemp(prefix="tokenwire-files-")
+    started = start_echo_system(gateway_args=("--data-dir", data_dir, "--max-send-message-length", str(MESSAGE_LIMIT)))
+    yield started
+    stop_system(started)
+
+
+def test_a_file_over_the_message_limit_downloads_whole(system: EchoSystem) -> None:
+    client = openai.OpenAI(base_url=f"{system.url}/v1", api_key=API_KEY, max_retries=0)
+    lines = [f'{{"custom_id": "r{i}", "filler": "{i:08d}{"x" * 90}"}}\n'.encode() for i in range(3000)]
+    content = b"".join(lines)
+    assert len(content) > 4 * MESSAGE_LIMIT
+    uploaded = client.files.create(file=("big.jsonl", content), purpose="batch")
+    assert client.files.content(uploaded.id).content == content
+    # The one-message RPC is bound by the limit: the streamed one is what makes the download work.
+    with grpc.insecure_channel(system.grpc_address) as channel:
+        stub = batch_pb2_grpc.BatchServiceStub(channel)
+        auth = (("authorization", f"Bearer {API_KEY}"),)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetFileContent(batch_pb2.GetFileContentRequest(file_id=uploaded.id), metadata=auth)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        chunks = list(stub.ReadFileContent(batch_pb2.ReadFileContentRequest(file_id=uploaded.id), metadata=auth))
+        assert len(chunks) > 4 and b"".join(c.chunk for c in chunks) == content
+
+
+def test_an_unknown_or_empty_file(system: EchoSystem) -> None:
+    client = openai.OpenAI(base_url=f"{system.url}/v1", api_key=API_KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        client.files.content("file-unknown")
+    empty = client.files.create(file=("empty.jsonl", b""), purpose="batch")
+    assert client.files.content(empty.id).content == b""
