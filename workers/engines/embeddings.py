@@ -45,7 +45,16 @@ from typing import TYPE_CHECKING, Any
 from common import errors, limits
 from common.settings import FlagAdder
 from tokenwire.v1 import common_pb2, worker_pb2
-from workers.engine import Delta, Engine, Generation, Prepared, check_token_ids, message_text, run_blocking
+from workers.engine import (
+    Delta,
+    Engine,
+    Generation,
+    Prepared,
+    check_token_ids,
+    compute_thread,
+    message_text,
+    run_blocking,
+)
 from workers.model_names import model_name_for
 
 if TYPE_CHECKING:
@@ -127,6 +136,10 @@ class EmbeddingsEngine(Engine):
         self.onednn_cache_capacity = max(0, onednn_cache_capacity)
         self.trim_after_idle_s = trim_after_idle_s
         self._trimmer: asyncio.Task[None] | None = None
+        # Passes run on one thread: glibc gives each thread of a pool an arena of its own,
+        # which keeps its largest pass's memory, so passes moving between threads left one
+        # high-water mark per thread (the soak's third hour; passes run one at a time anyway).
+        self._compute = compute_thread("embeddings")
         # Micro-batching: inputs of concurrent requests wait here and share
         # forward passes, run one at a time by a single runner task. On 2 cores
         # one pass of 8 short sentences costs 3x one of 1 sentence, not 8x.
@@ -240,7 +253,7 @@ class EmbeddingsEngine(Engine):
             if not batch:
                 continue
             try:
-                rows = await run_blocking(self._forward_rows, [seq for seq, _ in batch])
+                rows = await run_blocking(self._forward_rows, [seq for seq, _ in batch], pool=self._compute)
             except Exception as exc:
                 for _, future in batch:
                     if not future.done():
