@@ -21,10 +21,11 @@ of varied requests grew its RSS by 187 MiB. torch runs BERT's GELU through oneDN
 compiles and keeps a kernel per shape (1,024 by default), and glibc kept the pass's freed
 tensors (up to a few MB) in a heap those long-lived kernels pinned. So
 ``--onednn-cache-capacity`` bounds the kernels (one compiles again when its shape returns,
-with the same vectors to the last bit), and once the engine has been idle for
+with the same vectors to the last bit), passes run on one thread (one glibc arena keeps
+one high-water mark, not one per pool thread), and once the engine has been idle for
 ``TRIM_AFTER_IDLE_S`` it gives the heap's free pages back to the system (glibc's
-``malloc_trim``, on a thread), once per idle period: a busy worker pays nothing, and a pass
-never waits for it. bench/RESULTS.md's "Soak" has the figures.
+``malloc_trim``, on another thread), once per idle period: a busy worker pays nothing, and a
+pass never waits for it. bench/RESULTS.md's "Soak" has the figures.
 """
 
 from __future__ import annotations
