@@ -1,15 +1,18 @@
 """What a new input shape costs an embedding worker's memory: RSS after GELU (as BERT runs it,
 through oneDNN) over many shapes, with oneDNN's kernel cache at its default and at the engine's
-capacity, with glibc's mmap threshold left dynamic and fixed as the engine fixes it.
+capacity, with glibc's mmap threshold left dynamic and fixed at 1 MiB (the engine did so from
+04e00a0 until it trimmed the heap when idle instead).
 
 Each variant runs in a process of its own (oneDNN reads its capacity once): GELU on a
 batch x tokens x 1536 tensor (MiniLM's intermediate width) for batches 1-32 and 3-39 tokens,
 1,184 shapes; RSS growth after the first, every 296 shapes. ``--trim`` gives the heap back to
-the system before each reading (``malloc_trim``): what the kernels themselves hold.
+the system before each reading (``malloc_trim``, as the engine does when idle): what the
+kernels themselves hold.
 
-``--pass-cost`` measures the other side: the CPU a forward pass of the real engine costs (120
-passes of 1-8 inputs of 3-40 tokens, one torch thread) with the mmap threshold fixed and with
-glibc's, each in a process of its own, alternated for --rounds.
+``--pass-cost`` measures the other side: the real engine's embeddings requests back to back (120
+requests of 1-8 inputs of 3-40 tokens, one torch thread, through ``embed``), requests a second
+and CPU ms a request, with the mmap threshold fixed and with glibc's, each in a process of its
+own, alternated for --rounds.
 
     .venv/bin/python -m bench.experiments.onednn_shapes
     .venv/bin/python -m bench.experiments.onednn_shapes --pass-cost
@@ -18,6 +21,7 @@ glibc's, each in a process of its own, alternated for --rounds.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import ctypes.util
 import os
@@ -25,6 +29,13 @@ import random
 import subprocess
 import sys
 import time
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def fix_mmap_threshold(size: int = 1 << 20) -> None:
+    """Blocks of ``size`` or more are mmapped and unmapped when freed, whatever was freed before."""
+    ctypes.CDLL(ctypes.util.find_library("c")).mallopt(M_MMAP_THRESHOLD, size)
 
 
 def rss_mib() -> float:
@@ -53,25 +64,34 @@ def run_shapes(trim: bool) -> list[float]:
     return growth
 
 
-def pass_cost(fixed: bool) -> float:
-    """CPU ms a forward pass of the embeddings engine, over varied shapes."""
+def pass_cost(fixed: bool) -> tuple[float, float]:
+    """Requests a second and CPU ms a request of the embeddings engine, back to back, varied shapes."""
+    from tokenwire.v1 import common_pb2
     from workers.engines import embeddings
 
-    if not fixed:
-        embeddings.fix_mmap_threshold = lambda size=0: None
+    if fixed:
+        fix_mmap_threshold()
     engine = embeddings.EmbeddingsEngine(embeddings.default_model_path(), torch_threads=1)
     engine._load()
     rng = random.Random(1)
-    passes = [
-        [[101, *(rng.randint(2000, 20000) for _ in range(rng.randint(3, 40))), 102] for _ in range(rng.randint(1, 8))]
+    requests = [
+        [
+            common_pb2.TextOrTokens(
+                tokens=common_pb2.TokenIds(ids=[rng.randint(2000, 20000) for _ in range(rng.randint(3, 40))])
+            )
+            for _ in range(rng.randint(1, 8))
+        ]
         for _ in range(140)
     ]
-    for batch in passes[:20]:  # the first kernels, the first pages
-        engine._forward(batch)
-    started = time.process_time()
-    for batch in passes[20:]:
-        engine._forward(batch)
-    return (time.process_time() - started) / 120 * 1000
+
+    async def run(batch: list[list[common_pb2.TextOrTokens]]) -> None:
+        for inputs in batch:
+            await engine.embed(inputs, None)
+
+    asyncio.run(run(requests[:20]))  # the first kernels, the first pages
+    started, cpu = time.monotonic(), time.process_time()
+    asyncio.run(run(requests[20:]))
+    return 120 / (time.monotonic() - started), (time.process_time() - cpu) / 120 * 1000
 
 
 def main() -> None:
@@ -82,25 +102,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="--pass-cost's rounds (default 2)")
     args = parser.parse_args()
     if args.variant and args.pass_cost:
-        print(f"{pass_cost(args.variant == 'fixed'):.1f}")
+        per_second, cpu_ms = pass_cost(args.variant == "fixed")
+        print(f"{per_second:.1f} req/s, {cpu_ms:.1f} ms")
         return
     if args.pass_cost:
-        print("| glibc's mmap threshold | CPU ms a pass, by round |")
+        print("| glibc's mmap threshold | requests/s, CPU ms a request, by round |")
         print("|---|---|")
         costs: dict[str, list[str]] = {"fixed": [], "dynamic": []}
         for _ in range(args.rounds):
             for variant in costs:
                 argv = [sys.executable, "-m", "bench.experiments.onednn_shapes", "--pass-cost", "--variant", variant]
                 costs[variant].append(subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip())
-        print(f"| fixed at 1 MiB (the engine's) | {' / '.join(costs['fixed'])} |")
-        print(f"| dynamic (glibc's) | {' / '.join(costs['dynamic'])} |")
+        print(f"| fixed at 1 MiB (the engine until now) | {' / '.join(costs['fixed'])} |")
+        print(f"| dynamic (glibc's; the engine trims when idle) | {' / '.join(costs['dynamic'])} |")
         return
     if args.variant:
         capacity, fixed = args.variant.split(",")
         os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = capacity
         if fixed == "fixed":
-            from workers.engines.embeddings import fix_mmap_threshold
-
             fix_mmap_threshold()
         print(" ".join(f"{g:.1f}" for g in run_shapes(args.trim)))
         return
@@ -110,7 +129,7 @@ def main() -> None:
         for fixed in ("dynamic", "fixed"):
             argv = [sys.executable, "-m", "bench.experiments.onednn_shapes", "--variant", f"{capacity},{fixed}"]
             out = subprocess.run(argv + ["--trim"] * args.trim, capture_output=True, text=True, check=True).stdout
-            label = "dynamic (glibc's)" if fixed == "dynamic" else "1 MiB (the engine's)"
+            label = "dynamic (glibc's)" if fixed == "dynamic" else "fixed at 1 MiB"
             print(f"| {capacity} | {label} | {' / '.join(out.split())} |", flush=True)
 
 

@@ -18,13 +18,14 @@ sentences: ~250/s, the same as sequential), so passes run one at a time.
 
 Every pass of a new shape (batch size x sequence length) left the worker bigger: an hour
 of varied requests grew its RSS by 187 MiB. torch runs BERT's GELU through oneDNN, which
-compiles and keeps a kernel per shape (1,024 by default), and glibc served the pass's
-tensors (up to a few MB) from a heap those long-lived kernels pinned, since its mmap
-threshold rises to the largest block freed. So ``--onednn-cache-capacity`` bounds the
-kernels (one compiles again when its shape returns) and the engine fixes the mmap
-threshold at 1 MiB: big tensors go back to the system when freed (at a price: they are
-faulted in afresh each pass, 10-15 % more CPU a pass in bench/RESULTS.md's "Soak"). A
-kernel compiled again gives the same vectors to the last bit.
+compiles and keeps a kernel per shape (1,024 by default), and glibc kept the pass's freed
+tensors (up to a few MB) in a heap those long-lived kernels pinned. So
+``--onednn-cache-capacity`` bounds the kernels (one compiles again when its shape returns,
+with the same vectors to the last bit), passes run on one thread (one glibc arena keeps
+one high-water mark, not one per pool thread), and once the engine has been idle for
+``TRIM_AFTER_IDLE_S`` it gives the heap's free pages back to the system (glibc's
+``malloc_trim``, on another thread), once per idle period: a busy worker pays nothing, and a
+pass never waits for it. bench/RESULTS.md's "Soak" has the figures.
 """
 
 from __future__ import annotations
@@ -45,7 +46,16 @@ from typing import TYPE_CHECKING, Any
 from common import errors, limits
 from common.settings import FlagAdder
 from tokenwire.v1 import common_pb2, worker_pb2
-from workers.engine import Delta, Engine, Generation, Prepared, check_token_ids, message_text, run_blocking
+from workers.engine import (
+    Delta,
+    Engine,
+    Generation,
+    Prepared,
+    check_token_ids,
+    compute_thread,
+    message_text,
+    run_blocking,
+)
 from workers.model_names import model_name_for
 
 if TYPE_CHECKING:
@@ -63,14 +73,25 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+TRIM_AFTER_IDLE_S = 0.5  # quiet time before the heap is trimmed (longer than a pass's gaps under load)
 
 
-def fix_mmap_threshold(size: int = 1 << 20) -> None:
-    """Blocks of ``size`` or more are mmapped and unmapped when freed, whatever was freed before."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    if hasattr(libc, "mallopt"):  # glibc; other C libraries keep their own policy
-        libc.mallopt(M_MMAP_THRESHOLD, size)
+def _libc() -> Any:
+    return ctypes.CDLL(ctypes.util.find_library("c"))
+
+
+def trim_heap() -> bool:
+    """Give the heap's free pages back to the system (every arena); False without glibc."""
+    libc = _libc()
+    if not hasattr(libc, "malloc_trim"):  # musl and others: their own policy
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
 
 
 class EmbeddingsEngine(Engine):
@@ -83,6 +104,7 @@ class EmbeddingsEngine(Engine):
         max_batch_size: int = 32,
         batch_window_ms: float = 2.0,
         onednn_cache_capacity: int = 64,
+        trim_after_idle_s: float = TRIM_AFTER_IDLE_S,
     ) -> None:
         path = Path(model_path)
         if not (path / "config.json").is_file():
@@ -113,6 +135,12 @@ class EmbeddingsEngine(Engine):
         self.max_batch_size = max(1, max_batch_size)
         self.batch_window = max(0.0, batch_window_ms) / 1000
         self.onednn_cache_capacity = max(0, onednn_cache_capacity)
+        self.trim_after_idle_s = trim_after_idle_s
+        self._trimmer: asyncio.Task[None] | None = None
+        # Passes run on one thread: glibc gives each thread of a pool an arena of its own,
+        # which keeps its largest pass's memory, so passes moving between threads left one
+        # high-water mark per thread (the soak's third hour; passes run one at a time anyway).
+        self._compute = compute_thread("embeddings")
         # Micro-batching: inputs of concurrent requests wait here and share
         # forward passes, run one at a time by a single runner task. On 2 cores
         # one pass of 8 short sentences costs 3x one of 1 sentence, not 8x.
@@ -137,7 +165,6 @@ class EmbeddingsEngine(Engine):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         # Read by oneDNN when it builds its first kernel, so before the first forward pass.
         os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(self.onednn_cache_capacity)
-        fix_mmap_threshold()
         import torch
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -169,6 +196,8 @@ class EmbeddingsEngine(Engine):
         )
 
     async def close(self) -> None:
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         self.model = None
         self.tokenizer = None
 
@@ -211,6 +240,8 @@ class EmbeddingsEngine(Engine):
     async def _run(self) -> None:
         """Run forward passes until nothing is pending; one pass at a time."""
         loop = asyncio.get_running_loop()
+        if self._trimmer is not None:
+            self._trimmer.cancel()  # busy again: the idle period ended before its trim
         while self._pending:
             deadline = loop.time() + self.batch_window
             while self._encoding and len(self._pending) < self.max_batch_size and loop.time() < deadline:
@@ -223,7 +254,7 @@ class EmbeddingsEngine(Engine):
             if not batch:
                 continue
             try:
-                rows = await run_blocking(self._forward_rows, [seq for seq, _ in batch])
+                rows = await run_blocking(self._forward_rows, [seq for seq, _ in batch], pool=self._compute)
             except Exception as exc:
                 for _, future in batch:
                     if not future.done():
@@ -232,6 +263,14 @@ class EmbeddingsEngine(Engine):
             for (_, future), row in zip(batch, rows, strict=True):
                 if not future.done():
                     future.set_result(row)
+        self._trimmer = loop.create_task(self._trim_when_idle())
+
+    async def _trim_when_idle(self) -> None:
+        """After a quiet time with no pass, give the passes' freed memory back to the system."""
+        await asyncio.sleep(self.trim_after_idle_s)
+        before = rss_mib()
+        if await run_blocking(trim_heap):
+            log.debug("idle for %.1f s: heap trimmed, RSS %.1f -> %.1f MiB", self.trim_after_idle_s, before, rss_mib())
 
     def _encode(self, inputs: list[common_pb2.TextOrTokens]) -> list[list[int]]:
         """Token ids with special tokens for every input; 400 on bad input."""
