@@ -73,12 +73,14 @@ def echo_of(prompt: str, tokens: int) -> str:
     return " ".join(words[i % len(words)] for i in range(tokens))
 
 
-def chats(cluster: Cluster, count: int, max_tokens: int = 3) -> list[httpx.Response]:
-    """``count`` chats at once from the client host."""
+def chats(cluster: Cluster, count: int, max_tokens: int = 3, topic: str = "request") -> list[httpx.Response]:
+    """``count`` chats at once from the client host (``topic`` 0, 1, ...: a topic not sent before
+    makes them new conversations, which cache-aware routing spreads; a topic sent before goes back
+    to the workers that hold it)."""
     replies: list[httpx.Response] = []
 
     def one(i: int) -> None:
-        replies.append(cluster.chat(f"request {i}", max_tokens=max_tokens))
+        replies.append(cluster.chat(f"{topic} {i}", max_tokens=max_tokens))
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
     with cluster.client.entered():
@@ -178,10 +180,11 @@ def test_a_worker_blackholed_mid_stream_is_given_up_and_rejoins_when_its_network
         rows = [line for line in status.splitlines() if line.startswith("echo-chat")]
         assert len(rows) == 3, status
         assert sum(f"{lost.address}:" in row for row in rows) == 1, status
-        # No stale channel: the rejoined worker serves again (the dispatch spreads 9 calls at once
-        # over 3 idle workers, 3 each), through the gateway's new channel to it.
+        # No stale channel: the rejoined worker serves again, through the gateway's new channel to it
+        # (9 new conversations at once over 3 idle workers: the least loaded, then the one holding
+        # the fewest prefixes, which is the rejoined one, whose entries went when it left the pool).
         served = cluster.worker_metric(k, "tokenwire_engine_requests_total")
-        assert [r.status_code for r in chats(cluster, 9, max_tokens=20)] == [200] * 9
+        assert [r.status_code for r in chats(cluster, 9, max_tokens=20, topic="after the rejoin")] == [200] * 9
         assert cluster.worker_metric(k, "tokenwire_engine_requests_total") >= served + 1
         print(
             f"\nblackhole: the stream ended {detected:.2f} s after the fault, the worker left the pool at "
