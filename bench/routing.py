@@ -38,6 +38,7 @@ from typing import Any
 import grpc
 import httpx
 
+from bench import venv
 from bench.servers import Group, Server, free_port, machine_busy, tokenwire
 
 MODEL = "smollm2"
@@ -375,6 +376,8 @@ def main() -> None:
         index_cost()
         return
     os.environ.setdefault("TOKENWIRE_LOG_LEVEL", "warning")
+    if "smg-" in args.routings and args.smg == str(BENCH_SMG):
+        venv.ensure()  # smg comes with bench/.venv (deps/bench.lock)
     rows = []
     for _ in range(args.rounds):
         for routing in args.routings.split(","):
