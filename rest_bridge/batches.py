@@ -79,13 +79,14 @@ def batch_object(b: batch_pb2.Batch) -> dict[str, Any]:
     return out
 
 
-def _limit(request: Request) -> int | None:
+def _limit(request: Request) -> dict[str, int]:
+    """The list request's ``limit`` field, when the query gives one."""
     text = request.query_params.get("limit")
     if text is None:
-        return None
+        return {}
     if not (text.isascii() and text.isdigit() and len(text) < 6):
         raise errors.invalid_request("'limit' must be a positive integer.", "limit")
-    return int(text)
+    return {"limit": int(text)}
 
 
 def _page(data: list[dict[str, Any]], has_more: bool) -> Response:
@@ -130,10 +131,9 @@ async def create_file(request: Request) -> Response:
 @router.get("/v1/files")
 async def list_files(request: Request) -> Response:
     query = request.query_params
-    message = batch_pb2.ListFilesRequest(purpose=query.get("purpose", ""), after=query.get("after", ""))
-    limit = _limit(request)
-    if limit is not None:
-        message.limit = limit
+    message = batch_pb2.ListFilesRequest(
+        purpose=query.get("purpose", ""), after=query.get("after", ""), **_limit(request)
+    )
     reply = await _call(request, "ListFiles", message)
     return _page([_file(f) for f in reply.data], reply.has_more)
 
@@ -192,10 +192,7 @@ async def create_batch(request: Request) -> Response:
 
 @router.get("/v1/batches")
 async def list_batches(request: Request) -> Response:
-    message = batch_pb2.ListBatchesRequest(after=request.query_params.get("after", ""))
-    limit = _limit(request)
-    if limit is not None:
-        message.limit = limit
+    message = batch_pb2.ListBatchesRequest(after=request.query_params.get("after", ""), **_limit(request))
     reply = await _call(request, "ListBatches", message)
     return _page([batch_object(b) for b in reply.data], reply.has_more)
 

@@ -51,3 +51,16 @@ def test_an_unknown_or_empty_file(system: EchoSystem) -> None:
         client.files.content("file-unknown")
     empty = client.files.create(file=("empty.jsonl", b""), purpose="batch")
     assert client.files.content(empty.id).content == b""
+
+
+def test_lists_page_by_limit(system: EchoSystem) -> None:
+    client = openai.OpenAI(base_url=f"{system.url}/v1", api_key=API_KEY, max_retries=0)
+    for name in ("a.jsonl", "b.jsonl"):
+        client.files.create(file=(name, b'{"custom_id": "x"}\n'), purpose="batch")
+    page = client.files.list(limit=1)
+    assert len(page.data) == 1 and page.has_more
+    assert len(client.batches.list(limit=1).data) <= 1
+    for bad in ("abc", "-1"):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.files.list(extra_query={"limit": bad})
+        assert refused.value.body["param"] == "limit"

@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import importlib.resources
 import json
 import logging
@@ -76,7 +77,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 TRIM_AFTER_IDLE_S = 0.5  # quiet time before the heap is trimmed (longer than a pass's gaps under load)
 
 
+@functools.cache
 def _libc() -> Any:
+    """Loaded once: find_library runs ldconfig, a process, and the trim comes every idle period."""
     return ctypes.CDLL(ctypes.util.find_library("c"))
 
 
