@@ -117,6 +117,8 @@ class BatchStats:
     kv_exhausted_total: int = 0
     # Batch sequences ended to free a sequence id for an interactive one (--batch-yield preempt).
     batch_preempted_total: int = 0
+    # Decode steps of batch sequences alone stopped for an interactive request (--batch-yield preempt).
+    batch_steps_aborted_total: int = 0
     prompt_cache_bytes: int = 0
     # Called with (sequences, tokens) after every decode step, on the engine's thread.
     on_step: list[Callable[[int, int], None]] = field(default_factory=list)

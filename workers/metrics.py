@@ -78,6 +78,12 @@ ENGINE_BATCH_PREEMPTED = Gauge(
     ["model"],
     registry=REGISTRY,
 )
+ENGINE_BATCH_STEPS_ABORTED = Gauge(
+    "tokenwire_engine_batch_steps_aborted",
+    "Decode steps of batch sequences alone stopped for an arriving interactive request since start",
+    ["model"],
+    registry=REGISTRY,
+)
 ENGINE_PROMPT_REUSED = Gauge(
     "tokenwire_engine_prompt_tokens_reused",
     "Prompt tokens whose KV was reused since start",

@@ -281,6 +281,7 @@ def _batch_metrics(model: str, batch: BatchStats) -> None:
     metrics.ENGINE_PROMPT_EVALUATED.labels(model).set_function(lambda: batch.prompt_tokens_evaluated)
     metrics.ENGINE_PROMPT_REUSED.labels(model).set_function(lambda: batch.prompt_tokens_reused)
     metrics.ENGINE_BATCH_PREEMPTED.labels(model).set_function(lambda: batch.batch_preempted_total)
+    metrics.ENGINE_BATCH_STEPS_ABORTED.labels(model).set_function(lambda: batch.batch_steps_aborted_total)
     metrics.ENGINE_KV_IN_USE.labels(model).set_function(lambda: batch.kv_cells_in_use)
     metrics.ENGINE_KV_CACHED.labels(model).set_function(lambda: batch.kv_cells_cached)
     metrics.ENGINE_PROMPT_CACHE_BYTES.labels(model).set_function(lambda: batch.prompt_cache_bytes)

@@ -576,3 +576,36 @@ async def consume(engine: LlamaCppEngine, call: Call) -> list[Delta]:
     call.generation = call.generation or Generation()
     prepared = await engine.prepare(call.request)
     return [d async for ds in engine.generate(call.request, prepared, call.max_tokens, call.generation) for d in ds]
+
+
+@pytest.mark.parametrize("kv_cache", loading.KV_CACHES)
+async def test_an_interactive_request_stops_a_batch_step_in_flight(kv_cache: str) -> None:
+    """A step of batch work alone is stopped when an interactive request arrives, not finished first
+    (on a CPU it takes up to half a second); the batch sequence's text is as if nothing had happened."""
+    eng = LlamaCppEngine(MODEL_PATH, n_ctx=2048, parallel=2, kv_cache=kv_cache, batch_yield="preempt")
+    await eng.start()
+    scheduler = eng._scheduler
+    assert scheduler is not None
+    try:
+        # A long prompt: many steps of prompt chunks, each long enough to be caught in flight.
+        request = long_request("Summarise this. " + " ".join([STORY] * 40))
+        request.priority = worker_pb2.PRIORITY_BATCH
+        batch = Call(request, 16)
+        running = asyncio.create_task(consume(eng, batch))
+        for _attempt in range(3):  # the step may end between the check and the submit: rarely twice
+            await asyncio.to_thread(
+                harness.wait_until, lambda: scheduler._step_abortable, what="a batch step being computed"
+            )
+            interactive = await consume(eng, Call(long_request("Tell me about the moon."), 4))
+            assert sum(d.token_count for d in interactive) == 4
+            if stats(eng).batch_steps_aborted_total:
+                break
+        assert stats(eng).batch_steps_aborted_total >= 1, "no batch step was stopped for the interactive request"
+        interrupted = text_of(await running)
+        await clear_cache(eng)
+        alone = text_of(await consume(eng, Call(copy.deepcopy(request), 16)))
+        assert interrupted == alone and alone
+        assert stats(eng).batch_preempted_total == 0  # a free id: stopped, not ended
+        assert stats(eng).running == 0 and stats(eng).kv_cells_in_use == 0
+    finally:
+        await eng.close()

@@ -79,6 +79,10 @@ class KvLayout(abc.ABC):
         """Empty a sequence id's KV."""
         self._rm(seq_id)
 
+    def truncate(self, seq_id: int, n: int) -> None:
+        """Keep only the first ``n`` positions of a sequence id's KV."""
+        self._rm(seq_id, n)
+
     def evict_oldest(self) -> bool:
         """Free the KV of the oldest cached prompt; False if none is cached."""
         if not self.cache:

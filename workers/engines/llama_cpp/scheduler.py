@@ -37,8 +37,12 @@ Batch tier (``--batch-yield``): interactive sequences are admitted and prefilled
 ``preempt`` (the default), batch sequences pause (their KV kept) while an interactive one runs,
 and when an interactive sequence finds every sequence id taken, the batch sequence with the
 fewest generated tokens is preempted: it ends with a 429, so the gateway's batch runner tries it
-again later. With ``reserve``, batch sequences decode beside interactive ones and are never
-stopped; only the worker's reserved slots (``--reserved-slots``) keep room for people.
+again later. An interactive request that arrives while a step of batch work alone is being
+computed stops that step (:mod:`workers.engines.llama_cpp.step_abort`): on a CPU a full step
+takes up to half a second, which would otherwise be the request's wait for its first token. The
+stopped step's positions are removed and it is computed again after the interactive work.
+With ``reserve``, batch sequences decode beside interactive ones and are never stopped; only
+the worker's reserved slots (``--reserved-slots``) keep room for people.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ import numpy as np
 from common import errors
 from workers.engine import BatchStats, Delta, Generation
 from workers.engines.llama_cpp.sampling import Sampler
+from workers.engines.llama_cpp.step_abort import StepAbort
 
 if TYPE_CHECKING:
     from workers.engines.llama_cpp.kv_layout import KvLayout
@@ -66,6 +71,8 @@ log = logging.getLogger("tokenwire.engine.llama_cpp")
 # How batch sequences yield to interactive ones (see the module's docstring); chosen by bench/batch_tier.py.
 BATCH_YIELDS = ("preempt", "reserve")
 DEFAULT_BATCH_YIELD = "preempt"
+# llama_decode's return codes the scheduler handles: no KV slot for the batch; stopped by StepAbort.
+NO_KV_SLOT, ABORTED = 1, 2
 # Prompt evaluation granularity (32-token batches run prompt eval as fast as 512-token ones here).
 CHUNK = 32
 # Prompt tokens worth waiting one step for, to copy them from a sequence being prefilled.
@@ -167,6 +174,10 @@ class Scheduler:
         self._out: dict[asyncio.AbstractEventLoop, list[tuple[Seq, list[Any]]]] = {}
         self.stats = stats or BatchStats(parallel=parallel)
         self.preempt_batch = preempt_batch
+        # Set (under the lock) while a step of batch sequences alone is computed: an interactive
+        # submit then stops it.
+        self._abort = StepAbort(ctx) if preempt_batch else None
+        self._step_abortable = False
 
     @property
     def n_ctx(self) -> int:
@@ -179,6 +190,8 @@ class Scheduler:
             self._inbox.append(seq)
             self.stats.waiting += 1
             start, self._looping = not self._looping, True
+            if self._abort is not None and self._step_abortable and not seq.batch:
+                self._abort.request()
         if start:
             self._pool.submit(self._run)
 
@@ -222,16 +235,32 @@ class Scheduler:
         if n == 0:
             return
         code = self._decode(n)
-        if code == 1:  # no KV slot for this batch
-            self._relieve()
+        if code in (NO_KV_SLOT, ABORTED):  # the step is built again next time
+            self._undo_fill()
+            if code == NO_KV_SLOT:
+                self._relieve()
+            else:  # an interactive request came: its turn first
+                self.stats.batch_steps_aborted_total += 1
             return
         if code != 0:
             raise RuntimeError(f"llama_decode returned {code}")
         self._after_decode(n)
 
     def _decode(self, n: int) -> int:
+        batch_only = all(s.batch for s in self._active if s.chunk[1])
+        abort = self._abort if batch_only else None
+        with self._lock:
+            if abort is not None and any(not s.batch for s in self._inbox):
+                return ABORTED  # one came while the step was being built
+            self._step_abortable = abort is not None
         self._batch.n_tokens = n
-        return int(self._C.llama_decode(self._ctx, self._batch))
+        try:
+            return int(self._C.llama_decode(self._ctx, self._batch))
+        finally:
+            if abort is not None:
+                with self._lock:
+                    self._step_abortable = False
+                    abort.clear()
 
     def _reap(self) -> None:
         for seq in [s for s in self._waiting if s.generation.cancelled.is_set()]:
@@ -454,10 +483,6 @@ class Scheduler:
         self.stats.kv_exhausted_total += 1
         if self._kv.evict_oldest():
             return
-        for seq in self._active:  # undo what _fill appended for this step
-            if seq.decoding and seq.chunk[1]:
-                seq.tokens.pop()
-            seq.chunk = (0, 0)
         victim = max(self._active, key=lambda s: s.n_past)
         log.warning("llama_cpp: the KV cache is full; ending a sequence of %d tokens with length", victim.n_past)
         try:
@@ -467,6 +492,16 @@ class Scheduler:
             return
         self._emit(victim, deltas, done=True)
         self._drop(victim, keep=False)
+
+    def _undo_fill(self) -> None:
+        """Forget the step _fill built, with the positions a stopped decode left in the KV."""
+        for seq in self._active:
+            if not seq.chunk[1]:
+                continue
+            if seq.decoding:
+                seq.tokens.pop()
+            self._kv.truncate(seq.seq_id, seq.n_past)
+            seq.chunk = (0, 0)
 
     def _fail(self, seq: Seq, exc: Exception) -> None:
         """A request's own failure (its sampler, its output): it ends with the error, the batch runs on."""
