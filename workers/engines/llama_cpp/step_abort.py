@@ -7,9 +7,10 @@ micro-batch it was in (earlier micro-batches of the step stay: the scheduler rem
 The callback is C's ``strlen`` over a two-byte buffer: ``strlen`` returns 1 when the first
 byte is set and 0 when it is not, which is the ``bool`` llama.cpp reads. A Python callback
 would take the GIL at every node, and wait for it whenever the event loop holds it; this
-one never touches Python, so a step that is not stopped costs nothing more (measured: the
-same 8-token step time with and without it, within noise). Setting the byte from another
-thread is enough: the compute thread reads it at its next node, 0.2-1.6 ms later here.
+one never touches Python, so a step that is not stopped costs nothing more (8 alternated
+rounds on 2 threads: 8-token steps 38.7 ms with it and 38.8 without, 72-token steps 303 and 307
+ms). Setting the byte from another thread is enough: the compute thread reads it at its next
+node, 0.2-1.6 ms later here.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _quiet_rollback_log() -> Any:
     from llama_cpp import _logger
     from llama_cpp import llama_cpp as C
 
-    @C.llama_log_callback  # type: ignore[untyped-decorator]
+    @C.llama_log_callback
     def log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         if not text.startswith(ROLLBACK_LOG):
             _logger.llama_log_callback(level, text, user_data)
