@@ -100,6 +100,7 @@ def committed(redis: RedisServer, batch_id: str) -> dict[str, dict[str, Any]]:
 
 def test_any_front_end_serves_any_batch_and_it_runs_once(fleet: Fleet) -> None:
     a, b = fleet.client(0), fleet.client(1)
+    assert not any("appendonly is off" in front.log() for front in fleet.front_ends)  # the fixture's has it on
     batch = submit(a, 30, "s")
     # B knows what A made: per-front-end state (each its own --data-dir) would be 404 here.
     seen = b.batches.retrieve(batch.id)
@@ -156,6 +157,12 @@ def test_redis_down_is_503_and_the_batch_resumes_when_it_is_back(fleet: Fleet) -
     client = fleet.client(1)
     batch = submit(client, 40, "r")
     harness.wait_until(lambda: len(committed(fleet.redis, batch.id)) >= 4, 60, interval=0.1, what="4 results committed")
+    fleet.redis.pause()  # hung: its port accepts, nothing answers: 503 after the deadline, never a hang
+    for replica in range(2):
+        with pytest.raises(openai.APIStatusError) as caught:
+            fleet.client(replica).batches.retrieve(batch.id)
+        assert caught.value.status_code == 503
+    fleet.redis.resume()
     fleet.redis.kill()
     for replica in range(2):
         with pytest.raises(openai.APIStatusError) as caught:
@@ -165,7 +172,7 @@ def test_redis_down_is_503_and_the_batch_resumes_when_it_is_back(fleet: Fleet) -
         with pytest.raises(openai.APIStatusError) as caught:
             fleet.client(replica).files.list()
         assert caught.value.status_code == 503
-    fleet.redis.start()  # its append-only file: what it had acknowledged is back
+    fleet.redis.start()  # its append-only file (appendfsync always here): what it had acknowledged is back
 
     def answers() -> bool:  # as a client does after a 503: again after its Retry-After
         try:
@@ -179,3 +186,12 @@ def test_redis_down_is_503_and_the_batch_resumes_when_it_is_back(fleet: Fleet) -
     assert done.status == "completed" and done.request_counts is not None
     assert done.request_counts.completed == 40
     assert sorted(output(client, done.output_file_id)) == sorted(f"r{i}" for i in range(40))
+
+
+def test_a_redis_without_its_append_only_file_is_warned_of_once(redis_server: RedisServer) -> None:
+    redis_server.command(None, "CONFIG", "SET", "appendonly", "no")
+    gateway = harness.gateway("--store", redis_server.url)
+    try:
+        assert gateway.log().count("appendonly is off: a restart of Redis loses every file and batch") == 1
+    finally:
+        gateway.stop()

@@ -18,8 +18,10 @@ The same semantics as :class:`gateway.batches.store.BatchStore` (SQLite), in Red
 The client is redis-py's blocking one, as SQLite's calls block: the runner and the servicer call
 the store synchronously, and one command on a reachable Redis takes well under a millisecond.
 Each command has the store's deadline (``--store-timeout-ms``); one that fails or passes it is
-503 ``store_unavailable`` to the API and a pause to the runner, and for :data:`PROBE_INTERVAL`
-after it every call fails at once (a hung Redis costs one deadline, not one per call).
+503 ``store_unavailable`` to the API and a pause to the runner. Then every call fails at once,
+without touching Redis, while a thread pings it every :data:`PROBE_INTERVAL` seconds; its first
+answer marks it up again. So a hung Redis blocks the gateway's loop for one deadline, not one
+per call.
 
 Durability is Redis's: with ``appendonly yes`` and ``appendfsync everysec`` a crash of Redis
 loses at most about the last second of writes. A result lost that way is pending again and is
@@ -35,6 +37,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -129,10 +132,12 @@ class RedisBatchStore:
         self.runner_id = f"{socket.gethostname()}:{os.getpid()}:{shortuuid.uuid()[:8]}"
         self._claimed = False
         self._up = True
-        self._down_until = 0.0
+        self._probe: threading.Thread | None = None
+        self._closed = threading.Event()
         self._check_durability()
 
     def close(self) -> None:
+        self._closed.set()
         if self._claimed:  # let another gateway take over now, not a lease later
             with contextlib.suppress(redis.RedisError, OSError):
                 self.client.eval(
@@ -158,8 +163,8 @@ class RedisBatchStore:
 
     @contextlib.contextmanager
     def _answering(self) -> Iterator[None]:
-        """Redis's failures as 503 store_unavailable (at once for a while after one)."""
-        if time.monotonic() < self._down_until:
+        """Redis's failures as 503 store_unavailable (at once while it is down)."""
+        if not self._up:
             raise errors.store_unavailable("Files and batches cannot be reached: the shared store is unavailable.")
         try:
             yield
@@ -167,16 +172,29 @@ class RedisBatchStore:
             if isinstance(error, redis.ResponseError):  # it answered: a misconfiguration, not an outage
                 log.warning("store %s refused a batch command: %s", self.url, error)
             else:
-                self._down_until = time.monotonic() + PROBE_INTERVAL
-                if self._up:
-                    log.warning("store %s: down for batches: %s", self.url, error or type(error).__name__)
-                self._up = False
+                self._went_down(error)
             raise errors.store_unavailable(
                 "Files and batches cannot be reached: the shared store is unavailable."
             ) from error
+
+    def _went_down(self, error: BaseException) -> None:
         if not self._up:
+            return
+        self._up = False
+        log.warning("store %s: down for batches: %s; retrying every %g s", self.url, error, PROBE_INTERVAL)
+        self._probe = threading.Thread(target=self._until_up, name="batch-store-probe", daemon=True)
+        self._probe.start()
+
+    def _until_up(self) -> None:
+        """Ping, off the event loop, until Redis answers."""
+        while not self._closed.wait(PROBE_INTERVAL):
+            try:
+                self.client.ping()
+            except (redis.RedisError, OSError):
+                continue
             self._up = True
             log.info("store %s: up again for batches", self.url)
+            return
 
     def claim(self) -> bool:
         """Whether this gateway holds the runner's lease (renewed here, at each pass of the runner)."""
