@@ -19,8 +19,10 @@ from common.sampling import Limits
 from common.store import Store, StoreConfig
 from gateway import metrics
 from gateway.auth import ApiKeys, AuthInterceptor, KeyLimits
+from gateway.batches.redis_store import RedisBatchStore
 from gateway.batches.runner import BatchLimits, BatchRunner
 from gateway.batches.service import BatchServicer
+from gateway.batches.storage import BatchStorage
 from gateway.batches.store import BatchStore
 from gateway.inference import Inference
 from gateway.key_reload import KeyReloader, KeysSource, MemoryRevocations, RedisRevocations, Revocations
@@ -74,8 +76,8 @@ async def run_gateway(
     SERVING only while each expected model (default: each model seen) has a
     live worker, which is what the bridge's /ready reports.
 
-    With ``store`` (redis://...), the per-key limits, the revoked keys and the routing index
-    live there, shared by every gateway that names the same store.
+    With ``store`` (redis://...), the per-key limits, the revoked keys, the routing index and
+    the files and batches live there, shared by every gateway that names the same store.
     """
     keys = keys or KeysSource(list, None)
     shared = Store(store, "gateway", metrics.REGISTRY) if store is not None else None
@@ -110,7 +112,12 @@ async def run_gateway(
         source, rejoin_grace=heartbeat_expiry, on_leave=router.worker_left if router is not None else None
     )
     inference = Inference(pool, limits, router)
-    batch_store = BatchStore(data_dir or Path(tempfile.mkdtemp(prefix="tokenwire-data-")))
+    # Files and batches: in the shared store when there is one (any front end serves any batch).
+    batch_store: BatchStorage = (
+        RedisBatchStore(store)
+        if store is not None
+        else BatchStore(data_dir or Path(tempfile.mkdtemp(prefix="tokenwire-data-")))
+    )
     runner = BatchRunner(batch_store, inference, api_keys, limiter, batch_limits or BatchLimits(), expect_models)
     services[:0] = [
         (api_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(inference, limiter), INFERENCE_SERVICE),

@@ -42,7 +42,8 @@ def api_flags(parser: argparse.ArgumentParser) -> None:
         "--data-dir",
         default=None,
         help="where files and batches live, a SQLite database and a files directory "
-        "(default: $XDG_DATA_HOME/tokenwire, else ~/.local/share/tokenwire)",
+        "(default: $XDG_DATA_HOME/tokenwire, else ~/.local/share/tokenwire); with --store redis://... "
+        "they live in the store instead",
     )
     parser.add_argument(
         "--batch-max-file-bytes",

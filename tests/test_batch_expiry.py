@@ -1,5 +1,6 @@
 """A batch's completion window through real processes (echo workers): the gateway's
-``--batch-window-seconds`` makes "24h" last 4 s, and slow workers keep the batch from finishing in it."""
+``--batch-window-seconds`` makes "24h" last 4 s, and slow workers keep the batch from finishing in it.
+On both stores: SQLite under --data-dir, and Redis (--store redis://...)."""
 
 from __future__ import annotations
 
@@ -12,21 +13,23 @@ import pytest
 
 from tests import harness
 from tests.conftest import API_KEY, EchoSystem, chat_batch_file, start_echo_system, stop_system
+from tests.redis_server import RedisServer
 
 WINDOW = 4
 REQUESTS = 60
 
 
-@pytest.fixture(scope="module")
-def system() -> Iterator[EchoSystem]:
-    data_dir = tempfile.mkdtemp(prefix="tokenwire-expiry-")
+@pytest.fixture(scope="module", params=["data-dir", "redis"])
+def system(request: pytest.FixtureRequest) -> Iterator[EchoSystem]:
+    redis = RedisServer().start() if request.param == "redis" else None
+    where = ("--store", redis.url) if redis else ("--data-dir", tempfile.mkdtemp(prefix="tokenwire-expiry-"))
     # 16 tokens at 0.1 s: each request takes 1.6 s, and the workers run about 8 at once: the window
     # holds a third of the 60 at most.
-    started = start_echo_system(
-        delay=0.1, tokens=16, gateway_args=("--data-dir", data_dir, "--batch-window-seconds", str(WINDOW))
-    )
+    started = start_echo_system(delay=0.1, tokens=16, gateway_args=(*where, "--batch-window-seconds", str(WINDOW)))
     yield started
     stop_system(started)
+    if redis is not None:
+        redis.stop()
 
 
 def test_a_batch_past_its_window_expires_keeping_what_it_made(system: EchoSystem) -> None:

@@ -1,4 +1,5 @@
-"""A file's content is streamed from the gateway's disk (echo workers, real processes).
+"""A file's content is streamed from the gateway's disk, or from Redis with --store redis://...
+(echo workers, real processes; each test runs on both).
 
 The gateway here sends gRPC messages of at most 64 KiB: a file larger than that could not
 come back in one message (the old bound), and comes back whole through the bridge in chunks.
@@ -14,17 +15,21 @@ import openai
 import pytest
 
 from tests.conftest import API_KEY, EchoSystem, start_echo_system, stop_system
+from tests.redis_server import RedisServer
 from tokenwire.v1 import batch_pb2, batch_pb2_grpc
 
 MESSAGE_LIMIT = 64 * 1024
 
 
-@pytest.fixture(scope="module")
-def system() -> Iterator[EchoSystem]:
-    data_dir = tempfile.mkdtemp(prefix="tokenwire-files-")
-    started = start_echo_system(gateway_args=("--data-dir", data_dir, "--max-send-message-length", str(MESSAGE_LIMIT)))
+@pytest.fixture(scope="module", params=["data-dir", "redis"])
+def system(request: pytest.FixtureRequest) -> Iterator[EchoSystem]:
+    redis = RedisServer().start() if request.param == "redis" else None
+    where = ("--store", redis.url) if redis else ("--data-dir", tempfile.mkdtemp(prefix="tokenwire-files-"))
+    started = start_echo_system(gateway_args=(*where, "--max-send-message-length", str(MESSAGE_LIMIT)))
     yield started
     stop_system(started)
+    if redis is not None:
+        redis.stop()
 
 
 def test_a_file_over_the_message_limit_downloads_whole(system: EchoSystem) -> None:

@@ -35,7 +35,8 @@ from common.responses_output import Turn, from_completion, new_id
 from common.responses_request import parse_request
 from gateway import metrics
 from gateway.auth import ApiKeys
-from gateway.batches.store import BatchStore, Request
+from gateway.batches.storage import BatchStorage, store_down
+from gateway.batches.store import Request
 from gateway.dispatch import current_priority
 from gateway.inference import Inference
 from gateway.rate_limits import RateLimiter
@@ -171,7 +172,7 @@ def validate(content: bytes, endpoint: str, max_lines: int) -> tuple[list[tuple[
 class BatchRunner:
     def __init__(
         self,
-        store: BatchStore,
+        store: BatchStorage,
         inference: Inference,
         keys: ApiKeys,
         limiter: RateLimiter,
@@ -206,9 +207,14 @@ class BatchRunner:
                 self._wake.clear()
                 busy = False
                 room: dict[str, int] = {}  # model -> batch calls it can take now, shared by the batches
-                # Unclaimed: another gateway runs this directory's batches (until it ends).
-                for batch in self.store.active() if self.store.claim() else []:
-                    busy = self._advance(batch, room) or busy
+                # Unclaimed: another gateway runs the batches (until it ends, or its lease runs out).
+                try:
+                    for batch in self.store.active() if self.store.claim() else []:
+                        busy = self._advance(batch, room) or busy
+                except errors.ApiError as error:
+                    if not store_down(error):
+                        raise
+                    busy = False  # the shared store is down: look again later, from where its results stop
                 # Idle, a batch created by another gateway sharing the directory is found within IDLE_POLL.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), POLL if busy else IDLE_POLL)
@@ -239,6 +245,9 @@ class BatchRunner:
                 return True
             self.store.set_status(batch_id, "finalizing")
         if running:  # cancelling: wait for the cancelled requests to leave
+            if status == "cancelling":  # cancelled through another gateway, or before a restart
+                for task in running.values():
+                    task.cancel()
             return True
         expired = status == "expiring" or (status == "cancelling" and time.time() >= batch["expires_at"])
         final = "completed" if status in ("in_progress", "finalizing") else "expired" if expired else "cancelled"
@@ -252,7 +261,9 @@ class BatchRunner:
     def _validate(self, batch: Any) -> None:
         try:
             content = self.store.content(batch["owner"], batch["input_file_id"])
-        except errors.ApiError:
+        except errors.ApiError as error:
+            if store_down(error):
+                raise
             self.store.fail(batch["id"], [{"code": "file_not_found", "message": "The input file was deleted."}])
             return
         requests, problems = validate(content, batch["endpoint"], self.limits.max_lines)
@@ -302,8 +313,13 @@ class BatchRunner:
         finally:
             self._running.get(batch["id"], {}).pop(request.custom_id, None)
             self.wake()
-        if not self.store.commit(request, ok, text):
-            return
+        try:
+            if not self.store.commit(request, ok, text):
+                return
+        except errors.ApiError as error:
+            if store_down(error):  # still pending: it runs again once the store is back
+                return
+            raise
         metrics.BATCH_REQUESTS.labels("completed" if ok else "failed").inc()
         tokens = (line["response"]["body"].get("usage") or {}).get("total_tokens", 0) if ok else 0
         if tokens:

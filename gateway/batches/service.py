@@ -7,7 +7,6 @@ another key's file or batch is NOT_FOUND, as an unknown one.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import AsyncIterator
 
 import grpc
@@ -15,6 +14,7 @@ import grpc
 from common import errors
 from gateway.auth import current_key
 from gateway.batches.runner import ENDPOINTS, WINDOWS, BatchRunner
+from gateway.batches.storage import Row
 from gateway.batches.store import TIMESTAMPS
 from tokenwire.v1 import batch_pb2, batch_pb2_grpc
 
@@ -29,7 +29,7 @@ def _owner() -> str:
     return key.id if key is not None else "anonymous"
 
 
-def _file(row: sqlite3.Row) -> batch_pb2.File:
+def _file(row: Row) -> batch_pb2.File:
     return batch_pb2.File(
         id=row["id"],
         object="file",
@@ -54,7 +54,7 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
         self.runner = runner
         self.store = runner.store
 
-    def _batch(self, row: sqlite3.Row) -> batch_pb2.Batch:
+    def _batch(self, row: Row) -> batch_pb2.Batch:
         counts = self.store.counts(row["id"])
         batch = batch_pb2.Batch(
             id=row["id"],
