@@ -14,8 +14,12 @@ turn, so that what else runs on the shared machine falls alike on each. Two meas
    tokens/s at least 0.9x, each round's "beside" against the same round's "alone".
 2. **Batch throughput** on an otherwise idle stack (the first variant's), ``--throughput-rounds``
    rounds: ``--throughput-requests`` chat requests of ``--batch-tokens`` tokens as one batch
-   (upload to the last result), then the same requests sent by a client loop (non-streamed,
-   ``--loop-concurrency`` threads, each level in turn). Target: at least 0.95x the best loop.
+   (from the upload to the poll that sees it completed: polled once a second, as an SDK user would,
+   until its last wave runs, then every ``THROUGHPUT_POLL`` s, since the batch's own ``completed_at``
+   is in whole seconds and frequent polls all along would take CPU from the worker), and the same requests sent by a client loop
+   (non-streamed, ``--loop-concurrency`` threads, each level in turn), the batch first in odd
+   rounds and last in even ones, so it always runs next to the largest loop. Target: at least
+   0.95x the best loop, read per round too (the loops' rates drift with the machine's load).
 
 Every window logs its figures as it ends, with the load average and the share of the machine's
 CPU other processes used during it (the machine is shared). Rerun with:
@@ -78,15 +82,19 @@ def batch(base: str, batch_id: str) -> dict[str, Any]:
     return httpx.get(f"{base}/v1/batches/{batch_id}").json()  # type: ignore[no-any-return]
 
 
-def wait_for(base: str, batch_id: str, done: int | None = None) -> dict[str, Any]:
-    """Until the batch has ``done`` results (None: until it ends)."""
+# The throughput part's polls near the batch's end: its end is seen within 20 ms.
+THROUGHPUT_POLL = 0.02
+
+
+def wait_for(base: str, batch_id: str, done: int | None = None, poll: float = 0.2) -> dict[str, Any]:
+    """Until the batch has ``done`` results (None: until it ends), polled every ``poll`` s."""
     while True:
         state = batch(base, batch_id)
         if state["status"] in ("completed", "failed", "cancelled", "expired"):
             return state
         if done is not None and state["request_counts"]["completed"] >= done:
             return state
-        time.sleep(0.2)  # the pace of the polls
+        time.sleep(poll)
 
 
 class Window:
@@ -146,8 +154,10 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of each interactive window")
     parser.add_argument("--batch-requests", type=int, default=2000)
     parser.add_argument("--batch-tokens", type=int, default=32, help="tokens of each batch request")
-    parser.add_argument("--throughput-rounds", type=int, default=2)
-    parser.add_argument("--throughput-requests", type=int, default=100)
+    parser.add_argument("--throughput-rounds", type=int, default=3)
+    parser.add_argument(
+        "--throughput-requests", type=int, default=96, help="a multiple of --parallel: no half-empty last wave"
+    )
     parser.add_argument("--loop-concurrency", default="1,2,4,8")
     parser.add_argument("--out", default="", help="a JSON file the figures are written to as each window ends")
     parser.add_argument(
@@ -195,21 +205,24 @@ def main() -> None:
                 httpx.post(f"{base}/v1/batches/{running}/cancel")
                 wait_for(base, running)
         base, n, tokens = stacks[variants[0]], args.throughput_requests, args.batch_tokens
+        client_loop(base, 8, tokens, 8)  # the model's first calls are slower: not in any window
         for r in range(args.throughput_rounds):
-            with Window(group) as window:
-                start = time.perf_counter()
-                final = wait_for(base, submit(base, n, tokens))
-                rate = n / (time.perf_counter() - start)
-            assert final["request_counts"]["completed"] == n, final
-            results["throughput"].append({"round": r, "mode": "batch", "req_s": rate, **window.figures})
-            save(results)
-            log(f"throughput round {r + 1}: {n} requests as a batch, {rate:.3f} req/s, {window.figures}")
-            for level in levels:
+            modes: list[int | None] = [None, *sorted(levels, reverse=True)]  # None: the batch
+            for level in modes if r % 2 == 0 else modes[::-1]:
                 with Window(group) as window:
-                    rate = client_loop(base, n, tokens, level)
-                results["throughput"].append({"round": r, "mode": f"loop {level}", "req_s": rate, **window.figures})
+                    if level is None:
+                        start = time.perf_counter()
+                        batch_id = submit(base, n, tokens)
+                        wait_for(base, batch_id, done=n - max(levels), poll=1.0)  # until its last wave
+                        final = wait_for(base, batch_id, poll=THROUGHPUT_POLL)
+                        rate = n / (time.perf_counter() - start)
+                        assert final["request_counts"]["completed"] == n, final
+                    else:
+                        rate = client_loop(base, n, tokens, level)
+                mode = "batch" if level is None else f"loop {level}"
+                results["throughput"].append({"round": r, "mode": mode, "req_s": rate, **window.figures})
                 save(results)
-                log(f"throughput round {r + 1}: a client loop of {level}, {rate:.3f} req/s, {window.figures}")
+                log(f"throughput round {r + 1}: {n} requests, {mode}, {rate:.3f} req/s, {window.figures}")
     report(results, variants)
 
 
@@ -246,7 +259,15 @@ def report(r: dict[str, Any], variants: list[str]) -> None:
     loops = {m: med(v) for m, v in modes.items() if m.startswith("loop")}
     if loops and "batch" in modes:
         best = max(loops, key=lambda m: loops[m])
-        print(f"\nbatch / best loop ({best}): {med(modes['batch']) / loops[best]:.2f}x")
+        per_round = [
+            next(t["req_s"] for t in r["throughput"] if t["round"] == i and t["mode"] == "batch")
+            / max(t["req_s"] for t in r["throughput"] if t["round"] == i and t["mode"].startswith("loop"))
+            for i in sorted({t["round"] for t in r["throughput"]})
+        ]
+        print(
+            f"\nbatch / best loop ({best}): {med(modes['batch']) / loops[best]:.2f}x;"
+            f" each round against its best loop: {', '.join(f'{x:.2f}' for x in per_round)}"
+        )
 
 
 if __name__ == "__main__":
