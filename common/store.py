@@ -225,7 +225,10 @@ class _Link:
         if not self._outbox:
             return
         wire = self._wire
-        if wire is None or wire.transport.is_closing():
+        if wire is not None and wire.transport.is_closing():  # its replies will not come: fail them now
+            self._break(self._closed_error("the connection to the store is closing"))
+            wire = None
+        if wire is None:
             if self._connecting is None:
                 self._connecting = _background(self._connect())
             return  # sent once connected

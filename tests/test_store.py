@@ -201,6 +201,22 @@ async def test_a_hung_store_costs_one_deadline_then_fails_fast(redis_server: Red
         await shared.close()
 
 
+async def test_a_connection_the_store_closes_is_opened_again(store: Store) -> None:
+    """Redis closing the connection between round trips (a restart, CLIENT KILL, its idle timeout)
+    fails nothing: the next round trip opens another."""
+    echo = store.script("return ARGV[1]")
+    assert await store.run(echo(args=["before"])) == b"before"
+    killed = await store.client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    assert killed == 1  # the store's own connection (this one, redis-py's pool's, is skipped)
+    for _ in range(10_000):  # turns of the event loop, until it has read the close
+        if store._link._wire is None:
+            break
+        await asyncio.sleep(0)
+    assert store._link._wire is None
+    assert await store.run(echo(args=["after"])) == b"after"
+    assert store.up
+
+
 async def test_revocation_reaches_another_replica_through_the_store(store: Store, redis_server: RedisServer) -> None:
     other = _store(redis_server)
     try:
