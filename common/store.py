@@ -23,8 +23,9 @@ by its source after a Redis restart lost it), and this module owns every round t
   (:meth:`Store.defer`: the gateway's admission rides with the routing lookup) and the writes
   waiting to go (so this process's counts are in before its next check).
 - writes (:meth:`Store.add_writes`: a limited key's tokens, the routing index's records) are
-  never awaited by a request: one background task sends whatever is waiting in one pipeline,
-  each concern's writes merged into one script call.
+  never awaited by a request: on the next turn of the event loop whatever is waiting goes in one
+  pipeline, each concern's writes merged into one script call (a callback settles them: no task).
+- one connection carries it all, pipelined across requests (:class:`_Link`).
 
 The password comes from ``--store-password-file`` or ``TOKENWIRE_STORE_PASSWORD``, never the
 command line (ps shows it): a ``--store`` URL with a password in it is refused there.
@@ -156,93 +157,146 @@ def redacted(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{parts.netloc.rsplit('@', 1)[1]}").geturl()
 
 
-class _Link:
-    """One connection to the store, pipelined across callers: whatever every caller sends in one
-    turn of the event loop goes in one write, and one reader hands each its replies in order (as
-    StackExchange.Redis and ioredis's auto-pipelining do). redis-py's connection (its TLS, its
-    AUTH, its hiredis parser) without its client's per-command work: a connection from a pool,
-    checked as it is taken, retries and metrics hooks, a lock; that costs the front end as much
-    as the request's Redis work several times over (bench/RESULTS.md). A read that passes the
-    deadline, or a connection that fails, fails every call in flight; the next one reconnects."""
+class _Trip:
+    """One round trip's commands in flight: their replies as they come, then ``replied``."""
 
-    def __init__(self, client: Any, errors: tuple[type[BaseException], ...], refusal: type[BaseException]) -> None:
-        from hiredis import pack_command
+    __slots__ = ("count", "deadline", "replied", "replies")
+
+    def __init__(self, count: int, replied: Callable[[Any], None], deadline: float) -> None:
+        self.count, self.replied, self.deadline = count, replied, deadline
+        self.replies: list[Any] = []
+
+
+class _Wire(asyncio.Protocol):
+    """One connection's protocol: the replies it reads go to its link while it is the link's."""
+
+    def __init__(self, link: _Link, transport: asyncio.Transport, parser: Any) -> None:
+        self.link, self.transport, self.parser = link, transport, parser
+
+    def data_received(self, data: bytes) -> None:
+        if self.link._wire is self:
+            self.link._received(self.parser, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.link._wire is self:
+            self.link._break(self.link._closed_error(f"the store closed the connection: {exc or 'EOF'}"))
+
+
+class _Link:
+    """One connection to the store, pipelined across callers, with no task, coroutine or timeout
+    a command (as StackExchange.Redis and ioredis do): :meth:`send` queues a round trip's commands
+    with the callback that gets their replies; whatever every caller queues in one turn of the
+    event loop goes in one write (hiredis's ``pack_command``, in C); the replies are parsed by
+    hiredis as the bytes arrive, and handed out in order. redis-py opens the connection (its TLS,
+    AUTH, SELECT and client name), then this protocol takes over its transport: redis-py's own
+    reads and writes cost a task and a timeout each, several times the command (bench/RESULTS.md).
+    One timer follows the oldest round trip in flight: past ``--store-timeout-ms``, or when the
+    connection fails, every round trip in flight fails (the callback gets the error); the next
+    send reconnects."""
+
+    def __init__(self, client: Any, timeout: float, refusal: type[Exception]) -> None:
+        import hiredis
+        import redis
 
         self._pool = client.connection_pool
-        self._pack = pack_command
-        self._errors, self._refusal = errors, refusal
-        self._connection: Any = None
-        self._outbox: list[tuple[list[tuple[Any, ...]], asyncio.Future[list[Any]]]] = []
-        self._in_flight: collections.deque[tuple[int, asyncio.Future[list[Any]]]] = collections.deque()
-        self._sender: asyncio.Task[None] | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._pack = hiredis.pack_command
+        self._new_parser = lambda: hiredis.Reader(replyError=refusal)  # a refusal is a reply, not raised
+        self._timeout = timeout
+        self._closed_error, self._timeout_error = redis.ConnectionError, redis.TimeoutError
+        self._connect_errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError, asyncio.TimeoutError)
+        self._connection: Any = None  # redis-py's, connected: its transport is ours
+        self._wire: _Wire | None = None
+        self._outbox: list[tuple[list[tuple[Any, ...]], Callable[[Any], None]]] = []
+        self._in_flight: collections.deque[_Trip] = collections.deque()
+        self._flush_soon = False
+        self._connecting: asyncio.Task[None] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
 
-    async def send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Each command's reply (a refusal as its exception object); raises when the link fails."""
-        reply: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._outbox.append((commands, reply))
-        if self._sender is None:  # it starts on the next turn: this turn's calls go with this one
-            self._sender = _background(self._send_waiting())
-        return await reply
+    def send(self, commands: list[tuple[Any, ...]], replied: Callable[[Any], None]) -> None:
+        """Send ``commands`` soon; ``replied`` gets their replies (a refusal as its exception
+        object) or, when the link fails, the error."""
+        self._outbox.append((commands, replied))
+        if not self._flush_soon:  # on the next turn: this turn's round trips go with this one
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _send_waiting(self) -> None:
+    def _flush(self) -> None:
+        self._flush_soon = False
+        if not self._outbox:
+            return
+        wire = self._wire
+        if wire is not None and wire.transport.is_closing():  # its replies will not come: fail them now
+            self._break(self._closed_error("the connection to the store is closing"))
+            wire = None
+        if wire is None:
+            if self._connecting is None:
+                self._connecting = _background(self._connect())
+            return  # sent once connected
+        batch, self._outbox = self._outbox, []
+        packed = b"".join(self._pack(command) for commands, _ in batch for command in commands)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        self._in_flight.extend(_Trip(len(commands), replied, deadline) for commands, replied in batch)
+        wire.transport.write(packed)
+        if self._deadline is None:
+            self._deadline = loop.call_at(deadline, self._check_deadline)
+
+    async def _connect(self) -> None:
+        connection = self._pool.make_connection()
         try:
-            while self._outbox:
-                batch, self._outbox = self._outbox, []
-                try:
-                    if self._connection is None:
-                        self._connection = self._pool.make_connection()
-                    connection = self._connection
-                    # hiredis's packer in C, not redis-py's: it encodes each argument in Python first.
-                    packed = b"".join(self._pack(command) for commands, _ in batch for command in commands)
-                    await connection.send_packed_command(packed, check_health=False)
-                except self._errors as error:
-                    self._break(error, batch)
-                    continue
-                self._in_flight.extend((len(commands), reply) for commands, reply in batch)
-                if self._reader is None:
-                    self._reader = _background(self._read(connection))
-        finally:
-            self._sender = None
+            await connection.connect()
+            transport = connection._writer.transport  # redis-py's StreamWriter: its transport is the connection
+        except self._connect_errors as error:
+            self._connecting = None
+            batch, self._outbox = self._outbox, []
+            for _, replied in batch:
+                replied(error)
+            return
+        self._connecting = None
+        self._connection, self._wire = connection, _Wire(self, transport, self._new_parser())
+        transport.set_protocol(self._wire)
+        self._flush()
 
-    async def _read(self, connection: Any) -> None:
+    def _received(self, parser: Any, data: bytes) -> None:
+        in_flight = self._in_flight
         try:
-            while self._in_flight and connection is self._connection:
-                count, reply = self._in_flight[0]
-                replies = []
-                for _ in range(count):
-                    try:
-                        replies.append(await connection.read_response())
-                    except self._refusal as refusal:  # an error reply: the connection is fine
-                        replies.append(refusal)
-                if connection is not self._connection:  # broken meanwhile: what was in flight failed
-                    return
-                self._in_flight.popleft()
-                if not reply.done():  # its caller may have left (cancelled): its replies are read all the same
-                    reply.set_result(replies)
-        except self._errors as error:
-            if connection is self._connection:
-                self._break(error, [])
-        finally:
-            self._reader = None
-            if self._in_flight and self._connection is not None and self._connection is not connection:
-                self._reader = _background(self._read(self._connection))  # a new connection's replies
+            parser.feed(data)
+            while (reply := parser.gets()) is not False:
+                trip = in_flight[0]
+                trip.replies.append(reply)
+                if len(trip.replies) == trip.count:
+                    in_flight.popleft()
+                    trip.replied(trip.replies)
+        except Exception as error:  # a reply nobody waits for, or bytes that are not RESP
+            self._break(self._closed_error(f"the store's replies cannot be read: {error!r}"))
 
-    def _break(
-        self, error: BaseException, batch: list[tuple[list[tuple[Any, ...]], asyncio.Future[list[Any]]]]
-    ) -> None:
-        failed = [reply for _, reply in batch] + [reply for _, reply in self._in_flight]
-        self._in_flight.clear()
-        if self._connection is not None:
-            connection, self._connection = self._connection, None
-            _background(connection.disconnect(nowait=True))
-        for reply in failed:
-            if not reply.done():
-                reply.set_exception(error)
+    def _check_deadline(self) -> None:
+        self._deadline = None
+        if not self._in_flight:
+            return
+        loop = asyncio.get_running_loop()
+        oldest = self._in_flight[0].deadline
+        if loop.time() >= oldest - 0.001:  # (the loop's timers may fire a clock tick early)
+            self._break(self._timeout_error("Timeout reading from the store"))
+        else:
+            self._deadline = loop.call_at(oldest, self._check_deadline)
+
+    def _break(self, error: BaseException) -> None:
+        failed, self._in_flight = self._in_flight, collections.deque()
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.transport.close()
+        for trip in failed:
+            trip.replied(error)
 
     async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.disconnect()
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self._wire is not None:
+            wire, self._wire = self._wire, None
+            wire.transport.close()
 
 
 def _background(coroutine: Any) -> asyncio.Task[Any]:
@@ -258,7 +312,6 @@ class Store:
         from prometheus_client import Gauge
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
-        from redis.exceptions import NoScriptError
 
         timeout = config.timeout_ms / 1000
         self.part = part
@@ -280,8 +333,7 @@ class Store:
             OSError,
             asyncio.TimeoutError,
         )
-        self._refusal: type[BaseException] = redis.ResponseError
-        self._no_script: type[BaseException] = NoScriptError
+        self._refusal: type[Exception] = redis.ResponseError
         self.up = True
         self._gauge = Gauge(
             "tokenwire_store_up", "1 while the shared store (--store) answers, else 0", registry=registry
@@ -290,8 +342,10 @@ class Store:
         self._probe: asyncio.Task[None] | None = None
         self._writes: list[Callable[[], list[Write]]] = []
         self._scripts: list[Script] = []
-        self._link = _Link(self.client, self._errors, self._refusal)
-        self._writer: asyncio.Task[None] | None = None
+        self._link = _Link(self.client, timeout, self._refusal)
+        self._write_soon = False
+        self._writes_in_flight = 0  # background round trips of writes not answered yet
+        self._all_written: asyncio.Future[None] | None = None
 
     def script(self, source: str) -> Script:
         """A Lua script, run atomically on the store: ``await store.run(script(keys, args))``."""
@@ -318,8 +372,17 @@ class Store:
         pending[:] = [d for d in pending if d.store is not self]
         writes = self._waiting_writes()
         calls = [w.call for w in writes] + [d.call for d in deferred] + ([call] if call is not None else [])
-        replies = await self._round_trip(calls)
-        _settle_writes(writes, replies)
+        if not calls:
+            return None
+        answered: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+
+        def replied(replies: list[Any]) -> None:
+            _settle_writes(writes, replies)  # whether or not the request still waits
+            if not answered.done():
+                answered.set_result(replies)
+
+        self._round_trip(calls, replied)
+        replies = await answered
         refusal: Exception | None = None
         for entry, reply in zip(deferred, replies[len(writes) :], strict=False):
             try:
@@ -349,14 +412,19 @@ class Store:
         self._writes.append(waiting)
 
     def wake(self) -> None:
-        """Writes wait: send them soon, in the background."""
-        if self._writer is None or self._writer.done():
-            self._writer = _background(self._write())
+        """Writes wait: send them soon (on the next turn of the event loop, with every other
+        write of this turn), in the background."""
+        if not self._write_soon:
+            self._write_soon = True
+            asyncio.get_running_loop().call_soon(self._write)
 
     async def writes_sent(self) -> None:
         """Until the writes waiting now are sent (or dropped: the store down)."""
-        while self._writer is not None and not self._writer.done():
-            await self._writer
+        self._write()
+        if self._writes_in_flight:
+            if self._all_written is None:
+                self._all_written = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._all_written)
 
     async def ping(self) -> bool:
         if not self.up:
@@ -369,32 +437,57 @@ class Store:
     def _waiting_writes(self) -> list[Write]:
         return [write for waiting in self._writes for write in waiting()]
 
-    async def _write(self) -> None:
-        while writes := self._waiting_writes():
-            _settle_writes(writes, await self._round_trip([w.call for w in writes]))
+    def _write(self) -> None:
+        self._write_soon = False
+        writes = self._waiting_writes()
+        if writes:
+            self._writes_in_flight += 1
+            self._round_trip([w.call for w in writes], lambda replies: self._written(writes, replies))
 
-    async def _round_trip(self, calls: list[Call]) -> list[Any]:
-        """Each call's reply, or StoreUnavailable for it; one pipeline (two after a Redis restart
-        lost the scripts: those are sent again by their source, which Redis then keeps)."""
-        if not calls:
-            return []
+    def _written(self, writes: list[Write], replies: list[Any]) -> None:
+        _settle_writes(writes, replies)
+        self._writes_in_flight -= 1
+        if not self._writes_in_flight and self._all_written is not None:
+            self._all_written.set_result(None)
+            self._all_written = None
+
+    def _round_trip(self, calls: list[Call], done: Callable[[list[Any]], None]) -> None:
+        """``done`` gets each call's reply, or StoreUnavailable for it: from one pipeline (two after
+        a Redis restart lost the scripts: those are sent again by their source, which Redis then
+        keeps), at once while the store is down."""
         if not self.up:
-            return [StoreUnavailable("the store is down")] * len(calls)
-        try:
-            replies = await self._send([c.command() for c in calls])
-            lost = [i for i, reply in enumerate(replies) if isinstance(reply, self._no_script)]
-            if lost:
-                for i, reply in zip(lost, await self._send([calls[i].command(False) for i in lost]), strict=True):
-                    replies[i] = reply
-        except self._errors as error:
-            return [self._failed(error)] * len(calls)
-        for i, reply in enumerate(replies):
-            if isinstance(reply, self._refusal):
-                replies[i] = self._failed(reply)
-        return replies
+            done([StoreUnavailable("the store is down")] * len(calls))
+            return
 
-    async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        return await self._link.send(commands)
+        def replied(replies: list[Any] | BaseException) -> None:
+            if isinstance(replies, BaseException):
+                done([self._failed(replies)] * len(calls))
+                return
+            lost = [i for i, reply in enumerate(replies) if isinstance(reply, self._refusal) and _no_script(reply)]
+            if not lost:
+                finish(replies)
+                return
+
+            def resent(again: list[Any] | BaseException) -> None:
+                if isinstance(again, BaseException):
+                    done([self._failed(again)] * len(calls))
+                    return
+                for i, reply in zip(lost, again, strict=True):
+                    replies[i] = reply
+                finish(replies)
+
+            self._send([calls[i].command(False) for i in lost], resent)
+
+        def finish(replies: list[Any]) -> None:
+            for i, reply in enumerate(replies):
+                if isinstance(reply, self._refusal):
+                    replies[i] = self._failed(reply)
+            done(replies)
+
+        self._send([c.command() for c in calls], replied)
+
+    def _send(self, commands: list[tuple[Any, ...]], replied: Callable[[Any], None]) -> None:
+        self._link.send(commands, replied)
 
     def _failed(self, error: BaseException) -> StoreUnavailable:
         if isinstance(error, self._connection_errors):
@@ -447,6 +540,11 @@ class Store:
                 await self._probe
         await self._link.close()
         await self.client.aclose()
+
+
+def _no_script(refusal: BaseException) -> bool:
+    """Redis does not know the script's digest (it restarted): send it by its source."""
+    return str(refusal).startswith("NOSCRIPT")
 
 
 def _settle_writes(writes: list[Write], replies: list[Any]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
@@ -97,9 +97,9 @@ async def test_a_limited_keys_request_is_one_round_trip_and_its_tokens_go_after(
     trips: list[list[str]] = []
     send = store._send
 
-    async def counted(commands: list[tuple[object, ...]]) -> list[object]:
+    def counted(commands: list[tuple[object, ...]], replied: Callable[[object], None]) -> None:
         trips.append([str(command[0]) for command in commands])
-        return await send(commands)
+        send(commands, replied)
 
     limiter, index = RedisRateLimiter(store), RedisIndex(store)
     key, chain = _key("k6", rpm=2, tpm=100), chat_chain(chat("hello", "hi"))
@@ -199,6 +199,22 @@ async def test_a_hung_store_costs_one_deadline_then_fails_fast(redis_server: Red
     finally:
         redis_server.resume()
         await shared.close()
+
+
+async def test_a_connection_the_store_closes_is_opened_again(store: Store) -> None:
+    """Redis closing the connection between round trips (a restart, CLIENT KILL, its idle timeout)
+    fails nothing: the next round trip opens another."""
+    echo = store.script("return ARGV[1]")
+    assert await store.run(echo(args=["before"])) == b"before"
+    killed = await store.client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    assert killed == 1  # the store's own connection (this one, redis-py's pool's, is skipped)
+    for _ in range(10_000):  # turns of the event loop, until it has read the close
+        if store._link._wire is None:
+            break
+        await asyncio.sleep(0)
+    assert store._link._wire is None
+    assert await store.run(echo(args=["after"])) == b"after"
+    assert store.up
 
 
 async def test_revocation_reaches_another_replica_through_the_store(store: Store, redis_server: RedisServer) -> None:
