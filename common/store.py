@@ -194,7 +194,9 @@ class _Link:
     connection fails, every round trip in flight fails (the callback gets the error); the next
     send reconnects."""
 
-    def __init__(self, client: Any, timeout: float, refusal: type[Exception]) -> None:
+    def __init__(
+        self, client: Any, timeout: float, refusal: type[Exception], errors: tuple[type[BaseException], ...]
+    ) -> None:
         import hiredis
         import redis
 
@@ -203,8 +205,8 @@ class _Link:
         self._new_parser = lambda: hiredis.Reader(replyError=refusal)  # a refusal is a reply, not raised
         self._timeout = timeout
         self._closed_error, self._timeout_error = redis.ConnectionError, redis.TimeoutError
-        self._connect_errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError, asyncio.TimeoutError)
-        self._connection: Any = None  # redis-py's, connected: its transport is ours
+        self._connect_errors = errors  # the store's: what a failed connect raises
+        self._connection: Any = None  # redis-py's, connected (kept: its writer holds our transport)
         self._wire: _Wire | None = None
         self._outbox: list[tuple[list[tuple[Any, ...]], Callable[[Any], None]]] = []
         self._in_flight: collections.deque[_Trip] = collections.deque()
@@ -342,7 +344,7 @@ class Store:
         self._probe: asyncio.Task[None] | None = None
         self._writes: list[Callable[[], list[Write]]] = []
         self._scripts: list[Script] = []
-        self._link = _Link(self.client, timeout, self._refusal)
+        self._link = _Link(self.client, timeout, self._refusal, self._errors)
         self._write_soon = False
         self._writes_in_flight = 0  # background round trips of writes not answered yet
         self._all_written: asyncio.Future[None] | None = None
