@@ -44,7 +44,8 @@ class WorkerHandle:
         self.status = status
         self.channel = open_channel(status.address)
         self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
-        self.in_flight = 0
+        self.in_flight = 0  # this gateway's calls on it, running or queued there
+        self._own_at_report = 0  # this gateway's calls when the last report arrived
         # Why the gateway cannot reach it now ("": it can). Out of dispatch meanwhile.
         self.unreachable = ""
         self._on_change = on_change
@@ -63,10 +64,20 @@ class WorkerHandle:
     def model(self) -> common_pb2.ModelInfo:
         return self.status.model
 
+    def report(self, status: registry_pb2.WorkerStatus) -> None:
+        """The worker's latest heartbeat, as the registry passed it on."""
+        if status is not self.status:  # the same report applied again says nothing new
+            self.status, self._own_at_report = status, self.in_flight
+
+    def calls(self) -> int:
+        """Calls at the worker, running and queued: this gateway's, exact, and other gateways' as the
+        last report counts them, beyond the ones that were ours when it arrived. A report is up to a
+        heartbeat interval old: read alone, it would count our calls ended since as still there."""
+        reported = self.status.in_flight + self.status.queue_length
+        return self.in_flight + max(0, reported - self._own_at_report)
+
     def load(self) -> float:
-        # Our own in-flight count is exact; the heartbeat's queue length adds
-        # what other gateways put there.
-        return (self.in_flight + self.status.queue_length) / max(self.status.capacity, 1)
+        return self.calls() / max(self.status.capacity, 1)
 
     def mark_unreachable(self, why: str) -> None:
         """Out of dispatch until it answers a health probe."""
@@ -205,7 +216,7 @@ class WorkerPool:
                 self._workers[worker_id] = WorkerHandle(status, self._changed)
                 log.info("worker %s joined the pool (%s at %s)", worker_id, status.model.name, status.address)
             else:
-                known.status = status
+                known.report(status)
             if status.model.name not in self._known_models:
                 self._known_models[status.model.name] = (status.model, int(time.time()))
         if kept and kept != self._kept:

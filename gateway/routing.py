@@ -337,16 +337,10 @@ class Margin:
     queue: int = 4
 
     def over(self, worker: WorkerHandle, least: WorkerHandle) -> bool:
-        mine, theirs = _calls(worker), _calls(least)
+        mine, theirs = worker.calls(), least.calls()
         if mine + 1 - worker.status.capacity > self.queue and theirs < least.status.capacity:
             return True  # it would queue the call (past the allowance) while another worker has a free slot
         return mine - theirs > self.calls and mine > self.ratio * theirs
-
-
-def _calls(worker: WorkerHandle) -> int:
-    """Calls at the worker: this gateway's own (exact), or the worker's last report of all it runs
-    and queues when that is more (other gateways' calls). Not their sum: the report counts ours too."""
-    return max(worker.in_flight, worker.status.in_flight + worker.status.queue_length)
 
 
 @dataclass

@@ -30,8 +30,16 @@ class Worker:
     def __init__(self, address: str, in_flight: int = 0) -> None:
         self.status = registry_pb2.WorkerStatus(worker_id=address, address=address, capacity=4)
         self.in_flight = in_flight
+        self._own_at_report = 0
 
-    load = WorkerHandle.load
+    def heartbeat(self, in_flight: int, queue_length: int) -> None:
+        """A report from the worker arrives, as WorkerPool passes it on."""
+        status = registry_pb2.WorkerStatus()
+        status.CopyFrom(self.status)
+        status.in_flight, status.queue_length = in_flight, queue_length
+        self.report(status)
+
+    report, calls, load = WorkerHandle.report, WorkerHandle.calls, WorkerHandle.load
 
 
 def workers(count: int) -> list[Any]:
@@ -172,13 +180,32 @@ def test_a_full_worker_holding_the_prefix_may_queue_as_many_calls_as_the_margin_
     # All its slots taken and one call queued, all this gateway's (which the worker's report counts
     # too: once, not twice), the others idle: a second may queue.
     home.in_flight = home.status.capacity + 1
-    home.status.in_flight, home.status.queue_length = home.status.capacity, 1
+    home.heartbeat(home.status.capacity, 1)
     assert serve(router, chat("hi", "yo", "again"), pool) is home
     home.in_flight += 1  # a third would queue: past the margin
     assert serve(router, chat("hi", "yo", "again", "ok", "more"), pool) is not home
     # Calls of other gateways, which only the worker's report shows, count too.
-    home.in_flight, home.status.queue_length = 0, 3
+    home.in_flight = 0
+    home.heartbeat(home.status.capacity, 3)
     assert serve(router, chat("hi", "yo", "again", "ok", "more", "yes", "then"), pool) is not home
+
+
+def test_a_report_sent_before_this_gateways_calls_ended_does_not_count_them_again() -> None:
+    """A worker's report lags up to a heartbeat interval: right after this gateway's calls on the
+    conversation's worker end, it still counts them, and read alone would pass the worker over."""
+    router, pool = Router(MemoryIndex(2**20)), workers(3)
+    home = serve(router, chat("hi"), pool)
+    home.in_flight = 6
+    home.heartbeat(home.status.capacity, 2)  # all six ours
+    home.in_flight = 0  # they end; the next report has not come yet
+    assert home.calls() == 0
+    assert serve(router, chat("hi", "yo", "again"), pool) is home
+    # Another gateway's calls, which the report counts beyond ours, still count after ours end.
+    home.in_flight = 1
+    home.heartbeat(home.status.capacity, 3)
+    home.in_flight = 0
+    assert home.calls() == 6
+    assert serve(router, chat("hi", "yo", "again", "ok", "more"), pool) is not home
 
 
 def test_new_conversations_spread_and_two_routers_with_the_same_view_agree() -> None:

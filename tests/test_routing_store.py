@@ -1,13 +1,14 @@
 """Cache-aware routing shared by two front ends through a real Redis (``--store redis://``).
 
 First the shared index alone (gateway/routing.py's RedisIndex under two Routers, as two gateways
-hold them) over a real redis-server; then through real processes. A standalone registry, three echo workers, and two ``tokenwire front-end`` processes over them;
-a client alternates between the front ends. Front ends whose views agree (on a fresh fleet: nothing
-held, no calls, so the anchor's hash decides) already keep a plain conversation on one worker, so
-the test makes the two views differ: front end A holds five long streams on the worker where its
-view places the conversation (its anchor worker), so that A sends its first turn elsewhere, past
-the load margin; front end B has no calls there and would send the next turn wherever its own
-view places it, unless it reads where A sent the turns before. Then Redis is killed (each front end routes by its
+hold them) over a real redis-server; then through real processes. A standalone registry, three
+echo workers, and two ``tokenwire front-end`` processes over them; a client alternates between the
+front ends. Front ends whose views agree (on a fresh fleet: nothing held, no calls, so the anchor's
+hash decides) already keep a plain conversation on one worker, so the test makes the two views
+differ: front end A holds five long streams on the worker where its view places the conversation
+(its anchor worker), so that A sends its first turn elsewhere, past the load margin. Then the
+streams end, and B, whose view has none of A's turns, would send the next turn to the anchor's
+worker, unless it reads where A sent the first. Then Redis is killed (each front end routes by its
 own view, with no error) and started again (shared again).
 """
 
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from prometheus_client import CollectorRegistry
@@ -33,6 +35,7 @@ from tests.test_routing import chat, ended, workers
 from tokenwire.v1 import api_pb2
 
 KEY = "routing-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 TURNS = 10
 HELD = 5  # streams held on the anchor's worker: past the default margin (4 calls and 1.5 times)
 
@@ -170,13 +173,36 @@ def shared(redis_server: RedisServer) -> Iterator[tuple[Fleet, RedisServer]]:
     stop_fleet(fleet)
 
 
+def settled(fleet: Fleet) -> None:
+    """Until no call runs on any worker, and each front end's view (the workers' reports) says so."""
+
+    def views() -> list[Any]:
+        status = [
+            httpx.get(f"http://{f.part_address('bridge')}/v1/status", headers=AUTH, timeout=5) for f in fleet.front_ends
+        ]
+        return [w["in_flight"] + w["queue_length"] for s in status for m in s.json()["models"] for w in m["workers"]]
+
+    harness.wait_until(lambda: not any(fleet.in_flight()) and not any(views()), what="no call, in every view")
+
+
 def diverted_conversation(fleet: Fleet, midway: Callable[[], None] = lambda: None) -> tuple[int, list[int]]:
     """The anchor's worker, and the workers that served a conversation of TURNS turns alternating
-    A, B, A, ..., begun while A holds HELD streams on its anchor's worker (``midway`` runs after
-    half of them)."""
-    harness.wait_until(lambda: not any(fleet.in_flight()), what="no call left from before")
+    A, B, A, ...: A sends the first while it holds HELD streams on its anchor's worker, and the
+    rest follow once every view has seen those end (``midway`` runs after half the turns)."""
+    settled(fleet)
     system: Any = {"role": "system", "content": f"You are assistant {uuid.uuid4()}. " * 8}
     a, b = fleet.client(0), fleet.client(1)
+    messages: list[dict[str, Any]] = [system, {"role": "user", "content": "hello"}]
+
+    def turn(client: openai.OpenAI, number: int) -> None:
+        reply = client.chat.completions.create(model=CHAT_MODEL, messages=messages, max_tokens=4)  # type: ignore[arg-type]
+        messages.extend(
+            [
+                {"role": "assistant", "content": reply.choices[0].message.content},
+                {"role": "user", "content": f"and then, {number}?"},
+            ]
+        )
+
     held: list[Any] = [
         a.chat.completions.create(
             model=CHAT_MODEL, messages=[system, {"role": "user", "content": f"hold {i}"}], max_tokens=2000, stream=True
@@ -189,17 +215,17 @@ def diverted_conversation(fleet: Fleet, midway: Callable[[], None] = lambda: Non
         harness.wait_until(lambda: HELD in fleet.in_flight(), what="the held streams on one worker")
         anchor = fleet.in_flight().index(HELD)
         before = fleet.served()
-        messages: list[dict[str, Any]] = [system, {"role": "user", "content": "hello"}]
-        for turn, client in zip(range(TURNS), itertools.cycle([a, b]), strict=False):
-            if turn == TURNS // 2:
-                midway()
-            reply = client.chat.completions.create(model=CHAT_MODEL, messages=messages, max_tokens=4)  # type: ignore[arg-type]
-            messages += [{"role": "assistant", "content": reply.choices[0].message.content}]
-            messages += [{"role": "user", "content": f"and then, {turn}?"}]
-        after = fleet.served()
+        turn(a, 0)
     finally:
         for stream in held:
             stream.close()
+    # B's view, read alone, now places the conversation on the anchor's worker, as A's did before.
+    settled(fleet)
+    for number, client in zip(range(1, TURNS), itertools.cycle([b, a]), strict=False):
+        if number == TURNS // 2:
+            midway()
+        turn(client, number)
+    after = fleet.served()
     return anchor, [i for i, (x, y) in enumerate(zip(before, after, strict=True)) if y > x]
 
 

@@ -294,7 +294,7 @@ class BatchRunner:
     def _free_slots(self, model: str) -> int:
         """Batch calls this model's workers can take now beside what they run (each keeps its own reserve)."""
         workers = self.inference.pool.workers(model)
-        return max(sum(w.status.capacity - w.in_flight - w.status.queue_length for w in workers), 0)
+        return max(sum(w.status.capacity - w.calls() for w in workers), 0)
 
     def _count(self, batch_id: str) -> None:
         self._counted[batch_id] = time.monotonic()
