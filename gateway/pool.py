@@ -65,9 +65,11 @@ class WorkerHandle:
         return self.status.model
 
     def report(self, status: registry_pb2.WorkerStatus) -> None:
-        """The worker's latest heartbeat, as the registry passed it on."""
-        if status is not self.status:  # the same report applied again says nothing new
-            self.status, self._own_at_report = status, self.in_flight
+        """The worker's status as the registry passed it on: with every worker's change, so a new
+        heartbeat of this one only when its time differs."""
+        if status.last_heartbeat_unix_ms != self.status.last_heartbeat_unix_ms:
+            self._own_at_report = self.in_flight
+        self.status = status
 
     def calls(self) -> int:
         """Calls at the worker, running and queued: this gateway's, exact, and other gateways' as the

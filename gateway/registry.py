@@ -39,9 +39,16 @@ class Registry:
         for event in self._watchers:
             event.set()
 
-    def _touch(self, worker_id: str) -> None:
-        self._last_seen[worker_id] = time.monotonic()
-        self._workers[worker_id].last_heartbeat_unix_ms = int(time.time() * 1000)
+    def _publish(self, status: registry_pb2.WorkerStatus, in_flight: int, queue_length: int) -> None:
+        """A new status object for each report, never one handed out before: an in-process watcher
+        (the gateway's own pool) holds the reports it was given, and tells a new one by its time."""
+        published = registry_pb2.WorkerStatus()
+        published.CopyFrom(status)
+        published.in_flight, published.queue_length = in_flight, queue_length
+        published.last_heartbeat_unix_ms = int(time.time() * 1000)
+        self._workers[status.worker_id] = published
+        self._last_seen[status.worker_id] = time.monotonic()
+        self._changed()
 
     def _check_owner(self, worker_id: str, owner: str) -> None:
         if self._owners.get(worker_id, owner) != owner:
@@ -58,9 +65,7 @@ class Registry:
         self._owners[status.worker_id] = owner
         if status.worker_id not in self._workers:
             log.info("worker %s registered (%s at %s)", status.worker_id, status.model.name, status.address)
-        self._workers[status.worker_id] = status
-        self._touch(status.worker_id)
-        self._changed()
+        self._publish(status, status.in_flight, status.queue_length)
 
     def heartbeat(self, worker_id: str, in_flight: int, queue_length: int, owner: str = "") -> bool:
         """Record a heartbeat; False when the worker is unknown (it must register)."""
@@ -68,10 +73,7 @@ class Registry:
         if worker is None:
             return False
         self._check_owner(worker_id, owner)
-        worker.in_flight = in_flight
-        worker.queue_length = queue_length
-        self._touch(worker_id)
-        self._changed()
+        self._publish(worker, in_flight, queue_length)
         return True
 
     def deregister(self, worker_id: str, owner: str = "") -> None:

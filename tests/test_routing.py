@@ -3,12 +3,15 @@ under its memory cap, and the decisions. tests/test_routing_cluster.py drives it
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tracemalloc
+from collections.abc import Callable
 from typing import Any
 
 from gateway import routing
-from gateway.pool import WorkerHandle
+from gateway.pool import WorkerHandle, WorkerPool
+from gateway.registry import Registry
 from gateway.routing import Margin, MemoryIndex, Router, chat_chain, completion_chains
 from tokenwire.v1 import api_pb2, common_pb2, registry_pb2, worker_pb2
 
@@ -37,6 +40,13 @@ class Worker:
         status = registry_pb2.WorkerStatus()
         status.CopyFrom(self.status)
         status.in_flight, status.queue_length = in_flight, queue_length
+        status.last_heartbeat_unix_ms += 500
+        self.report(status)
+
+    def passed_on(self) -> None:
+        """Another worker's heartbeat: the registry passes this one's last report on again."""
+        status = registry_pb2.WorkerStatus()
+        status.CopyFrom(self.status)
         self.report(status)
 
     report, calls, load = WorkerHandle.report, WorkerHandle.calls, WorkerHandle.load
@@ -198,6 +208,7 @@ def test_a_report_sent_before_this_gateways_calls_ended_does_not_count_them_agai
     home.in_flight = 6
     home.heartbeat(home.status.capacity, 2)  # all six ours
     home.in_flight = 0  # they end; the next report has not come yet
+    home.passed_on()
     assert home.calls() == 0
     assert serve(router, chat("hi", "yo", "again"), pool) is home
     # Another gateway's calls, which the report counts beyond ours, still count after ours end.
@@ -206,6 +217,36 @@ def test_a_report_sent_before_this_gateways_calls_ended_does_not_count_them_agai
     home.in_flight = 0
     assert home.calls() == 6
     assert serve(router, chat("hi", "yo", "again", "ok", "more"), pool) is not home
+
+
+async def test_a_gateways_own_registry_passes_each_report_on_as_it_came() -> None:
+    """The gateway's pool follows its own registry in process, sharing its status objects: a
+    heartbeat must not rewrite the report the pool holds, or the pool cannot tell that it is new
+    (and counts the calls that were its own when it came as another gateway's)."""
+    registry = Registry()
+    pool = WorkerPool(registry.watch)
+    pool.start()
+    model = common_pb2.ModelInfo(name="m")
+    try:
+        registry.register(registry_pb2.WorkerStatus(worker_id="w", address="127.0.0.1:9", capacity=8, model=model))
+        await until(pool, lambda: "w" in pool._workers)
+        worker = pool._workers["w"]
+        worker.in_flight = 3
+        registry.heartbeat("w", 3, 0)  # all three ours
+        await until(pool, lambda: worker.status.in_flight == 3)
+        worker.in_flight = 0
+        registry.register(registry_pb2.WorkerStatus(worker_id="v", address="127.0.0.1:10", capacity=8, model=model))
+        await until(pool, lambda: "v" in pool._workers)  # w's report passed on again, with v's
+        assert worker.calls() == 0
+    finally:
+        await pool.close()
+
+
+async def until(pool: WorkerPool, predicate: Callable[[], bool]) -> None:
+    """Until the pool's view satisfies ``predicate`` (it changes with each snapshot it applies)."""
+    async with asyncio.timeout(5):
+        while not predicate():
+            await pool.changed.wait()
 
 
 def test_new_conversations_spread_and_two_routers_with_the_same_view_agree() -> None:
