@@ -49,7 +49,7 @@ from redis.retry import Retry
 
 from common import errors
 from common.store import PREFIX, PROBE_INTERVAL, StoreConfig, redacted
-from gateway.batches.store import ACTIVE, TIMESTAMPS, Request, not_found
+from gateway.batches.storage import ACTIVE, TIMESTAMPS, Request, not_found
 
 log = logging.getLogger("tokenwire.gateway.batch")
 

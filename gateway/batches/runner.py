@@ -41,8 +41,7 @@ from common.responses_output import Turn, from_completion, new_id
 from common.responses_request import parse_request
 from gateway import metrics
 from gateway.auth import ApiKeys
-from gateway.batches.storage import BatchStorage, store_down
-from gateway.batches.store import Request
+from gateway.batches.storage import BatchStorage, Request, store_down
 from gateway.dispatch import current_priority
 from gateway.inference import Inference
 from gateway.rate_limits import RateLimiter

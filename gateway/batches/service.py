@@ -14,8 +14,7 @@ import grpc
 from common import errors
 from gateway.auth import current_key
 from gateway.batches.runner import ENDPOINTS, WINDOWS, BatchRunner
-from gateway.batches.storage import Row
-from gateway.batches.store import TIMESTAMPS
+from gateway.batches.storage import TIMESTAMPS, Row
 from tokenwire.v1 import batch_pb2, batch_pb2_grpc
 
 PURPOSES = ("batch",)

@@ -8,10 +8,39 @@ mapping of column names (``row["status"]``) in both; an absent column is None.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
+import grpc
+
 from common import errors
-from gateway.batches.store import Request
+
+# A batch's lifecycle, as OpenAI's: validating -> in_progress -> finalizing -> completed,
+# or failed (validation), cancelling -> cancelled, expired.
+ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
+TIMESTAMPS = (
+    "in_progress_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+)
+
+
+def not_found(kind: str, object_id: str) -> errors.ApiError:
+    """Unknown, deleted, or another key's: the same answer (OpenAI's wording)."""
+    return errors.ApiError(grpc.StatusCode.NOT_FOUND, f"No such {kind} object: {object_id}", param="id")
+
+
+@dataclass(frozen=True)
+class Request:
+    batch_id: str
+    line: int
+    custom_id: str
+    body: dict[str, Any]
+
 
 # sqlite3.Row or a dict: both read as row["column"].
 Row = Any

@@ -15,27 +15,12 @@ import fcntl
 import json
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
-import grpc
 import shortuuid
 
-from common import errors
-
-# A batch's lifecycle, as OpenAI's: validating -> in_progress -> finalizing -> completed,
-# or failed (validation), cancelling -> cancelled, expired.
-ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
-TIMESTAMPS = (
-    "in_progress_at",
-    "finalizing_at",
-    "completed_at",
-    "failed_at",
-    "expired_at",
-    "cancelling_at",
-    "cancelled_at",
-)
+from gateway.batches.storage import ACTIVE, TIMESTAMPS, Request, not_found
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -57,19 +42,6 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS pending_requests ON requests (batch_id, state, line);
 """
-
-
-def not_found(kind: str, object_id: str) -> errors.ApiError:
-    """Unknown, deleted, or another key's: the same answer (OpenAI's wording)."""
-    return errors.ApiError(grpc.StatusCode.NOT_FOUND, f"No such {kind} object: {object_id}", param="id")
-
-
-@dataclass(frozen=True)
-class Request:
-    batch_id: str
-    line: int
-    custom_id: str
-    body: dict[str, Any]
 
 
 class BatchStore:
