@@ -219,7 +219,8 @@ def diverted_conversation(fleet: Fleet, midway: Callable[[], None] = lambda: Non
     finally:
         for stream in held:
             stream.close()
-    # B's view, read alone, now places the conversation on the anchor's worker, as A's did before.
+    # Every view now without them: B's own, read alone, places the conversation as A's did before them
+    # (on a fresh fleet, on the anchor's worker); the store tells it where A sent the first turn.
     settled(fleet)
     for number, client in zip(range(1, TURNS), itertools.cycle([b, a]), strict=False):
         if number == TURNS // 2:
