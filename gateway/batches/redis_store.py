@@ -61,6 +61,7 @@ PIECE = 1024 * 1024
 PAGE = 1000
 # A file's bytes are written under a temporary key first; one left by a crash mid-write goes away.
 PARTIAL_TTL_MS = 3600 * 1000
+UNAVAILABLE = "Files and batches cannot be reached: the shared store is unavailable."
 
 FILE_COLUMNS = ("id", "owner", "filename", "purpose", "bytes", "created_at", "seq")
 BATCH_COLUMNS = (
@@ -165,7 +166,7 @@ class RedisBatchStore:
     def _answering(self) -> Iterator[None]:
         """Redis's failures as 503 store_unavailable (at once while it is down)."""
         if not self._up:
-            raise errors.store_unavailable("Files and batches cannot be reached: the shared store is unavailable.")
+            raise errors.store_unavailable(UNAVAILABLE)
         try:
             yield
         except (redis.RedisError, OSError) as error:
@@ -173,9 +174,7 @@ class RedisBatchStore:
                 log.warning("store %s refused a batch command: %s", self.url, error)
             else:
                 self._went_down(error)
-            raise errors.store_unavailable(
-                "Files and batches cannot be reached: the shared store is unavailable."
-            ) from error
+            raise errors.store_unavailable(UNAVAILABLE) from error
 
     def _went_down(self, error: BaseException) -> None:
         if not self._up:
