@@ -263,6 +263,21 @@ def test_new_conversations_spread_and_two_routers_with_the_same_view_agree() -> 
     assert sorted(homes.values()) == [10, 10, 10]  # new prefix families spread evenly
 
 
+def test_a_new_conversation_does_not_queue_where_another_worker_has_a_free_slot() -> None:
+    router, pool = Router(MemoryIndex(2**20)), workers(3)
+    for tenant in range(3):  # one tenant on each, then two more on the third worker
+        serve(router, chat("hello", system=f"tenant {tenant}"), pool)
+    free = pool[2]
+    for tenant in range(3, 5):
+        assert serve(router, chat("hello", system=f"tenant {tenant}"), [free]) is free
+    for worker in pool:
+        worker.in_flight = worker.status.capacity if worker is not free else worker.status.capacity - 1
+    # The others hold fewer prefixes, but a call there would wait; here it runs at once.
+    assert serve(router, chat("hello", system="tenant 5"), pool) is free
+    free.in_flight += 1  # full everywhere: the fewest prefixes held again
+    assert serve(router, chat("hello", system="tenant 6"), pool) is not free
+
+
 def test_routers_that_share_nothing_agree_on_a_prompt_cache_key_only() -> None:
     pool = workers(3)
     seasoned, fresh = Router(MemoryIndex(2**20)), Router(MemoryIndex(2**20))

@@ -164,9 +164,10 @@ def test_least_loaded_routing_is_a_flag_away() -> None:
 
 def test_two_gateways_that_share_no_state_but_see_the_same_conversations_agree() -> None:
     """Turns alternate between the gateways, so each has seen every conversation: the same view of
-    what is held where, and both place a new conversation alike (nothing held there: the least
-    loaded, the fewest prefixes held, the anchor's hash). Views that differ agree through the
-    shared index (tests/test_routing_store.py), a prompt_cache_key, or hash placement (below)."""
+    what is held where, and, each turn sent once the workers' reports show the last one ended, of
+    their load. Both place a new conversation alike (nothing held there: the least loaded, the
+    fewest prefixes held, the anchor's hash). Views that differ agree through the shared index
+    (tests/test_routing_store.py), a prompt_cache_key, or hash placement (below)."""
     homes = sessions_over_two_gateways(warm_up_first=0)
     assert sorted(homes.count(i) for i in range(3)) == [2, 2, 2]  # new conversations spread
 
@@ -193,7 +194,14 @@ def sessions_over_two_gateways(warm_up_first: int, gateway_args: tuple[str, ...]
                 lambda s=stub: s.GetModel(api_pb2.GetModelRequest(model=CHAT_MODEL), timeout=5).model.workers == 3
             )
 
+        def calls_in_view(stub: api_pb2_grpc.InferenceServiceStub) -> int:
+            models = stub.GetStatus(api_pb2.GetStatusRequest(), timeout=5).models
+            return sum(w.in_flight + w.queue_length for m in models for w in m.workers)
+
         def ask(stub: api_pb2_grpc.InferenceServiceStub, messages: list[common_pb2.ChatMessage]) -> str:
+            # A report sent while the last call ran would have the other gateway count that call
+            # (another gateway's, to it) until the next report: their views of the load would differ.
+            harness.wait_until(lambda: not any(calls_in_view(s) for s in stubs), what="reports of no call")
             request = api_pb2.CreateChatCompletionRequest(model=CHAT_MODEL, messages=messages, max_tokens=3)
             return stub.CreateChatCompletion(request, timeout=30).choices[0].message.content
 
